@@ -1,0 +1,27 @@
+# Two entry points do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build; override for CUDA, e.g. make TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= out/demo
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(PIP_EXTRA)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m fisedit_compiler.cli demo --out $(OUT)
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,12 @@
+"""fisedit-compiler: FISEdit's cached, sparse U-Net calls for text-to-image editing, as a torch.fx compiler.
+
+    import fisedit_compiler as fisedit
+    sparse_unet = fisedit.compile(pipe.unet, fisedit.Policy())
+"""
+
+from .compiler import CompiledUNet, MaskError, compile
+from .passes.find_sparse_regions import UnsupportedOpError
+from .policy import Policy
+from .runtime.cache import StepNotRecordedError
+
+__all__ = ["compile", "CompiledUNet", "Policy", "MaskError", "StepNotRecordedError", "UnsupportedOpError"]

@@ -1,0 +1,86 @@
+"""The vocabulary the passes and the runtime share: where a tensor's spatial dims are, and what the cache holds.
+
+A *spatial* tensor carries the latent image's pixels at some resolution `res = (H, W)`, in one of two forms:
+
+- ``map``: two dims hold H and W (NCHW has them at 2, 3; NHWC at 1, 2).
+- ``seq``: one dim holds the H*W pixels flattened row-major (tokens ``B x HW x C``, heads ``B x h x HW x d``).
+
+Dim 0 is always the batch. In a sparse call, a spatial tensor at a sparse resolution is *gathered*: only the pixels
+of the active blocks are present. A gathered ``map`` tensor folds the blocks into the batch,
+``(B * num_blocks, ..., b, b, ...)``; a gathered ``seq`` tensor replaces its pixel dim by the active pixels in
+block-major order. Both orders agree, so ``map`` <-> ``seq`` relayouts of gathered tensors are the same reshapes
+as in the dense graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+SAMPLE_PLACEHOLDER = "inputs_sample"  # the latents input of a captured graph (see capture.py)
+LAYOUT = "fisedit_layout"  # node.meta key: SpatialLayout, or None for tensors without pixels
+SPARSE = "fisedit_sparse"  # node.meta key: True where the node computes on gathered values
+REGION = "fisedit_region"  # node.meta key: id of the sparse region (connected component) the node is in
+
+
+def graph_constant(cls: type) -> type:
+    """Class decorator: let instances appear as arguments in generated graph code.
+
+    FX writes a node's non-node arguments into the module's Python code with `repr`; a dataclass's repr is
+    evaluable once its class name is a global there.
+    """
+    from torch.fx.graph import _register_custom_builtin
+
+    _register_custom_builtin(cls.__name__, f"from {cls.__module__} import {cls.__name__}", cls)
+    return cls
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class SpatialLayout:
+    """Where the pixels of a tensor are. `shape` is the dense shape; `dims` the pixel dims (2 for map, 1 for seq)."""
+
+    kind: Literal["map", "seq"]
+    res: tuple[int, int]
+    dims: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.shape and self.shape[0] == 0:
+            raise ValueError("spatial tensors need a batch dim")
+
+    @property
+    def rest_dims(self) -> tuple[int, ...]:
+        """The dims that are neither batch nor pixels, in order."""
+        return tuple(d for d in range(1, len(self.shape)) if d not in self.dims)
+
+    @property
+    def rest_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[d] for d in self.rest_dims)
+
+    @property
+    def rest_numel(self) -> int:
+        return math.prod(self.rest_shape)
+
+    def describe(self) -> str:
+        h, w = self.res
+        return f"{self.kind}{list(self.dims)}@{h}x{w}"
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class CacheRef:
+    """A tensor that sparse calls read from the record cache: a node's output, or a GroupNorm's statistics."""
+
+    node: str
+    kind: Literal["output", "group_norm_stats"] = "output"
+
+
+
+def tensor_meta(node: torch.fx.Node) -> torch.Tensor | None:
+    """The fake tensor recorded for a node at capture, or None for non-tensor values."""
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None

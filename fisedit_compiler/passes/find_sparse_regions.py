@@ -1,0 +1,96 @@
+"""Find sparse regions: mark the nodes that compute on gathered blocks, and group them into regions.
+
+    %conv2d_1 : aten.conv2d(%silu, ...)   @32x32   -> sparse, region 0
+    %linear_4 : aten.linear(%ln, ...)      @32x32   -> sparse, region 0
+    %conv2d_9 : aten.conv2d(%silu_7, ...)  @8x8     -> dense (below Policy.max_sparse_downscale)
+
+A node is sparse when it has pixels at a sparse resolution and a sparse rule exists for its op. A region is a
+maximal connected subgraph of sparse nodes (networkx weakly connected components): gathers go on its inputs and
+scatters on its outputs (`insert_region_boundaries`). A node at a sparse resolution that no rule covers is an
+error naming the node and the op: silently computing it densely on gathered data would be wrong.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx as fx
+
+from ..ir import LAYOUT, REGION, SAMPLE_PLACEHOLDER, SPARSE, SpatialLayout
+from ..policy import Policy
+from . import ops
+from .annotate_spatial_layout import UnknownLayout
+
+FULL_INPUTS = "fisedit_full_inputs"  # node.meta key: input nodes a sparse node needs at full size
+
+
+class UnsupportedOpError(NotImplementedError):
+    """A graph node at a sparse resolution that no pass knows how to make sparse."""
+
+
+def _layout(node: object) -> SpatialLayout | None:
+    layout = node.meta.get(LAYOUT) if isinstance(node, fx.Node) else None
+    return layout if isinstance(layout, SpatialLayout) else None
+
+
+def sparse_rule(node: fx.Node, policy: Policy, is_sparse_res) -> str | None:
+    """Why `node` cannot run sparse (a reason for a dense decision or an error), or None if it can.
+
+    Returns "dense" for nodes that legitimately stay dense at a sparse resolution (by policy, or because their
+    input is at a dense resolution)."""
+    target = node.target
+    first = _layout(node.args[0]) if node.args else None
+    if target is ops.CONV or target in ops.UPSAMPLE_NEAREST:
+        return None if first is not None and is_sparse_res(first.res) else "dense"
+    if target is ops.GROUP_NORM:
+        return None if policy.norm_stats == "recorded" else "dense"
+    if target is ops.SDPA:
+        self_attention = _layout(node.args[1]) is not None
+        return "dense" if self_attention and policy.attention == "dense" else None
+    if (target in ops.ELEMENTWISE or target in ops.PER_PIXEL_DIM_ARG or target in ops.RESHAPES
+            or target in ops.PERMUTES or target in ops.UNSQUEEZES or target is ops.GETITEM):
+        return None
+    return f"no sparse rule for {target}"
+
+
+def full_inputs(node: fx.Node, policy: Policy) -> set[fx.Node]:
+    """Inputs that a sparse node reads at full size: keys and values of active-query self-attention."""
+    if node.target is ops.SDPA and policy.attention == "active_queries" and _layout(node.args[1]) is not None:
+        return {node.args[1], node.args[2]}
+    return set()
+
+
+def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
+    """Set `meta[SPARSE]`, `meta[REGION]` and `meta[FULL_INPUTS]`; returns the number of regions."""
+    sample = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == SAMPLE_PLACEHOLDER)
+    latent = sample.meta[LAYOUT].res
+
+    def is_sparse_res(res: tuple[int, int]) -> bool:
+        return policy.is_sparse_resolution(res, latent)
+
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        layout = node.meta.get(LAYOUT)
+        node.meta[SPARSE] = False
+        if node.op != "call_function" or layout is None or not is_sparse_res(layout.res):
+            continue
+        reason = layout.reason if isinstance(layout, UnknownLayout) else sparse_rule(node, policy, is_sparse_res)
+        if reason == "dense":
+            continue
+        if reason is not None:
+            h, w = layout.res
+            raise UnsupportedOpError(
+                f"node {node.name!r} ({node.target}) at resolution {h}x{w} cannot run sparse: {reason}. "
+                f"Lower Policy.max_sparse_downscale (now {policy.max_sparse_downscale}) to keep this resolution "
+                "dense, or add a sparse rule for the op."
+            )
+        node.meta[SPARSE] = True
+        node.meta[FULL_INPUTS] = full_inputs(node, policy)
+        graph.add_node(node)
+        for user in node.all_input_nodes:
+            if user.meta.get(SPARSE):
+                graph.add_edge(user, node)
+    regions = list(nx.weakly_connected_components(graph))
+    for region_id, nodes in enumerate(sorted(regions, key=lambda r: min(n.name for n in r))):
+        for node in nodes:
+            node.meta[REGION] = region_id
+    return len(regions)

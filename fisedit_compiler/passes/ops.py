@@ -1,0 +1,44 @@
+"""ATen op families, as the passes see them. One table, so that every pass agrees on what an op is."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+aten = torch.ops.aten
+
+# Elementwise ops: each output pixel depends on the same pixel of the inputs (other operands broadcast).
+ELEMENTWISE = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
+    aten.div.Scalar, aten.sub.Scalar, aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.neg.default,
+    aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default,
+    aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
+    aten.alias.default, aten.detach.default, aten.type_as.default, aten.where.self,
+}
+
+# Ops over non-pixel dims only; sparse on gathered tensors as they are. Value: index of the `dim` argument
+# (checked not to be the batch or a pixel dim), or None where the op works on trailing dims.
+PER_PIXEL_DIM_ARG = {
+    aten.linear.default: None,
+    aten.layer_norm.default: None,
+    aten.softmax.int: 1,
+    aten._softmax.default: 1,
+    aten.chunk.default: 2,
+    aten.split.Tensor: 2,
+    aten.split_with_sizes.default: 2,
+    aten.cat.default: 1,
+}
+
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+PERMUTES = {aten.permute.default, aten.transpose.int}
+UNSQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
+
+CONV = aten.conv2d.default
+GROUP_NORM = aten.group_norm.default
+SDPA = aten.scaled_dot_product_attention.default
+UPSAMPLE_NEAREST = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
+GETITEM = operator.getitem
+
+# No-ops on values that capture leaves in the graph and that the sparse variant drops.
+METADATA_ASSERTS = {aten._assert_tensor_metadata.default}

@@ -1,0 +1,103 @@
+"""The record cache: per step key, the tensors of the source run that sparse calls read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..ir import CacheRef
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class StepKey:
+    """What identifies one U-Net call inside a run: its timestep value(s) and batch size (e.g. CFG's 2)."""
+
+    timesteps: tuple[float, ...]
+    batch: int
+
+    @staticmethod
+    def of(timestep: torch.Tensor, batch: int) -> StepKey:
+        values = timestep.detach().reshape(-1).float().cpu().tolist()
+        # A timestep broadcast over the batch identifies the same step as a scalar one.
+        if len(set(values)) == 1:
+            values = values[:1]
+        return StepKey(tuple(values), batch)
+
+    def describe(self) -> str:
+        t = f"{self.timesteps[0]:g}" if len(self.timesteps) == 1 else str([f"{v:g}" for v in self.timesteps])
+        return f"timestep {t} (batch {self.batch})"
+
+
+class StepRecord(dict):
+    """The recorded tensors of one step, keyed by `CacheRef`."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(self.values()))
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        else:
+            yield from _tensors(v)
+
+
+class RecordCache:
+    """Recorded source-run tensors, keyed by step key, then by `CacheRef` (graph node).
+
+    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it.
+    """
+
+    def __init__(self) -> None:
+        self._steps: dict[StepKey, StepRecord] = {}
+        self.latent_shape: tuple[int, ...] | None = None
+
+    @property
+    def steps(self) -> list[StepKey]:
+        """The recorded step keys, in recording order."""
+        return list(self._steps)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all recorded tensors."""
+        return sum(step.nbytes for step in self._steps.values())
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __contains__(self, key: StepKey) -> bool:
+        return key in self._steps
+
+    def clear(self) -> None:
+        self._steps.clear()
+        self.latent_shape = None
+
+    def new_step(self, key: StepKey, latent_shape: tuple[int, ...]) -> StepRecord:
+        """Start (or restart) recording `key`. A cache holds one latent shape: a new one clears it first."""
+        if self.latent_shape is not None and self.latent_shape != latent_shape:
+            self.clear()
+        self.latent_shape = latent_shape
+        self._steps[key] = StepRecord()
+        return self._steps[key]
+
+    def step(self, key: StepKey) -> StepRecord:
+        if key not in self._steps:
+            recorded = ", ".join(k.describe() for k in self._steps) or "nothing"
+            raise StepNotRecordedError(
+                f"{key.describe()} was never recorded (recorded: {recorded}). Sparse calls must replay the "
+                "timesteps of the source run: use the same scheduler and number of inference steps."
+            )
+        return self._steps[key]
+
+    def get(self, key: StepKey, ref: CacheRef):
+        return self._steps[key][ref]
+
+
+class StepNotRecordedError(KeyError):
+    """A sparse call at a step key the record run never produced."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one is a sentence
+        return str(self.args[0])

@@ -1,0 +1,226 @@
+"""From an edit mask to the index tensors that sparse calls gather and scatter with.
+
+Everything mask-dependent is computed here, once per mask (EEdit's token index preprocessing), never per step:
+the active blocks at every resolution and, per gather geometry, where each gathered pixel comes from.
+
+A gather geometry is a `WindowSpec`: a set of equally sized windows over a feature map, each pixel of which names
+a source pixel (or lies outside the image and reads zero). The same mechanism serves every data movement of the
+sparse variant:
+
+- `ActivePixels(res)`: the active blocks themselves (the gathered form);
+- `FullImage(res)`: one window covering the map (materialising a full-size tensor);
+- `ConvWindows(...)`: for each output block of a convolution, its input window with halo;
+- `Upsampled(inner, ...)`: the pixels of `inner` mapped back through nearest-neighbour upsampling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import graph_constant
+from ..policy import Policy
+
+Resolution = tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """The active b x b blocks of one resolution. Gathered pixels are ordered block-major, row-major inside."""
+
+    res: Resolution
+    block: int
+    blocks: torch.Tensor  # (num_blocks, 2) block-grid coordinates (row, col), row-major order
+    pixel_to_gathered: torch.Tensor  # (H*W,) position of each pixel among the gathered ones, -1 if inactive
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def num_pixels(self) -> int:
+        return self.num_blocks * self.block * self.block
+
+    @property
+    def active_fraction(self) -> float:
+        h, w = self.res
+        return self.num_pixels / (h * w)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowCoords:
+    """Source pixel coordinates for `num_windows` windows of `height x width` pixels, window-major."""
+
+    num_windows: int
+    height: int
+    width: int
+    rows: torch.Tensor  # (num_windows * height * width,) long
+    cols: torch.Tensor
+    inside: torch.Tensor  # bool: the pixel lies inside the source map (else it reads zero)
+
+
+class WindowSpec:
+    """A gather geometry; see the module docstring. Subclasses are frozen dataclasses, hashable as cache keys."""
+
+    source_res: Resolution
+
+    def coords(self, plan: MaskPlan) -> WindowCoords:
+        raise NotImplementedError
+
+
+def _block_windows(blocks: torch.Tensor, step: int, offset: int, size: int, res: Resolution) -> WindowCoords:
+    """Windows of `size` pixels starting at `block * step + offset` for every block, clipped to `res` as `inside`."""
+    ar = torch.arange(size, device=blocks.device)
+    rows = (blocks[:, 0, None, None] * step + offset + ar[None, :, None]).expand(-1, size, size)
+    cols = (blocks[:, 1, None, None] * step + offset + ar[None, None, :]).expand(-1, size, size)
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    inside = (rows >= 0) & (rows < res[0]) & (cols >= 0) & (cols < res[1])
+    return WindowCoords(int(blocks.shape[0]), size, size, rows, cols, inside)
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class ActivePixels(WindowSpec):
+    source_res: Resolution
+
+    def coords(self, plan: MaskPlan) -> WindowCoords:
+        layout = plan.layout(self.source_res)
+        return _block_windows(layout.blocks, layout.block, 0, layout.block, self.source_res)
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class FullImage(WindowSpec):
+    source_res: Resolution
+
+    def coords(self, plan: MaskPlan) -> WindowCoords:
+        h, w = self.source_res
+        rows = torch.arange(h, device=plan.device).repeat_interleave(w)
+        cols = torch.arange(w, device=plan.device).repeat(h)
+        return WindowCoords(1, h, w, rows, cols, torch.ones_like(rows, dtype=torch.bool))
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class ConvWindows(WindowSpec):
+    """Input windows, with halo, of a convolution whose output runs on the active blocks of `output_res`."""
+
+    source_res: Resolution
+    output_res: Resolution
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if len({self.kernel[0] - self.kernel[1], self.stride[0] - self.stride[1], self.padding[0] - self.padding[1],
+                self.dilation[0] - self.dilation[1]}) != 1 or self.kernel[0] != self.kernel[1]:
+            raise ValueError(f"sparse convolutions need square kernels, strides, paddings and dilations: {self}")
+
+    def window_size(self, block: int) -> int:
+        return (block - 1) * self.stride[0] + (self.kernel[0] - 1) * self.dilation[0] + 1
+
+    def coords(self, plan: MaskPlan) -> WindowCoords:
+        layout = plan.layout(self.output_res)
+        step = layout.block * self.stride[0]
+        return _block_windows(layout.blocks, step, -self.padding[0], self.window_size(layout.block), self.source_res)
+
+
+@graph_constant
+@dataclasses.dataclass(frozen=True)
+class Upsampled(WindowSpec):
+    """The pixels of `inner` (at the upsampled resolution) read through nearest upsampling from `source_res`."""
+
+    inner: WindowSpec
+    source_res: Resolution
+
+    def coords(self, plan: MaskPlan) -> WindowCoords:
+        c = self.inner.coords(plan)
+        (h_in, w_in), (h_out, w_out) = self.source_res, self.inner.source_res
+        # PyTorch's "nearest": src = floor(dst * in / out), exact in integers for the sizes U-Nets use.
+        rows = torch.div(c.rows.clamp(min=0) * h_in, h_out, rounding_mode="floor")
+        cols = torch.div(c.cols.clamp(min=0) * w_in, w_out, rounding_mode="floor")
+        return dataclasses.replace(c, rows=rows, cols=cols)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherIndex:
+    """Where each pixel of a `WindowSpec` comes from: `fresh[fresh_index]` where `from_fresh`, else
+    `recorded[recorded_index]` where `inside`, else zero. Indices are flat pixel positions."""
+
+    windows: WindowCoords
+    from_fresh: torch.Tensor | None  # None when the source is a full-size tensor
+    fresh_index: torch.Tensor | None
+    recorded_index: torch.Tensor
+    inside: torch.Tensor
+    all_inside: bool
+
+
+class MaskPlan:
+    """The active blocks and gather indices of one edit mask, built lazily per resolution and per geometry.
+
+    `mask` is a bool tensor at latent resolution, `(H, W)` or `(B, 1, H, W)`. Compute runs on the union of the
+    batch items' masks, so that every batch item (e.g. CFG's unconditional and conditional halves) gathers the
+    same blocks.
+    """
+
+    def __init__(self, mask: torch.Tensor, policy: Policy):
+        self.policy = policy
+        self.mask = mask
+        self.device = mask.device
+        # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
+        union = mask.reshape(-1, *mask.shape[-2:]).any(dim=0)
+        self._union = union[None, None].float()
+
+    @property
+    def latent_res(self) -> Resolution:
+        return tuple(self._union.shape[-2:])  # type: ignore[return-value]
+
+    def active_map(self, res: Resolution) -> torch.Tensor:
+        """The (H, W) bool map of cells active at `res`: max-pooled from the latents, dilated by the halo."""
+        return self._active_map(tuple(res))
+
+    @functools.lru_cache(maxsize=None)
+    def _active_map(self, res: Resolution) -> torch.Tensor:
+        pooled = F.adaptive_max_pool2d(self._union, res)
+        h = self.policy.halo
+        if h:
+            pooled = F.max_pool2d(pooled, kernel_size=2 * h + 1, stride=1, padding=h)
+        return pooled[0, 0] > 0
+
+    def block_size(self, res: Resolution) -> int:
+        g = math.gcd(*res)
+        return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)
+
+    def layout(self, res: Resolution) -> BlockLayout:
+        return self._layout(tuple(res))
+
+    @functools.lru_cache(maxsize=None)
+    def _layout(self, res: Resolution) -> BlockLayout:
+        b = self.block_size(res)
+        active = self.active_map(res)
+        grid = active.reshape(res[0] // b, b, res[1] // b, b).any(dim=3).any(dim=1)
+        blocks = grid.nonzero()
+        windows = _block_windows(blocks, b, 0, b, res)
+        pixel_to_gathered = torch.full((res[0] * res[1],), -1, dtype=torch.long, device=self.device)
+        pixel_to_gathered[windows.rows * res[1] + windows.cols] = torch.arange(
+            windows.rows.numel(), device=self.device
+        )
+        return BlockLayout(res, b, blocks, pixel_to_gathered)
+
+    @functools.lru_cache(maxsize=None)
+    def gather_index(self, spec: WindowSpec, from_gathered: bool) -> GatherIndex:
+        """Indices for reading `spec` from a gathered tensor (plus its recorded full value) or from a full one."""
+        c = spec.coords(self)
+        w = spec.source_res[1]
+        flat = (c.rows.clamp(0, spec.source_res[0] - 1) * w + c.cols.clamp(0, w - 1))
+        all_inside = bool(c.inside.all())
+        if not from_gathered:
+            return GatherIndex(c, None, None, flat, c.inside, all_inside)
+        position = self.layout(spec.source_res).pixel_to_gathered[flat]
+        from_fresh = (position >= 0) & c.inside
+        return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside)

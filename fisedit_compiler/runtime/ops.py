@@ -1,0 +1,119 @@
+"""Graph-callable ops of the record and sparse variants.
+
+Passes insert calls to these functions as `call_function` nodes. Their static arguments (layouts, gather
+geometries, cache references) are fixed at compile time; what varies per call (recorded tensors, the mask's index
+plan) they read from `context.current()`. Each forwards the numerical work to `kernels`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ir import CacheRef, SpatialLayout
+from ..kernels import reference
+from . import context
+from .mask_plan import ActivePixels, FullImage, WindowSpec
+
+# --- record variant ---------------------------------------------------------------------------------------------
+
+
+def record(value: torch.Tensor, ref: CacheRef) -> None:
+    """Save a node's output for later sparse calls."""
+    context.current().step[ref] = value.detach()
+
+
+def group_norm_recording_stats(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    ref: CacheRef,
+) -> torch.Tensor:
+    """GroupNorm that also saves its per-(batch item, group) mean and rstd."""
+    out, mean, rstd = reference.group_norm_with_stats(x, num_groups, weight, bias, eps)
+    context.current().step[ref] = (mean.detach(), rstd.detach())
+    return out
+
+
+# --- sparse variant ---------------------------------------------------------------------------------------------
+
+
+def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
+    ctx = context.current()
+    plan = ctx.plan
+    if ref is None:  # `source` is a full-size tensor computed in this call
+        return reference.gather_pixels(None, source, plan.gather_index(spec, False), layout, 0)
+    fresh_windows = plan.layout(layout.res).num_blocks
+    return reference.gather_pixels(source, ctx.step[ref], plan.gather_index(spec, True), layout, fresh_windows)
+
+
+def gather_active(full: torch.Tensor, layout: SpatialLayout) -> torch.Tensor:
+    """Region entry: the active blocks of a full-size tensor computed in this call."""
+    return _gather(full, None, layout, ActivePixels(layout.res))
+
+
+def gather_windows(
+    source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec
+) -> torch.Tensor:
+    """Windows (e.g. conv inputs with halo) of a gathered tensor whose inactive pixels are recorded at `ref`;
+    with `ref=None`, of a full-size tensor."""
+    return _gather(source, ref, layout, spec)
+
+
+def scatter_into_recorded(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> torch.Tensor:
+    """Region exit: the full-size tensor, fresh on the active blocks and recorded elsewhere."""
+    return _gather(fresh, ref, layout, FullImage(layout.res))
+
+
+def zero_outside_image(windows: torch.Tensor, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
+    """Zero window pixels that lie outside the map (a convolution's zero padding), after ops that made them
+    non-zero."""
+    index = context.current().plan.gather_index(spec, False)
+    if index.all_inside:
+        return windows
+    c = index.windows
+    inside = index.inside.to(windows.dtype).reshape(1, -1, 1).expand(layout.shape[0], -1, 1)
+    return windows * reference.from_canonical(inside, layout_with_rest(layout, ()), c.num_windows, c.height, c.width)
+
+
+def layout_with_rest(layout: SpatialLayout, rest: tuple[int, ...]) -> SpatialLayout:
+    """`layout` with its non-pixel dims replaced by size-1 dims of `rest` (for broadcastable masks)."""
+    shape = list(layout.shape)
+    for d in layout.rest_dims:
+        shape[d] = 1
+    return SpatialLayout(layout.kind, layout.res, layout.dims, tuple(shape))
+
+
+def group_norm_recorded_stats(
+    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, ref: CacheRef
+) -> torch.Tensor:
+    """GroupNorm with the source run's statistics: a per-channel affine map that runs on gathered blocks."""
+    mean, rstd = context.current().step[ref]
+    return reference.group_norm_affine(x, weight, bias, mean, rstd, num_groups)
+
+
+def repeat_over_blocks(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Line a per-batch-item operand up with a gathered map tensor, whose batch dim holds B x blocks rows."""
+    return reference.repeat_over_blocks(value, like.shape[0])
+
+
+def relayout_gathered(x: torch.Tensor, source: SpatialLayout, target: SpatialLayout) -> torch.Tensor:
+    """A reshape of a gathered tensor: `source` and `target` are the dense layouts before and after."""
+    layout = context.current().plan.layout(source.res)
+    canonical = reference.to_canonical(x, source, source.shape[0], layout.num_blocks)
+    return reference.from_canonical(canonical, target, layout.num_blocks, layout.block, layout.block)
+
+
+def active_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_ref: CacheRef,
+    value_ref: CacheRef,
+    layout: SpatialLayout,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Self-attention of active queries against every token: fresh keys/values for active tokens, recorded ones
+    for the rest. `layout` is the keys' (B, heads, tokens, head_dim) layout."""
+    ctx = context.current()
+    index = ctx.plan.gather_index(ActivePixels(layout.res), False)
+    return reference.active_query_attention(
+        query, key, value, ctx.step[key_ref], ctx.step[value_ref], index.recorded_index, scale
+    )
