@@ -183,6 +183,14 @@ class CompiledUNet(nn.Module):
             )
         return mask
 
+    def active_pixels(self) -> torch.Tensor:
+        """Inside `sparse()`: the (H, W) bool map of latent pixels that a sparse call recomputes (the active blocks
+        of the output layer). Everywhere else its output is the recorded one, bit for bit."""
+        if self._mask is None:
+            raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
+        plan = self._plan or MaskPlan(self._mask, self.policy)
+        return plan.active_pixels(plan.latent_res)
+
     # --- calls ----------------------------------------------------------------------------------------------
 
     def forward(

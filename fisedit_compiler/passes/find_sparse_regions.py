@@ -19,11 +19,12 @@ from ..ir import LAYOUT, REGION, SAMPLE_PLACEHOLDER, SPARSE, SpatialLayout
 from ..policy import Policy
 from . import ops
 from .annotate_spatial_layout import UnknownLayout
+from .manager import PassError
 
 FULL_INPUTS = "fisedit_full_inputs"  # node.meta key: input nodes a sparse node needs at full size
 
 
-class UnsupportedOpError(NotImplementedError):
+class UnsupportedOpError(PassError, NotImplementedError):
     """A graph node at a sparse resolution that no pass knows how to make sparse."""
 
 

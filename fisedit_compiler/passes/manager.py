@@ -56,7 +56,8 @@ def target_name(target: object) -> str:
 
 
 class PassError(RuntimeError):
-    """A pass failed or left an invalid graph; the message names the pass."""
+    """A pass failed or left an invalid graph. Passes raise subclasses for problems with the user's model (they
+    propagate as they are); anything else a pass raises is wrapped in a PassError that names the pass."""
 
 
 class PassManager:

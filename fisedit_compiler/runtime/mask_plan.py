@@ -192,6 +192,13 @@ class MaskPlan:
             pooled = F.max_pool2d(pooled, kernel_size=2 * h + 1, stride=1, padding=h)
         return pooled[0, 0] > 0
 
+    def active_pixels(self, res: Resolution) -> torch.Tensor:
+        """The (H, W) bool map of the pixels that sparse layers at `res` compute: their active blocks."""
+        layout = self.layout(res)
+        computed = torch.zeros(res[0] * res[1], dtype=torch.bool, device=self.device)
+        computed[layout.pixel_to_gathered >= 0] = True
+        return computed.reshape(res)
+
     def block_size(self, res: Resolution) -> int:
         g = math.gcd(*res)
         return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)

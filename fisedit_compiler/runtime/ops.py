@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ir import CacheRef, SpatialLayout
-from ..kernels import reference
+from .. import kernels
 from . import context
 from .mask_plan import ActivePixels, FullImage, WindowSpec
 
@@ -27,7 +27,7 @@ def group_norm_recording_stats(
     ref: CacheRef,
 ) -> torch.Tensor:
     """GroupNorm that also saves its per-(batch item, group) mean and rstd."""
-    out, mean, rstd = reference.group_norm_with_stats(x, num_groups, weight, bias, eps)
+    out, mean, rstd = kernels.group_norm_with_stats(x, num_groups, weight, bias, eps)
     context.current().step[ref] = (mean.detach(), rstd.detach())
     return out
 
@@ -39,9 +39,9 @@ def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, s
     ctx = context.current()
     plan = ctx.plan
     if ref is None:  # `source` is a full-size tensor computed in this call
-        return reference.gather_pixels(None, source, plan.gather_index(spec, False), layout, 0)
+        return kernels.gather_pixels(None, source, plan.gather_index(spec, False), layout, 0)
     fresh_windows = plan.layout(layout.res).num_blocks
-    return reference.gather_pixels(source, ctx.step[ref], plan.gather_index(spec, True), layout, fresh_windows)
+    return kernels.gather_pixels(source, ctx.step[ref], plan.gather_index(spec, True), layout, fresh_windows)
 
 
 def gather_active(full: torch.Tensor, layout: SpatialLayout) -> torch.Tensor:
@@ -70,7 +70,7 @@ def zero_outside_image(windows: torch.Tensor, layout: SpatialLayout, spec: Windo
         return windows
     c = index.windows
     inside = index.inside.to(windows.dtype).reshape(1, -1, 1).expand(layout.shape[0], -1, 1)
-    return windows * reference.from_canonical(inside, layout_with_rest(layout, ()), c.num_windows, c.height, c.width)
+    return windows * kernels.from_canonical(inside, layout_with_rest(layout, ()), c.num_windows, c.height, c.width)
 
 
 def layout_with_rest(layout: SpatialLayout, rest: tuple[int, ...]) -> SpatialLayout:
@@ -86,19 +86,19 @@ def group_norm_recorded_stats(
 ) -> torch.Tensor:
     """GroupNorm with the source run's statistics: a per-channel affine map that runs on gathered blocks."""
     mean, rstd = context.current().step[ref]
-    return reference.group_norm_affine(x, weight, bias, mean, rstd, num_groups)
+    return kernels.group_norm_affine(x, weight, bias, mean, rstd, num_groups)
 
 
 def repeat_over_blocks(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Line a per-batch-item operand up with a gathered map tensor, whose batch dim holds B x blocks rows."""
-    return reference.repeat_over_blocks(value, like.shape[0])
+    return kernels.repeat_over_blocks(value, like.shape[0])
 
 
 def relayout_gathered(x: torch.Tensor, source: SpatialLayout, target: SpatialLayout) -> torch.Tensor:
     """A reshape of a gathered tensor: `source` and `target` are the dense layouts before and after."""
     layout = context.current().plan.layout(source.res)
-    canonical = reference.to_canonical(x, source, source.shape[0], layout.num_blocks)
-    return reference.from_canonical(canonical, target, layout.num_blocks, layout.block, layout.block)
+    canonical = kernels.to_canonical(x, source, source.shape[0], layout.num_blocks)
+    return kernels.from_canonical(canonical, target, layout.num_blocks, layout.block, layout.block)
 
 
 def active_query_attention(
@@ -114,6 +114,6 @@ def active_query_attention(
     for the rest. `layout` is the keys' (B, heads, tokens, head_dim) layout."""
     ctx = context.current()
     index = ctx.plan.gather_index(ActivePixels(layout.res), False)
-    return reference.active_query_attention(
+    return kernels.active_query_attention(
         query, key, value, ctx.step[key_ref], ctx.step[value_ref], index.recorded_index, scale
     )

@@ -1,0 +1,104 @@
+"""The exactness contract of DESIGN.md, on tiny U-Nets built from the same code paths as SD 1.5, SD 2 and SDXL."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from conftest import close, ellipse_mask, tiny_unet, unet_inputs
+
+SIZE = 32
+
+
+def masks(size: int = SIZE) -> dict[str, torch.Tensor]:
+    empty = torch.zeros(size, size, dtype=torch.bool)
+    one_pixel = empty.clone()
+    one_pixel[13, 9] = True
+    border = empty.clone()
+    border[0:3, size - 5:] = True
+    border[size - 1, 0] = True
+    blobs = empty.clone()
+    blobs[2:6, 3:8] = True
+    blobs[20:27, 22:25] = True
+    blobs[15, 0:4] = True
+    return {
+        "empty": empty,
+        "full": torch.ones(size, size, dtype=torch.bool),
+        "one_pixel": one_pixel,
+        "border": border,
+        "blobs": blobs,
+        "ellipse": ellipse_mask(size, 0.1),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def recorded(arch: str, policy: fisedit.Policy = fisedit.Policy(block_size=4)):
+    """A compiled U-Net with one recorded step; shared, since sparse calls leave it unchanged."""
+    unet = tiny_unet(arch)
+    compiled = fisedit.compile(unet, policy)
+    inputs = unet_inputs(unet, size=SIZE)
+    with torch.no_grad(), compiled.record():
+        output = compiled(**inputs).sample
+    return unet, compiled, inputs, output
+
+
+@torch.no_grad()
+def test_dense_passthrough_and_record_equal_eager(arch):
+    unet, compiled, inputs, record_output = recorded(arch)
+    eager = unet(**inputs).sample
+    assert close(compiled(**inputs).sample, eager)
+    assert close(record_output, eager)
+    assert len(compiled.cache.steps) == 1 and compiled.cache.nbytes > 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mask_name", list(masks()))
+def test_sparse_call_on_recorded_input_returns_recorded_output(arch, mask_name):
+    _, compiled, inputs, record_output = recorded(arch)
+    with compiled.sparse(masks()[mask_name]):
+        output = compiled(**inputs).sample
+    assert close(output, record_output)
+
+
+@torch.no_grad()
+def test_per_batch_item_masks(arch):
+    _, compiled, inputs, record_output = recorded(arch)
+    per_item = torch.stack([masks()["blobs"], masks()["border"]])[:, None]
+    with compiled.sparse(per_item):
+        assert close(compiled(**inputs).sample, record_output)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attention", ["active_queries", "masked_only", "dense"])
+def test_full_mask_with_fresh_statistics_equals_dense_call(arch, attention):
+    unet, compiled, _, _ = recorded(arch, fisedit.Policy(block_size=4, norm_stats="fresh", attention=attention))
+    new_inputs = unet_inputs(unet, size=SIZE, seed=1)  # new latents and new text
+    with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        output = compiled(**new_inputs).sample
+    assert close(output, unet(**new_inputs).sample)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mask_name", ["one_pixel", "border", "blobs", "ellipse"])
+def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name):
+    unet, compiled, _, record_output = recorded(arch)
+    new_inputs = unet_inputs(unet, size=SIZE, seed=1)
+    with compiled.sparse(masks()[mask_name]):
+        output = compiled(**new_inputs).sample
+        active = compiled.active_pixels()
+    assert torch.equal(output[..., ~active], record_output[..., ~active])
+    assert not torch.equal(output[..., active], record_output[..., active])  # the edit did change something
+    assert active[masks()[mask_name]].all()
+
+
+@torch.no_grad()
+def test_masked_only_attention_is_exact_on_the_recorded_input_only_for_full_masks():
+    # The paper's variant drops inactive keys: a documented approximation, not exact on partial masks.
+    _, compiled, inputs, record_output = recorded("sd2", fisedit.Policy(block_size=4, attention="masked_only"))
+    with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        assert close(compiled(**inputs).sample, record_output)
+    with compiled.sparse(masks()["blobs"]):
+        assert not close(compiled(**inputs).sample, record_output, rtol=1e-3)

@@ -1,0 +1,34 @@
+"""The MACs of a sparse call fall with the mask (counted with FlopCounterMode, attention included)."""
+
+from __future__ import annotations
+
+import torch
+
+import fisedit_compiler as fisedit
+from conftest import ellipse_mask, tiny_unet, unet_inputs
+from fisedit_compiler.macs import count_macs
+
+
+def test_attention_is_counted_on_cpu():
+    q = torch.randn(1, 2, 64, 16)
+    macs, _ = count_macs(torch.nn.functional.scaled_dot_product_attention, q, q, q)
+    assert macs == 2 * 2 * 64 * 64 * 16
+
+
+@torch.no_grad()
+def test_sparse_macs_fall_with_the_mask():
+    unet = tiny_unet("sd2")  # SD 2 block types, small channels
+    size = 48
+    compiled = fisedit.compile(unet)  # default policy
+    inputs = unet_inputs(unet, size=size)
+    with compiled.record():
+        compiled(**inputs)
+    dense, _ = count_macs(unet, **inputs)
+    ratios = []
+    for fraction in (0.05, 0.15, 0.3, 1.0):
+        with compiled.sparse(ellipse_mask(size, fraction)):
+            sparse, _ = count_macs(compiled, **inputs)
+        ratios.append(sparse / dense)
+    assert ratios[0] <= 0.5, ratios
+    assert ratios == sorted(ratios), ratios
+    assert 0.95 <= ratios[-1] <= 1.3, ratios  # a full mask costs about a dense call (halos add a little)

@@ -1,0 +1,182 @@
+"""Per pass: which ops are present or absent after it, and numerical equality with the eager U-Net.
+
+With one block per map (`block_size` above the map size) and an all-true mask, a gathered tensor has exactly its
+dense shape, so the graph after *every* pass of the sparse pipeline is runnable, and must still compute the U-Net.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from conftest import close, tiny_unet, unet_inputs
+from fisedit_compiler.compiler import build_variants, copy_graph_module
+from fisedit_compiler.ir import LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
+from fisedit_compiler.passes import ops
+from fisedit_compiler.passes.insert_record_taps import cache_refs
+from fisedit_compiler.passes.manager import op_counts
+from fisedit_compiler.runtime import context
+from fisedit_compiler.runtime import ops as runtime_ops
+from fisedit_compiler.runtime.cache import RecordCache, StepKey
+from fisedit_compiler.runtime.mask_plan import MaskPlan
+
+SIZE = 32
+ONE_BLOCK = fisedit.Policy(block_size=1024)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_with_snapshots(arch: str, policy: fisedit.Policy = ONE_BLOCK):
+    unet = tiny_unet(arch)
+    inputs = unet_inputs(unet, size=SIZE)
+    snapshots = []
+    variants = build_variants(
+        unet, inputs, policy, observers=[lambda record, gm: snapshots.append((record, copy_graph_module(gm)))]
+    )
+    return unet, inputs, variants, snapshots
+
+
+def run_sparse(gm, variants, inputs, policy, mask):
+    """Record one step with `variants.record`, then run `gm` as a sparse call with `mask`."""
+    cache = RecordCache()
+    step = cache.new_step(StepKey.of(inputs["timestep"], 2), tuple(inputs["sample"].shape))
+    with torch.no_grad():
+        with context.use(context.CallContext(step)):
+            variants.record(inputs)
+        with context.use(context.CallContext(step, MaskPlan(mask, policy))):
+            return gm(inputs)[0]
+
+
+@torch.no_grad()
+def test_every_intermediate_graph_computes_the_unet(arch):
+    unet, inputs, variants, snapshots = compiled_with_snapshots(arch)
+    eager = unet(**inputs).sample
+    full = torch.ones(SIZE, SIZE, dtype=torch.bool)
+    sparse_snapshots = [(r, gm) for r, gm in snapshots if r.name != "insert_record_taps"]
+    assert [r.name for r, _ in sparse_snapshots][-1] == "eliminate_dead_code"
+    for record, gm in sparse_snapshots:
+        assert close(run_sparse(gm, variants, inputs, ONE_BLOCK, full), eager), record.name
+
+
+def _by_name(snapshots):
+    return {record.name: (record, gm) for record, gm in snapshots}
+
+
+def test_annotate_spatial_layout_tags_pixels():
+    _, _, _, snapshots = compiled_with_snapshots("sd2")
+    _, gm = _by_name(snapshots)["annotate_spatial_layout"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert nodes["inputs_sample"].meta[LAYOUT] == SpatialLayout("map", (32, 32), (2, 3), (2, 4, 32, 32))
+    seqs = [n.meta[LAYOUT] for n in gm.graph.nodes if n.target is ops.SDPA]
+    assert {s.res for s in seqs} == {(32, 32), (16, 16), (8, 8), (4, 4)}
+    assert all(s.kind == "seq" and s.dims == (2,) for s in seqs)
+    # the time embedding has no pixels
+    time_linear = [n for n in gm.graph.nodes if n.target is ops.aten.linear.default and "time_embedding" in str(n.args[1])]
+    assert time_linear and all(n.meta[LAYOUT] is None for n in time_linear)
+
+
+def test_find_sparse_regions_marks_sparse_resolutions_only():
+    _, _, _, snapshots = compiled_with_snapshots("sd2")
+    _, gm = _by_name(snapshots)["find_sparse_regions"]
+    for n in gm.graph.nodes:
+        layout = n.meta.get(LAYOUT)
+        if n.op == "call_function" and isinstance(layout, SpatialLayout):
+            # convs and upsamples reading a dense resolution stay dense (their output is made at full size)
+            reads_dense = (n.target is ops.CONV or n.target in ops.UPSAMPLE_NEAREST) and min(
+                n.args[0].meta[LAYOUT].res) < SIZE // 4
+            assert n.meta[SPARSE] == (min(layout.res) >= SIZE // 4 and not reads_dense), n.name
+    assert {n.meta[REGION] for n in gm.graph.nodes if n.meta.get(SPARSE)} == {0}
+
+
+def test_find_sparse_regions_raises_on_ops_without_a_sparse_rule():
+    class FlipUNet(torch.nn.Module):
+        """A U-Net-shaped module whose flip along a pixel dim has no sparse rule."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.conv_out = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, sample, timestep, encoder_hidden_states, return_dict=True):
+            return (self.conv_out(self.conv_in(sample).flip(-1)),)
+
+    compiled = fisedit.compile(FlipUNet())
+    inputs = unet_inputs(tiny_unet("sd2"), size=16)
+    with pytest.raises(fisedit.UnsupportedOpError, match=r"node 'flip' \(aten.flip.default\) at resolution 16x16"):
+        with compiled.record():
+            compiled(**inputs)
+
+
+def _counts(snapshots, name):
+    record, gm = _by_name(snapshots)[name]
+    return record.ops_before, record.ops_after, gm
+
+
+def test_insert_region_boundaries_gathers_and_scatters_at_region_edges():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "insert_region_boundaries")
+    assert before["gather_active"] == 0 and after["gather_active"] >= 1
+    scatters = [n for n in gm.graph.nodes if n.target is runtime_ops.scatter_into_recorded]
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert any(s in output.all_input_nodes for s in scatters)  # the U-Net output leaves the region
+    for s in scatters:  # a scatter's readers are dense, or read it at full size (self-attention K/V)
+        assert all(not u.meta.get(SPARSE) or u.target is ops.SDPA for u in s.users)
+
+
+def test_cached_group_norm_replaces_sparse_group_norms():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "cached_group_norm")
+    rewritten = after["group_norm_recorded_stats"]
+    assert rewritten > 0 and after["aten.group_norm.default"] == before["aten.group_norm.default"] - rewritten
+    assert all(not n.meta.get(SPARSE) for n in gm.graph.nodes if n.target is ops.GROUP_NORM)
+
+
+def test_cached_group_norm_does_nothing_with_fresh_statistics():
+    before, after, _ = _counts(compiled_with_snapshots("sd2", fisedit.Policy(norm_stats="fresh"))[3],
+                               "cached_group_norm")
+    assert after == before
+
+
+def test_sparse_conv_gives_every_spatial_kernel_a_window_gather():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "sparse_conv")
+    assert after["aten.conv2d.default"] == before["aten.conv2d.default"]
+    for conv in (n for n in gm.graph.nodes if n.target is ops.CONV and n.meta.get(SPARSE)):
+        kernel = tuple(conv.args[1].meta["val"].shape[2:])
+        if kernel != (1, 1):
+            assert list(conv.args[4]) == [0, 0]
+            assert conv.args[0].target in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
+
+
+def test_sparse_upsample_leaves_no_sparse_upsample():
+    _, _, gm = _counts(compiled_with_snapshots("sd2")[3], "sparse_upsample")
+    assert not [n for n in gm.graph.nodes if n.target in ops.UPSAMPLE_NEAREST and n.meta.get(SPARSE) and n.users]
+
+
+def test_relayout_gathered_leaves_no_dense_reshape_in_regions():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "relayout_gathered")
+    assert after["relayout_gathered"] > 0
+    assert not [n for n in gm.graph.nodes if n.target in ops.RESHAPES and n.meta.get(SPARSE)]
+
+
+def test_broadcast_over_blocks_repeats_the_time_embedding():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "broadcast_over_blocks")
+    repeats = [n for n in gm.graph.nodes if n.target is runtime_ops.repeat_over_blocks]
+    assert repeats and all(n.args[0].meta[LAYOUT] is None for n in repeats)
+
+
+def test_sparse_attention_rewrites_self_attention_at_sparse_resolutions():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "sparse_attention")
+    rewritten = after["active_query_attention"]
+    assert rewritten > 0 and after["aten.scaled_dot_product_attention.default"] == (
+        before["aten.scaled_dot_product_attention.default"] - rewritten)
+    for n in gm.graph.nodes:
+        if n.target is runtime_ops.active_query_attention:
+            assert n.args[1].meta.get(SPARSE) and isinstance(n.args[3], CacheRef)
+
+
+def test_insert_record_taps_records_exactly_what_sparse_reads():
+    _, _, variants, _ = compiled_with_snapshots("sd2")
+    refs = cache_refs(variants.sparse)
+    counts = op_counts(variants.record)
+    assert counts["record"] == sum(r.kind == "output" for r in refs)
+    assert counts["group_norm_recording_stats"] == sum(r.kind == "group_norm_stats" for r in refs)
