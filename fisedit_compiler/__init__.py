@@ -2,11 +2,15 @@
 
     import fisedit_compiler as fisedit
     sparse_unet = fisedit.compile(pipe.unet, fisedit.Policy())
+    compiled = torch.compile(pipe.unet, backend="fisedit")   # with fisedit.record(compiled): ...
 """
 
+from .backend import GraphBreakError, backend, record, sparse
 from .compiler import CompiledUNet, MaskError, compile
+from .editing.session import EditResult, EditSession
 from .passes.find_sparse_regions import UnsupportedOpError
 from .policy import Policy
 from .runtime.cache import StepNotRecordedError
 
-__all__ = ["compile", "CompiledUNet", "Policy", "MaskError", "StepNotRecordedError", "UnsupportedOpError"]
+__all__ = ["compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError", "UnsupportedOpError",
+           "backend", "record", "sparse", "GraphBreakError"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,13 +25,18 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import InputSignature, capture
+from .dump import GraphDump
 from .passes.annotate_spatial_layout import annotate_spatial_layout
 from .passes.broadcast_over_blocks import broadcast_over_blocks
+from .ir import CacheRef
 from .passes.cached_group_norm import cached_group_norm
+from .passes.control_cross_attention import control_cross_attention
 from .passes.find_sparse_regions import find_sparse_regions
+from .passes.insert_cache_write_back import insert_cache_write_back
 from .passes.insert_record_taps import cache_refs, insert_record_taps
 from .passes.insert_region_boundaries import insert_region_boundaries
 from .passes.manager import FxPass, PassManager, PassRecord
+from .passes.record_cross_attention_maps import record_cross_attention_maps
 from .passes.relayout_gathered import relayout_gathered
 from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import sparse_conv
@@ -64,6 +70,27 @@ def sparse_passes(policy: Policy) -> list[FxPass]:
         FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",)),
         FxPass("sparse_attention", sparse_attention, ("insert_region_boundaries",)),
         FxPass("eliminate_dead_code", eliminate_dead_code),
+        # last: its nodes have no users, and only calls that ask for it write
+        FxPass("insert_cache_write_back", insert_cache_write_back, ("eliminate_dead_code",)),
+    ]
+
+
+def record_passes(refs: set[CacheRef]) -> list[FxPass]:
+    """The record variant: the captured graph, saving what the sparse variant reads and cross-attention maps."""
+    return [
+        FxPass("annotate_spatial_layout", annotate_spatial_layout),
+        FxPass("record_cross_attention_maps", record_cross_attention_maps, ("annotate_spatial_layout",)),
+        FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
+    ]
+
+
+def control_passes(refs: set[CacheRef]) -> list[FxPass]:
+    """The control variant: dense, with Prompt-to-Prompt cross-attention control, recording like `record` so that
+    an edit run can become the source of the next edit."""
+    return [
+        FxPass("annotate_spatial_layout", annotate_spatial_layout),
+        FxPass("control_cross_attention", control_cross_attention, ("annotate_spatial_layout",)),
+        FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
 
 
@@ -83,22 +110,61 @@ class Variants:
 
     captured: fx.GraphModule
     record: fx.GraphModule
+    control: fx.GraphModule
     sparse: fx.GraphModule
     passes: dict[str, list[PassRecord]]
 
 
 def build_variants(unet: nn.Module, inputs: dict[str, Any], policy: Policy, observers=()) -> Variants:
-    """Capture `unet` for `inputs` and run the sparse and record pipelines."""
+    """Capture `unet` for `inputs` and run the variants' pass pipelines. The sparse variant is built first: the
+    others record exactly what it reads."""
     captured = capture(unet, inputs)
-    sparse, sparse_log = PassManager(sparse_passes(policy), observers)(copy_graph_module(captured))
+    dump = GraphDump.for_inputs(policy, inputs)  # None unless Policy.dump_dir or $FISEDIT_DUMP_DIR is set
+    if dump is not None:
+        dump.captured(captured)
+        observers = [*observers, dump]
+    sparse, sparse_log = PassManager("sparse", sparse_passes(policy), observers)(copy_graph_module(captured))
     refs = cache_refs(sparse)
-    record_pass = FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs))
-    record, record_log = PassManager([record_pass], observers)(copy_graph_module(captured))
-    return Variants(captured, record, sparse, {"sparse": sparse_log, "record": record_log})
+    record, record_log = PassManager("record", record_passes(refs), observers)(copy_graph_module(captured))
+    control, control_log = PassManager("control", control_passes(refs), observers)(copy_graph_module(captured))
+    logs = {"sparse": sparse_log, "record": record_log, "control": control_log}
+    if dump is not None:
+        dump.finish()
+    return Variants(captured, record, control, sparse, logs)
 
 
 class MaskError(ValueError):
     """A mask of the wrong shape, dtype or values."""
+
+
+@dataclasses.dataclass
+class RecordMode:
+    """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps."""
+
+    attention_maps: int = 0
+    calls: int = 0
+
+
+@dataclasses.dataclass
+class ControlMode:
+    """Dense calls with cross-attention control (`token_alignment`, see `runtime.context.CallContext`); they record
+    into `pending`, and save their maps when `attention_maps` is set."""
+
+    token_alignment: torch.Tensor
+    pending: RecordCache
+    attention_maps: bool = True
+
+
+@dataclasses.dataclass
+class SparseMode:
+    """Calls compute only the active blocks of `mask`; with `write_back`, they store them into the cache."""
+
+    mask: torch.Tensor
+    write_back: bool = False
+    plan: MaskPlan | None = None
+
+
+Mode = RecordMode | ControlMode | SparseMode
 
 
 class CompiledUNet(nn.Module):
@@ -114,9 +180,8 @@ class CompiledUNet(nn.Module):
         self.policy = policy or Policy()
         self.cache = RecordCache()
         self._variants: dict[InputSignature, Variants] = {}
-        self._mode: str | None = None
-        self._mask: torch.Tensor | None = None
-        self._plan: MaskPlan | None = None
+        self.mode: Mode | None = None
+        self._calls_per_timestep: Counter = Counter()  # of the current run, for step keys
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -127,39 +192,49 @@ class CompiledUNet(nn.Module):
     # --- modes ----------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def record(self) -> Iterator[CompiledUNet]:
+    def record(self, attention_maps: int = 0) -> Iterator[CompiledUNet]:
         """Calls inside record the source run: dense, equal to the eager U-Net, saving per step key what sparse
-        calls read. A new latent shape clears the cache."""
-        with self._in_mode("record"):
+        calls read, and for the first `attention_maps` calls the cross-attention maps that control calls inject.
+        A new latent shape clears the cache."""
+        with self._in_mode(RecordMode(attention_maps)):
             yield self
 
     @contextlib.contextmanager
-    def sparse(self, mask: torch.Tensor) -> Iterator[CompiledUNet]:
+    def sparse(self, mask: torch.Tensor, write_back: bool = False) -> Iterator[CompiledUNet]:
         """Calls inside compute only the region of `mask` and take the rest from the recorded step.
 
         `mask`: bool (or 0/1) tensor at latent resolution, `(H, W)` for every batch item or `(B, 1, H, W)`.
+        `write_back`: store the fresh active blocks into the cache, which then holds this run (continuous edits).
         """
+        with self._in_mode(self.sparse_mode(mask, write_back)):
+            yield self
+
+    def sparse_mode(self, mask: torch.Tensor, write_back: bool = False) -> SparseMode:
+        """The mode `sparse()` enters, for drivers that switch modes inside a pipeline call (`EditSession`)."""
         if not len(self.cache):
             raise RuntimeError(
                 "sparse() needs a recorded source run, and nothing is recorded: run the source generation inside "
                 "`with unet.record():` first"
             )
-        self._mask = self._check_mask(mask)
-        try:
-            with self._in_mode("sparse"):
-                yield self
-        finally:
-            self._mask = self._plan = None
+        return SparseMode(self._check_mask(mask), write_back)
 
     @contextlib.contextmanager
-    def _in_mode(self, mode: str) -> Iterator[None]:
-        if self._mode is not None:
-            raise RuntimeError(f"already inside {self._mode}(); record() and sparse() do not nest")
-        self._mode = mode
+    def _in_mode(self, mode: Mode) -> Iterator[None]:
+        if self.mode is not None:
+            raise RuntimeError(
+                f"already inside {type(self.mode).__name__}; record() and sparse() do not nest"
+            )
+        self.mode = mode
+        self.begin_run()
         try:
             yield
         finally:
-            self._mode = None
+            self.mode = None
+
+    def begin_run(self) -> None:
+        """Start counting calls per timestep afresh: the step keys of a run. `record()` and `sparse()` call this;
+        drivers that set `mode` themselves call it before each pipeline run."""
+        self._calls_per_timestep.clear()
 
     def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
         if not isinstance(mask, torch.Tensor):
@@ -186,9 +261,9 @@ class CompiledUNet(nn.Module):
     def active_pixels(self) -> torch.Tensor:
         """Inside `sparse()`: the (H, W) bool map of latent pixels that a sparse call recomputes (the active blocks
         of the output layer). Everywhere else its output is the recorded one, bit for bit."""
-        if self._mask is None:
+        if not isinstance(self.mode, SparseMode):
             raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
-        plan = self._plan or MaskPlan(self._mask, self.policy)
+        plan = self.mode.plan or MaskPlan(self.mode.mask, self.policy)
         return plan.active_pixels(plan.latent_res)
 
     # --- calls ----------------------------------------------------------------------------------------------
@@ -210,7 +285,7 @@ class CompiledUNet(nn.Module):
         return_dict: bool = True,
     ):
         arguments = {k: v for k, v in locals().items() if k not in ("self", "return_dict")}
-        if self._mode is None:
+        if self.mode is None:
             return self.unet(**arguments, return_dict=return_dict)
         if cross_attention_kwargs:
             raise NotImplementedError(
@@ -221,12 +296,26 @@ class CompiledUNet(nn.Module):
             timestep = torch.tensor(timestep, device=sample.device)
         inputs = {k: v for k, v in arguments.items() if v is not None and k != "cross_attention_kwargs"}
         inputs["timestep"] = timestep
-        key = StepKey.of(timestep, sample.shape[0])
+        timestep_key = StepKey.of(timestep, sample.shape[0])
+        occurrence = self._calls_per_timestep[timestep_key]
+        self._calls_per_timestep[timestep_key] += 1
+        if not isinstance(self.mode, RecordMode):  # replays cycle through the recorded calls at this timestep
+            occurrence %= max(1, self.cache.occurrences(timestep_key))
+        key = dataclasses.replace(timestep_key, occurrence=occurrence)
         variants = self.variants(inputs)
-        if self._mode == "record":
+        mode = self.mode
+        if isinstance(mode, RecordMode):
             step = self.cache.new_step(key, tuple(sample.shape))
-            with context.use(context.CallContext(step)):
+            with context.use(context.CallContext(step, record_attention_maps=mode.calls < mode.attention_maps)):
                 output = variants.record(inputs)
+            mode.calls += 1
+        elif isinstance(mode, ControlMode):
+            ctx = context.CallContext(
+                mode.pending.new_step(key, tuple(sample.shape)), source=self.cache.step(key),
+                token_alignment=mode.token_alignment, record_attention_maps=mode.attention_maps,
+            )
+            with context.use(ctx):
+                output = variants.control(inputs)
         else:
             if self.cache.latent_shape != tuple(sample.shape):
                 raise ValueError(
@@ -234,9 +323,9 @@ class CompiledUNet(nn.Module):
                     f"{self.cache.latent_shape}: a sparse call must use the batch size and latent size of the "
                     "record run"
                 )
-            if self._plan is None or self._plan.device != sample.device:  # index plans: once per mask
-                self._plan = MaskPlan(self._mask.to(sample.device), self.policy)
-            with context.use(context.CallContext(self.cache.step(key), self._plan)):
+            if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
+                mode.plan = MaskPlan(mode.mask.to(sample.device), self.policy)
+            with context.use(context.CallContext(self.cache.step(key), mode.plan, write_back=mode.write_back)):
                 output = variants.sparse(inputs)
         sample_out = output[0]
         if not return_dict:

@@ -29,6 +29,16 @@ class Policy:
         norm_stats: GroupNorm statistics in sparse calls. "recorded" (the paper's approximation) reuses the
             source run's mean and variance so that GroupNorm becomes a per-channel affine map on active blocks;
             "fresh" materialises the GroupNorm input and computes the statistics of the current call.
+        dense_steps: the fraction of an edit's denoising steps that run dense (with cross-attention control)
+            before the switch to sparse, when the mask is detected (paper: 10 of 50).
+        detect_from, detect_to: the steps whose latent differences make the mask, as fractions of the steps
+            (paper: steps 5 to 10 of 50). Rounded to whole steps, at least step 1, at most the dense steps.
+        mask_dilation: pixels by which a detected mask is dilated at latent resolution.
+        user_mask_dense_steps: the fraction of steps that run dense before sparse when the user gives the mask
+            (default 0: sparse from the first step).
+        dump_dir: a folder to write graph dumps into (every variant of every compiled input signature, before
+            and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
+            None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
     """
 
     max_sparse_downscale: int = 4
@@ -36,6 +46,12 @@ class Policy:
     block_size: int = 8
     attention: AttentionMode = "active_queries"
     norm_stats: NormStats = "recorded"
+    dense_steps: float = 0.2
+    detect_from: float = 0.1
+    detect_to: float = 0.2
+    mask_dilation: int = 1
+    user_mask_dense_steps: float = 0.0
+    dump_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_sparse_downscale < 1:
@@ -50,6 +66,22 @@ class Policy:
             )
         if self.norm_stats not in ("recorded", "fresh"):
             raise ValueError(f"norm_stats must be 'recorded' or 'fresh', got {self.norm_stats!r}")
+        fractions = {"dense_steps": self.dense_steps, "detect_from": self.detect_from, "detect_to": self.detect_to,
+                     "user_mask_dense_steps": self.user_mask_dense_steps}
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a fraction of the denoising steps, in [0, 1]; got {value}")
+        if self.detect_from > self.detect_to:
+            raise ValueError(f"detect_from ({self.detect_from}) must not exceed detect_to ({self.detect_to})")
+        if self.mask_dilation < 0:
+            raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")
+
+    def edit_schedule(self, num_steps: int) -> tuple[int, int, int]:
+        """(dense steps k, first and last detection step t1..t2, 1-based) for an edit of `num_steps` steps."""
+        k = min(num_steps, max(1, round(self.dense_steps * num_steps)))
+        t2 = min(k, max(1, round(self.detect_to * num_steps)))
+        t1 = min(t2, max(1, round(self.detect_from * num_steps)))
+        return k, t1, t2
 
     def is_sparse_resolution(self, resolution: tuple[int, int], latent: tuple[int, int]) -> bool:
         """Whether a feature map of `resolution` runs sparse for latents of size `latent`."""

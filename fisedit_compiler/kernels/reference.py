@@ -71,6 +71,28 @@ def gather_pixels(
     return from_canonical(source, layout, c.num_windows, c.height, c.width)
 
 
+def scatter_pixels_(
+    recorded: torch.Tensor, fresh: torch.Tensor, layout: SpatialLayout, positions: torch.Tensor, fresh_windows: int
+) -> torch.Tensor:
+    """Write the gathered `fresh` pixels into `recorded` at flat pixel `positions`, in place where `recorded`'s
+    memory allows it; returns the updated tensor (a contiguous copy if `recorded` was a non-contiguous map)."""
+    batch = recorded.shape[0]
+    if fresh.numel() == 0:
+        return recorded
+    values = to_canonical(fresh, layout, batch, fresh_windows).reshape(batch, -1, *layout.rest_shape)
+    if layout.kind == "seq":
+        recorded.index_copy_(layout.dims[0], positions, values.movedim(1, layout.dims[0]))
+        return recorded
+    dh, dw = layout.dims
+    if dw != dh + 1 or not recorded.is_contiguous():
+        recorded = recorded.contiguous()
+        if dw != dh + 1:
+            raise NotImplementedError(f"write-back into a map whose pixel dims are not adjacent: {layout}")
+    flat = recorded.flatten(dh, dw)  # a view: writes land in `recorded`
+    flat.index_copy_(dh, positions, values.movedim(1, dh))
+    return recorded
+
+
 def group_norm_affine(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -127,3 +149,100 @@ def active_query_attention(
     keys = key_recorded.index_copy(-2, positions, key_fresh.to(key_recorded.dtype))
     values = value_recorded.index_copy(-2, positions, value_fresh.to(value_recorded.dtype))
     return F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), scale=scale)
+
+
+# --- fused kernels: the references of the Triton versions in `triton_gather` ------------------------------------
+
+
+def _rest_view(layout: SpatialLayout) -> list[int]:
+    """A broadcastable shape holding `layout`'s non-pixel dims (a per-channel vector's view)."""
+    return [n if d in layout.rest_dims else 1 for d, n in enumerate(layout.shape)]
+
+
+def group_norm_scale_shift(
+    channels: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GroupNorm with given (B, groups) statistics as a per-(batch item, channel) affine map
+    ``x * scale + shift``; returns float32 `scale` and `shift` of shape (B, channels)."""
+    per_group = channels // num_groups
+    scale = rstd.float().repeat_interleave(per_group, dim=1)
+    shift = -mean.float().repeat_interleave(per_group, dim=1) * scale
+    if weight is not None:
+        scale = scale * weight.float()
+        shift = shift * weight.float()
+    if bias is not None:
+        shift = shift + bias.float()
+    return scale, shift
+
+
+def gather_pixels_affine_silu(
+    fresh: torch.Tensor | None,
+    recorded: torch.Tensor,
+    index: GatherIndex,
+    layout: SpatialLayout,
+    fresh_windows: int,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> torch.Tensor:
+    """`gather_pixels`, then ``silu(x * scale + shift)`` per (batch item, channel): a recorded-statistics GroupNorm
+    and its SiLU applied to a convolution's input windows, computed in float32 and rounded once.
+
+    `scale` and `shift` are (B, C) with C the layout's non-pixel elements (a map's channels), e.g. from
+    `group_norm_scale_shift`. Pixels outside the image are zero *after* the activation: they stand for the
+    convolution's zero padding.
+    """
+    batch, c = recorded.shape[0], index.windows
+    gathered = to_canonical(gather_pixels(fresh, recorded, index, layout, fresh_windows), layout, batch, c.num_windows)
+    out = F.silu(gathered.float() * scale[:, None, :] + shift[:, None, :])
+    out = torch.where(index.inside[None, :, None], out, 0.0).to(recorded.dtype)
+    return from_canonical(out, layout, c.num_windows, c.height, c.width)
+
+
+def scatter_bias_residual(
+    fresh: torch.Tensor,
+    recorded: torch.Tensor,
+    index: GatherIndex,
+    layout: SpatialLayout,
+    fresh_windows: int,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gather_pixels` of ``fresh + bias + residual`` over `recorded`: with a `FullImage` index, the full-size
+    output of a residual block, fresh on the active blocks and recorded elsewhere.
+
+    `bias` has one value per non-pixel element of `layout` (a convolution's per-channel bias); `residual` has
+    `fresh`'s gathered shape.
+    """
+    value = fresh
+    if bias is not None:
+        value = value + bias.reshape(_rest_view(layout))
+    if residual is not None:
+        value = value + residual
+    return gather_pixels(value, recorded, index, layout, fresh_windows)
+
+
+def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The tokens at `positions` of a (B, tokens, C) sequence."""
+    return x.index_select(1, positions)
+
+
+def gather_tokens_layer_norm(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """LayerNorm over the channels of the tokens at `positions` of a (B, tokens, C) sequence."""
+    return F.layer_norm(gather_tokens(x, positions), x.shape[-1:], weight, bias, eps)
+
+
+def scatter_tokens(fresh: torch.Tensor, recorded: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A copy of the (B, tokens, C) sequence `recorded` with the (B, len(positions), C) `fresh` tokens at
+    `positions`."""
+    return recorded.index_copy(1, positions, fresh.to(recorded.dtype))

@@ -35,6 +35,7 @@ class FxPass:
 class PassRecord:
     """One pass's run, as reported by the manager and written by graph dumps."""
 
+    variant: str
     name: str
     rewrites: int
     seconds: float
@@ -61,10 +62,11 @@ class PassError(RuntimeError):
 
 
 class PassManager:
-    """Runs passes in the given order. `observers` are called as ``observer(record, graph_module)`` after each
-    pass (graph dumps use this)."""
+    """Runs the passes that make graph variant `variant`, in order. `observers` are called as
+    ``observer(record, graph_module)`` after each pass (graph dumps use this)."""
 
-    def __init__(self, passes: Sequence[FxPass], observers: Sequence[Callable] = ()):
+    def __init__(self, variant: str, passes: Sequence[FxPass], observers: Sequence[Callable] = ()):
+        self.variant = variant
         self.passes = list(passes)
         self.observers = list(observers)
 
@@ -86,10 +88,10 @@ class PassManager:
                 raise PassError(f"pass {p.name!r} failed: {e}") from e
             gm.recompile()
             record = PassRecord(
-                p.name, rewrites, time.perf_counter() - start, nodes_before, len(gm.graph.nodes), before,
+                self.variant, p.name, rewrites, time.perf_counter() - start, nodes_before, len(gm.graph.nodes), before,
                 op_counts(gm),
             )
-            log.debug("%s: %d rewrites in %.3fs", p.name, rewrites, record.seconds)
+            log.debug("%s/%s: %d rewrites in %.3fs", self.variant, p.name, rewrites, record.seconds)
             records.append(record)
             for observer in self.observers:
                 observer(record, gm)

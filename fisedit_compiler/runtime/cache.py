@@ -11,22 +11,25 @@ from ..ir import CacheRef
 
 @dataclasses.dataclass(frozen=True, order=True)
 class StepKey:
-    """What identifies one U-Net call inside a run: its timestep value(s) and batch size (e.g. CFG's 2)."""
+    """What identifies one U-Net call inside a run: its timestep value(s), batch size (e.g. CFG's 2), and how many
+    calls of the run came before at the same timestep (PNDM and Heun call the U-Net twice at some timesteps)."""
 
     timesteps: tuple[float, ...]
     batch: int
+    occurrence: int = 0
 
     @staticmethod
-    def of(timestep: torch.Tensor, batch: int) -> StepKey:
+    def of(timestep: torch.Tensor, batch: int, occurrence: int = 0) -> StepKey:
         values = timestep.detach().reshape(-1).float().cpu().tolist()
         # A timestep broadcast over the batch identifies the same step as a scalar one.
         if len(set(values)) == 1:
             values = values[:1]
-        return StepKey(tuple(values), batch)
+        return StepKey(tuple(values), batch, occurrence)
 
     def describe(self) -> str:
         t = f"{self.timesteps[0]:g}" if len(self.timesteps) == 1 else str([f"{v:g}" for v in self.timesteps])
-        return f"timestep {t} (batch {self.batch})"
+        again = f", call {self.occurrence + 1} at this timestep" if self.occurrence else ""
+        return f"timestep {t} (batch {self.batch}{again})"
 
 
 class StepRecord(dict):
@@ -82,6 +85,20 @@ class RecordCache:
         self.latent_shape = latent_shape
         self._steps[key] = StepRecord()
         return self._steps[key]
+
+    def occurrences(self, key: StepKey) -> int:
+        """How many calls at `key`'s timestep and batch size were recorded."""
+        return sum(k.timesteps == key.timesteps and k.batch == key.batch for k in self._steps)
+
+    def replace_steps(self, other: RecordCache) -> None:
+        """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps)."""
+        if not len(other):
+            return
+        if self.latent_shape not in (None, other.latent_shape):
+            raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
+                             f"{self.latent_shape}")
+        self.latent_shape = other.latent_shape
+        self._steps.update(other._steps)
 
     def step(self, key: StepKey) -> StepRecord:
         if key not in self._steps:

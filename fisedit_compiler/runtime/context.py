@@ -11,16 +11,31 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 
+import torch
+
 from .cache import StepRecord
 from .mask_plan import MaskPlan
 
 
 @dataclasses.dataclass
 class CallContext:
-    """One U-Net call: `step` is written by record taps, or read by sparse ops along with `plan`."""
+    """One U-Net call.
+
+    Attributes:
+        step: the step's record: written by record taps, read by sparse ops.
+        plan: the mask's index plan (sparse calls).
+        source: the source run's record of this step, read by cross-attention control (control calls).
+        token_alignment: (B, tokens) long, for each token of the edited prompt the source token it shares, or -1.
+        record_attention_maps: whether cross-attention saves its maps into `step` in this call.
+        write_back: whether sparse calls store their fresh active pixels into `step` (continuous editing).
+    """
 
     step: StepRecord
     plan: MaskPlan | None = None
+    source: StepRecord | None = None
+    token_alignment: torch.Tensor | None = None
+    record_attention_maps: bool = False
+    write_back: bool = False
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("fisedit_call", default=None)

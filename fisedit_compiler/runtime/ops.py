@@ -117,3 +117,60 @@ def active_query_attention(
     return kernels.active_query_attention(
         query, key, value, ctx.step[key_ref], ctx.step[value_ref], index.recorded_index, scale
     )
+
+
+# --- cross-attention maps (record and control variants) --------------------------------------------------------
+
+
+def _attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float | None) -> torch.Tensor:
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax((query @ key.transpose(-1, -2)) * scale, dim=-1)
+
+
+def cross_attention_recording_map(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref: CacheRef, scale: float | None = None
+) -> torch.Tensor:
+    """Cross-attention that saves its attention map (B, heads, pixels, tokens) in steps that record maps.
+
+    In those steps it computes softmax(QK^T)V explicitly, exactly as `controlled_cross_attention` does, so that a
+    control run of the same prompt reproduces the source run bit for bit."""
+    ctx = context.current()
+    if not ctx.record_attention_maps:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+    probs = _attention_probs(query, key, scale)
+    ctx.step[ref] = probs.detach()
+    return probs @ value
+
+
+def controlled_cross_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref: CacheRef, scale: float | None = None
+) -> torch.Tensor:
+    """Prompt-to-Prompt cross-attention control: for every token the edited prompt shares with the source prompt
+    (`context.token_alignment[b, j]` = the source token, or -1 for a new token) the source run's attention map
+    column replaces the fresh one."""
+    ctx = context.current()
+    probs = _attention_probs(query, key, scale)
+    source_probs = ctx.source.get(ref) if ctx.source is not None else None
+    if source_probs is None:
+        raise RuntimeError(
+            "this step has no recorded cross-attention maps to control with: record the source run with "
+            "record(attention_maps=k) for at least as many steps as run under control"
+        )
+    alignment = ctx.token_alignment.to(probs.device)[:, None, None, :]  # (B, 1, 1, tokens)
+    aligned = source_probs.to(probs.dtype).gather(-1, alignment.clamp(min=0).expand(*probs.shape[:-1], -1))
+    probs = torch.where(alignment >= 0, aligned, probs)
+    if ctx.record_attention_maps:
+        ctx.step[ref] = probs.detach()
+    return probs @ value
+
+
+def write_back(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> None:
+    """In steps that write back, store a gathered node's fresh active pixels into its recorded tensor, so the
+    cache holds this run's activations (continuous editing). Safe mid-step: recorded values are only read at
+    inactive pixels, which this never touches."""
+    ctx = context.current()
+    if not ctx.write_back:
+        return
+    layout_plan = ctx.plan.layout(layout.res)
+    positions = ctx.plan.gather_index(ActivePixels(layout.res), False).recorded_index
+    ctx.step[ref] = kernels.scatter_pixels_(ctx.step[ref], fresh, layout, positions, layout_plan.num_blocks)

@@ -1,0 +1,134 @@
+"""The `fisedit` command line: `demo` (the README's main job) and `edit`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import inspect_cmd
+from .editing.token_alignment import PromptTooLongError
+from .policy import Policy
+
+DEMO_PROMPT = "a cabin in the woods"
+# The first edit detects its mask; the second gives one (a 10% ellipse), so that the demo shows sparse savings even
+# though random weights make detected masks cover most of the image.
+DEMO_EDITS = ["a cabin in the woods with a river", "a cabin in the woods with a river at night"]
+
+
+def ellipse(size: int, fraction: float) -> torch.Tensor:
+    """A (size, size) bool ellipse covering about `fraction` of the map, left of centre."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
+    return ((yy - 0.55 * size) / ry) ** 2 + ((xx - 0.35 * size) / (ry / 1.5)) ** 2 <= 1
+
+
+def _load_mask(path: Path, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A mask image (white = edit) at latent resolution, or at image resolution (8x), as a bool tensor."""
+    if not path.is_file():
+        raise FileNotFoundError(f"mask image {path} does not exist")
+    image = Image.open(path).convert("L")
+    h, w = latent_size
+    if image.size == (8 * w, 8 * h):
+        image = image.resize((w, h), Image.BOX)
+    if image.size != (w, h):
+        raise ValueError(
+            f"mask image {path} is {image.size[0]}x{image.size[1]} pixels, but the latents are {w}x{h}: draw it "
+            f"at {w}x{h} (latent resolution) or {8 * w}x{8 * h} (image resolution)"
+        )
+    return torch.from_numpy(np.array(image) > 127)
+
+
+def _latent_shape(args, latent: int | None) -> tuple[int, int]:
+    if latent is not None:
+        return latent, latent
+    import json
+
+    config = Path(args.model) / "unet" / "config.json"
+    size = json.loads(config.read_text())["sample_size"] if config.is_file() else None
+    if size is None:
+        raise FileNotFoundError(f"{config} is missing: {args.model} is not a diffusers pipeline folder")
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _pipeline(args):
+    from .models import load_pipeline, random_pipeline
+
+    if args.model:
+        return load_pipeline(args.model)
+    return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed, size=args.size,
+                           scheduler=args.scheduler)
+
+
+def _policy(args) -> Policy:
+    return Policy(block_size=args.block_size)
+
+
+def _run(args, prompt: str, edits: list[tuple[str, torch.Tensor | None]]) -> int:
+    from .demo import RANDOM_WEIGHTS_NOTE, format_report, run_session
+
+    pipe = _pipeline(args)
+    pipe.set_progress_bar_config(disable=args.quiet)
+    if not args.model:
+        print(f"note: {RANDOM_WEIGHTS_NOTE}\n")
+    data = run_session(pipe, prompt, edits, Path(args.out), args.steps, args.seed, _policy(args),
+                       log=(lambda *a: None) if args.quiet else print)
+    print("\n" + format_report(data))
+    print(f"\nwrote {args.out}/: source.png, edited*.png, mask*.png (the recomputed region over the source), "
+          "report.md, report.json")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, steps: int, latent_size: int) -> None:
+    parser.add_argument("--model", help="a local diffusers pipeline folder (default: a built-in random-weight model)")
+    parser.add_argument("--arch", default="sd2", choices=["sd15", "sd2", "sdxl"], help="built-in model architecture")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="built-in model size")
+    parser.add_argument("--latent-size", type=int, default=latent_size, help="built-in model latent size")
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "pndm", "euler"])
+    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=Policy.block_size)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="a demo edit session on the built-in random-weight SD 2 U-Net")
+    _common(demo, steps=20, latent_size=64)
+    demo.add_argument("--out", default="out/demo")
+    edit = commands.add_parser("edit", help="generate an image, then edit its prompt (continuously)")
+    _common(edit, steps=20, latent_size=64)
+    edit.add_argument("--prompt", required=True, help="the source prompt")
+    edit.add_argument("--edit", action="append", required=True, help="an edited prompt; repeat for a chain")
+    edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution")
+    edit.add_argument("--out", default="out/edit")
+    inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if args.command == "inspect":
+            return inspect_cmd.run(args)
+        if args.command == "demo":
+            return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], ellipse(args.latent_size, 0.1))])
+        mask = None
+        if args.mask:
+            latent = args.latent_size if not args.model else None
+            mask = _load_mask(Path(args.mask), _latent_shape(args, latent))
+        return _run(args, args.prompt, [(prompt, mask) for prompt in args.edit])
+    except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
+        print(f"fisedit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""`EditSession`: generate an image, then edit its prompt again and again, each edit recomputing only its region.
+
+    session = fisedit.EditSession(pipe, policy=fisedit.Policy(), num_inference_steps=50, guidance_scale=7.5)
+    src = session.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    res = session.edit("a cabin in the woods with a river")            # mask detected automatically
+    res2 = session.edit("a cabin in the woods with a river at night")  # continuous: builds on res
+    res3 = session.edit("a red cabin in the woods", mask=user_mask)    # user mask, no detection
+
+An edit without a mask runs its first k steps dense through the `control` variant (the source run's cross-attention
+maps injected for shared tokens), detects the mask from the latents' drift, and runs the remaining steps through
+the `sparse` variant. After every sparse step the latents outside the recomputed region are the source run's
+(`z = m * z_edit + (1 - m) * z_source`, the paper's switch blend, repeated): they would be anyway for a source
+whose activations are all recorded, and for continuous edits this replays the source's own switch exactly.
+Everything happens inside one call of the unchanged diffusers pipeline, steered from `callback_on_step_end`.
+
+Continuous editing: an edit's run becomes the source of the next one. Its dense steps record into a fresh cache,
+and its sparse steps write their active blocks back into the cache, so no new dense source run is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from ..compiler import CompiledUNet, ControlMode, SparseMode, compile
+from ..macs import flop_counter
+from ..policy import Policy
+from ..runtime.cache import RecordCache
+from ..runtime.mask_plan import MaskPlan
+from .mask_detection import detect_mask, difference_map
+from .token_alignment import align_tokens, token_ids
+
+# Schedulers whose step is a deterministic function of the model output and their own state.
+DETERMINISTIC_SCHEDULERS = {
+    "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler",
+    "EulerDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
+    "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+}
+
+
+@dataclasses.dataclass
+class PhaseStats:
+    """U-Net work in one phase of a run."""
+
+    unet_calls: int = 0
+    macs: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class EditResult:
+    """A generated or edited image. `mask` is the (H, W) bool map of latent pixels the edit recomputed: the detected
+    or given mask, dilated by the policy's halo and rounded up to blocks; every other latent pixel is the source's,
+    bit for bit (None for `generate`);
+    `stats` has a `PhaseStats` per phase ("dense", "sparse") and the cache's bytes."""
+
+    prompt: str
+    images: list
+    latents: torch.Tensor
+    mask: torch.Tensor | None
+    stats: dict[str, Any]
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the next edit needs of the run it builds on."""
+
+    prompt: str
+    maps_prompt: str  # the prompt whose cross-attention maps the cache holds
+    trajectory: list[torch.Tensor]  # latents after each step
+    result: EditResult
+
+
+class _Meter:
+    """Counts U-Net calls, MACs and seconds into the current phase, via forward hooks on the U-Net."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.phases: dict[str, PhaseStats] = {}
+        self.phase = "dense"
+        self._counter = None
+        self._start = 0.0
+        self._handles = [unet.register_forward_pre_hook(self._before), unet.register_forward_hook(self._after)]
+
+    def _before(self, module, args):
+        self._counter = flop_counter.FlopCounterMode(display=False)
+        self._counter.__enter__()
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, output):
+        seconds = time.perf_counter() - self._start
+        self._counter.__exit__(None, None, None)
+        stats = self.phases.setdefault(self.phase, PhaseStats())
+        stats.unet_calls += 1
+        stats.macs += self._counter.get_total_flops() // 2
+        stats.seconds += seconds
+
+    def close(self) -> dict[str, PhaseStats]:
+        for handle in self._handles:
+            handle.remove()
+        return self.phases
+
+
+class EditSession:
+    """An editing session over a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, or any whose `__call__`
+    takes `latents` and `callback_on_step_end`). The pipeline's U-Net is compiled with `policy` (or kept, if it is
+    already a `CompiledUNet`).
+
+    `noise_seed` makes a stochastic scheduler usable: every run draws its step noise from a generator seeded with
+    it, so source and edit runs add the same noise.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        policy: Policy | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        noise_seed: int | None = None,
+    ):
+        self.pipe = pipe
+        if isinstance(pipe.unet, CompiledUNet):
+            self.unet = pipe.unet
+        else:
+            self.unet = compile(pipe.unet, policy)
+            pipe.unet = self.unet
+        self.policy = self.unet.policy
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        sample_size = self.unet.config.sample_size * pipe.vae_scale_factor
+        self.height, self.width = height or sample_size, width or sample_size
+        self.noise_seed = noise_seed
+        name = type(pipe.scheduler).__name__
+        stochastic = name not in DETERMINISTIC_SCHEDULERS or "sde" in str(
+            getattr(pipe.scheduler.config, "algorithm_type", ""))
+        if stochastic and noise_seed is None:
+            raise ValueError(
+                f"{name} adds random noise at every step, so an edit run could not reproduce the source run "
+                "outside the mask: use a deterministic scheduler (DDIM, DPM-Solver++, PNDM, Euler, ...) or pass "
+                "noise_seed= to make its noise reproducible"
+            )
+        self._source: _Run | None = None
+        self._latents: torch.Tensor | None = None
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None) -> EditResult:
+        """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
+        recorded. Starts a new session history."""
+        token_ids(self.pipe.tokenizer, prompt)  # a clear error for an over-long prompt
+        if latents is None:
+            shape = (1, self.pipe.unet.config.in_channels, self.height // self.pipe.vae_scale_factor,
+                     self.width // self.pipe.vae_scale_factor)
+            latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
+        self._latents = latents
+        self.unet.cache.clear()
+        k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
+        trajectory: list[torch.Tensor] = []
+
+        def on_step_end(pipe, i, t, kwargs):
+            trajectory.append(kwargs["latents"].clone())
+            return {}
+
+        with self.unet.record(attention_maps=k):
+            images, stats = self._run(prompt, on_step_end)
+        result = EditResult(prompt, images, trajectory[-1], None, stats)
+        self._source = _Run(prompt, prompt, trajectory, result)
+        return result
+
+    def edit(self, prompt: str, mask: torch.Tensor | None = None) -> EditResult:
+        """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
+        detected; with one (bool, latent resolution (H, W)), that region is recomputed."""
+        if self._source is None:
+            raise RuntimeError("edit() needs a source image: call generate(prompt) first")
+        token_ids(self.pipe.tokenizer, prompt)
+        source = self._source
+        if mask is None:
+            k, t1, t2 = self.policy.edit_schedule(self.num_inference_steps)
+        else:
+            mask = self._check_user_mask(mask)
+            k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
+        pending = RecordCache()
+        trajectory: list[torch.Tensor] = []
+        state: dict[str, Any] = {"mask": mask, "region": None}
+        meter = _Meter(self.unet)
+
+        def go_sparse(pipe) -> bool:
+            """Decide the mask (detect it from steps t1..t2 if not given) and switch to sparse calls; False if the
+            mask is empty, in which case nothing would change and the run stops."""
+            if state["mask"] is None:
+                diff = difference_map(source.trajectory, trajectory, t1, t2)
+                state["mask"] = detect_mask(diff, self.policy.mask_dilation)[0, 0]
+            if not state["mask"].any():
+                pipe._interrupt = True
+                return False
+            self.unet.mode = self._sparse_mode(state)
+            meter.phase = "sparse"
+            return True
+
+        def on_step_end(pipe, i, t, kwargs):
+            latents = kwargs["latents"]
+            trajectory.append(latents.clone())
+            if i == k - 1 and not go_sparse(pipe):
+                return {"latents": source.trajectory[-1].clone()}
+            if state["region"] is None:
+                return {}
+            # Outside the recomputed region every sparse step keeps the source run's latents: the switch blend of
+            # the paper, and for continuous edits the source's own switch, repeated exactly.
+            latents = torch.where(state["region"].to(latents.device), latents, source.trajectory[i])
+            trajectory[-1] = latents.clone()
+            return {"latents": latents}
+
+        self.unet.begin_run()
+        if k == 0:  # sparse from the first step: the latents are the source's as they are
+            self.unet.mode = self._sparse_mode(state)
+            meter.phase = "sparse"
+        else:
+            self.unet.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
+        try:
+            images = self._call_pipeline(prompt, on_step_end)
+        finally:
+            self.unet.mode = None
+            phases = meter.close()
+        if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
+            stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
+            return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats)
+        self.unet.cache.replace_steps(pending)
+        stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
+        result = EditResult(prompt, images, trajectory[-1], state["region"], stats)
+        self._source = _Run(prompt, prompt if k > 0 else source.maps_prompt, trajectory, result)
+        return result
+
+    # --- internals --------------------------------------------------------------------------------------------
+
+    def _sparse_mode(self, state: dict[str, Any]) -> SparseMode:
+        """Sparse mode for the edit's mask; sets `state["region"]`, the latent pixels the sparse steps recompute:
+        the mask dilated by the policy's halo and rounded up to the output layer's blocks."""
+        mode = self.unet.sparse_mode(state["mask"], write_back=True)
+        mode.plan = MaskPlan(mode.mask.to(self.unet.device), self.policy)
+        state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
+        return mode
+
+    def _alignment(self, source_prompt: str, prompt: str) -> torch.Tensor:
+        """(batch, tokens) alignment for the U-Net batch: the unconditional half (CFG) has the same, empty
+        prompt in both runs, so all its tokens are shared."""
+        conditional = align_tokens(self.pipe.tokenizer, source_prompt, prompt)
+        if self.guidance_scale > 1:
+            return torch.stack([torch.arange(conditional.numel()), conditional])
+        return conditional[None]
+
+    def _check_user_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        h, w = self._latents.shape[-2:]
+        mask = mask.squeeze()
+        if mask.dim() != 2 or tuple(mask.shape) != (h, w):
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but the latents are {h}x{w}: pass an ({h}, {w}) "
+                             "mask at latent resolution (image size / 8)")
+        return mask.bool() if mask.dtype == torch.bool or ((mask == 0) | (mask == 1)).all() else mask > 0.5
+
+    def _call_pipeline(self, prompt: str, on_step_end) -> list:
+        generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
+        output = self.pipe(
+            prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
+            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+        )
+        return output.images
+
+    def _run(self, prompt: str, on_step_end) -> tuple[list, dict[str, Any]]:
+        meter = _Meter(self.unet)
+        try:
+            images = self._call_pipeline(prompt, on_step_end)
+        finally:
+            phases = meter.close()
+        return images, {**phases, "cache_bytes": self.unet.cache.nbytes}

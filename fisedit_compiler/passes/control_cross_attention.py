@@ -1,0 +1,43 @@
+"""Control cross-attention: the control variant injects the source run's cross-attention maps for shared tokens.
+
+    %o : aten.scaled_dot_product_attention(%q, %k_text, %v_text)
+->
+    %o : controlled_cross_attention(%q, %k_text, %v_text, cache[o:attention_map])
+
+Prompt-to-Prompt style control (paper §3.1): with the maps of the tokens that P and P' share fixed to the source
+run's, the latents of the first dense edit steps drift away from the source only where the text changed, which
+is what mask detection looks for. Which tokens are shared is a per-call input (`CallContext.token_alignment`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch.fx as fx
+
+from ..ir import LAYOUT, CacheRef
+from ..runtime import ops as runtime_ops
+from . import ops
+
+
+def cross_attention_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, tuple]]:
+    """SDPA nodes whose keys come from the text (no pixels), with (query, key, value, scale).
+
+    Attention masks, dropout and causal attention do not occur in U-Net cross-attention and are left alone."""
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.SDPA or node.args[1].meta.get(LAYOUT) is not None:
+            continue
+        extra = dict(zip(["attn_mask", "dropout_p", "is_causal", "scale"], node.args[3:]), **node.kwargs)
+        if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0) or extra.get("is_causal", False):
+            continue
+        yield node, (*node.args[:3], extra.get("scale"))
+
+
+def control_cross_attention(gm: fx.GraphModule) -> int:
+    rewrites = 0
+    for node, (query, key, value, scale) in cross_attention_nodes(gm):
+        node.target = runtime_ops.controlled_cross_attention
+        node.args = (query, key, value, CacheRef(node.name, "attention_map"), scale)
+        node.kwargs = {}
+        rewrites += 1
+    return rewrites

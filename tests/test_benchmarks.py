@@ -1,0 +1,128 @@
+"""The U-Net call benchmark (benchmarks/unet_speed.py) runs end to end on a tiny config and writes every field.
+
+No timing assertions: only that the measurements exist, are consistent, and that sparse calls on the recorded
+input return the recorded output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def unet_speed():
+    spec = importlib.util.spec_from_file_location("unet_speed", ROOT / "benchmarks" / "unet_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def result(unet_speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    result = unet_speed.main([
+        "--size", "tiny", "--latent-size", "32", "--device", "cpu", "--repeats", "3", "--warmup", "0",
+        "--masks", "ellipse:15,blobs:15", "--profile", "--out", str(out), "--quiet",
+        "--threads", "1",  # one thread: no timing is checked, and one thread suffers least from a busy machine
+    ])
+    assert torch.get_num_threads() == threads  # restored
+    return result
+
+
+def test_writes_json_and_markdown(result):
+    paths = result["paths"]
+    assert Path(paths["json"]).name.startswith("cpu-") and Path(paths["markdown"]).suffix == ".md"
+    on_disk = json.loads(Path(paths["json"]).read_text())
+    assert on_disk["masks"] == json.loads(json.dumps(result["masks"]))
+    markdown = Path(paths["markdown"]).read_text()
+    assert "| ellipse:15" in markdown and "| blobs:15" in markdown
+    assert "### Per resolution" in markdown and "### Per layer" in markdown
+
+
+def test_fields(result):
+    config, machine = result["config"], result["machine"]
+    assert (config["arch"], config["size"], config["latent_size"], config["batch"]) == ("sd2", "tiny", 32, 2)
+    assert config["dtype"] == "fp32" and config["policy"]["block_size"] == 8 and config["threads"] == 1
+    for key in ("torch", "cpu_count", "device_name", "date", "loadavg_at_start", "loadavg_at_end"):
+        assert key in machine, key
+    assert machine["torch"] == torch.__version__
+
+    dense = result["dense"]
+    assert dense["macs"] > 0 and dense["seconds"] > 0 and len(dense["seconds_all"]) == 3
+    record = result["record"]
+    assert record["first_call_seconds"] > 0 and math.isfinite(record["compile_seconds"])
+    assert set(record["pass_seconds"]) >= {"sparse", "record"}
+    assert record["record_vs_eager_max_abs_diff"] <= 1e-5
+    assert result["cache_bytes_per_step"] > 0 and result["cache_steps"] == 1
+
+    assert [m["name"] for m in result["masks"]] == ["ellipse:15", "blobs:15"]
+    for m in result["masks"]:
+        assert abs(m["coverage"] - 0.15) < 0.01, m["coverage"]
+        assert 0 < m["sparse_macs"] < dense["macs"]
+        assert m["macs_ratio"] == pytest.approx(dense["macs"] / m["sparse_macs"])
+        assert m["sparse_seconds"] > 0 and len(m["sparse_seconds_all"]) == 3
+        assert m["speedup"] == pytest.approx(dense["seconds"] / m["sparse_seconds"])
+        assert m["prep_seconds"] > 0 and m["prep_indices"] > 0
+        # the direct preparation builds exactly the gather indices that the first sparse call builds
+        assert m["indices_built_in_first_call"] == m["prep_indices"]
+        assert math.isfinite(m["first_call_extra_seconds"])
+        assert set(m["active_fraction"]) == {"32x32", "16x16", "8x8"}  # 4x4 stays dense
+        assert m["target_macs_ratio"] == 4.2 and m["target_speedup_2core_cpu"] == 3.2
+        assert isinstance(m["macs_target_met"], bool)
+    assert result["masks"][1]["components"] > 1  # the blob mask is scattered
+
+
+def test_sparse_output_is_the_recorded_one(result):
+    for m in result["masks"]:
+        assert m["max_abs_diff"] <= 1e-4, m
+        assert m["max_rel_diff"] <= 1e-5, m
+
+
+def test_profile(result):
+    p = result["profile"]
+    assert p["mask"] == "ellipse:15"
+    # per-node MACs add up to the whole call's
+    assert p["macs_sum_dense"] == result["dense"]["macs"]
+    assert p["macs_sum_sparse"] == result["masks"][0]["sparse_macs"]
+    layers = p["layers"]
+    ops = {row["op"] for row in layers}
+    assert {"conv3x3", "linear", "attention(self)", "attention(cross)"} <= ops
+    sparse_layers = [row for row in layers if row["mode"] == "sparse"]
+    assert sparse_layers and all(row["block"] == 8 for row in sparse_layers)
+    # every layer is matched with the captured graph's node of the same name
+    assert all(row["macs_dense"] is not None and row["seconds_dense"] is not None for row in layers)
+    assert all(row["macs_sparse"] <= row["macs_dense"] for row in layers if row["op"].startswith("conv"))
+    by_res = {row["resolution"]: row for row in p["per_resolution"]}
+    assert by_res["32x32"]["mode"] == "sparse" and by_res["4x4"]["mode"] == "dense"
+    assert by_res["32x32"]["macs_sparse"] < by_res["32x32"]["macs_dense"]
+    assert sum(row["macs_sparse"] for row in p["per_resolution"]) == p["macs_sum_sparse"]
+    categories = {row["category"] for row in p["per_category"]}
+    assert {"gather/scatter", "conv3x3", "linear", "attention"} <= categories
+
+
+def test_masks(unet_speed):
+    for kind in ("ellipse", "blobs"):
+        for percent in (5, 15, 30):
+            mask = unet_speed.make_mask(kind, percent, 96, seed=1234)
+            assert mask.dtype == torch.bool and mask.shape == (96, 96)
+            assert abs(mask.float().mean().item() - percent / 100) < 0.002
+        assert torch.equal(unet_speed.make_mask(kind, 15, 96, 1234), unet_speed.make_mask(kind, 15, 96, 1234))
+    assert unet_speed.connected_components(unet_speed.make_mask("ellipse", 15, 96, 0)) == 1
+
+
+def test_arguments(unet_speed):
+    with pytest.raises(SystemExit):
+        unet_speed.parse_args(["--repeats", "2"])
+    with pytest.raises(SystemExit):
+        unet_speed.parse_args(["--masks", "square:10"])
+    args = unet_speed.parse_args(["--arch", "sdxl", "--block-size", "4"])
+    assert args.latent_size == 128 and unet_speed.policy_of(args).block_size == 4
