@@ -19,8 +19,9 @@ class Policy:
             paper keeps low resolutions dense because a mask pooled down to them covers most of the map.
         halo: dilation of the mask at every resolution, in cells of that resolution. It widens the region that
             is recomputed so that the seam between fresh and recorded activations falls outside the edit.
-        block_size: the side of the square blocks that sparse layers compute. At each resolution the largest
-            divisor of the map size not above this value is used, so blocks never overhang the map.
+        block_size: the side of the square blocks that sparse layers compute. None (the default): the cost model
+            (`cost_model`, the paper's APSC) picks it per resolution and mask from {2, 4, 8, 16, 32} or dense.
+            A number fixes it: at each resolution the largest divisor of the map size not above it.
         attention: self-attention at sparse resolutions. "active_queries": queries from active tokens, keys and
             values from all tokens (fresh for active ones, recorded for the rest); exact wherever the inactive
             tokens' inputs equal the recorded ones. "masked_only": the paper's variant, active tokens attend to
@@ -43,7 +44,7 @@ class Policy:
 
     max_sparse_downscale: int = 4
     halo: int = 1
-    block_size: int = 8
+    block_size: int | None = None
     attention: AttentionMode = "active_queries"
     norm_stats: NormStats = "recorded"
     dense_steps: float = 0.2
@@ -58,7 +59,7 @@ class Policy:
             raise ValueError(f"max_sparse_downscale must be >= 1, got {self.max_sparse_downscale}")
         if self.halo < 0:
             raise ValueError(f"halo must be >= 0, got {self.halo}")
-        if self.block_size < 1:
+        if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.attention not in ("active_queries", "masked_only", "dense"):
             raise ValueError(

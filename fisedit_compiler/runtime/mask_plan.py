@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..cost_model import CostConstants, choose_block_size, load_constants
 from ..ir import graph_constant
 from ..policy import Policy
 
@@ -158,6 +159,7 @@ class GatherIndex:
     recorded_index: torch.Tensor
     inside: torch.Tensor
     all_inside: bool
+    identity: bool = False  # the windows are the source's own pixels in its own order: a gather is a no-op
 
 
 class MaskPlan:
@@ -168,8 +170,9 @@ class MaskPlan:
     same blocks.
     """
 
-    def __init__(self, mask: torch.Tensor, policy: Policy):
+    def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None):
         self.policy = policy
+        self.constants = constants if constants is not None else load_constants(mask.device)
         self.mask = mask
         self.device = mask.device
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
@@ -200,6 +203,9 @@ class MaskPlan:
         return computed.reshape(res)
 
     def block_size(self, res: Resolution) -> int:
+        """The policy's fixed block size (its largest divisor of the map size), or the cost model's choice."""
+        if self.policy.block_size is None:
+            return choose_block_size(self.active_map(res), constants=self.constants)
         g = math.gcd(*res)
         return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)
 
@@ -226,8 +232,14 @@ class MaskPlan:
         w = spec.source_res[1]
         flat = (c.rows.clamp(0, spec.source_res[0] - 1) * w + c.cols.clamp(0, w - 1))
         all_inside = bool(c.inside.all())
+        layout = self.layout(spec.source_res)
+        same_windows = (c.num_windows, c.height, c.width) == (layout.num_blocks, layout.block, layout.block)
         if not from_gathered:
-            return GatherIndex(c, None, None, flat, c.inside, all_inside)
-        position = self.layout(spec.source_res).pixel_to_gathered[flat]
+            whole_map = c.num_windows == 1 and (c.height, c.width) == tuple(spec.source_res)
+            identity = whole_map and all_inside and torch.equal(flat, torch.arange(flat.numel(), device=flat.device))
+            return GatherIndex(c, None, None, flat, c.inside, all_inside, identity)
+        position = layout.pixel_to_gathered[flat]
         from_fresh = (position >= 0) & c.inside
-        return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside)
+        identity = same_windows and bool(from_fresh.all()) and torch.equal(
+            position, torch.arange(position.numel(), device=position.device))
+        return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside, identity)

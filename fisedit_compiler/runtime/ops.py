@@ -38,10 +38,13 @@ def group_norm_recording_stats(
 def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
     ctx = context.current()
     plan = ctx.plan
+    index = plan.gather_index(spec, ref is not None)
+    if index.identity:  # e.g. a resolution the cost model keeps dense: one block covering the map
+        return source
     if ref is None:  # `source` is a full-size tensor computed in this call
-        return kernels.gather_pixels(None, source, plan.gather_index(spec, False), layout, 0)
+        return kernels.gather_pixels(None, source, index, layout, 0)
     fresh_windows = plan.layout(layout.res).num_blocks
-    return kernels.gather_pixels(source, ctx.step[ref], plan.gather_index(spec, True), layout, fresh_windows)
+    return kernels.gather_pixels(source, ctx.step[ref], index, layout, fresh_windows)
 
 
 def gather_active(full: torch.Tensor, layout: SpatialLayout) -> torch.Tensor:
