@@ -33,11 +33,16 @@ def cross_attention_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, tuple]]
         yield node, (*node.args[:3], extra.get("scale"))
 
 
-def control_cross_attention(gm: fx.GraphModule) -> int:
+def rewrite_cross_attention(gm: fx.GraphModule, target) -> int:
+    """Replace every cross-attention with ``target(query, key, value, cache[node:attention_map], scale)``."""
     rewrites = 0
     for node, (query, key, value, scale) in cross_attention_nodes(gm):
-        node.target = runtime_ops.controlled_cross_attention
+        node.target = target
         node.args = (query, key, value, CacheRef(node.name, "attention_map"), scale)
         node.kwargs = {}
         rewrites += 1
     return rewrites
+
+
+def control_cross_attention(gm: fx.GraphModule) -> int:
+    return rewrite_cross_attention(gm, runtime_ops.controlled_cross_attention)

@@ -12,16 +12,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import CacheRef
 from ..runtime import ops as runtime_ops
-from .control_cross_attention import cross_attention_nodes
+from .control_cross_attention import rewrite_cross_attention
 
 
 def record_cross_attention_maps(gm: fx.GraphModule) -> int:
-    rewrites = 0
-    for node, (query, key, value, scale) in cross_attention_nodes(gm):
-        node.target = runtime_ops.cross_attention_recording_map
-        node.args = (query, key, value, CacheRef(node.name, "attention_map"), scale)
-        node.kwargs = {}
-        rewrites += 1
-    return rewrites
+    return rewrite_cross_attention(gm, runtime_ops.cross_attention_recording_map)
