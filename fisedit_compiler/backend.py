@@ -97,7 +97,8 @@ class FisEditGraph:
         return call.run(self, args)
 
     def variants(self, inputs: dict[str, Any]) -> Variants:
-        """The record and sparse variants for these inputs (keyword inputs named as `_inputs` names them)."""
+        """The graph variants for these inputs (by graph input name, the latents as `sample`; see `_Call.run`),
+        lowered and compiled on first use."""
         signature = InputSignature.of(inputs)
         if signature not in self._variants:
             lowered = _GraphCall(self.graph_module, list(inputs), self.scalar_inputs)
@@ -256,7 +257,9 @@ def _backend_policy(compiled: nn.Module) -> Policy | None:
     callback = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
     if callback is None:
         return None
-    fn = torch._dynamo.eval_frame.innermost_backend(callback)
+    fn = callback
+    while hasattr(fn, "_torchdynamo_orig_backend"):  # dynamo's wrappers around the backend, as innermost_backend
+        fn = fn._torchdynamo_orig_backend
     fn = getattr(fn, "compiler_fn", fn)  # torch.compile's wrapper around a backend given as a callable
     return getattr(fn, "fisedit_policy", None)
 
@@ -322,7 +325,9 @@ def _register() -> None:
     registration of the name would fail as a duplicate: register only if dynamo knows neither."""
     from torch._dynamo.backends import registry
 
-    if BACKEND_NAME in registry._COMPILER_FNS or registry._BACKENDS.get(BACKEND_NAME) is not None:
+    registered = getattr(registry, "_COMPILER_FNS", {})  # dynamo's private tables: empty if they move
+    entry_points = getattr(registry, "_BACKENDS", {})  # name -> entry point found (or None once registered)
+    if BACKEND_NAME in registered or entry_points.get(BACKEND_NAME) is not None:
         return
     torch._dynamo.register_backend(fisedit_backend, name=BACKEND_NAME)
 

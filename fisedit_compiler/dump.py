@@ -148,9 +148,10 @@ def latent_resolution(gm: fx.GraphModule) -> tuple[int, int] | None:
 
 
 def block_sizes(gm: fx.GraphModule, policy: Policy):
-    """res -> block side, by the rule the mask plan applies at run time (a plan of an empty mask asks it)."""
+    """res -> block side, by the rule the mask plan applies at run time (a plan of an empty mask asks it), or None
+    where the side is not known when compiling: the cost model (`Policy.block_size=None`) picks it per mask."""
     latent = latent_resolution(gm)
-    if latent is None:
+    if latent is None or policy.block_size is None:
         return lambda res: None
     plan = MaskPlan(torch.zeros(latent, dtype=torch.bool), policy)
     return plan.block_size
@@ -200,7 +201,7 @@ def to_networkx(gm: fx.GraphModule, policy: Policy, title: str = "") -> nx.DiGra
         if res is not None:
             where.append(f"{getattr(layout, 'kind', '?')}@{res[0]}x{res[1]}")
         if sparse:
-            where.append(sparse + (f" b{block}" if block else ""))
+            where.append(sparse + (f" b{block}" if block else ", block per mask" if sparse == "sparse" else ""))
         if where:
             lines.append(" ".join(where))
         if macs:

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mask.add_argument("--mask-fraction", type=float, default=0.05,
                       help="an ellipse covering this fraction of the latents (default 0.05)")
     mask.add_argument("--mask", type=Path, help="a mask image (white: edit), at any size: max-pooled to the latents")
-    parser.add_argument("--block-size", type=int, default=Policy.block_size, help="Policy.block_size")
+    parser.add_argument("--block-size", type=int, default=Policy.block_size,
+                        help="Policy.block_size (default: the cost model picks one per resolution for the mask)")
     parser.add_argument("--halo", type=int, default=Policy.halo, help="Policy.halo")
     parser.add_argument("--max-sparse-downscale", type=int, default=Policy.max_sparse_downscale,
                         help="Policy.max_sparse_downscale")
