@@ -14,7 +14,6 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ir import SAMPLE_PLACEHOLDER
 from .passes.ops import METADATA_ASSERTS
 
 
@@ -66,7 +65,7 @@ def remove_metadata_asserts(gm: fx.GraphModule) -> int:
 def capture(unet: nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
     """Export `unet(**inputs)` into an ATen graph. The module is called as ``gm(inputs)`` and returns a tuple.
 
-    The graph's `SAMPLE_PLACEHOLDER` is the latents; parameters are `get_attr` nodes that share storage with
+    The graph's `ir.SAMPLE_PLACEHOLDER` input is the latents; parameters are `get_attr` nodes that share storage with
     `unet`. Raises RuntimeError naming the input signature if export fails.
     """
     wrapper = _UNetCall(unet)

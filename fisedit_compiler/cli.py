@@ -7,11 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import inspect_cmd
+from .editing.mask_image import load_mask_image
 from .editing.token_alignment import PromptTooLongError
 from .policy import Policy
 
@@ -26,22 +25,6 @@ def ellipse(size: int, fraction: float) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
     return ((yy - 0.55 * size) / ry) ** 2 + ((xx - 0.35 * size) / (ry / 1.5)) ** 2 <= 1
-
-
-def _load_mask(path: Path, latent_size: tuple[int, int]) -> torch.Tensor:
-    """A mask image (white = edit) at latent resolution, or at image resolution (8x), as a bool tensor."""
-    if not path.is_file():
-        raise FileNotFoundError(f"mask image {path} does not exist")
-    image = Image.open(path).convert("L")
-    h, w = latent_size
-    if image.size == (8 * w, 8 * h):
-        image = image.resize((w, h), Image.BOX)
-    if image.size != (w, h):
-        raise ValueError(
-            f"mask image {path} is {image.size[0]}x{image.size[1]} pixels, but the latents are {w}x{h}: draw it "
-            f"at {w}x{h} (latent resolution) or {8 * w}x{8 * h} (image resolution)"
-        )
-    return torch.from_numpy(np.array(image) > 127)
 
 
 def _latent_shape(args, latent: int | None) -> tuple[int, int]:
@@ -123,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         mask = None
         if args.mask:
             latent = args.latent_size if not args.model else None
-            mask = _load_mask(Path(args.mask), _latent_shape(args, latent))
+            mask = load_mask_image(args.mask, _latent_shape(args, latent))
         return _run(args, args.prompt, [(prompt, mask) for prompt in args.edit])
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .editing.session import EditResult, EditSession, PhaseStats, _Meter
+from .editing.token_alignment import token_ids
 from .policy import Policy
 
 RANDOM_WEIGHTS_NOTE = (
@@ -96,6 +97,8 @@ def run_session(pipe, prompt: str, edits: list[tuple[str, torch.Tensor | None]],
                 policy: Policy, log=print) -> dict:
     """Generate `prompt`, apply `edits` (prompt, mask or None to detect it) in turn (continuous), write pictures
     and a report into `out`."""
+    for text in [prompt, *(edited for edited, _ in edits)]:  # fail before any work on an over-long prompt
+        token_ids(pipe.tokenizer, text)
     out.mkdir(parents=True, exist_ok=True)
     session = EditSession(pipe, policy=policy, num_inference_steps=steps)
     start = time.perf_counter()

@@ -28,15 +28,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from . import models
 from .compiler import compile as compile_unet
 from .dump import SVG_ENV, format_count, short_op
 from .ir import LAYOUT, SPARSE
+from .editing.mask_image import load_mask_image
 from .macs import count_macs
 from .policy import Policy
 from .runtime import context
@@ -165,16 +164,8 @@ def ellipse_mask(size: int, fraction: float) -> torch.Tensor:
 
 
 def load_mask(path: Path, latent: int) -> torch.Tensor:
-    """A mask image as a (latent, latent) bool map: a latent pixel is active if any image pixel over it is bright."""
-    from PIL import Image
-
-    image = Image.open(path).convert("L")
-    grid = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None, None]
-    if image.height >= latent and image.width >= latent:
-        grid = F.adaptive_max_pool2d(grid, (latent, latent))
-    else:
-        grid = F.interpolate(grid, size=(latent, latent), mode="nearest")
-    mask = grid[0, 0] > 0.5
+    """A non-empty (latent, latent) mask from an image at latent or image resolution."""
+    mask = load_mask_image(path, (latent, latent))
     if not mask.any():
         raise ValueError(f"the mask {path} has no bright pixel: nothing to edit")
     return mask
