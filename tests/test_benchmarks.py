@@ -32,6 +32,7 @@ def result(unet_speed, tmp_path_factory):
     result = unet_speed.main([
         "--size", "tiny", "--latent-size", "32", "--device", "cpu", "--repeats", "3", "--warmup", "0",
         "--masks", "ellipse:15,blobs:15", "--profile", "--out", str(out), "--quiet",
+        "--block-size", "8",  # fixed: at 32x32 the cost model may keep every resolution dense (one block)
         "--threads", "1",  # one thread: no timing is checked, and one thread suffers least from a busy machine
     ])
     assert torch.get_num_threads() == threads  # restored
@@ -51,7 +52,7 @@ def test_writes_json_and_markdown(result):
 def test_fields(result):
     config, machine = result["config"], result["machine"]
     assert (config["arch"], config["size"], config["latent_size"], config["batch"]) == ("sd2", "tiny", 32, 2)
-    assert config["dtype"] == "fp32" and config["policy"]["block_size"] == 8 and config["threads"] == 1
+    assert config["dtype"] == "fp32" and config["threads"] == 1 and config["policy"]["block_size"] == 8
     for key in ("torch", "cpu_count", "device_name", "date", "loadavg_at_start", "loadavg_at_end"):
         assert key in machine, key
     assert machine["torch"] == torch.__version__
@@ -76,6 +77,7 @@ def test_fields(result):
         assert m["indices_built_in_first_call"] == m["prep_indices"]
         assert math.isfinite(m["first_call_extra_seconds"])
         assert set(m["active_fraction"]) == {"32x32", "16x16", "8x8"}  # 4x4 stays dense
+        assert m["block_size"]["32x32"] == 8 and m["resolution_mode"]["32x32"] == "sparse"
         assert m["target_macs_ratio"] == 4.2 and m["target_speedup_2core_cpu"] == 3.2
         assert isinstance(m["macs_target_met"], bool)
     assert result["masks"][1]["components"] > 1  # the blob mask is scattered
@@ -96,13 +98,15 @@ def test_profile(result):
     layers = p["layers"]
     ops = {row["op"] for row in layers}
     assert {"conv3x3", "linear", "attention(self)", "attention(cross)"} <= ops
-    sparse_layers = [row for row in layers if row["mode"] == "sparse"]
+    assert {row["mode"] for row in layers} <= {"sparse", "one block", "dense"}
+    sparse_layers = [row for row in layers if row["mode"] != "dense"]
     assert sparse_layers and all(row["block"] == 8 for row in sparse_layers)
     # every layer is matched with the captured graph's node of the same name
     assert all(row["macs_dense"] is not None and row["seconds_dense"] is not None for row in layers)
     assert all(row["macs_sparse"] <= row["macs_dense"] for row in layers if row["op"].startswith("conv"))
     by_res = {row["resolution"]: row for row in p["per_resolution"]}
     assert by_res["32x32"]["mode"] == "sparse" and by_res["4x4"]["mode"] == "dense"
+    assert by_res["32x32"]["block"] == result["masks"][0]["block_size"]["32x32"]
     assert by_res["32x32"]["macs_sparse"] < by_res["32x32"]["macs_dense"]
     assert sum(row["macs_sparse"] for row in p["per_resolution"]) == p["macs_sum_sparse"]
     categories = {row["category"] for row in p["per_category"]}
@@ -119,6 +123,23 @@ def test_masks(unet_speed):
     assert unet_speed.connected_components(unet_speed.make_mask("ellipse", 15, 96, 0)) == 1
 
 
+def test_cost_model_block_sizes(unet_speed, tmp_path):
+    result = unet_speed.main([
+        "--size", "tiny", "--latent-size", "32", "--device", "cpu", "--threads", "1", "--repeats", "3",
+        "--warmup", "0", "--masks", "ellipse:5", "--out", str(tmp_path), "--quiet",
+    ])
+    assert result["config"]["policy"]["block_size"] is None  # the default: the cost model picks block sizes
+    assert set(result["cost_model"]["constants"]) == {"halo_weight", "moved_pixel", "block"}
+    mask = result["masks"][0]
+    for res, block in mask["block_size"].items():
+        side = int(res.split("x")[0])
+        assert side % block == 0
+        assert mask["resolution_mode"][res] == ("one block" if block == side else "sparse")
+    assert mask["sparse_macs"] <= result["dense"]["macs"] and mask["max_abs_diff"] <= 1e-4
+    name = Path(result["paths"]["json"]).name
+    assert name.startswith(f"cpu-{unet_speed.cpu_count()}core_sd2-tiny-32-fp32") and "_b" not in name
+
+
 def test_arguments(unet_speed):
     with pytest.raises(SystemExit):
         unet_speed.parse_args(["--repeats", "2"])
@@ -126,3 +147,4 @@ def test_arguments(unet_speed):
         unet_speed.parse_args(["--masks", "square:10"])
     args = unet_speed.parse_args(["--arch", "sdxl", "--block-size", "4"])
     assert args.latent_size == 128 and unet_speed.policy_of(args).block_size == 4
+    assert unet_speed.policy_of(unet_speed.parse_args(["--block-size", "auto"])).block_size is None
