@@ -41,6 +41,13 @@ def ellipse_mask(size: int, fraction: float, center=(0.4, 0.6)) -> torch.Tensor:
     return ((yy - center[0] * size) / ry) ** 2 + ((xx - center[1] * size) / rx) ** 2 <= 1
 
 
+def run_pipeline(pipe, prompt: str, latents: torch.Tensor, steps: int) -> torch.Tensor:
+    """The final latents of a CFG pipeline run from `latents` (cloned: pipelines scale them in place)."""
+    size = latents.shape[-1]
+    return pipe(prompt, latents=latents.clone(), num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
+                height=8 * size, width=8 * size).images
+
+
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     """Equal up to float rounding, relative to the output's scale."""
     return (a - b).abs().max().item() <= rtol * max(1.0, b.abs().max().item())

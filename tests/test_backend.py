@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fisedit_compiler as fisedit
-from conftest import ellipse_mask
+from conftest import ellipse_mask, run_pipeline
 from fisedit_compiler.backend import fisedit_backend
 from fisedit_compiler.models import random_pipeline
 
@@ -39,8 +39,7 @@ def test_entry_point_finds_the_backend_without_importing_the_package():
 
 
 def run(pipe, prompt, latents):
-    return pipe(prompt, latents=latents.clone(), num_inference_steps=2, guidance_scale=7.5, output_type="latent",
-                height=8 * LATENT, width=8 * LATENT).images
+    return run_pipeline(pipe, prompt, latents, steps=2)
 
 
 @torch.no_grad()

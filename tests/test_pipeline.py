@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 
 import fisedit_compiler as fisedit
-from conftest import ellipse_mask
+from conftest import ellipse_mask, run_pipeline
 from fisedit_compiler.models import random_pipeline
 
 LATENT = 16
 
 
 def run(pipe, prompt, latents):
-    return pipe(prompt, latents=latents.clone(), num_inference_steps=4, guidance_scale=7.5, output_type="latent",
-                height=8 * LATENT, width=8 * LATENT).images
+    return run_pipeline(pipe, prompt, latents, steps=4)
 
 
 @torch.no_grad()
