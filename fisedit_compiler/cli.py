@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.command == "inspect":
-            return inspect_cmd.run(args)
+            print(inspect_cmd.describe(inspect_cmd.run(args), Path(args.out)))
+            return 0
         if args.command == "demo":
             return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], ellipse(args.latent_size, 0.1))])
         mask = None

@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run `fisedit inspect`; returns the exit status."""
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run `fisedit inspect`: write its files into `args.out`; returns the summary (also in summary.json)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     latent = args.latent_size
@@ -103,12 +103,19 @@ def run(args: argparse.Namespace) -> int:
         "files": ["graphs/index.html", "layers.md", "layers.csv", "mask_levels.png", "summary.json"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(f"{args.arch} ({args.size}) at {latent}x{latent} latents, mask {summary['mask_fraction']:.1%} of the latents")
-    print(f"MACs: dense {format_count(total_dense)}, sparse {format_count(total_sparse)} "
-          f"({summary['sparse_over_dense']:.1%}); sparse replay deviates by {deviation:.2e} from the record")
-    for name in summary["files"]:
-        print(f"  {out / name}")
-    return 0
+    return summary
+
+
+def describe(summary: dict[str, Any], out: Path) -> str:
+    """What `run` found and wrote, for the terminal."""
+    lines = [
+        f"{summary['arch']} ({summary['size']}) at {summary['latent_size']}x{summary['latent_size']} latents, "
+        f"mask {summary['mask_fraction']:.1%} of the latents",
+        f"MACs: dense {format_count(summary['macs_dense'])}, sparse {format_count(summary['macs_sparse'])} "
+        f"({summary['sparse_over_dense']:.1%}); sparse replay deviates by "
+        f"{summary['replay_max_abs_deviation']:.2e} from the record",
+    ]
+    return "\n".join(lines + [f"  {out / name}" for name in summary["files"]])
 
 
 @contextlib.contextmanager
