@@ -72,6 +72,8 @@ def test_fields(result):
         assert m["macs_ratio"] == pytest.approx(dense["macs"] / m["sparse_macs"])
         assert m["sparse_seconds"] > 0 and len(m["sparse_seconds_all"]) == 3
         assert m["speedup"] == pytest.approx(dense["seconds"] / m["sparse_seconds"])
+        assert m["speedup_fastest"] == pytest.approx(min(dense["seconds_all"]) / min(m["sparse_seconds_all"]))
+        assert m["cpu_time_speedup"] > 0
         assert m["prep_seconds"] > 0 and m["prep_indices"] > 0
         # the direct preparation builds exactly the gather indices that the first sparse call builds
         assert m["indices_built_in_first_call"] == m["prep_indices"]
@@ -81,6 +83,13 @@ def test_fields(result):
         assert m["target_macs_ratio"] == 4.2 and m["target_speedup_2core_cpu"] == 3.2
         assert isinstance(m["macs_target_met"], bool)
     assert result["masks"][1]["components"] > 1  # the blob mask is scattered
+
+
+def test_render(unet_speed, result, tmp_path):
+    copy = tmp_path / "copy.json"
+    copy.write_text(Path(result["paths"]["json"]).read_text())
+    unet_speed.main(["--render", str(copy)])
+    assert copy.with_suffix(".md").read_text() == Path(result["paths"]["markdown"]).read_text()
 
 
 def test_sparse_output_is_the_recorded_one(result):

@@ -46,6 +46,24 @@ def from_canonical(
     return y.reshape(batch * num_windows, *y.shape[2:])
 
 
+def select_pixels(full: torch.Tensor, layout: SpatialLayout, positions: torch.Tensor) -> torch.Tensor:
+    """The pixels at flat `positions` of a full-size tensor, in canonical form ``(B, len(positions), rest)``.
+
+    A map is indexed in its own memory layout (e.g. NCHW) and only the selected pixels are transposed, so that a
+    gather never copies a full-size tensor."""
+    if layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1:
+        dh = layout.dims[0]
+        pixels = full.flatten(dh, dh + 1).index_select(dh, positions)
+        return pixels.movedim(dh, 1).reshape(full.shape[0], positions.numel(), layout.rest_numel).contiguous()
+    return to_canonical(full, layout, full.shape[0], 1).index_select(1, positions)
+
+
+def _is_whole_map(index: GatherIndex, layout: SpatialLayout) -> bool:
+    c = index.windows
+    return (layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1 and c.num_windows == 1
+            and (c.height, c.width) == tuple(layout.res) and index.all_inside)
+
+
 def gather_pixels(
     fresh: torch.Tensor | None,
     recorded: torch.Tensor,
@@ -59,15 +77,26 @@ def gather_pixels(
     `index.from_fresh`, else `recorded` (full size), and zero outside the image. With `fresh=None`, `recorded` is
     the only source: a full-size tensor computed in this call.
     """
-    batch = recorded.shape[0]
-    h, w = layout.res
-    source = to_canonical(recorded, layout, batch, 1).index_select(1, index.recorded_index)
-    if fresh is not None and fresh.numel() > 0:
-        fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_index)
-        source = torch.where(index.from_fresh[None, :, None], fresh_pixels, source)
-    if not index.all_inside:
-        source = source * index.inside[None, :, None].to(source.dtype)
-    c = index.windows
+    batch, c = recorded.shape[0], index.windows
+    if fresh is None:
+        source = select_pixels(recorded, layout, index.recorded_index)
+        if not index.all_inside:
+            source = source * index.inside[None, :, None].to(source.dtype)
+    elif _is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
+        full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
+        if index.fresh_at.numel():
+            fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
+            dh = layout.dims[0]
+            full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
+        return full
+    else:  # each window pixel is written once, from the source it reads; pixels outside the image stay zero
+        source = recorded.new_zeros(batch, c.num_windows * c.height * c.width, layout.rest_numel, dtype=fresh.dtype)
+        if index.recorded_at.numel():
+            recorded_pixels = select_pixels(recorded, layout, index.recorded_from)
+            source.index_copy_(1, index.recorded_at, recorded_pixels.to(source.dtype))
+        if index.fresh_at.numel():
+            fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
+            source.index_copy_(1, index.fresh_at, fresh_pixels)
     return from_canonical(source, layout, c.num_windows, c.height, c.width)
 
 

@@ -160,6 +160,12 @@ class GatherIndex:
     inside: torch.Tensor
     all_inside: bool
     identity: bool = False  # the windows are the source's own pixels in its own order: a gather is a no-op
+    # The same, compacted: window pixels `fresh_at` read `fresh[fresh_from]`, window pixels `recorded_at` read
+    # `recorded[recorded_from]`, the rest is zero. (None when the source is a full-size tensor.)
+    fresh_at: torch.Tensor | None = None
+    fresh_from: torch.Tensor | None = None
+    recorded_at: torch.Tensor | None = None
+    recorded_from: torch.Tensor | None = None
 
 
 class MaskPlan:
@@ -242,4 +248,7 @@ class MaskPlan:
         from_fresh = (position >= 0) & c.inside
         identity = same_windows and bool(from_fresh.all()) and torch.equal(
             position, torch.arange(position.numel(), device=position.device))
-        return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside, identity)
+        fresh_at = from_fresh.nonzero().flatten()
+        recorded_at = (c.inside & ~from_fresh).nonzero().flatten()
+        return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside, identity,
+                           fresh_at, position[fresh_at], recorded_at, flat[recorded_at])
