@@ -420,7 +420,7 @@ def category(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     name = target_name(node.target)
-    if name == "aten.conv2d.default":
+    if name in ("aten.conv2d.default", "conv_windows"):
         k = _kernel(node)
         return f"conv{k[0]}x{k[1]}" if len(k) == 2 else "conv"
     if name in CATEGORY:

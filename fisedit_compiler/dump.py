@@ -118,7 +118,7 @@ def estimate_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int | None
     target = node.target
     name = getattr(target, "__name__", "")
     try:
-        if target is ops.CONV:
+        if target is ops.CONV or name == "conv_windows":
             weight = node_shape(node.args[1], gm)
             return math.prod(out) * math.prod(weight[1:])
         if target is ops.aten.linear.default:

@@ -54,10 +54,15 @@ def test_dense_passthrough_and_record_equal_eager(arch):
     assert len(compiled.cache.steps) == 1 and compiled.cache.nbytes > 0
 
 
+# Block sizes: 4, pixel-wise blocks (convolutions become one matrix product) and the cost model's choice.
+BLOCKS = [4, 1, None]
+
+
 @torch.no_grad()
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("mask_name", list(masks()))
-def test_sparse_call_on_recorded_input_returns_recorded_output(arch, mask_name):
-    _, compiled, inputs, record_output = recorded(arch)
+def test_sparse_call_on_recorded_input_returns_recorded_output(arch, mask_name, block):
+    _, compiled, inputs, record_output = recorded(arch, fisedit.Policy(block_size=block))
     with compiled.sparse(masks()[mask_name]):
         output = compiled(**inputs).sample
     assert close(output, record_output)
@@ -72,9 +77,10 @@ def test_per_batch_item_masks(arch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("attention", ["active_queries", "masked_only", "dense"])
-def test_full_mask_with_fresh_statistics_equals_dense_call(arch, attention):
-    unet, compiled, _, _ = recorded(arch, fisedit.Policy(block_size=4, norm_stats="fresh", attention=attention))
+@pytest.mark.parametrize("attention, block", [("active_queries", 4), ("masked_only", 4), ("dense", 4),
+                                              ("active_queries", 1)])
+def test_full_mask_with_fresh_statistics_equals_dense_call(arch, attention, block):
+    unet, compiled, _, _ = recorded(arch, fisedit.Policy(block_size=block, norm_stats="fresh", attention=attention))
     new_inputs = unet_inputs(unet, size=SIZE, seed=1)  # new latents and new text
     with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
         output = compiled(**new_inputs).sample
@@ -82,9 +88,10 @@ def test_full_mask_with_fresh_statistics_equals_dense_call(arch, attention):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("mask_name", ["one_pixel", "border", "blobs", "ellipse"])
-def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name):
-    unet, compiled, _, record_output = recorded(arch)
+def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name, block):
+    unet, compiled, _, record_output = recorded(arch, fisedit.Policy(block_size=block))
     new_inputs = unet_inputs(unet, size=SIZE, seed=1)
     with compiled.sparse(masks()[mask_name]):
         output = compiled(**new_inputs).sample

@@ -84,7 +84,7 @@ gather_tokens_layer_norm = _dispatched("gather_tokens_layer_norm", "triton_gathe
 scatter_tokens = _dispatched("scatter_tokens", "triton_gather")
 active_query_attention = _dispatched("active_query_attention", "triton_attention")
 
-# Layout conversions, GroupNorm statistics and per-block broadcasts are PyTorch on every device.
+# Layout conversions, GroupNorm statistics, per-block broadcasts and convolutions are PyTorch on every device.
 to_canonical = reference.to_canonical
 from_canonical = reference.from_canonical
 group_norm_affine = reference.group_norm_affine
@@ -92,3 +92,4 @@ group_norm_with_stats = reference.group_norm_with_stats
 group_norm_scale_shift = reference.group_norm_scale_shift
 repeat_over_blocks = reference.repeat_over_blocks
 scatter_pixels_ = reference.scatter_pixels_
+conv_windows = reference.conv_windows  # cuDNN / oneDNN convolutions or one GEMM

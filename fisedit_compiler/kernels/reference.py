@@ -122,6 +122,28 @@ def scatter_pixels_(
     return recorded
 
 
+def conv_windows(
+    windows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """A padding-free convolution of a batch of windows. Where each window is exactly one kernel footprint (one
+    output pixel per window, e.g. pixel-wise blocks of size 1) it is a matrix product of the flattened windows
+    with the flattened kernel: one large GEMM instead of thousands of tiny convolutions. Flattening is free for
+    the channels-last windows that gathers produce."""
+    kh, kw = weight.shape[-2:]
+    footprint = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+    if groups == 1 and tuple(dilation) == (1, 1) and tuple(windows.shape[-2:]) == footprint:
+        n = windows.shape[0]
+        flat = windows.permute(0, 2, 3, 1).reshape(n, weight.shape[1] * kh * kw)
+        kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        return F.linear(flat, kernel, bias)[:, :, None, None]
+    return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)
+
+
 def group_norm_affine(
     x: torch.Tensor,
     weight: torch.Tensor | None,

@@ -3,10 +3,11 @@
     %c : aten.conv2d(%x, %w, %b, [s, s], [p, p])                 (sparse, k x k kernel)
 ->
     %win : gather_windows(%x', cache[x'], layout, ConvWindows(...))   (see windows.py for %x')
-    %c : aten.conv2d(%win, %w, %b, [s, s], [0, 0])
+    %c : conv_windows(%win, %w, %b, [s, s], [d, d], groups)
 
 Each window is ``(b - 1) * s + (k - 1) * d + 1`` pixels wide, so a padding-free convolution over the batch of
-windows yields exactly the ``b x b`` output blocks, in the gathered layout of the output resolution. Stride-2
+windows yields exactly the ``b x b`` output blocks, in the gathered layout of the output resolution (`conv_windows` runs
+it as one matrix product when blocks are single pixels). Stride-2
 downsampling convs and convs after nearest upsampling (folded into the window geometry) take the same path; a
 1x1 stride-1 conv runs on the gathered blocks as they are.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE
+from ..runtime import ops as runtime_ops
 from ..runtime.mask_plan import ConvWindows
 from . import ops
 from .windows import WindowBuilder
@@ -39,6 +41,8 @@ def sparse_conv(gm: fx.GraphModule) -> int:
             continue  # a pointwise conv: gathered blocks in, gathered blocks out
         spec = ConvWindows(x.meta[LAYOUT].res, node.meta[LAYOUT].res, kernel, stride, padding, dilation)
         windows = builder.windows(x, spec, node)
-        node.args = (windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
+        node.target = runtime_ops.conv_windows  # in place: the node keeps its name, which cache entries use
+        node.args = (windows, weight, bias, list(stride), list(dilation), groups)
+        node.kwargs = {}
         rewrites += 1
     return rewrites

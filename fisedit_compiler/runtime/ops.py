@@ -60,6 +60,18 @@ def gather_windows(
     return _gather(source, ref, layout, spec)
 
 
+def conv_windows(
+    windows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """A convolution over a batch of input windows (with halo) without padding: one output block per window."""
+    return kernels.conv_windows(windows, weight, bias, stride, dilation, groups)
+
+
 def scatter_into_recorded(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> torch.Tensor:
     """Region exit: the full-size tensor, fresh on the active blocks and recorded elsewhere."""
     return _gather(fresh, ref, layout, FullImage(layout.res))
