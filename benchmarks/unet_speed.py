@@ -379,8 +379,8 @@ def plan_requests(gm: fx.GraphModule) -> tuple[set, set]:
     return indices, layouts
 
 
-def build_plan(mask: torch.Tensor, policy: fisedit.Policy, indices: set, layouts: set) -> MaskPlan:
-    plan = MaskPlan(mask, policy)
+def build_plan(mask: torch.Tensor, compiled: fisedit.CompiledUNet, indices: set, layouts: set) -> MaskPlan:
+    plan = compiled.mask_plan(mask)
     for res in sorted(layouts):
         plan.layout(res)
     for spec, from_gathered in indices:
@@ -697,7 +697,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
         result["cache_steps"] = len(compiled.cache.steps)
 
         if policy.block_size is None:
-            constants = MaskPlan(torch.zeros(latent, latent, dtype=torch.bool, device=device), policy).constants
+            constants = compiled.mask_plan(torch.zeros(latent, latent, dtype=torch.bool, device=device)).constants
             result["cost_model"] = {"constants": dataclasses.asdict(constants),
                                     "calibrated": cost_model.calibration_path(device).is_file(),
                                     "calibration_file": str(cost_model.calibration_path(device))}
@@ -710,7 +710,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
             # preparation measured directly: a fresh plan built for every index the sparse graph reads
             prep_times = []
             for _ in range(args.repeats):
-                t, plan = timed(lambda: build_plan(mask, policy, indices, layouts), device)
+                t, plan = timed(lambda: build_plan(mask, compiled, indices, layouts), device)
                 prep_times.append(t)
             misses_before = MaskPlan.gather_index.cache_info().misses
             with compiled.sparse(mask):
@@ -776,7 +776,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
             name = mask_name(*chosen)
             log(args, f"profiling the dense graph and the sparse graph with {name} ...")
             mask = make_mask(*chosen, latent, args.mask_seed).to(device)
-            plan = build_plan(mask, policy, indices, layouts)
+            plan = build_plan(mask, compiled, indices, layouts)
             dense_gm = copy_graph_module(variants.captured)
             annotate_spatial_layout(dense_gm)  # layouts for the per-resolution sums; values untouched
             step = compiled.cache.step(StepKey.of(inputs["timestep"], BATCH))
@@ -868,9 +868,15 @@ def _block_policy(r: dict[str, Any]) -> str:
     if r["config"]["policy"]["block_size"] is not None:
         return str(r["config"]["policy"]["block_size"])
     cm = r.get("cost_model", {})
-    constants = ", ".join(f"{k} {v:.3g}" for k, v in cm.get("constants", {}).items())
+    constants = ", ".join(f"{k} {_constant(v)}" for k, v in cm.get("constants", {}).items())
     source = "calibrated on this machine" if cm.get("calibrated") else "defaults, not calibrated here"
     return f"auto (cost model per resolution and mask; {constants}: {source})"
+
+
+def _constant(value: Any) -> str:
+    if isinstance(value, dict):  # per block size
+        return "{" + ", ".join(f"b{b}: {v:.2f}" for b, v in value.items()) + "}"
+    return f"{value:.3g}"
 
 
 def _contention_note(r: dict[str, Any]) -> str:

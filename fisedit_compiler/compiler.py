@@ -32,6 +32,7 @@ from .ir import CacheRef
 from .passes.cached_group_norm import cached_group_norm
 from .passes.control_cross_attention import control_cross_attention
 from .passes.find_sparse_regions import find_sparse_regions
+from .passes.fuse_gather_norm_silu import fuse_gather_norm_silu
 from .passes.insert_cache_write_back import insert_cache_write_back
 from .passes.insert_record_taps import cache_refs, insert_record_taps
 from .passes.insert_region_boundaries import insert_region_boundaries
@@ -69,6 +70,8 @@ def sparse_passes(policy: Policy) -> list[FxPass]:
         # after sparse_conv: the window chains it builds need their operands repeated too
         FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",)),
         FxPass("sparse_attention", sparse_attention, ("insert_region_boundaries",)),
+        # after broadcast_over_blocks: it may have repeated the GroupNorm's operands
+        FxPass("fuse_gather_norm_silu", fuse_gather_norm_silu, ("sparse_conv", "broadcast_over_blocks")),
         FxPass("eliminate_dead_code", eliminate_dead_code),
         # last: its nodes have no users, and only calls that ask for it write
         FxPass("insert_cache_write_back", insert_cache_write_back, ("eliminate_dead_code",)),
@@ -131,6 +134,13 @@ def build_variants(unet: nn.Module, inputs: dict[str, Any], policy: Policy, obse
     if dump is not None:
         dump.finish()
     return Variants(captured, record, control, sparse, logs)
+
+
+def unet_channels(unet: nn.Module) -> dict[int, int]:
+    """A diffusers U-Net's channel width per downscale factor (1, 2, 4, ...) of its latents, from its config;
+    empty for modules without `block_out_channels` (the cost model then uses its widest calibration)."""
+    widths = getattr(getattr(unet, "config", None), "block_out_channels", None) or ()
+    return {2 ** i: int(c) for i, c in enumerate(widths)}
 
 
 class MaskError(ValueError):
@@ -263,8 +273,13 @@ class CompiledUNet(nn.Module):
         of the output layer). Everywhere else its output is the recorded one, bit for bit."""
         if not isinstance(self.mode, SparseMode):
             raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
-        plan = self.mode.plan or MaskPlan(self.mode.mask, self.policy)
+        plan = self.mode.plan or self.mask_plan(self.mode.mask)
         return plan.active_pixels(plan.latent_res)
+
+    def mask_plan(self, mask: torch.Tensor) -> MaskPlan:
+        """The index plan of `mask` (active blocks per resolution, gather indices), with block sizes chosen for
+        this U-Net's channel widths."""
+        return MaskPlan(mask, self.policy, channels=unet_channels(self.unet))
 
     # --- calls ----------------------------------------------------------------------------------------------
 
@@ -324,7 +339,7 @@ class CompiledUNet(nn.Module):
                     "record run"
                 )
             if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
-                mode.plan = MaskPlan(mode.mask.to(sample.device), self.policy)
+                mode.plan = self.mask_plan(mode.mask.to(sample.device))
             with context.use(context.CallContext(self.cache.step(key), mode.plan, write_back=mode.write_back)):
                 output = variants.sparse(inputs)
         sample_out = output[0]

@@ -1,24 +1,29 @@
 """APSC: choose, per resolution and per mask, the block size that makes sparse layers cheapest (paper, appendix A.1).
 
-The paper minimises ``(h - h_k + 1) * (w - w_k + 1) * N_blocks``; this model prices what a sparse layer really
-does, in units of "computing one output pixel of a layer":
+The paper minimises ``(h - h_k + 1) * (w - w_k + 1) * N_blocks`` over h, w in {2, 4, 8, 16, 32}. This model prices
+what a sparse layer really does, in units of "one output pixel of the layer computed densely":
 
-    cost(b) = computed pixels                     N_b * b^2
-            + halo pixels recomputed              N_b * ((b + 2)^2 - b^2) * halo_weight
-            + pixels gathered and scattered       N_b * ((b + 2)^2 + b^2) * moved_pixel
-            + per-block overhead                  N_b * block
+    cost(b) = N_b * b^2 * max(1, layer[C][b])        and        cost(dense) = H * W
 
-and `cost(dense) = H * W` (one block covering the map: no halo to recompute, gathers become copies). A resolution
-where no block size beats dense runs dense. Choices depend only on the mask and are made once per edit.
+`layer[C][b]` is what one output pixel costs when a resnet convolution with C channels runs on b x b blocks: its
+input windows (halo included) gathered from the fresh blocks and the recorded map, normalised with the recorded
+statistics and activated, and the convolution over the batch of windows; relative to the dense GroupNorm, SiLU and
+convolution. Small blocks compute fewer pixels (a tighter cover of the mask) but each costs more (larger halo share,
+smaller GEMMs); b = 1 (pixel-wise: every window is one kernel footprint, the convolution one matrix product) is
+added to the paper's sizes. How much more depends strongly on C, so the constants are kept per channel count and a
+resolution uses those of its channel count (the nearest calibrated one). A resolution where no block size beats
+dense runs dense (one block covering the map: gathers become no-ops). Choices depend only on the mask and the
+U-Net's channels, and are made once per edit.
 
 The constants come from a short micro-benchmark on the machine (`calibrate`), kept in a JSON file per device;
-without one, `DEFAULT` holds values measured on a 2-core CPU.
+without one, `DEFAULT` holds values measured on a 2-core CPU (AMD EPYC, torch 2.13, fp32).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -27,19 +32,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-BLOCK_SIZES = (2, 4, 8, 16, 32)
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
+CHANNELS = (320, 640, 1280)  # calibrated by default: SD's U-Net widths
 
 
 @dataclasses.dataclass(frozen=True)
 class CostConstants:
-    """Costs relative to computing one output pixel of a layer."""
+    """Per channel count C and block size b: the cost of one output pixel of a sparse layer relative to dense."""
 
-    halo_weight: float = 1.0  # a recomputed halo pixel costs a computed pixel
-    moved_pixel: float = 0.1  # gathering or scattering one pixel
-    block: float = 8.0  # fixed overhead of one block (launch, index math, small-GEMM inefficiency)
+    layer: dict[int, dict[int, float]]
+
+    def __post_init__(self) -> None:
+        for c, costs in self.layer.items():
+            missing = set(BLOCK_SIZES) - set(costs)
+            if missing:
+                raise ValueError(f"CostConstants.layer[{c}] needs a cost for every block size in {BLOCK_SIZES}: "
+                                 f"missing {sorted(missing)}")
+        if not self.layer:
+            raise ValueError("CostConstants.layer is empty: calibrate at least one channel count")
+
+    def for_channels(self, channels: int | None) -> dict[int, float]:
+        """The per-block costs of the calibrated channel count nearest to `channels` (in ratio); the widest one
+        for unknown channels."""
+        if channels is None:
+            return self.layer[max(self.layer)]
+        return self.layer[min(self.layer, key=lambda c: abs(math.log(c / channels)))]
 
 
-DEFAULT = CostConstants()
+# Calibrated on a 2-core CPU (AMD EPYC, torch 2.13, fp32) and rounded where whole SD 2 U-Net calls at 96x96 latents
+# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels).
+DEFAULT = CostConstants(layer={
+    320: {1: 1.6, 2: 1.45, 4: 1.1, 8: 1.02, 16: 1.0, 32: 0.95},
+    640: {1: 1.35, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
+    1280: {1: 1.3, 2: 3.5, 4: 1.9, 8: 1.6, 16: 1.0, 32: 0.92},
+})
 
 
 def block_grid_count(active: torch.Tensor, block: int) -> int:
@@ -48,25 +74,25 @@ def block_grid_count(active: torch.Tensor, block: int) -> int:
     return int(active.reshape(h // block, block, w // block, block).any(dim=3).any(dim=1).sum())
 
 
-def cost(active: torch.Tensor, block: int, constants: CostConstants = DEFAULT, halo: int = 1) -> float:
+def cost(active: torch.Tensor, block: int, constants: CostConstants = DEFAULT, channels: int | None = None) -> float:
     """The modelled cost of computing the active cells of `active` in blocks of `block` (see module docstring)."""
     h, w = active.shape
     if block >= max(h, w):
         return float(h * w)
-    n = block_grid_count(active, block)
-    window = (block + 2 * halo) ** 2
-    return n * (block * block + (window - block * block) * constants.halo_weight
-                + (window + block * block) * constants.moved_pixel + constants.block)
+    # At least the dense cost per pixel: a sparse resolution's other layers (attention, linear layers, region
+    # entries and exits) gain nothing from blocking, so full coverage never beats dense.
+    per_pixel = max(1.0, constants.for_channels(channels)[block])
+    return block_grid_count(active, block) * block * block * per_pixel
 
 
 def choose_block_size(active: torch.Tensor, candidates: tuple[int, ...] = BLOCK_SIZES,
-                      constants: CostConstants = DEFAULT) -> int:
-    """The cheapest block size for the active cells of an (H, W) map among `candidates` that divide it, or the
-    map's size (dense: one block) if none beats dense. Ties go to the larger block."""
+                      constants: CostConstants = DEFAULT, channels: int | None = None) -> int:
+    """The cheapest block size for the active cells of an (H, W) map with `channels` channels among `candidates`
+    that divide it, or the map's size (dense: one block) if none beats dense. Ties go to the larger block."""
     h, w = active.shape
     dense = max(d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0)  # one block if the map is square
     options = [b for b in candidates if h % b == 0 and w % b == 0 and b < dense] + [dense]
-    return min(reversed(options), key=lambda b: cost(active, b, constants))
+    return min(reversed(options), key=lambda b: cost(active, b, constants, channels))
 
 
 # --- calibration ---------------------------------------------------------------------------------------------
@@ -79,37 +105,27 @@ def calibration_path(device: torch.device) -> Path:
 
 
 def _seconds(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` runs after a warm-up (the least disturbed by other work on the machine)."""
     fn()
     times = []
     for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
-def calibrate(device: torch.device | str = "cpu", channels: int = 128, save: bool = True) -> CostConstants:
-    """Measure the constants with a 3x3 convolution on blocks of two sizes and a pixel gather, on `device`."""
+def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CHANNELS, side: int = 32,
+              save: bool = True) -> CostConstants:
+    """Measure `layer[C][b]` on `device` for every C in `channels` (multiples of 32): a resnet layer (GroupNorm
+    with 32 groups, SiLU, 3x3 convolution) densely on a map twice as wide as `side` (at least 32), and as the
+    sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size."""
     device = torch.device(device)
-    weight = torch.randn(channels, channels, 3, 3, device=device)
-    pixels = 64 * 64
-
-    def conv_on_blocks(block: int) -> float:
-        x = torch.randn(pixels // (block * block), channels, block + 2, block + 2, device=device)
-        return _seconds(lambda: F.conv2d(x, weight))
-
-    per_pixel = _seconds(lambda: F.conv2d(torch.randn(1, channels, 66, 66, device=device), weight)) / pixels
-    # blocks of 2 and of 16 compute the same pixels; the difference beyond their halos is per-block overhead
-    small, large = conv_on_blocks(2), conv_on_blocks(16)
-    halo_small, halo_large = pixels * (16 / 4 - 1), pixels * (324 / 256 - 1)
-    blocks_small, blocks_large = pixels / 4, pixels / 256
-    overhead = max(0.0, (small - large) / per_pixel - (halo_small - halo_large)) / (blocks_small - blocks_large)
-    source = torch.randn(1, pixels, channels, device=device)
-    index = torch.randperm(pixels, device=device)
-    moved = _seconds(lambda: source.index_select(1, index)) / pixels / per_pixel
-    constants = CostConstants(halo_weight=1.0, moved_pixel=moved, block=overhead)
+    constants = CostConstants(layer={c: _layer_costs(device, c, side) for c in channels})
     if save:
         path = calibration_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,9 +133,44 @@ def calibrate(device: torch.device | str = "cpu", channels: int = 128, save: boo
     return constants
 
 
+def _layer_costs(device: torch.device, channels: int, side: int) -> dict[int, float]:
+    from . import kernels
+    from .ir import SpatialLayout
+    from .policy import Policy
+    from .runtime.mask_plan import ActivePixels, ConvWindows, MaskPlan
+
+    weight = torch.randn(channels, channels, 3, 3, device=device) / (3 * channels ** 0.5)
+    res = (max(2 * side, max(BLOCK_SIZES)),) * 2
+    dense_map = torch.randn(1, channels, *res, device=device)
+    dense = _seconds(lambda: F.conv2d(F.silu(F.group_norm(dense_map, 32)), weight, padding=1)) / math.prod(res)
+
+    mask = torch.zeros(res, dtype=torch.bool, device=device)
+    mask[side // 2:side // 2 + side, side // 2:side // 2 + side] = True
+    layout = SpatialLayout("map", res, (2, 3), (1, channels, *res))
+    recorded = torch.randn(1, channels, *res, device=device)
+    scale, shift = torch.rand(1, channels, device=device), torch.randn(1, channels, device=device)
+    costs = {}
+    for block in BLOCK_SIZES:
+        plan = MaskPlan(mask, Policy(block_size=block, halo=0), constants=DEFAULT)
+        blocks = plan.layout(res)
+        fresh = kernels.gather_pixels(None, recorded, plan.gather_index(ActivePixels(res), False), layout, 0)
+        index = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
+
+        def sparse_layer():
+            windows = kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, blocks.num_blocks, scale,
+                                                        shift)
+            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1)
+
+        costs[block] = _seconds(sparse_layer) / blocks.num_pixels / dense
+    return costs
+
+
 def load_constants(device: torch.device) -> CostConstants:
     """The calibrated constants of `device` if `calibrate` saved them, else `DEFAULT`."""
     path = calibration_path(device)
     if path.is_file():
-        return CostConstants(**json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if isinstance(saved.get("layer"), dict):  # files of older versions (other fields) are ignored
+            return CostConstants(layer={int(c): {int(b): v for b, v in costs.items()}
+                                        for c, costs in saved["layer"].items()})
     return DEFAULT

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with compiled.sparse(mask):
             replay = compiled(**inputs).sample
         variants = compiled.variants(inputs)  # built by the calls above
-        plan = MaskPlan(mask, policy)
+        plan = compiled.mask_plan(mask)
         step = compiled.cache.step(compiled.cache.steps[0])
         dense_macs = node_macs(variants.captured, inputs)
         with context.use(context.CallContext(step, plan)):

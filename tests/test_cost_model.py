@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fisedit_compiler import cost_model
@@ -25,14 +26,16 @@ def scattered(size: int, count: int, seed: int = 0) -> torch.Tensor:
 
 def test_small_compact_mask_picks_small_blocks_at_high_resolution():
     b = choose_block_size(compact(96, 10))
-    assert b in (2, 4, 8) and b < 96
+    assert b in (1, 2, 4, 8) and b < 96
 
 
 def test_scattered_mask_picks_differently_than_compact_of_equal_area():
     c, s = compact(96, 20), scattered(96, 400)
     assert c.sum() == s.sum()
-    assert choose_block_size(c) != choose_block_size(s)
-    assert cost(s, choose_block_size(s)) > cost(c, choose_block_size(c))  # scattered work costs more
+    # at 320 channels (SD's highest resolution) pixel-wise blocks cost more per pixel than blocks of 4
+    assert choose_block_size(c, channels=320) != choose_block_size(s, channels=320)
+    assert cost(s, choose_block_size(s, channels=320), channels=320) > cost(c, choose_block_size(c, channels=320),
+                                                                            channels=320)  # scattered costs more
 
 
 def test_ninety_percent_mask_picks_dense():
@@ -42,20 +45,40 @@ def test_ninety_percent_mask_picks_dense():
     assert choose_block_size(m) == 96
 
 
+def constants(**costs: float) -> CostConstants:
+    """One channel count, every block size costing 1.0 per pixel unless given (as b1=..., b2=...)."""
+    return CostConstants(layer={320: {b: costs.get(f"b{b}", 1.0) for b in cost_model.BLOCK_SIZES}})
+
+
 def test_constants_change_decisions_the_way_they_should():
     m = compact(96, 12) | compact(96, 12).roll(40, dims=1)
-    cheap_blocks = choose_block_size(m, constants=CostConstants(block=0.0, moved_pixel=0.0))
-    costly_blocks = choose_block_size(m, constants=CostConstants(block=2000.0))
-    assert costly_blocks > cheap_blocks  # per-block overhead favours fewer, bigger blocks
-    costly_moves = choose_block_size(m, constants=CostConstants(moved_pixel=10.0))
-    assert costly_moves == 96  # when moving pixels costs more than computing them, dense wins
+    equal = choose_block_size(m, constants=constants())
+    assert equal == 2  # equal per-pixel costs: the tightest cover (b1 and b2 tie on this even-aligned mask)
+    slow_small = choose_block_size(m, constants=constants(b1=4.0, b2=4.0, b4=4.0))
+    assert slow_small in (8, 16, 32) and slow_small > equal  # inefficient small blocks favour bigger ones
+    slow = {f"b{b}": 50.0 for b in cost_model.BLOCK_SIZES}
+    assert choose_block_size(m, constants=constants(**slow)) == 96  # when sparse pixels cost 50x, dense wins
+
+
+def test_constants_are_used_per_channel_count():
+    m = compact(96, 12)
+    two = CostConstants(layer={320: constants().layer[320], 1280: constants(b1=9.0, b2=9.0).layer[320]})
+    assert choose_block_size(m, constants=two, channels=320) == 2
+    assert choose_block_size(m, constants=two, channels=1100) > 2  # nearest calibrated width: 1280
+    assert two.for_channels(None) == two.layer[1280]
+
+
+def test_constants_need_every_block_size():
+    with pytest.raises(ValueError, match="missing"):
+        CostConstants(layer={320: {2: 1.0, 4: 1.0}})
 
 
 def test_mask_plan_uses_the_cost_model_per_resolution():
     mask = compact(64, 6)
-    plan = MaskPlan(mask, Policy(), constants=cost_model.DEFAULT)
+    channels = {1: 320, 2: 640, 4: 1280, 8: 1280}
+    plan = MaskPlan(mask, Policy(), constants=cost_model.DEFAULT, channels=channels)
     for res in [(64, 64), (32, 32), (16, 16), (8, 8)]:
-        assert plan.block_size(res) == choose_block_size(plan.active_map(res))
+        assert plan.block_size(res) == choose_block_size(plan.active_map(res), channels=channels[64 // res[0]])
     assert MaskPlan(mask, Policy(block_size=4)).block_size((64, 64)) == 4
 
 
@@ -63,7 +86,9 @@ def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
     device = torch.device("cpu")
     assert cost_model.load_constants(device) == cost_model.DEFAULT
-    measured = cost_model.calibrate(device, channels=16)
+    measured = cost_model.calibrate(device, channels=(32, 64), side=16)
     assert cost_model.calibration_path(device).is_file()
     assert cost_model.load_constants(device) == measured
-    assert measured.moved_pixel >= 0 and measured.block >= 0
+    assert set(measured.layer) == {32, 64}
+    assert all(set(costs) == set(cost_model.BLOCK_SIZES) and min(costs.values()) > 0
+               for costs in measured.layer.values())

@@ -174,6 +174,18 @@ def test_sparse_attention_rewrites_self_attention_at_sparse_resolutions():
             assert n.args[1].meta.get(SPARSE) and isinstance(n.args[3], CacheRef)
 
 
+def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
+    before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "fuse_gather_norm_silu")
+    fused = after["gather_windows_norm_silu"]
+    assert fused > 0 and after["zero_outside_image"] == before["zero_outside_image"] - fused
+    assert after["group_norm_recorded_stats"] == before["group_norm_recorded_stats"] - fused
+    assert after["gather_windows"] == before["gather_windows"] - fused
+    # what is left unfused is not a GroupNorm + SiLU chain (e.g. a conv_in's or an upsampler's windows)
+    for zero in (n for n in gm.graph.nodes if n.target is runtime_ops.zero_outside_image):
+        assert zero.args[0].target is not ops.aten.silu.default or (
+            zero.args[0].args[0].target is not runtime_ops.group_norm_recorded_stats)
+
+
 def test_insert_record_taps_records_exactly_what_sparse_reads():
     _, _, variants, _ = compiled_with_snapshots("sd2")
     refs = cache_refs(variants.sparse)

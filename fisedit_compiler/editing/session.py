@@ -29,7 +29,6 @@ from ..compiler import CompiledUNet, ControlMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
-from ..runtime.mask_plan import MaskPlan
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
 
@@ -241,7 +240,7 @@ class EditSession:
         """Sparse mode for the edit's mask; sets `state["region"]`, the latent pixels the sparse steps recompute:
         the mask dilated by the policy's halo and rounded up to the output layer's blocks."""
         mode = self.unet.sparse_mode(state["mask"], write_back=True)
-        mode.plan = MaskPlan(mode.mask.to(self.unet.device), self.policy)
+        mode.plan = self.unet.mask_plan(mode.mask.to(self.unet.device))
         state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
         return mode
 

@@ -90,7 +90,8 @@ def gather_pixels(
             full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
         return full
     else:  # each window pixel is written once, from the source it reads; pixels outside the image stay zero
-        source = recorded.new_zeros(batch, c.num_windows * c.height * c.width, layout.rest_numel, dtype=fresh.dtype)
+        shape = (batch, c.num_windows * c.height * c.width, layout.rest_numel)
+        source = (recorded.new_empty if index.all_inside else recorded.new_zeros)(shape, dtype=fresh.dtype)
         if index.recorded_at.numel():
             recorded_pixels = select_pixels(recorded, layout, index.recorded_from)
             source.index_copy_(1, index.recorded_at, recorded_pixels.to(source.dtype))
@@ -249,9 +250,12 @@ def gather_pixels_affine_silu(
     """
     batch, c = recorded.shape[0], index.windows
     gathered = to_canonical(gather_pixels(fresh, recorded, index, layout, fresh_windows), layout, batch, c.num_windows)
-    out = F.silu(gathered.float() * scale[:, None, :] + shift[:, None, :])
-    out = torch.where(index.inside[None, :, None], out, 0.0).to(recorded.dtype)
-    return from_canonical(out, layout, c.num_windows, c.height, c.width)
+    # three passes over the windows, in place after the first (large temporaries cost page faults on CPU)
+    out = (gathered * scale[:, None, :]).add_(shift[:, None, :])  # float32, as scale and shift are
+    F.silu(out, inplace=True)
+    if not index.all_inside:
+        out.mul_(index.inside[None, :, None])
+    return from_canonical(out.to(gathered.dtype), layout, c.num_windows, c.height, c.width)
 
 
 def scatter_bias_residual(

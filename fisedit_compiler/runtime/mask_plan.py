@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -176,9 +177,11 @@ class MaskPlan:
     same blocks.
     """
 
-    def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None):
+    def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None,
+                 channels: Mapping[int, int] | None = None):
         self.policy = policy
         self.constants = constants if constants is not None else load_constants(mask.device)
+        self.channels = dict(channels or {})  # the U-Net's channels per downscale factor, for the cost model
         self.mask = mask
         self.device = mask.device
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
@@ -211,7 +214,8 @@ class MaskPlan:
     def block_size(self, res: Resolution) -> int:
         """The policy's fixed block size (its largest divisor of the map size), or the cost model's choice."""
         if self.policy.block_size is None:
-            return choose_block_size(self.active_map(res), constants=self.constants)
+            channels = self.channels.get(self.latent_res[0] // res[0])
+            return choose_block_size(self.active_map(res), constants=self.constants, channels=channels)
         g = math.gcd(*res)
         return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)
 

@@ -77,6 +77,29 @@ def scatter_into_recorded(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLay
     return _gather(fresh, ref, layout, FullImage(layout.res))
 
 
+def gather_windows_norm_silu(
+    source: torch.Tensor,
+    ref: CacheRef | None,
+    layout: SpatialLayout,
+    spec: WindowSpec,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    stats_ref: CacheRef,
+) -> torch.Tensor:
+    """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
+    (the following convolution's padding)."""
+    ctx = context.current()
+    plan = ctx.plan
+    mean, rstd = ctx.step[stats_ref]
+    scale, shift = kernels.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
+    index = plan.gather_index(spec, ref is not None)
+    if ref is None:  # `source` is a full-size tensor computed in this call
+        return kernels.gather_pixels_affine_silu(None, source, index, layout, 0, scale, shift)
+    fresh_windows = plan.layout(layout.res).num_blocks
+    return kernels.gather_pixels_affine_silu(source, ctx.step[ref], index, layout, fresh_windows, scale, shift)
+
+
 def zero_outside_image(windows: torch.Tensor, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
     """Zero window pixels that lie outside the map (a convolution's zero padding), after ops that made them
     non-zero."""
