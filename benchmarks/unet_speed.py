@@ -115,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-mask", default=None,
                    help="mask to profile (e.g. ellipse:15); default: the first 15%% mask, else the first")
     p.add_argument("--quiet", action="store_true", help="print only the tables")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate the cost model on this device first (saved for later runs; ~30 s on a CPU)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="measure nothing: write the markdown of a results JSON next to it and print it")
     policy = p.add_argument_group("Policy fields (defaults: fisedit.Policy's)")
@@ -697,6 +699,9 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
         result["cache_steps"] = len(compiled.cache.steps)
 
         if policy.block_size is None:
+            if args.calibrate:
+                log(args, "calibrating the cost model ...")
+                cost_model.calibrate(device)
             constants = compiled.mask_plan(torch.zeros(latent, latent, dtype=torch.bool, device=device)).constants
             result["cost_model"] = {"constants": dataclasses.asdict(constants),
                                     "calibrated": cost_model.calibration_path(device).is_file(),
@@ -874,8 +879,10 @@ def _block_policy(r: dict[str, Any]) -> str:
 
 
 def _constant(value: Any) -> str:
-    if isinstance(value, dict):  # per block size
-        return "{" + ", ".join(f"b{b}: {v:.2f}" for b, v in value.items()) + "}"
+    """The cost model's per-channel, per-block constants, e.g. ``C320 {b1 1.60, b2 1.45, ...}``."""
+    if isinstance(value, dict):
+        return "; ".join(f"C{c} {{" + ", ".join(f"b{b} {v:.2f}" for b, v in costs.items()) + "}"
+                         for c, costs in value.items())
     return f"{value:.3g}"
 
 

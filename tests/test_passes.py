@@ -179,11 +179,13 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
     fused = after["gather_windows_norm_silu"]
     assert fused > 0 and after["zero_outside_image"] == before["zero_outside_image"] - fused
     assert after["group_norm_recorded_stats"] == before["group_norm_recorded_stats"] - fused
-    assert after["gather_windows"] == before["gather_windows"] - fused
-    # what is left unfused is not a GroupNorm + SiLU chain (e.g. a conv_in's or an upsampler's windows)
+    assert after["gather_windows"] <= before["gather_windows"]
+    # a GroupNorm + SiLU chain left unfused normalises something other than one gather: in up blocks, the
+    # concatenation of the upsampled path's windows and the skip connection's
     for zero in (n for n in gm.graph.nodes if n.target is runtime_ops.zero_outside_image):
-        assert zero.args[0].target is not ops.aten.silu.default or (
-            zero.args[0].args[0].target is not runtime_ops.group_norm_recorded_stats)
+        act = zero.args[0]
+        if act.target is ops.aten.silu.default and act.args[0].target is runtime_ops.group_norm_recorded_stats:
+            assert act.args[0].args[0].target is not runtime_ops.gather_windows
 
 
 def test_insert_record_taps_records_exactly_what_sparse_reads():

@@ -7,8 +7,8 @@
 ->
     %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats])
 
-This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py). The fused op reads
-each window pixel once, applies the recorded-statistics GroupNorm as a per-channel affine map and SiLU in
+This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py); a gather that other
+window chains share (e.g. a residual's) stays for them. The fused op reads each window pixel once, applies the recorded-statistics GroupNorm as a per-channel affine map and SiLU in
 float32, and writes the window with zeros outside the image: one kernel instead of four on CUDA
 (`kernels.gather_pixels_affine_silu`).
 """
@@ -37,13 +37,17 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         if not _only_user(norm, runtime_ops.group_norm_recorded_stats):
             continue
         windows = norm.args[0]
-        if not _only_user(windows, runtime_ops.gather_windows) or windows.args[3] != spec:
+        if not isinstance(windows, fx.Node) or windows.target is not runtime_ops.gather_windows:
+            continue
+        if windows.args[3] != spec:
             continue
         source, ref, _, _ = windows.args
         _, groups, weight, bias, stats = norm.args
         zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
         zero.args = (source, ref, layout, spec, groups, weight, bias, stats)
-        for dead in (act, norm, windows):
-            gm.graph.erase_node(dead)
+        gm.graph.erase_node(act)
+        gm.graph.erase_node(norm)
+        if not windows.users:  # else other window chains (e.g. a skip connection's) still read the plain gather
+            gm.graph.erase_node(windows)
         rewrites += 1
     return rewrites
