@@ -128,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--max-sparse-downscale", type=int, default=defaults.max_sparse_downscale)
     policy.add_argument("--attention", choices=("active_queries", "masked_only", "dense"), default=defaults.attention)
     policy.add_argument("--norm-stats", choices=("recorded", "fresh"), default=defaults.norm_stats)
+    policy.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default=defaults.cache_dtype,
+                        help="storage dtype of the record cache (default: the computed dtype)")
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats must be at least 3")
@@ -166,7 +168,8 @@ def parse_mask_spec(text: str, parser: argparse.ArgumentParser | None = None) ->
 
 def policy_of(args: argparse.Namespace) -> fisedit.Policy:
     return fisedit.Policy(max_sparse_downscale=args.max_sparse_downscale, halo=args.halo,
-                          block_size=args.block_size, attention=args.attention, norm_stats=args.norm_stats)
+                          block_size=args.block_size, attention=args.attention, norm_stats=args.norm_stats,
+                          cache_dtype=args.cache_dtype)
 
 
 # --- masks --------------------------------------------------------------------------------------------------------
@@ -984,6 +987,8 @@ def output_stem(args: argparse.Namespace, device: torch.device) -> str:
     if policy_of(args) != fisedit.Policy():
         p = policy_of(args)
         stem += f"_b{p.block_size or 'auto'}-h{p.halo}-d{p.max_sparse_downscale}-{p.attention}-{p.norm_stats}"
+        if p.cache_dtype:
+            stem += f"-cache-{p.cache_dtype}"
     return stem
 
 

@@ -188,7 +188,7 @@ class CompiledUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.policy = policy or Policy()
-        self.cache = RecordCache()
+        self.cache = RecordCache(self.policy.storage_dtype)
         self._variants: dict[InputSignature, Variants] = {}
         self.mode: Mode | None = None
         self._calls_per_timestep: Counter = Counter()  # of the current run, for step keys

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import torch
+
 AttentionMode = Literal["active_queries", "masked_only", "dense"]
 NormStats = Literal["recorded", "fresh"]
+CacheDtype = Literal["float32", "float16", "bfloat16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +23,8 @@ class Policy:
         halo: dilation of the mask at every resolution, in cells of that resolution. It widens the region that
             is recomputed so that the seam between fresh and recorded activations falls outside the edit.
         block_size: the side of the square blocks that sparse layers compute. None (the default): the cost model
-            (`cost_model`, the paper's APSC) picks it per resolution and mask from {2, 4, 8, 16, 32} or dense.
+            (`cost_model`, the paper's APSC) picks it per resolution and mask from {1, 2, 4, 8, 16, 32} or dense
+            (1: pixel-wise, each convolution one matrix product).
             A number fixes it: at each resolution the largest divisor of the map size not above it.
         attention: self-attention at sparse resolutions. "active_queries": queries from active tokens, keys and
             values from all tokens (fresh for active ones, recorded for the rest); exact wherever the inactive
@@ -37,6 +41,11 @@ class Policy:
         mask_dilation: pixels by which a detected mask is dilated at latent resolution.
         user_mask_dense_steps: the fraction of steps that run dense before sparse when the user gives the mask
             (default 0: sparse from the first step).
+        cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
+            computed in, so that a sparse call on the recorded input returns the recorded output exactly.
+            "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
+            recorded activations rounded to that dtype, an approximation of its own (outside the active blocks
+            a sparse call returns the recorded output as stored, i.e. rounded).
         dump_dir: a folder to write graph dumps into (every variant of every compiled input signature, before
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
@@ -52,6 +61,7 @@ class Policy:
     detect_to: float = 0.2
     mask_dilation: int = 1
     user_mask_dense_steps: float = 0.0
+    cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -74,8 +84,17 @@ class Policy:
                 raise ValueError(f"{name} is a fraction of the denoising steps, in [0, 1]; got {value}")
         if self.detect_from > self.detect_to:
             raise ValueError(f"detect_from ({self.detect_from}) must not exceed detect_to ({self.detect_to})")
+        if self.cache_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"cache_dtype must be None, 'float32', 'float16' or 'bfloat16', got {self.cache_dtype!r}"
+            )
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")
+
+    @property
+    def storage_dtype(self) -> torch.dtype | None:
+        """`cache_dtype` as a torch dtype (None: keep the computed dtype)."""
+        return getattr(torch, self.cache_dtype) if self.cache_dtype else None
 
     def edit_schedule(self, num_steps: int) -> tuple[int, int, int]:
         """(dense steps k, first and last detection step t1..t2, 1-based) for an edit of `num_steps` steps."""

@@ -109,3 +109,19 @@ def test_masked_only_attention_is_exact_on_the_recorded_input_only_for_full_mask
         assert close(compiled(**inputs).sample, record_output)
     with compiled.sparse(masks()["blobs"]):
         assert not close(compiled(**inputs).sample, record_output, rtol=1e-3)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_narrow_cache_halves_its_bytes_and_stays_close(cache_dtype):
+    _, exact, inputs, record_output = recorded("sd2")
+    unet, narrow, _, narrow_output = recorded("sd2", fisedit.Policy(block_size=4, cache_dtype=cache_dtype))
+    assert torch.equal(narrow_output, record_output)  # recording stays dense and exact; only storage narrows
+    assert narrow.cache.nbytes < 0.6 * exact.cache.nbytes
+    with narrow.sparse(masks()["blobs"]):
+        replay = narrow(**inputs).sample
+        active = narrow.active_pixels()
+    stored = record_output.to(getattr(torch, cache_dtype)).float()
+    assert torch.equal(replay[..., ~active], stored[..., ~active])  # outside: the recorded output as stored
+    assert close(replay, record_output, rtol=2e-2)  # rounded recorded activations: close, not exact
+    assert not torch.equal(replay, record_output)

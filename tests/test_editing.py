@@ -15,6 +15,8 @@ from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_t
 from fisedit_compiler.models import random_pipeline, random_tokenizer
 from fisedit_compiler.runtime.cache import RecordCache
 
+from conftest import close
+
 LATENT = 16
 STEPS = 6
 
@@ -158,6 +160,24 @@ def test_session_end_to_end(scheduler):
     assert first.stats["dense"].unet_calls == k and second.stats["dense"].unet_calls == k
     assert "dense" not in third.stats and third.mask[user_mask].all() and not third.mask.all()
     assert third.stats["sparse"].macs < source.stats["dense"].macs
+
+
+@torch.no_grad()
+def test_session_with_a_half_precision_cache():
+    exact, narrow = session(mask_dilation=0, halo=0), session(mask_dilation=0, halo=0, cache_dtype="float16")
+    mask = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    mask[3:7, 2:9] = True
+    results = []
+    for s in (exact, narrow):
+        source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        first = s.edit("a cabin in the woods with a river")  # its dense steps go into the fp16 cache too
+        edit = s.edit("a red cabin in the woods", mask=mask)
+        assert torch.equal(edit.latents[..., ~edit.mask], first.latents[..., ~edit.mask])
+        results.append((source, edit))
+    (exact_source, exact_edit), (narrow_source, narrow_edit) = results
+    assert torch.equal(narrow_source.latents, exact_source.latents)  # recording is exact; only storage narrows
+    assert narrow_edit.stats["cache_bytes"] < 0.6 * exact_edit.stats["cache_bytes"]
+    assert close(narrow_edit.latents, exact_edit.latents, rtol=5e-2)
 
 
 def test_stochastic_scheduler_needs_reproducible_noise():

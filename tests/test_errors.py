@@ -80,3 +80,5 @@ def test_invalid_policy():
         fisedit.Policy(attention="sparse")
     with pytest.raises(ValueError, match="block_size"):
         fisedit.Policy(block_size=0)
+    with pytest.raises(ValueError, match="cache_dtype must be"):
+        fisedit.Policy(cache_dtype="fp8")

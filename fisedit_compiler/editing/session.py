@@ -183,7 +183,7 @@ class EditSession:
         else:
             mask = self._check_user_mask(mask)
             k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
-        pending = RecordCache()
+        pending = RecordCache(self.unet.cache.dtype)
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None}
         meter = _Meter(self.unet)

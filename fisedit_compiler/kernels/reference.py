@@ -110,6 +110,7 @@ def scatter_pixels_(
     if fresh.numel() == 0:
         return recorded
     values = to_canonical(fresh, layout, batch, fresh_windows).reshape(batch, -1, *layout.rest_shape)
+    values = values.to(recorded.dtype)  # the cache may store activations in a narrower dtype
     if layout.kind == "seq":
         recorded.index_copy_(layout.dims[0], positions, values.movedim(1, layout.dims[0]))
         return recorded

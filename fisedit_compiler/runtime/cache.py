@@ -33,7 +33,17 @@ class StepKey:
 
 
 class StepRecord(dict):
-    """The recorded tensors of one step, keyed by `CacheRef`."""
+    """The recorded tensors of one step, keyed by `CacheRef`. With a storage `dtype` (`Policy.cache_dtype`),
+    floating-point tensors are stored in it; readers convert back to the dtype they compute in."""
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.dtype = dtype
+
+    def __setitem__(self, key, value) -> None:
+        if self.dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
+            value = value.to(self.dtype)
+        super().__setitem__(key, value)
 
     @property
     def nbytes(self) -> int:
@@ -51,12 +61,14 @@ def _tensors(values):
 class RecordCache:
     """Recorded source-run tensors, keyed by step key, then by `CacheRef` (graph node).
 
-    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it.
+    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it. `dtype`:
+    the storage dtype of recorded activations (None: the dtype they were computed in).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         self._steps: dict[StepKey, StepRecord] = {}
         self.latent_shape: tuple[int, ...] | None = None
+        self.dtype = dtype
 
     @property
     def steps(self) -> list[StepKey]:
@@ -83,7 +95,7 @@ class RecordCache:
         if self.latent_shape is not None and self.latent_shape != latent_shape:
             self.clear()
         self.latent_shape = latent_shape
-        self._steps[key] = StepRecord()
+        self._steps[key] = StepRecord(self.dtype)
         return self._steps[key]
 
     def occurrences(self, key: StepKey) -> int:
