@@ -80,7 +80,9 @@ def format_report(data: dict) -> str:
     lines.append("")
     for e in data["edits"]:
         per_call = ""
-        if e["sparse_call_macs_ratio"]:
+        if e["mask_fraction"] == 1.0:
+            per_call = "; the region to recompute is every latent pixel, so the steps after the switch ran dense"
+        elif e["sparse_call_macs_ratio"]:
             per_call = (f"; a sparse U-Net call costs {e['sparse_call_macs_ratio']:.2f}x fewer MACs and runs "
                         f"{e['sparse_call_speedup']:.2f}x faster than a dense one")
         lines.append(

@@ -197,3 +197,21 @@ def test_edit_before_generate_and_bad_user_mask():
     s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"mask has shape \(8, 8\) but the latents are 16x16"):
         s.edit("a red cabin", mask=torch.ones(8, 8, dtype=torch.bool))
+
+
+@torch.no_grad()
+def test_an_edit_whose_region_is_everything_runs_dense_and_records():
+    s = session()
+    source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    everything = torch.ones(LATENT, LATENT, dtype=torch.bool)
+    edit = s.edit("a red cabin in the woods", mask=everything)
+    assert edit.mask.all() and "sparse" not in edit.stats
+    assert edit.stats["dense"].unet_calls == source.stats["dense"].unet_calls
+    # the steps recorded what they computed: a sparse replay of the same prompt reads this edit's activations
+    # (not the source's) and so reproduces its latents
+    part = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    part[3:7, 2:9] = True
+    again = s.edit("a red cabin in the woods", mask=part)
+    assert "sparse" in again.stats and not again.mask.all()
+    assert close(again.latents, edit.latents, rtol=1e-4)
+    assert not close(source.latents, edit.latents, rtol=1e-2)

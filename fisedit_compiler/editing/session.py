@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..compiler import CompiledUNet, ControlMode, SparseMode, compile
+from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
@@ -197,9 +197,15 @@ class EditSession:
             if not state["mask"].any():
                 pipe._interrupt = True
                 return False
-            self.unet.mode = self._sparse_mode(state)
-            meter.phase = "sparse"
+            switch_to_sparse()
             return True
+
+        def switch_to_sparse() -> None:
+            self.unet.mode = self._sparse_mode(state)
+            if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
+                self.unet.mode = RecordMode()  # as a source run would (cheaper than sparse calls that cover all)
+            else:
+                meter.phase = "sparse"
 
         def on_step_end(pipe, i, t, kwargs):
             latents = kwargs["latents"]
@@ -216,8 +222,7 @@ class EditSession:
 
         self.unet.begin_run()
         if k == 0:  # sparse from the first step: the latents are the source's as they are
-            self.unet.mode = self._sparse_mode(state)
-            meter.phase = "sparse"
+            switch_to_sparse()
         else:
             self.unet.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
         try:
