@@ -131,17 +131,23 @@ def conv_windows(
     stride: list[int],
     dilation: list[int],
     groups: int,
+    flat_kernels: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A padding-free convolution of a batch of windows. Where each window is exactly one kernel footprint (one
     output pixel per window, e.g. pixel-wise blocks of size 1) it is a matrix product of the flattened windows
     with the flattened kernel: one large GEMM instead of thousands of tiny convolutions. Flattening is free for
-    the channels-last windows that gathers produce."""
+    the channels-last windows that gathers produce; the flattened kernel is kept in `flat_kernels` (keyed by the
+    weight's id) when given, since for SD's widest layers making it moves more memory than a small mask's GEMM."""
     kh, kw = weight.shape[-2:]
     footprint = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
     if groups == 1 and tuple(dilation) == (1, 1) and tuple(windows.shape[-2:]) == footprint:
         n = windows.shape[0]
         flat = windows.permute(0, 2, 3, 1).reshape(n, weight.shape[1] * kh * kw)
-        kernel = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        kernel = flat_kernels.get(id(weight)) if flat_kernels is not None else None
+        if kernel is None:
+            kernel = weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+            if flat_kernels is not None:
+                flat_kernels[id(weight)] = kernel
         return F.linear(flat, kernel, bias)[:, :, None, None]
     return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)
 

@@ -182,6 +182,7 @@ class MaskPlan:
         self.policy = policy
         self.constants = constants if constants is not None else load_constants(mask.device)
         self.channels = dict(channels or {})  # the U-Net's channels per downscale factor, for the cost model
+        self.flat_kernels: dict[int, torch.Tensor] = {}  # conv weights as matrices, for pixel-wise blocks
         self.mask = mask
         self.device = mask.device
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.

@@ -68,8 +68,10 @@ def conv_windows(
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    """A convolution over a batch of input windows (with halo) without padding: one output block per window."""
-    return kernels.conv_windows(windows, weight, bias, stride, dilation, groups)
+    """A convolution over a batch of input windows (with halo) without padding: one output block per window.
+    Weights flattened for pixel-wise blocks are kept for the mask plan's lifetime (one edit)."""
+    plan = context.current().plan
+    return kernels.conv_windows(windows, weight, bias, stride, dilation, groups, plan.flat_kernels)
 
 
 def scatter_into_recorded(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> torch.Tensor:
