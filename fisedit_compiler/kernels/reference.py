@@ -51,17 +51,22 @@ def select_pixels(full: torch.Tensor, layout: SpatialLayout, positions: torch.Te
 
     A map is indexed in its own memory layout (e.g. NCHW) and only the selected pixels are transposed, so that a
     gather never copies a full-size tensor."""
-    if layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1:
+    if _adjacent_pixel_dims(layout):
         dh = layout.dims[0]
         pixels = full.flatten(dh, dh + 1).index_select(dh, positions)
         return pixels.movedim(dh, 1).reshape(full.shape[0], positions.numel(), layout.rest_numel).contiguous()
     return to_canonical(full, layout, full.shape[0], 1).index_select(1, positions)
 
 
+def _adjacent_pixel_dims(layout: SpatialLayout) -> bool:
+    """A map whose two pixel dims can be flattened into one (e.g. NCHW)."""
+    return layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1
+
+
 def _is_whole_map(index: GatherIndex, layout: SpatialLayout) -> bool:
     c = index.windows
-    return (layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1 and c.num_windows == 1
-            and (c.height, c.width) == tuple(layout.res) and index.all_inside)
+    return (_adjacent_pixel_dims(layout) and c.num_windows == 1 and (c.height, c.width) == tuple(layout.res)
+            and index.all_inside)
 
 
 def gather_pixels(
@@ -82,22 +87,23 @@ def gather_pixels(
         source = select_pixels(recorded, layout, index.recorded_index)
         if not index.all_inside:
             source = source * index.inside[None, :, None].to(source.dtype)
-    elif _is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
+        return from_canonical(source, layout, c.num_windows, c.height, c.width)
+    has_fresh = index.fresh_at.numel() > 0  # (an empty gathered tensor has no canonical form to index)
+    if has_fresh:
+        fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
+    if _is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
         full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
-        if index.fresh_at.numel():
-            fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
+        if has_fresh:
             dh = layout.dims[0]
             full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
         return full
-    else:  # each window pixel is written once, from the source it reads; pixels outside the image stay zero
-        shape = (batch, c.num_windows * c.height * c.width, layout.rest_numel)
-        source = (recorded.new_empty if index.all_inside else recorded.new_zeros)(shape, dtype=fresh.dtype)
-        if index.recorded_at.numel():
-            recorded_pixels = select_pixels(recorded, layout, index.recorded_from)
-            source.index_copy_(1, index.recorded_at, recorded_pixels.to(source.dtype))
-        if index.fresh_at.numel():
-            fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
-            source.index_copy_(1, index.fresh_at, fresh_pixels)
+    # each window pixel is written once, from the source it reads; pixels outside the image stay zero
+    shape = (batch, c.num_windows * c.height * c.width, layout.rest_numel)
+    source = (recorded.new_empty if index.all_inside else recorded.new_zeros)(shape, dtype=fresh.dtype)
+    if index.recorded_at.numel():
+        source.index_copy_(1, index.recorded_at, select_pixels(recorded, layout, index.recorded_from).to(fresh.dtype))
+    if has_fresh:
+        source.index_copy_(1, index.fresh_at, fresh_pixels)
     return from_canonical(source, layout, c.num_windows, c.height, c.width)
 
 
@@ -114,12 +120,11 @@ def scatter_pixels_(
     if layout.kind == "seq":
         recorded.index_copy_(layout.dims[0], positions, values.movedim(1, layout.dims[0]))
         return recorded
-    dh, dw = layout.dims
-    if dw != dh + 1 or not recorded.is_contiguous():
-        recorded = recorded.contiguous()
-        if dw != dh + 1:
-            raise NotImplementedError(f"write-back into a map whose pixel dims are not adjacent: {layout}")
-    flat = recorded.flatten(dh, dw)  # a view: writes land in `recorded`
+    if not _adjacent_pixel_dims(layout):
+        raise NotImplementedError(f"write-back into a map whose pixel dims are not adjacent: {layout}")
+    recorded = recorded.contiguous()  # (a no-op for the contiguous maps the record taps store)
+    dh = layout.dims[0]
+    flat = recorded.flatten(dh, dh + 1)  # a view: writes land in `recorded`
     flat.index_copy_(dh, positions, values.movedim(1, dh))
     return recorded
 

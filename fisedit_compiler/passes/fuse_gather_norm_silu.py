@@ -8,9 +8,9 @@
     %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats])
 
 This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py); a gather that other
-window chains share (e.g. a residual's) stays for them. The fused op reads each window pixel once, applies the recorded-statistics GroupNorm as a per-channel affine map and SiLU in
-float32, and writes the window with zeros outside the image: one kernel instead of four on CUDA
-(`kernels.gather_pixels_affine_silu`).
+window chains share (e.g. a residual's) stays for them. The fused op reads each window pixel once, applies the
+recorded-statistics GroupNorm as a per-channel affine map and SiLU in float32, and writes the window with zeros
+outside the image: one kernel instead of four on CUDA (`kernels.gather_pixels_affine_silu`).
 """
 
 from __future__ import annotations

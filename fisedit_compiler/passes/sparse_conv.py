@@ -6,10 +6,10 @@
     %c : conv_windows(%win, %w, %b, [s, s], [d, d], groups)
 
 Each window is ``(b - 1) * s + (k - 1) * d + 1`` pixels wide, so a padding-free convolution over the batch of
-windows yields exactly the ``b x b`` output blocks, in the gathered layout of the output resolution (`conv_windows` runs
-it as one matrix product when blocks are single pixels). Stride-2
-downsampling convs and convs after nearest upsampling (folded into the window geometry) take the same path; a
-1x1 stride-1 conv runs on the gathered blocks as they are.
+windows yields exactly the ``b x b`` output blocks, in the gathered layout of the output resolution
+(`conv_windows` runs it as one matrix product when blocks are single pixels). Stride-2 downsampling convs and
+convs after nearest upsampling (folded into the window geometry) take the same path; a 1x1 stride-1 conv runs on
+the gathered blocks as they are.
 """
 
 from __future__ import annotations

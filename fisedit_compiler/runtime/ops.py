@@ -35,16 +35,23 @@ def group_norm_recording_stats(
 # --- sparse variant ---------------------------------------------------------------------------------------------
 
 
-def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
+def _gather_sources(
+    source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout
+) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """A gather kernel's (fresh, recorded, fresh_windows): `source` is a gathered tensor whose inactive pixels are
+    recorded at `ref`, or (`ref=None`) a full-size tensor computed in this call, the only source."""
+    if ref is None:
+        return None, source, 0
     ctx = context.current()
-    plan = ctx.plan
-    index = plan.gather_index(spec, ref is not None)
+    return source, ctx.step[ref], ctx.plan.layout(layout.res).num_blocks
+
+
+def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
+    index = context.current().plan.gather_index(spec, ref is not None)
     if index.identity:  # e.g. a resolution the cost model keeps dense: one block covering the map
         return source
-    if ref is None:  # `source` is a full-size tensor computed in this call
-        return kernels.gather_pixels(None, source, index, layout, 0)
-    fresh_windows = plan.layout(layout.res).num_blocks
-    return kernels.gather_pixels(source, ctx.step[ref], index, layout, fresh_windows)
+    fresh, recorded, fresh_windows = _gather_sources(source, ref, layout)
+    return kernels.gather_pixels(fresh, recorded, index, layout, fresh_windows)
 
 
 def gather_active(full: torch.Tensor, layout: SpatialLayout) -> torch.Tensor:
@@ -92,14 +99,11 @@ def gather_windows_norm_silu(
     """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
     (the following convolution's padding)."""
     ctx = context.current()
-    plan = ctx.plan
     mean, rstd = ctx.step[stats_ref]
     scale, shift = kernels.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
-    index = plan.gather_index(spec, ref is not None)
-    if ref is None:  # `source` is a full-size tensor computed in this call
-        return kernels.gather_pixels_affine_silu(None, source, index, layout, 0, scale, shift)
-    fresh_windows = plan.layout(layout.res).num_blocks
-    return kernels.gather_pixels_affine_silu(source, ctx.step[ref], index, layout, fresh_windows, scale, shift)
+    index = ctx.plan.gather_index(spec, ref is not None)
+    fresh, recorded, fresh_windows = _gather_sources(source, ref, layout)
+    return kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, fresh_windows, scale, shift)
 
 
 def zero_outside_image(windows: torch.Tensor, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
