@@ -73,10 +73,11 @@ class SpatialLayout:
 @graph_constant
 @dataclasses.dataclass(frozen=True)
 class CacheRef:
-    """A tensor that sparse calls read from the record cache: a node's output, or a GroupNorm's statistics."""
+    """A tensor that later calls read from the record cache: a node's output or a GroupNorm's statistics (sparse
+    calls), or a cross-attention map (control calls)."""
 
     node: str
-    kind: Literal["output", "group_norm_stats"] = "output"
+    kind: Literal["output", "group_norm_stats", "attention_map"] = "output"
 
 
 

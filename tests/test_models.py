@@ -155,17 +155,13 @@ def test_tiny_unet_runs(arch: str) -> None:
     assert not unet.training
     inputs = _unet_inputs(unet)
     with torch.no_grad():
-        unet(**inputs)  # warm-up
-        start = time.perf_counter()
         out = unet(**inputs).sample
-        elapsed = time.perf_counter() - start
     assert out.shape == (2, 4, 32, 32)
     assert torch.isfinite(out).all()
     assert out.abs().mean() > 1e-2, "random U-Net output is (near) zero"
     assert out.std() > 1e-2, "random U-Net output is constant"
     # the two batch elements (different noise, timestep, text) must give different outputs
     assert not torch.allclose(out[0], out[1])
-    assert elapsed < 2.0, f"tiny {arch} U-Net call took {elapsed:.2f}s"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -183,6 +183,9 @@ class EditSession:
         else:
             mask = self._check_user_mask(mask)
             k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
+        # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
+        # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
+        maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
         pending = RecordCache(self.unet.cache.dtype)
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None}
@@ -203,7 +206,8 @@ class EditSession:
         def switch_to_sparse() -> None:
             self.unet.mode = self._sparse_mode(state)
             if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
-                self.unet.mode = RecordMode()  # as a source run would (cheaper than sparse calls that cover all)
+                # as a source run would (cheaper than sparse calls that cover all), maps included
+                self.unet.mode = RecordMode(attention_maps=max(0, maps_steps - k))
             else:
                 meter.phase = "sparse"
 
@@ -233,10 +237,11 @@ class EditSession:
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
             stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats)
-        self.unet.cache.replace_steps(pending)
+        new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
+        self.unet.cache.replace_steps(pending, keep_attention_maps=not new_maps)
         stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
         result = EditResult(prompt, images, trajectory[-1], state["region"], stats)
-        self._source = _Run(prompt, prompt if k > 0 else source.maps_prompt, trajectory, result)
+        self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result)
         return result
 
     # --- internals --------------------------------------------------------------------------------------------

@@ -102,15 +102,26 @@ class RecordCache:
         """How many calls at `key`'s timestep and batch size were recorded."""
         return sum(k.timesteps == key.timesteps and k.batch == key.batch for k in self._steps)
 
-    def replace_steps(self, other: RecordCache) -> None:
-        """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps)."""
+    def replace_steps(self, other: RecordCache, keep_attention_maps: bool = False) -> None:
+        """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps).
+
+        `keep_attention_maps`: the replaced steps keep their cross-attention maps (other's are dropped), so that
+        the maps of all steps stay those of one prompt when `other` does not cover every step that has maps."""
         if not len(other):
             return
         if self.latent_shape not in (None, other.latent_shape):
             raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
                              f"{self.latent_shape}")
         self.latent_shape = other.latent_shape
-        self._steps.update(other._steps)
+        for key, step in other._steps.items():
+            if keep_attention_maps:
+                old = self._steps.get(key, {})
+                for ref in [ref for ref in step if ref.kind == "attention_map"]:
+                    del step[ref]
+                for ref, value in old.items():
+                    if ref.kind == "attention_map":
+                        step[ref] = value
+            self._steps[key] = step
 
     def step(self, key: StepKey) -> StepRecord:
         if key not in self._steps:
