@@ -14,6 +14,7 @@ from torch import nn
 
 import fisedit_compiler as fisedit
 from conftest import ellipse_mask, run_pipeline
+from sparse_reference import active_region
 from fisedit_compiler.backend import fisedit_backend
 from fisedit_compiler.models import random_pipeline
 
@@ -70,6 +71,7 @@ def test_pipeline_with_compiled_unet_matches_fisedit_compile():
         edited_ref = run(pipe, "a cabin in the woods with a river", latents)
     assert torch.equal(source, source_ref) and torch.equal(edited, edited_ref)
     assert torch.equal(dense, source)  # record calls equal the eager U-Net
+    assert torch.equal(active, active_region(mask, (LATENT, LATENT), policy.halo, 4))
     assert torch.equal(edited[..., ~active], source[..., ~active])
     assert (edited - source).abs().max() > 1e-3
 

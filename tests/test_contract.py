@@ -164,5 +164,6 @@ def test_narrow_cache_halves_its_bytes_and_stays_close(cache_dtype):
         active = narrow.active_pixels()
     stored = record_output.to(getattr(torch, cache_dtype)).float()
     assert torch.equal(replay[..., ~active], stored[..., ~active])  # outside: the recorded output as stored
-    assert close(replay, record_output, rtol=2e-2)  # rounded recorded activations: close, not exact
+    # rounded recorded activations: close, not exact (measured 3.0e-4 for float16, 2.6e-3 for bfloat16)
+    assert close(replay, record_output, rtol={"float16": 5e-4, "bfloat16": 4e-3}[cache_dtype])
     assert not torch.equal(replay, record_output)

@@ -76,9 +76,13 @@ def test_constants_need_every_block_size():
 def test_mask_plan_uses_the_cost_model_per_resolution():
     mask = compact(64, 6)
     channels = {1: 320, 2: 640, 4: 1280, 8: 1280}
-    plan = MaskPlan(mask, Policy(), constants=cost_model.DEFAULT, channels=channels)
-    for res in [(64, 64), (32, 32), (16, 16), (8, 8)]:
-        assert plan.block_size(res) == choose_block_size(plan.active_map(res), channels=channels[64 // res[0]])
+    # each width has one block size that costs no more than dense per pixel: the plan must pick it at the
+    # resolutions of that width (at 8x8 no smaller block divides the map into several: dense)
+    cheap = {320: 1, 640: 4, 1280: 8}
+    constants = CostConstants(layer={c: {b: 1.0 if b == cheap[c] else 9.0 for b in cost_model.BLOCK_SIZES}
+                                     for c in cheap})
+    plan = MaskPlan(mask, Policy(), constants=constants, channels=channels)
+    assert {res: plan.block_size((res, res)) for res in (64, 32, 16, 8)} == {64: 1, 32: 4, 16: 8, 8: 8}
     assert MaskPlan(mask, Policy(block_size=4)).block_size((64, 64)) == 4
 
 

@@ -143,8 +143,13 @@ def small_build(policy):
 def test_environment_variable_turns_dumps_on(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_DUMP_SVG", "0")
     monkeypatch.delenv("FISEDIT_DUMP_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # a dump to a default, relative folder would land here
+    written = []
+    monkeypatch.setattr(dump.GraphDump, "_write", lambda self, *args: written.append(args))
     small_build(fisedit.Policy())
-    assert not list(tmp_path.iterdir())
+    assert not written and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    monkeypatch.setenv("FISEDIT_DUMP_SVG", "0")
     monkeypatch.setenv("FISEDIT_DUMP_DIR", str(tmp_path))
     variants = small_build(fisedit.Policy())
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]

@@ -215,7 +215,7 @@ def test_session_with_a_half_precision_cache():
     (exact_source, exact_edit), (narrow_source, narrow_edit) = results
     assert torch.equal(narrow_source.latents, exact_source.latents)  # recording is exact; only storage narrows
     assert narrow_edit.stats["cache_bytes"] < 0.6 * exact_edit.stats["cache_bytes"]
-    assert close(narrow_edit.latents, exact_edit.latents, rtol=5e-2)
+    assert close(narrow_edit.latents, exact_edit.latents, rtol=5e-4)  # measured 3.0e-4
 
 
 def test_stochastic_scheduler_needs_reproducible_noise():

@@ -39,8 +39,21 @@ def test_mask_of_the_wrong_dtype_or_values():
     with pytest.raises(fisedit.MaskError, match="must be a torch.Tensor"):
         with compiled.sparse([[True]]):
             pass
-    with compiled.sparse(torch.ones(16, 16)):  # 0/1 floats are accepted
-        pass
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int64])
+def test_a_0_1_mask_of_another_dtype_is_the_bool_mask(dtype):
+    compiled, inputs = recorded()
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:5, 9:14] = True
+    new_inputs = unet_inputs(compiled.unet, size=16, seed=1)
+    with compiled.sparse(mask):
+        want, active = compiled(**new_inputs).sample, compiled.active_pixels()
+    with compiled.sparse(mask.to(dtype)):
+        got = compiled(**new_inputs).sample
+        assert torch.equal(compiled.active_pixels(), active)
+    assert torch.equal(got, want)
+    assert not active.all()
 
 
 def test_sparse_before_any_record():

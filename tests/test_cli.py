@@ -1,0 +1,107 @@
+"""The `fisedit` command line through `main`: what each command writes, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fisedit_compiler.cli import main
+
+LATENT = 16
+SMALL = ["--latent-size", str(LATENT), "--steps", "4", "--quiet"]
+
+
+def overlay_marks(folder, name: str) -> np.ndarray:
+    """(H, W) bool at image resolution: where a mask picture differs from the source (it blends red in there)."""
+    def pixels(file):
+        return np.asarray(Image.open(folder / file).convert("RGB")).astype(int)
+
+    return (pixels(name) != pixels("source.png")).any(axis=-1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_demo_writes_pictures_and_a_report(tmp_path, capsys):
+    assert main(["demo", *SMALL, "--out", str(tmp_path)]) == 0
+    for name in ["source.png", "edited_1.png", "edited_2.png", "mask_1.png", "mask_2.png", "report.md", "report.json"]:
+        assert (tmp_path / name).is_file(), name
+    assert Image.open(tmp_path / "source.png").size == (8 * LATENT, 8 * LATENT)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [e["edit"] for e in report["edits"]] == [1, 2]
+    phases = {row["phase"]: row for row in report["phases"]}
+    assert phases["source (record)"]["unet_calls"] == 4
+    assert phases["edit 2: sparse"]["unet_calls"] == 4  # the given mask: sparse from the first step
+    assert 0 < report["edits"][1]["mask_fraction"] < 0.5
+    # a few noise pixels are red already, so blending red over them changes nothing
+    assert overlay_marks(tmp_path, "mask_2.png").mean() == pytest.approx(report["edits"][1]["mask_fraction"],
+                                                                         abs=2e-3)
+    assert "| phase |" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_edit_with_a_mask_image_recomputes_that_region(tmp_path):
+    mask = np.zeros((8 * LATENT, 8 * LATENT), dtype=np.uint8)
+    mask[8 * 3:8 * 7, 8 * 2:8 * 9] = 255  # latent pixels rows 3..6, columns 2..8, drawn at image resolution
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    args = ["edit", *SMALL, "--prompt", "a cabin in the woods", "--edit", "a red cabin in the woods",
+            "--mask", str(tmp_path / "mask.png"), "--block-size", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    # block size 1 and the default halo of one latent pixel: the region is the box grown by one pixel each side
+    assert report["edits"][0]["mask_fraction"] == pytest.approx(6 * 9 / LATENT ** 2)
+    marks = overlay_marks(out, "mask.png")
+    expected = np.zeros((LATENT, LATENT), dtype=bool)
+    expected[2:8, 1:10] = True
+    assert np.array_equal(marks, np.kron(expected, np.ones((8, 8), dtype=bool)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask", "missing.png"], "mask image missing.png does not exist"),
+    (["--model", "no/such/folder"], "pipeline folder 'no/such/folder' does not exist"),
+    (["--edit", "word " * 100], "tokens long"),
+])
+def test_edit_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
+    base = ["edit", *SMALL, "--prompt", "a cabin", "--out", str(tmp_path)]
+    if "--edit" not in args:
+        base += ["--edit", "a red cabin"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fisedit edit: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_a_mask_image_of_the_wrong_size_is_an_error(tmp_path, capsys):
+    Image.fromarray(np.zeros((20, 20), dtype=np.uint8)).save(tmp_path / "mask.png")
+    args = ["edit", *SMALL, "--prompt", "a cabin", "--edit", "a red cabin", "--mask", str(tmp_path / "mask.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "is 20x20 pixels, but the latents are 16x16: draw it at 16x16 (latent resolution) or 128x128" in err
+
+
+def test_inspect_writes_its_table_and_mask_levels(tmp_path, capsys):
+    args = ["inspect", "--latent-size", str(LATENT), "--mask-fraction", "0.1", "--no-svg", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert (tmp_path / "mask_levels.png").is_file()
+    assert list(tmp_path.rglob("*.dot"))
+    assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_unknown_arguments_are_argparse_errors(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["edit", "--prompt", "a cabin"])  # --edit is required
+    assert exit_.value.code == 2
+    assert "--edit" in capsys.readouterr().err
+
+
+def test_the_mask_image_is_read_at_latent_resolution_too(tmp_path):
+    from fisedit_compiler.editing.mask_image import load_mask_image
+
+    pixels = np.zeros((LATENT, LATENT), dtype=np.uint8)
+    pixels[4, 5] = 255
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    mask = load_mask_image(tmp_path / "mask.png", (LATENT, LATENT))
+    assert mask.dtype == torch.bool and mask.sum() == 1 and mask[4, 5]
