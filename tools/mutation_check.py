@@ -1,0 +1,187 @@
+"""Mutation check: break the code on purpose, one targeted way at a time, and see the tests that guard it fail.
+
+Each mutation replaces one exact piece of source text (it must occur exactly once: a mutation that no longer applies
+is an error, so that the list stays true to the code) in a copy of the repository, then runs the tests named for
+it there. A mutation is *killed* when those tests fail, and *survives* when they pass: a survivor is a gap in the
+suite. The working tree is never modified.
+
+    .venv/bin/python tools/mutation_check.py            # every mutation (about 10 minutes on 2 CPU cores)
+    .venv/bin/python tools/mutation_check.py halo-1     # some, by name
+    .venv/bin/python tools/mutation_check.py --list
+
+Not part of CI: it runs the relevant tests once per mutation. Exit status 1 if a mutation survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    file: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "write-back-off", "sparse calls never write their fresh blocks back into the cache",
+        "fisedit_compiler/runtime/ops.py",
+        "    if not ctx.write_back:\n        return\n", "    return\n",
+        ("tests/test_editing.py::test_a_continuous_edit_builds_on_the_activations_the_previous_edit_wrote_back",
+         "tests/test_editing.py::test_session_end_to_end"),
+    ),
+    Mutation(
+        "control-off", "cross-attention control keeps the fresh maps instead of injecting the source's",
+        "fisedit_compiler/runtime/ops.py",
+        "    probs = torch.where(alignment >= 0, aligned, probs)\n", "",
+        ("tests/test_editing.py::test_control_injects_the_source_maps_of_shared_tokens",),
+    ),
+    Mutation(
+        "halo-1", "the halo is one cell smaller at every resolution",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "        h = self.policy.halo\n", "        h = self.policy.halo - 1\n",
+        ("tests/test_contract.py::test_sparse_call_equals_the_masked_dense_reference",
+         "tests/test_contract.py::test_outside_active_blocks_the_output_is_recorded_exactly"),
+    ),
+    Mutation(
+        "fresh-norm-stats", "GroupNorm computes fresh statistics where the policy says recorded",
+        "fisedit_compiler/passes/find_sparse_regions.py",
+        'return None if policy.norm_stats == "recorded" else "dense"', 'return "dense"',
+        ("tests/test_contract.py::test_sparse_call_equals_the_masked_dense_reference",),
+    ),
+    Mutation(
+        "scatter-shifted", "gathered pixels map to the pixels one row below theirs (scatters write wrong blocks)",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "        pixel_to_gathered[windows.rows * res[1] + windows.cols] = torch.arange(",
+        "        pixel_to_gathered[(windows.rows * res[1] + windows.cols + res[1]) % (res[0] * res[1])] = torch.arange(",
+        ("tests/test_contract.py::test_sparse_call_equals_the_masked_dense_reference",
+         "tests/test_contract.py::test_outside_active_blocks_the_output_is_recorded_exactly"),
+    ),
+    Mutation(
+        "step-key-occurrence", "replays ignore which call at a timestep they are (PNDM's and Heun's second calls)",
+        "fisedit_compiler/compiler.py",
+        "            occurrence %= max(1, self.cache.occurrences(timestep_key))\n", "            occurrence = 0\n",
+        ("tests/test_pipeline.py::test_replays_of_schedulers_that_call_twice_at_one_timestep",),
+    ),
+    Mutation(
+        "step-off-by-one", "sparse calls read the record of the step before theirs",
+        "fisedit_compiler/compiler.py",
+        "context.CallContext(self.cache.step(key), mode.plan,",
+        "context.CallContext(self.cache.step(self.cache.steps[max(0, self.cache.steps.index(key) - 1)]), mode.plan,",
+        ("tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely",),
+    ),
+    Mutation(
+        "everything-active", "every pixel counts as active (no sparsity, and a region check must notice)",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "        return pooled[0, 0] > 0\n", "        return pooled[0, 0] >= 0\n",
+        ("tests/test_contract.py::test_outside_active_blocks_the_output_is_recorded_exactly",
+         "tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely"),
+    ),
+    Mutation(
+        "full-region-edit-drops-maps", "an edit whose region is everything records without cross-attention maps",
+        "fisedit_compiler/editing/session.py",
+        "RecordMode(attention_maps=max(0, maps_steps - k))", "RecordMode()",
+        ("tests/test_editing.py::test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps",),
+    ),
+    Mutation(
+        "partial-control-overwrites-maps", "an edit with fewer dense steps than control reads replaces the maps",
+        "fisedit_compiler/editing/session.py",
+        "keep_attention_maps=not new_maps", "keep_attention_maps=False",
+        ("tests/test_editing.py::test_a_sparse_edit_with_fewer_dense_steps_than_control_reads_keeps_the_source_maps",),
+    ),
+]
+
+
+def copy_repository(target: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", ".pytest_cache", "*.egg-info")
+    for name in ["fisedit_compiler", "tests", "benchmarks"]:
+        shutil.copytree(REPO / name, target / name, ignore=ignore)
+    shutil.copy(REPO / "pyproject.toml", target / "pyproject.toml")
+
+
+def apply(mutation: Mutation, root: Path) -> None:
+    path = root / mutation.file
+    text = path.read_text()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(f"mutation {mutation.name}: its text occurs {count} times in {mutation.file}, not once; "
+                         "update the mutation to the current code")
+    path.write_text(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    """Run `tests` in `root` with this interpreter (the copy's package shadows the installed one: `-m` puts the
+    working directory first on sys.path). Returns pytest's exit code (0 passed, 1 tests failed) and its last line."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
+
+
+def check_copy_is_imported(root: Path) -> None:
+    code = "import fisedit_compiler, pathlib; print(pathlib.Path(fisedit_compiler.__file__).resolve())"
+    where = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True).stdout.strip()
+    if not where.startswith(str(root.resolve())):
+        raise SystemExit(f"the copy's package is not the one imported ({where}): mutations would not be seen")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:32} {m.what}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown mutation(s) {unknown}; --list shows them")
+    selected = [known[n] for n in args.names] if args.names else MUTATIONS
+
+    with tempfile.TemporaryDirectory(prefix="fisedit-mutation-") as tmp:  # the tests must pass unmutated
+        root = Path(tmp)
+        copy_repository(root)
+        check_copy_is_imported(root)
+        code, last_line = run_tests(root, tuple(dict.fromkeys(t for m in selected for t in m.tests)))
+        if code != 0:
+            raise SystemExit(f"the tests fail without any mutation ({last_line}): fix them first")
+        print(f"unmutated: {last_line}", flush=True)
+
+    survivors = []
+    for mutation in selected:
+        with tempfile.TemporaryDirectory(prefix="fisedit-mutation-") as tmp:
+            root = Path(tmp)
+            copy_repository(root)
+            apply(mutation, root)
+            start = time.perf_counter()
+            code, last_line = run_tests(root, mutation.tests)
+        # only failing tests kill a mutation; an import or collection error (exit code 2+) says nothing
+        verdict = {0: "SURVIVED", 1: "killed"}.get(code, "ERROR")
+        print(f"{verdict:8} {mutation.name:32} {time.perf_counter() - start:6.1f}s  {last_line}", flush=True)
+        if code != 1:
+            survivors.append(mutation.name)
+    print(f"\n{len(selected) - len(survivors)} of {len(selected)} mutations killed"
+          + (f"; not killed: {', '.join(survivors)}" if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
