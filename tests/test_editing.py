@@ -98,9 +98,18 @@ def test_over_long_prompt_is_an_error():
         align_tokens(tokenizer(), "a cabin", "word " * 100)
 
 
-def session(scheduler="ddim", **policy) -> fisedit.EditSession:
+@functools.lru_cache(maxsize=None)
+def compiled_pipeline(scheduler: str, policy: fisedit.Policy):
+    """A pipeline whose U-Net is compiled with `policy`, shared by the tests so that its graph variants are built
+    once (a session's `generate` starts a fresh cache)."""
     pipe = random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler=scheduler)
-    return fisedit.EditSession(pipe, fisedit.Policy(block_size=2, **policy), num_inference_steps=STEPS)
+    pipe.unet = fisedit.compile(pipe.unet, policy)
+    return pipe
+
+
+def session(scheduler="ddim", **policy) -> fisedit.EditSession:
+    return fisedit.EditSession(compiled_pipeline(scheduler, fisedit.Policy(block_size=2, **policy)),
+                               num_inference_steps=STEPS)
 
 
 @torch.no_grad()
@@ -144,12 +153,19 @@ def test_an_edit_with_the_same_prompt_returns_the_source_without_sparse_steps():
 
 
 class UNetOutputs:
-    """The compiled U-Net's output of every call, per run (`with outputs.run(): ...`)."""
+    """The compiled U-Net's output of every call, per run, while the `with` block lasts."""
 
     def __init__(self, unet):
+        self.unet = unet
         self.runs: list[list[torch.Tensor]] = [[]]
-        unet.register_forward_hook(lambda module, args, output: self.runs[-1].append(
+
+    def __enter__(self) -> UNetOutputs:
+        self._handle = self.unet.register_forward_hook(lambda module, args, output: self.runs[-1].append(
             (output[0] if isinstance(output, tuple) else output.sample).clone()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
 
     def __call__(self, result):
         """Mark the calls made so far as the run of `result`; the next calls belong to a new run."""
@@ -173,16 +189,15 @@ def assert_outside_region_is_the_previous_run(result, previous_outputs, outputs,
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm", "pndm", "euler"])
 def test_session_end_to_end(scheduler):
     s = session(scheduler, mask_dilation=0, halo=0)
-    outputs = UNetOutputs(s.unet)
-    source = outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
-    calls = source.stats["dense"].unet_calls
-    assert calls >= STEPS and source.mask is None
-
-    first = outputs(s.edit("a cabin in the woods with a river"))  # detected mask
-    second = outputs(s.edit("a cabin in the woods with a river at night"))  # continuous: builds on `first`
     user_mask = torch.zeros(LATENT, LATENT, dtype=torch.bool)
     user_mask[3:7, 2:9] = True
-    third = outputs(s.edit("a red cabin in the woods", mask=user_mask))  # given mask, sparse from the first step
+    with UNetOutputs(s.unet) as outputs:
+        source = outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
+        first = outputs(s.edit("a cabin in the woods with a river"))  # detected mask
+        second = outputs(s.edit("a cabin in the woods with a river at night"))  # continuous: builds on `first`
+        third = outputs(s.edit("a red cabin in the woods", mask=user_mask))  # given mask, sparse from step one
+    calls = source.stats["dense"].unet_calls
+    assert calls >= STEPS and source.mask is None
 
     k, _, _ = s.policy.edit_schedule(STEPS)
     runs = [(source, first, k), (first, second, k), (second, third, 0)]
@@ -361,9 +376,9 @@ def test_session_on_other_models_and_settings(arch, options):
         pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     s = fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS,
                             guidance_scale=options.get("guidance_scale", 7.5), noise_seed=options.get("noise_seed"))
-    outputs = UNetOutputs(s.unet)
-    source = outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
-    edit = outputs(s.edit("a red cabin in the woods", mask=box_mask(slice(3, 7), slice(2, 9))))
+    with UNetOutputs(s.unet) as outputs:
+        source = outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
+        edit = outputs(s.edit("a red cabin in the woods", mask=box_mask(slice(3, 7), slice(2, 9))))
     batch = 1 if options.get("guidance_scale", 7.5) <= 1 else 2
     assert all(key.batch == batch for key in s.unet.cache.steps)
     assert_outside_region_is_the_previous_run(edit, outputs.runs[0], outputs.runs[1], 0)
@@ -372,3 +387,27 @@ def test_session_on_other_models_and_settings(arch, options):
     detected = s.edit("a red cabin in the woods at night")  # control, detection and sparse steps on this model
     assert detected.mask is not None
     assert torch.equal(detected.latents[..., ~detected.mask], edit.latents[..., ~detected.mask])
+
+
+@torch.no_grad()
+def test_session_macs_are_every_call_s_macs():
+    """The meter counts MACs on the first call of each kind and reuses them: the totals must equal counting every
+    call (a record call's MACs do not depend on whether it saves attention maps)."""
+    from fisedit_compiler.macs import flop_counter
+
+    s = session()
+    calls = []
+    handle = s.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)),
+                                              with_kwargs=True)
+    try:
+        source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    total = 0
+    for args, kwargs in calls:
+        with flop_counter.FlopCounterMode(display=False) as counter:
+            s.unet.unet(*args, **kwargs)
+        total += counter.get_total_flops() // 2
+    assert len(calls) == STEPS and source.stats["dense"].unet_calls == STEPS
+    assert source.stats["dense"].macs == total
+    assert source.stats["dense"].seconds > 0

@@ -74,31 +74,62 @@ class _Run:
 
 
 class _Meter:
-    """Counts U-Net calls, MACs and seconds into the current phase, via forward hooks on the U-Net."""
+    """Counts U-Net calls, MACs and seconds into the current phase, via forward hooks on the U-Net.
+
+    A call's MACs depend only on its graph variant and mask, so they are counted (with `FlopCounterMode`, which
+    slows the call it watches several-fold) on the first call of each kind (mode object, and whether it records
+    cross-attention maps) and reused for the others. The counted call's seconds are not the U-Net's: the phase
+    gets the mean seconds of its uncounted calls of that kind instead (the counted call's own seconds only where
+    it was the only one).
+    """
 
     def __init__(self, unet: torch.nn.Module):
         self.phases: dict[str, PhaseStats] = {}
         self.phase = "dense"
+        self._macs: dict[tuple, int] = {}
+        self._timed: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of uncounted calls
+        self._counted: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of counted calls
         self._counter = None
+        self._kind: tuple = ()
         self._start = 0.0
         self._handles = [unet.register_forward_pre_hook(self._before), unet.register_forward_hook(self._after)]
 
+    @staticmethod
+    def _call_kind(module) -> tuple:
+        mode = getattr(module, "mode", None)
+        if mode is None:
+            return ("eager",)
+        maps = mode.calls < mode.attention_maps if isinstance(mode, RecordMode) else None
+        return type(mode).__name__, id(mode), maps
+
     def _before(self, module, args):
-        self._counter = flop_counter.FlopCounterMode(display=False)
-        self._counter.__enter__()
+        self._kind = self._call_kind(module)
+        self._counter = None
+        if self._kind not in self._macs:
+            self._counter = flop_counter.FlopCounterMode(display=False)
+            self._counter.__enter__()
         self._start = time.perf_counter()
 
     def _after(self, module, args, output):
         seconds = time.perf_counter() - self._start
-        self._counter.__exit__(None, None, None)
+        key = (self.phase, self._kind)
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._macs[self._kind] = self._counter.get_total_flops() // 2
+            self._counted.setdefault(key, []).append(seconds)
+        else:
+            self._timed.setdefault(key, []).append(seconds)
         stats = self.phases.setdefault(self.phase, PhaseStats())
         stats.unet_calls += 1
-        stats.macs += self._counter.get_total_flops() // 2
-        stats.seconds += seconds
+        stats.macs += self._macs[self._kind]
 
     def close(self) -> dict[str, PhaseStats]:
         for handle in self._handles:
             handle.remove()
+        for key in self._counted.keys() | self._timed.keys():
+            timed, counted = self._timed.get(key, []), self._counted.get(key, [])
+            mean = sum(timed) / len(timed) if timed else None
+            self.phases[key[0]].seconds += sum(timed) + sum(mean if mean is not None else s for s in counted)
         return self.phases
 
 
