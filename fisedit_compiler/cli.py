@@ -79,6 +79,44 @@ def _common(parser: argparse.ArgumentParser, steps: int, latent_size: int) -> No
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _train_shapes(args, argv: list[str]) -> int:
+    """Train (or resume) the embedded shapes model; see fisedit_compiler/training/trainer.py."""
+    import os
+    import shlex
+
+    from .training.trainer import DEFAULT_OUT, TrainConfig, train
+
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        print("note: OMP_WAIT_POLICY=PASSIVE is not set: torch's idle threads spin, and training runs several times "
+              "slower whenever another process uses a core", file=sys.stderr)
+    logging.getLogger("fisedit_compiler.training").setLevel(logging.INFO)
+    config = TrainConfig.preset(
+        tiny=args.tiny, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+        batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, dataset_size=args.dataset_size,
+        threads=args.threads, checkpoint_minutes=args.checkpoint_minutes,
+    )
+    out = train(config, args.work_dir, args.out or DEFAULT_OUT, command=shlex.join(["fisedit", *argv]),
+                progress=not args.quiet)
+    print(f"wrote {out}/ (model card: {out}/README.md)")
+    return 0
+
+
+def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", default="out/train-shapes",
+                        help="checkpoints, latents and the loss log; the same command resumes an interrupted run")
+    parser.add_argument("--out", help="the pipeline folder to write (default: fisedit_compiler/assets/shapes)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="the tiny smoke-test model and step counts")
+    parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the preset's)")
+    parser.add_argument("--vae-batch-size", type=int)
+    parser.add_argument("--dataset-size", type=int, help="scenes encoded for the U-Net phase")
+    parser.add_argument("--unet-steps", type=int, help="U-Net + text encoder training steps")
+    parser.add_argument("--batch-size", type=int, help="U-Net batch size")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 2; 1 with --tiny)")
+    parser.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (default: 5)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution")
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
+    _train_shapes_arguments(
+        commands.add_parser("train-shapes", help="train the embedded shapes model (about 70 min on 2 CPU cores)"))
     return parser
 
 
@@ -102,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "inspect":
             print(inspect_cmd.describe(inspect_cmd.run(args), Path(args.out)))
             return 0
+        if args.command == "train-shapes":
+            return _train_shapes(args, sys.argv[1:] if argv is None else argv)
         if args.command == "demo":
             return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], ellipse(args.latent_size, 0.1))])
         mask = None

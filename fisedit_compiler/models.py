@@ -442,9 +442,9 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(mapping[b]) for b in order]
 
 
-@functools.lru_cache(maxsize=1)
-def _train_bpe_merges() -> tuple[tuple[str, str], ...]:
-    """Learn BPE merges that turn each word of ``_WORDS`` into a single token.
+@functools.lru_cache(maxsize=4)
+def _learn_bpe_merges(word_list: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Learn BPE merges that turn each word of ``word_list`` into a single token.
 
     Plain Sennrich BPE over the word list (every word counted once): repeatedly
     merge the most frequent adjacent symbol pair, ties broken by the pair itself so
@@ -453,7 +453,7 @@ def _train_bpe_merges() -> tuple[tuple[str, str], ...]:
     and frequent sub-words (``ing``, ``th`` ...) get tokens along the way.  Words are
     ASCII lower case, whose bytes map to themselves in the byte-level alphabet.
     """
-    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in dict.fromkeys(_WORDS)]
+    words = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in dict.fromkeys(word_list)]
     merges: list[tuple[str, str]] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -481,11 +481,14 @@ def _apply_merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...
     return tuple(out)
 
 
-def _tokenizer_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """Build the vocabulary in CLIP's layout: bytes, bytes+``</w>``, merges, specials."""
+def _tokenizer_vocab(words: tuple[str, ...] | None = None) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Build the vocabulary in CLIP's layout: bytes, bytes+``</w>``, merges, specials.
+
+    ``words``: the whole-word tokens (lower-case ASCII); ``None``: the default ``_WORDS``.
+    """
     byte_symbols = _bytes_to_unicode()
     tokens = byte_symbols + [s + "</w>" for s in byte_symbols]
-    merges = _train_bpe_merges()
+    merges = _learn_bpe_merges(tuple(_WORDS if words is None else words))
     tokens += ["".join(pair) for pair in merges]
     tokens += list(_SPECIAL_TOKENS)
     # Two different merges can produce the same string (ab+c, a+bc); keep the first id.
@@ -495,22 +498,28 @@ def _tokenizer_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges
 
 
-def write_tokenizer_files(directory: str | Path) -> Path:
+def write_tokenizer_files(
+    directory: str | Path,
+    words: list[str] | tuple[str, ...] | None = None,
+    model_max_length: int = MODEL_MAX_LENGTH,
+) -> Path:
     """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` for a small CLIP BPE.
 
     The files are in the format of ``openai/clip-vit-large-patch14``'s slow
     tokenizer files, so ``CLIPTokenizer.from_pretrained(directory)`` loads them
-    with any transformers version.
+    with any transformers version.  ``words`` (lower-case ASCII) each become one
+    token; ``None`` keeps the default vocabulary of the random pipelines.
+    ``model_max_length`` is the context length prompts are padded / truncated to.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = _tokenizer_vocab()
+    vocab, merges = _tokenizer_vocab(None if words is None else tuple(words))
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merge_lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (directory / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
     tokenizer_config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": model_max_length,
         "bos_token": _SPECIAL_TOKENS[0],
         "eos_token": _SPECIAL_TOKENS[1],
         "unk_token": _SPECIAL_TOKENS[1],
