@@ -39,6 +39,16 @@ def _latent_shape(args, latent: int | None) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def _vae_scale_factor(args) -> int:
+    """Image pixels per latent pixel, as diffusers pipelines compute it from the VAE's config (8 for SD)."""
+    import json
+
+    config = Path(args.model) / "vae" / "config.json" if args.model else None
+    if config is None or not config.is_file():
+        return 8
+    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+
+
 def _pipeline(args):
     from .models import load_pipeline, random_pipeline
 
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         mask = None
         if args.mask:
             latent = args.latent_size if not args.model else None
-            mask = load_mask_image(args.mask, _latent_shape(args, latent))
+            mask = load_mask_image(args.mask, _latent_shape(args, latent), _vae_scale_factor(args))
         return _run(args, args.prompt, [(prompt, mask) for prompt in args.edit])
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)

@@ -105,3 +105,16 @@ def test_the_mask_image_is_read_at_latent_resolution_too(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "mask.png")
     mask = load_mask_image(tmp_path / "mask.png", (LATENT, LATENT))
     assert mask.dtype == torch.bool and mask.sum() == 1 and mask[4, 5]
+
+
+def test_the_mask_image_at_image_resolution_follows_the_vae_scale_factor(tmp_path):
+    """A model whose VAE downsamples 4x (like the embedded shapes model) takes masks drawn at 4x the latents."""
+    from fisedit_compiler.editing.mask_image import load_mask_image
+
+    pixels = np.zeros((4 * LATENT, 4 * LATENT), dtype=np.uint8)
+    pixels[4 * 2:4 * 3, 4 * 7:4 * 9] = 255
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    mask = load_mask_image(tmp_path / "mask.png", (LATENT, LATENT), scale_factor=4)
+    assert mask.sum() == 2 and mask[2, 7] and mask[2, 8]
+    with pytest.raises(ValueError, match="or 128x128 \\(image resolution\\)"):
+        load_mask_image(tmp_path / "mask.png", (LATENT, LATENT))  # SD's factor 8: 64x64 is neither size
