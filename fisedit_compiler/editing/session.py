@@ -91,14 +91,15 @@ class _Meter:
         self._counted: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of counted calls
         self._counter = None
         self._kind: tuple = ()
+        self._modes: dict[int, object] = {}  # every mode seen, kept alive so that no later mode reuses its id
         self._start = 0.0
         self._handles = [unet.register_forward_pre_hook(self._before), unet.register_forward_hook(self._after)]
 
-    @staticmethod
-    def _call_kind(module) -> tuple:
+    def _call_kind(self, module) -> tuple:
         mode = getattr(module, "mode", None)
         if mode is None:
             return ("eager",)
+        self._modes[id(mode)] = mode
         maps = mode.calls < mode.attention_maps if isinstance(mode, RecordMode) else None
         return type(mode).__name__, id(mode), maps
 
