@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .capture import InputSignature, capture
 from .dump import GraphDump
@@ -353,7 +354,9 @@ class CompiledUNet(nn.Module):
         """The graph variants for these inputs, capturing and compiling them on first use."""
         signature = InputSignature.of(inputs)
         if signature not in self._variants:
-            self._variants[signature] = build_variants(self.unet, inputs, self.policy)
+            # Compiling is not the call's work: a MAC counter (a dispatch mode) watching the call must not see it.
+            with _disable_current_modes():
+                self._variants[signature] = build_variants(self.unet, inputs, self.policy)
         return self._variants[signature]
 
 
