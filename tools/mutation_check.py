@@ -5,7 +5,7 @@ is an error, so that the list stays true to the code) in a copy of the repositor
 it there. A mutation is *killed* when those tests fail, and *survives* when they pass: a survivor is a gap in the
 suite. The working tree is never modified.
 
-    .venv/bin/python tools/mutation_check.py            # every mutation (about 10 minutes on 2 CPU cores)
+    .venv/bin/python tools/mutation_check.py            # every mutation (about 3 minutes on 2 CPU cores)
     .venv/bin/python tools/mutation_check.py halo-1     # some, by name
     .venv/bin/python tools/mutation_check.py --list
 
