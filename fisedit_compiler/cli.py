@@ -27,26 +27,28 @@ def ellipse(size: int, fraction: float) -> torch.Tensor:
     return ((yy - 0.55 * size) / ry) ** 2 + ((xx - 0.35 * size) / (ry / 1.5)) ** 2 <= 1
 
 
+def _component_config(args, component: str) -> dict | None:
+    """The `config.json` of a component folder of `--model`, or None (no model folder, or no such file)."""
+    import json
+
+    config = Path(args.model) / component / "config.json" if args.model else None
+    return json.loads(config.read_text()) if config is not None and config.is_file() else None
+
+
 def _latent_shape(args, latent: int | None) -> tuple[int, int]:
     if latent is not None:
         return latent, latent
-    import json
-
-    config = Path(args.model) / "unet" / "config.json"
-    size = json.loads(config.read_text())["sample_size"] if config.is_file() else None
+    size = (_component_config(args, "unet") or {}).get("sample_size")
     if size is None:
-        raise FileNotFoundError(f"{config} is missing: {args.model} is not a diffusers pipeline folder")
+        raise FileNotFoundError(f"{Path(args.model) / 'unet' / 'config.json'} is missing: {args.model} is not a "
+                                "diffusers pipeline folder")
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def _vae_scale_factor(args) -> int:
     """Image pixels per latent pixel, as diffusers pipelines compute it from the VAE's config (8 for SD)."""
-    import json
-
-    config = Path(args.model) / "vae" / "config.json" if args.model else None
-    if config is None or not config.is_file():
-        return 8
-    return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    vae = _component_config(args, "vae")
+    return 8 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def _pipeline(args):

@@ -10,8 +10,8 @@ import torch
 
 import fisedit_compiler as fisedit
 from fisedit_compiler.compiler import ControlMode
-from fisedit_compiler.editing.session import PhaseStats
 from fisedit_compiler.editing.mask_detection import detect_mask, difference_map, otsu_threshold
+from fisedit_compiler.editing.session import PhaseStats
 from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_tokens
 from fisedit_compiler.models import random_pipeline, random_tokenizer
 from fisedit_compiler.runtime.cache import RecordCache
