@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -31,6 +34,32 @@ def test_layout_covers_the_dilated_mask_with_blocks(seed, block):
         # every block holds at least one active cell
         for by, bx in layout.blocks.tolist():
             assert active[by * b:(by + 1) * b, bx * b:(bx + 1) * b].any()
+
+
+def test_a_plan_memoises_what_it_builds():
+    plan = MaskPlan(random_mask(16, 12, 0), Policy(block_size=2))
+    spec = ConvWindows((16, 12), (8, 6), (3, 3), (2, 2), (1, 1), (1, 1))
+    assert plan.active_map((8, 6)) is plan.active_map([8, 6])
+    assert plan.layout((8, 6)) is plan.layout([8, 6])
+    assert plan.gather_index(spec, True) is plan.gather_index(spec, from_gathered=True)
+    assert plan.gather_index(spec, False) is not plan.gather_index(spec, True)
+    assert plan.gather_indices_built == 2
+    assert MaskPlan(random_mask(16, 12, 0), Policy(block_size=2)).gather_indices_built == 0  # nothing shared
+
+
+def test_dropped_plans_are_freed():
+    """Memoised layouts and indices live on the plan: once dropped, a plan and its tensors are freed (a cache on
+    the class would keep every plan alive)."""
+    refs = []
+    for seed in range(3):
+        plan = MaskPlan(random_mask(16, 12, seed), Policy(block_size=2))
+        plan.active_pixels((16, 12))
+        plan.gather_index(ConvWindows((16, 12), (8, 6), (3, 3), (2, 2), (1, 1), (1, 1)), True)
+        plan.gather_index(FullImage((8, 6)), True)
+        refs.append((weakref.ref(plan), weakref.ref(plan.layout((8, 6)).pixel_to_gathered)))
+        del plan
+    gc.collect()
+    assert all(plan() is None and index() is None for plan, index in refs)
 
 
 def naive_gather(fresh_full, recorded, coords_fn, active, n_windows, size, res):

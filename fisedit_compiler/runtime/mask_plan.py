@@ -16,7 +16,6 @@ sparse variant:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 
@@ -175,6 +174,9 @@ class MaskPlan:
     `mask` is a bool tensor at latent resolution, `(H, W)` or `(B, 1, H, W)`. Compute runs on the union of the
     batch items' masks, so that every batch item (e.g. CFG's unconditional and conditional halves) gathers the
     same blocks.
+
+    Each plan memoises what it builds in dicts of its own (not in a class-level cache), so that a dropped plan
+    frees its index tensors and weight copies.
     """
 
     def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None,
@@ -188,6 +190,9 @@ class MaskPlan:
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
         union = mask.reshape(-1, *mask.shape[-2:]).any(dim=0)
         self._union = union[None, None].float()
+        self._active_maps: dict[Resolution, torch.Tensor] = {}
+        self._layouts: dict[Resolution, BlockLayout] = {}
+        self._gather_indices: dict[tuple[WindowSpec, bool], GatherIndex] = {}
 
     @property
     def latent_res(self) -> Resolution:
@@ -195,10 +200,12 @@ class MaskPlan:
 
     def active_map(self, res: Resolution) -> torch.Tensor:
         """The (H, W) bool map of cells active at `res`: max-pooled from the latents, dilated by the halo."""
-        return self._active_map(tuple(res))
+        res = tuple(res)
+        if res not in self._active_maps:
+            self._active_maps[res] = self._build_active_map(res)
+        return self._active_maps[res]
 
-    @functools.lru_cache(maxsize=None)
-    def _active_map(self, res: Resolution) -> torch.Tensor:
+    def _build_active_map(self, res: Resolution) -> torch.Tensor:
         pooled = F.adaptive_max_pool2d(self._union, res)
         h = self.policy.halo
         if h:
@@ -221,10 +228,12 @@ class MaskPlan:
         return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)
 
     def layout(self, res: Resolution) -> BlockLayout:
-        return self._layout(tuple(res))
+        res = tuple(res)
+        if res not in self._layouts:
+            self._layouts[res] = self._build_layout(res)
+        return self._layouts[res]
 
-    @functools.lru_cache(maxsize=None)
-    def _layout(self, res: Resolution) -> BlockLayout:
+    def _build_layout(self, res: Resolution) -> BlockLayout:
         b = self.block_size(res)
         active = self.active_map(res)
         grid = active.reshape(res[0] // b, b, res[1] // b, b).any(dim=3).any(dim=1)
@@ -236,9 +245,19 @@ class MaskPlan:
         )
         return BlockLayout(res, b, blocks, pixel_to_gathered)
 
-    @functools.lru_cache(maxsize=None)
     def gather_index(self, spec: WindowSpec, from_gathered: bool) -> GatherIndex:
         """Indices for reading `spec` from a gathered tensor (plus its recorded full value) or from a full one."""
+        key = (spec, bool(from_gathered))
+        if key not in self._gather_indices:
+            self._gather_indices[key] = self._build_gather_index(spec, key[1])
+        return self._gather_indices[key]
+
+    @property
+    def gather_indices_built(self) -> int:
+        """How many gather indices this plan has built so far."""
+        return len(self._gather_indices)
+
+    def _build_gather_index(self, spec: WindowSpec, from_gathered: bool) -> GatherIndex:
         c = spec.coords(self)
         w = spec.source_res[1]
         flat = (c.rows.clamp(0, spec.source_res[0] - 1) * w + c.cols.clamp(0, w - 1))
