@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .capture import InputSignature, capture
 from .dump import GraphDump
+from .editing.inputs import MaskError, as_mask  # MaskError: re-exported here
 from .passes.annotate_spatial_layout import annotate_spatial_layout
 from .passes.broadcast_over_blocks import broadcast_over_blocks
 from .ir import CacheRef
@@ -144,10 +145,6 @@ def unet_channels(unet: nn.Module) -> dict[int, int]:
     return {2 ** i: int(c) for i, c in enumerate(widths)}
 
 
-class MaskError(ValueError):
-    """A mask of the wrong shape, dtype or values."""
-
-
 @dataclasses.dataclass
 class RecordMode:
     """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps."""
@@ -247,27 +244,10 @@ class CompiledUNet(nn.Module):
         drivers that set `mode` themselves call it before each pipeline run."""
         self._calls_per_timestep.clear()
 
-    def _check_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        if not isinstance(mask, torch.Tensor):
-            raise MaskError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            if mask.dtype.is_complex or not ((mask == 0) | (mask == 1)).all():
-                raise MaskError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype} with other values")
-            mask = mask != 0
+    def _check_mask(self, mask: Any) -> torch.Tensor:
+        """`mask` as a bool tensor for the recorded latents; `editing.inputs.as_mask` says what is accepted."""
         latent = self.cache.latent_shape
-        h, w = latent[-2:]
-        if mask.dim() == 2:
-            ok = tuple(mask.shape) == (h, w)
-        elif mask.dim() == 4:
-            ok = mask.shape[1] == 1 and tuple(mask.shape[2:]) == (h, w) and mask.shape[0] in (1, latent[0])
-        else:
-            ok = False
-        if not ok:
-            raise MaskError(
-                f"mask has shape {tuple(mask.shape)} but the latents are {h}x{w} (batch {latent[0]}): "
-                f"pass a ({h}, {w}) mask or a ({latent[0]}, 1, {h}, {w}) one"
-            )
-        return mask
+        return as_mask(mask, tuple(latent[-2:]), batch=latent[0])
 
     def active_pixels(self) -> torch.Tensor:
         """Inside `sparse()`: the (H, W) bool map of latent pixels that a sparse call recomputes (the active blocks

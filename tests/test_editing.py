@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fisedit_compiler as fisedit
 from fisedit_compiler.compiler import ControlMode
 from fisedit_compiler.editing.mask_detection import detect_mask, difference_map, otsu_threshold
+from fisedit_compiler.editing import session as session_module
 from fisedit_compiler.editing.session import PhaseStats
 from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_tokens
 from fisedit_compiler.models import random_pipeline, random_tokenizer
@@ -275,6 +278,76 @@ def box_mask(rows: slice, cols: slice) -> torch.Tensor:
     mask[rows, cols] = True
     return mask
 
+
+
+@torch.no_grad()
+def test_a_user_mask_may_be_a_numpy_array_or_a_pil_image():
+    """Every accepted form of a mask edits the same region the same way as the bool tensor."""
+    s = session(mask_dilation=0, halo=0)
+    box = box_mask(slice(3, 7), slice(2, 9))
+    f = s.pipe.vae_scale_factor
+    forms = {
+        "tensor": box,
+        "numpy 0/1 uint8": box.numpy().astype(np.uint8),
+        "numpy (1, 1, H, W) bool": box.numpy()[None, None],
+        "PIL at image resolution": Image.fromarray(np.kron(box.numpy(), np.ones((f, f), dtype=np.uint8)) * 255),
+    }
+    results = {}
+    for name, mask in forms.items():
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        results[name] = s.edit("a red cabin in the woods", mask=mask)
+    want = results["tensor"]
+    assert want.mask[box].all() and not want.mask.all()
+    for name, got in results.items():
+        assert torch.equal(got.mask, want.mask) and torch.equal(got.latents, want.latents), name
+
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_the_meter_reads_the_clock_after_cuda_has_finished(monkeypatch, device):
+    """On CUDA the session's meter synchronises before reading the clock, so that it times kernels, not launches."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(f"synchronize {device}"))
+    monkeypatch.setattr(session_module.time, "perf_counter", lambda: events.append("clock") or float(len(events)))
+
+    class Model(torch.nn.Module):
+        def forward(self, x):
+            events.append("call")
+            return x * 2
+
+    model = Model()
+    model.device = torch.device(device)
+    meter = session_module._Meter(model)
+    model(torch.ones(3))
+    meter.close()
+    sync = [f"synchronize {device}"] if device == "cuda" else []
+    assert events == [*sync, "clock", "call", *sync, "clock"]
+
+
+def test_edit_rejects_what_is_not_a_prompt_or_a_mask_before_running():
+    s = session()
+    with pytest.raises(TypeError, match=r"prompt must be one str \(the text of the image\), got NoneType \(None\)"):
+        s.edit(None)
+    with pytest.raises(TypeError, match=r"got NoneType"):
+        s.generate(None)
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    for prompt, given in [(None, "NoneType"), (42, "int"), (["a cabin", "a red cabin"], "list")]:
+        with pytest.raises(TypeError, match=f"prompt must be one str .*got {given}"):
+            s.edit(prompt, mask=torch.ones(LATENT, LATENT, dtype=torch.bool))
+    bad_masks = [
+        (torch.full((LATENT, LATENT), float("nan")), r"hold only 0 and 1, got a tensor .* \(e.g. nan\)"),
+        (torch.full((LATENT, LATENT), 0.7), r"hold only 0 and 1, got a tensor .* \(e.g. 0.7\)"),  # was thresholded
+        (np.full((LATENT, LATENT), 0.7), r"hold only 0 and 1, got a NumPy array of dtype float64"),
+        (torch.ones(LATENT, LATENT, dtype=torch.cfloat), r"got a complex tensor"),
+        (np.ones((2, 1, LATENT, LATENT), dtype=bool), r"mask has shape \(2, 1, 16, 16\) but the latents are 16x16: "
+                                                      r"pass a \(16, 16\) mask"),
+        (Image.new("1", (20, 20)), r"mask image is 20x20 pixels, but the latents are 16x16: draw it at 16x16 "
+                                   r"\(latent resolution\) or 128x128 \(image resolution\)"),
+        ("mask.png", r"must be a torch.Tensor, a NumPy array or a PIL image .*got str"),
+    ]
+    for mask, message in bad_masks:
+        with pytest.raises(fisedit.MaskError, match=message):
+            s.edit("a red cabin", mask=mask)
 
 @torch.no_grad()
 def test_a_continuous_edit_builds_on_the_activations_the_previous_edit_wrote_back():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fisedit_compiler as fisedit
 from conftest import tiny_unet, unet_inputs
@@ -54,6 +56,69 @@ def test_a_0_1_mask_of_another_dtype_is_the_bool_mask(dtype):
         assert torch.equal(compiled.active_pixels(), active)
     assert torch.equal(got, want)
     assert not active.all()
+
+
+def _box() -> torch.Tensor:
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:5, 9:14] = True
+    return mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("form", [
+    "numpy bool", "numpy 0/1 float", "numpy (B, 1, H, W)", "tensor (1, H, W)", "PIL mode 1", "PIL mode L",
+])
+def test_numpy_arrays_and_pil_images_are_masks_too(form):
+    """The compiled module takes a mask as a bool or 0/1 tensor, NumPy array or PIL image (white: edit), each the
+    same as the bool tensor."""
+    compiled, _ = recorded()
+    mask = _box()
+    array = mask.numpy()
+    given = {
+        "numpy bool": array,
+        "numpy 0/1 float": array.astype(np.float32),
+        "numpy (B, 1, H, W)": np.stack([array, array])[:, None],
+        "tensor (1, H, W)": mask[None].to(torch.float16),
+        "PIL mode 1": Image.fromarray(array),
+        "PIL mode L": Image.fromarray(array.astype(np.uint8) * 255),
+    }[form]
+    new_inputs = unet_inputs(compiled.unet, size=16, seed=1)
+    with compiled.sparse(mask):
+        want, active = compiled(**new_inputs).sample, compiled.active_pixels()
+    with compiled.sparse(given):
+        got = compiled(**new_inputs).sample
+        assert torch.equal(compiled.active_pixels(), active)
+    assert torch.equal(got, want)
+    assert not active.all()
+
+
+@pytest.mark.parametrize("mask, message", [
+    (torch.full((16, 16), float("nan")), r"bool or hold only 0 and 1, got a tensor of dtype torch.float32 with other "
+                                         r"values \(e.g. nan\)"),
+    (torch.where(_box(), 0.7, 0.0), r"bool or hold only 0 and 1, got a tensor .* other values \(e.g. 0.7\)"),
+    (np.full((16, 16), 0.7), r"got a NumPy array of dtype float64 with other values \(e.g. 0.7\)"),
+    (torch.ones(16, 16, dtype=torch.complex64), r"bool or hold only 0 and 1, got a complex tensor"),
+    (np.ones((16, 16), dtype=np.complex128), r"got a complex NumPy array \(complex128\)"),
+    (np.full((16, 16), "1"), r"got a NumPy array of dtype <U1"),
+    (np.ones((1, 16), dtype=bool), r"mask has shape \(1, 16\) but the latents are 16x16 \(batch 2\): pass a "
+                                   r"\(16, 16\) mask or a \(2, 1, 16, 16\) one, a bool or 0/1 torch.Tensor, NumPy "
+                                   r"array or PIL image"),
+    (Image.new("L", (20, 20)), r"mask image is 20x20 pixels, but the latents are 16x16: draw it at 16x16"),
+    ([[True]], r"must be a torch.Tensor, a NumPy array or a PIL image \(bool, or 0/1 values\), got list"),
+    (None, r"got NoneType"),
+])
+def test_masks_that_are_not_bool_or_0_1_maps_at_latent_resolution(mask, message):
+    compiled, _ = recorded()
+    with pytest.raises(fisedit.MaskError, match=message):
+        with compiled.sparse(mask):
+            pass
+
+
+def test_mask_error_is_one_class():
+    from fisedit_compiler.compiler import MaskError
+    from fisedit_compiler.editing.inputs import MaskError as InputsMaskError
+
+    assert MaskError is InputsMaskError is fisedit.MaskError and issubclass(MaskError, ValueError)
 
 
 def test_sparse_before_any_record():

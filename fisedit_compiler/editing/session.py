@@ -29,6 +29,7 @@ from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compil
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
+from .inputs import as_mask, check_prompt
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
 
@@ -80,7 +81,8 @@ class _Meter:
     slows the call it watches several-fold) on the first call of each kind (mode object, and whether it records
     cross-attention maps) and reused for the others. The counted call's seconds are not the U-Net's: the phase
     gets the mean seconds of its uncounted calls of that kind instead (the counted call's own seconds only where
-    it was the only one).
+    it was the only one). On CUDA the clock is read after `torch.cuda.synchronize`, so that a call's seconds are
+    its kernels', not their launches'.
     """
 
     def __init__(self, unet: torch.nn.Module):
@@ -109,9 +111,11 @@ class _Meter:
         if self._kind not in self._macs:
             self._counter = flop_counter.FlopCounterMode(display=False)
             self._counter.__enter__()
+        _synchronize(module)
         self._start = time.perf_counter()
 
     def _after(self, module, args, output):
+        _synchronize(module)
         seconds = time.perf_counter() - self._start
         key = (self.phase, self._kind)
         if self._counter is not None:
@@ -132,6 +136,13 @@ class _Meter:
             mean = sum(timed) / len(timed) if timed else None
             self.phases[key[0]].seconds += sum(timed) + sum(mean if mean is not None else s for s in counted)
         return self.phases
+
+
+def _synchronize(module: torch.nn.Module) -> None:
+    """Wait for the kernels queued on the module's CUDA device (no-op elsewhere)."""
+    device = getattr(module, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class EditSession:
@@ -183,7 +194,7 @@ class EditSession:
                  latents: torch.Tensor | None = None) -> EditResult:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
         recorded. Starts a new session history."""
-        token_ids(self.pipe.tokenizer, prompt)  # a clear error for an over-long prompt
+        token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
         if latents is None:
             shape = (1, self.pipe.unet.config.in_channels, self.height // self.pipe.vae_scale_factor,
                      self.width // self.pipe.vae_scale_factor)
@@ -203,9 +214,12 @@ class EditSession:
         self._source = _Run(prompt, prompt, trajectory, result)
         return result
 
-    def edit(self, prompt: str, mask: torch.Tensor | None = None) -> EditResult:
+    def edit(self, prompt: str, mask: Any = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
-        detected; with one (bool, latent resolution (H, W)), that region is recomputed."""
+        detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
+        (H, W), or a PIL image at latent or image resolution (white = edit); see `editing.inputs.as_mask`. A mask of
+        another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
+        check_prompt(prompt)
         if self._source is None:
             raise RuntimeError("edit() needs a source image: call generate(prompt) first")
         token_ids(self.pipe.tokenizer, prompt)
@@ -213,7 +227,8 @@ class EditSession:
         if mask is None:
             k, t1, t2 = self.policy.edit_schedule(self.num_inference_steps)
         else:
-            mask = self._check_user_mask(mask)
+            h, w = self._latents.shape[-2:]
+            mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
             k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
@@ -293,14 +308,6 @@ class EditSession:
         if self.guidance_scale > 1:
             return torch.stack([torch.arange(conditional.numel()), conditional])
         return conditional[None]
-
-    def _check_user_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        h, w = self._latents.shape[-2:]
-        mask = mask.squeeze()
-        if mask.dim() != 2 or tuple(mask.shape) != (h, w):
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but the latents are {h}x{w}: pass an ({h}, {w}) "
-                             "mask at latent resolution (image size / 8)")
-        return mask.bool() if mask.dtype == torch.bool or ((mask == 0) | (mask == 1)).all() else mask > 0.5
 
     def _call_pipeline(self, prompt: str, on_step_end) -> list:
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
