@@ -5,6 +5,7 @@
     compiled = torch.compile(pipe.unet, backend="fisedit")   # with fisedit.record(compiled): ...
 """
 
+from .adapters import ModelAdapter, UNet2DConditionAdapter, UnsupportedModelError, register_adapter
 from .backend import GraphBreakError, backend, record, sparse
 from .compiler import CompiledUNet, MaskError, compile
 from .editing.session import EditResult, EditSession
@@ -12,5 +13,8 @@ from .passes.find_sparse_regions import UnsupportedOpError
 from .policy import Policy
 from .runtime.cache import StepNotRecordedError
 
-__all__ = ["compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError", "UnsupportedOpError",
-           "backend", "record", "sparse", "GraphBreakError"]
+__all__ = [
+    "compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError",
+    "UnsupportedOpError", "backend", "record", "sparse", "GraphBreakError", "ModelAdapter", "UNet2DConditionAdapter",
+    "UnsupportedModelError", "register_adapter",
+]

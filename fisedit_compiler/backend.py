@@ -14,16 +14,17 @@ the name "fisedit" through the ``torch_dynamo_backends`` entry point (so ``backe
 importing this package first) and when this module is imported.
 
 One implementation, two entry points. Inside `record()`/`sparse()`, the first call of each input signature lowers
-dynamo's graph with `capture` (non-strict `torch.export` of the graph, called with the call's real inputs and the
-latents named as `capture` names them), and `build_variants` runs the same pass pipelines as `fisedit.compile`.
+dynamo's graph with `capture` (non-strict `torch.export` of the graph, called with the call's real inputs), and
+`build_variants` runs the same pass pipelines as `fisedit.compile`. The model's adapter says which of the call's
+inputs carry pixels; the graph inputs that *are* those tensors get their layouts.
 Each call then goes through `CompiledUNet.forward` itself (modes, mask checks, step keys, record cache, runtime
 context), which runs the variant of the dynamo graph instead of a variant of its own capture. Results are those of
 `fisedit.compile` on the same inputs.
 
 How a graph finds its call: `record()`/`sparse()` wrap the compiled module's `forward` for the duration of the
 block; the wrapper notes the call's arguments in a context variable, and the graph that dynamo runs inside the
-call reads them. The latents are the graph input that *is* the call's `sample` tensor, so no dynamo naming
-convention is relied on. A U-Net that dynamo splits at a graph break cannot run record or sparse calls (a piece
+call reads them. The latents (and any other input with pixels) are the graph inputs that *are* the call's tensors,
+so no dynamo naming convention is relied on. A U-Net that dynamo splits at a graph break cannot run record or sparse calls (a piece
 after the break does not see the latents, and would compute dense): `GraphBreakError` names the break.
 See docs/backend.md.
 """
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -42,7 +43,9 @@ import torch._dynamo
 import torch.fx as fx
 from torch import nn
 
+from .adapters import ModelAdapter
 from .capture import InputSignature
+from .ir import InputLayout
 from .compiler import CompiledUNet, Variants, build_variants
 from .policy import Policy
 from .runtime.cache import RecordCache
@@ -54,9 +57,12 @@ class GraphBreakError(RuntimeError):
     """dynamo split a U-Net call into several graphs, and record or sparse calls need it in one."""
 
 
-def backend(policy: Policy | None = None) -> Callable[[fx.GraphModule, list], FisEditGraph]:
+def backend(
+    policy: Policy | None = None, adapter: type[ModelAdapter] | None = None,
+) -> Callable[[fx.GraphModule, list], FisEditGraph]:
     """A torch.compile backend that makes FISEdit record/sparse variants with `policy`:
-    ``torch.compile(unet, backend=fisedit.backend(policy))``. ``backend="fisedit"`` is ``backend()``."""
+    ``torch.compile(unet, backend=fisedit.backend(policy))``. ``backend="fisedit"`` is ``backend()``. `adapter`:
+    the model adapter class, if the model's class has no registered one (see `fisedit.compile`)."""
     policy = policy or Policy()
 
     def fisedit_backend(gm: fx.GraphModule, example_inputs: list) -> FisEditGraph:
@@ -65,6 +71,7 @@ def backend(policy: Policy | None = None) -> Callable[[fx.GraphModule, list], Fi
         return FisEditGraph(gm, policy)
 
     fisedit_backend.fisedit_policy = policy  # how `session()` finds the policy of a compiled module
+    fisedit_backend.fisedit_adapter = adapter
     return fisedit_backend
 
 
@@ -96,13 +103,13 @@ class FisEditGraph:
             return self.graph_module(*args)
         return call.run(self, args)
 
-    def variants(self, inputs: dict[str, Any]) -> Variants:
+    def variants(self, inputs: dict[str, Any], layouts: dict[str, InputLayout]) -> Variants:
         """The graph variants for these inputs (by graph input name, the latents as `sample`; see `_Call.run`),
-        lowered and compiled on first use."""
+        lowered and compiled on first use. `layouts`: the inputs with pixels, by name."""
         signature = InputSignature.of(inputs)
         if signature not in self._variants:
             lowered = _GraphCall(self.graph_module, list(inputs), self.scalar_inputs)
-            self._variants[signature] = build_variants(lowered, inputs, self.policy)
+            self._variants[signature] = build_variants(_GraphAdapter(lowered, layouts), inputs, self.policy)
         return self._variants[signature]
 
 
@@ -120,6 +127,26 @@ class _GraphCall(nn.Module):
         args = [torch.tensor(inputs[n], dtype=self.scalar_inputs[n]) if n in self.scalar_inputs else inputs[n]
                 for n in self.names]
         return self.graph_module(*args)
+
+
+class _GraphAdapter(ModelAdapter):
+    """The adapter of a dynamo graph lowered as a `_GraphCall`: its inputs are the graph's, by name; those with
+    pixels are the ones the model's own adapter named, found by identity in `_Call.run`."""
+
+    latents = "sample"
+
+    def __init__(self, graph: _GraphCall, layouts: dict[str, InputLayout]):
+        self.layouts = layouts
+        super().__init__(graph)
+
+    def check_signature(self) -> None:  # the graph takes whatever dynamo passes it
+        pass
+
+    def input_layouts(self, inputs: dict[str, Any]) -> list[InputLayout]:
+        return [self.layouts.get(name, InputLayout(name, None)) for name in inputs]
+
+    def call(self, inputs: dict[str, Any]) -> Any:
+        return self.model(**inputs)
 
 
 def _graph_break(gm: fx.GraphModule) -> str | None:
@@ -142,8 +169,8 @@ class _GraphModes(CompiledUNet):
     """A `CompiledUNet` whose `forward` (modes, checks, step keys, record cache, call contexts) runs as it is, on
     the variants of the dynamo graph being called rather than on a capture of the U-Net."""
 
-    def __init__(self, module: nn.Module, policy: Policy):
-        super().__init__(module, policy)
+    def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None):
+        super().__init__(module, policy, adapter)
         self.running: _RunningGraph | None = None
 
     def variants(self, inputs: dict[str, Any]) -> _RunningGraph:
@@ -177,15 +204,10 @@ class Session:
     """The record cache and modes of one module compiled with the fisedit backend; `record()` and `sparse()`
     yield it. Modes, mask checks, step keys and the cache are `CompiledUNet`'s (one implementation)."""
 
-    def __init__(self, module: nn.Module, policy: Policy):
+    def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None = None):
         self.policy = policy
-        self.modes = _GraphModes(module, policy)
-        self._signature = inspect.signature(module.forward)
-        if "sample" not in self._signature.parameters:
-            raise TypeError(
-                f"{type(module).__name__}.forward takes no `sample`: fisedit record and sparse calls drive diffusers "
-                "U-Nets (UNet2DConditionModel)"
-            )
+        self.modes = _GraphModes(module, policy, adapter)
+        self.adapter = self.modes.adapter
 
     @property
     def cache(self) -> RecordCache:
@@ -196,9 +218,11 @@ class Session:
         """Inside `sparse()`: the (H, W) bool map of the latent pixels that sparse calls recompute."""
         return self.modes.active_pixels()
 
-    def sample_of(self, args: tuple, kwargs: dict) -> torch.Tensor:
-        """The latents of a call of the U-Net with these arguments."""
-        return self._signature.bind(*args, **kwargs).arguments["sample"]
+    def pixel_inputs(self, args: tuple, kwargs: dict) -> dict[int, InputLayout]:
+        """The tensors of a call with these arguments that carry pixels (the latents among them), by `id`."""
+        inputs, _ = self.adapter.bind(args, kwargs)
+        leaves = torch.utils._pytree.tree_leaves(inputs)
+        return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs)) if layout.layout}
 
 
 class _Call:
@@ -209,18 +233,19 @@ class _Call:
         self.session = session
         self.args = args
         self.kwargs = kwargs
-        self.sample = session.sample_of(args, kwargs)
+        self.pixel_inputs = session.pixel_inputs(args, kwargs)
         self.graphs: list[FisEditGraph] = []
 
     def run(self, graph: FisEditGraph, args: tuple) -> Any:
-        index = next((i for i, a in enumerate(args) if a is self.sample), None)
-        if self.graphs or index is None:
+        found = {i: self.pixel_inputs[id(a)] for i, a in enumerate(args) if id(a) in self.pixel_inputs}
+        if self.graphs or not any(layout.latents for layout in found.values()):
             raise GraphBreakError(self._split_message(graph))
         self.graphs.append(graph)
-        names = list(graph.input_names)
-        names[index] = "sample"  # `capture` then names it `inputs_sample`, where the passes look for the latents
+        names = [("sample" if found[i].latents else name) if i in found else name  # readable dump folder names
+                 for i, name in enumerate(graph.input_names)]
         inputs = {name: arg.item() if name in graph.scalar_inputs else arg for name, arg in zip(names, args)}
-        running = _RunningGraph(graph.variants(inputs), inputs)
+        layouts = {names[i]: dataclasses.replace(layout, path=names[i]) for i, layout in found.items()}
+        running = _RunningGraph(graph.variants(inputs, layouts), inputs)
         modes = self.session.modes
         modes.running = running
         try:
@@ -254,6 +279,11 @@ _sessions: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictio
 
 def _backend_policy(compiled: nn.Module) -> Policy | None:
     """The policy of the fisedit backend a module was compiled with, or None if it was not."""
+    return _backend_option(compiled, "fisedit_policy")
+
+
+def _backend_option(compiled: nn.Module, name: str) -> Any:
+    """An attribute of the fisedit backend function a module was compiled with, or None."""
     callback = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
     if callback is None:
         return None
@@ -261,7 +291,7 @@ def _backend_policy(compiled: nn.Module) -> Policy | None:
     while hasattr(fn, "_torchdynamo_orig_backend"):  # dynamo's wrappers around the backend, as innermost_backend
         fn = fn._torchdynamo_orig_backend
     fn = getattr(fn, "compiler_fn", fn)  # torch.compile's wrapper around a backend given as a callable
-    return getattr(fn, "fisedit_policy", None)
+    return getattr(fn, name, None)
 
 
 def session(compiled: nn.Module) -> Session:
@@ -276,7 +306,7 @@ def session(compiled: nn.Module) -> Session:
                    else "")
                 + "; for an uncompiled U-Net use fisedit.compile(unet)"
             )
-        _sessions[compiled] = Session(compiled._orig_mod, policy)
+        _sessions[compiled] = Session(compiled._orig_mod, policy, _backend_option(compiled, "fisedit_adapter"))
     return _sessions[compiled]
 
 

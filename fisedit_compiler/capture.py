@@ -1,8 +1,10 @@
-"""Capture a diffusers U-Net as one ATen-level `fx.GraphModule` per input signature, with `torch.export`.
+"""Capture a model as one ATen-level `fx.GraphModule` per input signature, with `torch.export`.
 
 Non-strict export traces the real module code with fake tensors, so any `UNet2DConditionModel` config (SD 1.x,
-SD 2.x, SDXL with `added_cond_kwargs`, ...) captures with no model-specific code. The graph is specialised to the
-input shapes, which is what the passes want: every shape, and so every resolution, is a constant.
+SD 2.x, SDXL with `added_cond_kwargs`, ...) captures with no model-specific code: what is specific (how to call
+the model, which inputs carry pixels) comes from its adapter (`adapters/`), and capture writes each input's
+`ir.InputLayout` on its placeholder, where the passes read it. The graph is specialised to the input shapes, which
+is what the passes want: every shape, and so every resolution, is a constant.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .adapters import ModelAdapter
+from .ir import INPUT
 from .passes.ops import METADATA_ASSERTS
 
 
@@ -39,15 +43,16 @@ class InputSignature:
         return ", ".join(f"{name}{list(shape)}" for name, shape, _, _ in self.tensors)
 
 
-class _UNetCall(nn.Module):
-    """Calls the U-Net with keyword inputs and ``return_dict=False``, so the graph returns a plain tuple."""
+class _AdapterCall(nn.Module):
+    """Calls the model through its adapter with keyword inputs, so the graph returns a plain tuple."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, adapter: ModelAdapter):
         super().__init__()
-        self.unet = unet
+        self.model = adapter.model
+        self.adapter = adapter
 
     def forward(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
-        return self.unet(**inputs, return_dict=False)
+        return self.adapter.call(inputs)
 
 
 def remove_metadata_asserts(gm: fx.GraphModule) -> int:
@@ -62,13 +67,15 @@ def remove_metadata_asserts(gm: fx.GraphModule) -> int:
     return removed
 
 
-def capture(unet: nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
-    """Export `unet(**inputs)` into an ATen graph. The module is called as ``gm(inputs)`` and returns a tuple.
+def capture(adapter: ModelAdapter, inputs: dict[str, Any]) -> fx.GraphModule:
+    """Export `adapter.call(inputs)` into an ATen graph. The module is called as ``gm(inputs)`` and returns a tuple.
 
-    The graph's `ir.SAMPLE_PLACEHOLDER` input is the latents; parameters are `get_attr` nodes that share storage with
-    `unet`. Raises RuntimeError naming the input signature if export fails.
+    Each placeholder's `meta[ir.INPUT]` is the adapter's `InputLayout` of that input (`ir.latent_input(gm)` is the
+    latents); parameters are `get_attr` nodes that share storage with the model. Raises RuntimeError naming the
+    input signature if export fails.
     """
-    wrapper = _UNetCall(unet)
+    layouts = adapter.input_layouts(inputs)
+    wrapper = _AdapterCall(adapter)
     try:
         with torch.no_grad():
             exported = torch.export.export(wrapper, (inputs,), strict=False)
@@ -78,4 +85,9 @@ def capture(unet: nn.Module, inputs: dict[str, Any]) -> fx.GraphModule:
         ) from e
     gm = exported.module()
     remove_metadata_asserts(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(layouts):  # export makes one placeholder per pytree leaf of the inputs, in order
+        raise RuntimeError(f"captured graph has {len(placeholders)} inputs for {len(layouts)} flattened inputs")
+    for node, layout in zip(placeholders, layouts):
+        node.meta[INPUT] = layout
     return gm

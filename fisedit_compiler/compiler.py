@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .adapters import ModelAdapter, adapter_for
 from .capture import InputSignature, capture
 from .dump import GraphDump
 from .editing.inputs import MaskError, as_mask  # MaskError: re-exported here
@@ -120,10 +121,10 @@ class Variants:
     passes: dict[str, list[PassRecord]]
 
 
-def build_variants(unet: nn.Module, inputs: dict[str, Any], policy: Policy, observers=()) -> Variants:
-    """Capture `unet` for `inputs` and run the variants' pass pipelines. The sparse variant is built first: the
-    others record exactly what it reads."""
-    captured = capture(unet, inputs)
+def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy, observers=()) -> Variants:
+    """Capture the adapter's model for `inputs` and run the variants' pass pipelines. The sparse variant is built
+    first: the others record exactly what it reads."""
+    captured = capture(adapter, inputs)
     dump = GraphDump.for_inputs(policy, inputs)  # None unless Policy.dump_dir or $FISEDIT_DUMP_DIR is set
     if dump is not None:
         dump.captured(captured)
@@ -136,13 +137,6 @@ def build_variants(unet: nn.Module, inputs: dict[str, Any], policy: Policy, obse
     if dump is not None:
         dump.finish()
     return Variants(captured, record, control, sparse, logs)
-
-
-def unet_channels(unet: nn.Module) -> dict[int, int]:
-    """A diffusers U-Net's channel width per downscale factor (1, 2, 4, ...) of its latents, from its config;
-    empty for modules without `block_out_channels` (the cost model then uses its widest calibration)."""
-    widths = getattr(getattr(unet, "config", None), "block_out_channels", None) or ()
-    return {2 ** i: int(c) for i, c in enumerate(widths)}
 
 
 @dataclasses.dataclass
@@ -175,16 +169,31 @@ class SparseMode:
 Mode = RecordMode | ControlMode | SparseMode
 
 
+def make_adapter(model: nn.Module, adapter: type[ModelAdapter] | ModelAdapter | None) -> ModelAdapter:
+    """`model`'s adapter: the one given (a class is instantiated for `model`), else the registered one for its
+    class (`adapters.adapter_for`, which names the class if there is none)."""
+    if adapter is None:
+        return adapter_for(model)
+    if isinstance(adapter, type):
+        return adapter(model)
+    if adapter.model is not model:
+        raise ValueError(f"the adapter given wraps a {type(adapter.model).__name__}, not this model")
+    return adapter
+
+
 class CompiledUNet(nn.Module):
-    """A drop-in replacement for a `UNet2DConditionModel` with `record()` and `sparse(mask)` modes.
+    """A drop-in replacement for a model with an adapter (a `UNet2DConditionModel`) with `record()` and
+    `sparse(mask)` modes; its calls take the model's arguments and return what the model returns.
 
     Attributes the pipelines read (`config`, `dtype`, `device`, `add_embedding`, ...) are the wrapped U-Net's.
     `cache` holds the recorded source run: `cache.steps`, `cache.nbytes`, `cache.clear()`.
     """
 
-    def __init__(self, unet: nn.Module, policy: Policy | None = None):
+    def __init__(self, unet: nn.Module, policy: Policy | None = None,
+                 adapter: type[ModelAdapter] | ModelAdapter | None = None):
         super().__init__()
         self.unet = unet
+        self.adapter = make_adapter(unet, adapter)
         self.policy = policy or Policy()
         self.cache = RecordCache(self.policy.storage_dtype)
         self._variants: dict[InputSignature, Variants] = {}
@@ -260,38 +269,17 @@ class CompiledUNet(nn.Module):
     def mask_plan(self, mask: torch.Tensor) -> MaskPlan:
         """The index plan of `mask` (active blocks per resolution, gather indices), with block sizes chosen for
         this U-Net's channel widths."""
-        return MaskPlan(mask, self.policy, channels=unet_channels(self.unet))
+        return MaskPlan(mask, self.policy, channels=self.adapter.channels())
 
     # --- calls ----------------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        encoder_hidden_states: torch.Tensor,
-        class_labels: torch.Tensor | None = None,
-        timestep_cond: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
-        mid_block_additional_residual: torch.Tensor | None = None,
-        down_intrablock_additional_residuals: tuple[torch.Tensor, ...] | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        return_dict: bool = True,
-    ):
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "return_dict")}
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's call (same arguments, same output); inside a mode, through its graph variant."""
         if self.mode is None:
-            return self.unet(**arguments, return_dict=return_dict)
-        if cross_attention_kwargs:
-            raise NotImplementedError(
-                f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported in record() or "
-                "sparse() calls; fuse LoRA scales into the weights first"
-            )
-        if not isinstance(timestep, torch.Tensor):
-            timestep = torch.tensor(timestep, device=sample.device)
-        inputs = {k: v for k, v in arguments.items() if v is not None and k != "cross_attention_kwargs"}
-        inputs["timestep"] = timestep
+            return self.unet(*args, **kwargs)
+        inputs, return_dict = self.adapter.bind(args, kwargs)
+        sample = inputs[self.adapter.latents]
+        timestep = inputs[self.adapter.timestep]
         timestep_key = StepKey.of(timestep, sample.shape[0])
         occurrence = self._calls_per_timestep[timestep_key]
         self._calls_per_timestep[timestep_key] += 1
@@ -323,12 +311,7 @@ class CompiledUNet(nn.Module):
                 mode.plan = self.mask_plan(mode.mask.to(sample.device))
             with context.use(context.CallContext(self.cache.step(key), mode.plan, write_back=mode.write_back)):
                 output = variants.sparse(inputs)
-        sample_out = output[0]
-        if not return_dict:
-            return (sample_out,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=sample_out)
+        return self.adapter.wrap_output(tuple(output), return_dict)
 
     def variants(self, inputs: dict[str, Any]) -> Variants:
         """The graph variants for these inputs, capturing and compiling them on first use."""
@@ -336,12 +319,18 @@ class CompiledUNet(nn.Module):
         if signature not in self._variants:
             # Compiling is not the call's work: a MAC counter (a dispatch mode) watching the call must not see it.
             with _disable_current_modes():
-                self._variants[signature] = build_variants(self.unet, inputs, self.policy)
+                self._variants[signature] = build_variants(self.adapter, inputs, self.policy)
         return self._variants[signature]
 
 
-def compile(unet: nn.Module, policy: Policy | None = None) -> CompiledUNet:  # noqa: A001 - the public name
-    """Compile a diffusers `UNet2DConditionModel` for FISEdit editing; see `CompiledUNet`."""
+def compile(  # noqa: A001 - the public name
+    unet: nn.Module, policy: Policy | None = None, adapter: type[ModelAdapter] | ModelAdapter | None = None,
+) -> CompiledUNet:
+    """Compile a model for FISEdit editing; see `CompiledUNet`. The model's family must have an adapter
+    (`fisedit_compiler.adapters`: `UNet2DConditionModel` today), or one is given as `adapter`; a model without one
+    is refused here, by class name."""
     if isinstance(unet, CompiledUNet):
-        return unet if policy is None or policy == unet.policy else CompiledUNet(unet.unet, policy)
-    return CompiledUNet(unet, policy)
+        if (policy is None or policy == unet.policy) and adapter is None:
+            return unet
+        return CompiledUNet(unet.unet, policy or unet.policy, adapter or type(unet.adapter))
+    return CompiledUNet(unet, policy, adapter)

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from .capture import InputSignature
-from .ir import LAYOUT, REGION, SAMPLE_PLACEHOLDER, SPARSE, SpatialLayout
+from .ir import LAYOUT, REGION, SPARSE, SpatialLayout, latent_input
 from .passes import ops
 from .passes.manager import PassRecord, op_counts, target_name
 from .policy import Policy
@@ -142,8 +142,10 @@ def format_count(n: int) -> str:
 
 
 def latent_resolution(gm: fx.GraphModule) -> tuple[int, int] | None:
-    sample = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == SAMPLE_PLACEHOLDER), None)
-    shape = node_shape(sample)
+    try:
+        shape = node_shape(latent_input(gm))
+    except ValueError:
+        return None
     return (shape[-2], shape[-1]) if shape and len(shape) == 4 else None
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-SAMPLE_PLACEHOLDER = "inputs_sample"  # the latents input of a captured graph (see capture.py)
+INPUT = "fisedit_input"  # placeholder meta key: InputLayout, from the model adapter (see capture.py)
 LAYOUT = "fisedit_layout"  # node.meta key: SpatialLayout, or None for tensors without pixels
 SPARSE = "fisedit_sparse"  # node.meta key: True where the node computes on gathered values
 REGION = "fisedit_region"  # node.meta key: id of the sparse region (connected component) the node is in
@@ -79,6 +79,25 @@ class CacheRef:
     node: str
     kind: Literal["output", "group_norm_stats", "attention_map"] = "output"
 
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLayout:
+    """One flattened input of a model call (a pytree leaf, in flattening order, which is the captured graph's
+    placeholder order): its path, its pixel layout (None for inputs without pixels), and whether it is the latents.
+    Model adapters make these; `capture` puts them on the placeholders."""
+
+    path: str
+    layout: SpatialLayout | None
+    latents: bool = False
+
+
+def latent_input(gm: torch.fx.GraphModule) -> torch.fx.Node:
+    """The placeholder holding the latents (whose resolution is the latent resolution)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and getattr(node.meta.get(INPUT), "latents", False):
+            return node
+    raise ValueError("the graph has no latents input: capture it with fisedit_compiler.capture and a model adapter")
 
 
 def tensor_meta(node: torch.fx.Node) -> torch.Tensor | None:

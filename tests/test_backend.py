@@ -76,6 +76,9 @@ def test_pipeline_with_compiled_unet_matches_fisedit_compile():
     assert (edited - source).abs().max() > 1e-3
 
 
+UNET_LIKE = fisedit.backend(adapter=fisedit.UNet2DConditionAdapter)  # TinyUNet is called like a U-Net
+
+
 class TinyUNet(nn.Module):
     """Enough of a U-Net for the passes and `CompiledUNet.forward`'s call signature."""
 
@@ -95,7 +98,7 @@ class TinyUNet(nn.Module):
 
 @torch.no_grad()
 def test_graph_break_is_named():
-    compiled = torch.compile(TinyUNet(graph_break=True), backend="fisedit")
+    compiled = torch.compile(TinyUNet(graph_break=True), backend=UNET_LIKE)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(10)
     dense = compiled(x, t, None)[0]  # dense calls run the pieces as they are
     with pytest.raises(fisedit.GraphBreakError, match=r"graph_break\(\).*test_backend\.py:\d+"):
@@ -107,7 +110,7 @@ def test_graph_break_is_named():
 @torch.no_grad()
 def test_recompiles_for_new_shapes_and_dynamic_graphs():
     module = TinyUNet()
-    compiled = torch.compile(module, backend="fisedit", dynamic=True)  # floats reach the graph as 0-d tensors
+    compiled = torch.compile(module, backend=UNET_LIKE, dynamic=True)  # floats reach the graph as 0-d tensors
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[3:6, 4:9] = True
     for batch, size in ((2, 16), (1, 8), (1, 16)):
@@ -130,7 +133,7 @@ def test_errors():
     with pytest.raises(TypeError, match="compiled with another backend"):
         with fisedit.record(torch.compile(module, backend="eager")):
             pass
-    compiled = torch.compile(module, backend="fisedit")
+    compiled = torch.compile(module, backend=UNET_LIKE)
     with pytest.raises(RuntimeError, match="needs a recorded source run"):
         with fisedit.sparse(compiled, torch.ones(8, 8, dtype=torch.bool)):
             pass

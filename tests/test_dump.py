@@ -136,7 +136,7 @@ class TinyConvNet(nn.Module):
 
 
 def small_build(policy):
-    return build_variants(TinyConvNet(), {"sample": torch.randn(1, 4, 8, 8)}, policy)
+    return build_variants(fisedit.UNet2DConditionAdapter(TinyConvNet()), {"sample": torch.randn(1, 4, 8, 8)}, policy)
 
 
 @pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")

@@ -33,7 +33,8 @@ def compiled_with_snapshots(arch: str, policy: fisedit.Policy = ONE_BLOCK):
     inputs = unet_inputs(unet, size=SIZE)
     snapshots = []
     variants = build_variants(
-        unet, inputs, policy, observers=[lambda record, gm: snapshots.append((record, copy_graph_module(gm)))]
+        fisedit.UNet2DConditionAdapter(unet), inputs, policy,
+        observers=[lambda record, gm: snapshots.append((record, copy_graph_module(gm)))],
     )
     return unet, inputs, variants, snapshots
 
@@ -102,7 +103,7 @@ def test_find_sparse_regions_raises_on_ops_without_a_sparse_rule():
         def forward(self, sample, timestep, encoder_hidden_states, return_dict=True):
             return (self.conv_out(self.conv_in(sample).flip(-1)),)
 
-    compiled = fisedit.compile(FlipUNet())
+    compiled = fisedit.compile(FlipUNet(), adapter=fisedit.UNet2DConditionAdapter)
     inputs = unet_inputs(tiny_unet("sd2"), size=16)
     with pytest.raises(fisedit.UnsupportedOpError, match=r"node 'flip' \(aten.flip.default\) at resolution 16x16"):
         with compiled.record():

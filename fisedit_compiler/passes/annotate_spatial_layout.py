@@ -6,7 +6,8 @@
     %reshape : aten.reshape(%permute, [2, 1024, 32]) -> seq[1]@32x32
     %linear_1 : aten.linear(%time_proj, ...)       -> None (no pixels)
 
-Layouts start at the `sample` input and propagate forward through the ops whose effect on pixels is known
+Layouts start at the inputs that carry pixels (the model adapter's `InputLayout`s, which `capture` puts on the
+placeholders: the latents, ControlNet residuals, ...) and propagate forward through the ops whose effect on pixels is known
 (`passes.ops`). A node with a spatial input that no rule covers gets an `UnknownLayout` naming the reason;
 `find_sparse_regions` turns that into an error if the node sits at a sparse resolution.
 """
@@ -17,7 +18,7 @@ import dataclasses
 
 import torch.fx as fx
 
-from ..ir import LAYOUT, SAMPLE_PLACEHOLDER, SpatialLayout, tensor_meta
+from ..ir import INPUT, LAYOUT, SpatialLayout, latent_input, tensor_meta
 from . import ops
 
 
@@ -171,18 +172,14 @@ def infer_layout(node: fx.Node, shape: tuple[int, ...] | None) -> SpatialLayout 
 
 def annotate_spatial_layout(gm: fx.GraphModule) -> int:
     """Set `node.meta[LAYOUT]` on every node; returns the number of nodes with pixels."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sample = next((n for n in placeholders if n.name == SAMPLE_PLACEHOLDER), None)
-    if sample is None:
-        raise ValueError(f"the graph has no {SAMPLE_PLACEHOLDER!r} input: capture it with fisedit_compiler.capture")
+    latent_input(gm)  # raises if the capture named no latents
     spatial = 0
     for node in gm.graph.nodes:
         meta = tensor_meta(node)
         shape = tuple(meta.shape) if meta is not None else None
-        if node is sample:
-            if shape is None or len(shape) != 4:
-                raise ValueError(f"the U-Net's sample input must be NCHW, got shape {shape}")
-            layout: SpatialLayout | UnknownLayout | None = SpatialLayout("map", (shape[2], shape[3]), (2, 3), shape)
+        layout: SpatialLayout | UnknownLayout | None
+        if node.op == "placeholder":
+            layout = node.meta[INPUT].layout if INPUT in node.meta else None
         elif node.op == "call_function":
             layout = infer_layout(node, shape)
         else:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import networkx as nx
 import torch.fx as fx
 
-from ..ir import LAYOUT, REGION, SAMPLE_PLACEHOLDER, SPARSE, SpatialLayout
+from ..ir import LAYOUT, REGION, SPARSE, SpatialLayout, latent_input
 from ..policy import Policy
 from . import ops
 from .annotate_spatial_layout import UnknownLayout
@@ -62,8 +62,7 @@ def full_inputs(node: fx.Node, policy: Policy) -> set[fx.Node]:
 
 def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
     """Set `meta[SPARSE]`, `meta[REGION]` and `meta[FULL_INPUTS]`; returns the number of regions."""
-    sample = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == SAMPLE_PLACEHOLDER)
-    latent = sample.meta[LAYOUT].res
+    latent = latent_input(gm).meta[LAYOUT].res
 
     def is_sparse_res(res: tuple[int, int]) -> bool:
         return policy.is_sparse_resolution(res, latent)

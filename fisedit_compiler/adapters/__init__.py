@@ -1,0 +1,9 @@
+"""Model adapters, one file per model family; `adapter_for(model)` picks a model's (see `base`)."""
+
+from .base import InputLayout, ModelAdapter, UnsupportedModelError, adapter_for, register_adapter
+from .unet_2d_condition import UNet2DConditionAdapter
+
+__all__ = [
+    "InputLayout", "ModelAdapter", "UNet2DConditionAdapter", "UnsupportedModelError", "adapter_for",
+    "register_adapter",
+]

@@ -1,0 +1,163 @@
+"""The model adapter: everything the compiler knows about one model family, declared in one small object.
+
+An adapter says which of the model's inputs carry pixels and in what layout, how the model is called and its
+output wrapped, and how wide its feature maps are per resolution (for the cost model). The passes read only what
+`capture` writes on the graph's inputs from the adapter (`ir.INPUT`), so a new family (a
+ControlNet, an SD3 or FLUX transformer) is a new adapter, not a change to the passes.
+
+    @register_adapter
+    class MyAdapter(ModelAdapter):
+        model_classes = ("MyModel",)          # matched by class name along the model's MRO
+        latents = "sample"                    # the argument holding the latents (an NCHW map)
+        pixel_maps = frozenset({"residuals"}) # other NCHW maps, one tensor or a (nested) tuple of them
+        conditions = frozenset({"timestep", "encoder_hidden_states"})  # inputs without pixels
+
+`compile()` refuses a model with no adapter, and a model whose `forward` requires an input its adapter does not
+declare; a record or sparse call refuses any undeclared input it is given (both errors name the model and input).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..ir import InputLayout, SpatialLayout
+
+
+class UnsupportedModelError(TypeError):
+    """A model that no adapter declares, or an input of a model that its adapter does not know."""
+
+
+def _map_layout(value: torch.Tensor, path: str, model: str) -> SpatialLayout:
+    if value.dim() != 4:
+        raise UnsupportedModelError(
+            f"{model} input {path} carries pixels as an NCHW map, so it must be 4-D; got shape {tuple(value.shape)}"
+        )
+    return SpatialLayout("map", (value.shape[2], value.shape[3]), (2, 3), tuple(value.shape))
+
+
+class ModelAdapter:
+    """Base class of the adapters; see the module docstring. One instance wraps one model."""
+
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    latents: ClassVar[str] = "sample"
+    timestep: ClassVar[str] = "timestep"
+    pixel_maps: ClassVar[frozenset[str]] = frozenset()
+    conditions: ClassVar[frozenset[str]] = frozenset()
+    refused: ClassVar[Mapping[str, str]] = {}  # inputs that record and sparse calls refuse when given, and why
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.signature = inspect.signature(model.forward)
+        self.check_signature()
+
+    @property
+    def model_name(self) -> str:
+        return type(self.model).__name__
+
+    def known(self, name: str) -> bool:
+        return name == self.latents or name in self.pixel_maps or name in self.conditions or name == "return_dict"
+
+    def check_signature(self) -> None:
+        """Compile time: every input that `forward` requires is declared, and so are the latents."""
+        parameters = self.signature.parameters
+        if self.latents not in parameters:
+            raise UnsupportedModelError(
+                f"{self.model_name}.forward has no {self.latents!r} argument, which {type(self).__name__} expects "
+                "to hold the latents"
+            )
+        for name, p in parameters.items():
+            required = p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            if required and not self.known(name) and name not in self.refused:
+                raise UnsupportedModelError(
+                    f"{self.model_name}.forward requires input {name!r}, which {type(self).__name__} does not "
+                    "declare (as latents, pixel maps or a condition without pixels): extend the adapter"
+                )
+
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """A call's inputs by name (None dropped, the timestep a tensor) and its `return_dict`."""
+        bound = self.signature.bind(*args, **kwargs)
+        arguments: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self.signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise UnsupportedModelError(f"{self.model_name} was called with extra positional inputs")
+            else:
+                arguments[name] = value
+        return_dict = arguments.pop("return_dict", True)
+        inputs = {}
+        for name, value in arguments.items():
+            if value is None:
+                continue
+            if name in self.refused:
+                if value:
+                    raise NotImplementedError(f"{self.model_name} input {name!r} in record() or sparse() calls: "
+                                              f"{self.refused[name]}")
+                continue
+            if not self.known(name):
+                raise UnsupportedModelError(
+                    f"{self.model_name} was called with input {name!r}, which {type(self).__name__} does not "
+                    "declare: fisedit cannot tell whether it carries pixels"
+                )
+            inputs[name] = value
+        latents = inputs[self.latents]
+        timestep = inputs.get(self.timestep)
+        if timestep is not None and not isinstance(timestep, torch.Tensor):
+            inputs[self.timestep] = torch.tensor(timestep, device=latents.device)
+        return inputs, return_dict
+
+    def input_layouts(self, inputs: dict[str, Any]) -> list[InputLayout]:
+        """The layout of every flattened input, in `torch.utils._pytree` order (that of the captured graph's
+        placeholders)."""
+        flat, _ = torch.utils._pytree.tree_flatten_with_path(inputs)
+        result = []
+        for path, value in flat:
+            name, where = path[0].key, torch.utils._pytree.keystr(path)
+            if not isinstance(value, torch.Tensor) or not (name == self.latents or name in self.pixel_maps):
+                result.append(InputLayout(where, None))
+            else:
+                result.append(InputLayout(where, _map_layout(value, where, self.model_name), name == self.latents))
+        return result
+
+    def call(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Run the model on bound inputs; a tuple whose first item is the model's prediction."""
+        return self.model(**inputs, return_dict=False)
+
+    def wrap_output(self, outputs: tuple[torch.Tensor, ...], return_dict: bool) -> Any:
+        """What the model itself would return for `outputs` (from `call` or a variant); the base returns them."""
+        return outputs
+
+    def channels(self) -> dict[int, int]:
+        """Feature width per downscale factor (1, 2, 4, ...) of the latents; empty if unknown (the cost model then
+        uses its widest calibration)."""
+        return {}
+
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make `adapter_for` pick `cls` for models of its `model_classes`."""
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The registered adapter of `model`'s class (or of its nearest base class that has one)."""
+    for base in type(model).__mro__:
+        for cls in reversed(_ADAPTERS):
+            if base.__name__ in cls.model_classes:
+                return cls(model)
+    known = ", ".join(sorted(name for cls in _ADAPTERS for name in cls.model_classes))
+    raise UnsupportedModelError(
+        f"fisedit has no adapter for {type(model).__name__} (adapters exist for: {known}). Pass "
+        "`adapter=` to fisedit.compile for a module that is called like one of those, or write a ModelAdapter "
+        "(fisedit_compiler/adapters/) for its family"
+    )

@@ -1,0 +1,178 @@
+"""Model adapters: what a model family declares, what `compile` refuses, and inputs with pixels besides the latents
+(ControlNet residuals) going through the same passes as the latents."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import fisedit_compiler as fisedit
+from conftest import close, tiny_unet, unet_inputs
+from fisedit_compiler.capture import capture
+from fisedit_compiler.ir import LAYOUT, SpatialLayout, latent_input
+from fisedit_compiler.passes.annotate_spatial_layout import annotate_spatial_layout
+from sparse_reference import active_region, block_size, reference_sparse_call
+
+SIZE = 32
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
+POLICY = fisedit.Policy(block_size=4)
+
+
+def _tiny_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                 pooled_projection_dim=8, out_channels=4)
+
+
+def test_compile_refuses_a_model_family_without_an_adapter_by_name():
+    transformer = _tiny_transformer()
+    with pytest.raises(fisedit.UnsupportedModelError, match="no adapter for SD3Transformer2DModel"):
+        fisedit.compile(transformer)
+    with pytest.raises(fisedit.UnsupportedModelError, match="no adapter for SD3Transformer2DModel"):
+        with fisedit.record(torch.compile(transformer, backend="fisedit")):
+            pass
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, sample, timestep, depth=None, return_dict=True):
+        out = self.conv(sample)
+        return (out if depth is None else out + depth,)
+
+
+class _NeedsDepth(_ConvNet):
+    def forward(self, sample, timestep, depth, return_dict=True):
+        return (self.conv(sample) + depth,)
+
+
+def test_inputs_the_adapter_does_not_declare_are_refused_by_name():
+    with pytest.raises(fisedit.UnsupportedModelError, match="requires input 'depth'"):
+        fisedit.compile(_NeedsDepth(), adapter=fisedit.UNet2DConditionAdapter)
+    compiled = fisedit.compile(_ConvNet(), adapter=fisedit.UNet2DConditionAdapter)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(3)
+    with torch.no_grad(), compiled.record():
+        assert torch.equal(compiled(x, t, return_dict=False)[0], compiled.unet(x, t)[0])  # an optional one left out
+        with pytest.raises(fisedit.UnsupportedModelError, match="input 'depth', which UNet2DConditionAdapter"):
+            compiled(x, t, depth=torch.zeros(1, 4, 8, 8))
+
+
+def test_annotate_spatial_layout_starts_at_every_input_with_pixels():
+    """A hand-built module with a pixel-map input at half resolution besides the latents."""
+
+    class TwoScales(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+        def forward(self, sample, timestep, mid_block_additional_residual, return_dict=False):
+            return (self.down(sample) * timestep + mid_block_additional_residual,)
+
+    model = TwoScales()
+    inputs = {"sample": torch.randn(1, 4, 8, 8), "timestep": torch.tensor(2.0),
+              "mid_block_additional_residual": torch.randn(1, 4, 4, 4)}
+    gm = capture(fisedit.UNet2DConditionAdapter(model), inputs)
+    annotate_spatial_layout(gm)
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    assert latent_input(gm) is placeholders["inputs_sample"]
+    assert placeholders["inputs_mid_block_additional_residual"].meta[LAYOUT] == SpatialLayout(
+        "map", (4, 4), (2, 3), (1, 4, 4, 4))
+    assert placeholders["inputs_timestep"].meta[LAYOUT] is None
+    add = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.add.Tensor)
+    assert add.meta[LAYOUT].res == (4, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _controlnet(arch: str):
+    from diffusers import ControlNetModel
+
+    unet = tiny_unet(arch)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # from_unet zero-initialises the residual projections: give them weights
+        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return unet, controlnet.eval()
+
+
+def _fresh_inside(new: dict, old: dict, mask: torch.Tensor, policy: fisedit.Policy) -> dict:
+    """`new` with residuals that equal `old`'s outside each resolution's active blocks. A sparse call reads a
+    pixel input at the halo of a region too, where the masked-dense reference reads the recorded layer output; the
+    two agree when the input is unchanged there (as for the latents, whose halo only the first conv reads)."""
+    def blend(r_new, r_old):
+        res = tuple(r_new.shape[-2:])
+        if min(res) < min(mask.shape) // policy.max_sparse_downscale:
+            return r_new  # dense resolution: computed in full
+        return torch.where(active_region(mask, res, policy.halo, block_size(policy, res)), r_new, r_old)
+
+    return {**new, "down_block_additional_residuals": tuple(
+        blend(a, b) for a, b in zip(new["down_block_additional_residuals"], old["down_block_additional_residuals"])),
+        "mid_block_additional_residual": blend(new["mid_block_additional_residual"],
+                                               old["mid_block_additional_residual"])}
+
+
+def _with_residuals(controlnet, inputs: dict, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.rand(inputs["sample"].shape[0], 3, SIZE * 8, SIZE * 8, generator=g)
+    with torch.no_grad():
+        down, mid = controlnet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+                               controlnet_cond=cond, return_dict=False)
+    return {**inputs, "down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+
+
+@torch.no_grad()
+def test_controlnet_residuals_are_pixel_inputs_of_sparse_calls():
+    """ControlNet residuals are gathered where a sparse region reads them: record equals eager, a full mask with
+    fresh statistics equals the dense call, and a sparse call with new residuals equals the masked-dense reference
+    (before, they were repeated like per-batch vectors and the call failed with a shape error)."""
+    unet, controlnet = _controlnet("sd2")
+    inputs = _with_residuals(controlnet, unet_inputs(unet, size=SIZE), seed=0)
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[4:12, 18:27] = True
+    new_inputs = _with_residuals(controlnet, unet_inputs(unet, size=SIZE, seed=1), seed=1)
+    new_inputs = _fresh_inside(new_inputs, inputs, mask, POLICY)
+    compiled = fisedit.compile(unet, POLICY)
+    with compiled.record():
+        recorded = compiled(**inputs).sample
+    assert close(recorded, unet(**inputs).sample)
+    with compiled.sparse(mask):
+        output = compiled(**new_inputs).sample
+    reference = reference_sparse_call(unet, inputs, new_inputs, mask, POLICY)
+    assert close(output, reference)
+    # the residuals' fresh values reach the output: with the recorded ones it differs inside the region
+    without = reference_sparse_call(unet, inputs, {**new_inputs, **{k: inputs[k] for k in RESIDUALS}}, mask, POLICY)
+    assert (without - reference).abs().max() > 1e-2
+
+    fresh = fisedit.compile(unet, fisedit.Policy(block_size=4, norm_stats="fresh"))
+    with fresh.record():
+        fresh(**inputs)
+    with fresh.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        assert close(fresh(**new_inputs).sample, unet(**new_inputs).sample)
+
+
+@torch.no_grad()
+def test_backend_finds_residuals_among_the_graph_inputs():
+    """torch.compile(backend="fisedit"): the graph inputs that are the call's residual tensors get their layouts,
+    so record and sparse calls equal `fisedit.compile`'s."""
+    unet, controlnet = _controlnet("sd2")
+    inputs = _with_residuals(controlnet, unet_inputs(unet, size=SIZE), seed=0)
+    new_inputs = _with_residuals(controlnet, unet_inputs(unet, size=SIZE, seed=1), seed=1)
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[4:12, 18:27] = True
+    compiled = fisedit.compile(unet, POLICY)
+    with compiled.record():
+        compiled(**inputs)
+    with compiled.sparse(mask):
+        expected = compiled(**new_inputs).sample
+    dynamo = torch.compile(unet, backend=fisedit.backend(POLICY))
+    with fisedit.record(dynamo):
+        assert close(dynamo(**inputs).sample, unet(**inputs).sample)
+    with fisedit.sparse(dynamo, mask):
+        assert close(dynamo(**new_inputs).sample, expected)
