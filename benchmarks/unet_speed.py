@@ -55,14 +55,14 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 import fisedit_compiler as fisedit
 from fisedit_compiler import cost_model
 from fisedit_compiler.compiler import build_variants, copy_graph_module
 from fisedit_compiler.ir import LAYOUT, SPARSE
-from fisedit_compiler.macs import count_macs
-from fisedit_compiler.models import ARCHS, random_unet
+from fisedit_compiler.editing.masks import coverage_mask, ellipse_mask
+from fisedit_compiler.macs import count_macs, node_macs
+from fisedit_compiler.models import ARCHS, example_unet_inputs, random_unet
 from fisedit_compiler.passes.annotate_spatial_layout import annotate_spatial_layout
 from fisedit_compiler.passes.manager import target_name
 from fisedit_compiler.runtime import context
@@ -175,20 +175,6 @@ def policy_of(args: argparse.Namespace) -> fisedit.Policy:
 # --- masks --------------------------------------------------------------------------------------------------------
 
 
-def _threshold_mask(distance: torch.Tensor, fraction: float) -> torch.Tensor:
-    """The pixels of the `round(fraction * N)` smallest distances (ties included)."""
-    k = max(1, round(fraction * distance.numel()))
-    threshold = distance.flatten().sort().values[k - 1]
-    return distance <= threshold
-
-
-def ellipse_mask(size: int, fraction: float) -> torch.Tensor:
-    """A (size, size) ellipse (1.3:1, centred at 45 % / 55 % of the height / width) of about `fraction`."""
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    distance = (((yy - 0.45 * size) / 1.3) ** 2 + (xx - 0.55 * size) ** 2).sqrt()
-    return _threshold_mask(distance, fraction)
-
-
 def blobs_mask(size: int, fraction: float, seed: int, blobs: int = 7) -> torch.Tensor:
     """A union of `blobs` scattered ellipses of random size and aspect (seeded) covering about `fraction`."""
     g = torch.Generator().manual_seed(seed)
@@ -199,12 +185,12 @@ def blobs_mask(size: int, fraction: float, seed: int, blobs: int = 7) -> torch.T
     dy = (yy[None] - centres[:, 0, None, None]) / aspects[:, None, None]
     dx = xx[None] - centres[:, 1, None, None]
     distance = ((dy ** 2 + dx ** 2).sqrt() / scales[:, None, None]).min(dim=0).values
-    return _threshold_mask(distance, fraction)
+    return coverage_mask(distance, fraction)
 
 
 def make_mask(kind: str, percent: float, size: int, seed: int) -> torch.Tensor:
-    if kind == "ellipse":
-        return ellipse_mask(size, percent / 100)
+    if kind == "ellipse":  # 1.3:1, centred at 45 % / 55 % of the height / width, coverage matched to the pixel
+        return ellipse_mask(size, percent / 100, (0.45, 0.55), aspect=1.3, exact=True)
     return blobs_mask(size, percent / 100, seed)
 
 
@@ -237,27 +223,7 @@ def connected_components(mask: torch.Tensor) -> int:
 
 
 def make_inputs(unet, latent: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    g = torch.Generator().manual_seed(seed + 1)
-    config = unet.config
-    inputs: dict[str, Any] = {
-        "sample": torch.randn(BATCH, config.in_channels, latent, latent, generator=g),
-        "timestep": torch.tensor(TIMESTEP),
-        "encoder_hidden_states": torch.randn(BATCH, TEXT_LEN, config.cross_attention_dim, generator=g),
-    }
-    if config.addition_embed_type == "text_time":  # SDXL's pooled text embedding and size conditioning
-        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        image = float(latent * 8)
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(BATCH, text_dim, generator=g),
-            "time_ids": torch.tensor([[image, image, 0.0, 0.0, image, image]] * BATCH),
-        }
-
-    def place(v):
-        if isinstance(v, dict):
-            return {k: place(x) for k, x in v.items()}
-        return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-
-    return {k: place(v) for k, v in inputs.items()}
+    return example_unet_inputs(unet, BATCH, latent, seed + 1, TEXT_LEN, TIMESTEP, device, dtype)
 
 
 def synchronize(device: torch.device) -> None:
@@ -465,26 +431,19 @@ def _shape(value: Any) -> list[int] | None:
 
 
 class NodeProfiler(fx.Interpreter):
-    """Runs a graph node by node, recording per node its seconds, or (with `counter`) its MACs."""
+    """Runs a graph node by node, recording per call_function node its seconds and its first input's shape."""
 
-    def __init__(self, gm: fx.GraphModule, device: torch.device, counter: FlopCounterMode | None = None):
+    def __init__(self, gm: fx.GraphModule, device: torch.device):
         super().__init__(gm)
         self.device = device
-        self.counter = counter
         self.seconds: dict[str, float] = {}
-        self.macs: dict[str, int] = {}
         self.in_shapes: dict[str, list[int] | None] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op != "call_function":
             return super().run_node(n)
-        if self.counter is not None:
-            before = self.counter.get_total_flops()
-            result = super().run_node(n)
-            self.macs[n.name] = (self.counter.get_total_flops() - before) // 2
-            first = n.args[0] if n.args else None
-            self.in_shapes[n.name] = _shape(self.env.get(first)) if isinstance(first, fx.Node) else None
-            return result
+        first = n.args[0] if n.args else None
+        self.in_shapes[n.name] = _shape(self.env.get(first)) if isinstance(first, fx.Node) else None
         synchronize(self.device)
         start = time.perf_counter()
         result = super().run_node(n)
@@ -494,28 +453,30 @@ class NodeProfiler(fx.Interpreter):
 
 
 def profile_graph(gm: fx.GraphModule, inputs: dict, device: torch.device, repeats: int, ctx=None) -> dict:
-    """Per node: MACs (one counted run) and median seconds of `repeats` timed runs (the counted run warms up)."""
-    def run(profiler: NodeProfiler) -> Any:
+    """Per node: MACs (one counted run, `fisedit_compiler.macs.node_macs`) and median seconds of `repeats` timed
+    runs (the counted run warms up)."""
+    def run(fn) -> Any:
         if ctx is None:
-            return profiler.run(inputs)
+            return fn()
         with context.use(ctx()):
-            return profiler.run(inputs)
+            return fn()
 
-    counted = NodeProfiler(gm, device, FlopCounterMode(display=False))
-    with torch.no_grad(), counted.counter:
-        run(counted)
+    with torch.no_grad():
+        macs = run(lambda: node_macs(gm, inputs))
     times: dict[str, list[float]] = defaultdict(list)
     totals = []
+    in_shapes: dict[str, list[int] | None] = {}
     for _ in range(repeats):
         p = NodeProfiler(gm, device)
         with torch.no_grad():
-            t, _ = timed(lambda: run(p), device)
+            t, _ = timed(lambda: run(lambda: p.run(inputs)), device)
         totals.append(t)
+        in_shapes = p.in_shapes
         for k, v in p.seconds.items():
             times[k].append(v)
     return {
-        "macs": counted.macs,
-        "in_shapes": counted.in_shapes,
+        "macs": macs,
+        "in_shapes": in_shapes,
         "seconds": {k: statistics.median(v) for k, v in times.items()},
         "total_seconds": statistics.median(totals),
     }

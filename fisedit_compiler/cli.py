@@ -11,6 +11,7 @@ import torch
 
 from . import inspect_cmd
 from .editing.mask_image import load_mask_image
+from .editing.masks import ellipse_mask
 from .editing.token_alignment import PromptTooLongError
 from .policy import Policy
 
@@ -18,13 +19,6 @@ DEMO_PROMPT = "a cabin in the woods"
 # The first edit detects its mask; the second gives one (a 10% ellipse), so that the demo shows sparse savings even
 # though random weights make detected masks cover most of the image.
 DEMO_EDITS = ["a cabin in the woods with a river", "a cabin in the woods with a river at night"]
-
-
-def ellipse(size: int, fraction: float) -> torch.Tensor:
-    """A (size, size) bool ellipse covering about `fraction` of the map, left of centre."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
-    return ((yy - 0.55 * size) / ry) ** 2 + ((xx - 0.35 * size) / (ry / 1.5)) ** 2 <= 1
 
 
 def _component_config(args, component: str) -> dict | None:
@@ -157,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-shapes":
             return _train_shapes(args, sys.argv[1:] if argv is None else argv)
         if args.command == "demo":
-            return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], ellipse(args.latent_size, 0.1))])
+            given = ellipse_mask(args.latent_size, 0.1, center=(0.55, 0.35), grid_offset=0)  # left of centre
+            return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], given)])
         mask = None
         if args.mask:
             latent = args.latent_size if not args.model else None

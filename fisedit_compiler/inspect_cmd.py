@@ -36,13 +36,11 @@ from .compiler import compile as compile_unet
 from .dump import SVG_ENV, format_count, short_op
 from .ir import LAYOUT, SPARSE
 from .editing.mask_image import load_mask_image
-from .macs import count_macs
+from .editing.masks import ellipse_mask
+from .macs import node_macs
 from .policy import Policy
 from .runtime import context
 from .runtime.mask_plan import MaskPlan
-
-TEXT_LEN = 77  # CLIP's context length
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fisedit inspect`."""
@@ -71,7 +69,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     latent = args.latent_size
     unet = models.random_unet(args.arch, args.size, seed=args.seed, sample_size=latent)
-    inputs = example_inputs(unet, latent, args.batch, args.seed)
+    # in CompiledUNet.forward's argument order, so that `compiled.variants(inputs)` finds the variants its calls built
+    inputs = models.example_unet_inputs(unet, args.batch, latent, args.seed)
+    if not args.mask and not 0 < args.mask_fraction <= 1:
+        raise ValueError(f"--mask-fraction must be in (0, 1], got {args.mask_fraction}")
     mask = load_mask(args.mask, latent) if args.mask else ellipse_mask(latent, args.mask_fraction)
     policy = Policy(block_size=args.block_size, halo=args.halo, max_sparse_downscale=args.max_sparse_downscale,
                     dump_dir=str(out / "graphs"))
@@ -85,9 +86,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         variants = compiled.variants(inputs)  # built by the calls above
         plan = compiled.mask_plan(mask)
         step = compiled.cache.step(compiled.cache.steps[0])
-        dense_macs = node_macs(variants.captured, inputs)
+        dense_macs = _with_macs(node_macs(variants.captured, inputs))
         with context.use(context.CallContext(step, plan)):
-            sparse_macs = node_macs(variants.sparse, inputs)
+            sparse_macs = _with_macs(node_macs(variants.sparse, inputs))
 
     rows = layer_table(variants.captured, variants.sparse, dense_macs, sparse_macs, plan, policy)
     write_tables(rows, out)
@@ -133,41 +134,7 @@ def _svg_rendering(enabled: bool) -> Iterator[None]:
             os.environ[SVG_ENV] = previous
 
 
-# --- inputs and masks --------------------------------------------------------------------------------------------
-
-
-def example_inputs(unet: torch.nn.Module, latent: int, batch: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Keyword inputs of one U-Net call: random latents and text embeddings, timestep 500, and SDXL's added
-    conditions. In `CompiledUNet.forward`'s argument order, so that `compiled.variants(inputs)` finds the variants
-    its calls built."""
-    g = torch.Generator().manual_seed(seed)
-    config = unet.config
-    inputs: dict[str, Any] = {
-        "sample": torch.randn(batch, config.in_channels, latent, latent, generator=g),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, TEXT_LEN, config.cross_attention_dim, generator=g),
-    }
-    if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size conditioning
-        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        image = float(8 * latent)
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, generator=g),
-            "time_ids": torch.tensor([[image, image, 0.0, 0.0, image, image]] * batch),
-        }
-    return inputs
-
-
-def ellipse_mask(size: int, fraction: float) -> torch.Tensor:
-    """A (size, size) bool ellipse covering about `fraction` of the map, a little off centre."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"--mask-fraction must be in (0, 1], got {fraction}")
-    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
-    ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
-    rx = ry / 1.5
-    mask = ((yy - 0.45 * size) / ry) ** 2 + ((xx - 0.55 * size) / rx) ** 2 <= 1
-    if not mask.any():  # a fraction below one latent pixel still edits one
-        mask[int(0.45 * size), int(0.55 * size)] = True
-    return mask
+# --- masks -------------------------------------------------------------------------------------------------------
 
 
 def load_mask(path: Path, latent: int) -> torch.Tensor:
@@ -181,26 +148,9 @@ def load_mask(path: Path, latent: int) -> torch.Tensor:
 # --- MACs per node -----------------------------------------------------------------------------------------------
 
 
-class _MacCounter(fx.Interpreter):
-    """Runs a graph node by node, counting each node's multiply-accumulates with FlopCounterMode."""
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__(gm)
-        self.macs: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        macs, result = count_macs(super().run_node, n)
-        if macs:
-            self.macs[n.name] = macs
-        return result
-
-
-def node_macs(gm: fx.GraphModule, inputs: dict[str, Any]) -> dict[str, int]:
-    """Node name -> MACs of one run of `gm(inputs)` (nodes without MACs left out). A sparse variant must run
-    inside its call context."""
-    counter = _MacCounter(gm)
-    counter.run(inputs)
-    return counter.macs
+def _with_macs(macs: dict[str, int]) -> dict[str, int]:
+    """The nodes with multiply-accumulates of a `node_macs` count."""
+    return {name: m for name, m in macs.items() if m}
 
 
 def layer_table(captured: fx.GraphModule, sparse: fx.GraphModule, dense_macs: dict[str, int],

@@ -1,4 +1,5 @@
-"""Count multiply-accumulates of a call with `torch.utils.flop_counter.FlopCounterMode`.
+"""Count multiply-accumulates of a call, or of each node of an FX graph, with
+`torch.utils.flop_counter.FlopCounterMode`.
 
 PyTorch's counter has no formula for the CPU flash-attention kernel that `scaled_dot_product_attention` runs on
 CPU, so attention would count as zero there; this module registers the same formula the counter uses for the
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch.utils import flop_counter
 
 _CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -27,3 +29,33 @@ def count_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, 
     with flop_counter.FlopCounterMode(display=False) as counter:
         result = fn(*args, **kwargs)
     return counter.get_total_flops() // 2, result
+
+
+class NodeMacCounter(fx.Interpreter):
+    """Runs a graph node by node under one `FlopCounterMode`; `macs` maps every node that ran an op (call_function,
+    call_method, call_module) to its multiply-accumulates, 0 included."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.macs: dict[str, int] = {}
+        self._counter: flop_counter.FlopCounterMode | None = None
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with flop_counter.FlopCounterMode(display=False) as self._counter:
+            return super().run(*args, **kwargs)
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self._counter is None or n.op not in ("call_function", "call_method", "call_module"):
+            return super().run_node(n)
+        before = self._counter.get_total_flops()
+        result = super().run_node(n)
+        self.macs[n.name] = (self._counter.get_total_flops() - before) // 2
+        return result
+
+
+def node_macs(gm: fx.GraphModule, *args: Any) -> dict[str, int]:
+    """Node name -> MACs of one run of `gm(*args)`, for every node that ran an op (0 included). A sparse variant
+    must run inside its call context."""
+    counter = NodeMacCounter(gm)
+    counter.run(*args)
+    return counter.macs

@@ -16,6 +16,7 @@ Public API::
     ARCHS                                  # ("sd15", "sd2", "sdxl")
     unet_config(arch, size)                # kwargs for UNet2DConditionModel
     random_unet(arch, size, seed, dtype)   # seeded random UNet2DConditionModel (eval)
+    example_unet_inputs(unet, batch, size) # seeded random keyword inputs of one U-Net call
     random_pipeline(arch, latent_size, seed, size, scheduler)
     load_pipeline(path)                    # a real pipeline from a local folder
 
@@ -59,6 +60,7 @@ __all__ = [
     "ARCHS",
     "SCHEDULERS",
     "SIZES",
+    "example_unet_inputs",
     "load_pipeline",
     "make_scheduler",
     "random_pipeline",
@@ -320,6 +322,49 @@ def random_unet(
     unet = _build_seeded(lambda: UNet2DConditionModel(**config), component_seed)
     reinit_parameters(unet, component_seed)
     return _finish(unet, dtype, device)
+
+
+def example_unet_inputs(
+    unet: torch.nn.Module,
+    batch: int = 2,
+    size: int = 32,
+    seed: int = 0,
+    text_len: int = MODEL_MAX_LENGTH,
+    timestep: int | torch.Tensor = 500,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Keyword inputs of one call of a ``UNet2DConditionModel``: latents ``(batch, in_channels, size, size)``
+    and text embeddings ``(batch, text_len, cross_attention_dim)`` drawn from a generator seeded with ``seed``,
+    ``timestep`` (a number becomes a 0-d tensor; a tensor, e.g. one per batch item, is kept), and SDXL's added
+    conditions (a random pooled text embedding, and the size conditioning of an image 8x the latents).
+
+    The keys are in ``forward``'s argument order, so that ``compiled.variants(inputs)`` finds the variants that
+    calls with them built. Tensors are drawn on the CPU, then floating ones are cast to ``dtype`` and all are moved
+    to ``device``, so that a seed gives the same inputs everywhere.
+    """
+    g = torch.Generator().manual_seed(seed)
+    config = unet.config
+    inputs: dict[str, Any] = {
+        "sample": torch.randn(batch, config.in_channels, size, size, generator=g),
+        "timestep": timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep),
+        "encoder_hidden_states": torch.randn(batch, text_len, config.cross_attention_dim, generator=g),
+    }
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size conditioning
+        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        image = float(8 * size)
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, text_dim, generator=g),
+            "time_ids": torch.tensor([[image, image, 0.0, 0.0, image, image]] * batch),
+        }
+
+    def place(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: place(v) for k, v in value.items()}
+        cast = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        return value.to(device=device, dtype=cast)
+
+    return place(inputs)
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     # same tests as `make test`. Set before anything imports triton: it reads the flag when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fisedit_compiler.models import random_unet  # noqa: E402
+from fisedit_compiler.editing.masks import ellipse_mask as _ellipse_mask  # noqa: E402
+from fisedit_compiler.models import example_unet_inputs, random_unet  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,30 +22,10 @@ def tiny_unet(arch: str):
     return random_unet(arch, "tiny", seed=0)
 
 
-def unet_inputs(unet, batch: int = 2, size: int = 32, seed: int = 0, text_len: int = 7) -> dict:
-    """Keyword inputs for one U-Net call: latents, a timestep, text embeddings (and SDXL's added conditions)."""
-    g = torch.Generator().manual_seed(seed)
-    config = unet.config
-    inputs = {
-        "sample": torch.randn(batch, config.in_channels, size, size, generator=g),
-        "timestep": torch.tensor(500),
-        "encoder_hidden_states": torch.randn(batch, text_len, config.cross_attention_dim, generator=g),
-    }
-    if config.addition_embed_type == "text_time":
-        text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, generator=g),
-            "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * batch, dtype=torch.float32),
-        }
-    return inputs
-
-
-def ellipse_mask(size: int, fraction: float, center=(0.4, 0.6)) -> torch.Tensor:
-    """A (size, size) bool ellipse covering about `fraction` of the map."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
-    rx = ry / 1.5
-    return ((yy - center[0] * size) / ry) ** 2 + ((xx - center[1] * size) / rx) ** 2 <= 1
+# Keyword inputs for one U-Net call: latents, a timestep, text embeddings (and SDXL's added conditions).
+unet_inputs = functools.partial(example_unet_inputs, text_len=7)
+# A (size, size) bool ellipse covering about `fraction` of the map.
+ellipse_mask = functools.partial(_ellipse_mask, center=(0.4, 0.6), grid_offset=0)
 
 
 def run_pipeline(pipe, prompt: str, latents: torch.Tensor, steps: int) -> torch.Tensor:

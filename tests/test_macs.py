@@ -6,13 +6,31 @@ import torch
 
 import fisedit_compiler as fisedit
 from conftest import ellipse_mask, tiny_unet, unet_inputs
-from fisedit_compiler.macs import count_macs
+from fisedit_compiler.macs import count_macs, node_macs
 
 
 def test_attention_is_counted_on_cpu():
     q = torch.randn(1, 2, 64, 16)
     macs, _ = count_macs(torch.nn.functional.scaled_dot_product_attention, q, q, q)
     assert macs == 2 * 2 * 64 * 64 * 16
+
+
+def test_node_macs_splits_a_call_s_macs_over_the_graph_s_nodes():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+            self.linear = torch.nn.Linear(5, 7)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.linear(y.flatten(2).transpose(1, 2))
+
+    gm = torch.fx.symbolic_trace(Block())
+    x = torch.randn(2, 3, 6, 6)
+    per_node = node_macs(gm, x)
+    assert per_node == {"conv": 2 * 36 * 5 * 3 * 9, "relu": 0, "flatten": 0, "transpose": 0, "linear": 2 * 36 * 5 * 7}
+    assert sum(per_node.values()) == count_macs(gm, x)[0]
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from fisedit_compiler.models import (
     ARCHS,
     SCHEDULERS,
     _WORDS,
+    example_unet_inputs,
     load_pipeline,
     make_scheduler,
     random_pipeline,
@@ -39,24 +40,6 @@ from fisedit_compiler.models import (
 
 LATENT = 16
 PROMPT = "a cabin in the woods with a river at night"
-
-
-def _unet_inputs(unet: UNet2DConditionModel, batch: int = 2, size: int = 32, seed: int = 0) -> dict:
-    """Random inputs for one U-Net call, including SDXL's added conditioning."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    kwargs = {
-        "sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
-        "timestep": torch.linspace(10, 500, batch).long(),
-        "encoder_hidden_states": torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
-    }
-    if cfg.addition_embed_type == "text_time":
-        text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, text_dim, generator=g),
-            "time_ids": torch.tensor([[8.0 * size, 8.0 * size, 0.0, 0.0, 8.0 * size, 8.0 * size]] * batch),
-        }
-    return kwargs
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +136,7 @@ def test_sdxl_text_encoders_match_unet() -> None:
 def test_tiny_unet_runs(arch: str) -> None:
     unet = random_unet(arch, "tiny", seed=0)
     assert not unet.training
-    inputs = _unet_inputs(unet)
+    inputs = example_unet_inputs(unet, timestep=torch.linspace(10, 500, 2).long())
     with torch.no_grad():
         out = unet(**inputs).sample
     assert out.shape == (2, 4, 32, 32)

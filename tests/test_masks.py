@@ -1,0 +1,42 @@
+"""The synthetic edit masks of `fisedit_compiler.editing.masks` (the demo's, `fisedit inspect`'s, the benchmarks'
+and the tests' ellipses)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fisedit_compiler.editing.masks import coverage_mask, ellipse_mask
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.15, 0.3])
+def test_an_ellipse_covers_about_its_fraction_and_exactly_when_asked(fraction):
+    size = 96
+    mask = ellipse_mask(size, fraction)
+    assert mask.dtype == torch.bool and mask.shape == (size, size)
+    assert mask.float().mean().item() == pytest.approx(fraction, rel=0.05)
+    exact = ellipse_mask(size, fraction, aspect=1.3, exact=True)
+    assert exact.sum().item() == round(fraction * size * size)  # no ties at these sizes
+    rows, cols = exact.nonzero().float().mean(dim=0) / size  # centred at 45 % / 55 % by default
+    assert rows.item() == pytest.approx(0.45, abs=0.01) and cols.item() == pytest.approx(0.55, abs=0.01)
+
+
+def test_an_ellipse_is_taller_than_wide_by_its_aspect():
+    mask = ellipse_mask(64, 0.2, center=(0.5, 0.5), aspect=1.5)
+    height, width = mask.any(dim=1).sum().item(), mask.any(dim=0).sum().item()
+    assert height / width == pytest.approx(1.5, rel=0.1)
+
+
+def test_a_tiny_fraction_still_marks_the_centre_pixel_and_a_bad_one_is_an_error():
+    mask = ellipse_mask(8, 0.001, center=(0.5, 0.25))
+    assert mask.sum() == 1 and mask[4, 2]
+    for fraction in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+            ellipse_mask(8, fraction)
+
+
+def test_coverage_mask_keeps_the_nearest_pixels_ties_included():
+    distance = torch.tensor([[3.0, 1.0], [1.0, 2.0]])
+    assert coverage_mask(distance, 0.25).tolist() == [[False, True], [True, False]]  # a tie at the threshold
+    assert coverage_mask(distance, 0.75).tolist() == [[False, True], [True, True]]
+    assert coverage_mask(distance, 0.01).sum() == 2  # at least one pixel, and its ties
