@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Kernel benchmark of issue 6: achieved bandwidth (gathers, scatters) and FLOP/s (attention) of the sparse path's
+"""Kernel benchmark of issue 6: achieved bandwidth (gathers) and FLOP/s (attention) of the sparse path's
 kernels, Triton against the PyTorch reference, and both against the device's peak.
 
     python benchmarks/kernels.py                      # SD 2 sizes: 96x96 latents, 320 channels, 20% mask
@@ -38,10 +38,11 @@ from typing import Any
 import torch
 
 from fisedit_compiler import kernels
+from fisedit_compiler.editing.masks import ellipse_mask
 from fisedit_compiler.ir import SpatialLayout
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
-from fisedit_compiler.runtime.mask_plan import ActivePixels, ConvWindows, FullImage, GatherIndex, MaskPlan
+from fisedit_compiler.runtime.mask_plan import ActivePixels, ConvWindows, GatherIndex, MaskPlan
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -73,19 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ellipse_mask(size: int, fraction: float) -> torch.Tensor:
-    """A (size, size) bool ellipse covering about `fraction` of the map, off-centre."""
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    ry = (fraction * size * size / torch.pi * 1.5) ** 0.5
-    return ((yy - 0.4 * size) / ry) ** 2 + ((xx - 0.6 * size) / (ry / 1.5)) ** 2 <= 1
-
-
-def gather_bytes(index: GatherIndex, rest: int, batch: int, element: int, fresh_reads: int = 1) -> int:
-    """Bytes a gather over `index` moves: the rows it reads from each source (`fresh_reads` tensors shaped like
-    the fresh one), the rows it writes, and its index tensors (int64 indices, bool flags)."""
+def gather_bytes(index: GatherIndex, rest: int, batch: int, element: int) -> int:
+    """Bytes a gather over `index` moves: the rows it reads from each source, the rows it writes, and its index
+    tensors (int64 indices, bool flags)."""
     pixels, inside = index.inside.numel(), int(index.inside.sum())
-    fresh_rows = int(index.from_fresh.sum()) if index.from_fresh is not None else 0
-    rows_read = fresh_reads * fresh_rows + inside - fresh_rows
+    rows_read = inside  # fresh rows replace recorded ones, which are then not read
     index_bytes = pixels * (INDEX_BYTES + (0 if index.all_inside else 1))
     if index.from_fresh is not None:
         index_bytes += pixels * (INDEX_BYTES + 1)
@@ -93,12 +86,12 @@ def gather_bytes(index: GatherIndex, rest: int, batch: int, element: int, fresh_
 
 
 def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[Case]:
-    """SD-like calls of every kernel at one resolution: conv windows, a residual block's output, a transformer's
-    tokens, its self-attention (head dims 64 as in SD 2 and 40 as in SD 1.5)."""
+    """SD-like calls of every kernel at one resolution: conv windows (plain, and with GroupNorm and SiLU fused) and
+    a transformer's self-attention (head dims 64 as in SD 2 and 40 as in SD 1.5)."""
     size, channels, batch = args.latent_size, args.channels, args.batch
     res = (size, size)
     element = torch.finfo(dtype).bits // 8
-    plan = MaskPlan(ellipse_mask(size, args.mask_fraction).to(device), Policy())
+    plan = MaskPlan(ellipse_mask(size, args.mask_fraction, (0.4, 0.6), grid_offset=0).to(device), Policy())
     blocks = plan.layout(res).num_blocks
     layout = SpatialLayout("map", res, (2, 3), (batch, channels, size, size))
 
@@ -108,14 +101,10 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     recorded, fresh_full = randn(*layout.shape), randn(*layout.shape)
     fresh = reference.gather_pixels(None, fresh_full, plan.gather_index(ActivePixels(res), False), layout, 0)
     windows = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
-    full_image = plan.gather_index(FullImage(res), True)
     scale, shift = torch.rand(batch, channels, device=device) + 0.5, torch.randn(batch, channels, device=device)
-    bias = randn(channels)
 
     positions = plan.gather_index(ActivePixels(res), False).recorded_index
     tokens, active = size * size, positions.numel()
-    sequence, fresh_tokens = randn(batch, tokens, channels), randn(batch, active, channels)
-    token_bytes = batch * active * channels * element
     where = f"@{size}x{size}, {channels} ch, {plan.layout(res).active_fraction:.0%} active"
     cases = [
         Case("gather_pixels", f"3x3 conv windows {where}", (fresh, recorded, windows, layout, blocks),
@@ -123,15 +112,6 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         Case("gather_pixels_affine_silu", f"3x3 conv windows + GroupNorm affine + SiLU {where}",
              (fresh, recorded, windows, layout, blocks, scale, shift),
              gather_bytes(windows, channels, batch, element) + 2 * scale.numel() * 4),
-        Case("scatter_bias_residual", f"residual block output {where}",
-             (fresh, recorded, full_image, layout, blocks, bias, randn(*fresh.shape)),
-             gather_bytes(full_image, channels, batch, element, fresh_reads=2) + channels * element),
-        Case("gather_tokens", f"tokens {where}", (sequence, positions), 2 * token_bytes + active * INDEX_BYTES),
-        Case("gather_tokens_layer_norm", f"tokens + LayerNorm {where}",
-             (sequence, positions, randn(channels), randn(channels), 1e-5),
-             2 * token_bytes + active * INDEX_BYTES + 2 * channels * element),
-        Case("scatter_tokens", f"tokens {where}", (fresh_tokens, sequence, positions),
-             2 * batch * tokens * channels * element + active * INDEX_BYTES),
     ]
     for head_dim in (64, 40):
         heads = max(1, channels // head_dim)

@@ -182,26 +182,7 @@ def test_group_norm_scale_shift_is_the_affine_map_of_group_norm():
     torch.testing.assert_close(x * scale[:, :, None, None] + shift[:, :, None, None], out)
 
 
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("epilogue", ["bias_residual", "none"])
-def test_scatter_bias_residual_matches_reference(triton_gather, device, dtype, mask, epilogue):
-    res = (12, 12)
-    plan = MaskPlan(edit_mask(mask, res).to(device), Policy(block_size=4))
-    layout = nchw(res)
-    fresh = gathered_blocks(plan, random(*layout.shape, dtype=dtype, device=device), layout)
-    recorded = random(*layout.shape, dtype=dtype, device=device, seed=1)
-    bias = random(CHANNELS, dtype=dtype, device=device, seed=2) if epilogue != "none" else None
-    residual = random(*fresh.shape, dtype=dtype, device=device, seed=3) if epilogue != "none" else None
-    blocks = plan.layout(res).num_blocks
-    index = plan.gather_index(FullImage(res), True)
-    want = reference.scatter_bias_residual(fresh, recorded, index, layout, blocks, bias, residual)
-    got = triton_gather.scatter_bias_residual(fresh, recorded, index, layout, blocks, bias, residual)
-    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
-    inactive = ~plan.active_pixels(res)
-    assert torch.equal(got[..., inactive], recorded[..., inactive])  # the recorded pixels are copied bit for bit
-
-
-# --- token gathers and scatters ---------------------------------------------------------------------------------
+# --- active-query attention -------------------------------------------------------------------------------------
 
 NUM_TOKENS = 45
 ACTIVE_SETS = ["empty", "one", "some", "all"]
@@ -211,32 +192,6 @@ def active_positions(kind: str, num_tokens: int, device: str) -> torch.Tensor:
     """Active token positions, in no particular order (gathered tokens are block-major, not sorted)."""
     count = {"empty": 0, "one": 1, "some": num_tokens // 3, "all": num_tokens}[kind]
     return torch.randperm(num_tokens, generator=torch.Generator().manual_seed(count))[:count].to(device)
-
-
-@pytest.mark.parametrize("active", ACTIVE_SETS)
-def test_token_gather_and_scatter_match_reference(triton_gather, device, dtype, active):
-    positions = active_positions(active, NUM_TOKENS, device)
-    x = random(BATCH, NUM_TOKENS, CHANNELS, dtype=dtype, device=device)
-    fresh = random(BATCH, positions.numel(), CHANNELS, dtype=dtype, device=device, seed=1)
-    assert torch.equal(triton_gather.gather_tokens(x, positions), reference.gather_tokens(x, positions))
-    assert torch.equal(triton_gather.scatter_tokens(fresh, x, positions), reference.scatter_tokens(fresh, x, positions))
-    strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels-major memory, same values
-    assert torch.equal(triton_gather.gather_tokens(strided, positions), reference.gather_tokens(x, positions))
-
-
-@pytest.mark.parametrize("active", ACTIVE_SETS)
-@pytest.mark.parametrize("affine", [True, False])
-def test_gather_tokens_layer_norm_matches_reference(triton_gather, device, dtype, active, affine):
-    positions = active_positions(active, NUM_TOKENS, device)
-    x = random(BATCH, NUM_TOKENS, CHANNELS, dtype=dtype, device=device) * 3 + 1
-    weight = random(CHANNELS, dtype=dtype, device=device, seed=1) if affine else None
-    bias = random(CHANNELS, dtype=dtype, device=device, seed=2) if affine else None
-    want = reference.gather_tokens_layer_norm(x, positions, weight, bias, 1e-5)
-    got = triton_gather.gather_tokens_layer_norm(x, positions, weight, bias, 1e-5)
-    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
-
-
-# --- active-query attention -------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -307,8 +262,8 @@ def test_dispatch_picks_reference_for_cpu_tensors_by_default(monkeypatch):
     monkeypatch.delenv("FISEDIT_KERNELS", raising=False)
     assert kernels.select_backend([torch.zeros(2), torch.zeros(2, dtype=torch.long)]) == "reference"
     called = []
-    monkeypatch.setattr(reference, "gather_tokens", lambda *args: called.append(args) or "reference")
-    assert kernels.gather_tokens(torch.zeros(1, 3, 2), torch.tensor([1])) == "reference"
+    monkeypatch.setattr(reference, "gather_pixels", lambda *args: called.append(args) or "reference")
+    assert kernels.gather_pixels(None, torch.zeros(1, 3, 2), None, None, 0) == "reference"
     assert called
 
 
@@ -330,10 +285,15 @@ def test_dispatch_override(monkeypatch):
 
 def test_dispatch_forced_to_triton_runs_the_triton_kernel(triton_gather, device, monkeypatch):
     monkeypatch.setenv("FISEDIT_KERNELS", "triton")
-    x, positions = torch.randn(1, 5, 3, device=device), torch.tensor([4, 0], device=device)
-    called, gather_tokens = [], triton_gather.gather_tokens
-    monkeypatch.setattr(triton_gather, "gather_tokens", lambda *args: called.append(args) or gather_tokens(*args))
-    assert torch.equal(kernels.gather_tokens(x, positions), x[:, [4, 0]])
+    mask = torch.zeros(4, 4, dtype=torch.bool, device=device)
+    mask[3, 0] = mask[0, 1] = True
+    plan = MaskPlan(mask, Policy(block_size=1, halo=0))
+    x = torch.randn(1, 3, 4, 4, device=device)
+    index = plan.gather_index(ActivePixels((4, 4)), False)  # pixels (0, 1) and (3, 0), one per block
+    called, gather_pixels = [], triton_gather.gather_pixels
+    monkeypatch.setattr(triton_gather, "gather_pixels", lambda *args: called.append(args) or gather_pixels(*args))
+    got = kernels.gather_pixels(None, x, index, SpatialLayout("map", (4, 4), (2, 3), (1, 3, 4, 4)), 0)
+    assert torch.equal(got, x[0][:, [0, 3], [1, 0]].T[..., None, None])  # (windows, C, 1, 1)
     assert called
 
 
@@ -355,8 +315,14 @@ def test_kernels_work_without_triton(monkeypatch):
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch; from fisedit_compiler import kernels\n"
         "assert kernels.select_backend([torch.zeros(2)]) == 'reference'\n"
-        "assert torch.equal(kernels.gather_tokens(torch.arange(6.).reshape(1, 3, 2), torch.tensor([2])),"
-        " torch.tensor([[[4., 5.]]]))\n"
+        "from fisedit_compiler.ir import SpatialLayout\n"
+        "from fisedit_compiler.policy import Policy\n"
+        "from fisedit_compiler.runtime.mask_plan import ActivePixels, MaskPlan\n"
+        "plan = MaskPlan(torch.tensor([[False, True]]), Policy(block_size=1, halo=0))\n"
+        "x = torch.arange(6.).reshape(1, 3, 1, 2)\n"
+        "got = kernels.gather_pixels(None, x, plan.gather_index(ActivePixels((1, 2)), False),"
+        " SpatialLayout('map', (1, 2), (2, 3), (1, 3, 1, 2)), 0)\n"
+        "assert torch.equal(got.flatten(), torch.tensor([1., 3., 5.])), got\n"
     )
     monkeypatch.delenv("FISEDIT_KERNELS", raising=False)
     subprocess.run([sys.executable, "-c", script], check=True)

@@ -78,10 +78,6 @@ def _dispatched(name: str, triton_module: str) -> Callable:
 
 gather_pixels = _dispatched("gather_pixels", "triton_gather")
 gather_pixels_affine_silu = _dispatched("gather_pixels_affine_silu", "triton_gather")
-scatter_bias_residual = _dispatched("scatter_bias_residual", "triton_gather")
-gather_tokens = _dispatched("gather_tokens", "triton_gather")
-gather_tokens_layer_norm = _dispatched("gather_tokens_layer_norm", "triton_gather")
-scatter_tokens = _dispatched("scatter_tokens", "triton_gather")
 active_query_attention = _dispatched("active_query_attention", "triton_attention")
 
 # Layout conversions, GroupNorm statistics, per-block broadcasts and convolutions are PyTorch on every device.

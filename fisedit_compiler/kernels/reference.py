@@ -218,11 +218,6 @@ def active_query_attention(
 # --- fused kernels: the references of the Triton versions in `triton_gather` ------------------------------------
 
 
-def _rest_view(layout: SpatialLayout) -> list[int]:
-    """A broadcastable shape holding `layout`'s non-pixel dims (a per-channel vector's view)."""
-    return [n if d in layout.rest_dims else 1 for d, n in enumerate(layout.shape)]
-
-
 def group_norm_scale_shift(
     channels: int,
     weight: torch.Tensor | None,
@@ -268,48 +263,3 @@ def gather_pixels_affine_silu(
     if not index.all_inside:
         out.mul_(index.inside[None, :, None])
     return from_canonical(out.to(gathered.dtype), layout, c.num_windows, c.height, c.width)
-
-
-def scatter_bias_residual(
-    fresh: torch.Tensor,
-    recorded: torch.Tensor,
-    index: GatherIndex,
-    layout: SpatialLayout,
-    fresh_windows: int,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`gather_pixels` of ``fresh + bias + residual`` over `recorded`: with a `FullImage` index, the full-size
-    output of a residual block, fresh on the active blocks and recorded elsewhere.
-
-    `bias` has one value per non-pixel element of `layout` (a convolution's per-channel bias); `residual` has
-    `fresh`'s gathered shape.
-    """
-    value = fresh
-    if bias is not None:
-        value = value + bias.reshape(_rest_view(layout))
-    if residual is not None:
-        value = value + residual
-    return gather_pixels(value, recorded, index, layout, fresh_windows)
-
-
-def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The tokens at `positions` of a (B, tokens, C) sequence."""
-    return x.index_select(1, positions)
-
-
-def gather_tokens_layer_norm(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """LayerNorm over the channels of the tokens at `positions` of a (B, tokens, C) sequence."""
-    return F.layer_norm(gather_tokens(x, positions), x.shape[-1:], weight, bias, eps)
-
-
-def scatter_tokens(fresh: torch.Tensor, recorded: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A copy of the (B, tokens, C) sequence `recorded` with the (B, len(positions), C) `fresh` tokens at
-    `positions`."""
-    return recorded.index_copy(1, positions, fresh.to(recorded.dtype))

@@ -1,12 +1,11 @@
-"""Triton kernels for the data movement of the sparse path: two-source gathers, their fused variants, token
-gathers and scatters. Each public function has the signature of its namesake in `reference` (the ground truth it
+"""Triton kernels for the data movement of the sparse path: two-source gathers and their fused variant. Each
+public function has the signature of its namesake in `reference` (the ground truth it
 is tested against) and is reached through `kernels`' dispatch, never named by the runtime.
 
 All pixel gathers run one kernel, `_gather_kernel`, on the canonical ``(B, pixels, rest)`` form: each output row
 reads the fresh tensor, the recorded tensor or nothing (zero outside the image), with masked loads so that every
-input byte is read at most once. Constexpr flags add the fused epilogues: bias and residual on the fresh rows
-(a residual block's output written over the recorded one), or a per-(batch item, channel) affine map and SiLU on
-every row (a recorded-statistics GroupNorm and its activation). The conversions between a layout and the
+input byte is read at most once. A constexpr flag adds the fused epilogue: a per-(batch item, channel) affine map
+and SiLU on every row (a recorded-statistics GroupNorm and its activation). The conversions between a layout and the
 canonical form stay in PyTorch (`reference.to_canonical`, `from_canonical`); they are views for the usual
 layouts, whose strides the kernel takes as they are.
 """
@@ -31,18 +30,17 @@ _GATHER_CONFIGS = [
 # The variants move different bytes per row, so each gets its own choice.
 @autotune(
     _GATHER_CONFIGS, triton.Config({"BLOCK_P": 64, "BLOCK_R": 32}),
-    key=["rest", "HAS_FRESH", "ALL_INSIDE", "ADD_RESIDUAL", "AFFINE_SILU"],
+    key=["rest", "HAS_FRESH", "ALL_INSIDE", "AFFINE_SILU"],
 )
 @triton.jit
 def _gather_kernel(
-    out_ptr, fresh_ptr, recorded_ptr, residual_ptr, bias_ptr, scale_ptr, shift_ptr,
+    out_ptr, fresh_ptr, recorded_ptr, scale_ptr, shift_ptr,
     from_fresh_ptr, fresh_index_ptr, recorded_index_ptr, inside_ptr,
     num_pixels, rest,
     fresh_stride_b, fresh_stride_p, fresh_stride_r,
     recorded_stride_b, recorded_stride_p, recorded_stride_r,
-    residual_stride_b, residual_stride_p, residual_stride_r,
-    HAS_FRESH: tl.constexpr, ALL_INSIDE: tl.constexpr, ADD_BIAS: tl.constexpr, ADD_RESIDUAL: tl.constexpr,
-    AFFINE_SILU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_FRESH: tl.constexpr, ALL_INSIDE: tl.constexpr, AFFINE_SILU: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One (BLOCK_P pixels x BLOCK_R rest elements) tile of one batch item of the output."""
     pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -58,20 +56,11 @@ def _gather_kernel(
     if HAS_FRESH:
         from_fresh = tl.load(from_fresh_ptr + pixels, mask=pixel_ok, other=0) != 0
         recorded_rows = inside & ~from_fresh
-        fresh_mask = from_fresh[:, None] & col_ok[None, :]
         fresh_row = tl.load(fresh_index_ptr + pixels, mask=pixel_ok, other=0)
         fresh_value = tl.load(
             fresh_ptr + batch * fresh_stride_b + fresh_row[:, None] * fresh_stride_p + cols[None, :] * fresh_stride_r,
-            mask=fresh_mask, other=0.0,
+            mask=from_fresh[:, None] & col_ok[None, :], other=0.0,
         ).to(tl.float32)
-        if ADD_BIAS:
-            fresh_value += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        if ADD_RESIDUAL:
-            fresh_value += tl.load(
-                residual_ptr + batch * residual_stride_b + fresh_row[:, None] * residual_stride_p
-                + cols[None, :] * residual_stride_r,
-                mask=fresh_mask, other=0.0,
-            ).to(tl.float32)
     recorded_row = tl.load(recorded_index_ptr + pixels, mask=pixel_ok, other=0)
     value = tl.load(
         recorded_ptr + batch * recorded_stride_b + recorded_row[:, None] * recorded_stride_p
@@ -102,8 +91,6 @@ def _gather_canonical(
     recorded_index: torch.Tensor,
     inside: torch.Tensor | None,
     *,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -111,7 +98,7 @@ def _gather_canonical(
 
     Row ``i`` of the output reads ``fresh[:, fresh_index[i]]`` where `from_fresh`, else
     ``recorded[:, recorded_index[i]]`` where `inside` (None: everywhere), else zero. `fresh=None` (or empty)
-    means a single source; `bias` and `residual` apply to the fresh rows, `scale` and `shift` to every row.
+    means a single source; `scale` and `shift` apply to every row.
     """
     has_fresh = fresh is not None and fresh.numel() > 0
     dtype = torch.promote_types(fresh.dtype, recorded.dtype) if has_fresh else recorded.dtype
@@ -120,11 +107,10 @@ def _gather_canonical(
     if out.numel() == 0:
         return out
     fresh_strides = fresh.stride() if has_fresh else (0, 0, 0)
-    residual_strides = residual.stride() if residual is not None else (0, 0, 0)
     if scale is not None:  # read as (B, rest) rows of float32
         scale, shift = scale.float().contiguous(), shift.float().contiguous()
-    # The kernel reads index vectors and the bias with unit stride.
-    recorded_index, inside, bias = (t if t is None else t.contiguous() for t in (recorded_index, inside, bias))
+    # The kernel reads index vectors with unit stride.
+    recorded_index, inside = (t if t is None else t.contiguous() for t in (recorded_index, inside))
     if has_fresh:
         from_fresh, fresh_index = from_fresh.contiguous(), fresh_index.contiguous()
 
@@ -132,12 +118,11 @@ def _gather_canonical(
         return (triton.cdiv(num_pixels, meta["BLOCK_P"]), triton.cdiv(rest, meta["BLOCK_R"]), batch)
 
     _gather_kernel[grid](
-        out, fresh if has_fresh else None, recorded, residual, bias, scale, shift,
+        out, fresh if has_fresh else None, recorded, scale, shift,
         from_fresh if has_fresh else None, fresh_index if has_fresh else None, recorded_index, inside,
         num_pixels, rest,
-        *fresh_strides, *recorded.stride(), *residual_strides,
-        HAS_FRESH=has_fresh, ALL_INSIDE=inside is None, ADD_BIAS=has_fresh and bias is not None,
-        ADD_RESIDUAL=has_fresh and residual is not None, AFFINE_SILU=scale is not None,
+        *fresh_strides, *recorded.stride(),
+        HAS_FRESH=has_fresh, ALL_INSIDE=inside is None, AFFINE_SILU=scale is not None,
     )
     return out
 
@@ -150,12 +135,10 @@ def _gather_pixels(
     fresh_windows: int,
     **epilogue: torch.Tensor | None,
 ) -> torch.Tensor:
-    """`_gather_canonical` for tensors in `layout`'s form (the residual in `fresh`'s)."""
+    """`_gather_canonical` for tensors in `layout`'s form."""
     batch = recorded.shape[0]
     if fresh is not None:
         fresh = to_canonical(fresh, layout, batch, fresh_windows)
-    if epilogue.get("residual") is not None:
-        epilogue["residual"] = to_canonical(epilogue["residual"], layout, batch, fresh_windows)
     out = _gather_canonical(
         fresh, to_canonical(recorded, layout, batch, 1), index.from_fresh, index.fresh_index, index.recorded_index,
         None if index.all_inside else index.inside, **epilogue,
@@ -186,94 +169,3 @@ def gather_pixels_affine_silu(
 ) -> torch.Tensor:
     """Two-source gather with GroupNorm affine and SiLU fused; see `reference.gather_pixels_affine_silu`."""
     return _gather_pixels(fresh, recorded, index, layout, fresh_windows, scale=scale, shift=shift)
-
-
-def scatter_bias_residual(
-    fresh: torch.Tensor,
-    recorded: torch.Tensor,
-    index: GatherIndex,
-    layout: SpatialLayout,
-    fresh_windows: int,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``fresh + bias + residual`` written over `recorded`; see `reference.scatter_bias_residual`."""
-    return _gather_pixels(fresh, recorded, index, layout, fresh_windows, bias=bias, residual=residual)
-
-
-def gather_tokens(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The tokens at `positions` of a (B, tokens, C) sequence; see `reference.gather_tokens`."""
-    return _gather_canonical(None, x, None, None, positions, None)
-
-
-def scatter_tokens(fresh: torch.Tensor, recorded: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """`recorded` with `fresh` tokens at `positions`, in one pass that reads every token once; see
-    `reference.scatter_tokens`."""
-    num_tokens = recorded.shape[1]
-    # Per output token, its row in `fresh` or -1: O(tokens) integer work against O(B x tokens x C) data moved.
-    source = torch.full((num_tokens,), -1, dtype=torch.long, device=recorded.device)
-    source[positions] = torch.arange(positions.numel(), device=recorded.device)
-    identity = torch.arange(num_tokens, device=recorded.device)
-    out = _gather_canonical(fresh, recorded, source >= 0, source.clamp(min=0), identity, None)
-    return out.to(recorded.dtype)
-
-
-_LAYER_NORM_CONFIGS = [triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in [(1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]]
-
-
-@autotune(_LAYER_NORM_CONFIGS, triton.Config({"BLOCK_T": 16}), key=["channels"])
-@triton.jit
-def _gather_tokens_layer_norm_kernel(
-    out_ptr, x_ptr, positions_ptr, weight_ptr, bias_ptr,
-    num_tokens, channels, eps,
-    x_stride_b, x_stride_t, x_stride_c,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """LayerNorm of BLOCK_T gathered tokens of one batch item; BLOCK_C covers all channels."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    batch = tl.program_id(1).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    token_ok = tokens < num_tokens
-    col_ok = cols < channels
-    mask = token_ok[:, None] & col_ok[None, :]
-    rows = tl.load(positions_ptr + tokens, mask=token_ok, other=0)
-    x = tl.load(
-        x_ptr + batch * x_stride_b + rows[:, None] * x_stride_t + cols[None, :] * x_stride_c, mask=mask, other=0.0
-    ).to(tl.float32)
-    mean = tl.sum(x, axis=1) / channels
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / channels + eps)
-    y = centered * rstd[:, None]
-    if HAS_WEIGHT:
-        y = y * tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + batch * num_tokens * channels + tokens[:, None] * channels + cols[None, :],
-        y.to(out_ptr.dtype.element_ty), mask=mask,
-    )
-
-
-def gather_tokens_layer_norm(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """LayerNorm fused into the token gather; see `reference.gather_tokens_layer_norm`."""
-    batch, _, channels = x.shape
-    num_tokens = positions.numel()
-    out = torch.empty(batch, num_tokens, channels, dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-
-    def grid(meta):
-        return (triton.cdiv(num_tokens, meta["BLOCK_T"]), batch)
-
-    weight, bias = (t if t is None else t.contiguous() for t in (weight, bias))
-    _gather_tokens_layer_norm_kernel[grid](
-        out, x, positions.contiguous(), weight, bias, num_tokens, channels, eps, *x.stride(),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_C=triton.next_power_of_2(channels),
-    )
-    return out
