@@ -11,21 +11,14 @@ import torch
 
 from . import inspect_cmd
 from .editing.mask_image import load_mask_image
-from .editing.masks import ellipse_mask
 from .editing.token_alignment import PromptTooLongError
 from .policy import Policy
-
-DEMO_PROMPT = "a cabin in the woods"
-# The first edit detects its mask; the second gives one (a 10% ellipse), so that the demo shows sparse savings even
-# though random weights make detected masks cover most of the image.
-DEMO_EDITS = ["a cabin in the woods with a river", "a cabin in the woods with a river at night"]
-
 
 def _component_config(args, component: str) -> dict | None:
     """The `config.json` of a component folder of `--model`, or None (no model folder, or no such file)."""
     import json
 
-    config = Path(args.model) / component / "config.json" if args.model else None
+    config = Path(_model_folder(args)) / component / "config.json" if not args.random else None
     return json.loads(config.read_text()) if config is not None and config.is_file() else None
 
 
@@ -34,7 +27,8 @@ def _latent_shape(args, latent: int | None) -> tuple[int, int]:
         return latent, latent
     size = (_component_config(args, "unet") or {}).get("sample_size")
     if size is None:
-        raise FileNotFoundError(f"{Path(args.model) / 'unet' / 'config.json'} is missing: {args.model} is not a "
+        folder = _model_folder(args)
+        raise FileNotFoundError(f"{Path(folder) / 'unet' / 'config.json'} is missing: {folder} is not a "
                                 "diffusers pipeline folder")
     return (size, size) if isinstance(size, int) else tuple(size)
 
@@ -45,41 +39,63 @@ def _vae_scale_factor(args) -> int:
     return 8 if vae is None else 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def _model_folder(args) -> str:
+    """The pipeline folder to load: `--model`, else the embedded shapes model."""
+    from .training.quality import SHAPES_MODEL
+
+    return args.model or str(SHAPES_MODEL)
+
+
 def _pipeline(args):
     from .models import load_pipeline, random_pipeline
 
-    if args.model:
-        return load_pipeline(args.model)
-    return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed, size=args.size,
-                           scheduler=args.scheduler)
+    if args.random:
+        if args.model:
+            raise ValueError("--random and --model exclude each other: --random builds a random-weight model")
+        return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed, size=args.size,
+                               scheduler=args.scheduler)
+    return load_pipeline(_model_folder(args), torch_dtype=torch.float32)
 
 
 def _policy(args) -> Policy:
     return Policy(block_size=args.block_size)
 
 
-def _run(args, prompt: str, edits: list[tuple[str, torch.Tensor | None]]) -> int:
-    from .demo import RANDOM_WEIGHTS_NOTE, format_report, run_session
+def _run(args, prompt: str | None, edits: list | None) -> int:
+    """`demo` (prompt and edits None: the model's demo session) and `edit`."""
+    from . import demo
 
     pipe = _pipeline(args)
     pipe.set_progress_bar_config(disable=args.quiet)
-    if not args.model:
-        print(f"note: {RANDOM_WEIGHTS_NOTE}\n")
-    data = run_session(pipe, prompt, edits, Path(args.out), args.steps, args.seed, _policy(args),
-                       log=(lambda *a: None) if args.quiet else print)
-    print("\n" + format_report(data))
-    print(f"\nwrote {args.out}/: source.png, edited*.png, mask*.png (the recomputed region over the source), "
-          "report.md, report.json")
+    note = demo.RANDOM_WEIGHTS_NOTE if args.random else None
+    if note:
+        print(f"note: {note}\n")
+    latent = _latent_shape(args, args.latent_size if args.random else None)[0]
+    if prompt is None:
+        prompt = demo.RANDOM_PROMPT if args.random else demo.SHAPES_PROMPT
+        edits = demo.random_edits(latent) if args.random else demo.shapes_edits(latent, pipe.vae_scale_factor)
+    steps = args.steps or (20 if args.random else demo.SHAPES_STEPS)
+    guidance = args.guidance_scale or (7.5 if args.random else demo.SHAPES_GUIDANCE)
+    data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, args.seed, _policy(args),
+                            log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance)
+    print("\n" + demo.format_report(data))
+    print(f"\nwrote {args.out}/: edit_<n>.png (source | edited | recomputed region | dense regeneration), "
+          "source.png, edited_<n>.png, mask_<n>.png, report.md, report.json")
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, steps: int, latent_size: int) -> None:
-    parser.add_argument("--model", help="a local diffusers pipeline folder (default: a built-in random-weight model)")
-    parser.add_argument("--arch", default="sd2", choices=["sd15", "sd2", "sdxl"], help="built-in model architecture")
-    parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="built-in model size")
-    parser.add_argument("--latent-size", type=int, default=latent_size, help="built-in model latent size")
-    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "pndm", "euler"])
-    parser.add_argument("--steps", type=int, default=steps, help="denoising steps")
+def _common(parser: argparse.ArgumentParser, latent_size: int) -> None:
+    parser.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
+    parser.add_argument("--random", action="store_true",
+                        help="a built-in random-weight model instead (--arch, --size, --latent-size, --scheduler)")
+    parser.add_argument("--arch", default="sd2", choices=["sd15", "sd2", "sdxl"], help="random model architecture")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "full"], help="random model size")
+    parser.add_argument("--latent-size", type=int, default=latent_size, help="random model latent size")
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "pndm", "euler"],
+                        help="random model scheduler")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: 20)")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 5 for the shapes "
+                        "model, 7.5 otherwise)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-size", type=int, default=Policy.block_size)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -126,11 +142,11 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="a demo edit session on the built-in random-weight SD 2 U-Net")
-    _common(demo, steps=20, latent_size=64)
+    demo = commands.add_parser("demo", help="a demo edit session on the embedded shapes model")
+    _common(demo, latent_size=64)
     demo.add_argument("--out", default="out/demo")
     edit = commands.add_parser("edit", help="generate an image, then edit its prompt (continuously)")
-    _common(edit, steps=20, latent_size=64)
+    _common(edit, latent_size=64)
     edit.add_argument("--prompt", required=True, help="the source prompt")
     edit.add_argument("--edit", action="append", required=True, help="an edited prompt; repeat for a chain")
     edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution")
@@ -151,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train-shapes":
             return _train_shapes(args, sys.argv[1:] if argv is None else argv)
         if args.command == "demo":
-            given = ellipse_mask(args.latent_size, 0.1, center=(0.55, 0.35), grid_offset=0)  # left of centre
-            return _run(args, DEMO_PROMPT, [(DEMO_EDITS[0], None), (DEMO_EDITS[1], given)])
+            return _run(args, None, None)
+        from .demo import DemoEdit
+
         mask = None
         if args.mask:
-            latent = args.latent_size if not args.model else None
+            latent = args.latent_size if args.random else None
             mask = load_mask_image(args.mask, _latent_shape(args, latent), _vae_scale_factor(args))
-        return _run(args, args.prompt, [(prompt, mask) for prompt in args.edit])
+        return _run(args, args.prompt, [DemoEdit(prompt, mask) for prompt in args.edit])
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +17,9 @@ from .editing.token_alignment import token_ids
 from .policy import Policy
 
 RANDOM_WEIGHTS_NOTE = (
-    "The default model has random weights (no pretrained weights can be downloaded), so its pictures are noise "
-    "and its detected masks do not follow the prompt's meaning; the numbers (MACs, seconds, cache bytes) are real. "
-    "Point --model at a local diffusers folder for real images."
+    "This model has random weights (--random), so its pictures are noise and its detected masks do not follow the "
+    "prompt's meaning; the numbers (MACs, seconds, cache bytes) are real. Leave out --random for the embedded "
+    "shapes model, or point --model at a local diffusers folder."
 )
 
 
@@ -29,14 +30,35 @@ def mask_overlay(image: Image.Image, mask: torch.Tensor) -> Image.Image:
     return Image.composite(Image.blend(image.convert("RGB"), red, 0.5), image.convert("RGB"), upsampled)
 
 
-def dense_regeneration(session: EditSession, prompt: str) -> PhaseStats:
-    """Regenerate `prompt` densely with the eager U-Net (same latents, steps and scheduler), metered the same way."""
+def dense_regeneration(session: EditSession, prompt: str) -> tuple[PhaseStats, Image.Image]:
+    """Regenerate `prompt` densely with the eager U-Net (same latents, steps and scheduler), metered the same way:
+    what a user without FISEdit would run."""
     meter = _Meter(session.unet)  # outside record()/sparse() the compiled U-Net runs the eager one
     try:
-        session._call_pipeline(prompt, lambda pipe, i, t, kwargs: {})
+        images = session._call_pipeline(prompt, lambda pipe, i, t, kwargs: {})
     finally:
         phases = meter.close()
-    return phases["dense"]
+    return phases["dense"], images[0]
+
+
+def side_by_side(source: Image.Image, edited: Image.Image, mask: torch.Tensor | None,
+                 dense: Image.Image, labels=("source", "edited (FISEdit)", "recomputed region", "dense regeneration"),
+                 ) -> Image.Image:
+    """One picture per edit: source | edited | recomputed region over the source | dense regeneration."""
+    from PIL import ImageDraw
+
+    overlay = mask_overlay(source, mask) if mask is not None else source.convert("RGB")
+    panels = [source.convert("RGB"), edited.convert("RGB"), overlay, dense.convert("RGB")]
+    w, h = panels[0].size
+    scale = max(1, 256 // w)
+    gap, caption = 4, 14
+    canvas = Image.new("RGB", (len(panels) * (w * scale + gap) - gap, h * scale + caption), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, label) in enumerate(zip(panels, labels)):
+        x = i * (w * scale + gap)
+        canvas.paste(panel.resize((w * scale, h * scale), Image.NEAREST), (x, caption))
+        draw.text((x + 2, 1), label, fill=(0, 0, 0))
+    return canvas
 
 
 def _row(name: str, stats: PhaseStats | None) -> dict:
@@ -47,29 +69,29 @@ def _row(name: str, stats: PhaseStats | None) -> dict:
             "gmacs_per_call": stats.macs / 1e9 / stats.unet_calls, "seconds_per_call": stats.seconds / stats.unet_calls}
 
 
-def report(source: EditResult, edits: list[EditResult], dense: PhaseStats) -> dict:
+def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats], note: str | None) -> dict:
     """Per-phase rows and the savings of each edit against the dense regeneration of its prompt."""
     rows = [_row("source (record)", source.stats.get("dense"))]
     summary = []
-    for n, result in enumerate(edits, 1):
+    for n, (result, regeneration) in enumerate(zip(edits, dense), 1):
         phases = {name: result.stats.get(name) for name in ("dense", "sparse")}
         rows += [_row(f"edit {n}: {name}", stats) for name, stats in phases.items()]
+        rows.append(_row(f"edit {n}: dense regeneration (for comparison)", regeneration))
         macs = sum(s.macs for s in phases.values() if s)
         seconds = sum(s.seconds for s in phases.values() if s)
         sparse = phases["sparse"]
         summary.append({
             "edit": n, "prompt": result.prompt,
             "mask_fraction": float(result.mask.float().mean()) if result.mask is not None else 0.0,
-            "macs_saved_vs_dense": 1 - macs / dense.macs,
-            "seconds_saved_vs_dense": 1 - seconds / dense.seconds,
-            "sparse_call_macs_ratio": (dense.macs / dense.unet_calls) / (sparse.macs / sparse.unet_calls)
+            "macs_saved_vs_dense": 1 - macs / regeneration.macs,
+            "seconds_saved_vs_dense": 1 - seconds / regeneration.seconds,
+            "sparse_call_macs_ratio": (regeneration.macs / regeneration.unet_calls) / (sparse.macs / sparse.unet_calls)
             if sparse and sparse.macs else None,
-            "sparse_call_speedup": (dense.seconds / dense.unet_calls) / (sparse.seconds / sparse.unet_calls)
-            if sparse and sparse.seconds else None,
+            "sparse_call_speedup": (regeneration.seconds / regeneration.unet_calls)
+            / (sparse.seconds / sparse.unet_calls) if sparse and sparse.seconds else None,
             "cache_bytes": result.stats["cache_bytes"],
         })
-    rows.append(_row("dense regeneration of the last prompt", dense))
-    return {"phases": rows, "edits": summary, "note": RANDOM_WEIGHTS_NOTE}
+    return {"phases": rows, "edits": summary, "note": note}
 
 
 def format_report(data: dict) -> str:
@@ -91,34 +113,48 @@ def format_report(data: dict) -> str:
             f"{100 * e['seconds_saved_vs_dense']:.1f}% of the U-Net time{per_call}; cache "
             f"{e['cache_bytes'] / 2**20:.1f} MiB."
         )
-    lines += ["", data["note"]]
+    if data["note"]:
+        lines += ["", data["note"]]
     return "\n".join(lines)
 
 
-def run_session(pipe, prompt: str, edits: list[tuple[str, torch.Tensor | None]], out: Path, steps: int, seed: int,
-                policy: Policy, log=print) -> dict:
-    """Generate `prompt`, apply `edits` (prompt, mask or None to detect it) in turn (continuous), write pictures
-    and a report into `out`."""
-    for text in [prompt, *(edited for edited, _ in edits)]:  # fail before any work on an over-long prompt
+@dataclasses.dataclass
+class DemoEdit:
+    """One edit of a demo session: the edited prompt, and its mask: None (detected), a mask `EditSession.edit`
+    takes, or a function of the current image (a PIL image) that returns one (a user drawing on what they see)."""
+
+    prompt: str
+    mask: Any = None
+
+
+def run_session(pipe, prompt: str, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
+                log=print, note: str | None = None, guidance_scale: float = 7.5) -> dict:
+    """Generate `prompt`, apply `edits` in turn (continuous: each edits the previous result), and write per edit
+    a side-by-side picture (`edit_<n>.png`) with the dense regeneration of its prompt, and a report, into `out`."""
+    for text in [prompt, *(edit.prompt for edit in edits)]:  # fail before any work on an over-long prompt
         token_ids(pipe.tokenizer, text)
     out.mkdir(parents=True, exist_ok=True)
-    session = EditSession(pipe, policy=policy, num_inference_steps=steps)
+    session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
     start = time.perf_counter()
     source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
     source.images[0].save(out / "source.png")
     log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
-    results = []
-    for n, (edited_prompt, mask) in enumerate(edits, 1):
+    results, regenerations, current = [], [], source
+    for n, edit in enumerate(edits, 1):
         start = time.perf_counter()
-        result = session.edit(edited_prompt, mask=mask)
-        suffix = "" if len(edits) == 1 else f"_{n}"
-        result.images[0].save(out / f"edited{suffix}.png")
-        mask_overlay(source.images[0], result.mask).save(out / f"mask{suffix}.png")
+        mask = edit.mask(current.images[0]) if callable(edit.mask) else edit.mask
+        result = session.edit(edit.prompt, mask=mask)
+        seconds = time.perf_counter() - start
+        stats, dense_image = dense_regeneration(session, edit.prompt)
+        result.images[0].save(out / f"edited_{n}.png")
+        mask_overlay(current.images[0], result.mask).save(out / f"mask_{n}.png")
+        side_by_side(current.images[0], result.images[0], result.mask, dense_image).save(out / f"edit_{n}.png")
         results.append(result)
+        regenerations.append(stats)
         how = "detected mask" if mask is None else "given mask"
-        log(f"edit {n}: {edited_prompt!r}, {how} ({time.perf_counter() - start:.1f}s)")
-    dense = dense_regeneration(session, edits[-1][0])
-    data = report(source, results, dense)
+        log(f"edit {n}: {edit.prompt!r}, {how} ({seconds:.1f}s)")
+        current = result
+    data = report(source, results, regenerations, note)
     (out / "report.json").write_text(json.dumps(data, indent=2, default=_jsonable))
     text = format_report(data)
     (out / "report.md").write_text(text + "\n")
@@ -129,3 +165,54 @@ def _jsonable(value):
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# --- the two demo sessions ----------------------------------------------------------------------------------------
+
+SHAPES_PROMPT = "a red circle and a blue square on a gray background"
+SHAPES_STEPS = 20
+SHAPES_GUIDANCE = 5.0
+
+
+def drawn_box_mask(colour: str, shape: str, latent: int, scale_factor: int, pad: int = 1):
+    """A user's mask as a function of the image they see: a box around the (colour, shape) object found in it (the
+    evaluator's pixel statistics), grown by `pad` latent pixels; the largest object if that one is not found."""
+    from .training.evaluator import find_objects
+
+    def mask(image: Image.Image) -> torch.Tensor:
+        found = find_objects(image)
+        chosen = next((o for o in found if (o.colour, o.shape) == (colour, shape)), found[0] if found else None)
+        box = torch.zeros(latent, latent, dtype=torch.bool)
+        if chosen is None:  # nothing to draw around: the centre quarter
+            box[latent // 4: 3 * latent // 4, latent // 4: 3 * latent // 4] = True
+            return box
+        y0, x0, y1, x1 = chosen.bbox
+        box[max(0, y0 // scale_factor - pad): min(latent, -(-y1 // scale_factor) + pad),
+            max(0, x0 // scale_factor - pad): min(latent, -(-x1 // scale_factor) + pad)] = True
+        return box
+
+    return mask
+
+
+def shapes_edits(latent: int, scale_factor: int) -> list[DemoEdit]:
+    """The shapes model's session: two edits whose masks are detected (a colour, then a shape; continuous), and one
+    with a box the user draws around the square."""
+    return [
+        DemoEdit("a red circle and a green square on a gray background"),
+        DemoEdit("a red triangle and a green square on a gray background"),
+        DemoEdit("a red triangle and a yellow square on a gray background",
+                 drawn_box_mask("green", "square", latent, scale_factor)),
+    ]
+
+
+RANDOM_PROMPT = "a cabin in the woods"
+
+
+def random_edits(latent: int) -> list[DemoEdit]:
+    """The random-weight model's session: the first edit detects its mask; the second gives one (a 10% ellipse),
+    so that it shows sparse savings although random weights make detected masks cover most of the image."""
+    from .editing.masks import ellipse_mask
+
+    given = ellipse_mask(latent, 0.1, center=(0.55, 0.35), grid_offset=0)  # left of centre
+    return [DemoEdit("a cabin in the woods with a river"),
+            DemoEdit("a cabin in the woods with a river at night", given)]

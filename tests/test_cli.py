@@ -12,15 +12,16 @@ from PIL import Image
 from fisedit_compiler.cli import main
 
 LATENT = 16
-SMALL = ["--latent-size", str(LATENT), "--steps", "4", "--quiet"]
+SMALL = ["--random", "--latent-size", str(LATENT), "--steps", "4", "--quiet"]
 
 
-def overlay_marks(folder, name: str) -> np.ndarray:
-    """(H, W) bool at image resolution: where a mask picture differs from the source (it blends red in there)."""
+def overlay_marks(folder, name: str, under: str = "source.png") -> np.ndarray:
+    """(H, W) bool at image resolution: where a mask picture differs from the image it is drawn over (it blends red
+    in there): the source for the first edit, the previous edit's image for the next."""
     def pixels(file):
         return np.asarray(Image.open(folder / file).convert("RGB")).astype(int)
 
-    return (pixels(name) != pixels("source.png")).any(axis=-1)
+    return (pixels(name) != pixels(under)).any(axis=-1)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -29,6 +30,10 @@ def test_demo_writes_pictures_and_a_report(tmp_path, capsys):
     for name in ["source.png", "edited_1.png", "edited_2.png", "mask_1.png", "mask_2.png", "report.md", "report.json"]:
         assert (tmp_path / name).is_file(), name
     assert Image.open(tmp_path / "source.png").size == (8 * LATENT, 8 * LATENT)
+    side_by_side = np.asarray(Image.open(tmp_path / "edit_2.png").convert("RGB"))
+    source = np.asarray(Image.open(tmp_path / "edited_1.png").convert("RGB"))  # edit 2 edits edit 1's image
+    scale = 256 // (8 * LATENT)  # panels are drawn at 256 pixels a side, under a caption line
+    assert np.array_equal(side_by_side[-8 * LATENT * scale:, :8 * LATENT * scale][::scale, ::scale], source)
     report = json.loads((tmp_path / "report.json").read_text())
     assert [e["edit"] for e in report["edits"]] == [1, 2]
     phases = {row["phase"]: row for row in report["phases"]}
@@ -36,7 +41,7 @@ def test_demo_writes_pictures_and_a_report(tmp_path, capsys):
     assert phases["edit 2: sparse"]["unet_calls"] == 4  # the given mask: sparse from the first step
     assert 0 < report["edits"][1]["mask_fraction"] < 0.5
     # a few noise pixels are red already, so blending red over them changes nothing
-    assert overlay_marks(tmp_path, "mask_2.png").mean() == pytest.approx(report["edits"][1]["mask_fraction"],
+    assert overlay_marks(tmp_path, "mask_2.png", "edited_1.png").mean() == pytest.approx(report["edits"][1]["mask_fraction"],
                                                                          abs=2e-3)
     assert "| phase |" in capsys.readouterr().out
 
@@ -53,7 +58,7 @@ def test_edit_with_a_mask_image_recomputes_that_region(tmp_path):
     report = json.loads((out / "report.json").read_text())
     # block size 1 and the default halo of one latent pixel: the region is the box grown by one pixel each side
     assert report["edits"][0]["mask_fraction"] == pytest.approx(6 * 9 / LATENT ** 2)
-    marks = overlay_marks(out, "mask.png")
+    marks = overlay_marks(out, "mask_1.png")
     expected = np.zeros((LATENT, LATENT), dtype=bool)
     expected[2:8, 1:10] = True
     assert np.array_equal(marks, np.kron(expected, np.ones((8, 8), dtype=bool)))
@@ -62,10 +67,13 @@ def test_edit_with_a_mask_image_recomputes_that_region(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--mask", "missing.png"], "mask image missing.png does not exist"),
     (["--model", "no/such/folder"], "pipeline folder 'no/such/folder' does not exist"),
+    (["--model", ".", "--random"], "--random and --model exclude each other"),
     (["--edit", "word " * 100], "tokens long"),
 ])
 def test_edit_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
     base = ["edit", *SMALL, "--prompt", "a cabin", "--out", str(tmp_path)]
+    if "--model" in args:  # the random model is for runs without a model folder
+        base.remove("--random")
     if "--edit" not in args:
         base += ["--edit", "a red cabin"]
     assert main(base + args) == 2

@@ -291,6 +291,13 @@ class EditSession:
         self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result)
         return result
 
+    @property
+    def source_trajectory(self) -> list[torch.Tensor]:
+        """The latents after each denoising step of the current image's run (the last generation or edit)."""
+        if self._source is None:
+            raise RuntimeError("no run yet: call generate(prompt) first")
+        return list(self._source.trajectory)
+
     # --- internals --------------------------------------------------------------------------------------------
 
     def _sparse_mode(self, state: dict[str, Any]) -> SparseMode:

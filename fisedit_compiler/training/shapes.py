@@ -37,6 +37,7 @@ __all__ = [
     "sample_scene",
     "sample_spec",
     "scene_from_description",
+    "with_article",
 ]
 
 IMAGE_SIZE = 128
@@ -246,7 +247,7 @@ def sample_spec(rng: np.random.Generator) -> SceneSpec:
     return SceneSpec(tuple(objects), background, texture, texture_phase)
 
 
-def _with_article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     """Prefix the article: "an orange circle", "a red circle"."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -267,7 +268,7 @@ def caption_for(spec: SceneSpec, rng: np.random.Generator) -> str:
     for index in rng.permutation(len(spec.objects)):
         obj = spec.objects[int(index)]
         size_word = f"{obj.size} " if rng.random() < P_SIZE_WORD else ""
-        phrases.append(_with_article(f"{size_word}{obj.colour} {obj.shape}"))
+        phrases.append(with_article(f"{size_word}{obj.colour} {obj.shape}"))
     caption = _join(phrases)
     if rng.random() < P_BACKGROUND_PHRASE:
         caption += f" on a {spec.background} {_TEXTURE_WORDS[spec.texture]}background"
@@ -303,7 +304,7 @@ def scene_from_description(
         if obj.colour == background:
             raise ValueError(f"a {obj.colour} object on a {background} background would be invisible")
     if caption is None:
-        caption = _join([_with_article(f"{o.size} {o.colour} {o.shape}") for o in spec.objects])
+        caption = _join([with_article(f"{o.size} {o.colour} {o.shape}") for o in spec.objects])
         caption += f" on a {background} {_TEXTURE_WORDS[texture]}background"
     image, drawn = render(spec)
     return Scene(image, caption, drawn, spec)
