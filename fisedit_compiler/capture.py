@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import ModelAdapter
-from .ir import INPUT
+from .ir import INPUT, KEY
 from .passes.ops import METADATA_ASSERTS
 
 
@@ -90,4 +90,22 @@ def capture(adapter: ModelAdapter, inputs: dict[str, Any]) -> fx.GraphModule:
         raise RuntimeError(f"captured graph has {len(placeholders)} inputs for {len(layouts)} flattened inputs")
     for node, layout in zip(placeholders, layouts):
         node.meta[INPUT] = layout
+    assign_stable_keys(gm)
     return gm
+
+
+def assign_stable_keys(gm: fx.GraphModule) -> None:
+    """Give every op node ``meta[ir.KEY]`` = ``<module path>:<op>#<n>``: the module that ran it (export's
+    `nn_module_stack`, relative to the model), the op, and how many ops of that kind the module ran before. The
+    record cache keys tensors by it, so that what is recorded does not depend on FX node names."""
+    seen: dict[tuple[str, str], int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        path = path.split(".", 1)[1] if path.startswith("model.") else ("" if path == "model" else path)
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        n = seen.get((path, op), 0)
+        seen[(path, op)] = n + 1
+        node.meta[KEY] = f"{path or '<model>'}:{op}#{n}"

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+KEY = "fisedit_key"  # node meta key: the node's stable identity (module path, op, ordinal), see capture.py
 INPUT = "fisedit_input"  # placeholder meta key: InputLayout, from the model adapter (see capture.py)
 LAYOUT = "fisedit_layout"  # node.meta key: SpatialLayout, or None for tensors without pixels
 SPARSE = "fisedit_sparse"  # node.meta key: True where the node computes on gathered values
@@ -74,10 +75,24 @@ class SpatialLayout:
 @dataclasses.dataclass(frozen=True)
 class CacheRef:
     """A tensor that later calls read from the record cache: a node's output or a GroupNorm's statistics (sparse
-    calls), or a cross-attention map (control calls)."""
+    calls), or a cross-attention map (control calls). `key` is the node's stable identity (`cache_key`), the same
+    in every variant and every capture of the model, whatever the passes do to the node's FX name."""
 
-    node: str
+    key: str
     kind: Literal["output", "group_norm_stats", "attention_map"] = "output"
+
+    @staticmethod
+    def of(node: torch.fx.Node, kind: Literal["output", "group_norm_stats", "attention_map"] = "output") -> CacheRef:
+        return CacheRef(cache_key(node), kind)
+
+
+def cache_key(node: torch.fx.Node) -> str:
+    """The stable identity of a captured node: ``<module path>:<op>#<ordinal within that module>``."""
+    key = node.meta.get(KEY)
+    if key is None:
+        raise ValueError(f"node {node.name!r} has no stable key: only nodes of the captured graph (and nodes a pass "
+                         "rewrites in their place) can be recorded")
+    return key
 
 
 

@@ -14,7 +14,7 @@ import torch
 import fisedit_compiler as fisedit
 from conftest import close, tiny_unet, unet_inputs
 from fisedit_compiler.compiler import build_variants, copy_graph_module
-from fisedit_compiler.ir import LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
+from fisedit_compiler.ir import KEY, LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
 from fisedit_compiler.passes import ops
 from fisedit_compiler.passes.insert_record_taps import cache_refs
 from fisedit_compiler.passes.manager import op_counts
@@ -195,3 +195,24 @@ def test_insert_record_taps_records_exactly_what_sparse_reads():
     counts = op_counts(variants.record)
     assert counts["record"] == sum(r.kind == "output" for r in refs)
     assert counts["group_norm_recording_stats"] == sum(r.kind == "group_norm_stats" for r in refs)
+
+
+@torch.no_grad()
+def test_recorded_tensors_are_keyed_by_module_path_not_by_fx_names():
+    """Cache keys name the module and op (`down_blocks.0.resnets.0.conv1:conv2d#0`), are unique, and are the same for
+    every input signature of the model, so a cache does not depend on how export or a pass names nodes."""
+    unet = tiny_unet("sd2")
+    keys = []
+    for size in (16, 32):
+        compiled = fisedit.compile(unet, ONE_BLOCK)
+        with compiled.record():
+            compiled(**unet_inputs(unet, size=size))
+        (step,) = compiled.cache.steps
+        keys.append(sorted((ref.key, ref.kind) for ref in compiled.cache.step(step)))
+    assert keys[0] == keys[1]
+    assert ("down_blocks.0.resnets.0.conv1:conv2d#0", "output") in keys[0]
+    assert any(kind == "group_norm_stats" and key == "down_blocks.0.resnets.0.norm1:group_norm#0"
+               for key, kind in keys[0])
+    captured = compiled_with_snapshots("sd2")[2].captured
+    stable = [n.meta[KEY] for n in captured.graph.nodes if n.op == "call_function"]
+    assert len(stable) == len(set(stable))

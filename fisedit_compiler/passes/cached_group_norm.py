@@ -27,7 +27,7 @@ def cached_group_norm(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 runtime_ops.group_norm_recorded_stats,
-                (x, num_groups, weight, bias, CacheRef(node.name, "group_norm_stats")),
+                (x, num_groups, weight, bias, CacheRef.of(node, "group_norm_stats")),
             )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)

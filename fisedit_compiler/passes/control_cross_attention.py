@@ -38,7 +38,7 @@ def rewrite_cross_attention(gm: fx.GraphModule, target) -> int:
     rewrites = 0
     for node, (query, key, value, scale) in cross_attention_nodes(gm):
         node.target = target
-        node.args = (query, key, value, CacheRef(node.name, "attention_map"), scale)
+        node.args = (query, key, value, CacheRef.of(node, "attention_map"), scale)
         node.kwargs = {}
         rewrites += 1
     return rewrites

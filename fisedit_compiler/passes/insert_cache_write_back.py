@@ -15,16 +15,16 @@ import torch.fx as fx
 
 from ..ir import LAYOUT
 from ..runtime import ops as runtime_ops
-from .insert_record_taps import cache_refs
+from .insert_record_taps import cache_refs, nodes_by_key
 
 
 def insert_cache_write_back(gm: fx.GraphModule) -> int:
-    by_name = {n.name: n for n in gm.graph.nodes}
+    by_key = nodes_by_key(gm)
     rewrites = 0
-    for ref in sorted(cache_refs(gm), key=lambda r: r.node):
+    for ref in sorted(cache_refs(gm), key=lambda r: r.key):
         if ref.kind != "output":
             continue
-        node = by_name[ref.node]
+        node = by_key[ref.key]
         with gm.graph.inserting_after(node):
             gm.graph.call_function(runtime_ops.write_back, (node, ref, node.meta[LAYOUT]))
         rewrites += 1

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import torch.fx as fx
 
-from ..ir import CacheRef
+from ..ir import KEY, CacheRef
 from ..runtime import ops as runtime_ops
 from . import ops
 
@@ -27,13 +27,26 @@ def cache_refs(gm: fx.GraphModule) -> set[CacheRef]:
     return refs
 
 
+def nodes_by_key(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """The nodes with a stable key (`ir.cache_key`), by key; a key held by two nodes is an error of a pass."""
+    by_key: dict[str, fx.Node] = {}
+    for node in gm.graph.nodes:
+        key = node.meta.get(KEY)
+        if key is None:
+            continue
+        if key in by_key:
+            raise ValueError(f"nodes {by_key[key].name!r} and {node.name!r} have the same stable key {key!r}")
+        by_key[key] = node
+    return by_key
+
+
 def insert_record_taps(gm: fx.GraphModule, refs: Iterable[CacheRef]) -> int:
-    by_name = {n.name: n for n in gm.graph.nodes}
+    by_key = nodes_by_key(gm)
     rewrites = 0
-    for ref in sorted(refs, key=lambda r: (r.node, r.kind)):
-        node = by_name.get(ref.node)
+    for ref in sorted(refs, key=lambda r: (r.key, r.kind)):
+        node = by_key.get(ref.key)
         if node is None:
-            raise KeyError(f"the sparse variant reads {ref}, but the captured graph has no node {ref.node!r}")
+            raise KeyError(f"the sparse variant reads {ref}, but the captured graph has no node {ref.key!r}")
         if ref.kind == "group_norm_stats":
             if node.target is not ops.GROUP_NORM:
                 raise TypeError(f"{ref} refers to {node.target}, not a GroupNorm")

@@ -53,7 +53,7 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
             if sparse and not source_sparse:
                 new = boundary(source, gathers, runtime_ops.gather_active, (layout,))
             elif source_sparse and (not sparse or source in needs_full):
-                new = boundary(source, scatters, runtime_ops.scatter_into_recorded, (CacheRef(source.name), layout))
+                new = boundary(source, scatters, runtime_ops.scatter_into_recorded, (CacheRef.of(source), layout))
             else:
                 continue
             node.replace_input_with(source, new)

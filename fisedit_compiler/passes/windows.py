@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import LAYOUT, SPARSE, CacheRef, SpatialLayout
+from ..ir import KEY, LAYOUT, SPARSE, CacheRef, SpatialLayout
 from ..runtime import ops as runtime_ops
 from ..runtime.mask_plan import Upsampled, WindowSpec
 from . import ops
@@ -72,13 +72,14 @@ class WindowBuilder:
             with self.graph.inserting_before(anchor):
                 new = self.graph.call_function(node.target, args, kwargs)
             new.meta.update(node.meta)
+            new.meta.pop(KEY, None)  # a window copy of `node`, not `node`: it is never recorded
             result = new, recomputed
         elif node.target in ops.UPSAMPLE_NEAREST and node.meta.get(SPARSE):
             source = node.args[0]
             result = self._value(source, Upsampled(spec, source.meta[LAYOUT].res), anchor)
         else:
             layout = node.meta[LAYOUT]
-            args = (node, CacheRef(node.name), layout, spec)
+            args = (node, CacheRef.of(node), layout, spec)
             result = self._insert(anchor, runtime_ops.gather_windows, args, node), False
         self.memo[key] = result
         return result
