@@ -47,7 +47,7 @@ from .passes.sparse_conv import sparse_conv
 from .passes.sparse_upsample import sparse_upsample
 from .policy import Policy
 from .runtime import context
-from .runtime.cache import RecordCache, StepKey
+from .runtime.cache import Direction, RecordCache, StepKey
 from .runtime.mask_plan import MaskPlan
 
 
@@ -141,10 +141,12 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
 
 @dataclasses.dataclass
 class RecordMode:
-    """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps."""
+    """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps.
+    `direction`: the run's, part of its step keys (an inversion's calls never replace a generation's)."""
 
     attention_maps: int = 0
     calls: int = 0
+    direction: Direction = "generation"
 
 
 @dataclasses.dataclass
@@ -155,6 +157,7 @@ class ControlMode:
     token_alignment: torch.Tensor
     pending: RecordCache
     attention_maps: bool = True
+    direction: Direction = "generation"
 
 
 @dataclasses.dataclass
@@ -164,6 +167,7 @@ class SparseMode:
     mask: torch.Tensor
     write_back: bool = False
     plan: MaskPlan | None = None
+    direction: Direction = "generation"  # of the recorded run the calls replay
 
 
 Mode = RecordMode | ControlMode | SparseMode
@@ -280,7 +284,7 @@ class CompiledUNet(nn.Module):
         inputs, return_dict = self.adapter.bind(args, kwargs)
         sample = inputs[self.adapter.latents]
         timestep = inputs[self.adapter.timestep]
-        timestep_key = StepKey.of(timestep, sample.shape[0])
+        timestep_key = StepKey.of(timestep, sample.shape[0], direction=self.mode.direction)
         occurrence = self._calls_per_timestep[timestep_key]
         self._calls_per_timestep[timestep_key] += 1
         if not isinstance(self.mode, RecordMode):  # replays cycle through the recorded calls at this timestep

@@ -167,3 +167,25 @@ def test_narrow_cache_halves_its_bytes_and_stays_close(cache_dtype):
     # rounded recorded activations: close, not exact (measured 3.0e-4 for float16, 2.6e-3 for bfloat16)
     assert close(replay, record_output, rtol={"float16": 5e-4, "bfloat16": 4e-3}[cache_dtype])
     assert not torch.equal(replay, record_output)
+
+
+def test_the_cache_store_interface_and_run_directions():
+    """RecordCache keeps its steps in a CacheStore (get, put, evict, keys, nbytes); an inversion run's step at a
+    timestep is a different key from a generation's at the same timestep."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import MemoryStore, RecordCache, StepKey
+
+    store = MemoryStore()
+    cache = RecordCache(store=store)
+    t = torch.tensor(500)
+    generation, inversion = StepKey.of(t, 2), StepKey.of(t, 2, direction="inversion")
+    cache.new_step(generation, (2, 4, 8, 8))[CacheRef("a:conv2d#0")] = torch.ones(3)
+    cache.new_step(inversion, (2, 4, 8, 8))[CacheRef("a:conv2d#0")] = torch.zeros(3)
+    assert store.keys() == [generation, inversion] and cache.occurrences(generation) == 1
+    assert store.nbytes == cache.nbytes == 2 * 3 * 4
+    assert torch.equal(cache.get(generation, CacheRef("a:conv2d#0")), torch.ones(3))
+    assert "inversion timestep 500" in inversion.describe()
+    cache.clear()
+    assert store.keys() == [] and cache.latent_shape is None
+    with pytest.raises(fisedit.StepNotRecordedError, match="timestep 500 .batch 2. was never recorded"):
+        cache.step(generation)

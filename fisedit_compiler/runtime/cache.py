@@ -1,35 +1,48 @@
-"""The record cache: per step key, the tensors of the source run that sparse calls read."""
+"""The record cache: per step key, the tensors of the source run that sparse calls read.
+
+`RecordCache` is the session-facing view (latent shape, storage dtype, step keys in recording order, merging an
+edit's steps); where the step records live is a `CacheStore`'s business (get, put, evict, keys, nbytes). Today's
+store keeps them in memory; a tiered store (device, host, disk) is another implementation of the same interface.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, Protocol
 
 import torch
 
 from ..ir import CacheRef
 
 
+Direction = Literal["generation", "inversion"]
+
+
 @dataclasses.dataclass(frozen=True, order=True)
 class StepKey:
-    """What identifies one U-Net call inside a run: its timestep value(s), batch size (e.g. CFG's 2), and how many
-    calls of the run came before at the same timestep (PNDM and Heun call the U-Net twice at some timesteps)."""
+    """What identifies one U-Net call inside a run: the run's direction (a generation denoises; an inversion of a
+    real image runs the timesteps the other way, and its calls must never be taken for a generation's at the same
+    timestep), its timestep value(s), batch size (e.g. CFG's 2), and how many calls of the run came before at the
+    same timestep (PNDM and Heun call the U-Net twice at some timesteps)."""
 
     timesteps: tuple[float, ...]
     batch: int
     occurrence: int = 0
+    direction: Direction = "generation"
 
     @staticmethod
-    def of(timestep: torch.Tensor, batch: int, occurrence: int = 0) -> StepKey:
+    def of(timestep: torch.Tensor, batch: int, occurrence: int = 0, direction: Direction = "generation") -> StepKey:
         values = timestep.detach().reshape(-1).float().cpu().tolist()
         # A timestep broadcast over the batch identifies the same step as a scalar one.
         if len(set(values)) == 1:
             values = values[:1]
-        return StepKey(tuple(values), batch, occurrence)
+        return StepKey(tuple(values), batch, occurrence, direction)
 
     def describe(self) -> str:
         t = f"{self.timesteps[0]:g}" if len(self.timesteps) == 1 else str([f"{v:g}" for v in self.timesteps])
         again = f", call {self.occurrence + 1} at this timestep" if self.occurrence else ""
-        return f"timestep {t} (batch {self.batch}{again})"
+        run = "" if self.direction == "generation" else f"{self.direction} "
+        return f"{run}timestep {t} (batch {self.batch}{again})"
 
 
 class StepRecord(dict):
@@ -58,36 +71,77 @@ def _tensors(values):
             yield from _tensors(v)
 
 
+class CacheStore(Protocol):
+    """Where step records live. A record handed to `put` belongs to the store (a later `put` of the same key
+    replaces it); `keys` are in the order they were first put."""
+
+    def get(self, key: StepKey) -> StepRecord: ...
+
+    def put(self, key: StepKey, record: StepRecord) -> None: ...
+
+    def evict(self, key: StepKey) -> None: ...
+
+    def keys(self) -> list[StepKey]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class MemoryStore:
+    """A `CacheStore` that keeps every step record in memory, unbounded."""
+
+    def __init__(self) -> None:
+        self._records: dict[StepKey, StepRecord] = {}
+
+    def get(self, key: StepKey) -> StepRecord:
+        return self._records[key]
+
+    def put(self, key: StepKey, record: StepRecord) -> None:
+        self._records[key] = record
+
+    def evict(self, key: StepKey) -> None:
+        del self._records[key]
+
+    def keys(self) -> list[StepKey]:
+        return list(self._records)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(record.nbytes for record in self._records.values())
+
+
 class RecordCache:
-    """Recorded source-run tensors, keyed by step key, then by `CacheRef` (graph node).
+    """Recorded source-run tensors, keyed by step key, then by `CacheRef` (a node's stable key and role), kept
+    in a `CacheStore` (default: `MemoryStore`).
 
     `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it. `dtype`:
     the storage dtype of recorded activations (None: the dtype they were computed in).
     """
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
-        self._steps: dict[StepKey, StepRecord] = {}
+    def __init__(self, dtype: torch.dtype | None = None, store: CacheStore | None = None) -> None:
+        self.store: CacheStore = store if store is not None else MemoryStore()
         self.latent_shape: tuple[int, ...] | None = None
         self.dtype = dtype
 
     @property
     def steps(self) -> list[StepKey]:
         """The recorded step keys, in recording order."""
-        return list(self._steps)
+        return self.store.keys()
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all recorded tensors."""
-        return sum(step.nbytes for step in self._steps.values())
+        return self.store.nbytes
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self.store.keys())
 
     def __contains__(self, key: StepKey) -> bool:
-        return key in self._steps
+        return key in self.store.keys()
 
     def clear(self) -> None:
-        self._steps.clear()
+        for key in self.store.keys():
+            self.store.evict(key)
         self.latent_shape = None
 
     def new_step(self, key: StepKey, latent_shape: tuple[int, ...]) -> StepRecord:
@@ -95,12 +149,14 @@ class RecordCache:
         if self.latent_shape is not None and self.latent_shape != latent_shape:
             self.clear()
         self.latent_shape = latent_shape
-        self._steps[key] = StepRecord(self.dtype)
-        return self._steps[key]
+        record = StepRecord(self.dtype)
+        self.store.put(key, record)
+        return record
 
     def occurrences(self, key: StepKey) -> int:
-        """How many calls at `key`'s timestep and batch size were recorded."""
-        return sum(k.timesteps == key.timesteps and k.batch == key.batch for k in self._steps)
+        """How many calls at `key`'s timestep, batch size and direction were recorded."""
+        return sum(dataclasses.replace(k, occurrence=0) == dataclasses.replace(key, occurrence=0)
+                   for k in self.store.keys())
 
     def replace_steps(self, other: RecordCache, keep_attention_maps: bool = False) -> None:
         """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps).
@@ -113,27 +169,28 @@ class RecordCache:
             raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
                              f"{self.latent_shape}")
         self.latent_shape = other.latent_shape
-        for key, step in other._steps.items():
+        for key in other.steps:
+            step = other.store.get(key)
             if keep_attention_maps:
-                old = self._steps.get(key, {})
+                old = self.store.get(key) if key in self else {}
                 for ref in [ref for ref in step if ref.kind == "attention_map"]:
                     del step[ref]
                 for ref, value in old.items():
                     if ref.kind == "attention_map":
                         step[ref] = value
-            self._steps[key] = step
+            self.store.put(key, step)
 
     def step(self, key: StepKey) -> StepRecord:
-        if key not in self._steps:
-            recorded = ", ".join(k.describe() for k in self._steps) or "nothing"
+        if key not in self:
+            recorded = ", ".join(k.describe() for k in self.steps) or "nothing"
             raise StepNotRecordedError(
                 f"{key.describe()} was never recorded (recorded: {recorded}). Sparse calls must replay the "
                 "timesteps of the source run: use the same scheduler and number of inference steps."
             )
-        return self._steps[key]
+        return self.store.get(key)
 
     def get(self, key: StepKey, ref: CacheRef):
-        return self._steps[key][ref]
+        return self.step(key)[ref]
 
 
 class StepNotRecordedError(KeyError):
