@@ -14,6 +14,7 @@ captures the U-Net and runs both pass pipelines; the variants are cached per sig
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections import Counter
@@ -173,6 +174,21 @@ class SparseMode:
 Mode = RecordMode | ControlMode | SparseMode
 
 
+@dataclasses.dataclass
+class Run:
+    """One run of a compiled model (a source generation, an edit): its mode, which its driver may switch between
+    calls, the cache it records into and replays, and its calls per timestep (for step keys). The code that enters
+    `CompiledUNet.run` owns it; nothing of it is shared with other runs."""
+
+    mode: Mode | None
+    cache: RecordCache
+    calls_per_timestep: Counter = dataclasses.field(default_factory=Counter)
+
+
+# Per thread / asyncio task: the run each compiled model (by id) is inside.
+_runs: contextvars.ContextVar[dict[int, Run]] = contextvars.ContextVar("fisedit_runs", default={})
+
+
 def make_adapter(model: nn.Module, adapter: type[ModelAdapter] | ModelAdapter | None) -> ModelAdapter:
     """`model`'s adapter: the one given (a class is instantiated for `model`), else the registered one for its
     class (`adapters.adapter_for`, which names the class if there is none)."""
@@ -199,10 +215,8 @@ class CompiledUNet(nn.Module):
         self.unet = unet
         self.adapter = make_adapter(unet, adapter)
         self.policy = policy or Policy()
-        self.cache = RecordCache(self.policy.storage_dtype)
+        self.cache = RecordCache(self.policy.storage_dtype)  # the cache of `record()` and `sparse()`
         self._variants: dict[InputSignature, Variants] = {}
-        self.mode: Mode | None = None
-        self._calls_per_timestep: Counter = Counter()  # of the current run, for step keys
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -210,14 +224,51 @@ class CompiledUNet(nn.Module):
         except AttributeError:
             return getattr(self._modules["unet"], name)
 
-    # --- modes ----------------------------------------------------------------------------------------------
+    # --- runs and modes -------------------------------------------------------------------------------------
+
+    @property
+    def current_run(self) -> Run | None:
+        """The run this thread (or task) is inside, if any."""
+        return _runs.get().get(id(self))
+
+    @property
+    def mode(self) -> Mode | None:
+        """The mode of the current run (None outside runs: calls run the eager model)."""
+        run = self.current_run
+        return None if run is None else run.mode
+
+    @contextlib.contextmanager
+    def run(self, mode: Mode | None, cache: RecordCache | None = None) -> Iterator[Run]:
+        """Enter a run: the calls of this thread (or asyncio task) inside go through `run.mode`, which a driver may
+        switch between calls (`EditSession` does, from a pipeline callback), record into or replay `cache` (default:
+        `self.cache`), and count their step keys afresh. Runs do not nest; two runs at once (other threads) each
+        need their own cache: a cache in use by another run is refused."""
+        if self.current_run is not None:
+            raise RuntimeError(
+                f"already inside a {type(self.current_run.mode).__name__} run of this model: record(), sparse() and "
+                "run() do not nest"
+            )
+        cache = self.cache if cache is None else cache
+        if cache.in_use:
+            raise RuntimeError(
+                "this record cache is in use by another run (another thread, or a run that has not ended): give "
+                "each concurrent session its own cache (`run(mode, cache=RecordCache())`, as EditSession does)"
+            )
+        run = Run(mode, cache)
+        token = _runs.set({**_runs.get(), id(self): run})
+        cache.in_use = True
+        try:
+            yield run
+        finally:
+            cache.in_use = False
+            _runs.reset(token)
 
     @contextlib.contextmanager
     def record(self, attention_maps: int = 0) -> Iterator[CompiledUNet]:
         """Calls inside record the source run: dense, equal to the eager U-Net, saving per step key what sparse
         calls read, and for the first `attention_maps` calls the cross-attention maps that control calls inject.
         A new latent shape clears the cache."""
-        with self._in_mode(RecordMode(attention_maps)):
+        with self.run(RecordMode(attention_maps)):
             yield self
 
     @contextlib.contextmanager
@@ -227,40 +278,21 @@ class CompiledUNet(nn.Module):
         `mask`: bool (or 0/1) tensor at latent resolution, `(H, W)` for every batch item or `(B, 1, H, W)`.
         `write_back`: store the fresh active blocks into the cache, which then holds this run (continuous edits).
         """
-        with self._in_mode(self.sparse_mode(mask, write_back)):
+        with self.run(self.sparse_mode(mask, write_back)):
             yield self
 
-    def sparse_mode(self, mask: torch.Tensor, write_back: bool = False) -> SparseMode:
-        """The mode `sparse()` enters, for drivers that switch modes inside a pipeline call (`EditSession`)."""
-        if not len(self.cache):
+    def sparse_mode(self, mask: torch.Tensor, write_back: bool = False, cache: RecordCache | None = None,
+                    ) -> SparseMode:
+        """The mode `sparse()` enters, for drivers that switch modes inside a run (`EditSession`); `cache`: the one
+        the run replays (default `self.cache`)."""
+        cache = self.cache if cache is None else cache
+        if not len(cache):
             raise RuntimeError(
                 "sparse() needs a recorded source run, and nothing is recorded: run the source generation inside "
                 "`with unet.record():` first"
             )
-        return SparseMode(self._check_mask(mask), write_back)
-
-    @contextlib.contextmanager
-    def _in_mode(self, mode: Mode) -> Iterator[None]:
-        if self.mode is not None:
-            raise RuntimeError(
-                f"already inside {type(self.mode).__name__}; record() and sparse() do not nest"
-            )
-        self.mode = mode
-        self.begin_run()
-        try:
-            yield
-        finally:
-            self.mode = None
-
-    def begin_run(self) -> None:
-        """Start counting calls per timestep afresh: the step keys of a run. `record()` and `sparse()` call this;
-        drivers that set `mode` themselves call it before each pipeline run."""
-        self._calls_per_timestep.clear()
-
-    def _check_mask(self, mask: Any) -> torch.Tensor:
-        """`mask` as a bool tensor for the recorded latents; `editing.inputs.as_mask` says what is accepted."""
-        latent = self.cache.latent_shape
-        return as_mask(mask, tuple(latent[-2:]), batch=latent[0])
+        latent = cache.latent_shape
+        return SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]), write_back)
 
     def active_pixels(self) -> torch.Tensor:
         """Inside `sparse()`: the (H, W) bool map of latent pixels that a sparse call recomputes (the active blocks
@@ -279,41 +311,42 @@ class CompiledUNet(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's call (same arguments, same output); inside a mode, through its graph variant."""
-        if self.mode is None:
+        run = self.current_run
+        if run is None or run.mode is None:
             return self.unet(*args, **kwargs)
+        mode, cache = run.mode, run.cache
         inputs, return_dict = self.adapter.bind(args, kwargs)
         sample = inputs[self.adapter.latents]
         timestep = inputs[self.adapter.timestep]
-        timestep_key = StepKey.of(timestep, sample.shape[0], direction=self.mode.direction)
-        occurrence = self._calls_per_timestep[timestep_key]
-        self._calls_per_timestep[timestep_key] += 1
-        if not isinstance(self.mode, RecordMode):  # replays cycle through the recorded calls at this timestep
-            occurrence %= max(1, self.cache.occurrences(timestep_key))
+        timestep_key = StepKey.of(timestep, sample.shape[0], direction=mode.direction)
+        occurrence = run.calls_per_timestep[timestep_key]
+        run.calls_per_timestep[timestep_key] += 1
+        if not isinstance(mode, RecordMode):  # replays cycle through the recorded calls at this timestep
+            occurrence %= max(1, cache.occurrences(timestep_key))
         key = dataclasses.replace(timestep_key, occurrence=occurrence)
         variants = self.variants(inputs)
-        mode = self.mode
         if isinstance(mode, RecordMode):
-            step = self.cache.new_step(key, tuple(sample.shape))
+            step = cache.new_step(key, tuple(sample.shape))
             with context.use(context.CallContext(step, record_attention_maps=mode.calls < mode.attention_maps)):
                 output = variants.record(inputs)
             mode.calls += 1
         elif isinstance(mode, ControlMode):
             ctx = context.CallContext(
-                mode.pending.new_step(key, tuple(sample.shape)), source=self.cache.step(key),
+                mode.pending.new_step(key, tuple(sample.shape)), source=cache.step(key),
                 token_alignment=mode.token_alignment, record_attention_maps=mode.attention_maps,
             )
             with context.use(ctx):
                 output = variants.control(inputs)
         else:
-            if self.cache.latent_shape != tuple(sample.shape):
+            if cache.latent_shape != tuple(sample.shape):
                 raise ValueError(
                     f"the latents have shape {tuple(sample.shape)} but the source run was recorded with "
-                    f"{self.cache.latent_shape}: a sparse call must use the batch size and latent size of the "
+                    f"{cache.latent_shape}: a sparse call must use the batch size and latent size of the "
                     "record run"
                 )
             if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
                 mode.plan = self.mask_plan(mode.mask.to(sample.device))
-            with context.use(context.CallContext(self.cache.step(key), mode.plan, write_back=mode.write_back)):
+            with context.use(context.CallContext(cache.step(key), mode.plan, write_back=mode.write_back)):
                 output = variants.sparse(inputs)
         return self.adapter.wrap_output(tuple(output), return_dict)
 

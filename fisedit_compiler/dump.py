@@ -307,7 +307,8 @@ class GraphDump:
         self.entries: list[dict[str, Any]] = []  # one per written graph, in pass order
         self._names: dict[str, set[str]] = {}  # per variant: node names of its last graph
         self._captured_names: set[str] = set()
-        self._svg = True  # until Graphviz fails or times out once: the other graphs of the signature are as large
+        # until Graphviz fails or times out once (the other graphs of the signature are as large), if asked for
+        self._svg = policy.dump_svg
 
     @staticmethod
     def for_inputs(policy: Policy, inputs: dict[str, Any]) -> GraphDump | None:

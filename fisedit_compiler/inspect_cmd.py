@@ -19,12 +19,9 @@ The weights are random (`fisedit_compiler.models`): shapes, graphs and MACs are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,7 @@ import torch.fx as fx
 
 from . import models
 from .compiler import compile as compile_unet
-from .dump import SVG_ENV, format_count, short_op
+from .dump import format_count, short_op
 from .ir import LAYOUT, SPARSE
 from .editing.mask_image import load_mask_image
 from .editing.masks import ellipse_mask
@@ -75,10 +72,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--mask-fraction must be in (0, 1], got {args.mask_fraction}")
     mask = load_mask(args.mask, latent) if args.mask else ellipse_mask(latent, args.mask_fraction)
     policy = Policy(block_size=args.block_size, halo=args.halo, max_sparse_downscale=args.max_sparse_downscale,
-                    dump_dir=str(out / "graphs"))
+                    dump_dir=str(out / "graphs"), dump_svg=not args.no_svg)
 
     compiled = compile_unet(unet, policy)
-    with torch.no_grad(), _svg_rendering(not args.no_svg):
+    with torch.no_grad():
         with compiled.record():
             recorded = compiled(**inputs).sample
         with compiled.sparse(mask):
@@ -117,21 +114,6 @@ def describe(summary: dict[str, Any], out: Path) -> str:
         f"{summary['replay_max_abs_deviation']:.2e} from the record",
     ]
     return "\n".join(lines + [f"  {out / name}" for name in summary["files"]])
-
-
-@contextlib.contextmanager
-def _svg_rendering(enabled: bool) -> Iterator[None]:
-    """--no-svg: the dumps skip Graphviz (FISEDIT_DUMP_SVG=0) while the graphs are compiled."""
-    previous = os.environ.get(SVG_ENV)
-    if not enabled:
-        os.environ[SVG_ENV] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(SVG_ENV, None)
-        else:
-            os.environ[SVG_ENV] = previous
 
 
 # --- masks -------------------------------------------------------------------------------------------------------

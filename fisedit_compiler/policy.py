@@ -49,6 +49,7 @@ class Policy:
         dump_dir: a folder to write graph dumps into (every variant of every compiled input signature, before
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
+        dump_svg: whether dumps render SVG with Graphviz (where installed; FISEDIT_DUMP_SVG=0 also turns it off).
     """
 
     max_sparse_downscale: int = 4
@@ -63,6 +64,7 @@ class Policy:
     user_mask_dense_steps: float = 0.0
     cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
+    dump_svg: bool = True
 
     def __post_init__(self) -> None:
         if self.max_sparse_downscale < 1:

@@ -19,7 +19,7 @@ from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_t
 from fisedit_compiler.models import random_pipeline, random_tokenizer
 from fisedit_compiler.runtime.cache import RecordCache
 
-from conftest import close
+from conftest import close, unet_inputs
 
 LATENT = 16
 STEPS = 6
@@ -127,12 +127,8 @@ def test_control_with_an_identical_prompt_reproduces_the_source_run_exactly():
     source, controlled = [], []
     with s.unet.record(attention_maps=STEPS):  # maps of every step, so that every step can run under control
         s._call_pipeline(prompt, collect(source))
-    s.unet.begin_run()
-    s.unet.mode = ControlMode(s._alignment(prompt, prompt), RecordCache())
-    try:
+    with s.unet.run(ControlMode(s._alignment(prompt, prompt), RecordCache())):  # replays what record() recorded
         s._call_pipeline(prompt, collect(controlled))
-    finally:
-        s.unet.mode = None
     assert len(controlled) == len(source) == STEPS
     assert all(torch.equal(a, b) for a, b in zip(controlled, source))
 
@@ -375,7 +371,7 @@ def test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps
     full = s.edit("a red cabin in the woods", mask=everything)
     assert full.mask.all() and "sparse" not in full.stats
     k = s.policy.edit_schedule(STEPS)[0]
-    maps = [{ref for ref in s.unet.cache.step(key) if ref.kind == "attention_map"} for key in s.unet.cache.steps]
+    maps = [{ref for ref in s.cache.step(key) if ref.kind == "attention_map"} for key in s.cache.steps]
     assert all(maps[:k]) and not any(maps[k:])
     # the maps are the red cabin's: an edit back to it under control reproduces the full-region edit's steps
     assert not s.edit("a red cabin in the woods").mask.any()
@@ -390,11 +386,11 @@ def test_a_sparse_edit_with_fewer_dense_steps_than_control_reads_keeps_the_sourc
     the prompt they were recorded with, so that every controlled step injects maps of one prompt."""
     s = session(user_mask_dense_steps=0.2, dense_steps=0.5)
     s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
-    before = {key: {ref: t for ref, t in s.unet.cache.step(key).items() if ref.kind == "attention_map"}
-              for key in s.unet.cache.steps}
+    before = {key: {ref: t for ref, t in s.cache.step(key).items() if ref.kind == "attention_map"}
+              for key in s.cache.steps}
     s.edit("a red cabin in the woods", mask=box_mask(slice(3, 7), slice(2, 9)))
     for key, maps in before.items():
-        after = {ref: t for ref, t in s.unet.cache.step(key).items() if ref.kind == "attention_map"}
+        after = {ref: t for ref, t in s.cache.step(key).items() if ref.kind == "attention_map"}
         assert after.keys() == maps.keys() and all(after[ref] is maps[ref] for ref in maps)
     assert s._source.maps_prompt == "a cabin in the woods"
 
@@ -405,7 +401,7 @@ def test_control_injects_the_source_maps_of_shared_tokens():
     of that token; new tokens keep their fresh columns."""
     s = session()
     s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
-    source_steps = {key: s.unet.cache.step(key) for key in s.unet.cache.steps}
+    source_steps = {key: s.cache.step(key) for key in s.cache.steps}
     alignment = s._alignment("a cabin in the woods", "a red cabin in the woods")
     pending = RecordCache()
     k = s.policy.edit_schedule(STEPS)[0]
@@ -414,12 +410,8 @@ def test_control_injects_the_source_maps_of_shared_tokens():
         pipe._interrupt = i == k - 1
         return {}
 
-    s.unet.begin_run()
-    s.unet.mode = ControlMode(alignment, pending)
-    try:
+    with s.unet.run(ControlMode(alignment, pending), cache=s.cache):
         s._call_pipeline("a red cabin in the woods", stop_after_the_controlled_steps)
-    finally:
-        s.unet.mode = None
     controlled = pending.steps
     assert len(controlled) == k
     shared, new = alignment >= 0, alignment < 0
@@ -453,7 +445,7 @@ def test_session_on_other_models_and_settings(arch, options):
         source = outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
         edit = outputs(s.edit("a red cabin in the woods", mask=box_mask(slice(3, 7), slice(2, 9))))
     batch = 1 if options.get("guidance_scale", 7.5) <= 1 else 2
-    assert all(key.batch == batch for key in s.unet.cache.steps)
+    assert all(key.batch == batch for key in s.cache.steps)
     assert_outside_region_is_the_previous_run(edit, outputs.runs[0], outputs.runs[1], 0)
     assert torch.equal(edit.latents[..., ~edit.mask], source.latents[..., ~edit.mask])
     assert not torch.equal(edit.latents[..., edit.mask], source.latents[..., edit.mask])
@@ -484,3 +476,41 @@ def test_session_macs_are_every_call_s_macs():
     assert len(calls) == STEPS and source.stats["dense"].unet_calls == STEPS
     assert source.stats["dense"].macs == total
     assert source.stats["dense"].seconds > 0
+
+
+@torch.no_grad()
+def test_runs_are_owned_not_shared_state():
+    """A run belongs to the thread that entered it: runs do not nest, another thread's calls meanwhile are eager
+    (no mode leaks across threads), two sessions on one compiled U-Net keep their own caches, and a cache in use
+    by a run is refused to a second one."""
+    import threading
+
+    s = session()
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    other = fisedit.EditSession(s.pipe, num_inference_steps=STEPS)  # the same compiled U-Net, its own cache
+    assert other.unet is s.unet and other.cache is not s.cache and len(other.cache) == 0
+    unet = s.unet
+    inputs = unet_inputs(unet.unet, size=LATENT)
+    eager = unet.unet(**inputs).sample
+    seen: dict = {}
+    recorded_before = unet.cache.steps
+
+    def in_another_thread():
+        seen["mode"], seen["out"] = unet.mode, unet(**inputs).sample
+        try:
+            with unet.run(None, cache=unet.cache):
+                pass
+        except RuntimeError as e:
+            seen["error"] = str(e)
+
+    with unet.record():
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with unet.run(None, cache=other.cache):
+                pass
+        thread = threading.Thread(target=in_another_thread)
+        thread.start()
+        thread.join()
+    assert seen["mode"] is None and torch.equal(seen["out"], eager)
+    assert unet.cache.steps == recorded_before  # the other thread's call recorded nothing
+    assert "in use by another run" in seen["error"]
+    assert len(s.cache) == STEPS

@@ -75,14 +75,14 @@ MUTATIONS = [
     Mutation(
         "step-key-occurrence", "replays ignore which call at a timestep they are (PNDM's and Heun's second calls)",
         "fisedit_compiler/compiler.py",
-        "            occurrence %= max(1, self.cache.occurrences(timestep_key))\n", "            occurrence = 0\n",
+        "            occurrence %= max(1, cache.occurrences(timestep_key))\n", "            occurrence = 0\n",
         ("tests/test_pipeline.py::test_replays_of_schedulers_that_call_twice_at_one_timestep",),
     ),
     Mutation(
         "step-off-by-one", "sparse calls read the record of the step before theirs",
         "fisedit_compiler/compiler.py",
-        "context.CallContext(self.cache.step(key), mode.plan,",
-        "context.CallContext(self.cache.step(self.cache.steps[max(0, self.cache.steps.index(key) - 1)]), mode.plan,",
+        "context.CallContext(cache.step(key), mode.plan,",
+        "context.CallContext(cache.step(cache.steps[max(0, cache.steps.index(key) - 1)]), mode.plan,",
         ("tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely",),
     ),
     Mutation(

@@ -171,6 +171,8 @@ class EditSession:
             self.unet = compile(pipe.unet, policy)
             pipe.unet = self.unet
         self.policy = self.unet.policy
+        # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
+        self.cache = RecordCache(self.policy.storage_dtype)
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         sample_size = self.unet.config.sample_size * pipe.vae_scale_factor
@@ -200,7 +202,7 @@ class EditSession:
                      self.width // self.pipe.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         self._latents = latents
-        self.unet.cache.clear()
+        self.cache.clear()
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
         trajectory: list[torch.Tensor] = []
 
@@ -208,7 +210,7 @@ class EditSession:
             trajectory.append(kwargs["latents"].clone())
             return {}
 
-        with self.unet.record(attention_maps=k):
+        with self.unet.run(RecordMode(attention_maps=k), cache=self.cache):
             images, stats = self._run(prompt, on_step_end)
         result = EditResult(prompt, images, trajectory[-1], None, stats)
         self._source = _Run(prompt, prompt, trajectory, result)
@@ -233,7 +235,7 @@ class EditSession:
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
-        pending = RecordCache(self.unet.cache.dtype)
+        pending = RecordCache(self.cache.dtype)
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None}
         meter = _Meter(self.unet)
@@ -251,10 +253,10 @@ class EditSession:
             return True
 
         def switch_to_sparse() -> None:
-            self.unet.mode = self._sparse_mode(state)
+            run.mode = self._sparse_mode(state)
             if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
                 # as a source run would (cheaper than sparse calls that cover all), maps included
-                self.unet.mode = RecordMode(attention_maps=max(0, maps_steps - k))
+                run.mode = RecordMode(attention_maps=max(0, maps_steps - k))
             else:
                 meter.phase = "sparse"
 
@@ -271,22 +273,21 @@ class EditSession:
             trajectory[-1] = latents.clone()
             return {"latents": latents}
 
-        self.unet.begin_run()
-        if k == 0:  # sparse from the first step: the latents are the source's as they are
-            switch_to_sparse()
-        else:
-            self.unet.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
         try:
-            images = self._call_pipeline(prompt, on_step_end)
+            with self.unet.run(None, cache=self.cache) as run:
+                if k == 0:  # sparse from the first step: the latents are the source's as they are
+                    switch_to_sparse()
+                else:
+                    run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
+                images = self._call_pipeline(prompt, on_step_end)
         finally:
-            self.unet.mode = None
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
-            stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
+            stats = {**phases, "cache_bytes": self.cache.nbytes}
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats)
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
-        self.unet.cache.replace_steps(pending, keep_attention_maps=not new_maps)
-        stats = {**phases, "cache_bytes": self.unet.cache.nbytes}
+        self.cache.replace_steps(pending, keep_attention_maps=not new_maps)
+        stats = {**phases, "cache_bytes": self.cache.nbytes}
         result = EditResult(prompt, images, trajectory[-1], state["region"], stats)
         self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result)
         return result
@@ -303,7 +304,7 @@ class EditSession:
     def _sparse_mode(self, state: dict[str, Any]) -> SparseMode:
         """Sparse mode for the edit's mask; sets `state["region"]`, the latent pixels the sparse steps recompute:
         the mask dilated by the policy's halo and rounded up to the output layer's blocks."""
-        mode = self.unet.sparse_mode(state["mask"], write_back=True)
+        mode = self.unet.sparse_mode(state["mask"], write_back=True, cache=self.cache)
         mode.plan = self.unet.mask_plan(mode.mask.to(self.unet.device))
         state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
         return mode
@@ -331,4 +332,4 @@ class EditSession:
             images = self._call_pipeline(prompt, on_step_end)
         finally:
             phases = meter.close()
-        return images, {**phases, "cache_bytes": self.unet.cache.nbytes}
+        return images, {**phases, "cache_bytes": self.cache.nbytes}

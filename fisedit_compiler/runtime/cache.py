@@ -122,6 +122,7 @@ class RecordCache:
         self.store: CacheStore = store if store is not None else MemoryStore()
         self.latent_shape: tuple[int, ...] | None = None
         self.dtype = dtype
+        self.in_use = False  # inside a run (`CompiledUNet.run`), which owns it meanwhile
 
     @property
     def steps(self) -> list[StepKey]:
