@@ -216,3 +216,30 @@ def test_recorded_tensors_are_keyed_by_module_path_not_by_fx_names():
     captured = compiled_with_snapshots("sd2")[2].captured
     stable = [n.meta[KEY] for n in captured.graph.nodes if n.op == "call_function"]
     assert len(stable) == len(set(stable))
+
+
+@torch.no_grad()
+def test_a_pointwise_op_no_table_names_runs_sparse():
+    """Elementwise ops are PyTorch's `Tag.pointwise` ops: `aten.erf` (in no table of ours) and `aten.clamp` inside a
+    sparse region run on gathered blocks, and the sparse call equals the dense one on an all-true mask."""
+
+    class ErfNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.conv_out = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, sample, timestep, return_dict=True):
+            return (self.conv_out(torch.erf(self.conv_in(sample)).clamp(-0.5, 0.5)),)
+
+    model = ErfNet()
+    compiled = fisedit.compile(model, fisedit.Policy(block_size=4), adapter=fisedit.UNet2DConditionAdapter)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor(1)
+    with compiled.record():
+        compiled(x, t)
+    with compiled.sparse(torch.ones(16, 16, dtype=torch.bool)):
+        out = compiled(x * 2, t, return_dict=False)[0]
+    sparse = compiled.variants({"sample": x, "timestep": t}).sparse
+    erf = [n for n in sparse.graph.nodes if n.target is torch.ops.aten.erf.default]
+    assert erf and all(n.meta[SPARSE] for n in erf)
+    assert close(out, model(x * 2, t)[0])

@@ -8,14 +8,25 @@ import torch
 
 aten = torch.ops.aten
 
-# Elementwise ops: each output pixel depends on the same pixel of the inputs (other operands broadcast).
-ELEMENTWISE = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.add.Scalar, aten.mul.Scalar,
-    aten.div.Scalar, aten.sub.Scalar, aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.neg.default,
-    aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.tanh.default, aten.relu.default,
-    aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
-    aten.alias.default, aten.detach.default, aten.type_as.default, aten.where.self,
-}
+
+class _Elementwise:
+    """Elementwise ops: each output pixel depends on the same pixel of the inputs (other operands broadcast).
+
+    Every ATen op PyTorch tags `torch.Tag.pointwise` (add, silu, where, ...: a new pointwise op needs no entry
+    here), plus the value-preserving conversions and views that carry no such tag."""
+
+    UNTAGGED = frozenset({
+        aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.alias.default, aten.detach.default,
+        aten.type_as.default, aten.dropout.default,
+    })
+
+    def __contains__(self, target: object) -> bool:
+        if target in self.UNTAGGED:
+            return True
+        return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+ELEMENTWISE = _Elementwise()
 
 # Ops over non-pixel dims only; sparse on gathered tensors as they are. Value: index of the `dim` argument
 # (checked not to be the batch or a pixel dim), or None where the op works on trailing dims.

@@ -22,7 +22,7 @@ from ..runtime.mask_plan import Upsampled, WindowSpec
 from . import ops
 
 # Per-pixel ops that are cheap enough to recompute on halo pixels.
-PULL_THROUGH = ops.ELEMENTWISE | {runtime_ops.group_norm_recorded_stats, ops.aten.cat.default}
+PULL_THROUGH_ALSO = {runtime_ops.group_norm_recorded_stats, ops.aten.cat.default}  # besides elementwise ops
 
 
 def _is_nchw(node: fx.Node) -> bool:
@@ -59,7 +59,8 @@ class WindowBuilder:
         if node.target is runtime_ops.gather_active:
             full, layout = node.args
             result = self._insert(anchor, runtime_ops.gather_windows, (full, None, layout, spec), node), False
-        elif node.target in PULL_THROUGH and node.meta.get(SPARSE) and _is_nchw(node):
+        elif ((node.target in ops.ELEMENTWISE or node.target in PULL_THROUGH_ALSO) and node.meta.get(SPARSE)
+              and _is_nchw(node)):
             recomputed = True
 
             def window_arg(arg):
