@@ -30,22 +30,22 @@ from .adapters import ModelAdapter, adapter_for
 from .capture import InputSignature, capture
 from .dump import GraphDump
 from .editing.inputs import MaskError, as_mask  # MaskError: re-exported here
-from .passes.annotate_spatial_layout import annotate_spatial_layout
-from .passes.broadcast_over_blocks import broadcast_over_blocks
+from .passes.annotate_spatial_layout import annotate_spatial_layout, every_node_annotated
+from .passes.broadcast_over_blocks import broadcast_over_blocks, per_item_operands_repeated
 from .ir import CacheRef
-from .passes.cached_group_norm import cached_group_norm
+from .passes.cached_group_norm import cached_group_norm, no_sparse_group_norm
 from .passes.control_cross_attention import control_cross_attention
-from .passes.find_sparse_regions import find_sparse_regions
+from .passes.find_sparse_regions import every_sparse_node_in_a_region, find_sparse_regions
 from .passes.fuse_gather_norm_silu import fuse_gather_norm_silu
 from .passes.insert_cache_write_back import insert_cache_write_back
 from .passes.insert_record_taps import cache_refs, insert_record_taps
-from .passes.insert_region_boundaries import insert_region_boundaries
+from .passes.insert_region_boundaries import insert_region_boundaries, regions_entered_and_left_through_boundaries
 from .passes.manager import FxPass, PassManager, PassRecord
 from .passes.record_cross_attention_maps import record_cross_attention_maps
-from .passes.relayout_gathered import relayout_gathered
+from .passes.relayout_gathered import no_dense_reshape_of_blocks, relayout_gathered
 from .passes.sparse_attention import sparse_attention
-from .passes.sparse_conv import sparse_conv
-from .passes.sparse_upsample import sparse_upsample
+from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
+from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
 from .policy import Policy
 from .runtime import context
 from .runtime.cache import Direction, RecordCache, StepKey
@@ -59,20 +59,24 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
     return before - len(gm.graph.nodes)
 
 
+ANNOTATE = FxPass("annotate_spatial_layout", annotate_spatial_layout, postcondition=every_node_annotated)
+
+
 def sparse_passes(policy: Policy) -> list[FxPass]:
     """The pass pipeline that turns a captured U-Net into its sparse variant, in order."""
     return [
-        FxPass("annotate_spatial_layout", annotate_spatial_layout),
+        ANNOTATE,
         FxPass("find_sparse_regions", functools.partial(find_sparse_regions, policy=policy),
-               ("annotate_spatial_layout",)),
-        FxPass("insert_region_boundaries", insert_region_boundaries, ("find_sparse_regions",)),
-        FxPass("cached_group_norm", cached_group_norm, ("insert_region_boundaries",)),
+               ("annotate_spatial_layout",), every_sparse_node_in_a_region),
+        FxPass("insert_region_boundaries", insert_region_boundaries, ("find_sparse_regions",),
+               regions_entered_and_left_through_boundaries),
+        FxPass("cached_group_norm", cached_group_norm, ("insert_region_boundaries",), no_sparse_group_norm),
         # after cached_group_norm: conv windows are pulled back through the rewritten GroupNorms
-        FxPass("sparse_conv", sparse_conv, ("cached_group_norm",)),
-        FxPass("sparse_upsample", sparse_upsample, ("sparse_conv",)),
-        FxPass("relayout_gathered", relayout_gathered, ("insert_region_boundaries",)),
+        FxPass("sparse_conv", sparse_conv, ("cached_group_norm",), no_padded_conv_on_blocks),
+        FxPass("sparse_upsample", sparse_upsample, ("sparse_conv",), no_dense_upsample_of_blocks),
+        FxPass("relayout_gathered", relayout_gathered, ("insert_region_boundaries",), no_dense_reshape_of_blocks),
         # after sparse_conv: the window chains it builds need their operands repeated too
-        FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",)),
+        FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",), per_item_operands_repeated),
         FxPass("sparse_attention", sparse_attention, ("insert_region_boundaries",)),
         # after broadcast_over_blocks: it may have repeated the GroupNorm's operands
         FxPass("fuse_gather_norm_silu", fuse_gather_norm_silu, ("sparse_conv", "broadcast_over_blocks")),
@@ -85,7 +89,7 @@ def sparse_passes(policy: Policy) -> list[FxPass]:
 def record_passes(refs: set[CacheRef]) -> list[FxPass]:
     """The record variant: the captured graph, saving what the sparse variant reads and cross-attention maps."""
     return [
-        FxPass("annotate_spatial_layout", annotate_spatial_layout),
+        ANNOTATE,
         FxPass("record_cross_attention_maps", record_cross_attention_maps, ("annotate_spatial_layout",)),
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
@@ -95,7 +99,7 @@ def control_passes(refs: set[CacheRef]) -> list[FxPass]:
     """The control variant: dense, with Prompt-to-Prompt cross-attention control, recording like `record` so that
     an edit run can become the source of the next edit."""
     return [
-        FxPass("annotate_spatial_layout", annotate_spatial_layout),
+        ANNOTATE,
         FxPass("control_cross_attention", control_cross_attention, ("annotate_spatial_layout",)),
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]

@@ -7,8 +7,8 @@
     %linear_1 : aten.linear(%time_proj, ...)       -> None (no pixels)
 
 Layouts start at the inputs that carry pixels (the model adapter's `InputLayout`s, which `capture` puts on the
-placeholders: the latents, ControlNet residuals, ...) and propagate forward through the ops whose effect on pixels is known
-(`passes.ops`). A node with a spatial input that no rule covers gets an `UnknownLayout` naming the reason;
+placeholders: the latents, ControlNet residuals, ...) and propagate forward through the ops whose effect on
+pixels is known (`passes.ops`). A node with a spatial input that no rule covers gets an `UnknownLayout` naming the reason;
 `find_sparse_regions` turns that into an error if the node sits at a sparse resolution.
 """
 
@@ -193,3 +193,8 @@ def resolution_of(node: fx.Node) -> tuple[int, int] | None:
     """The resolution of a node with pixels (known or not), else None."""
     layout = node.meta.get(LAYOUT)
     return layout.res if layout is not None else None
+
+
+def every_node_annotated(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: every node has a layout entry (None for values without pixels)."""
+    return [f"{n.name} has no layout" for n in gm.graph.nodes if LAYOUT not in n.meta]

@@ -36,3 +36,18 @@ def broadcast_over_blocks(gm: fx.GraphModule) -> int:
             node.replace_input_with(operand, repeated)
             rewrites += 1
     return rewrites
+
+
+def per_item_operands_repeated(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: no elementwise op on gathered maps reads a per-batch-item operand directly."""
+    problems = []
+    for node in gm.graph.nodes:
+        layout = node.meta.get(LAYOUT)
+        if node.target not in ops.ELEMENTWISE or not node.meta.get(SPARSE) or layout.kind != "map":
+            continue
+        for operand in node.all_input_nodes:
+            meta = tensor_meta(operand)
+            if (operand.meta.get(LAYOUT) is None and meta is not None and meta.dim() == len(layout.shape)
+                    and meta.shape[0] != 1):
+                problems.append(f"{node.name} reads per-batch-item {operand.name} without repeating it")
+    return problems

@@ -34,3 +34,9 @@ def cached_group_norm(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         rewrites += 1
     return rewrites
+
+
+def no_sparse_group_norm(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: no GroupNorm computes statistics over gathered blocks."""
+    return [f"{n.name} is a GroupNorm on gathered blocks" for n in gm.graph.nodes
+            if n.target is ops.GROUP_NORM and n.meta.get(SPARSE)]

@@ -94,3 +94,9 @@ def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
         for node in nodes:
             node.meta[REGION] = region_id
     return len(regions)
+
+
+def every_sparse_node_in_a_region(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: every node is marked sparse or not, and every sparse node belongs to a region."""
+    return [f"{n.name} is not marked" if SPARSE not in n.meta else f"{n.name} is sparse but in no region"
+            for n in gm.graph.nodes if SPARSE not in n.meta or (n.meta[SPARSE] and REGION not in n.meta)]

@@ -58,3 +58,20 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
                 continue
             node.replace_input_with(source, new)
     return len(gathers) + len(scatters)
+
+
+def regions_entered_and_left_through_boundaries(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: sparse values are read by sparse nodes and scatters only, dense pixels by dense nodes and
+    gathers only, except that a sparse node may read a scatter's full-size output (its FULL_INPUTS)."""
+    problems = []
+    for node in gm.graph.nodes:
+        sparse = node.meta.get(SPARSE, False)
+        for source in node.all_input_nodes:
+            if not _spatial(source) or source.meta.get(SPARSE, False) == sparse:
+                continue
+            if sparse and node.target is not runtime_ops.gather_active \
+                    and source.target is not runtime_ops.scatter_into_recorded:
+                problems.append(f"sparse {node.name} reads dense {source.name} without a gather")
+            elif not sparse and node.target is not runtime_ops.scatter_into_recorded:
+                problems.append(f"dense {node.name} reads sparse {source.name} without a scatter")
+    return problems

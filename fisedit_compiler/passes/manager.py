@@ -24,11 +24,13 @@ class PassResult:
 
 @dataclasses.dataclass(frozen=True)
 class FxPass:
-    """A graph pass. `requires` names passes that must have run before it (in this pipeline)."""
+    """A graph pass. `requires` names passes that must have run before it (in this pipeline); `postcondition`
+    lists what the graph still has that the pass should have removed (checked after the pass: empty = holds)."""
 
     name: str
     run: Callable[[fx.GraphModule], int]
     requires: tuple[str, ...] = ()
+    postcondition: Callable[[fx.GraphModule], list[str]] | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +88,10 @@ class PassManager:
                 raise
             except Exception as e:
                 raise PassError(f"pass {p.name!r} failed: {e}") from e
+            problems = p.postcondition(gm) if p.postcondition is not None else []
+            if problems:
+                more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+                raise PassError(f"pass {p.name!r} left its postcondition unmet: {'; '.join(problems[:3])}{more}")
             gm.recompile()
             record = PassRecord(
                 self.variant, p.name, rewrites, time.perf_counter() - start, nodes_before, len(gm.graph.nodes), before,

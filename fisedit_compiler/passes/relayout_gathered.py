@@ -29,3 +29,9 @@ def relayout_gathered(gm: fx.GraphModule) -> int:
         node.kwargs = {}
         rewrites += 1
     return rewrites
+
+
+def no_dense_reshape_of_blocks(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: no reshape with a dense target shape reads gathered blocks."""
+    return [f"{n.name} reshapes gathered blocks to a dense shape" for n in gm.graph.nodes
+            if n.target in ops.RESHAPES and n.meta.get(SPARSE)]

@@ -46,3 +46,14 @@ def sparse_conv(gm: fx.GraphModule) -> int:
         node.kwargs = {}
         rewrites += 1
     return rewrites
+
+
+def no_padded_conv_on_blocks(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: the only convolutions left on gathered blocks are pointwise (1x1, stride 1, no padding)."""
+    problems = []
+    for n in gm.graph.nodes:
+        if n.target is ops.CONV and n.meta.get(SPARSE):
+            args = list(n.args) + [None, None, None, [1, 1], [0, 0]][len(n.args):]
+            if tuple(args[1].meta["val"].shape[2:]) != (1, 1) or _pair(args[3]) != (1, 1) or _pair(args[4]) != (0, 0):
+                problems.append(f"{n.name} is a padded or strided conv on gathered blocks")
+    return problems

@@ -28,3 +28,9 @@ def sparse_upsample(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         rewrites += 1
     return rewrites
+
+
+def no_dense_upsample_of_blocks(gm: fx.GraphModule) -> list[str]:
+    """Postcondition: no nearest upsampling of gathered blocks is left (with readers)."""
+    return [f"{n.name} upsamples gathered blocks" for n in gm.graph.nodes
+            if n.target in ops.UPSAMPLE_NEAREST and n.meta.get(SPARSE) and n.users]

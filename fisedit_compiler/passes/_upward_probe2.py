@@ -1,0 +1,1 @@
+from ..tuning import calibrate
