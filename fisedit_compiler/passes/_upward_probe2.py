@@ -1,1 +1,0 @@
-from ..tuning import calibrate
