@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ir import SpatialLayout
-from ..runtime.mask_plan import GatherIndex
+from ..ir import GatherIndex, SpatialLayout
 
 
 def _map_permutation(layout: SpatialLayout) -> list[int]:

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ir import SpatialLayout
-from ..runtime.mask_plan import GatherIndex
+from ..ir import GatherIndex, SpatialLayout
 from .reference import from_canonical, to_canonical
 from .triton_config import autotune
 

@@ -1,21 +1,13 @@
 """From an edit mask to the index tensors that sparse calls gather and scatter with.
 
 Everything mask-dependent is computed here, once per mask (EEdit's token index preprocessing), never per step:
-the active blocks at every resolution and, per gather geometry, where each gathered pixel comes from.
-
-A gather geometry is a `WindowSpec`: a set of equally sized windows over a feature map, each pixel of which names
-a source pixel (or lies outside the image and reads zero). The same mechanism serves every data movement of the
-sparse variant:
-
-- `ActivePixels(res)`: the active blocks themselves (the gathered form);
-- `FullImage(res)`: one window covering the map (materialising a full-size tensor);
-- `ConvWindows(...)`: for each output block of a convolution, its input window with halo;
-- `Upsampled(inner, ...)`: the pixels of `inner` mapped back through nearest-neighbour upsampling.
+the active blocks at every resolution and, per gather geometry (`ir.index.WindowSpec`: `ActivePixels`,
+`FullImage`, `ConvWindows`, `Upsampled`), where each gathered pixel comes from (`ir.index.GatherIndex`). The
+geometry and index types live in the IR, below the runtime and the kernels; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -23,149 +15,32 @@ import torch
 import torch.nn.functional as F
 
 from ..cost_model import CostConstants, choose_block_size, load_constants
-from ..ir import graph_constant
+from ..ir.index import (
+    ActivePixels,
+    BlockLayout,
+    ConvWindows,
+    FullImage,
+    GatherIndex,
+    Resolution,
+    Upsampled,
+    WindowCoords,
+    WindowSpec,
+    block_windows,
+)
 from ..policy import Policy
 
-Resolution = tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockLayout:
-    """The active b x b blocks of one resolution. Gathered pixels are ordered block-major, row-major inside."""
-
-    res: Resolution
-    block: int
-    blocks: torch.Tensor  # (num_blocks, 2) block-grid coordinates (row, col), row-major order
-    pixel_to_gathered: torch.Tensor  # (H*W,) position of each pixel among the gathered ones, -1 if inactive
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.blocks.shape[0])
-
-    @property
-    def num_pixels(self) -> int:
-        return self.num_blocks * self.block * self.block
-
-    @property
-    def active_fraction(self) -> float:
-        h, w = self.res
-        return self.num_pixels / (h * w)
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowCoords:
-    """Source pixel coordinates for `num_windows` windows of `height x width` pixels, window-major."""
-
-    num_windows: int
-    height: int
-    width: int
-    rows: torch.Tensor  # (num_windows * height * width,) long
-    cols: torch.Tensor
-    inside: torch.Tensor  # bool: the pixel lies inside the source map (else it reads zero)
-
-
-class WindowSpec:
-    """A gather geometry; see the module docstring. Subclasses are frozen dataclasses, hashable as cache keys."""
-
-    source_res: Resolution
-
-    def coords(self, plan: MaskPlan) -> WindowCoords:
-        raise NotImplementedError
-
-
-def _block_windows(blocks: torch.Tensor, step: int, offset: int, size: int, res: Resolution) -> WindowCoords:
-    """Windows of `size` pixels starting at `block * step + offset` for every block, clipped to `res` as `inside`."""
-    ar = torch.arange(size, device=blocks.device)
-    rows = (blocks[:, 0, None, None] * step + offset + ar[None, :, None]).expand(-1, size, size)
-    cols = (blocks[:, 1, None, None] * step + offset + ar[None, None, :]).expand(-1, size, size)
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
-    inside = (rows >= 0) & (rows < res[0]) & (cols >= 0) & (cols < res[1])
-    return WindowCoords(int(blocks.shape[0]), size, size, rows, cols, inside)
-
-
-@graph_constant
-@dataclasses.dataclass(frozen=True)
-class ActivePixels(WindowSpec):
-    source_res: Resolution
-
-    def coords(self, plan: MaskPlan) -> WindowCoords:
-        layout = plan.layout(self.source_res)
-        return _block_windows(layout.blocks, layout.block, 0, layout.block, self.source_res)
-
-
-@graph_constant
-@dataclasses.dataclass(frozen=True)
-class FullImage(WindowSpec):
-    source_res: Resolution
-
-    def coords(self, plan: MaskPlan) -> WindowCoords:
-        h, w = self.source_res
-        rows = torch.arange(h, device=plan.device).repeat_interleave(w)
-        cols = torch.arange(w, device=plan.device).repeat(h)
-        return WindowCoords(1, h, w, rows, cols, torch.ones_like(rows, dtype=torch.bool))
-
-
-@graph_constant
-@dataclasses.dataclass(frozen=True)
-class ConvWindows(WindowSpec):
-    """Input windows, with halo, of a convolution whose output runs on the active blocks of `output_res`."""
-
-    source_res: Resolution
-    output_res: Resolution
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-
-    def __post_init__(self) -> None:
-        if len({self.kernel[0] - self.kernel[1], self.stride[0] - self.stride[1], self.padding[0] - self.padding[1],
-                self.dilation[0] - self.dilation[1]}) != 1 or self.kernel[0] != self.kernel[1]:
-            raise ValueError(f"sparse convolutions need square kernels, strides, paddings and dilations: {self}")
-
-    def window_size(self, block: int) -> int:
-        return (block - 1) * self.stride[0] + (self.kernel[0] - 1) * self.dilation[0] + 1
-
-    def coords(self, plan: MaskPlan) -> WindowCoords:
-        layout = plan.layout(self.output_res)
-        step = layout.block * self.stride[0]
-        return _block_windows(layout.blocks, step, -self.padding[0], self.window_size(layout.block), self.source_res)
-
-
-@graph_constant
-@dataclasses.dataclass(frozen=True)
-class Upsampled(WindowSpec):
-    """The pixels of `inner` (at the upsampled resolution) read through nearest upsampling from `source_res`."""
-
-    inner: WindowSpec
-    source_res: Resolution
-
-    def coords(self, plan: MaskPlan) -> WindowCoords:
-        c = self.inner.coords(plan)
-        (h_in, w_in), (h_out, w_out) = self.source_res, self.inner.source_res
-        # PyTorch's "nearest": src = floor(dst * in / out), exact in integers for the sizes U-Nets use.
-        rows = torch.div(c.rows.clamp(min=0) * h_in, h_out, rounding_mode="floor")
-        cols = torch.div(c.cols.clamp(min=0) * w_in, w_out, rounding_mode="floor")
-        return dataclasses.replace(c, rows=rows, cols=cols)
-
-
-@dataclasses.dataclass(frozen=True)
-class GatherIndex:
-    """Where each pixel of a `WindowSpec` comes from: `fresh[fresh_index]` where `from_fresh`, else
-    `recorded[recorded_index]` where `inside`, else zero. Indices are flat pixel positions."""
-
-    windows: WindowCoords
-    from_fresh: torch.Tensor | None  # None when the source is a full-size tensor
-    fresh_index: torch.Tensor | None
-    recorded_index: torch.Tensor
-    inside: torch.Tensor
-    all_inside: bool
-    identity: bool = False  # the windows are the source's own pixels in its own order: a gather is a no-op
-    # The same, compacted: window pixels `fresh_at` read `fresh[fresh_from]`, window pixels `recorded_at` read
-    # `recorded[recorded_from]`, the rest is zero. (None when the source is a full-size tensor.)
-    fresh_at: torch.Tensor | None = None
-    fresh_from: torch.Tensor | None = None
-    recorded_at: torch.Tensor | None = None
-    recorded_from: torch.Tensor | None = None
+__all__ = [
+    "ActivePixels",
+    "BlockLayout",
+    "ConvWindows",
+    "FullImage",
+    "GatherIndex",
+    "MaskPlan",
+    "Resolution",
+    "Upsampled",
+    "WindowCoords",
+    "WindowSpec",
+]
 
 
 class MaskPlan:
@@ -238,7 +113,7 @@ class MaskPlan:
         active = self.active_map(res)
         grid = active.reshape(res[0] // b, b, res[1] // b, b).any(dim=3).any(dim=1)
         blocks = grid.nonzero()
-        windows = _block_windows(blocks, b, 0, b, res)
+        windows = block_windows(blocks, b, 0, b, res)
         pixel_to_gathered = torch.full((res[0] * res[1],), -1, dtype=torch.long, device=self.device)
         pixel_to_gathered[windows.rows * res[1] + windows.cols] = torch.arange(
             windows.rows.numel(), device=self.device

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import CacheRef, SpatialLayout
+from ..ir import ActivePixels, CacheRef, FullImage, SpatialLayout, WindowSpec
 from .. import kernels
 from . import context
-from .mask_plan import ActivePixels, FullImage, WindowSpec
 
 # --- record variant ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,64 @@
+"""The intermediate representation the passes, the runtime and the kernels share, below all of them.
+
+- `graph`: what annotates a captured graph: where a tensor's spatial dims are (`SpatialLayout`), what the cache
+  holds (`CacheRef`), the model's inputs (`InputLayout`) and the node meta keys.
+- `index`: the gather geometries of the sparse variant (`WindowSpec` and its kinds), the active blocks of a
+  resolution (`BlockLayout`) and the index tensors of a gather (`GatherIndex`), which `runtime.mask_plan` builds
+  per mask and the kernels read.
+
+Everything is re-exported here: ``from fisedit_compiler.ir import SpatialLayout, GatherIndex``.
+"""
+
+from .graph import (
+    INPUT,
+    KEY,
+    LAYOUT,
+    REGION,
+    SPARSE,
+    CacheRef,
+    InputLayout,
+    SpatialLayout,
+    cache_key,
+    graph_constant,
+    latent_input,
+    tensor_meta,
+)
+from .index import (
+    ActivePixels,
+    BlockLayout,
+    BlockPlan,
+    ConvWindows,
+    FullImage,
+    GatherIndex,
+    Resolution,
+    Upsampled,
+    WindowCoords,
+    WindowSpec,
+    block_windows,
+)
+
+__all__ = [
+    "INPUT",
+    "KEY",
+    "LAYOUT",
+    "REGION",
+    "SPARSE",
+    "ActivePixels",
+    "BlockLayout",
+    "BlockPlan",
+    "CacheRef",
+    "ConvWindows",
+    "FullImage",
+    "GatherIndex",
+    "InputLayout",
+    "Resolution",
+    "SpatialLayout",
+    "Upsampled",
+    "WindowCoords",
+    "WindowSpec",
+    "block_windows",
+    "cache_key",
+    "graph_constant",
+    "latent_input",
+    "tensor_meta",
+]
