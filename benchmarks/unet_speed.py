@@ -57,7 +57,7 @@ import torch
 import torch.fx as fx
 
 import fisedit_compiler as fisedit
-from fisedit_compiler import cost_model
+from fisedit_compiler import cost_model, tuning
 from fisedit_compiler.compiler import build_variants, copy_graph_module
 from fisedit_compiler.ir import LAYOUT, SPARSE
 from fisedit_compiler.editing.masks import coverage_mask, ellipse_mask
@@ -665,7 +665,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
         if policy.block_size is None:
             if args.calibrate:
                 log(args, "calibrating the cost model ...")
-                cost_model.calibrate(device)
+                tuning.calibrate(device)
             constants = compiled.mask_plan(torch.zeros(latent, latent, dtype=torch.bool, device=device)).constants
             result["cost_model"] = {"constants": dataclasses.asdict(constants),
                                     "calibrated": cost_model.calibration_path(device).is_file(),

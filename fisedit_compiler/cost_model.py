@@ -15,8 +15,10 @@ resolution uses those of its channel count (the nearest calibrated one). A resol
 dense runs dense (one block covering the map: gathers become no-ops). Choices depend only on the mask and the
 U-Net's channels, and are made once per edit.
 
-The constants come from a short micro-benchmark on the machine (`calibrate`), kept in a JSON file per device;
-without one, `DEFAULT` holds values measured on a 2-core CPU (AMD EPYC, torch 2.13, fp32).
+The constants come from a short micro-benchmark on the machine (`fisedit_compiler.tuning.calibrate`, which
+measures the kernels), kept in a JSON file per device (`calibration_path`, read by `load_constants`); without one,
+`DEFAULT` holds values measured on a 2-core CPU (AMD EPYC, torch 2.13, fp32). This module is the formulas only: it
+imports no kernel, so the mask plan can use it.
 """
 
 from __future__ import annotations
@@ -26,14 +28,11 @@ import json
 import math
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
-CHANNELS = (320, 640, 1280)  # calibrated by default: SD's U-Net widths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,7 @@ def choose_block_size(active: torch.Tensor, candidates: tuple[int, ...] = BLOCK_
     return min(reversed(options), key=lambda b: cost(active, b, constants, channels))
 
 
-# --- calibration ---------------------------------------------------------------------------------------------
+# --- calibration files ---------------------------------------------------------------------------------------
 
 
 def calibration_path(device: torch.device) -> Path:
@@ -104,69 +103,8 @@ def calibration_path(device: torch.device) -> Path:
     return root / f"cost-model-{name.replace(' ', '_').replace('/', '_')}.json"
 
 
-def _seconds(fn, repeats: int = 5) -> float:
-    """The fastest of `repeats` runs after a warm-up (the least disturbed by other work on the machine)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CHANNELS, side: int = 32,
-              save: bool = True) -> CostConstants:
-    """Measure `layer[C][b]` on `device` for every C in `channels` (multiples of 32): a resnet layer (GroupNorm
-    with 32 groups, SiLU, 3x3 convolution) densely on a map twice as wide as `side` (at least 32), and as the
-    sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size."""
-    device = torch.device(device)
-    constants = CostConstants(layer={c: _layer_costs(device, c, side) for c in channels})
-    if save:
-        path = calibration_path(device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(constants), indent=2))
-    return constants
-
-
-def _layer_costs(device: torch.device, channels: int, side: int) -> dict[int, float]:
-    from . import kernels
-    from .ir import SpatialLayout
-    from .policy import Policy
-    from .runtime.mask_plan import ActivePixels, ConvWindows, MaskPlan
-
-    weight = torch.randn(channels, channels, 3, 3, device=device) / (3 * channels ** 0.5)
-    res = (max(2 * side, max(BLOCK_SIZES)),) * 2
-    dense_map = torch.randn(1, channels, *res, device=device)
-    dense = _seconds(lambda: F.conv2d(F.silu(F.group_norm(dense_map, 32)), weight, padding=1)) / math.prod(res)
-
-    mask = torch.zeros(res, dtype=torch.bool, device=device)
-    mask[side // 2:side // 2 + side, side // 2:side // 2 + side] = True
-    layout = SpatialLayout("map", res, (2, 3), (1, channels, *res))
-    recorded = torch.randn(1, channels, *res, device=device)
-    scale, shift = torch.rand(1, channels, device=device), torch.randn(1, channels, device=device)
-    costs = {}
-    for block in BLOCK_SIZES:
-        plan = MaskPlan(mask, Policy(block_size=block, halo=0), constants=DEFAULT)
-        blocks = plan.layout(res)
-        fresh = kernels.gather_pixels(None, recorded, plan.gather_index(ActivePixels(res), False), layout, 0)
-        index = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
-
-        def sparse_layer():
-            windows = kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, blocks.num_blocks, scale,
-                                                        shift)
-            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1)
-
-        costs[block] = _seconds(sparse_layer) / blocks.num_pixels / dense
-    return costs
-
-
 def load_constants(device: torch.device) -> CostConstants:
-    """The calibrated constants of `device` if `calibrate` saved them, else `DEFAULT`."""
+    """The calibrated constants of `device` if `tuning.calibrate` saved them, else `DEFAULT`."""
     path = calibration_path(device)
     if path.is_file():
         saved = json.loads(path.read_text())

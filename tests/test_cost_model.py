@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fisedit_compiler import cost_model
+from fisedit_compiler import cost_model, tuning
 from fisedit_compiler.cost_model import CostConstants, choose_block_size, cost
 from fisedit_compiler.policy import Policy
 from fisedit_compiler.runtime.mask_plan import MaskPlan
@@ -90,7 +90,7 @@ def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
     device = torch.device("cpu")
     assert cost_model.load_constants(device) == cost_model.DEFAULT
-    measured = cost_model.calibrate(device, channels=(32, 64), side=16)
+    measured = tuning.calibrate(device, channels=(32, 64), side=16)
     assert cost_model.calibration_path(device).is_file()
     assert cost_model.load_constants(device) == measured
     assert set(measured.layer) == {32, 64}
