@@ -39,10 +39,10 @@ import torch
 
 from fisedit_compiler import kernels
 from fisedit_compiler.editing.masks import ellipse_mask
-from fisedit_compiler.ir import SpatialLayout
+from fisedit_compiler.ir import ActivePixels, ConvWindows, GatherIndex, SpatialLayout
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
-from fisedit_compiler.runtime.mask_plan import ActivePixels, ConvWindows, GatherIndex, MaskPlan
+from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

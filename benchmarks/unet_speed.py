@@ -59,7 +59,7 @@ import torch.fx as fx
 import fisedit_compiler as fisedit
 from fisedit_compiler import cost_model, tuning
 from fisedit_compiler.compiler import build_variants, copy_graph_module
-from fisedit_compiler.ir import LAYOUT, SPARSE
+from fisedit_compiler.ir import LAYOUT, SPARSE, ActivePixels, FullImage
 from fisedit_compiler.editing.masks import coverage_mask, ellipse_mask
 from fisedit_compiler.macs import count_macs, node_macs
 from fisedit_compiler.models import ARCHS, example_unet_inputs, random_unet
@@ -68,7 +68,7 @@ from fisedit_compiler.passes.manager import target_name
 from fisedit_compiler.runtime import context
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import StepKey
-from fisedit_compiler.runtime.mask_plan import ActivePixels, FullImage, MaskPlan
+from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results"

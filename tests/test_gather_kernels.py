@@ -8,10 +8,10 @@ import weakref
 import pytest
 import torch
 
-from fisedit_compiler.ir import SpatialLayout
+from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout, Upsampled
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
-from fisedit_compiler.runtime.mask_plan import ActivePixels, ConvWindows, FullImage, MaskPlan, Upsampled
+from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 
 def random_mask(h, w, seed):

@@ -17,10 +17,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fisedit_compiler import kernels
-from fisedit_compiler.ir import SpatialLayout
+from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
-from fisedit_compiler.runtime.mask_plan import ActivePixels, ConvWindows, FullImage, MaskPlan
+from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Fused arithmetic runs in float32 in both implementations but rounds at different points: about one ulp of the
@@ -315,9 +315,9 @@ def test_kernels_work_without_triton(monkeypatch):
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
         "import torch; from fisedit_compiler import kernels\n"
         "assert kernels.select_backend([torch.zeros(2)]) == 'reference'\n"
-        "from fisedit_compiler.ir import SpatialLayout\n"
+        "from fisedit_compiler.ir import ActivePixels, SpatialLayout\n"
         "from fisedit_compiler.policy import Policy\n"
-        "from fisedit_compiler.runtime.mask_plan import ActivePixels, MaskPlan\n"
+        "from fisedit_compiler.runtime.mask_plan import MaskPlan\n"
         "plan = MaskPlan(torch.tensor([[False, True]]), Policy(block_size=1, halo=0))\n"
         "x = torch.arange(6.).reshape(1, 3, 1, 2)\n"
         "got = kernels.gather_pixels(None, x, plan.gather_index(ActivePixels((1, 2)), False),"

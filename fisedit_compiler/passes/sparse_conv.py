@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import LAYOUT, SPARSE
+from ..ir import LAYOUT, SPARSE, ConvWindows
 from ..runtime import ops as runtime_ops
-from ..runtime.mask_plan import ConvWindows
 from . import ops
 from .windows import WindowBuilder
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import LAYOUT, SPARSE
-from ..runtime.mask_plan import ActivePixels
+from ..ir import LAYOUT, SPARSE, ActivePixels
 from . import ops
 from .windows import WindowBuilder
 

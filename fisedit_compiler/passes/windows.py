@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import KEY, LAYOUT, SPARSE, CacheRef, SpatialLayout
+from ..ir import KEY, LAYOUT, SPARSE, CacheRef, SpatialLayout, Upsampled, WindowSpec
 from ..runtime import ops as runtime_ops
-from ..runtime.mask_plan import Upsampled, WindowSpec
 from . import ops
 
 # Per-pixel ops that are cheap enough to recompute on halo pixels.

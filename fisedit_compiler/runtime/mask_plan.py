@@ -3,7 +3,7 @@
 Everything mask-dependent is computed here, once per mask (EEdit's token index preprocessing), never per step:
 the active blocks at every resolution and, per gather geometry (`ir.index.WindowSpec`: `ActivePixels`,
 `FullImage`, `ConvWindows`, `Upsampled`), where each gathered pixel comes from (`ir.index.GatherIndex`). The
-geometry and index types live in the IR, below the runtime and the kernels; they are re-exported here.
+geometry and index types live in the IR, below the runtime and the kernels.
 """
 
 from __future__ import annotations
@@ -15,32 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..cost_model import CostConstants, choose_block_size, load_constants
-from ..ir.index import (
-    ActivePixels,
-    BlockLayout,
-    ConvWindows,
-    FullImage,
-    GatherIndex,
-    Resolution,
-    Upsampled,
-    WindowCoords,
-    WindowSpec,
-    block_windows,
-)
+from ..ir.index import BlockLayout, GatherIndex, Resolution, WindowSpec, block_windows
 from ..policy import Policy
-
-__all__ = [
-    "ActivePixels",
-    "BlockLayout",
-    "ConvWindows",
-    "FullImage",
-    "GatherIndex",
-    "MaskPlan",
-    "Resolution",
-    "Upsampled",
-    "WindowCoords",
-    "WindowSpec",
-]
 
 
 class MaskPlan:
