@@ -193,36 +193,25 @@ def random_pipeline(
     text_configs = text_encoder_configs(arch, size)
     sched = make_scheduler(scheduler)
 
+    tokenizer = random_tokenizer()
+    text_encoder = random_text_encoder(text_configs[0], tokenizer, seed, **placement)
+    components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": sched}
     if arch == "sdxl":
-        tokenizer, tokenizer_2 = random_tokenizer(), random_tokenizer()
-        text_encoder = random_text_encoder(text_configs[0], tokenizer, seed, **placement)
+        tokenizer_2 = random_tokenizer()
         text_encoder_2 = random_text_encoder(
             text_configs[1], tokenizer_2, seed, with_projection=True, component="text_encoder_2", **placement
         )
         pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
+            **components,
             text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer,
             tokenizer_2=tokenizer_2,
-            unet=unet,
-            scheduler=sched,
             force_zeros_for_empty_prompt=True,
             # explicit False: None would make diffusers probe for invisible-watermark
             add_watermarker=False,
         )
     else:
-        tokenizer = random_tokenizer()
-        text_encoder = random_text_encoder(text_configs[0], tokenizer, seed, **placement)
         pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=sched,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
