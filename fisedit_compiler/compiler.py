@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from .adapters import ModelAdapter, adapter_for
 from .capture import InputSignature, capture
 from .dump import GraphDump
-from .editing.inputs import MaskError, as_mask  # MaskError: re-exported here
+from .inputs import MaskError, as_mask  # MaskError: re-exported here
 from .passes.annotate_spatial_layout import annotate_spatial_layout, every_node_annotated
 from .passes.broadcast_over_blocks import broadcast_over_blocks, per_item_operands_repeated
 from .ir import CacheRef

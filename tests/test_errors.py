@@ -116,7 +116,7 @@ def test_masks_that_are_not_bool_or_0_1_maps_at_latent_resolution(mask, message)
 
 def test_mask_error_is_one_class():
     from fisedit_compiler.compiler import MaskError
-    from fisedit_compiler.editing.inputs import MaskError as InputsMaskError
+    from fisedit_compiler.inputs import MaskError as InputsMaskError
 
     assert MaskError is InputsMaskError is fisedit.MaskError and issubclass(MaskError, ValueError)
 

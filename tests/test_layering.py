@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 COMPILER = {"capture", "compiler", "backend", "dump", "macs", "lowering"}  # capture, pass pipelines, variants
 TOP = {"__init__", "editing", "inspect_cmd", "models"}  # the API facade, edit sessions, tools, model builders
 ENTRY = {"cli", "demo", "app"}  # the command line, the demo, the web app
-BELOW_COMPILER = {"ir", "policy", "cost_model", "kernels", "runtime", "adapters", "passes"}
+BELOW_COMPILER = {"ir", "policy", "inputs", "cost_model", "kernels", "runtime", "adapters", "passes"}
 ALLOWED: dict[str, set[str]] = {
     "ir": set(),  # graph annotations, gather geometries and index types
     "policy": {"ir"},  # the user's knobs
+    "inputs": {"ir", "policy"},  # validation of masks and prompts at the API boundary
     "cost_model": {"ir", "policy"},  # formulas and constants: no kernel, no plan
     "kernels": {"ir", "policy"},
     "runtime": {"ir", "policy", "cost_model", "kernels"},
@@ -34,16 +35,12 @@ ALLOWED: dict[str, set[str]] = {
     "training": BELOW_COMPILER | COMPILER | TOP | {"tuning"},
     **{room: BELOW_COMPILER | COMPILER | TOP | {"tuning", "training"} | ENTRY for room in ENTRY},
 }
-ROWS = [{"ir"}, {"policy"}, {"cost_model"}, {"kernels"}, {"adapters"}, {"runtime"}, {"tuning"}, {"passes"}, COMPILER,
+ROWS = [{"ir"}, {"policy"}, {"inputs"}, {"cost_model"}, {"kernels"}, {"adapters"}, {"runtime"}, {"tuning"}, {"passes"}, COMPILER,
         TOP, {"training"}, ENTRY]  # bottom to top; rooms of one row may import each other
 
 # Upward imports that exist today and are to go, each with its reason. A new one fails the test; so does one of
 # these once it is gone (then delete its line).
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    (f"{PACKAGE}.compiler", f"{PACKAGE}.editing.inputs"):
-        "CompiledUNet validates masks with editing.inputs (as_mask, MaskError); the validation belongs below the "
-        "compiler, next to the API boundary both use",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 def room_of(module: str) -> str:

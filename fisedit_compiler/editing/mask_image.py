@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .inputs import mask_from_image
+from ..inputs import mask_from_image
 
 
 def load_mask_image(path: str | Path, latent: tuple[int, int], scale_factor: int = 8) -> torch.Tensor:

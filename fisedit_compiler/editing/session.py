@@ -29,7 +29,7 @@ from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compil
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
-from .inputs import as_mask, check_prompt
+from ..inputs import as_mask, check_prompt
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
 
@@ -219,7 +219,7 @@ class EditSession:
     def edit(self, prompt: str, mask: Any = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
-        (H, W), or a PIL image at latent or image resolution (white = edit); see `editing.inputs.as_mask`. A mask of
+        (H, W), or a PIL image at latent or image resolution (white = edit); see `inputs.as_mask`. A mask of
         another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
         check_prompt(prompt)
         if self._source is None:
