@@ -40,7 +40,7 @@ def sparse_conv(gm: fx.GraphModule) -> int:
             continue  # a pointwise conv: gathered blocks in, gathered blocks out
         spec = ConvWindows(x.meta[LAYOUT].res, node.meta[LAYOUT].res, kernel, stride, padding, dilation)
         windows = builder.windows(x, spec, node)
-        node.target = runtime_ops.conv_windows  # in place: the node keeps its stable key (meta), which cache entries use
+        node.target = runtime_ops.conv_windows  # in place: the node keeps its meta, and so its stable key
         node.args = (windows, weight, bias, list(stride), list(dilation), groups)
         node.kwargs = {}
         rewrites += 1
