@@ -62,7 +62,7 @@ def _policy(args) -> Policy:
 
 
 def _run(args, prompt: str | None, edits: list | None) -> int:
-    """`demo` (prompt and edits None: the model's demo session) and `edit`."""
+    """`demo` (edits None: the model's demo session) and `edit` (prompt None: continue `--session`)."""
     from . import demo
 
     pipe = _pipeline(args)
@@ -71,13 +71,15 @@ def _run(args, prompt: str | None, edits: list | None) -> int:
     if note:
         print(f"note: {note}\n")
     latent = _latent_shape(args, args.latent_size if args.random else None)[0]
-    if prompt is None:
+    if edits is None:  # the demo's own session
         prompt = demo.RANDOM_PROMPT if args.random else demo.SHAPES_PROMPT
         edits = demo.random_edits(latent) if args.random else demo.shapes_edits(latent, pipe.vae_scale_factor)
     steps = args.steps or (20 if args.random else demo.SHAPES_STEPS)
     guidance = args.guidance_scale or (7.5 if args.random else demo.SHAPES_GUIDANCE)
+    session = getattr(args, "session", None)
     data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, args.seed, _policy(args),
-                            log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance)
+                            log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
+                            session_dir=Path(session) if session else None)
     print("\n" + demo.format_report(data))
     print(f"\nwrote {args.out}/: edit_<n>.png (source | edited | recomputed region | dense regeneration), "
           "source.png, edited_<n>.png, mask_<n>.png, report.md, report.json")
@@ -147,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo")
     edit = commands.add_parser("edit", help="generate an image, then edit its prompt (continuously)")
     _common(edit, latent_size=64)
-    edit.add_argument("--prompt", required=True, help="the source prompt")
+    edit.add_argument("--prompt", help="the source prompt (not needed when --session holds a saved session)")
+    edit.add_argument("--session", help="a session folder: continued if it holds one, and saved there after the "
+                      "edits")
     edit.add_argument("--edit", action="append", required=True, help="an edited prompt; repeat for a chain")
     edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution")
     edit.add_argument("--out", default="out/edit")

@@ -127,18 +127,30 @@ class DemoEdit:
     mask: Any = None
 
 
-def run_session(pipe, prompt: str, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
-                log=print, note: str | None = None, guidance_scale: float = 7.5) -> dict:
+def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
+                log=print, note: str | None = None, guidance_scale: float = 7.5,
+                session_dir: Path | None = None) -> dict:
     """Generate `prompt`, apply `edits` in turn (continuous: each edits the previous result), and write per edit
-    a side-by-side picture (`edit_<n>.png`) with the dense regeneration of its prompt, and a report, into `out`."""
-    for text in [prompt, *(edit.prompt for edit in edits)]:  # fail before any work on an over-long prompt
+    a side-by-side picture (`edit_<n>.png`) with the dense regeneration of its prompt, and a report, into `out`.
+
+    `session_dir`: a saved session (`EditSession.save`) to continue instead of generating, if it holds one; the
+    session after the edits is saved there."""
+    saved = session_dir is not None and (session_dir / "session.json").is_file()
+    if prompt is None and not saved:
+        raise ValueError("a source prompt is needed (--prompt), unless --session names a saved session")
+    for text in [*([prompt] if prompt else []), *(edit.prompt for edit in edits)]:  # fail before any work
         token_ids(pipe.tokenizer, text)
     out.mkdir(parents=True, exist_ok=True)
-    session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
     start = time.perf_counter()
-    source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
+    if saved:
+        session = EditSession.load(session_dir, pipe)
+        source = session.current
+        log(f"continuing the session in {session_dir}: {source.prompt!r}")
+    else:
+        session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
+        source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
+        log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
     source.images[0].save(out / "source.png")
-    log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
     results, regenerations, current = [], [], source
     for n, edit in enumerate(edits, 1):
         start = time.perf_counter()
@@ -154,6 +166,9 @@ def run_session(pipe, prompt: str, edits: list[DemoEdit], out: Path, steps: int,
         how = "detected mask" if mask is None else "given mask"
         log(f"edit {n}: {edit.prompt!r}, {how} ({seconds:.1f}s)")
         current = result
+    if session_dir is not None:
+        session.save(session_dir)
+        log(f"saved the session to {session_dir} (continue it with --session {session_dir})")
     data = report(source, results, regenerations, note)
     (out / "report.json").write_text(json.dumps(data, indent=2, default=_jsonable))
     text = format_report(data)

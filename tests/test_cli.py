@@ -126,3 +126,24 @@ def test_the_mask_image_at_image_resolution_follows_the_vae_scale_factor(tmp_pat
     assert mask.sum() == 2 and mask[2, 7] and mask[2, 8]
     with pytest.raises(ValueError, match="or 128x128 \\(image resolution\\)"):
         load_mask_image(tmp_path / "mask.png", (LATENT, LATENT))  # SD's factor 8: 64x64 is neither size
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_edit_continues_a_saved_session(tmp_path):
+    session = tmp_path / "session"
+    first = ["edit", *SMALL, "--prompt", "a cabin in the woods", "--edit", "a cabin in the woods with a river",
+             "--session", str(session), "--out", str(tmp_path / "a")]
+    assert main(first) == 0 and (session / "session.json").is_file()
+    after_first = Image.open(tmp_path / "a" / "edited_1.png")
+    second = ["edit", *SMALL, "--edit", "a red cabin in the woods with a river", "--session", str(session),
+              "--out", str(tmp_path / "b")]
+    assert main(second) == 0
+    # the second command's source is the first one's edited image, read back from the session
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "source.png")), np.asarray(after_first))
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["phases"][0]["unet_calls"] == 0  # nothing regenerated
+
+
+def test_edit_without_prompt_or_saved_session_is_an_error(tmp_path, capsys):
+    assert main(["edit", *SMALL, "--edit", "a red cabin", "--out", str(tmp_path)]) == 2
+    assert "a source prompt is needed (--prompt)" in capsys.readouterr().err

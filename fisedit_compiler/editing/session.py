@@ -292,6 +292,29 @@ class EditSession:
         self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result)
         return result
 
+    def save(self, path) -> Any:
+        """Write this session (its current image's run and record cache, prompts, policy, scheduler, and a
+        fingerprint of the U-Net) to the folder `path`, as safetensors files and a JSON manifest
+        (`editing.persistence`). `EditSession.load(path, pipe)` continues it."""
+        from .persistence import save_session
+
+        return save_session(self, path)
+
+    @classmethod
+    def load(cls, path, pipe) -> EditSession:
+        """The session saved in `path`, over `pipe` (the same U-Net weights, scheduler and latent size, checked:
+        a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it)."""
+        from .persistence import load_session
+
+        return load_session(cls, path, pipe)
+
+    @property
+    def current(self) -> EditResult:
+        """The current image: the result of the last generation or edit."""
+        if self._source is None:
+            raise RuntimeError("no image yet: call generate(prompt) first")
+        return self._source.result
+
     @property
     def source_trajectory(self) -> list[torch.Tensor]:
         """The latents after each denoising step of the current image's run (the last generation or edit)."""

@@ -1,0 +1,186 @@
+"""Save an edit session to a folder and load it back: safetensors files and a JSON manifest, never pickle.
+
+    session.save("my-session")                       # after generate() / edit()
+    session = EditSession.load("my-session", pipe)   # later, in another process: edit() goes on from there
+
+The folder holds `session.json` (format, prompts, policy, scheduler class and config, steps, guidance, size,
+noise seed, the record cache's latent shape and step keys, and a fingerprint of the U-Net: its class, config and
+a SHA-256 of its weights), `latents.safetensors` (the initial noise, the current run's latents after every step,
+its recomputed region) and one `steps/<n>.safetensors` per recorded step (every recorded tensor, named in the
+file's metadata by its stable key and role). Loading checks the fingerprint, the scheduler and the shapes, and
+refuses a mismatch or a damaged file with an error that names it; nothing is loaded into an existing session, so
+a failed load loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..ir import CacheRef
+from ..policy import Policy
+from ..runtime.cache import RecordCache, StepKey, StepRecord
+
+FORMAT = "fisedit-session/1"
+MANIFEST = "session.json"
+LATENTS = "latents.safetensors"
+STEPS = "steps"
+
+
+class SessionFileError(ValueError):
+    """A session folder that cannot be loaded: missing or damaged files, or one made for another model,
+    scheduler or latent size."""
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> dict[str, Any]:
+    """The class, config and a SHA-256 of the weights (names, dtypes, shapes and bytes) of a model."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    config = dict(getattr(unet, "config", {}) or {})
+    return {"class": type(unet).__name__, "config": json.loads(json.dumps(config, default=str)),
+            "weights_sha256": digest.hexdigest()}
+
+
+def _jsonable_config(config) -> dict[str, Any]:
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
+
+
+def _record_tensors(record: StepRecord) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """A step record as flat named tensors and the (key, kind, part) of each name."""
+    tensors, names = {}, []
+    for ref, value in record.items():
+        parts = {"": value} if isinstance(value, torch.Tensor) else {"mean": value[0], "rstd": value[1]}
+        for part, tensor in parts.items():
+            tensors[str(len(names))] = tensor.detach().contiguous().cpu()
+            names.append([ref.key, ref.kind, part])
+    return tensors, names
+
+
+def save_session(session, path: str | Path) -> Path:
+    """Write `session` (an `EditSession` with a current run) to the folder `path`; see the module docstring."""
+    if session._source is None:
+        raise RuntimeError("nothing to save: call generate(prompt) first")
+    folder = Path(path)
+    (folder / STEPS).mkdir(parents=True, exist_ok=True)
+    cache, run = session.cache, session._source
+    steps = []
+    for n, key in enumerate(cache.steps):
+        tensors, names = _record_tensors(cache.step(key))
+        file = f"{STEPS}/{n:04d}.safetensors"
+        save_file(tensors, str(folder / file), metadata={"refs": json.dumps(names)})
+        steps.append({"file": file, "direction": key.direction, "timesteps": list(key.timesteps),
+                      "batch": key.batch, "occurrence": key.occurrence})
+    latents = {"initial": session._latents, **{f"step_{i}": z for i, z in enumerate(run.trajectory)}}
+    if run.result.mask is not None:
+        latents["region"] = run.result.mask.to(torch.uint8)
+    save_file({k: v.detach().contiguous().cpu() for k, v in latents.items()}, str(folder / LATENTS))
+    scheduler = session.pipe.scheduler
+    manifest = {
+        "format": FORMAT,
+        "prompt": run.prompt, "maps_prompt": run.maps_prompt,
+        "policy": dataclasses.asdict(session.policy),
+        "scheduler": {"class": type(scheduler).__name__, "config": _jsonable_config(scheduler.config)},
+        "num_inference_steps": session.num_inference_steps, "guidance_scale": session.guidance_scale,
+        "height": session.height, "width": session.width, "noise_seed": session.noise_seed,
+        "latent_shape": list(cache.latent_shape), "cache_dtype": str(cache.dtype) if cache.dtype else None,
+        "trajectory_steps": len(run.trajectory),
+        "steps": steps,
+        "unet": unet_fingerprint(session.unet.unet),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    run.result.images[0].save(folder / "image.png")
+    return folder
+
+
+def _read(folder: Path, file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = folder / file
+    if not path.is_file():
+        raise SessionFileError(f"{path} is missing: the session folder is incomplete")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SessionFileError(f"{path} is damaged and cannot be read: {e}") from e
+
+
+def _check_same(what: str, saved: dict, current: dict) -> None:
+    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+    if differing:
+        shown = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])
+        raise SessionFileError(f"the session was saved with another {what} ({shown})")
+
+
+def load_session(cls, path: str | Path, pipe):
+    """An `EditSession` (`cls`) over `pipe` with the saved run as its current image; see the module docstring."""
+    from PIL import Image
+
+    from ..compiler import CompiledUNet
+    from .session import EditResult, _Run
+
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise SessionFileError(f"{folder / MANIFEST} is missing: {folder} is not a saved session")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise SessionFileError(f"{folder / MANIFEST} is damaged: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}")
+    unet = pipe.unet.unet if isinstance(pipe.unet, CompiledUNet) else pipe.unet
+    saved, current = manifest["unet"], unet_fingerprint(unet)
+    if saved["class"] != current["class"]:
+        raise SessionFileError(f"the session was saved with a {saved['class']}, the pipeline has a {current['class']}")
+    _check_same("U-Net config", saved["config"], current["config"])
+    if saved["weights_sha256"] != current["weights_sha256"]:
+        raise SessionFileError("the session was saved with other U-Net weights (their SHA-256 differs): load it "
+                               "with the model it was made with")
+    scheduler = manifest["scheduler"]
+    if scheduler["class"] != type(pipe.scheduler).__name__:
+        raise SessionFileError(f"the session was saved with a {scheduler['class']}, the pipeline has a "
+                               f"{type(pipe.scheduler).__name__}")
+    _check_same("scheduler config", scheduler["config"], _jsonable_config(pipe.scheduler.config))
+
+    latents, _ = _read(folder, LATENTS)
+    cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
+                        else None)
+    latent_shape = tuple(manifest["latent_shape"])
+    for step in manifest["steps"]:
+        tensors, metadata = _read(folder, step["file"])
+        key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
+        record = cache.new_step(key, latent_shape)
+        parts: dict[CacheRef, dict[str, torch.Tensor]] = {}
+        for name, (ref_key, kind, part) in enumerate(json.loads(metadata.get("refs", "[]"))):
+            parts.setdefault(CacheRef(ref_key, kind), {})[part] = tensors[str(name)]
+        for ref, value in parts.items():
+            record[ref] = value[""] if "" in value else (value["mean"], value["rstd"])
+
+    policy = Policy(**manifest["policy"])
+    session = cls(pipe, policy=policy, num_inference_steps=manifest["num_inference_steps"],
+                  guidance_scale=manifest["guidance_scale"], height=manifest["height"], width=manifest["width"],
+                  noise_seed=manifest["noise_seed"])
+    if session.policy != policy:
+        raise SessionFileError("the pipeline's U-Net is compiled with another policy than the saved session's: pass "
+                               "a pipeline with the plain U-Net")
+    initial = latents["initial"].to(session.unet.device, session.unet.dtype)
+    if tuple(initial.shape[-2:]) != latent_shape[-2:]:
+        raise SessionFileError(f"the saved latents are {tuple(initial.shape)}, the cache {latent_shape}")
+    trajectory = [latents[f"step_{i}"].to(initial.device) for i in range(manifest["trajectory_steps"])]
+    region = latents["region"].bool() if "region" in latents else None
+    session.cache = cache
+    session._latents = initial
+    image = Image.open(folder / "image.png").convert("RGB")
+    result = EditResult(manifest["prompt"], [image], trajectory[-1], region, {"cache_bytes": cache.nbytes})
+    session._source = _Run(manifest["prompt"], manifest["maps_prompt"], trajectory, result)
+    return session

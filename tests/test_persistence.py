@@ -1,0 +1,72 @@
+"""Sessions saved and loaded: the loaded session edits exactly as the original would; a session made with other
+weights, another scheduler, or a damaged file is refused with an error that names it; no pickle on disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from fisedit_compiler.editing.persistence import SessionFileError
+from fisedit_compiler.models import make_scheduler, random_pipeline
+
+STEPS = 6
+
+
+def pipeline():
+    return random_pipeline("sd2", latent_size=16, seed=0)
+
+
+def _session(pipe) -> fisedit.EditSession:
+    return fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+
+
+@torch.no_grad()
+def test_a_loaded_session_edits_bit_for_bit_as_the_saved_one(tmp_path):
+    original = _session(pipeline())
+    original.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    original.edit("a cabin in the woods with a river")  # continuous: the saved run is an edit
+    original.save(tmp_path / "s")
+    assert not list((tmp_path / "s").rglob("*.pt")) and not list((tmp_path / "s").rglob("*.pkl"))
+
+    loaded = fisedit.EditSession.load(tmp_path / "s", pipeline())
+    assert loaded.cache.steps == original.cache.steps and loaded.cache.nbytes == original.cache.nbytes
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:9, 4:12] = True
+    expected = original.edit("a red cabin in the woods", mask=mask)
+    got = loaded.edit("a red cabin in the woods", mask=mask)
+    assert torch.equal(got.latents, expected.latents)
+    detected_a = original.edit("a red cabin in the woods at night")
+    detected_b = loaded.edit("a red cabin in the woods at night")
+    assert torch.equal(detected_a.latents, detected_b.latents) and torch.equal(detected_a.mask, detected_b.mask)
+
+
+@torch.no_grad()
+def test_mismatches_and_damage_are_refused_by_name(tmp_path):
+    s = _session(pipeline())
+    s.generate("a cabin", generator=torch.Generator().manual_seed(0))
+    folder = s.save(tmp_path / "s")
+
+    other_weights = random_pipeline("sd2", latent_size=16, seed=1)
+    with pytest.raises(SessionFileError, match="other U-Net weights"):
+        fisedit.EditSession.load(folder, other_weights)
+    other_scheduler = pipeline()
+    other_scheduler.scheduler = make_scheduler("dpm")
+    with pytest.raises(SessionFileError, match="saved with a DDIMScheduler, the pipeline has a DPMSolver"):
+        fisedit.EditSession.load(folder, other_scheduler)
+    other_size = random_pipeline("sd2", latent_size=8, seed=0)
+    with pytest.raises(SessionFileError, match="U-Net config .*sample_size"):
+        fisedit.EditSession.load(folder, other_size)
+
+    step = sorted((folder / "steps").iterdir())[0]
+    step.write_bytes(step.read_bytes()[:100])
+    with pytest.raises(SessionFileError, match=f"{step.name} is damaged"):
+        fisedit.EditSession.load(folder, pipeline())
+    manifest = json.loads((folder / "session.json").read_text())
+    (folder / "session.json").write_text(json.dumps({**manifest, "format": "other/9"}))
+    with pytest.raises(SessionFileError, match="expected 'fisedit-session/1'"):
+        fisedit.EditSession.load(folder, pipeline())
+    with pytest.raises(SessionFileError, match="not a saved session"):
+        fisedit.EditSession.load(tmp_path / "nothing", pipeline())
