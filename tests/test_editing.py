@@ -514,3 +514,17 @@ def test_runs_are_owned_not_shared_state():
     assert unet.cache.steps == recorded_before  # the other thread's call recorded nothing
     assert "in use by another run" in seen["error"]
     assert len(s.cache) == STEPS
+
+
+@torch.no_grad()
+def test_memory_breakdown_by_kind():
+    """The session reports its bytes by kind; self-attention K/V are recorded as their own kind (and still written
+    back: the write-back test above covers their values), and the kinds add up to the cache's bytes."""
+    s = session()
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    totals = s.memory_breakdown()
+    per_step = s.cache.breakdown()
+    assert set(totals) == {"output", "attention_kv", "group_norm_stats", "attention_map", "latents"}
+    assert sum(v for k, v in totals.items() if k != "latents") == s.cache.nbytes
+    assert totals["latents"] == STEPS * s.current.latents.numel() * 4
+    assert len(per_step) == STEPS + 1 and all(v["attention_kv"] > 0 for k, v in per_step.items() if k != "total")

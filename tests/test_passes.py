@@ -14,7 +14,7 @@ import torch
 import fisedit_compiler as fisedit
 from conftest import close, tiny_unet, unet_inputs
 from fisedit_compiler.compiler import build_variants, copy_graph_module
-from fisedit_compiler.ir import KEY, LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
+from fisedit_compiler.ir import ACTIVATION_KINDS, KEY, LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
 from fisedit_compiler.passes import ops
 from fisedit_compiler.passes.insert_record_taps import cache_refs
 from fisedit_compiler.passes.manager import op_counts
@@ -193,8 +193,10 @@ def test_insert_record_taps_records_exactly_what_sparse_reads():
     _, _, variants, _ = compiled_with_snapshots("sd2")
     refs = cache_refs(variants.sparse)
     counts = op_counts(variants.record)
-    assert counts["record"] == sum(r.kind == "output" for r in refs)
+    assert counts["record"] == sum(r.kind in ACTIVATION_KINDS for r in refs)
     assert counts["group_norm_recording_stats"] == sum(r.kind == "group_norm_stats" for r in refs)
+    kv = {r.key for r in refs if r.kind == "attention_kv"}
+    assert kv and not kv & {r.key for r in refs if r.kind == "output"}  # K/V are stored once, as K/V
 
 
 @torch.no_grad()

@@ -308,6 +308,14 @@ class EditSession:
 
         return load_session(cls, path, pipe)
 
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes the session holds, by kind: the record cache's kinds (`RecordCache.breakdown`, summed over steps)
+        and "latents" (the current run's latents after every step, which edits blend with)."""
+        totals = dict(self.cache.breakdown()["total"])
+        trajectory = self._source.trajectory if self._source is not None else []
+        totals["latents"] = sum(z.numel() * z.element_size() for z in trajectory)
+        return totals
+
     @property
     def current(self) -> EditResult:
         """The current image: the result of the last generation or edit."""

@@ -10,11 +10,13 @@ Everything is re-exported here: ``from fisedit_compiler.ir import SpatialLayout,
 """
 
 from .graph import (
+    ACTIVATION_KINDS,
     INPUT,
     KEY,
     LAYOUT,
     REGION,
     SPARSE,
+    CacheKind,
     CacheRef,
     InputLayout,
     SpatialLayout,
@@ -38,6 +40,8 @@ from .index import (
 )
 
 __all__ = [
+    "ACTIVATION_KINDS",
+    "CacheKind",
     "INPUT",
     "KEY",
     "LAYOUT",

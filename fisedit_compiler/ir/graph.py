@@ -71,18 +71,25 @@ class SpatialLayout:
         return f"{self.kind}{list(self.dims)}@{h}x{w}"
 
 
+# What a recorded tensor is for: a node's output that sparse calls read outside their blocks (scatter targets and
+# halo inputs), the keys and values of self-attention (read by active-query attention), a GroupNorm's statistics
+# (sparse calls), or a cross-attention map (control calls).
+CacheKind = Literal["output", "attention_kv", "group_norm_stats", "attention_map"]
+ACTIVATION_KINDS = ("output", "attention_kv")  # recorded node outputs, which write-back keeps current
+
+
 @graph_constant
 @dataclasses.dataclass(frozen=True)
 class CacheRef:
-    """A tensor that later calls read from the record cache: a node's output or a GroupNorm's statistics (sparse
-    calls), or a cross-attention map (control calls). `key` is the node's stable identity (`cache_key`), the same
-    in every variant and every capture of the model, whatever the passes do to the node's FX name."""
+    """A tensor that later calls read from the record cache (see `CacheKind`). `key` is the node's stable identity
+    (`cache_key`), the same in every variant and every capture of the model, whatever the passes do to the node's
+    FX name."""
 
     key: str
-    kind: Literal["output", "group_norm_stats", "attention_map"] = "output"
+    kind: CacheKind = "output"
 
     @staticmethod
-    def of(node: torch.fx.Node, kind: Literal["output", "group_norm_stats", "attention_map"] = "output") -> CacheRef:
+    def of(node: torch.fx.Node, kind: CacheKind = "output") -> CacheRef:
         return CacheRef(cache_key(node), kind)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..ir import LAYOUT
+from ..ir import ACTIVATION_KINDS, LAYOUT
 from ..runtime import ops as runtime_ops
 from .insert_record_taps import cache_refs, nodes_by_key
 
@@ -22,7 +22,7 @@ def insert_cache_write_back(gm: fx.GraphModule) -> int:
     by_key = nodes_by_key(gm)
     rewrites = 0
     for ref in sorted(cache_refs(gm), key=lambda r: r.key):
-        if ref.kind != "output":
+        if ref.kind not in ACTIVATION_KINDS:
             continue
         node = by_key[ref.key]
         with gm.graph.inserting_after(node):

@@ -15,6 +15,8 @@ With `Policy.attention="masked_only"` the inputs stay gathered (active tokens at
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx as fx
 
 from ..ir import SPARSE
@@ -41,7 +43,8 @@ def sparse_attention(gm: fx.GraphModule) -> int:
         if layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2:
             continue
         node.target = runtime_ops.active_query_attention
-        node.args = (query, key.args[0], value.args[0], key.args[1], value.args[1], layout, extra.get("scale"))
+        key_ref, value_ref = (dataclasses.replace(s.args[1], kind="attention_kv") for s in (key, value))
+        node.args = (query, key.args[0], value.args[0], key_ref, value_ref, layout, extra.get("scale"))
         node.kwargs = {}
         rewrites += 1
     return rewrites

@@ -134,6 +134,22 @@ class RecordCache:
         """Bytes held by all recorded tensors."""
         return self.store.nbytes
 
+    def breakdown(self) -> dict[str, dict[str, int]]:
+        """Bytes per step (`StepKey.describe()`) and kind of recorded tensor (`ir.CacheKind`: "output" =
+        scatter targets and halo inputs, "attention_kv", "group_norm_stats", "attention_map"), and "total" over
+        the steps."""
+        result: dict[str, dict[str, int]] = {}
+        total: dict[str, int] = {}
+        for key in self.steps:
+            per_kind: dict[str, int] = {}
+            for ref, value in self.store.get(key).items():
+                nbytes = sum(t.numel() * t.element_size() for t in _tensors([value]))
+                per_kind[ref.kind] = per_kind.get(ref.kind, 0) + nbytes
+                total[ref.kind] = total.get(ref.kind, 0) + nbytes
+            result[key.describe()] = per_kind
+        result["total"] = total
+        return result
+
     def __len__(self) -> int:
         return len(self.store.keys())
 
