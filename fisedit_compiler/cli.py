@@ -117,6 +117,7 @@ def _train_shapes(args, argv: list[str]) -> int:
     config = TrainConfig.preset(
         tiny=args.tiny, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
         batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, dataset_size=args.dataset_size,
+        unet_continue_steps=args.unet_continue_steps,
         threads=args.threads, checkpoint_minutes=args.checkpoint_minutes,
     )
     out = train(config, args.work_dir, args.out or DEFAULT_OUT, command=shlex.join(["fisedit", *argv]),
@@ -135,6 +136,8 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae-batch-size", type=int)
     parser.add_argument("--dataset-size", type=int, help="scenes encoded for the U-Net phase")
     parser.add_argument("--unet-steps", type=int, help="U-Net + text encoder training steps")
+    parser.add_argument("--unet-continue-steps", type=int,
+                        help="more U-Net steps after --unet-steps (a finished work dir goes on from its last step)")
     parser.add_argument("--batch-size", type=int, help="U-Net batch size")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 2; 1 with --tiny)")
     parser.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (default: 5)")

@@ -251,3 +251,20 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     image = pipe("a red circle on a gray background", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
+
+
+def test_a_finished_run_continues_as_if_configured_from_the_start(tmp_path) -> None:
+    """--unet-continue-steps on a finished work dir trains on from its last U-Net step; the result equals a run
+    that had the continued steps from the start (fresh optimizer moments at the switch), and it may only grow."""
+    continued = TrainConfig.preset(tiny=True, unet_continue_steps=3)
+    assert train(TrainConfig.preset(tiny=True), tmp_path / "a", tmp_path / "pa", progress=False) is not None
+    assert train(continued, tmp_path / "a", tmp_path / "pa", progress=False) is not None
+    assert train(continued, tmp_path / "b", tmp_path / "pb", progress=False) is not None
+    a, a_state = _checkpoint(tmp_path / "a")
+    b, b_state = _checkpoint(tmp_path / "b")
+    assert a_state["unet_trained"] == b_state["unet_trained"] == 7
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert [e["step"] for e in _log(tmp_path / "a") if e["phase"] == "unet"] == list(range(7))
+    assert "and 3 continued steps" in (tmp_path / "pa" / "README.md").read_text()
+    with pytest.raises(ValueError, match="may only grow"):
+        train(TrainConfig.preset(tiny=True, unet_continue_steps=1), tmp_path / "a", tmp_path / "pa", progress=False)

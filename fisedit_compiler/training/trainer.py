@@ -76,6 +76,8 @@ _VAE_STREAM, _DATASET_STREAM, _UNET_STREAM = 1, 2, 3
 _INIT_OFFSET = {"vae": 1, "unet": 2, "text_encoder": 3}
 # Fields that do not change the result, so a run may resume with other values.
 _RUNTIME_FIELDS = ("checkpoint_minutes", "threads")
+# Fields a finished or running work dir may raise: the U-Net phase then goes on from where it is.
+_EXTENDABLE_FIELDS = ("unet_continue_steps",)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class TrainConfig:
     dataset_size: int = 20_000
     encode_batch_size: int = 32
     unet_steps: int = 2_800
+    # More U-Net steps after the first `unet_steps`: a second warm-up and cosine decay from `continue_lr`, with fresh
+    # optimizer moments (so a run continued after its export equals one configured with them from the start).
+    unet_continue_steps: int = 0
+    continue_lr: float = 2.5e-4
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 100
@@ -366,6 +372,18 @@ def _unet_batch(config: TrainConfig, step: int, specs: list, latents: torch.Tens
     return latents[torch.from_numpy(indices)], captions, timesteps, noise
 
 
+def _unet_total(config: TrainConfig) -> int:
+    return config.unet_steps + config.unet_continue_steps
+
+
+def _unet_learning_rate(config: TrainConfig, step: int) -> float:
+    """The first `unet_steps` follow one warm-up and cosine decay; continued steps a second one from `continue_lr`."""
+    if step < config.unet_steps:
+        return _learning_rate(step, config.unet_steps, config.lr, config.warmup_steps)
+    return _learning_rate(step - config.unet_steps, config.unet_continue_steps, config.continue_lr,
+                          config.warmup_steps)
+
+
 def _train_unet(run: _Run) -> bool:
     """Phase 3; returns False when the session stopped before the phase ended."""
     config = run.config
@@ -378,7 +396,8 @@ def _train_unet(run: _Run) -> bool:
     if run.state["step"] > 0:
         for name, model in models.items():
             model.load_state_dict(_unprefixed(name, run.tensors))
-        _load_optimizer(optimizer, run.tensors, "optimizer", run.state["optimizer_param_groups"])
+        if run.state.get("optimizer_param_groups") is not None:  # else a continuation starts with fresh moments
+            _load_optimizer(optimizer, run.tensors, "optimizer", run.state["optimizer_param_groups"])
         ema = _unprefixed("ema", run.tensors)
     else:
         ema = {f"{name}.{key}": value.detach().clone()
@@ -395,10 +414,13 @@ def _train_unet(run: _Run) -> bool:
 
     for model in models.values():
         model.train()
-    with run.bar(config.unet_steps, "unet") as bar:
-        for step in range(run.state["step"], config.unet_steps):
+    total = _unet_total(config)
+    with run.bar(total, "unet") as bar:
+        for step in range(run.state["step"], total):
+            if step == config.unet_steps and step > 0:  # the continuation starts with fresh optimizer moments
+                optimizer = torch.optim.AdamW(parameters, lr=config.continue_lr, weight_decay=0.01)
             clean, captions, timesteps, noise = _unet_batch(config, step, specs, latents)
-            lr = _learning_rate(step, config.unet_steps, config.lr, config.warmup_steps)
+            lr = _unet_learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             token_ids = tokenizer(captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
@@ -421,7 +443,7 @@ def _train_unet(run: _Run) -> bool:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             save_now, stop = run.step_finished()
-            if step + 1 == config.unet_steps:
+            if step + 1 == total:
                 break
             if save_now:
                 tensors, groups = _optimizer_tensors(optimizer, "optimizer")
@@ -432,7 +454,7 @@ def _train_unet(run: _Run) -> bool:
                 return False
     run.save({**vae_tensors, **_prefixed("unet", unet.state_dict()),
               **_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("ema", ema)},
-             phase="export", step=0, optimizer_param_groups=None)
+             phase="export", step=0, optimizer_param_groups=None, unet_trained=total)
     return _session_continues(run)
 
 
@@ -466,6 +488,8 @@ def _model_card(run: _Run, command: str, parameters: dict[str, int], folder_byte
     seconds = state["seconds"]
     vae_loss, unet_loss = losses.get("vae", {}), losses.get("unet", {})
     minutes = {phase: seconds.get(phase, 0.0) / 60 for phase in ("vae", "encode", "unet")}
+    continued = (f" and {config.unet_continue_steps} continued steps (fresh AdamW moments, a second warm-up and cosine "
+                 f"decay from lr {config.continue_lr})") if config.unet_continue_steps else ""
     return f"""# fisedit shapes model{" (tiny smoke-test configuration)" if config.tiny else ""}
 
 A small Stable Diffusion-family text-to-image model trained from scratch on procedurally generated scenes of
@@ -489,7 +513,7 @@ Command: `{command}`
 | seed | {config.seed} |
 | VAE phase | {config.vae_steps} steps, batch {config.vae_batch_size} {config.vae_crop}x{config.vae_crop} crops of fresh scenes (each around an object), AdamW lr {config.vae_lr} (warm-up {config.warmup_steps} steps, cosine decay to a tenth), L1 + {config.vae_mse_weight:g} x MSE + {config.kl_weight} x KL (Stable Diffusion's ratio), initial posterior log-variance -10, {minutes["vae"]:.1f} min ({seconds.get("vae", 0.0) / max(config.vae_steps, 1):.2f} s/step) |
 | dataset | {config.dataset_size} scenes encoded once (posterior means), {minutes["encode"]:.1f} min; latent std {state["latent_std"]:.4f}, mean {state["latent_mean"]:.4f}: `scaling_factor` = {state["scaling_factor"]:.5f} |
-| U-Net phase | {config.unet_steps} steps, batch {config.batch_size}, U-Net and text encoder together, AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine decay to a tenth), epsilon prediction, min-SNR-{config.snr_gamma:g} loss weights, {config.uncond_prob:.0%} empty captions (classifier-free guidance), EMA {config.ema_decay} of the weights (shipped), {minutes["unet"]:.1f} min ({seconds.get("unet", 0.0) / max(config.unet_steps, 1):.2f} s/step) |
+| U-Net phase | {config.unet_steps} steps{continued}, batch {config.batch_size}, U-Net and text encoder together, AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine decay to a tenth), epsilon prediction, min-SNR-{config.snr_gamma:g} loss weights, {config.uncond_prob:.0%} empty captions (classifier-free guidance), EMA {config.ema_decay} of the weights (shipped), {minutes["unet"]:.1f} min ({seconds.get("unet", 0.0) / max(_unet_total(config), 1):.2f} s/step) |
 | final losses (mean of the last {unet_loss.get("steps_averaged", 0)} steps) | VAE L1 {vae_loss.get("l1", float("nan")):.4f}, MSE {vae_loss.get("mse", float("nan")):.5f} (images in [-1, 1]); U-Net weighted loss {unet_loss.get("loss", float("nan")):.4f}, unweighted MSE {unet_loss.get("mse", float("nan")):.4f} |
 | machine | {config.threads} CPU threads, OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}; wall-clock {sum(minutes.values()):.1f} min for the three phases (summed over sessions) |
 
@@ -572,11 +596,17 @@ def _check_config(config: TrainConfig, work_dir: Path) -> None:
         path.write_text(json.dumps(current, indent=2), encoding="utf-8")
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
-    different = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in current.items()
-                 if key not in _RUNTIME_FIELDS and recorded.get(key) != value]
-    if different:
-        raise ValueError(f"work dir {str(work_dir)!r} holds a run with other settings ({'; '.join(different)}); "
-                         "resume it with the same settings or use a new --work-dir")
+    defaults = dataclasses.asdict(TrainConfig())  # fields added since the work dir was made have their defaults
+    different = [f"{key}: {recorded.get(key, defaults[key])!r} there, {value!r} now" for key, value in current.items()
+                 if key not in _RUNTIME_FIELDS + _EXTENDABLE_FIELDS and recorded.get(key, defaults[key]) != value]
+    shortened = [f"{key}: {recorded.get(key, defaults[key])} there, {current[key]} now" for key in _EXTENDABLE_FIELDS
+                 if current[key] < recorded.get(key, defaults[key])]
+    if different or shortened:
+        raise ValueError(f"work dir {str(work_dir)!r} holds a run with other settings ({'; '.join(different + shortened)}"
+                         "); resume it with the same settings (--unet-continue-steps may only grow) or use a new "
+                         "--work-dir")
+    if any(current[key] != recorded.get(key, defaults[key]) for key in _EXTENDABLE_FIELDS):
+        path.write_text(json.dumps(current, indent=2), encoding="utf-8")
 
 
 def train(
@@ -600,6 +630,10 @@ def train(
     torch.set_num_threads(config.threads)
     try:
         run = _Run(config, work_dir, stop_after_steps, progress)
+        if run.state["phase"] in ("export", "done") and run.state.get("unet_trained", config.unet_steps) < _unet_total(
+                config):  # continue a finished U-Net phase (its end checkpoint has no optimizer moments: none needed)
+            run.state.update(phase="unet", step=run.state.get("unet_trained", config.unet_steps),
+                             optimizer_param_groups=None)
         if run.state["phase"] == "vae" and not _train_vae(run):
             return None
         if run.state["phase"] == "encode":
