@@ -185,6 +185,12 @@ def _jsonable(value):
 # --- the two demo sessions ----------------------------------------------------------------------------------------
 
 SHAPES_PROMPT = "a red circle and a blue square on a gray background"
+SHAPES_NOTE = (
+    "The embedded shapes model follows its prompts only in part (measured: the named colour and shape in 10% of "
+    "one-object generations; benchmarks/results/shapes-quality.md), so an edit may change the wrong object; what "
+    "the pictures do show is FISEdit itself: a detected region around what the edited prompt moves, the rest of the "
+    "picture kept, and the edited image close to the dense regeneration."
+)
 SHAPES_STEPS = 20
 SHAPES_GUIDANCE = 5.0
 

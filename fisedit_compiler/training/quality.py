@@ -89,8 +89,8 @@ def generation_rates(pipe, n: int = 50, n_two: int = 30, steps: int = STEPS) -> 
         two_hits.append(count_matches(found, wanted))
     return {
         "one_object_rate": float(np.mean(hits)), "one_object_n": n,
-        "two_object_both_rate": float(np.mean([h == 2 for h in two_hits])),
-        "two_object_mean_found": float(np.mean(two_hits)) / 2, "two_object_n": n_two,
+        "two_object_both_rate": float(np.mean([h == 2 for h in two_hits])) if two_hits else None,
+        "two_object_mean_found": float(np.mean(two_hits)) / 2 if two_hits else None, "two_object_n": n_two,
     }
 
 
@@ -134,9 +134,10 @@ def _dense_blended_edit(session, prompt: str, region: torch.Tensor, source: list
 
 
 def edit_quality(pipe, cases: list[EditCase] = EDIT_CASES, seeds: tuple[int, ...] = (0, 1), steps: int = STEPS,
-                 policy: Policy | None = None) -> dict[str, Any]:
-    """Per case and seed: a source generation, an edit with a detected mask, a dense regeneration, and the
-    detected mask replayed as a user mask under each of `APPROXIMATIONS` against a dense edit with the same blend."""
+                 policy: Policy | None = None, approximations: bool = True) -> dict[str, Any]:
+    """Per case and seed: a source generation, an edit with a detected mask, a dense regeneration, and (with
+    `approximations`) the detected mask replayed as a user mask under each of `APPROXIMATIONS` against a dense edit
+    with the same blend."""
     unets = _CompiledUNets(pipe)
     rows = []
     for case in cases:
@@ -171,7 +172,7 @@ def edit_quality(pipe, cases: list[EditCase] = EDIT_CASES, seeds: tuple[int, ...
                                                    > 24).mean())
             row["sparse_changed_fraction"] = float((np.abs(edited_image.astype(int) - source_image.astype(int))
                                                     .max(-1) > 24).mean())
-            if region is not None and not region.all():
+            if approximations and region is not None and not region.all():
                 row["psnr_in_mask"] = _approximation_psnr(unets, case, seed, region, steps)
             rows.append(row)
     pipe.unet = unets.eager
