@@ -147,3 +147,14 @@ def test_edit_continues_a_saved_session(tmp_path):
 def test_edit_without_prompt_or_saved_session_is_an_error(tmp_path, capsys):
     assert main(["edit", *SMALL, "--edit", "a red cabin", "--out", str(tmp_path)]) == 2
     assert "a source prompt is needed (--prompt)" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_default_demo_runs_on_the_embedded_shapes_model(tmp_path, capsys):
+    assert main(["demo", "--steps", "6", "--quiet", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["edits"]) == 3 and "shapes model" in report["note"]
+    assert Image.open(tmp_path / "edit_3.png").size[0] > 4 * 128  # four panels of the 128x128 pictures
+    phases = {row["phase"]: row for row in report["phases"]}
+    assert phases["edit 3: sparse"]["unet_calls"] == 6  # the drawn box: sparse from the first step
+    assert 0 < report["edits"][2]["mask_fraction"] < 1

@@ -122,12 +122,31 @@ def _check_same(what: str, saved: dict, current: dict) -> None:
         raise SessionFileError(f"the session was saved with another {what} ({shown})")
 
 
-def load_session(cls, path: str | Path, pipe):
-    """An `EditSession` (`cls`) over `pipe` with the saved run as its current image; see the module docstring."""
+@dataclasses.dataclass
+class SavedSession:
+    """What a session folder holds, checked against a pipeline (`read_session`); `EditSession.load` builds the
+    session from it."""
+
+    prompt: str
+    maps_prompt: str
+    policy: Policy
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    noise_seed: int | None
+    cache: RecordCache
+    initial_latents: torch.Tensor
+    trajectory: list[torch.Tensor]
+    region: torch.Tensor | None
+    image: Any
+
+
+def read_session(path: str | Path, pipe) -> SavedSession:
+    """Read and check the session folder `path` against `pipe`; see the module docstring."""
     from PIL import Image
 
     from ..compiler import CompiledUNet
-    from .session import EditResult, _Run
 
     folder = Path(path)
     if not (folder / MANIFEST).is_file():
@@ -165,22 +184,14 @@ def load_session(cls, path: str | Path, pipe):
             parts.setdefault(CacheRef(ref_key, kind), {})[part] = tensors[str(name)]
         for ref, value in parts.items():
             record[ref] = value[""] if "" in value else (value["mean"], value["rstd"])
-
-    policy = Policy(**manifest["policy"])
-    session = cls(pipe, policy=policy, num_inference_steps=manifest["num_inference_steps"],
-                  guidance_scale=manifest["guidance_scale"], height=manifest["height"], width=manifest["width"],
-                  noise_seed=manifest["noise_seed"])
-    if session.policy != policy:
-        raise SessionFileError("the pipeline's U-Net is compiled with another policy than the saved session's: pass "
-                               "a pipeline with the plain U-Net")
-    initial = latents["initial"].to(session.unet.device, session.unet.dtype)
+    initial = latents["initial"]
     if tuple(initial.shape[-2:]) != latent_shape[-2:]:
         raise SessionFileError(f"the saved latents are {tuple(initial.shape)}, the cache {latent_shape}")
-    trajectory = [latents[f"step_{i}"].to(initial.device) for i in range(manifest["trajectory_steps"])]
-    region = latents["region"].bool() if "region" in latents else None
-    session.cache = cache
-    session._latents = initial
-    image = Image.open(folder / "image.png").convert("RGB")
-    result = EditResult(manifest["prompt"], [image], trajectory[-1], region, {"cache_bytes": cache.nbytes})
-    session._source = _Run(manifest["prompt"], manifest["maps_prompt"], trajectory, result)
-    return session
+    return SavedSession(
+        prompt=manifest["prompt"], maps_prompt=manifest["maps_prompt"], policy=Policy(**manifest["policy"]),
+        num_inference_steps=manifest["num_inference_steps"], guidance_scale=manifest["guidance_scale"],
+        height=manifest["height"], width=manifest["width"], noise_seed=manifest["noise_seed"], cache=cache,
+        initial_latents=initial, trajectory=[latents[f"step_{i}"] for i in range(manifest["trajectory_steps"])],
+        region=latents["region"].bool() if "region" in latents else None,
+        image=Image.open(folder / "image.png").convert("RGB"),
+    )

@@ -304,9 +304,22 @@ class EditSession:
     def load(cls, path, pipe) -> EditSession:
         """The session saved in `path`, over `pipe` (the same U-Net weights, scheduler and latent size, checked:
         a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it)."""
-        from .persistence import load_session
+        from .persistence import SessionFileError, read_session
 
-        return load_session(cls, path, pipe)
+        saved = read_session(path, pipe)
+        session = cls(pipe, policy=saved.policy, num_inference_steps=saved.num_inference_steps,
+                      guidance_scale=saved.guidance_scale, height=saved.height, width=saved.width,
+                      noise_seed=saved.noise_seed)
+        if session.policy != saved.policy:
+            raise SessionFileError("the pipeline's U-Net is compiled with another policy than the saved session's: "
+                                   "pass a pipeline with the plain U-Net")
+        session.cache = saved.cache
+        session._latents = saved.initial_latents.to(session.unet.device, session.unet.dtype)
+        trajectory = [z.to(session._latents.device) for z in saved.trajectory]
+        result = EditResult(saved.prompt, [saved.image], trajectory[-1], saved.region,
+                            {"cache_bytes": saved.cache.nbytes})
+        session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result)
+        return session
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes the session holds, by kind: the record cache's kinds (`RecordCache.breakdown`, summed over steps)
