@@ -94,6 +94,12 @@ def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats],
     return {"phases": rows, "edits": summary, "note": note}
 
 
+def _time_saved(fraction: float) -> str:
+    if fraction >= 0:
+        return f"saves {100 * fraction:.1f}% of the U-Net time"
+    return f"takes {100 * -fraction:.1f}% more U-Net time"
+
+
 def format_report(data: dict) -> str:
     lines = ["| phase | U-Net calls | GMACs | seconds | GMACs/call | s/call |", "|---|---:|---:|---:|---:|---:|"]
     for r in data["phases"]:
@@ -105,12 +111,14 @@ def format_report(data: dict) -> str:
         if e["mask_fraction"] == 1.0:
             per_call = "; the region to recompute is every latent pixel, so the steps after the switch ran dense"
         elif e["sparse_call_macs_ratio"]:
+            speedup = e["sparse_call_speedup"]
+            pace = f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower (per-op overhead)"
             per_call = (f"; a sparse U-Net call costs {e['sparse_call_macs_ratio']:.2f}x fewer MACs and runs "
-                        f"{e['sparse_call_speedup']:.2f}x faster than a dense one")
+                        f"{pace} than a dense one")
         lines.append(
             f"edit {e['edit']} ({e['prompt']!r}): mask covers {100 * e['mask_fraction']:.1f}% of the latents; "
             f"against a dense regeneration it saves {100 * e['macs_saved_vs_dense']:.1f}% of the U-Net MACs and "
-            f"{100 * e['seconds_saved_vs_dense']:.1f}% of the U-Net time{per_call}; cache "
+            f"{_time_saved(e['seconds_saved_vs_dense'])}{per_call}; cache "
             f"{e['cache_bytes'] / 2**20:.1f} MiB."
         )
     if data["note"]:
