@@ -22,6 +22,10 @@ import torch
 from fisedit_compiler.training import quality
 
 
+def _percent(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.0f}%"
+
+
 def _format(data: dict) -> str:
     g, e = data["generation"], data["edits"]["summary"]
     lines = [
@@ -35,11 +39,11 @@ def _format(data: dict) -> str:
         f"| one-object prompts: named colour and shape found ({g['one_object_n']} generations) | "
         f"{100 * g['one_object_rate']:.0f}% |",
         f"| two-object prompts: both objects found ({g['two_object_n']} generations) | "
-        f"{100 * g['two_object_both_rate']:.0f}% |",
-        f"| two-object prompts: objects found, of those named | {100 * g['two_object_mean_found']:.0f}% |",
+        f"{_percent(g['two_object_both_rate'])} |",
+        f"| two-object prompts: objects found, of those named | {_percent(g['two_object_mean_found'])} |",
         f"| edits ({e['edits']}): source object found | {100 * e['source_object_rate']:.0f}% |",
         f"| edits: new attribute found | {100 * e['new_attribute_rate']:.0f}% |",
-        f"| edits: detected mask IoU with the changed object (mean) | "
+        "| edits: detected mask IoU with the changed object (mean) | "
         + (f"{e['mean_mask_iou']:.2f} |" if e["mean_mask_iou"] is not None else "n/a |"),
         f"| edits: recomputed region, share of the latents (mean) | {100 * e['mean_mask_fraction']:.1f}% |",
         f"| edits: latents outside the region bit-identical to the source | {e['outside_bit_identical']} |",
