@@ -148,16 +148,14 @@ def edit_quality(pipe, cases: list[EditCase] = EDIT_CASES, seeds: tuple[int, ...
             edited = session.edit(case.prompt(case.new))
             edited_image = np.asarray(edited.images[0].convert("RGB"))
             region = edited.mask
+            old_region, new_region = _object_region(source_image, case.old), _object_region(edited_image, case.new)
             row: dict[str, Any] = {"source": case.prompt(case.old), "edit": case.prompt(case.new), "seed": seed,
-                                   "old_found": _object_region(source_image, case.old) is not None,
-                                   "new_found": _object_region(edited_image, case.new) is not None}
+                                   "old_found": old_region is not None, "new_found": new_region is not None}
             row["mask_fraction"] = float(region.float().mean()) if region is not None else 0.0
             if region is not None:
                 outside = ~region
                 row["outside_bit_identical"] = bool(torch.equal(edited.latents[..., outside],
                                                                 source.latents[..., outside]))
-                old_region = _object_region(source_image, case.old)
-                new_region = _object_region(edited_image, case.new)
                 if old_region is not None or new_region is not None:
                     changed = np.zeros(source_image.shape[:2], bool)
                     for r in (old_region, new_region):
