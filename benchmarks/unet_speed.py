@@ -65,7 +65,7 @@ from fisedit_compiler.macs import count_macs, node_macs
 from fisedit_compiler.models import ARCHS, example_unet_inputs, random_unet
 from fisedit_compiler.passes.annotate_spatial_layout import annotate_spatial_layout
 from fisedit_compiler.passes.manager import target_name
-from fisedit_compiler.runtime import context
+from fisedit_compiler.runtime.program import LOWERED_FROM, Program
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
@@ -452,34 +452,33 @@ class NodeProfiler(fx.Interpreter):
         return result
 
 
-def profile_graph(gm: fx.GraphModule, inputs: dict, device: torch.device, repeats: int, ctx=None) -> dict:
+def profile_graph(gm: fx.GraphModule, args: tuple, device: torch.device, repeats: int,
+                  program: Program | None = None) -> dict:
     """Per node: MACs (one counted run, `fisedit_compiler.macs.node_macs`) and median seconds of `repeats` timed
-    runs (the counted run warms up)."""
-    def run(fn) -> Any:
-        if ctx is None:
-            return fn()
-        with context.use(ctx()):
-            return fn()
-
+    runs of `gm(*args)` (the counted run warms up). For a sparse `program` (`gm` is its graph), per node of the IR
+    graph it was bound from: a lowered node's MACs and seconds count for the IR node it came from."""
     with torch.no_grad():
-        macs = run(lambda: node_macs(gm, inputs))
+        macs = node_macs(gm, *args)
     times: dict[str, list[float]] = defaultdict(list)
     totals = []
     in_shapes: dict[str, list[int] | None] = {}
     for _ in range(repeats):
         p = NodeProfiler(gm, device)
         with torch.no_grad():
-            t, _ = timed(lambda: run(lambda: p.run(inputs)), device)
+            t, _ = timed(lambda: p.run(*args), device)
         totals.append(t)
         in_shapes = p.in_shapes
         for k, v in p.seconds.items():
             times[k].append(v)
-    return {
-        "macs": macs,
-        "in_shapes": in_shapes,
-        "seconds": {k: statistics.median(v) for k, v in times.items()},
-        "total_seconds": statistics.median(totals),
-    }
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    if program is not None:
+        macs, seconds = program.by_ir_node(macs), program.by_ir_node(seconds)
+        first_shapes: dict[str, list[int] | None] = {}
+        for node in gm.graph.nodes:
+            if node.name in in_shapes:
+                first_shapes.setdefault(node.meta.get(LOWERED_FROM, node.name), in_shapes[node.name])
+        in_shapes = first_shapes
+    return {"macs": macs, "in_shapes": in_shapes, "seconds": seconds, "total_seconds": statistics.median(totals)}
 
 
 _EMPTY = {"seconds": 0.0, "macs": 0, "nodes": 0}
@@ -748,9 +747,10 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
             dense_gm = copy_graph_module(variants.captured)
             annotate_spatial_layout(dense_gm)  # layouts for the per-resolution sums; values untouched
             step = compiled.cache.step(StepKey.of(inputs["timestep"], BATCH))
-            dense_prof = profile_graph(dense_gm, dict(inputs), device, args.repeats)
-            sparse_prof = profile_graph(variants.sparse, dict(inputs), device, args.repeats,
-                                        ctx=lambda: context.CallContext(step, plan))
+            dense_prof = profile_graph(dense_gm, (dict(inputs),), device, args.repeats)
+            program = variants.sparse_program(plan)
+            sparse_prof = profile_graph(program.gm, tuple(program.arguments(inputs, step, plan)), device,
+                                        args.repeats, program)
             result["profile"] = {"mask": name, **summarise_profile(dense_gm, variants.sparse, dense_prof,
                                                                     sparse_prof, plan)}
     return result

@@ -181,8 +181,8 @@ class _GraphModes(CompiledUNet):
 
 
 class _RunningGraph:
-    """What `_GraphModes.variants` gives `CompiledUNet.forward`: calling a variant (``.record(inputs)``, ...)
-    with the U-Net's inputs runs the graph's variant on the graph's inputs, and keeps the graph's whole output
+    """What `_GraphModes.variants` gives `CompiledUNet.forward`: running a variant (``.run_record(inputs, ...)``,
+    ...) with the U-Net's inputs runs the graph's variant on the graph's inputs, and keeps the graph's whole output
     for dynamo (`forward` returns the latents only)."""
 
     def __init__(self, variants: Variants, inputs: dict[str, Any]):
@@ -190,11 +190,11 @@ class _RunningGraph:
         self.inputs = inputs
         self.output: Any = None
 
-    def __getattr__(self, name: str) -> Callable[[dict[str, Any]], Any]:
-        variant = getattr(self.variants, name)  # record, sparse, control
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.variants, name)  # run_record, run_control, run_sparse
 
-        def run(unet_inputs: dict[str, Any]) -> Any:
-            self.output = variant(self.inputs)
+        def run(unet_inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self.output = method(self.inputs, *args, **kwargs)
             return self.output
 
         return run

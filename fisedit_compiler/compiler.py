@@ -47,9 +47,9 @@ from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
 from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
 from .policy import Policy
-from .runtime import context
-from .runtime.cache import Direction, RecordCache, StepKey
+from .runtime.cache import Direction, RecordCache, StepKey, StepRecord
 from .runtime.mask_plan import MaskPlan
+from .runtime.program import Program, bind
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
@@ -115,15 +115,58 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
+SPARSE_PROGRAMS_KEPT = 8  # per write-back flag: programs of recent plan structures (masks), most recent first
+
+
 @dataclasses.dataclass
 class Variants:
-    """The graph variants of one input signature, and what each pass did to make them."""
+    """The graph variants of one input signature (IR graphs, `runtime.ops`), what each pass did to make them, and
+    the programs bound from them (`runtime.program`): one per flag combination for record and control calls, and
+    for sparse calls one per plan structure, the most recent `SPARSE_PROGRAMS_KEPT` kept."""
 
     captured: fx.GraphModule
     record: fx.GraphModule
     control: fx.GraphModule
     sparse: fx.GraphModule
     passes: dict[str, list[PassRecord]]
+    programs: dict[tuple[str, bool], Program] = dataclasses.field(default_factory=dict)
+    sparse_programs: dict[bool, list[Program]] = dataclasses.field(default_factory=dict)
+    backend: str | None = None  # `Policy.program_backend`: the torch.compile backend programs run with
+
+    def program(self, variant: str, record_attention_maps: bool = False) -> Program:
+        """The record or control variant bound for calls that do (not) record cross-attention maps."""
+        key = (variant, record_attention_maps)
+        if key not in self.programs:
+            self.programs[key] = bind(getattr(self, variant), record_attention_maps=record_attention_maps)
+        return self.programs[key]
+
+    def sparse_program(self, plan: MaskPlan, write_back: bool = False) -> Program:
+        """The sparse variant bound for `plan`'s structure (a program bound for another mask is reused when the
+        structures agree)."""
+        kept = self.sparse_programs.setdefault(write_back, [])
+        program = next((p for p in kept if p.fits(plan)), None)
+        if program is None:
+            program = bind(self.sparse, plan, write_back=write_back)
+        else:
+            kept.remove(program)
+        kept.insert(0, program)
+        del kept[SPARSE_PROGRAMS_KEPT:]
+        return program
+
+    def run_record(self, inputs: dict[str, Any], step: StepRecord, attention_maps: bool = False) -> tuple:
+        program = self.program("record", attention_maps)
+        return program(inputs, step, runner=program.compiled(self.backend))
+
+    def run_control(self, inputs: dict[str, Any], step: StepRecord, source: StepRecord,
+                    token_alignment: torch.Tensor, attention_maps: bool = True) -> tuple:
+        program = self.program("control", attention_maps)
+        return program(inputs, step, source=source, token_alignment=token_alignment,
+                       runner=program.compiled(self.backend))
+
+    def run_sparse(self, inputs: dict[str, Any], step: StepRecord, plan: MaskPlan, write_back: bool = False
+                   ) -> tuple:
+        program = self.sparse_program(plan, write_back)
+        return program(inputs, step, plan, runner=program.compiled(self.backend))
 
 
 def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy, observers=()) -> Variants:
@@ -141,7 +184,7 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
     logs = {"sparse": sparse_log, "record": record_log, "control": control_log}
     if dump is not None:
         dump.finish()
-    return Variants(captured, record, control, sparse, logs)
+    return Variants(captured, record, control, sparse, logs, backend=policy.program_backend)
 
 
 @dataclasses.dataclass
@@ -156,7 +199,8 @@ class RecordMode:
 
 @dataclasses.dataclass
 class ControlMode:
-    """Dense calls with cross-attention control (`token_alignment`, see `runtime.context.CallContext`); they record
+    """Dense calls with cross-attention control (`token_alignment`: (B, tokens) long, for each token of the edited prompt
+    the source token it shares, or -1); they record
     into `pending`, and save their maps when `attention_maps` is set."""
 
     token_alignment: torch.Tensor
@@ -331,16 +375,13 @@ class CompiledUNet(nn.Module):
         variants = self.variants(inputs)
         if isinstance(mode, RecordMode):
             step = cache.new_step(key, tuple(sample.shape))
-            with context.use(context.CallContext(step, record_attention_maps=mode.calls < mode.attention_maps)):
-                output = variants.record(inputs)
+            output = variants.run_record(inputs, step, attention_maps=mode.calls < mode.attention_maps)
             mode.calls += 1
         elif isinstance(mode, ControlMode):
-            ctx = context.CallContext(
-                mode.pending.new_step(key, tuple(sample.shape)), source=cache.step(key),
-                token_alignment=mode.token_alignment, record_attention_maps=mode.attention_maps,
+            output = variants.run_control(
+                inputs, mode.pending.new_step(key, tuple(sample.shape)), cache.step(key),
+                mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
             )
-            with context.use(ctx):
-                output = variants.control(inputs)
         else:
             if cache.latent_shape != tuple(sample.shape):
                 raise ValueError(
@@ -350,8 +391,7 @@ class CompiledUNet(nn.Module):
                 )
             if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
                 mode.plan = self.mask_plan(mode.mask.to(sample.device))
-            with context.use(context.CallContext(cache.step(key), mode.plan, write_back=mode.write_back)):
-                output = variants.sparse(inputs)
+            output = variants.run_sparse(inputs, cache.step(key), mode.plan, write_back=mode.write_back)
         return self.adapter.wrap_output(tuple(output), return_dict)
 
     def variants(self, inputs: dict[str, Any]) -> Variants:

@@ -36,7 +36,6 @@ from .editing.mask_image import load_mask_image
 from .editing.masks import ellipse_mask
 from .macs import node_macs
 from .policy import Policy
-from .runtime import context
 from .runtime.mask_plan import MaskPlan
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,8 +83,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plan = compiled.mask_plan(mask)
         step = compiled.cache.step(compiled.cache.steps[0])
         dense_macs = _with_macs(node_macs(variants.captured, inputs))
-        with context.use(context.CallContext(step, plan)):
-            sparse_macs = _with_macs(node_macs(variants.sparse, inputs))
+        program = variants.sparse_program(plan)
+        program_macs = node_macs(program.gm, *program.arguments(inputs, step, plan))
+        sparse_macs = _with_macs(program.by_ir_node(program_macs))
 
     rows = layer_table(variants.captured, variants.sparse, dense_macs, sparse_macs, plan, policy)
     write_tables(rows, out)

@@ -50,6 +50,9 @@ class Policy:
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
         dump_svg: whether dumps render SVG with Graphviz (where installed; FISEDIT_DUMP_SVG=0 also turns it off).
+        program_backend: a `torch.compile` backend that record, control and sparse calls run their programs with
+            (`runtime.program`), e.g. "inductor": each program is compiled once (a sparse one per mask structure)
+            and traced as one graph. None (the default): programs run eagerly, the reference.
     """
 
     max_sparse_downscale: int = 4
@@ -65,6 +68,7 @@ class Policy:
     cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
     dump_svg: bool = True
+    program_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_sparse_downscale < 1:
@@ -90,6 +94,11 @@ class Policy:
             raise ValueError(
                 f"cache_dtype must be None, 'float32', 'float16' or 'bfloat16', got {self.cache_dtype!r}"
             )
+        if self.program_backend is not None and self.program_backend not in _torch_compile_backends():
+            raise ValueError(
+                f"program_backend {self.program_backend!r} is not a torch.compile backend; choose one of "
+                f"{_torch_compile_backends()}, or None to run programs eagerly"
+            )
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")
 
@@ -108,3 +117,7 @@ class Policy:
     def is_sparse_resolution(self, resolution: tuple[int, int], latent: tuple[int, int]) -> bool:
         """Whether a feature map of `resolution` runs sparse for latents of size `latent`."""
         return all(r * self.max_sparse_downscale >= l for r, l in zip(resolution, latent))
+
+
+def _torch_compile_backends() -> list[str]:
+    return torch._dynamo.list_backends(exclude_tags=())

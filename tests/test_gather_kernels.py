@@ -132,7 +132,7 @@ def test_group_norm_affine_matches_group_norm():
     w, b = torch.randn(8), torch.randn(8)
     out, mean, rstd = reference.group_norm_with_stats(x, 4, w, b, 1e-5)
     assert torch.allclose(out, torch.nn.functional.group_norm(x, 4, w, b, 1e-5), atol=1e-6)
-    assert torch.allclose(reference.group_norm_affine(x, w, b, mean, rstd, 4), out, atol=1e-5)
+    assert torch.allclose(reference.group_norm_affine(x, w, b, mean, rstd, 4, 2, 8, 4), out, atol=1e-5)
     blocks = x.reshape(2, 8, 5, 5).repeat_interleave(3, dim=0)  # 3 "blocks" per batch item
-    assert torch.allclose(reference.group_norm_affine(blocks, w, b, mean, rstd, 4),
+    assert torch.allclose(reference.group_norm_affine(blocks, w, b, mean, rstd, 4, 2, 8, 4),
                           out.repeat_interleave(3, dim=0), atol=1e-5)

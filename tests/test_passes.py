@@ -18,7 +18,7 @@ from fisedit_compiler.ir import ACTIVATION_KINDS, KEY, LAYOUT, REGION, SPARSE, C
 from fisedit_compiler.passes import ops
 from fisedit_compiler.passes.insert_record_taps import cache_refs
 from fisedit_compiler.passes.manager import op_counts
-from fisedit_compiler.runtime import context
+from fisedit_compiler.runtime.program import bind
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import RecordCache, StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
@@ -44,10 +44,9 @@ def run_sparse(gm, variants, inputs, policy, mask):
     cache = RecordCache()
     step = cache.new_step(StepKey.of(inputs["timestep"], 2), tuple(inputs["sample"].shape))
     with torch.no_grad():
-        with context.use(context.CallContext(step)):
-            variants.record(inputs)
-        with context.use(context.CallContext(step, MaskPlan(mask, policy))):
-            return gm(inputs)[0]
+        variants.run_record(inputs, step)
+        plan = MaskPlan(mask, policy)
+        return bind(gm, plan)(inputs, step, plan)[0]
 
 
 @torch.no_grad()

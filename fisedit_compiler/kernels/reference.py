@@ -24,7 +24,7 @@ def _map_permutation(layout: SpatialLayout) -> list[int]:
 def to_canonical(x: torch.Tensor, layout: SpatialLayout, batch: int, num_windows: int) -> torch.Tensor:
     """``x`` holds `num_windows` windows per batch item in `layout`'s form; returns ``(B, pixels, rest)``."""
     if layout.kind == "map":
-        x = x.reshape(batch, num_windows, *x.shape[1:]).permute(_map_permutation(layout))
+        x = x.unflatten(0, (batch, num_windows)).permute(_map_permutation(layout))
     else:
         x = x.movedim(layout.dims[0], 1)
     return x.reshape(batch, -1, layout.rest_numel)
@@ -33,16 +33,18 @@ def to_canonical(x: torch.Tensor, layout: SpatialLayout, batch: int, num_windows
 def from_canonical(
     y: torch.Tensor, layout: SpatialLayout, num_windows: int, height: int, width: int
 ) -> torch.Tensor:
-    """Inverse of `to_canonical` for windows of ``height x width`` pixels."""
-    batch = y.shape[0]
+    """Inverse of `to_canonical` for windows of ``height x width`` pixels. (Shape arithmetic from the arguments
+    only, so that it traces with FX proxies.)"""
+    rest = layout.rest_shape
+    y = y.unflatten(-1, rest) if rest else y.squeeze(-1)
     if layout.kind == "seq":
-        return y.reshape(batch, -1, *layout.rest_shape).movedim(1, layout.dims[0])
-    y = y.reshape(batch, num_windows, height, width, *layout.rest_shape)
-    inverse = [0] * y.dim()
-    for position, dim in enumerate(_map_permutation(layout)):
+        return y.movedim(1, layout.dims[0])
+    y = y.unflatten(1, (num_windows, height, width))
+    permutation = _map_permutation(layout)
+    inverse = [0] * len(permutation)
+    for position, dim in enumerate(permutation):
         inverse[dim] = position
-    y = y.permute(inverse)
-    return y.reshape(batch * num_windows, *y.shape[2:])
+    return y.permute(inverse).flatten(0, 1)
 
 
 def select_pixels(full: torch.Tensor, layout: SpatialLayout, positions: torch.Tensor) -> torch.Tensor:
@@ -62,7 +64,7 @@ def _adjacent_pixel_dims(layout: SpatialLayout) -> bool:
     return layout.kind == "map" and layout.dims[1] == layout.dims[0] + 1
 
 
-def _is_whole_map(index: GatherIndex, layout: SpatialLayout) -> bool:
+def is_whole_map(index: GatherIndex, layout: SpatialLayout) -> bool:
     c = index.windows
     return (_adjacent_pixel_dims(layout) and c.num_windows == 1 and (c.height, c.width) == tuple(layout.res)
             and index.all_inside)
@@ -90,7 +92,7 @@ def gather_pixels(
     has_fresh = index.fresh_at.numel() > 0  # (an empty gathered tensor has no canonical form to index)
     if has_fresh:
         fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
-    if _is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
+    if is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
         full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
         if has_fresh:
             dh = layout.dims[0]
@@ -163,22 +165,22 @@ def group_norm_affine(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     num_groups: int,
+    batch: int,
+    channels: int,
+    ndim: int,
 ) -> torch.Tensor:
-    """GroupNorm with given statistics: a per-(batch item, channel) affine map, for NCHW tensors whose batch dim
-    holds ``B * windows`` rows (gathered blocks or windows of each batch item in turn)."""
-    batch, channels = mean.shape[0], x.shape[1]
-    scale = rstd.to(x.dtype).repeat_interleave(channels // num_groups, dim=1)
-    shift = -mean.to(x.dtype).repeat_interleave(channels // num_groups, dim=1) * scale
+    """GroupNorm with given (batch, groups) statistics: a per-(batch item, channel) affine map, for `ndim`-D NCHW
+    tensors whose batch dim holds ``batch * windows`` rows (gathered blocks or windows of each batch item in turn).
+    (Shapes come from the arguments only, so that it traces with FX proxies.)"""
+    scale = rstd.type_as(x).repeat_interleave(channels // num_groups, dim=1)
+    shift = -mean.type_as(x).repeat_interleave(channels // num_groups, dim=1) * scale
     if weight is not None:
         scale = scale * weight
         shift = shift * weight
     if bias is not None:
         shift = shift + bias
-    rows_per_item = x.shape[0] // batch if batch else 0
-    view = (-1, channels) + (1,) * (x.dim() - 2)
-    scale = scale.repeat_interleave(rows_per_item, dim=0).reshape(view)
-    shift = shift.repeat_interleave(rows_per_item, dim=0).reshape(view)
-    return x * scale + shift
+    view = (batch, 1, channels) + (1,) * (ndim - 2)
+    return (x.unflatten(0, (batch, -1)) * scale.reshape(view) + shift.reshape(view)).flatten(0, 1)
 
 
 def group_norm_with_stats(

@@ -3,7 +3,7 @@
     %c : aten.conv2d(%x, %w, %b, [s, s], [p, p])                 (sparse, k x k kernel)
 ->
     %win : gather_windows(%x', cache[x'], layout, ConvWindows(...))   (see windows.py for %x')
-    %c : conv_windows(%win, %w, %b, [s, s], [d, d], groups)
+    %c : conv_windows(%win, %w, %b, [s, s], [d, d], groups, ConvWindows(...))
 
 Each window is ``(b - 1) * s + (k - 1) * d + 1`` pixels wide, so a padding-free convolution over the batch of
 windows yields exactly the ``b x b`` output blocks, in the gathered layout of the output resolution
@@ -41,7 +41,7 @@ def sparse_conv(gm: fx.GraphModule) -> int:
         spec = ConvWindows(x.meta[LAYOUT].res, node.meta[LAYOUT].res, kernel, stride, padding, dilation)
         windows = builder.windows(x, spec, node)
         node.target = runtime_ops.conv_windows  # in place: the node keeps its meta, and so its stable key
-        node.args = (windows, weight, bias, list(stride), list(dilation), groups)
+        node.args = (windows, weight, bias, list(stride), list(dilation), groups, spec)
         node.kwargs = {}
         rewrites += 1
     return rewrites

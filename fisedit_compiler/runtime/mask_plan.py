@@ -9,7 +9,7 @@ geometry and index types live in the IR, below the runtime and the kernels.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class MaskPlan:
         self.policy = policy
         self.constants = constants if constants is not None else load_constants(mask.device)
         self.channels = dict(channels or {})  # the U-Net's channels per downscale factor, for the cost model
-        self.flat_kernels: dict[int, torch.Tensor] = {}  # conv weights as matrices, for pixel-wise blocks
+        self._values: dict[Hashable, torch.Tensor] = {}  # what programs read of the plan (`value`)
         self.mask = mask
         self.device = mask.device
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
@@ -102,6 +102,13 @@ class MaskPlan:
         if key not in self._gather_indices:
             self._gather_indices[key] = self._build_gather_index(spec, key[1])
         return self._gather_indices[key]
+
+    def value(self, key: Hashable, make: Callable[[MaskPlan], torch.Tensor]) -> torch.Tensor:
+        """A tensor derived from this plan for the programs that run it (an index tensor, a conv kernel flattened
+        for pixel-wise blocks), made once: it lives as long as the plan (one edit)."""
+        if key not in self._values:
+            self._values[key] = make(self)
+        return self._values[key]
 
     @property
     def gather_indices_built(self) -> int:

@@ -1,219 +1,247 @@
-"""Graph-callable ops of the record and sparse variants.
+"""The ops that passes put into graph variants, and how each is lowered into a self-contained program.
 
-Passes insert calls to these functions as `call_function` nodes. Their static arguments (layouts, gather
-geometries, cache references) are fixed at compile time; what varies per call (recorded tensors, the mask's index
-plan) they read from `context.current()`. Each forwards the numerical work to `kernels`.
+A variant is an IR graph: besides ATen ops it calls the functions below with static arguments (layouts, gather
+geometries, cache references) that say *what* to read, not the values. An IR graph does not run by itself.
+`runtime.program.bind` lowers it for one call state (a mask plan, flags) into a program, an ordinary graph whose
+inputs are the model's inputs plus everything the call reads (recorded tensors, the plan's index tensors) and
+whose outputs are the model's outputs plus everything it records. Each op's lowering (`LOWERINGS`) receives the
+`runtime.program.Binding` (`b`) and FX proxies for its node arguments, and emits ATen ops and registered kernels (`torch.ops.fisedit`,
+`kernels.library`): decisions that depend on the plan (a gather that is the identity, windows that lie inside the
+image, block counts) are taken here, at bind time, so that a program has no Python-level control flow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
-from ..ir import ActivePixels, CacheRef, FullImage, SpatialLayout, WindowSpec
-from .. import kernels
-from . import context
+from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec
+from ..kernels import library, reference
+
+aten = torch.ops.aten
+fisedit = torch.ops.fisedit
+
+# IR op -> its lowering, `lowering(binding, *args, **kwargs)`.
+LOWERINGS: dict[Callable, Callable] = {}
+
+
+def ir_op(lowering: Callable) -> Callable:
+    """Declare an IR op by its lowering; the op itself (what graphs call) only refuses to run unbound."""
+    name = lowering.__name__
+
+    def op(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{name} is an op of a fisedit IR graph, which does not run by itself: call the compiled model, or bind "
+            "the variant into a program with fisedit_compiler.runtime.program.bind"
+        )
+
+    op.__name__ = op.__qualname__ = name
+    op.__module__ = lowering.__module__
+    op.__doc__ = lowering.__doc__
+    LOWERINGS[op] = lowering
+    return op
+
 
 # --- record variant ---------------------------------------------------------------------------------------------
 
 
-def record(value: torch.Tensor, ref: CacheRef) -> None:
-    """Save a node's output for later sparse calls."""
-    context.current().step[ref] = value.detach()
+@ir_op
+def record(b, value, ref: CacheRef) -> None:
+    """Save a node's output for later sparse calls (a program output)."""
+    b.write(ref, value)
 
 
-def group_norm_recording_stats(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-    ref: CacheRef,
-) -> torch.Tensor:
+@ir_op
+def group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, ref: CacheRef):
     """GroupNorm that also saves its per-(batch item, group) mean and rstd."""
-    out, mean, rstd = kernels.group_norm_with_stats(x, num_groups, weight, bias, eps)
-    context.current().step[ref] = (mean.detach(), rstd.detach())
+    n, c, *pixels = b.dense_shape(0)
+    hw = 1
+    for d in pixels:
+        hw *= d
+    out, mean, rstd = b.unpack(aten.native_group_norm.default(x, weight, bias, n, c, hw, num_groups, eps), 3)
+    b.write(ref, (mean.reshape(n, num_groups), rstd.reshape(n, num_groups)))
     return out
 
 
 # --- sparse variant ---------------------------------------------------------------------------------------------
 
 
-def _gather_sources(
-    source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout
-) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """A gather kernel's (fresh, recorded, fresh_windows): `source` is a gathered tensor whose inactive pixels are
-    recorded at `ref`, or (`ref=None`) a full-size tensor computed in this call, the only source."""
-    if ref is None:
-        return None, source, 0
-    ctx = context.current()
-    return source, ctx.step[ref], ctx.plan.layout(layout.res).num_blocks
-
-
-def _gather(source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
-    index = context.current().plan.gather_index(spec, ref is not None)
-    if index.identity:  # e.g. a resolution the cost model keeps dense: one block covering the map
+def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec, *epilogue,
+            op=None):
+    """A gather of `spec`'s windows: from `source` and the recorded value at `ref`, or (`ref=None`) from `source`
+    alone, a full-size tensor computed in this call."""
+    index = b.index(spec, ref is not None)
+    if index.identity and not epilogue:  # e.g. a resolution the cost model keeps dense: one block covering the map
         return source
-    fresh, recorded, fresh_windows = _gather_sources(source, ref, layout)
-    return kernels.gather_pixels(fresh, recorded, index, layout, fresh_windows)
+    if ref is None:
+        fresh, recorded, fresh_windows = None, source, 0
+    else:
+        fresh, recorded, fresh_windows = source, b.recorded(ref), b.num_blocks(layout.res)
+    op = op or fisedit.gather_pixels.default
+    return op(fresh, recorded, index.tensors, index.windows, index.all_inside, *library.layout_args(layout),
+              fresh_windows, *epilogue)
 
 
-def gather_active(full: torch.Tensor, layout: SpatialLayout) -> torch.Tensor:
+@ir_op
+def gather_active(b, full, layout: SpatialLayout):
     """Region entry: the active blocks of a full-size tensor computed in this call."""
-    return _gather(full, None, layout, ActivePixels(layout.res))
+    return _gather(b, full, None, layout, ActivePixels(layout.res))
 
 
-def gather_windows(
-    source: torch.Tensor, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec
-) -> torch.Tensor:
+@ir_op
+def gather_windows(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
     """Windows (e.g. conv inputs with halo) of a gathered tensor whose inactive pixels are recorded at `ref`;
     with `ref=None`, of a full-size tensor."""
-    return _gather(source, ref, layout, spec)
+    return _gather(b, source, ref, layout, spec)
 
 
-def conv_windows(
-    windows: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
-    """A convolution over a batch of input windows (with halo) without padding: one output block per window.
-    Weights flattened for pixel-wise blocks are kept for the mask plan's lifetime (one edit)."""
-    plan = context.current().plan
-    return kernels.conv_windows(windows, weight, bias, stride, dilation, groups, plan.flat_kernels)
-
-
-def scatter_into_recorded(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> torch.Tensor:
+@ir_op
+def scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
     """Region exit: the full-size tensor, fresh on the active blocks and recorded elsewhere."""
-    return _gather(fresh, ref, layout, FullImage(layout.res))
+    return _gather(b, fresh, ref, layout, FullImage(layout.res))
 
 
-def gather_windows_norm_silu(
-    source: torch.Tensor,
-    ref: CacheRef | None,
-    layout: SpatialLayout,
-    spec: WindowSpec,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    stats_ref: CacheRef,
-) -> torch.Tensor:
+@ir_op
+def gather_windows_norm_silu(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec,
+                             num_groups: int, weight, bias, stats_ref: CacheRef):
     """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
     (the following convolution's padding)."""
-    ctx = context.current()
-    mean, rstd = ctx.step[stats_ref]
-    scale, shift = kernels.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
-    index = ctx.plan.gather_index(spec, ref is not None)
-    fresh, recorded, fresh_windows = _gather_sources(source, ref, layout)
-    return kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, fresh_windows, scale, shift)
+    mean, rstd = b.recorded(stats_ref)
+    scale, shift = reference.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
+    return _gather(b, source, ref, layout, spec, scale, shift, op=fisedit.gather_pixels_affine_silu.default)
 
 
-def zero_outside_image(windows: torch.Tensor, layout: SpatialLayout, spec: WindowSpec) -> torch.Tensor:
+@ir_op
+def zero_outside_image(b, windows, layout: SpatialLayout, spec: WindowSpec):
     """Zero window pixels that lie outside the map (a convolution's zero padding), after ops that made them
     non-zero."""
-    index = context.current().plan.gather_index(spec, False)
+    index = b.index(spec, False)
     if index.all_inside:
         return windows
+    inside = b.plan_value(("inside", spec, layout), lambda plan: _inside_mask(plan, spec, layout))
+    return windows * inside.type_as(windows)
+
+
+def _inside_mask(plan, spec: WindowSpec, layout: SpatialLayout) -> torch.Tensor:
+    """`spec`'s windows as a bool tensor broadcastable against them (size 1 in the non-pixel dims): inside the map."""
+    index = plan.gather_index(spec, False)
     c = index.windows
-    inside = index.inside.to(windows.dtype).reshape(1, -1, 1).expand(layout.shape[0], -1, 1)
-    return windows * kernels.from_canonical(inside, layout_with_rest(layout, ()), c.num_windows, c.height, c.width)
+    rest_one = SpatialLayout(layout.kind, layout.res, layout.dims,
+                             tuple(1 if d in layout.rest_dims else s for d, s in enumerate(layout.shape)))
+    inside = index.inside.reshape(1, -1, 1).expand(layout.shape[0], -1, 1)
+    return reference.from_canonical(inside, rest_one, c.num_windows, c.height, c.width)
 
 
-def layout_with_rest(layout: SpatialLayout, rest: tuple[int, ...]) -> SpatialLayout:
-    """`layout` with its non-pixel dims replaced by size-1 dims of `rest` (for broadcastable masks)."""
-    shape = list(layout.shape)
-    for d in layout.rest_dims:
-        shape[d] = 1
-    return SpatialLayout(layout.kind, layout.res, layout.dims, tuple(shape))
+@ir_op
+def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int], groups: int,
+                 spec: ConvWindows):
+    """A convolution over a batch of input windows (with halo) without padding: one output block per window. Where
+    each window is one kernel footprint (pixel-wise blocks) it is one matrix product with the flattened kernel,
+    which the plan keeps for its lifetime (one edit)."""
+    _, in_channels, kh, kw = b.dense_shape(1)
+    window = spec.window_size(b.block(spec.output_res))
+    footprint = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
+    if groups == 1 and tuple(dilation) == (1, 1) and (window, window) == footprint:
+        if b.node.args[1].op == "get_attr":  # a parameter: flattened once per plan
+            weight_value = b.constant(1)
+            kernel = b.plan_value(("flat_kernel", b.node.args[1].target),
+                                  lambda plan: _flat_kernel(weight_value.detach()))
+        else:  # a graph input (dynamo lifts parameters): flattened per call
+            kernel = _flat_kernel(weight)
+        flat = windows.permute(0, 2, 3, 1).reshape(-1, in_channels * kh * kw)
+        return aten.linear.default(flat, kernel, bias)[:, :, None, None]
+    return aten.conv2d.default(windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
 
 
-def group_norm_recorded_stats(
-    x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, ref: CacheRef
-) -> torch.Tensor:
+def _flat_kernel(weight):
+    """A (out, in, kh, kw) kernel as the (out, kh * kw * in) matrix that multiplies channels-last windows."""
+    return weight.permute(0, 2, 3, 1).flatten(1).contiguous()
+
+
+@ir_op
+def group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef):
     """GroupNorm with the source run's statistics: a per-channel affine map that runs on gathered blocks."""
-    mean, rstd = context.current().step[ref]
-    return kernels.group_norm_affine(x, weight, bias, mean, rstd, num_groups)
+    layout = b.node.meta["fisedit_layout"]
+    if layout is None or layout.kind != "map" or layout.dims != (2, 3):
+        raise NotImplementedError(f"a sparse GroupNorm on a tensor that is not an NCHW map: {layout}")
+    mean, rstd = b.recorded(ref)
+    return reference.group_norm_affine(x, weight, bias, mean, rstd, num_groups, layout.shape[0], layout.shape[1],
+                                       len(layout.shape))
 
 
-def repeat_over_blocks(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+@ir_op
+def repeat_over_blocks(b, value, like):
     """Line a per-batch-item operand up with a gathered map tensor, whose batch dim holds B x blocks rows."""
-    return kernels.repeat_over_blocks(value, like.shape[0])
+    shape = b.dense_shape(0)
+    if not shape or shape[0] == 1:
+        return value
+    return value.repeat_interleave(like.shape[0] // shape[0], dim=0)
 
 
-def relayout_gathered(x: torch.Tensor, source: SpatialLayout, target: SpatialLayout) -> torch.Tensor:
+@ir_op
+def relayout_gathered(b, x, source: SpatialLayout, target: SpatialLayout):
     """A reshape of a gathered tensor: `source` and `target` are the dense layouts before and after."""
-    layout = context.current().plan.layout(source.res)
-    canonical = kernels.to_canonical(x, source, source.shape[0], layout.num_blocks)
-    return kernels.from_canonical(canonical, target, layout.num_blocks, layout.block, layout.block)
+    num_blocks, block = b.num_blocks(source.res), b.block(source.res)
+    canonical = reference.to_canonical(x, source, source.shape[0], num_blocks)
+    return reference.from_canonical(canonical, target, num_blocks, block, block)
 
 
-def active_query_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_ref: CacheRef,
-    value_ref: CacheRef,
-    layout: SpatialLayout,
-    scale: float | None = None,
-) -> torch.Tensor:
+@ir_op
+def active_query_attention(b, query, key, value, key_ref: CacheRef, value_ref: CacheRef,
+                           layout: SpatialLayout, scale: float | None = None):
     """Self-attention of active queries against every token: fresh keys/values for active tokens, recorded ones
     for the rest. `layout` is the keys' (B, heads, tokens, head_dim) layout."""
-    ctx = context.current()
-    index = ctx.plan.gather_index(ActivePixels(layout.res), False)
-    return kernels.active_query_attention(
-        query, key, value, ctx.step[key_ref], ctx.step[value_ref], index.recorded_index, scale
-    )
+    positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
+    return fisedit.active_query_attention.default(query, key, value, b.recorded(key_ref), b.recorded(value_ref),
+                                                  positions, scale)
+
+
+@ir_op
+def write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
+    """In programs that write back, store a gathered node's fresh active pixels into its recorded tensor (an input
+    the program updates in place), so the cache holds this run's activations (continuous editing). Safe mid-step:
+    recorded values are only read at inactive pixels, which this never touches."""
+    if not b.write_back:
+        return
+    positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
+    fisedit.scatter_pixels_.default(b.recorded(ref), fresh, *library.layout_args(layout), positions,
+                                    b.num_blocks(layout.res))
 
 
 # --- cross-attention maps (record and control variants) --------------------------------------------------------
 
 
-def _attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float | None) -> torch.Tensor:
-    scale = query.shape[-1] ** -0.5 if scale is None else scale
+def _attention_probs(b, query, key, scale: float | None):
+    scale = b.dense_shape(0)[-1] ** -0.5 if scale is None else scale
     return torch.softmax((query @ key.transpose(-1, -2)) * scale, dim=-1)
 
 
-def cross_attention_recording_map(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref: CacheRef, scale: float | None = None
-) -> torch.Tensor:
-    """Cross-attention that saves its attention map (B, heads, pixels, tokens) in steps that record maps.
+@ir_op
+def cross_attention_recording_map(b, query, key, value, ref: CacheRef, scale: float | None = None):
+    """Cross-attention that saves its attention map (B, heads, pixels, tokens) in programs that record maps.
 
-    In those steps it computes softmax(QK^T)V explicitly, exactly as `controlled_cross_attention` does, so that a
-    control run of the same prompt reproduces the source run bit for bit."""
-    ctx = context.current()
-    if not ctx.record_attention_maps:
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
-    probs = _attention_probs(query, key, scale)
-    ctx.step[ref] = probs.detach()
+    Those compute softmax(QK^T)V explicitly, exactly as `controlled_cross_attention` does, so that a control run of
+    the same prompt reproduces the source run bit for bit."""
+    if not b.record_attention_maps:
+        return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)
+    probs = _attention_probs(b, query, key, scale)
+    b.write(ref, probs)
     return probs @ value
 
 
-def controlled_cross_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ref: CacheRef, scale: float | None = None
-) -> torch.Tensor:
+@ir_op
+def controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float | None = None):
     """Prompt-to-Prompt cross-attention control: for every token the edited prompt shares with the source prompt
-    (`context.token_alignment[b, j]` = the source token, or -1 for a new token) the source run's attention map
-    column replaces the fresh one."""
-    ctx = context.current()
-    probs = _attention_probs(query, key, scale)
-    source_probs = ctx.source.get(ref) if ctx.source is not None else None
-    if source_probs is None:
-        raise RuntimeError(
-            "this step has no recorded cross-attention maps to control with: record the source run with "
-            "record(attention_maps=k) for at least as many steps as run under control"
-        )
-    alignment = ctx.token_alignment.to(probs.device)[:, None, None, :]  # (B, 1, 1, tokens)
-    aligned = source_probs.to(probs.dtype).gather(-1, alignment.clamp(min=0).expand(*probs.shape[:-1], -1))
+    (the token alignment input: for each token the source token, or -1 for a new token) the source run's attention
+    map column replaces the fresh one."""
+    probs = _attention_probs(b, query, key, scale)
+    batch, heads, pixels, _ = b.dense_shape(0)
+    tokens = b.dense_shape(1)[-2]
+    alignment = b.token_alignment()[:, None, None, :]  # (B, 1, 1, tokens)
+    aligned = b.source(ref).type_as(probs).gather(-1, alignment.clamp(min=0).expand(batch, heads, pixels, tokens))
     probs = torch.where(alignment >= 0, aligned, probs)
-    if ctx.record_attention_maps:
-        ctx.step[ref] = probs.detach()
+    if b.record_attention_maps:
+        b.write(ref, probs)
     return probs @ value
-
-
-def write_back(fresh: torch.Tensor, ref: CacheRef, layout: SpatialLayout) -> None:
-    """In steps that write back, store a gathered node's fresh active pixels into its recorded tensor, so the
-    cache holds this run's activations (continuous editing). Safe mid-step: recorded values are only read at
-    inactive pixels, which this never touches."""
-    ctx = context.current()
-    if not ctx.write_back:
-        return
-    layout_plan = ctx.plan.layout(layout.res)
-    positions = ctx.plan.gather_index(ActivePixels(layout.res), False).recorded_index
-    ctx.step[ref] = kernels.scatter_pixels_(ctx.step[ref], fresh, layout, positions, layout_plan.num_blocks)

@@ -1,0 +1,182 @@
+"""The sparse path's data-movement kernels as registered PyTorch operators: ``torch.ops.fisedit.*``.
+
+Graph programs (`runtime.program`) call these, never the Python functions behind them, so that a program is an
+ordinary ATen-level graph: `torch.compile` and `torch.export` trace each op as one node (shapes from its fake
+implementation) instead of tracing into Python that reads plan objects.
+
+Each op takes only tensors and numbers. A gather geometry reaches it as its index tensors plus a few ints
+(`GatherIndex` flattened by `index_args`); a `SpatialLayout` as ``kind, res, dims, shape`` (`layout_args`).
+
+Kernels per device: the default implementation (CPU and any other device) runs the plain-PyTorch reference; the
+CUDA registration runs the Triton kernel where it supports the dtypes (`kernels.select_backend`, which also honours
+``FISEDIT_KERNELS``, the override that tests use to run the Triton kernels on CPU under Triton's interpreter).
+Fake implementations are the references themselves, run on fake tensors: output shapes, dtypes and strides are
+exactly the reference's, and every implementation returns the same strides.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.utils import flop_counter
+
+from ..ir import GatherIndex, SpatialLayout, WindowCoords
+from . import reference
+
+# --- packing the IR's constants into op arguments --------------------------------------------------------------
+
+
+def layout_args(layout: SpatialLayout) -> tuple[str, list[int], list[int], list[int]]:
+    return layout.kind, list(layout.res), list(layout.dims), list(layout.shape)
+
+
+def _layout(kind: str, res: list[int], dims: list[int], shape: list[int]) -> SpatialLayout:
+    return SpatialLayout(kind, tuple(res), tuple(dims), tuple(shape))  # type: ignore[arg-type]
+
+
+INDEX_FIELDS = ("from_fresh", "fresh_index", "recorded_index", "inside", "fresh_at", "fresh_from", "recorded_at",
+                "recorded_from")
+
+
+def _index(tensors: list[Optional[Tensor]], windows: list[int], all_inside: bool) -> GatherIndex:
+    fields = dict(zip(INDEX_FIELDS, tensors))
+    num_windows, height, width = windows
+    coords = WindowCoords(num_windows, height, width, None, None, fields["inside"])  # type: ignore[arg-type]
+    return GatherIndex(coords, all_inside=all_inside, **fields)  # type: ignore[arg-type]
+
+
+def _kernel(name: str, tensors: list[Tensor | None]):
+    """`reference`'s kernel `name`, or the one `FISEDIT_KERNELS` forces (default registration: every device)."""
+    from . import select_backend
+
+    if select_backend([t for t in tensors if t is not None]) == "triton":
+        from . import triton_attention, triton_gather
+
+        return getattr(triton_gather if hasattr(triton_gather, name) else triton_attention, name)
+    return getattr(reference, name)
+
+
+# --- gathers -----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fisedit::gather_pixels", mutates_args=())
+def gather_pixels(
+    fresh: Optional[Tensor], recorded: Tensor, index: list[Optional[Tensor]], windows: list[int], all_inside: bool,
+    kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int,
+) -> Tensor:
+    """`reference.gather_pixels`: the windows of a gather geometry, read from the fresh (gathered) tensor and the
+    recorded (full-size) one; `index` holds the `GatherIndex` tensors in `INDEX_FIELDS` order."""
+    return _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows)
+
+
+def _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, *epilogue,
+            name="gather_pixels"):
+    kernel = _kernel(name, [fresh, recorded])
+    out = kernel(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
+                 fresh_windows, *epilogue)
+    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
+
+
+def _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape) -> Tensor:
+    """`out` with the reference's memory format: a region exit (one window over the whole map) is a contiguous map;
+    the Triton version returns it channels-last."""
+    layout = _layout(kind, res, dims, shape)
+    if fresh is not None and reference.is_whole_map(_index(index, windows, all_inside), layout):
+        return out.contiguous()
+    return out
+
+
+@gather_pixels.register_fake
+def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows):
+    return reference.gather_pixels(fresh, recorded, _index(index, windows, all_inside),
+                                   _layout(kind, res, dims, shape), fresh_windows)
+
+
+@torch.library.custom_op("fisedit::gather_pixels_affine_silu", mutates_args=())
+def gather_pixels_affine_silu(
+    fresh: Optional[Tensor], recorded: Tensor, index: list[Optional[Tensor]], windows: list[int], all_inside: bool,
+    kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int, scale: Tensor, shift: Tensor,
+) -> Tensor:
+    """`reference.gather_pixels_affine_silu`: `gather_pixels`, then a recorded-statistics GroupNorm and SiLU."""
+    return _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift,
+                   name="gather_pixels_affine_silu")
+
+
+@gather_pixels_affine_silu.register_fake
+def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift):
+    return reference.gather_pixels_affine_silu(fresh, recorded, _index(index, windows, all_inside),
+                                               _layout(kind, res, dims, shape), fresh_windows, scale, shift)
+
+
+# --- write-back ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fisedit::scatter_pixels_", mutates_args=("recorded",))
+def scatter_pixels_(
+    recorded: Tensor, fresh: Tensor, kind: str, res: list[int], dims: list[int], shape: list[int],
+    positions: Tensor, fresh_windows: int,
+) -> None:
+    """Write the gathered `fresh` pixels into `recorded` at flat pixel `positions`, in place."""
+    updated = reference.scatter_pixels_(recorded, fresh, _layout(kind, res, dims, shape), positions, fresh_windows)
+    if updated is not recorded:  # a non-contiguous map was updated in a contiguous copy
+        recorded.copy_(updated)
+
+
+@scatter_pixels_.register_fake
+def _(recorded, fresh, kind, res, dims, shape, positions, fresh_windows):
+    return None
+
+
+# --- attention -----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fisedit::active_query_attention", mutates_args=())
+def active_query_attention(
+    query: Tensor, key_fresh: Tensor, value_fresh: Tensor, key_recorded: Tensor, value_recorded: Tensor,
+    positions: Tensor, scale: Optional[float],
+) -> Tensor:
+    """`reference.active_query_attention`, contiguous ``(B, heads, queries, head_dim)``."""
+    kernel = _kernel("active_query_attention", [query, key_fresh, value_fresh, key_recorded, value_recorded])
+    return kernel(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()
+
+
+@active_query_attention.register_fake
+def _(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale):
+    return query.new_empty((*query.shape[:-1], value_fresh.shape[-1]))
+
+
+@flop_counter.register_flop_formula(torch.ops.fisedit.active_query_attention)
+def _(query_shape, key_fresh_shape, value_fresh_shape, key_recorded_shape, value_recorded_shape, *args,
+      out_shape=None, **kwargs) -> int:
+    """Every active query against every token: `FlopCounterMode` (and so `macs`) counts it as attention."""
+    return flop_counter.sdpa_flop_count(query_shape, key_recorded_shape, value_recorded_shape)
+
+
+# --- CUDA: Triton where it supports the call ------------------------------------------------------------------------
+
+
+@gather_pixels.register_kernel("cuda")
+def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows):
+    from . import gather_pixels as dispatched
+
+    out = dispatched(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
+                     fresh_windows)
+    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
+
+
+@gather_pixels_affine_silu.register_kernel("cuda")
+def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift):
+    from . import gather_pixels_affine_silu as dispatched
+
+    out = dispatched(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
+                     fresh_windows, scale, shift)
+    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
+
+
+@active_query_attention.register_kernel("cuda")
+def _(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale):
+    from . import active_query_attention as dispatched
+
+    return dispatched(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()

@@ -1,0 +1,338 @@
+"""Programs: a graph variant bound to one call state, as a self-contained graph.
+
+The passes build IR graphs (`runtime.ops`: ops with static arguments that name what a call reads). `bind` lowers
+one for a call state, a mask plan and the flags of the call (record cross-attention maps, write back), into a
+`Program`:
+
+- its graph's inputs are the model's flattened inputs, then one placeholder per value the call reads (`Slot`s:
+  a recorded tensor of the step, a source-run attention map, the token alignment, an index tensor of the plan);
+- its outputs are the model's outputs, then every tensor the call records (`Program.writes`);
+- it calls only ATen ops and registered kernels (`torch.ops.fisedit.*`); every plan-dependent decision was taken
+  at bind time. So `torch.compile(program.gm, fullgraph=True)` traces it in one graph, and its eager run is the
+  reference.
+
+`Program.__call__` binds the slots from a step record and a plan, runs the graph and stores what it recorded.
+A program depends on its plan only through the plan's structure (block sizes and counts, which gathers are
+trivial), never on a plan object, so one program serves every mask whose plan has the same structure
+(`Program.fits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..ir import CacheRef, WindowSpec
+from ..kernels.library import INDEX_FIELDS
+from .cache import StepRecord
+from .mask_plan import MaskPlan
+from .ops import LOWERINGS
+
+LOWERED_FROM = "fisedit_lowered_from"  # program node meta: the name of the IR node it was lowered from
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """The step record's tensor at `ref` (`part` 0/1: a GroupNorm's mean/rstd)."""
+
+    ref: CacheRef
+    part: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceMap:
+    """The source run's cross-attention map at `ref` (control calls)."""
+
+    ref: CacheRef
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenAlignment:
+    """(B, tokens) long: for each token of the edited prompt the source token it shares, or -1 (control calls)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanValue:
+    """A tensor the mask plan provides (index tensors, flattened kernels), made by `make(plan)` and memoised on the
+    plan; `key` identifies it."""
+
+    key: Hashable
+    make: Callable[[MaskPlan], torch.Tensor] = dataclasses.field(compare=False, hash=False)
+
+
+Slot = Recorded | SourceMap | TokenAlignment | PlanValue
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundIndex:
+    """A `GatherIndex` as a program sees it: its tensors as graph values, its structure as constants."""
+
+    tensors: list  # proxies (or None) in `kernels.library.INDEX_FIELDS` order
+    windows: list[int]  # num_windows, height, width
+    all_inside: bool
+    identity: bool
+
+    def field(self, name: str):
+        return self.tensors[INDEX_FIELDS.index(name)]
+
+
+class Binding:
+    """The state of one lowering: the program graph being built, its slots and writes, and the call state the
+    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`). Lowerings see it as their first
+    argument; `node` is the IR node being lowered."""
+
+    def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool):
+        self.ir = ir
+        self.plan = plan
+        self.record_attention_maps = record_attention_maps
+        self.write_back = write_back
+        self.graph = fx.Graph()
+        self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
+        self.slots: list[Slot] = []
+        self.writes: list[Recorded] = []
+        self.structure: list[tuple[Hashable, Any]] = []  # what of the plan the program depends on, see `fits`
+        self.node: fx.Node | None = None
+        self._slot_nodes: dict[Slot, fx.Node] = {}
+        self._write_values: list[fx.Node] = []
+        self._last_input: fx.Node | None = None
+
+    # --- what lowerings read ----------------------------------------------------------------------------------
+
+    def dense_shape(self, arg: int) -> tuple[int, ...]:
+        """The dense (captured) shape of the IR node's argument `arg`."""
+        value = self.node.args[arg].meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{self.node.name}: argument {arg} has no recorded shape")
+        return tuple(value.shape)
+
+    def constant(self, arg: int) -> torch.Tensor:
+        """The tensor of the IR node's argument `arg`, a parameter or buffer (`get_attr`)."""
+        node = self.node.args[arg]
+        if node.op != "get_attr":
+            raise TypeError(f"{self.node.name}: argument {arg} is not a parameter")
+        value = self.ir
+        for name in node.target.split("."):
+            value = getattr(value, name)
+        return value
+
+    def recorded(self, ref: CacheRef):
+        if ref.kind == "group_norm_stats":
+            return self._input(Recorded(ref, 0)), self._input(Recorded(ref, 1))
+        return self._input(Recorded(ref))
+
+    def source(self, ref: CacheRef):
+        return self._input(SourceMap(ref))
+
+    def token_alignment(self):
+        return self._input(TokenAlignment())
+
+    def plan_value(self, key: Hashable, make: Callable[[MaskPlan], torch.Tensor]):
+        return self._input(PlanValue(key, make))
+
+    def _need_plan(self) -> MaskPlan:
+        if self.plan is None:
+            raise RuntimeError(f"{self.node.name} reads a mask plan, and this program is bound without one")
+        return self.plan
+
+    def num_blocks(self, res) -> int:
+        value = self._need_plan().layout(res).num_blocks
+        self.structure.append((("num_blocks", tuple(res)), value))
+        return value
+
+    def block(self, res) -> int:
+        value = self._need_plan().layout(res).block
+        self.structure.append((("block", tuple(res)), value))
+        return value
+
+    def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
+        index = self._need_plan().gather_index(spec, from_gathered)
+        c = index.windows
+        shape = ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
+                 tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+        self.structure.append((("index", spec, from_gathered), shape))
+        tensors = [None if getattr(index, f) is None else
+                   self.plan_value(("index", spec, from_gathered, f), _index_field(spec, from_gathered, f))
+                   for f in INDEX_FIELDS]
+        return BoundIndex(tensors, shape[0], shape[1], shape[2])
+
+    # --- what lowerings produce -----------------------------------------------------------------------------
+
+    def write(self, ref: CacheRef, value) -> None:
+        parts = value if isinstance(value, tuple) else (value,)
+        for i, part in enumerate(parts):
+            self.writes.append(Recorded(ref, i if isinstance(value, tuple) else None))
+            self._write_values.append(part.node)
+
+    def unpack(self, proxy, n: int) -> tuple:
+        return tuple(proxy[i] for i in range(n))
+
+    def _input(self, slot: Slot):
+        if slot not in self._slot_nodes:
+            with self.graph.inserting_after(self._last_input):
+                node = self.graph.placeholder(_slot_name(slot, len(self.slots)))
+            self._last_input = node
+            self._slot_nodes[slot] = node
+            self.slots.append(slot)
+        return fx.Proxy(self._slot_nodes[slot], self.tracer)
+
+    # --- lowering -----------------------------------------------------------------------------------------------
+
+    def lower(self) -> fx.GraphModule:
+        env: dict[fx.Node, Any] = {}
+        graph = self.graph
+        num_outputs = None
+        for node in self.ir.graph.find_nodes(op="placeholder"):  # first: passes may insert nodes among them
+            env[node] = graph.node_copy(node, env.__getitem__)
+            self._last_input = env[node]
+        for node in self.ir.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                outputs = pytree.tree_leaves(fx.node.map_arg(node.args[0], env.__getitem__))
+                num_outputs = len(outputs)
+                graph.output((*outputs, *self._write_values))
+            elif node.op == "call_function" and node.target in LOWERINGS:
+                env[node] = self._lower_node(node, env)
+            else:
+                env[node] = graph.node_copy(node, env.__getitem__)
+        gm = fx.GraphModule(self.ir, graph)
+        gm.num_outputs = num_outputs
+        return gm
+
+    def _lower_node(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        self.node = node
+        last = self.graph._root.prev  # the last node so far: what comes after it is this node's lowering
+        args, kwargs = fx.node.map_aggregate(
+            (node.args, node.kwargs), lambda a: fx.Proxy(env[a], self.tracer) if isinstance(a, fx.Node) else a)
+        result = LOWERINGS[node.target](self, *args, **kwargs)
+        new = last.next
+        while new is not self.graph._root:
+            if new.op != "placeholder":
+                new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+                new.meta[LOWERED_FROM] = node.name
+            new = new.next
+        if isinstance(result, fx.Proxy):
+            return result.node
+        if result is None:
+            return None
+        if isinstance(result, fx.Node):  # a lowering that returned its input unchanged
+            return result
+        raise TypeError(f"the lowering of {node.target.__name__} returned {type(result).__name__}")
+
+
+def _index_field(spec: WindowSpec, from_gathered: bool, field: str) -> Callable[[MaskPlan], torch.Tensor]:
+    return lambda plan: getattr(plan.gather_index(spec, from_gathered), field)
+
+
+def _slot_name(slot: Slot, n: int) -> str:
+    if isinstance(slot, (Recorded, SourceMap)):
+        kind = "recorded" if isinstance(slot, Recorded) else "source"
+        return f"{kind}_{n}"
+    if isinstance(slot, TokenAlignment):
+        return "token_alignment"
+    return f"plan_{n}"
+
+
+@dataclasses.dataclass
+class Program:
+    """A variant bound to a call state; see the module docstring. `gm(*inputs, *slots)` returns the model's
+    `num_outputs` outputs, then the `writes`."""
+
+    gm: fx.GraphModule
+    slots: list[Slot]
+    writes: list[Recorded]
+    structure: tuple[tuple[Hashable, Any], ...]
+    _compiled: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def compiled(self, backend: str | None) -> Callable[..., Any] | None:
+        """`torch.compile(gm, backend=backend, fullgraph=True)`, made once per backend (None: None, run eagerly).
+        Compilation happens at the first call; a graph break is an error, never a silent fallback."""
+        if backend is None:
+            return None
+        if backend not in self._compiled:
+            self._compiled[backend] = torch.compile(self.gm, backend=backend, fullgraph=True, dynamic=False)
+        return self._compiled[backend]
+
+    @property
+    def num_outputs(self) -> int:
+        return self.gm.num_outputs
+
+    def fits(self, plan: MaskPlan | None) -> bool:
+        """Whether this program computes `plan`'s call: the plan has the structure it was bound to."""
+        for key, value in self.structure:
+            if key[0] == "num_blocks":
+                found = plan.layout(key[1]).num_blocks
+            elif key[0] == "block":
+                found = plan.layout(key[1]).block
+            else:
+                index = plan.gather_index(key[1], key[2])
+                c = index.windows
+                found = ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
+                         tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+            if found != value:
+                return False
+        return True
+
+    def by_ir_node(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node: nodes copied from the IR
+        keep their names, nodes of a lowering name theirs in `meta[LOWERED_FROM]`."""
+        folded: dict[str, Any] = {}
+        for node in self.gm.graph.nodes:
+            if node.name in values:
+                name = node.meta.get(LOWERED_FROM, node.name)
+                folded[name] = folded.get(name, 0) + values[node.name]
+        return folded
+
+    def arguments(self, inputs: dict[str, Any], step: StepRecord | None = None, plan: MaskPlan | None = None,
+                  source: StepRecord | None = None, token_alignment: torch.Tensor | None = None) -> list[Any]:
+        """The graph's arguments for a call: the model's inputs, flattened, then the slots' values."""
+        values = list(pytree.tree_leaves(inputs))
+        for slot in self.slots:
+            values.append(_slot_value(slot, step, plan, source, token_alignment))
+        return values
+
+    def __call__(self, inputs: dict[str, Any], step: StepRecord | None = None, plan: MaskPlan | None = None,
+                 source: StepRecord | None = None, token_alignment: torch.Tensor | None = None,
+                 runner: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
+        """Run the program (with `runner`, e.g. a `torch.compile` of `gm`, if given) and store what it records
+        into `step`; returns the model's outputs."""
+        args = self.arguments(inputs, step, plan, source, token_alignment)
+        result = (self.gm if runner is None else runner)(*args)
+        outputs, written = result[:self.num_outputs], result[self.num_outputs:]
+        if self.writes:
+            parts: dict[CacheRef, dict[int | None, torch.Tensor]] = {}
+            for write, value in zip(self.writes, written):
+                parts.setdefault(write.ref, {})[write.part] = value.detach()
+            for ref, values in parts.items():
+                step[ref] = values[None] if None in values else (values[0], values[1])
+        return tuple(outputs)
+
+
+def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
+    if isinstance(slot, Recorded):
+        value = step[slot.ref]
+        return value if slot.part is None else value[slot.part]
+    if isinstance(slot, SourceMap):
+        value = source.get(slot.ref) if source is not None else None
+        if value is None:
+            raise RuntimeError(
+                "this step has no recorded cross-attention maps to control with: record the source run with "
+                "record(attention_maps=k) for at least as many steps as run under control"
+            )
+        return value
+    if isinstance(slot, TokenAlignment):
+        return token_alignment
+    return plan.value(slot.key, slot.make)
+
+
+def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
+         write_back: bool = False) -> Program:
+    """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring."""
+    binding = Binding(ir, plan, record_attention_maps, write_back)
+    gm = binding.lower()
+    return Program(gm, binding.slots, binding.writes, tuple(binding.structure))

@@ -1,0 +1,177 @@
+"""Programs (`runtime.program`): graph variants bound to a call state are self-contained graphs that
+`torch.compile` traces whole, and registered kernels (`torch.ops.fisedit`) that pass PyTorch's operator checks."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import weakref
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from conftest import tiny_unet, unet_inputs
+from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
+from fisedit_compiler.kernels.library import INDEX_FIELDS, layout_args
+from fisedit_compiler.runtime import ops as runtime_ops
+from fisedit_compiler.runtime.cache import RecordCache, StepKey
+from fisedit_compiler.runtime.mask_plan import MaskPlan
+from fisedit_compiler.runtime.program import Recorded, bind
+
+SIZE = 16
+POLICY = fisedit.Policy(block_size=2, halo=1)
+
+
+def box(top: int, left: int, height: int = 4, width: int = 4) -> torch.Tensor:
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[top:top + height, left:left + width] = True
+    return mask
+
+
+@functools.lru_cache(maxsize=None)
+def recorded_unet():
+    """A tiny SD-2-shaped U-Net compiled and recorded for one step with cross-attention maps."""
+    unet = tiny_unet("sd2")
+    inputs = unet_inputs(unet, size=SIZE)
+    compiled = fisedit.compile(unet, POLICY)
+    with torch.no_grad(), compiled.record(attention_maps=1):
+        compiled(**inputs)
+    variants = compiled.variants(inputs)
+    step = compiled.cache.step(compiled.cache.steps[0])
+    return compiled, inputs, variants, step
+
+
+def graph_count_backend():
+    """A torch.compile backend that counts the graphs dynamo hands it and runs them with `aot_eager`
+    (functionalisation and the fake implementations of the registered kernels: what Inductor needs)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend, graphs
+
+
+def test_a_program_calls_no_ir_op_and_reads_no_hidden_state():
+    _, _, variants, _ = recorded_unet()
+    plan = MaskPlan(box(4, 4), POLICY)
+    for program in (bind(variants.sparse, plan, write_back=True), bind(variants.record, record_attention_maps=True),
+                    bind(variants.control)):
+        targets = {n.target for n in program.gm.graph.nodes if n.op == "call_function"}
+        assert not targets & set(runtime_ops.LOWERINGS), "an IR op survived lowering"
+        placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
+        num_inputs = len(placeholders) - len(program.slots)
+        assert num_inputs == len(torch.utils._pytree.tree_leaves(recorded_unet()[1]))
+    assert any(isinstance(s, Recorded) for s in bind(variants.sparse, plan).slots)
+    assert bind(variants.record).slots == []  # a record call reads nothing: it only writes
+
+
+def test_an_ir_variant_does_not_run_by_itself():
+    _, inputs, variants, _ = recorded_unet()
+    with pytest.raises(RuntimeError, match="does not run by itself"):
+        variants.sparse(inputs)
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+@torch.no_grad()
+def test_torch_compile_traces_a_sparse_program_in_one_graph(write_back):
+    _, inputs, variants, step = recorded_unet()
+    plan = MaskPlan(box(5, 6), POLICY)
+    program = variants.sparse_program(plan, write_back)
+    own_step = type(step)()
+    own_step.update({k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone())
+                     for k, v in step.items()})
+    eager = program(inputs, own_step, plan)
+    backend, graphs = graph_count_backend()
+    compiled = torch.compile(program.gm, backend=backend, fullgraph=True)
+    got = program(inputs, own_step, plan, runner=compiled)
+    assert len(graphs) == 1
+    torch.testing.assert_close(got, eager)
+
+
+@torch.no_grad()
+def test_aot_autograd_traces_record_and_control_programs():
+    """aot_eager runs the fake implementations and functionalisation: what Inductor needs of a program."""
+    _, inputs, variants, step = recorded_unet()
+    record = variants.program("record", True)
+    eager_step, compiled_step = (RecordCache().new_step(StepKey((1.0,), 2), (1,)) for _ in range(2))
+    want = record(inputs, eager_step)
+    got = record(inputs, compiled_step, runner=torch.compile(record.gm, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want)
+    assert eager_step.keys() == compiled_step.keys()
+    for ref in eager_step:
+        torch.testing.assert_close(compiled_step[ref], eager_step[ref])
+    control = variants.program("control", False)
+    alignment = torch.arange(inputs["encoder_hidden_states"].shape[1]).expand(2, -1).clone()
+    alignment[:, 3] = -1
+    eager_step, compiled_step = (RecordCache().new_step(StepKey((1.0,), 2), (1,)) for _ in range(2))
+    want = control(inputs, eager_step, source=step, token_alignment=alignment)
+    got = control(inputs, compiled_step, source=step, token_alignment=alignment,
+                  runner=torch.compile(control.gm, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(got, want)
+    assert eager_step.keys() == compiled_step.keys()
+
+
+@torch.no_grad()
+def test_one_program_serves_masks_of_the_same_structure():
+    compiled, inputs, variants, step = recorded_unet()
+    first, shifted, larger = (MaskPlan(m, POLICY) for m in (box(4, 4), box(4, 8), box(2, 2, 10, 10)))
+    program = variants.sparse_program(first)
+    assert program.fits(shifted) and variants.sparse_program(shifted) is program
+    assert not program.fits(larger) and variants.sparse_program(larger) is not program
+    # the shared program computes the shifted mask's call exactly as a program bound for it
+    fresh = bind(variants.sparse, shifted)
+    torch.testing.assert_close(program(inputs, step, shifted), fresh(inputs, step, shifted), rtol=0, atol=0)
+
+
+def test_a_program_keeps_no_plan_alive():
+    _, _, variants, _ = recorded_unet()
+    plan = MaskPlan(box(6, 6, 6, 2), POLICY)
+    program = variants.sparse_program(plan)
+    ref = weakref.ref(plan)
+    del plan
+    gc.collect()
+    assert ref() is None
+    assert program.slots  # still usable with the next plan of the same structure
+
+
+# --- registered kernels ----------------------------------------------------------------------------------------
+
+
+def _index_args(plan: MaskPlan, spec, from_gathered: bool) -> tuple:
+    index = plan.gather_index(spec, from_gathered)
+    c = index.windows
+    return [getattr(index, f) for f in INDEX_FIELDS], [c.num_windows, c.height, c.width], index.all_inside
+
+
+@pytest.mark.parametrize("spec", [ConvWindows((8, 8), (8, 8), (3, 3), (1, 1), (1, 1), (1, 1)), FullImage((8, 8))])
+def test_gather_ops_pass_pytorchs_operator_checks(spec):
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:5, 3:6] = True
+    plan = MaskPlan(mask, fisedit.Policy(block_size=2, halo=0))
+    layout = SpatialLayout("map", (8, 8), (2, 3), (2, 6, 8, 8))
+    blocks = plan.layout((8, 8)).num_blocks
+    fresh, recorded = torch.randn(2 * blocks, 6, 2, 2), torch.randn(2, 6, 8, 8)
+    index, windows, all_inside = _index_args(plan, spec, True)
+    args = (fresh, recorded, index, windows, all_inside, *layout_args(layout), blocks)
+    torch.library.opcheck(torch.ops.fisedit.gather_pixels.default, args)
+    scale, shift = torch.randn(2, 6), torch.randn(2, 6)
+    torch.library.opcheck(torch.ops.fisedit.gather_pixels_affine_silu.default, (*args, scale, shift))
+    full_index, full_windows, full_inside = _index_args(plan, ActivePixels((8, 8)), False)
+    torch.library.opcheck(torch.ops.fisedit.gather_pixels.default,
+                          (None, recorded, full_index, full_windows, full_inside, *layout_args(layout), 0))
+    torch.library.opcheck(torch.ops.fisedit.scatter_pixels_.default,
+                          (recorded.clone(), fresh, *layout_args(layout), full_index[2], blocks))
+
+
+def test_attention_op_passes_pytorchs_operator_checks():
+    q = torch.randn(2, 2, 5, 8)
+    kf, vf = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    kr, vr = torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    positions = torch.tensor([1, 4, 5, 9, 15])
+    torch.library.opcheck(torch.ops.fisedit.active_query_attention.default, (q, kf, vf, kr, vr, positions, None))
+    torch.library.opcheck(torch.ops.fisedit.active_query_attention.default, (q, kf, vf, kr, vr, positions, 0.3))
