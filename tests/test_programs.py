@@ -175,3 +175,25 @@ def test_attention_op_passes_pytorchs_operator_checks():
     positions = torch.tensor([1, 4, 5, 9, 15])
     torch.library.opcheck(torch.ops.fisedit.active_query_attention.default, (q, kf, vf, kr, vr, positions, None))
     torch.library.opcheck(torch.ops.fisedit.active_query_attention.default, (q, kf, vf, kr, vr, positions, 0.3))
+
+
+@pytest.mark.parametrize("write_back", [False, True])
+@torch.no_grad()
+def test_inline_gathers_compute_what_the_registered_operators_do(write_back):
+    """Programs for a compiler (`Policy.program_backend`) inline gathers as ATen selections: same values."""
+    _, inputs, variants, step = recorded_unet()
+    for mask in (box(5, 6), box(0, 0, 16, 3)):  # inside, and on the image border
+        plan = MaskPlan(mask, POLICY)
+        steps = []
+        for inline in (False, True):
+            own = type(step)()
+            own.update({k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone())
+                        for k, v in step.items()})
+            program = bind(variants.sparse, plan, write_back=write_back, inline_gathers=inline)
+            assert any(n.target is torch.ops.fisedit.gather_pixels.default
+                       for n in program.gm.graph.nodes) is not inline
+            steps.append((program(inputs, own, plan), own))
+        (want, want_step), (got, got_step) = steps
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for ref in want_step:
+            torch.testing.assert_close(got_step[ref], want_step[ref], rtol=0, atol=0)

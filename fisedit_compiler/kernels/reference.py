@@ -108,6 +108,36 @@ def gather_pixels(
     return from_canonical(source, layout, c.num_windows, c.height, c.width)
 
 
+def gather_pixels_by_selection(
+    fresh: torch.Tensor | None,
+    recorded: torch.Tensor,
+    index: GatherIndex,
+    layout: SpatialLayout,
+    fresh_windows: int,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gather_pixels` (with `scale` and `shift`: `gather_pixels_affine_silu`) as whole-tensor selections: every
+    window pixel selects its recorded pixel, then its fresh one where it has one, then zero outside the image.
+
+    The same values as the kernels above, in a form a compiler fuses into one pass with indirect loads (programs
+    compiled with `Policy.program_backend` inline it instead of calling the registered operator). Shapes come from
+    the arguments only (it traces with FX proxies); `fresh` is None or has fresh pixels."""
+    batch, c = layout.shape[0], index.windows
+    out = to_canonical(recorded, layout, batch, 1).index_select(1, index.recorded_index)
+    if fresh is not None:
+        fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_index)
+        out = torch.where(index.from_fresh[None, :, None], fresh_pixels, out.type_as(fresh_pixels))
+    if scale is not None:
+        out = F.silu(out.float() * scale[:, None, :] + shift[:, None, :]).type_as(out)
+    if not index.all_inside:
+        out = torch.where(index.inside[None, :, None], out, 0)
+    out = from_canonical(out, layout, c.num_windows, c.height, c.width)
+    if fresh is not None and is_whole_map(index, layout):  # a region exit: a contiguous map, as above
+        out = out.contiguous()
+    return out
+
+
 def scatter_pixels_(
     recorded: torch.Tensor, fresh: torch.Tensor, layout: SpatialLayout, positions: torch.Tensor, fresh_windows: int
 ) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec
 from ..kernels import library, reference
+from ..kernels.library import INDEX_FIELDS
 
 aten = torch.ops.aten
 fisedit = torch.ops.fisedit
@@ -68,18 +69,24 @@ def group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, 
 # --- sparse variant ---------------------------------------------------------------------------------------------
 
 
-def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec, *epilogue,
-            op=None):
+def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec, scale=None, shift=None):
     """A gather of `spec`'s windows: from `source` and the recorded value at `ref`, or (`ref=None`) from `source`
-    alone, a full-size tensor computed in this call."""
+    alone, a full-size tensor computed in this call. With `scale` and `shift`: GroupNorm's affine map and SiLU."""
     index = b.index(spec, ref is not None)
-    if index.identity and not epilogue:  # e.g. a resolution the cost model keeps dense: one block covering the map
+    fused = scale is not None
+    if index.identity and not fused:  # e.g. a resolution the cost model keeps dense: one block covering the map
         return source
     if ref is None:
         fresh, recorded, fresh_windows = None, source, 0
     else:
         fresh, recorded, fresh_windows = source, b.recorded(ref), b.num_blocks(layout.res)
-    op = op or fisedit.gather_pixels.default
+    if b.inline_gathers:
+        if fresh is not None and index.empty[INDEX_FIELDS.index("fresh_at")]:
+            fresh = None  # no fresh pixel in these windows (and no rows to select from)
+        return reference.gather_pixels_by_selection(fresh, recorded, index.as_gather_index(), layout, fresh_windows,
+                                                    scale, shift)
+    op = fisedit.gather_pixels_affine_silu.default if fused else fisedit.gather_pixels.default
+    epilogue = (scale, shift) if fused else ()
     return op(fresh, recorded, index.tensors, index.windows, index.all_inside, *library.layout_args(layout),
               fresh_windows, *epilogue)
 
@@ -110,7 +117,7 @@ def gather_windows_norm_silu(b, source, ref: CacheRef | None, layout: SpatialLay
     (the following convolution's padding)."""
     mean, rstd = b.recorded(stats_ref)
     scale, shift = reference.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
-    return _gather(b, source, ref, layout, spec, scale, shift, op=fisedit.gather_pixels_affine_silu.default)
+    return _gather(b, source, ref, layout, spec, scale, shift)
 
 
 @ir_op

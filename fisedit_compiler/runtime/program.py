@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..ir import CacheRef, WindowSpec
+from ..ir import CacheRef, GatherIndex, WindowCoords, WindowSpec
 from ..kernels.library import INDEX_FIELDS
 from .cache import StepRecord
 from .mask_plan import MaskPlan
@@ -76,6 +76,13 @@ class BoundIndex:
     windows: list[int]  # num_windows, height, width
     all_inside: bool
     identity: bool
+    empty: tuple[bool, ...]  # per field: None or no elements
+
+    def as_gather_index(self) -> GatherIndex:
+        """A `GatherIndex` whose tensors are the program's values (for kernels written against one)."""
+        fields = dict(zip(INDEX_FIELDS, self.tensors))
+        coords = WindowCoords(*self.windows, None, None, fields["inside"])
+        return GatherIndex(coords, all_inside=self.all_inside, identity=self.identity, **fields)
 
     def field(self, name: str):
         return self.tensors[INDEX_FIELDS.index(name)]
@@ -86,8 +93,10 @@ class Binding:
     lowerings may decide on (`plan`, `record_attention_maps`, `write_back`). Lowerings see it as their first
     argument; `node` is the IR node being lowered."""
 
-    def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool):
+    def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
+                 inline_gathers: bool = False):
         self.ir = ir
+        self.inline_gathers = inline_gathers
         self.plan = plan
         self.record_attention_maps = record_attention_maps
         self.write_back = write_back
@@ -158,7 +167,7 @@ class Binding:
         tensors = [None if getattr(index, f) is None else
                    self.plan_value(("index", spec, from_gathered, f), _index_field(spec, from_gathered, f))
                    for f in INDEX_FIELDS]
-        return BoundIndex(tensors, shape[0], shape[1], shape[2])
+        return BoundIndex(tensors, *shape)
 
     # --- what lowerings produce -----------------------------------------------------------------------------
 
@@ -331,8 +340,10 @@ def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
 
 
 def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
-         write_back: bool = False) -> Program:
-    """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring."""
-    binding = Binding(ir, plan, record_attention_maps, write_back)
+         write_back: bool = False, inline_gathers: bool = False) -> Program:
+    """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring. With
+    `inline_gathers`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) that a compiler
+    fuses with what surrounds them, instead of registered operators (the same values)."""
+    binding = Binding(ir, plan, record_attention_maps, write_back, inline_gathers)
     gm = binding.lower()
     return Program(gm, binding.slots, binding.writes, tuple(binding.structure))
