@@ -130,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     policy.add_argument("--norm-stats", choices=("recorded", "fresh"), default=defaults.norm_stats)
     policy.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default=defaults.cache_dtype,
                         help="storage dtype of the record cache (default: the computed dtype)")
+    policy.add_argument("--program-backend", default=defaults.program_backend,
+                        help="torch.compile backend for the record and sparse programs, e.g. inductor (default: "
+                             "eager programs); the dense U-Net is then also measured under torch.compile with it")
     args = p.parse_args(argv)
     if args.repeats < 3:
         p.error("--repeats must be at least 3")
@@ -169,7 +172,7 @@ def parse_mask_spec(text: str, parser: argparse.ArgumentParser | None = None) ->
 def policy_of(args: argparse.Namespace) -> fisedit.Policy:
     return fisedit.Policy(max_sparse_downscale=args.max_sparse_downscale, halo=args.halo,
                           block_size=args.block_size, attention=args.attention, norm_stats=args.norm_stats,
-                          cache_dtype=args.cache_dtype)
+                          cache_dtype=args.cache_dtype, program_backend=args.program_backend)
 
 
 # --- masks --------------------------------------------------------------------------------------------------------
@@ -588,6 +591,16 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def count_program_macs(call, compiled: fisedit.CompiledUNet, variants) -> tuple[int, Any]:
+    """MACs of a compiled-model call with its programs run eagerly: kernels that `torch.compile` generated do not
+    pass through the dispatcher that `FlopCounterMode` counts at (the programs compute the same ops)."""
+    backend, variants.backend = variants.backend, None
+    try:
+        return count_macs(call, compiled)
+    finally:
+        variants.backend = backend
+
+
 def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
     """Run the measurements; `checkpoint(result)` is called with the results so far before the profile."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -628,6 +641,18 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
             log(args, f"dense call {i + 1}/{args.repeats}: {dense_times.wall[-1]:.3f}s")
         dense_s = dense_times.median
         log(args, f"dense: {dense_macs / 1e9:.1f} GMACs, {dense_s:.3f}s")
+        if policy.program_backend:  # what a user of torch.compile would run instead: the dense U-Net compiled
+            dense_compiled = torch.compile(unet, backend=policy.program_backend)
+            compile_dense_s, _ = timed(lambda: call(dense_compiled), device)
+            for _ in range(args.warmup - 1):
+                call(dense_compiled)
+            compiled_times = CallTimes(device)
+            for _ in range(args.repeats):
+                compiled_times(lambda: call(dense_compiled))
+            result["dense_compiled"] = {"backend": policy.program_backend, "seconds": compiled_times.median,
+                                        "seconds_all": compiled_times.wall, "first_call_seconds": compile_dense_s}
+            log(args, f"dense under torch.compile({policy.program_backend}): {compiled_times.median:.3f}s "
+                      f"(first call {compile_dense_s:.1f}s)")
 
         # record: the first call captures the graph and runs both pass pipelines
         with compiled.record():
@@ -684,7 +709,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
                 first_s, out = timed(lambda: call(compiled), device)
                 built_in_first_call = compiled.mode.plan.gather_indices_built
                 diffs = [max_abs(out, record_out)]
-                sparse_macs, out = count_macs(call, compiled)  # the first warm-up call, as for the dense calls
+                sparse_macs, out = count_program_macs(call, compiled, variants)  # as for the dense calls
                 diffs.append(max_abs(out, record_out))
                 for _ in range(args.warmup - 1):
                     call(compiled)
@@ -708,6 +733,8 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
                 "sparse_seconds": sparse_s,
                 "sparse_seconds_all": times.wall,
                 "speedup": dense_s / sparse_s,
+                "speedup_vs_dense_compiled": (result["dense_compiled"]["seconds"] / sparse_s
+                                              if "dense_compiled" in result else None),
                 "speedup_fastest": min(dense_times.wall) / min(times.wall),
                 "sparse_cpu_seconds": times.cpu_median,
                 "sparse_cpu_seconds_all": times.cpu,
@@ -795,6 +822,7 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"record call took {_s(rec['first_call_seconds'])} s, {rec['first_call_extra_seconds']:+.2f} s over a dense "
         f"call, a later record call {_s(rec['call_seconds'])} s. Cache: {r['cache_bytes_per_step'] / 2**20:.1f} MiB "
         f"per step. Record vs eager max |diff|: {rec['record_vs_eager_max_abs_diff']:.1e}.",
+        *_compiled_lines(r),
         "",
         f"Load average (1/5/15 min) at start: {_load(m.get('loadavg_at_start'))}, at end: "
         f"{_load(m.get('loadavg_at_end'))}{_contention_note(r)}.",
@@ -825,6 +853,17 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
     if "profile" in r:
         lines += ["", *render_profile(r["profile"], layers)]
     return "\n".join(lines) + "\n"
+
+
+def _compiled_lines(r: dict[str, Any]) -> list[str]:
+    """With `--program-backend`: the dense U-Net under torch.compile, and each mask's speed-up against it."""
+    if "dense_compiled" not in r:
+        return []
+    dc = r["dense_compiled"]
+    speedups = ", ".join(f"{row['name']} {row['speedup_vs_dense_compiled']:.2f}x" for row in r["masks"])
+    return ["", f"Programs run under `torch.compile(backend={dc['backend']!r})` (sparse seconds and speed-ups in the "
+            f"table are theirs). The dense U-Net under the same `torch.compile`: {_s(dc['seconds'])} s per call "
+            f"(first call, compiling: {dc['first_call_seconds']:.1f} s); sparse speed-up against it: {speedups}."]
 
 
 def _fastest(r: dict[str, Any], row: dict[str, Any]) -> float:
@@ -949,6 +988,8 @@ def output_stem(args: argparse.Namespace, device: torch.device) -> str:
         stem += f"_b{p.block_size or 'auto'}-h{p.halo}-d{p.max_sparse_downscale}-{p.attention}-{p.norm_stats}"
         if p.cache_dtype:
             stem += f"-cache-{p.cache_dtype}"
+        if p.program_backend:
+            stem += f"-{p.program_backend}"
     return stem
 
 

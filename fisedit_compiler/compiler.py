@@ -138,7 +138,7 @@ class Variants:
         key = (variant, record_attention_maps)
         if key not in self.programs:
             self.programs[key] = bind(getattr(self, variant), record_attention_maps=record_attention_maps,
-                                      inline_gathers=self.backend is not None)
+                                      inline_kernels=self.backend is not None)
         return self.programs[key]
 
     def sparse_program(self, plan: MaskPlan, write_back: bool = False) -> Program:
@@ -147,7 +147,7 @@ class Variants:
         kept = self.sparse_programs.setdefault(write_back, [])
         program = next((p for p in kept if p.fits(plan)), None)
         if program is None:
-            program = bind(self.sparse, plan, write_back=write_back, inline_gathers=self.backend is not None)
+            program = bind(self.sparse, plan, write_back=write_back, inline_kernels=self.backend is not None)
         else:
             kept.remove(program)
         kept.insert(0, program)

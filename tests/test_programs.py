@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import weakref
@@ -179,8 +180,8 @@ def test_attention_op_passes_pytorchs_operator_checks():
 
 @pytest.mark.parametrize("write_back", [False, True])
 @torch.no_grad()
-def test_inline_gathers_compute_what_the_registered_operators_do(write_back):
-    """Programs for a compiler (`Policy.program_backend`) inline gathers as ATen selections: same values."""
+def test_inline_kernels_compute_what_the_registered_operators_do(write_back):
+    """Programs for a compiler (`Policy.program_backend`) inline gathers and attention as ATen ops: same values."""
     _, inputs, variants, step = recorded_unet()
     for mask in (box(5, 6), box(0, 0, 16, 3)):  # inside, and on the image border
         plan = MaskPlan(mask, POLICY)
@@ -189,11 +190,39 @@ def test_inline_gathers_compute_what_the_registered_operators_do(write_back):
             own = type(step)()
             own.update({k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone())
                         for k, v in step.items()})
-            program = bind(variants.sparse, plan, write_back=write_back, inline_gathers=inline)
-            assert any(n.target is torch.ops.fisedit.gather_pixels.default
-                       for n in program.gm.graph.nodes) is not inline
+            program = bind(variants.sparse, plan, write_back=write_back, inline_kernels=inline)
+            registered = {torch.ops.fisedit.gather_pixels.default, torch.ops.fisedit.active_query_attention.default}
+            assert any(n.target in registered for n in program.gm.graph.nodes) is not inline
             steps.append((program(inputs, own, plan), own))
         (want, want_step), (got, got_step) = steps
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         for ref in want_step:
             torch.testing.assert_close(got_step[ref], want_step[ref], rtol=0, atol=0)
+
+
+def test_program_backend_must_be_a_torch_compile_backend():
+    with pytest.raises(ValueError, match="not a torch.compile backend"):
+        fisedit.Policy(program_backend="inductr")
+
+
+@torch.no_grad()
+def test_a_compiled_model_runs_its_programs_with_the_policys_backend():
+    """`Policy.program_backend`: record and sparse calls run compiled programs (one graph each), with the results of
+    the eager programs."""
+    compiled_eager, inputs, _, _ = recorded_unet()
+    unet = compiled_eager.unet
+    backend, graphs = graph_count_backend()
+    from torch._dynamo import register_backend
+
+    register_backend(name="fisedit_test_counting", compiler_fn=backend)
+    compiled = fisedit.compile(unet, dataclasses.replace(POLICY, program_backend="fisedit_test_counting"))
+    mask = box(3, 9)
+    with compiled.record():
+        recorded = compiled(**inputs).sample
+    with compiled_eager.sparse(mask):
+        want = compiled_eager(**inputs).sample
+    with compiled.sparse(mask):
+        got = compiled(**inputs).sample
+    assert len(graphs) == 2  # the record program and the sparse program
+    torch.testing.assert_close(recorded, unet(**inputs).sample)
+    torch.testing.assert_close(got, want)

@@ -80,7 +80,7 @@ def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: Window
         fresh, recorded, fresh_windows = None, source, 0
     else:
         fresh, recorded, fresh_windows = source, b.recorded(ref), b.num_blocks(layout.res)
-    if b.inline_gathers:
+    if b.inline_kernels:
         if fresh is not None and index.empty[INDEX_FIELDS.index("fresh_at")]:
             fresh = None  # no fresh pixel in these windows (and no rows to select from)
         return reference.gather_pixels_by_selection(fresh, recorded, index.as_gather_index(), layout, fresh_windows,
@@ -201,8 +201,8 @@ def active_query_attention(b, query, key, value, key_ref: CacheRef, value_ref: C
     """Self-attention of active queries against every token: fresh keys/values for active tokens, recorded ones
     for the rest. `layout` is the keys' (B, heads, tokens, head_dim) layout."""
     positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
-    return fisedit.active_query_attention.default(query, key, value, b.recorded(key_ref), b.recorded(value_ref),
-                                                  positions, scale)
+    kernel = reference.active_query_attention if b.inline_kernels else fisedit.active_query_attention.default
+    return kernel(query, key, value, b.recorded(key_ref), b.recorded(value_ref), positions, scale)
 
 
 @ir_op

@@ -94,9 +94,9 @@ class Binding:
     argument; `node` is the IR node being lowered."""
 
     def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
-                 inline_gathers: bool = False):
+                 inline_kernels: bool = False):
         self.ir = ir
-        self.inline_gathers = inline_gathers
+        self.inline_kernels = inline_kernels
         self.plan = plan
         self.record_attention_maps = record_attention_maps
         self.write_back = write_back
@@ -340,10 +340,11 @@ def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
 
 
 def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
-         write_back: bool = False, inline_gathers: bool = False) -> Program:
+         write_back: bool = False, inline_kernels: bool = False) -> Program:
     """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring. With
-    `inline_gathers`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) that a compiler
-    fuses with what surrounds them, instead of registered operators (the same values)."""
-    binding = Binding(ir, plan, record_attention_maps, write_back, inline_gathers)
+    `inline_kernels`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) and active-query
+    attention the reference's ATen ops, which a compiler fuses with what surrounds them, instead of registered
+    operators (the same values)."""
+    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels)
     gm = binding.lower()
     return Program(gm, binding.slots, binding.writes, tuple(binding.structure))
