@@ -183,7 +183,7 @@ def test_attention_op_passes_pytorchs_operator_checks():
 def test_inline_kernels_compute_what_the_registered_operators_do(write_back):
     """Programs for a compiler (`Policy.program_backend`) inline gathers and attention as ATen ops: same values."""
     _, inputs, variants, step = recorded_unet()
-    for mask in (box(5, 6), box(0, 0, 16, 3)):  # inside, and on the image border
+    for mask in (box(5, 6), box(0, 0, 16, 3), box(0, 0, 0, 0)):  # inside, on the image border, empty
         plan = MaskPlan(mask, POLICY)
         steps = []
         for inline in (False, True):
