@@ -50,6 +50,7 @@ from .policy import Policy
 from .runtime.cache import Direction, RecordCache, StepKey, StepRecord
 from .runtime.mask_plan import MaskPlan
 from .runtime.program import Program, bind
+from .runtime.tiered_store import make_store
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
@@ -264,7 +265,7 @@ class CompiledUNet(nn.Module):
         self.unet = unet
         self.adapter = make_adapter(unet, adapter)
         self.policy = policy or Policy()
-        self.cache = RecordCache(self.policy.storage_dtype)  # the cache of `record()` and `sparse()`
+        self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy))  # of record() and sparse()
         self._variants: dict[InputSignature, Variants] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -393,6 +394,9 @@ class CompiledUNet(nn.Module):
             if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
                 mode.plan = self.mask_plan(mode.mask.to(sample.device))
             output = variants.run_sparse(inputs, cache.step(key), mode.plan, write_back=mode.write_back)
+            if mode.write_back:
+                cache.mark_dirty(key)
+        cache.step_done(key)
         return self.adapter.wrap_output(tuple(output), return_dict)
 
     def variants(self, inputs: dict[str, Any]) -> Variants:

@@ -50,6 +50,11 @@ class Policy:
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
         dump_svg: whether dumps render SVG with Graphviz (where installed; FISEDIT_DUMP_SVG=0 also turns it off).
+        cache_budget: how much of the record cache stays in memory; the rest of the recorded steps live in
+            `cache_dir` (`runtime.tiered_store`; written in the background, read ahead during replays). A float in
+            (0, 1]: that fraction of the memory available when the cache is made (default 0.5); an int: bytes;
+            "unbounded": everything in memory.
+        cache_dir: the folder of the disk tier (None: a temporary folder, removed with the cache).
         program_backend: a `torch.compile` backend that record, control and sparse calls run their programs with
             (`runtime.program`), e.g. "inductor": each program is compiled once (a sparse one per mask structure)
             and traced as one graph. None (the default): programs run eagerly, the reference.
@@ -68,6 +73,8 @@ class Policy:
     cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
     dump_svg: bool = True
+    cache_budget: float | int | Literal["unbounded"] = 0.5
+    cache_dir: str | None = None
     program_backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -98,6 +105,13 @@ class Policy:
             raise ValueError(
                 f"program_backend {self.program_backend!r} is not a torch.compile backend; choose one of "
                 f"{_torch_compile_backends()}, or None to run programs eagerly"
+            )
+        budget = self.cache_budget
+        if not (budget == "unbounded" or (isinstance(budget, float) and 0 < budget <= 1)
+                or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0)):
+            raise ValueError(
+                f"cache_budget must be a fraction of the available memory in (0, 1] (a float), a number of bytes "
+                f"(an int >= 0) or 'unbounded'; got {budget!r}"
             )
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")

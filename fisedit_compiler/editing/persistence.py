@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from ..ir import CacheRef
 from ..policy import Policy
+from ..runtime.tiered_store import make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
 
 FORMAT = "fisedit-session/1"
@@ -172,8 +173,9 @@ def read_session(path: str | Path, pipe) -> SavedSession:
     _check_same("scheduler config", scheduler["config"], _jsonable_config(pipe.scheduler.config))
 
     latents, _ = _read(folder, LATENTS)
+    policy = Policy(**manifest["policy"])
     cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
-                        else None)
+                        else None, make_store(policy))
     latent_shape = tuple(manifest["latent_shape"])
     for step in manifest["steps"]:
         tensors, metadata = _read(folder, step["file"])
@@ -188,7 +190,7 @@ def read_session(path: str | Path, pipe) -> SavedSession:
     if tuple(initial.shape[-2:]) != latent_shape[-2:]:
         raise SessionFileError(f"the saved latents are {tuple(initial.shape)}, the cache {latent_shape}")
     return SavedSession(
-        prompt=manifest["prompt"], maps_prompt=manifest["maps_prompt"], policy=Policy(**manifest["policy"]),
+        prompt=manifest["prompt"], maps_prompt=manifest["maps_prompt"], policy=policy,
         num_inference_steps=manifest["num_inference_steps"], guidance_scale=manifest["guidance_scale"],
         height=manifest["height"], width=manifest["width"], noise_seed=manifest["noise_seed"], cache=cache,
         initial_latents=initial, trajectory=[latents[f"step_{i}"] for i in range(manifest["trajectory_steps"])],

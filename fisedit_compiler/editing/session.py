@@ -29,6 +29,7 @@ from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compil
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
+from ..runtime.tiered_store import make_store
 from ..inputs import as_mask, check_prompt
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
@@ -172,7 +173,7 @@ class EditSession:
             pipe.unet = self.unet
         self.policy = self.unet.policy
         # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
-        self.cache = RecordCache(self.policy.storage_dtype)
+        self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy))
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         sample_size = self.unet.config.sample_size * pipe.vae_scale_factor

@@ -198,13 +198,32 @@ class RecordCache:
             self.store.put(key, step)
 
     def step(self, key: StepKey) -> StepRecord:
-        if key not in self:
-            recorded = ", ".join(k.describe() for k in self.steps) or "nothing"
+        """The record of `key`. A store with a lower tier (`prefetch`) starts loading the step recorded after it:
+        replays read the steps in the recorded order."""
+        steps = self.steps
+        if key not in steps:
+            recorded = ", ".join(k.describe() for k in steps) or "nothing"
             raise StepNotRecordedError(
                 f"{key.describe()} was never recorded (recorded: {recorded}). Sparse calls must replay the "
                 "timesteps of the source run: use the same scheduler and number of inference steps."
             )
-        return self.store.get(key)
+        record = self.store.get(key)
+        following = steps.index(key) + 1
+        if following < len(steps) and hasattr(self.store, "prefetch"):
+            self.store.prefetch(steps[following])
+        return record
+
+    def step_done(self, key: StepKey) -> None:
+        """A call has finished reading and writing `key`'s record: a store with a budget (`settle`) may now move
+        older steps out."""
+        if hasattr(self.store, "settle"):
+            self.store.settle(key)
+
+    def mark_dirty(self, key: StepKey) -> None:
+        """`key`'s record was updated in place (a sparse call's write-back): a store with a lower tier rewrites it
+        when it moves it there."""
+        if hasattr(self.store, "mark_dirty"):
+            self.store.mark_dirty(key)
 
     def get(self, key: StepKey, ref: CacheRef):
         return self.step(key)[ref]

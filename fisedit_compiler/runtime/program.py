@@ -314,9 +314,15 @@ class Program:
         result = (self.gm if runner is None else runner)(*args)
         outputs, written = result[:self.num_outputs], result[self.num_outputs:]
         if self.writes:
+            # a recorded tensor that is also an output (the model's last layer) is stored as a copy: write-back
+            # updates recorded tensors in place, which must never change what a caller already holds
+            returned = {t.untyped_storage().data_ptr() for t in outputs if isinstance(t, torch.Tensor)}
             parts: dict[CacheRef, dict[int | None, torch.Tensor]] = {}
             for write, value in zip(self.writes, written):
-                parts.setdefault(write.ref, {})[write.part] = value.detach()
+                value = value.detach()
+                if value.untyped_storage().data_ptr() in returned:
+                    value = value.clone()
+                parts.setdefault(write.ref, {})[write.part] = value
             for ref, values in parts.items():
                 step[ref] = values[None] if None in values else (values[0], values[1])
         return tuple(outputs)

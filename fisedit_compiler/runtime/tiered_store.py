@@ -1,0 +1,262 @@
+"""A `CacheStore` with bounded memory: complete step records beyond a byte budget live in a folder on disk.
+
+Recording writes a finished step to disk in the background when the resident steps pass the budget; a replay, which
+reads the steps in the recorded order, loads step s+1 in the background while step s computes (`prefetch`, called by
+`RecordCache.step`). Files are safetensors (no pickle; a file names its tensors' cache references in its metadata).
+A background read or write that fails raises `CacheIOError` in the call that needs the step, never a hang.
+
+Budget accounting: `resident_nbytes` counts the step records held in memory, except the one being written out (one
+at a time, in the background); it is at most `budget_bytes` after every call (`RecordCache.step_done`) unless the
+step just used is larger than the budget on its own. The step being written and the one being prefetched come on
+top: a budget should leave room for two more steps (a step of SD 2 at 768x768 in fp32 is about 1.2 GiB).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..ir import CacheRef
+from ..policy import Policy
+from .cache import MemoryStore, StepKey, StepRecord
+
+
+class CacheIOError(RuntimeError):
+    """A step record could not be written to or read from the disk tier."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux `MemAvailable`), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _record_nbytes(record: StepRecord) -> int:
+    return record.nbytes
+
+
+def _flatten(record: StepRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, names = {}, []
+    for ref, value in record.items():
+        parts = value if isinstance(value, tuple) else (value,)
+        names.append([ref.key, ref.kind, len(parts) if isinstance(value, tuple) else 0])
+        for i, part in enumerate(parts):
+            tensors[f"{len(names) - 1}.{i}"] = part.detach().contiguous().cpu()
+    return tensors, {"fisedit_refs": json.dumps(names)}
+
+
+def _unflatten(path: Path, dtype: torch.dtype | None, device: torch.device | None) -> StepRecord:
+    record = StepRecord(dtype)
+    with safe_open(str(path), framework="pt") as f:
+        names = json.loads(f.metadata()["fisedit_refs"])
+        for n, (key, kind, parts) in enumerate(names):
+            values = tuple(f.get_tensor(f"{n}.{i}") for i in range(max(parts, 1)))
+            if device is not None:
+                values = tuple(v.to(device, non_blocking=True) for v in values)
+            dict.__setitem__(record, CacheRef(key, kind), values if parts else values[0])
+    return record
+
+
+class TieredStore:
+    """Step records in memory up to `budget_bytes`, the rest in `folder` (default: a temporary folder, removed with
+    the store). See the module docstring."""
+
+    def __init__(self, budget_bytes: int, folder: str | Path | None = None):
+        if budget_bytes < 0:
+            raise ValueError(f"the cache budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._folder = Path(folder) if folder is not None else None
+        self._own_folder = folder is None
+        self._order: list[StepKey] = []
+        self._resident: collections.OrderedDict[StepKey, StepRecord] = collections.OrderedDict()  # LRU order
+        self._on_disk: dict[StepKey, tuple[Path, int]] = {}
+        self._writing: dict[StepKey, concurrent.futures.Future] = {}  # at most one
+        self._loading: dict[StepKey, concurrent.futures.Future] = {}
+        self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
+        self._pool_instance: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first spill
+        self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
+        self.spilled = 0  # steps written to disk so far
+        self.device: torch.device | None = None  # where loaded records go (the device of the first record put)
+
+    # --- CacheStore ----------------------------------------------------------------------------------------------
+
+    def keys(self) -> list[StepKey]:
+        return list(self._order)
+
+    @property
+    def nbytes(self) -> int:
+        resident = sum(_record_nbytes(r) for k, r in self._resident.items() if k not in self._on_disk)
+        return resident + sum(n for _, n in self._on_disk.values())
+
+    @property
+    def resident_nbytes(self) -> int:
+        """Bytes of the step records held in memory, not counting the one being written to disk (on its way out)."""
+        return sum(_record_nbytes(r) for k, r in self._resident.items() if k not in self._writing)
+
+    def put(self, key: StepKey, record: StepRecord) -> None:
+        self._forget_file(key)
+        if key not in self._order:
+            self._order.append(key)
+        self._resident[key] = record
+        self._resident.move_to_end(key)
+        self._clean.discard(key)
+        if self.device is None:
+            first = next((v for v in record.values() if isinstance(v, torch.Tensor)), None)
+            self.device = first.device if first is not None else None
+        self._enforce_budget(keep=key)
+
+    def get(self, key: StepKey) -> StepRecord:
+        if key not in self._order:
+            raise KeyError(key)
+        if key not in self._resident:
+            future = self._loading.pop(key, None)
+            start = time.perf_counter()
+            try:
+                record = future.result() if future is not None else self._load(key)
+            except CacheIOError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure of the background read surfaces here
+                raise CacheIOError(f"reading the recorded {key.describe()} from {self._on_disk[key][0]} failed: {e}"
+                                   ) from e
+            finally:
+                self.wait_seconds += time.perf_counter() - start
+            self._resident[key] = record
+            self._clean.add(key)
+        self._resident.move_to_end(key)
+        self._enforce_budget(keep=key)
+        return self._resident[key]
+
+    def evict(self, key: StepKey) -> None:
+        self._resident.pop(key, None)
+        self._clean.discard(key)
+        future = self._loading.pop(key, None)
+        if future is not None:
+            future.cancel()
+        self._forget_file(key)
+        self._order.remove(key)
+
+    # --- the disk tier ----------------------------------------------------------------------------------------
+
+    def prefetch(self, key: StepKey) -> None:
+        """Start loading `key` in the background if it is on disk only (a replay's next step)."""
+        if key in self._resident or key in self._loading or key not in self._on_disk:
+            return
+        self._loading[key] = self._pool.submit(self._load, key)
+
+    def settle(self, key: StepKey) -> None:
+        """The call using `key` is done: enforce the budget, keeping `key` resident (the next call may be the same
+        step, e.g. CFG batches or a second sampler call)."""
+        self._enforce_budget(keep=key)
+
+    def mark_dirty(self, key: StepKey) -> None:
+        """The resident record of `key` was modified in place (write-back): its file is stale."""
+        self._clean.discard(key)
+
+    @property
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool_instance is None:
+            self._pool_instance = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                                        thread_name_prefix="fisedit-cache")
+        return self._pool_instance
+
+    def close(self) -> None:
+        """Wait for background work, then remove a folder this store created (the store stays usable)."""
+        if self._pool_instance is not None:
+            self._pool_instance.shutdown(wait=True, cancel_futures=True)
+            self._pool_instance = None
+        if self._own_folder and self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _folder_path(self) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="fisedit-cache-"))
+        self._folder.mkdir(parents=True, exist_ok=True)
+        return self._folder
+
+    def _enforce_budget(self, keep: StepKey) -> None:
+        """Move least recently used complete records to disk until the resident ones fit the budget; one write is
+        in flight at a time (it overlaps the next step's compute), `keep` (the step in use) stays."""
+        self._collect_writes(keep)
+        while self.resident_nbytes > self.budget_bytes:
+            victim = next((k for k in self._resident if k != keep and k not in self._writing), None)
+            if victim is None:
+                return  # only the step in use is resident: it may exceed the budget on its own
+            if victim in self._clean and victim in self._on_disk:
+                del self._resident[victim]  # its file is current: nothing to write
+                continue
+            if self._writing:
+                self._collect_writes(keep, wait=True)
+                continue
+            self._writing[victim] = self._pool.submit(self._spill, victim, self._resident[victim])
+
+    def _collect_writes(self, keep: StepKey, wait: bool = False) -> None:
+        for key, future in list(self._writing.items()):
+            if not (wait or future.done()):
+                continue
+            del self._writing[key]
+            self._on_disk[key] = future.result()  # a failed write raises here (CacheIOError)
+            self.spilled += 1
+            if key == keep:
+                self._clean.add(key)  # in use again meanwhile: stays resident, equal to its file
+            else:
+                self._resident.pop(key, None)
+                self._clean.discard(key)
+
+    def _spill(self, key: StepKey, record: StepRecord) -> tuple[Path, int]:
+        """(Background thread: file I/O only.) Write `record` to its file."""
+        path = self._folder_path() / f"step-{self._order.index(key):05d}.safetensors"
+        try:
+            tensors, metadata = _flatten(record)
+            save_file(tensors, str(path), metadata=metadata)
+        except Exception as e:  # noqa: BLE001
+            raise CacheIOError(f"writing the recorded {key.describe()} to {path} failed: {e}") from e
+        return path, record.nbytes
+
+    def _load(self, key: StepKey) -> StepRecord:
+        path, _ = self._on_disk[key]
+        try:
+            return _unflatten(path, None, self.device)
+        except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise CacheIOError(f"reading the recorded {key.describe()} from {path} failed: {e}") from e
+
+    def _forget_file(self, key: StepKey) -> None:
+        entry = self._on_disk.pop(key, None)
+        if entry is not None:
+            entry[0].unlink(missing_ok=True)
+
+
+def make_store(policy: Policy) -> MemoryStore | TieredStore:
+    """The store `policy.cache_budget` asks for: a `TieredStore` whose budget is that many bytes, or that fraction
+    of the memory available now; "unbounded": a `MemoryStore`."""
+    budget = policy.cache_budget
+    if budget == "unbounded":
+        return MemoryStore()
+    if isinstance(budget, float):
+        available = available_memory()
+        if available is None:
+            raise RuntimeError(
+                "cannot tell how much memory is available on this system to size the record cache: give "
+                "Policy(cache_budget=<bytes>) or Policy(cache_budget='unbounded')"
+            )
+        budget = int(budget * available)
+    return TieredStore(budget, policy.cache_dir)

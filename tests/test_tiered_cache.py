@@ -1,0 +1,112 @@
+"""The record cache with bounded memory (`runtime.tiered_store`): spilled steps give the same results, the resident
+bytes stay within the budget, failures of the disk tier surface as clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from conftest import tiny_unet, unet_inputs
+from fisedit_compiler.runtime.cache import MemoryStore
+from fisedit_compiler.runtime.tiered_store import CacheIOError, TieredStore, make_store
+
+SIZE = 16
+TIMESTEPS = (900, 700, 500, 300, 100)
+
+
+def mask() -> torch.Tensor:
+    m = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    m[3:8, 6:12] = True
+    return m
+
+
+@torch.no_grad()
+def run_session(policy: fisedit.Policy, check=lambda compiled: None):
+    """Record 5 steps, replay them sparsely, then twice with write-back (continuous edits); the outputs of every
+    call, and the cache's final tensors."""
+    torch.manual_seed(0)
+    unet = tiny_unet("sd2")
+    inputs = unet_inputs(unet, size=SIZE)
+    compiled = fisedit.compile(unet, policy)
+    outputs = []
+    with compiled.record():
+        for t in TIMESTEPS:
+            outputs.append(compiled(**{**inputs, "timestep": torch.tensor(t)}).sample)
+            check(compiled)
+    noise = torch.randn(inputs["sample"].shape, generator=torch.Generator().manual_seed(1))
+    edited = {**inputs, "sample": inputs["sample"] + 0.1 * noise}
+    for write_back in (False, True, True):
+        with compiled.sparse(mask(), write_back=write_back):
+            for t in TIMESTEPS:
+                outputs.append(compiled(**{**edited, "timestep": torch.tensor(t)}).sample)
+                check(compiled)
+    final = {(key, ref): compiled.cache.step(key)[ref] for key in compiled.cache.steps
+             for ref in compiled.cache.step(key)}
+    return compiled, outputs, final
+
+
+def step_bytes() -> int:
+    compiled, _, _ = run_session(fisedit.Policy(cache_budget="unbounded"))
+    return compiled.cache.nbytes // len(TIMESTEPS)
+
+
+def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path):
+    budget = int(1.5 * step_bytes())  # one complete step fits, two do not
+    _, want, want_cache = run_session(fisedit.Policy(cache_budget="unbounded"))
+
+    def within_budget(compiled):
+        store = compiled.cache.store
+        assert store.resident_nbytes <= budget, (store.resident_nbytes, budget)
+
+    compiled, got, got_cache = run_session(fisedit.Policy(cache_budget=budget, cache_dir=str(tmp_path)),
+                                           within_budget)
+    store = compiled.cache.store
+    assert isinstance(store, TieredStore) and store.spilled >= len(TIMESTEPS)
+    assert any(tmp_path.iterdir())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got_cache.keys() == want_cache.keys()
+    for k in want_cache:  # write-back reached the spilled steps too
+        a, b = got_cache[k], want_cache[k]
+        assert all(torch.equal(x, y) for x, y in zip(a if isinstance(a, tuple) else (a,),
+                                                      b if isinstance(b, tuple) else (b,)))
+
+
+@torch.no_grad()
+def test_a_failed_background_read_raises_in_the_sparse_call(tmp_path):
+    unet = tiny_unet("sd2")
+    inputs = unet_inputs(unet, size=SIZE)
+    compiled = fisedit.compile(unet, fisedit.Policy(cache_budget=0, cache_dir=str(tmp_path)))
+    with compiled.record():
+        for t in TIMESTEPS[:3]:
+            compiled(**{**inputs, "timestep": torch.tensor(t)})
+    compiled.cache.store.close()  # let every write finish
+    for file in tmp_path.iterdir():
+        file.write_bytes(b"not a safetensors file")
+    with compiled.sparse(mask()), pytest.raises(CacheIOError, match="reading the recorded timestep 900"):
+        compiled(**{**inputs, "timestep": torch.tensor(900)})
+
+
+def test_the_cache_budget_is_validated_and_sized():
+    with pytest.raises(ValueError, match="cache_budget"):
+        fisedit.Policy(cache_budget=1.5)
+    with pytest.raises(ValueError, match="cache_budget"):
+        fisedit.Policy(cache_budget="all")
+    assert isinstance(make_store(fisedit.Policy(cache_budget="unbounded")), MemoryStore)
+    store = make_store(fisedit.Policy(cache_budget=0.25))
+    assert isinstance(store, TieredStore) and store.budget_bytes > 0
+    assert make_store(dataclasses.replace(fisedit.Policy(), cache_budget=1234)).budget_bytes == 1234
+
+
+@torch.no_grad()
+def test_write_back_never_changes_an_output_a_caller_holds():
+    """The last layer's output is recorded (a scatter target) and returned: write-back updates the recorded copy,
+    not the tensor the record call returned."""
+    _, outputs, _ = run_session(fisedit.Policy(cache_budget="unbounded"))
+    unet = tiny_unet("sd2")
+    inputs = unet_inputs(unet, size=SIZE)
+    for t, recorded in zip(TIMESTEPS, outputs):
+        torch.testing.assert_close(recorded, unet(**{**inputs, "timestep": torch.tensor(t)}).sample)
