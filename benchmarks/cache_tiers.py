@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""The record cache in memory vs with a byte budget and the disk tier (issue 13): peak memory and step times.
+
+    python benchmarks/cache_tiers.py                                   # SD 2 at 96x96 latents, 10 steps, 2 GiB
+    python benchmarks/cache_tiers.py --arch sd15 --latent-size 32 --steps 6 --budget-mib 256 --out /tmp/c
+
+Each mode runs in its own process (peak resident memory, `resource.getrusage` max RSS, is per process): a U-Net
+with seeded random weights (`fisedit_compiler.models.random_unet`), CFG batch 2, fp32, compiled with
+`fisedit.compile`; a record run of `--steps` calls at distinct timesteps, then a sparse replay of the same steps at a
+15% ellipse mask. Reported per mode: peak RSS, cache bytes per step by kind (`RecordCache.breakdown`), median seconds
+per record and per sparse call, the time sparse calls waited for the disk tier, and steps written to disk. Results
+go to ``<out>/cache-tiers_<arch>-<latent>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
+    """One mode, in this process."""
+    import torch
+
+    import fisedit_compiler as fisedit
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models import example_unet_inputs, random_unet
+
+    torch.manual_seed(0)
+    unet = random_unet(arch, "full", seed=0, sample_size=latent)
+    inputs = example_unet_inputs(unet, 2, latent, 0)
+    folder = tempfile.mkdtemp(prefix="fisedit-cache-bench-")
+    policy = fisedit.Policy(cache_budget="unbounded" if budget is None else budget, cache_dir=folder)
+    compiled = fisedit.compile(unet, policy)
+    timesteps = [int(t) for t in torch.linspace(950, 50, steps)]
+    record_s, sparse_s = [], []
+    with torch.no_grad():
+        with compiled.record():
+            for t in timesteps:
+                start = time.perf_counter()
+                compiled(**{**inputs, "timestep": torch.tensor(t)})
+                record_s.append(time.perf_counter() - start)
+        with compiled.sparse(ellipse_mask(latent, 0.15)):
+            for t in timesteps:
+                start = time.perf_counter()
+                compiled(**{**inputs, "timestep": torch.tensor(t)})
+                sparse_s.append(time.perf_counter() - start)
+    store = compiled.cache.store
+    per_step = compiled.cache.breakdown()["total"]
+    return {
+        "budget_bytes": budget, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
+        "cache_bytes": compiled.cache.nbytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
+        "record_seconds": statistics.median(record_s[1:]), "sparse_seconds": statistics.median(sparse_s[1:]),
+        "sparse_seconds_all": sparse_s, "wait_seconds": getattr(store, "wait_seconds", 0.0),
+        "steps_written": getattr(store, "spilled", 0),
+    }
+
+
+def render(r: dict) -> str:
+    c = r["config"]
+    lines = [f"# Record cache: in memory vs {c['budget_mib']} MiB resident + disk ({c['arch']} at {c['latent']}x"
+             f"{c['latent']} latents, CFG batch 2, fp32, {c['steps']} steps, 15% ellipse mask)", "",
+             "| mode | peak RSS | weights | cache (all steps) | record s/call | sparse s/call | waited for disk | "
+             "steps written |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in r["modes"].items():
+        lines.append(f"| {name} | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {m['weights_bytes'] / 2**30:.2f} GiB | "
+                     f"{m['cache_bytes'] / 2**30:.2f} GiB | {m['record_seconds']:.3f} | {m['sparse_seconds']:.3f} | "
+                     f"{m['wait_seconds']:.3f} s | {m['steps_written']} |")
+    memory, tiered = r["modes"]["memory"], r["modes"]["tiered"]
+    lines += ["", f"Sparse call with the disk tier / in memory: {tiered['sparse_seconds'] / memory['sparse_seconds']:.2f}"
+              f"x. Bytes per step by kind: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"
+                                                        for k, v in memory["bytes_per_step_by_kind"].items()) + ".",
+              "", f"{r['date']}, git {r['git']}, 1-minute load average at the end {r['loadavg_1min_at_end']:.1f} on "
+              f"{os.cpu_count()} CPUs. Medians over the calls after the first."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd2")
+    p.add_argument("--latent-size", type=int, default=96)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--budget-mib", type=int, default=2048)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--mode", choices=("memory", "tiered"), help=argparse.SUPPRESS)  # one mode, in a child
+    args = p.parse_args()
+    budget = args.budget_mib * 2**20
+    if args.mode:
+        print(json.dumps(measure(args.arch, args.latent_size, args.steps,
+                                 None if args.mode == "memory" else budget)))
+        return
+    modes = {}
+    for mode in ("memory", "tiered"):
+        done = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--latent-size", str(args.latent_size),
+                               "--steps", str(args.steps), "--budget-mib", str(args.budget_mib), "--mode", mode],
+                              check=True, capture_output=True, text=True)
+        modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(mode, {k: v for k, v in modes[mode].items() if k != "sparse_seconds_all"}, flush=True)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result = {"config": {"arch": args.arch, "latent": args.latent_size, "steps": args.steps,
+                         "budget_mib": args.budget_mib}, "modes": modes, "git": git,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_1min_at_end": os.getloadavg()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"cache-tiers_{args.arch}-{args.latent_size}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(render(result))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
