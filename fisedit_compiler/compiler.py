@@ -201,9 +201,9 @@ class RecordMode:
 
 @dataclasses.dataclass
 class ControlMode:
-    """Dense calls with cross-attention control (`token_alignment`: (B, tokens) long, for each token of the edited prompt
-    the source token it shares, or -1); they record
-    into `pending`, and save their maps when `attention_maps` is set."""
+    """Dense calls with cross-attention control (`token_alignment`: (B, tokens) long, for each token of the edited
+    prompt the source token it shares, or -1); they record into `pending`, and save their maps when `attention_maps`
+    is set."""
 
     token_alignment: torch.Tensor
     pending: RecordCache

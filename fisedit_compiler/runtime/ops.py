@@ -5,8 +5,8 @@ geometries, cache references) that say *what* to read, not the values. An IR gra
 `runtime.program.bind` lowers it for one call state (a mask plan, flags) into a program, an ordinary graph whose
 inputs are the model's inputs plus everything the call reads (recorded tensors, the plan's index tensors) and
 whose outputs are the model's outputs plus everything it records. Each op's lowering (`LOWERINGS`) receives the
-`runtime.program.Binding` (`b`) and FX proxies for its node arguments, and emits ATen ops and registered kernels (`torch.ops.fisedit`,
-`kernels.library`): decisions that depend on the plan (a gather that is the identity, windows that lie inside the
+`runtime.program.Binding` (`b`) and FX proxies for its node arguments, and emits ATen ops and registered kernels
+(`torch.ops.fisedit`, `kernels.library`): decisions that depend on the plan (a gather that is the identity, windows that lie inside the
 image, block counts) are taken here, at bind time, so that a program has no Python-level control flow.
 """
 

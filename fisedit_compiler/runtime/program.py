@@ -160,9 +160,7 @@ class Binding:
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
         index = self._need_plan().gather_index(spec, from_gathered)
-        c = index.windows
-        shape = ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
-                 tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+        shape = _index_structure(index)
         self.structure.append((("index", spec, from_gathered), shape))
         tensors = [None if getattr(index, f) is None else
                    self.plan_value(("index", spec, from_gathered, f), _index_field(spec, from_gathered, f))
@@ -234,6 +232,14 @@ class Binding:
         raise TypeError(f"the lowering of {node.target.__name__} returned {type(result).__name__}")
 
 
+def _index_structure(index: GatherIndex) -> tuple:
+    """What a program takes as constants of a gather index: window counts and sizes, whether all windows lie inside
+    the map, whether the gather is the identity, which index tensors are absent or empty."""
+    c = index.windows
+    return ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
+            tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+
+
 def _index_field(spec: WindowSpec, from_gathered: bool, field: str) -> Callable[[MaskPlan], torch.Tensor]:
     return lambda plan: getattr(plan.gather_index(spec, from_gathered), field)
 
@@ -279,10 +285,7 @@ class Program:
             elif key[0] == "block":
                 found = plan.layout(key[1]).block
             else:
-                index = plan.gather_index(key[1], key[2])
-                c = index.windows
-                found = ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
-                         tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+                found = _index_structure(plan.gather_index(key[1], key[2]))
             if found != value:
                 return False
         return True
