@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..ir import CacheRef
 from ..policy import Policy
 from ..runtime.tiered_store import make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
@@ -55,17 +54,6 @@ def _jsonable_config(config) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
 
 
-def _record_tensors(record: StepRecord) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
-    """A step record as flat named tensors and the (key, kind, part) of each name."""
-    tensors, names = {}, []
-    for ref, value in record.items():
-        parts = {"": value} if isinstance(value, torch.Tensor) else {"mean": value[0], "rstd": value[1]}
-        for part, tensor in parts.items():
-            tensors[str(len(names))] = tensor.detach().contiguous().cpu()
-            names.append([ref.key, ref.kind, part])
-    return tensors, names
-
-
 def save_session(session, path: str | Path) -> Path:
     """Write `session` (an `EditSession` with a current run) to the folder `path`; see the module docstring."""
     if session._source is None:
@@ -75,7 +63,7 @@ def save_session(session, path: str | Path) -> Path:
     cache, run = session.cache, session._source
     steps = []
     for n, key in enumerate(cache.steps):
-        tensors, names = _record_tensors(cache.step(key))
+        tensors, names = cache.step(key).to_tensors()
         file = f"{STEPS}/{n:04d}.safetensors"
         save_file(tensors, str(folder / file), metadata={"refs": json.dumps(names)})
         steps.append({"file": file, "direction": key.direction, "timesteps": list(key.timesteps),
@@ -181,11 +169,7 @@ def read_session(path: str | Path, pipe) -> SavedSession:
         tensors, metadata = _read(folder, step["file"])
         key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
         record = cache.new_step(key, latent_shape)
-        parts: dict[CacheRef, dict[str, torch.Tensor]] = {}
-        for name, (ref_key, kind, part) in enumerate(json.loads(metadata.get("refs", "[]"))):
-            parts.setdefault(CacheRef(ref_key, kind), {})[part] = tensors[str(name)]
-        for ref, value in parts.items():
-            record[ref] = value[""] if "" in value else (value["mean"], value["rstd"])
+        record.update(StepRecord.from_tensors(tensors, json.loads(metadata.get("refs", "[]")), cache.dtype))
     initial = latents["initial"]
     if tuple(initial.shape[-2:]) != latent_shape[-2:]:
         raise SessionFileError(f"the saved latents are {tuple(initial.shape)}, the cache {latent_shape}")

@@ -62,6 +62,29 @@ class StepRecord(dict):
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _tensors(self.values()))
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+        """The record as flat named CPU tensors, and the (key, kind, part) of each name: part "" for a tensor,
+        "mean" and "rstd" for a GroupNorm's statistics. What step files (saved sessions, the disk tier) hold."""
+        tensors, names = {}, []
+        for ref, value in self.items():
+            parts = {"": value} if isinstance(value, torch.Tensor) else {"mean": value[0], "rstd": value[1]}
+            for part, tensor in parts.items():
+                tensors[str(len(names))] = tensor.detach().contiguous().cpu()
+                names.append([ref.key, ref.kind, part])
+        return tensors, names
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], names: list[list[str]],
+                     dtype: torch.dtype | None = None) -> StepRecord:
+        """The inverse of `to_tensors` (KeyError if a named tensor is missing)."""
+        parts: dict[CacheRef, dict[str, torch.Tensor]] = {}
+        for n, (key, kind, part) in enumerate(names):
+            parts.setdefault(CacheRef(key, kind), {})[part] = tensors[str(n)]
+        record = cls(dtype)
+        for ref, value in parts.items():
+            record[ref] = value[""] if "" in value else (value["mean"], value["rstd"])
+        return record
+
 
 def _tensors(values):
     for v in values:

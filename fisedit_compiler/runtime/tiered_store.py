@@ -25,7 +25,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..ir import CacheRef
 from ..policy import Policy
 from .cache import MemoryStore, StepKey, StepRecord
 
@@ -43,32 +42,6 @@ def available_memory() -> int | None:
     except OSError:
         return None
     return None
-
-
-def _record_nbytes(record: StepRecord) -> int:
-    return record.nbytes
-
-
-def _flatten(record: StepRecord) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    tensors, names = {}, []
-    for ref, value in record.items():
-        parts = value if isinstance(value, tuple) else (value,)
-        names.append([ref.key, ref.kind, len(parts) if isinstance(value, tuple) else 0])
-        for i, part in enumerate(parts):
-            tensors[f"{len(names) - 1}.{i}"] = part.detach().contiguous().cpu()
-    return tensors, {"fisedit_refs": json.dumps(names)}
-
-
-def _unflatten(path: Path, dtype: torch.dtype | None, device: torch.device | None) -> StepRecord:
-    record = StepRecord(dtype)
-    with safe_open(str(path), framework="pt") as f:
-        names = json.loads(f.metadata()["fisedit_refs"])
-        for n, (key, kind, parts) in enumerate(names):
-            values = tuple(f.get_tensor(f"{n}.{i}") for i in range(max(parts, 1)))
-            if device is not None:
-                values = tuple(v.to(device, non_blocking=True) for v in values)
-            dict.__setitem__(record, CacheRef(key, kind), values if parts else values[0])
-    return record
 
 
 class TieredStore:
@@ -91,6 +64,7 @@ class TieredStore:
         self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
         self.spilled = 0  # steps written to disk so far
         self.device: torch.device | None = None  # where loaded records go (the device of the first record put)
+        self.dtype: torch.dtype | None = None  # their storage dtype (`StepRecord.dtype`, the same for all records)
 
     # --- CacheStore ----------------------------------------------------------------------------------------------
 
@@ -99,13 +73,13 @@ class TieredStore:
 
     @property
     def nbytes(self) -> int:
-        resident = sum(_record_nbytes(r) for k, r in self._resident.items() if k not in self._on_disk)
+        resident = sum(r.nbytes for k, r in self._resident.items() if k not in self._on_disk)
         return resident + sum(n for _, n in self._on_disk.values())
 
     @property
     def resident_nbytes(self) -> int:
         """Bytes of the step records held in memory, not counting the one being written to disk (on its way out)."""
-        return sum(_record_nbytes(r) for k, r in self._resident.items() if k not in self._writing)
+        return sum(r.nbytes for k, r in self._resident.items() if k not in self._writing)
 
     def put(self, key: StepKey, record: StepRecord) -> None:
         self._forget_file(key)
@@ -114,6 +88,7 @@ class TieredStore:
         self._resident[key] = record
         self._resident.move_to_end(key)
         self._clean.discard(key)
+        self.dtype = record.dtype
         if self.device is None:
             first = next((v for v in record.values() if isinstance(v, torch.Tensor)), None)
             self.device = first.device if first is not None else None
@@ -226,8 +201,8 @@ class TieredStore:
         """(Background thread: file I/O only.) Write `record` to its file."""
         path = self._folder_path() / f"step-{self._order.index(key):05d}.safetensors"
         try:
-            tensors, metadata = _flatten(record)
-            save_file(tensors, str(path), metadata=metadata)
+            tensors, names = record.to_tensors()
+            save_file(tensors, str(path), metadata={"refs": json.dumps(names)})
         except Exception as e:  # noqa: BLE001
             raise CacheIOError(f"writing the recorded {key.describe()} to {path} failed: {e}") from e
         return path, record.nbytes
@@ -235,7 +210,12 @@ class TieredStore:
     def _load(self, key: StepKey) -> StepRecord:
         path, _ = self._on_disk[key]
         try:
-            return _unflatten(path, None, self.device)
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                names = json.loads(f.metadata()["refs"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+            if self.device is not None:
+                tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+            return StepRecord.from_tensors(tensors, names, self.dtype)
         except (OSError, SafetensorError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise CacheIOError(f"reading the recorded {key.describe()} from {path} failed: {e}") from e
 
