@@ -104,7 +104,7 @@ class Binding:
         self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
         self.slots: list[Slot] = []
         self.writes: list[Recorded] = []
-        self.structure: list[tuple[Hashable, Any]] = []  # what of the plan the program depends on, see `fits`
+        self.structure: dict[tuple, Any] = {}  # what of the plan the program depends on (`plan_fact`), see `fits`
         self.node: fx.Node | None = None
         self._slot_nodes: dict[Slot, fx.Node] = {}
         self._write_values: list[fx.Node] = []
@@ -148,20 +148,21 @@ class Binding:
             raise RuntimeError(f"{self.node.name} reads a mask plan, and this program is bound without one")
         return self.plan
 
+    def _fact(self, key: tuple) -> Any:
+        """`plan_fact(plan, key)`, noted as part of the program's structure."""
+        if key not in self.structure:
+            self.structure[key] = plan_fact(self._need_plan(), key)
+        return self.structure[key]
+
     def num_blocks(self, res) -> int:
-        value = self._need_plan().layout(res).num_blocks
-        self.structure.append((("num_blocks", tuple(res)), value))
-        return value
+        return self._fact(("num_blocks", tuple(res)))
 
     def block(self, res) -> int:
-        value = self._need_plan().layout(res).block
-        self.structure.append((("block", tuple(res)), value))
-        return value
+        return self._fact(("block", tuple(res)))
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
-        index = self._need_plan().gather_index(spec, from_gathered)
-        shape = _index_structure(index)
-        self.structure.append((("index", spec, from_gathered), shape))
+        shape = self._fact(("index", spec, from_gathered))
+        index = self.plan.gather_index(spec, from_gathered)
         tensors = [None if getattr(index, f) is None else
                    self.plan_value(("index", spec, from_gathered, f), _index_field(spec, from_gathered, f))
                    for f in INDEX_FIELDS]
@@ -189,7 +190,8 @@ class Binding:
 
     # --- lowering -----------------------------------------------------------------------------------------------
 
-    def lower(self) -> fx.GraphModule:
+    def lower(self) -> tuple[fx.GraphModule, int]:
+        """The program's graph module, and how many of its outputs are the model's."""
         env: dict[fx.Node, Any] = {}
         graph = self.graph
         num_outputs = None
@@ -207,9 +209,7 @@ class Binding:
                 env[node] = self._lower_node(node, env)
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
-        gm = fx.GraphModule(self.ir, graph)
-        gm.num_outputs = num_outputs
-        return gm
+        return fx.GraphModule(self.ir, graph), num_outputs
 
     def _lower_node(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         self.node = node
@@ -227,9 +227,17 @@ class Binding:
             return result.node
         if result is None:
             return None
-        if isinstance(result, fx.Node):  # a lowering that returned its input unchanged
-            return result
         raise TypeError(f"the lowering of {node.target.__name__} returned {type(result).__name__}")
+
+
+def plan_fact(plan: MaskPlan, key: tuple) -> Any:
+    """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
+    layout, or ("index", spec, from_gathered), a gather index's structure (`_index_structure`)."""
+    if key[0] == "num_blocks":
+        return plan.layout(key[1]).num_blocks
+    if key[0] == "block":
+        return plan.layout(key[1]).block
+    return _index_structure(plan.gather_index(key[1], key[2]))
 
 
 def _index_structure(index: GatherIndex) -> tuple:
@@ -259,9 +267,10 @@ class Program:
     `num_outputs` outputs, then the `writes`."""
 
     gm: fx.GraphModule
+    num_outputs: int
     slots: list[Slot]
     writes: list[Recorded]
-    structure: tuple[tuple[Hashable, Any], ...]
+    structure: tuple[tuple[tuple, Any], ...]  # (key, value) of `plan_fact`
     _compiled: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
 
     def compiled(self, backend: str | None) -> Callable[..., Any] | None:
@@ -273,22 +282,9 @@ class Program:
             self._compiled[backend] = torch.compile(self.gm, backend=backend, fullgraph=True, dynamic=False)
         return self._compiled[backend]
 
-    @property
-    def num_outputs(self) -> int:
-        return self.gm.num_outputs
-
     def fits(self, plan: MaskPlan | None) -> bool:
         """Whether this program computes `plan`'s call: the plan has the structure it was bound to."""
-        for key, value in self.structure:
-            if key[0] == "num_blocks":
-                found = plan.layout(key[1]).num_blocks
-            elif key[0] == "block":
-                found = plan.layout(key[1]).block
-            else:
-                found = _index_structure(plan.gather_index(key[1], key[2]))
-            if found != value:
-                return False
-        return True
+        return all(plan_fact(plan, key) == value for key, value in self.structure)
 
     def by_ir_node(self, values: dict[str, Any]) -> dict[str, Any]:
         """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node: nodes copied from the IR
@@ -355,5 +351,5 @@ def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps
     attention the reference's ATen ops, which a compiler fuses with what surrounds them, instead of registered
     operators (the same values)."""
     binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels)
-    gm = binding.lower()
-    return Program(gm, binding.slots, binding.writes, tuple(binding.structure))
+    gm, num_outputs = binding.lower()
+    return Program(gm, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))
