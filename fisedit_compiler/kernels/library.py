@@ -7,9 +7,9 @@ implementation) instead of tracing into Python that reads plan objects.
 Each op takes only tensors and numbers. A gather geometry reaches it as its index tensors plus a few ints
 (`GatherIndex` flattened by `index_args`); a `SpatialLayout` as ``kind, res, dims, shape`` (`layout_args`).
 
-Kernels per device: the default implementation (CPU and any other device) runs the plain-PyTorch reference; the
-CUDA registration runs the Triton kernel where it supports the dtypes (`kernels.select_backend`, which also honours
-``FISEDIT_KERNELS``, the override that tests use to run the Triton kernels on CPU under Triton's interpreter).
+Kernels: each operator's implementation calls `kernels.<name>`, which picks per call by the tensors' device and
+dtype (`kernels.select_backend`): the Triton kernel for CUDA tensors it supports, the plain-PyTorch reference
+otherwise; ``FISEDIT_KERNELS`` overrides it (tests run the Triton kernels on CPU under Triton's interpreter).
 Fake implementations are the references themselves, run on fake tensors: output shapes, dtypes and strides are
 exactly the reference's, and every implementation returns the same strides.
 """
@@ -47,15 +47,12 @@ def _index(tensors: list[Optional[Tensor]], windows: list[int], all_inside: bool
     return GatherIndex(coords, all_inside=all_inside, **fields)  # type: ignore[arg-type]
 
 
-def _kernel(name: str, tensors: list[Tensor | None]):
-    """`reference`'s kernel `name`, or the one `FISEDIT_KERNELS` forces (default registration: every device)."""
-    from . import select_backend
+def _dispatched(name: str):
+    """`kernels.<name>`: the reference or the Triton kernel, picked per call by the tensors' device and dtype
+    (`kernels.select_backend`). (Imported at call time: `kernels` is this module's package.)"""
+    from .. import kernels
 
-    if select_backend([t for t in tensors if t is not None]) == "triton":
-        from . import triton_attention, triton_gather
-
-        return getattr(triton_gather if hasattr(triton_gather, name) else triton_attention, name)
-    return getattr(reference, name)
+    return getattr(kernels, name)
 
 
 # --- gathers -----------------------------------------------------------------------------------------------------
@@ -73,8 +70,7 @@ def gather_pixels(
 
 def _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, *epilogue,
             name="gather_pixels"):
-    kernel = _kernel(name, [fresh, recorded])
-    out = kernel(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
+    out = _dispatched(name)(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
                  fresh_windows, *epilogue)
     return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
 
@@ -138,8 +134,7 @@ def active_query_attention(
     positions: Tensor, scale: Optional[float],
 ) -> Tensor:
     """`reference.active_query_attention`, contiguous ``(B, heads, queries, head_dim)``."""
-    kernel = _kernel("active_query_attention", [query, key_fresh, value_fresh, key_recorded, value_recorded])
-    return kernel(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()
+    return _dispatched("active_query_attention")(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()
 
 
 @active_query_attention.register_fake
@@ -152,31 +147,3 @@ def _(query_shape, key_fresh_shape, value_fresh_shape, key_recorded_shape, value
       out_shape=None, **kwargs) -> int:
     """Every active query against every token: `FlopCounterMode` (and so `macs`) counts it as attention."""
     return flop_counter.sdpa_flop_count(query_shape, key_recorded_shape, value_recorded_shape)
-
-
-# --- CUDA: Triton where it supports the call ------------------------------------------------------------------------
-
-
-@gather_pixels.register_kernel("cuda")
-def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows):
-    from . import gather_pixels as dispatched
-
-    out = dispatched(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
-                     fresh_windows)
-    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
-
-
-@gather_pixels_affine_silu.register_kernel("cuda")
-def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift):
-    from . import gather_pixels_affine_silu as dispatched
-
-    out = dispatched(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
-                     fresh_windows, scale, shift)
-    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
-
-
-@active_query_attention.register_kernel("cuda")
-def _(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale):
-    from . import active_query_attention as dispatched
-
-    return dispatched(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()
