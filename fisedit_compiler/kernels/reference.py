@@ -160,6 +160,11 @@ def scatter_pixels_(
     return recorded
 
 
+def flat_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A (out, in, kh, kw) kernel as the (out, kh * kw * in) matrix that multiplies channels-last windows."""
+    return weight.permute(0, 2, 3, 1).flatten(1).contiguous()
+
+
 def conv_windows(
     windows: torch.Tensor,
     weight: torch.Tensor,
@@ -181,7 +186,7 @@ def conv_windows(
         flat = windows.permute(0, 2, 3, 1).reshape(n, weight.shape[1] * kh * kw)
         kernel = flat_kernels.get(id(weight)) if flat_kernels is not None else None
         if kernel is None:
-            kernel = weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1).contiguous()
+            kernel = flat_kernel(weight.detach())
             if flat_kernels is not None:
                 flat_kernels[id(weight)] = kernel
         return F.linear(flat, kernel, bias)[:, :, None, None]

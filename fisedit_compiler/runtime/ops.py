@@ -154,17 +154,12 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
         if b.node.args[1].op == "get_attr":  # a parameter: flattened once per plan
             weight_value = b.constant(1)
             kernel = b.plan_value(("flat_kernel", b.node.args[1].target),
-                                  lambda plan: _flat_kernel(weight_value.detach()))
+                                  lambda plan: reference.flat_kernel(weight_value.detach()))
         else:  # a graph input (dynamo lifts parameters): flattened per call
-            kernel = _flat_kernel(weight)
+            kernel = reference.flat_kernel(weight)
         flat = windows.permute(0, 2, 3, 1).reshape(-1, in_channels * kh * kw)
         return aten.linear.default(flat, kernel, bias)[:, :, None, None]
     return aten.conv2d.default(windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
-
-
-def _flat_kernel(weight):
-    """A (out, in, kh, kw) kernel as the (out, kh * kw * in) matrix that multiplies channels-last windows."""
-    return weight.permute(0, 2, 3, 1).flatten(1).contiguous()
 
 
 @ir_op
