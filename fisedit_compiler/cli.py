@@ -7,12 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from . import inspect_cmd
 from .editing.mask_image import load_mask_image
 from .editing.token_alignment import PromptTooLongError
 from .policy import Policy
+
 
 def _component_config(args, component: str) -> dict | None:
     """The `config.json` of a component folder of `--model`, or None (no model folder, or no such file)."""
@@ -54,14 +53,27 @@ def _pipeline(args):
             raise ValueError("--random and --model exclude each other: --random builds a random-weight model")
         return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed, size=args.size,
                                scheduler=args.scheduler)
-    return load_pipeline(_model_folder(args), torch_dtype=torch.float32)
+    return load_pipeline(_model_folder(args))
+
+
+def _open_image(path: str, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{option} {path}: no such file")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{option} {path}: not an image PIL can read ({e})") from e
+    return image
 
 
 def _policy(args) -> Policy:
     return Policy(block_size=args.block_size)
 
 
-def _run(args, prompt: str | None, edits: list | None) -> int:
+def _run(args, prompt: str | None, edits: list | None, image=None) -> int:
     """`demo` (edits None: the model's demo session) and `edit` (prompt None: continue `--session`)."""
     from . import demo
 
@@ -79,7 +91,7 @@ def _run(args, prompt: str | None, edits: list | None) -> int:
     session = getattr(args, "session", None)
     data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, args.seed, _policy(args),
                             log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
-                            session_dir=Path(session) if session else None)
+                            session_dir=Path(session) if session else None, image=image)
     print("\n" + demo.format_report(data))
     print(f"\nwrote {args.out}/: edit_<n>.png (source | edited | recomputed region | dense regeneration), "
           "source.png, edited_<n>.png, mask_<n>.png, report.md, report.json")
@@ -117,7 +129,7 @@ def _train_shapes(args, argv: list[str]) -> int:
     config = TrainConfig.preset(
         tiny=args.tiny, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
         batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, dataset_size=args.dataset_size,
-        unet_continue_steps=args.unet_continue_steps,
+        unet_continue_steps=args.unet_continue_steps, decoder_steps=args.decoder_steps,
         threads=args.threads, checkpoint_minutes=args.checkpoint_minutes,
     )
     out = train(config, args.work_dir, args.out or DEFAULT_OUT, command=shlex.join(["fisedit", *argv]),
@@ -138,6 +150,9 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unet-steps", type=int, help="U-Net + text encoder training steps")
     parser.add_argument("--unet-continue-steps", type=int,
                         help="more U-Net steps after --unet-steps (a finished work dir goes on from its last step)")
+    parser.add_argument("--decoder-steps", type=int,
+                        help="decoder fine-tuning steps after the U-Net phase (default: the preset's; a finished work "
+                             "dir goes on from its last step)")
     parser.add_argument("--batch-size", type=int, help="U-Net batch size")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 2; 1 with --tiny)")
     parser.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (default: 5)")
@@ -156,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--session", help="a session folder: continued if it holds one, and saved there after the "
                       "edits")
     edit.add_argument("--edit", action="append", required=True, help="an edited prompt; repeat for a chain")
-    edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution")
+    edit.add_argument("--image", help="a picture to edit (any format PIL reads), described by --prompt, instead of "
+                      "a generated one: it is cropped to the model's aspect ratio, resized and inverted")
+    edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution, or with --image "
+                      "the size of that picture")
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
@@ -177,11 +195,19 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, None, None)
         from .demo import DemoEdit
 
-        mask = None
-        if args.mask:
+        mask = image = None
+        if args.image:
+            if args.session:
+                raise ValueError("--image and --session exclude each other: a saved session has its own picture")
+            if not args.prompt:
+                raise ValueError("--image needs --prompt, a description of the picture (what its inversion is "
+                                 "conditioned on)")
+            image = _open_image(args.image, "--image").convert("RGB")
+            mask = _open_image(args.mask, "--mask") if args.mask else None  # the session crops it like the image
+        elif args.mask:
             latent = args.latent_size if args.random else None
             mask = load_mask_image(args.mask, _latent_shape(args, latent), _vae_scale_factor(args))
-        return _run(args, args.prompt, [DemoEdit(prompt, mask) for prompt in args.edit])
+        return _run(args, args.prompt, [DemoEdit(prompt, mask) for prompt in args.edit], image)
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)
         return 2

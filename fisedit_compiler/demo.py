@@ -83,6 +83,7 @@ def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats],
         summary.append({
             "edit": n, "prompt": result.prompt,
             "mask_fraction": float(result.mask.float().mean()) if result.mask is not None else 0.0,
+            "region_fraction": float(result.region.float().mean()) if result.region is not None else 0.0,
             "macs_saved_vs_dense": 1 - macs / regeneration.macs,
             "seconds_saved_vs_dense": 1 - seconds / regeneration.seconds,
             "sparse_call_macs_ratio": (regeneration.macs / regeneration.unet_calls) / (sparse.macs / sparse.unet_calls)
@@ -108,7 +109,7 @@ def format_report(data: dict) -> str:
     lines.append("")
     for e in data["edits"]:
         per_call = ""
-        if e["mask_fraction"] == 1.0:
+        if e["region_fraction"] == 1.0:
             per_call = "; the region to recompute is every latent pixel, so the steps after the switch ran dense"
         elif e["sparse_call_macs_ratio"]:
             speedup = e["sparse_call_speedup"]
@@ -116,7 +117,8 @@ def format_report(data: dict) -> str:
             per_call = (f"; a sparse U-Net call costs {e['sparse_call_macs_ratio']:.2f}x fewer MACs and runs "
                         f"{pace} than a dense one")
         lines.append(
-            f"edit {e['edit']} ({e['prompt']!r}): mask covers {100 * e['mask_fraction']:.1f}% of the latents; "
+            f"edit {e['edit']} ({e['prompt']!r}): mask covers {100 * e['mask_fraction']:.1f}% of the latents, "
+            f"the recomputed region {100 * e['region_fraction']:.1f}%; "
             f"against a dense regeneration it saves {100 * e['macs_saved_vs_dense']:.1f}% of the U-Net MACs and "
             f"{_time_saved(e['seconds_saved_vs_dense'])}{per_call}; cache "
             f"{e['cache_bytes'] / 2**20:.1f} MiB."
@@ -137,9 +139,10 @@ class DemoEdit:
 
 def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
                 log=print, note: str | None = None, guidance_scale: float = 7.5,
-                session_dir: Path | None = None) -> dict:
-    """Generate `prompt`, apply `edits` in turn (continuous: each edits the previous result), and write per edit
-    a side-by-side picture (`edit_<n>.png`) with the dense regeneration of its prompt, and a report, into `out`.
+                session_dir: Path | None = None, image: Any = None) -> dict:
+    """Generate `prompt` (or load `image`, described by `prompt`), apply `edits` in turn (continuous: each edits
+    the previous result), and write per edit a side-by-side picture (`edit_<n>.png`) with the dense regeneration
+    of its prompt (from the same initial latents: for a loaded image, its inverted noise), and a report, into `out`.
 
     `session_dir`: a saved session (`EditSession.save`) to continue instead of generating, if it holds one; the
     session after the edits is saved there."""
@@ -156,8 +159,13 @@ def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, step
         log(f"continuing the session in {session_dir}: {source.prompt!r}")
     else:
         session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
-        source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
-        log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
+        if image is not None:
+            source = session.load_image(image, prompt)
+            log(f"source: the picture, described as {prompt!r}, inverted and recorded "
+                f"({time.perf_counter() - start:.1f}s)")
+        else:
+            source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
+            log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
     source.images[0].save(out / "source.png")
     results, regenerations, current = [], [], source
     for n, edit in enumerate(edits, 1):
@@ -168,7 +176,7 @@ def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, step
         stats, dense_image = dense_regeneration(session, edit.prompt)
         result.images[0].save(out / f"edited_{n}.png")
         mask_overlay(current.images[0], result.mask).save(out / f"mask_{n}.png")
-        side_by_side(current.images[0], result.images[0], result.mask, dense_image).save(out / f"edit_{n}.png")
+        side_by_side(current.images[0], result.images[0], result.region, dense_image).save(out / f"edit_{n}.png")
         results.append(result)
         regenerations.append(stats)
         how = "detected mask" if mask is None else "given mask"
@@ -224,11 +232,12 @@ def drawn_box_mask(colour: str, shape: str, latent: int, scale_factor: int, pad:
 
 def shapes_edits(latent: int, scale_factor: int) -> list[DemoEdit]:
     """The shapes model's session: two edits whose masks are detected (a colour, then a shape; continuous), and one
-    with a box the user draws around the circle."""
+    with a box the user draws around the circle (a shape change: with this model a new colour can move the object,
+    which a box then cuts away, while a detected mask follows it)."""
     return [
         DemoEdit("a green square on a gray background"),
         DemoEdit("a green circle on a gray background"),
-        DemoEdit("a yellow circle on a gray background", drawn_box_mask("green", "circle", latent, scale_factor)),
+        DemoEdit("a green triangle on a gray background", drawn_box_mask("green", "circle", latent, scale_factor)),
     ]
 
 

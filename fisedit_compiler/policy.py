@@ -41,6 +41,9 @@ class Policy:
         mask_dilation: pixels by which a detected mask is dilated at latent resolution.
         user_mask_dense_steps: the fraction of steps that run dense before sparse when the user gives the mask
             (default 0: sparse from the first step).
+        inversion_skip: `EditSession.load_image` inverts a real image with DDIM, calling the U-Net at every
+            `inversion_skip`-th step only and reusing its predicted noise in between (EEdit's inversion step
+            skipping; 1: plain DDIM inversion). See `benchmarks/results/inversion.md` for what each costs.
         cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
             computed in, so that a sparse call on the recorded input returns the recorded output exactly.
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
@@ -70,6 +73,7 @@ class Policy:
     detect_to: float = 0.2
     mask_dilation: int = 1
     user_mask_dense_steps: float = 0.0
+    inversion_skip: int = 1
     cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
     dump_svg: bool = True
@@ -115,6 +119,9 @@ class Policy:
             )
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")
+        if isinstance(self.inversion_skip, bool) or not isinstance(self.inversion_skip, int) or self.inversion_skip < 1:
+            raise ValueError(f"inversion_skip must be an int >= 1 (1: every inversion step calls the U-Net), got "
+                             f"{self.inversion_skip!r}")
 
     @property
     def storage_dtype(self) -> torch.dtype | None:

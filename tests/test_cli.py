@@ -56,15 +56,41 @@ def test_edit_with_a_mask_image_recomputes_that_region(tmp_path):
             "--mask", str(tmp_path / "mask.png"), "--block-size", "1", "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    # block size 1 and the default halo of one latent pixel: the region is the box grown by one pixel each side
-    assert report["edits"][0]["mask_fraction"] == pytest.approx(6 * 9 / LATENT ** 2)
+    # block size 1 and the default halo of one latent pixel: the recomputed region is the box grown by one pixel
+    # each side; the pixels that may change (mask_1.png) are the box itself
+    assert report["edits"][0]["mask_fraction"] == pytest.approx(4 * 7 / LATENT ** 2)
+    assert report["edits"][0]["region_fraction"] == pytest.approx(6 * 9 / LATENT ** 2)
     marks = overlay_marks(out, "mask_1.png")
     expected = np.zeros((LATENT, LATENT), dtype=bool)
-    expected[2:8, 1:10] = True
+    expected[3:7, 2:9] = True
     assert np.array_equal(marks, np.kron(expected, np.ones((8, 8), dtype=bool)))
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_edit_a_picture_with_a_mask_drawn_on_it(tmp_path):
+    """--image: a 600x400 photograph, cropped to the square session and inverted; the mask PNG is drawn on the
+    photograph and cropped the same way."""
+    from skimage import data
+
+    Image.fromarray(data.coffee()).save(tmp_path / "photo.png")  # 600x400
+    drawn = np.zeros((400, 600), dtype=np.uint8)
+    drawn[:200, 100:300] = 255  # the top-left quarter of the centred 400x400 crop
+    Image.fromarray(drawn).save(tmp_path / "mask.png")
+    out = tmp_path / "out"
+    args = ["edit", *SMALL, "--image", str(tmp_path / "photo.png"), "--prompt", "a cup of coffee",
+            "--edit", "a cup of tea", "--mask", str(tmp_path / "mask.png"), "--out", str(out)]
+    assert main(args) == 0
+    assert Image.open(out / "source.png").size == (8 * LATENT, 8 * LATENT)
+    report = json.loads((out / "report.json").read_text())
+    assert report["edits"][0]["mask_fraction"] == pytest.approx(0.25)
+    expected = np.zeros((LATENT, LATENT), dtype=bool)
+    expected[:LATENT // 2, :LATENT // 2] = True
+    assert np.array_equal(overlay_marks(out, "mask_1.png"), np.kron(expected, np.ones((8, 8), dtype=bool)))
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "--image missing.png: no such file"),
+    (["--image", "pyproject.toml"], "--image pyproject.toml: not an image PIL can read"),
     (["--mask", "missing.png"], "mask image missing.png does not exist"),
     (["--model", "no/such/folder"], "pipeline folder 'no/such/folder' does not exist"),
     (["--model", ".", "--random"], "--random and --model exclude each other"),

@@ -177,7 +177,7 @@ def assert_outside_region_is_the_previous_run(result, previous_outputs, outputs,
     recorded one, which for an edit run is what its own calls returned (dense steps recorded, sparse steps written
     back)."""
     assert len(outputs) == len(previous_outputs)
-    outside = ~result.mask
+    outside = ~result.region
     for i, (output, previous) in enumerate(zip(outputs, previous_outputs)):
         if i >= k:
             assert torch.equal(output[..., outside], previous[..., outside]), f"call {i}"
@@ -202,6 +202,7 @@ def test_session_end_to_end(scheduler):
     runs = [(source, first, k), (first, second, k), (second, third, 0)]
     for n, (previous, result, dense_calls) in enumerate(runs):
         assert result.mask is not None and result.mask.shape == (LATENT, LATENT)
+        assert result.region is not None and not result.mask[~result.region].any()
         assert_outside_region_is_the_previous_run(result, outputs.runs[n], outputs.runs[n + 1], dense_calls)
         outside = ~result.mask
         assert torch.equal(result.latents[..., outside], previous.latents[..., outside])
@@ -210,7 +211,8 @@ def test_session_end_to_end(scheduler):
         assert result.stats["cache_bytes"] > 0
         assert len(result.images) == 1
     assert first.stats["dense"].unet_calls == k and second.stats["dense"].unet_calls == k
-    assert "dense" not in third.stats and third.mask[user_mask].all() and not third.mask.all()
+    assert "dense" not in third.stats and torch.equal(third.mask, user_mask)  # honoured exactly
+    assert third.region[user_mask].all() and (third.region & ~user_mask).any()  # rounded up to blocks
     assert third.stats["sparse"].macs < source.stats["dense"].macs
 
 
@@ -274,6 +276,30 @@ def box_mask(rows: slice, cols: slice) -> torch.Tensor:
     mask[rows, cols] = True
     return mask
 
+
+
+@torch.no_grad()
+def test_a_user_mask_is_honoured_exactly():
+    """The halo and blocks around a user's mask are recomputed (the U-Net's output changes there) but only the
+    mask's own pixels take the edit's latents: outside it the latents are the source's, bit for bit, at every step
+    (a generated source, and an edit's with a detected mask before it)."""
+    s = session()  # halo 1, blocks of 2
+    user_mask = box_mask(slice(5, 9), slice(4, 9))
+    with UNetOutputs(s.unet) as outputs:
+        outputs(s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)))
+        for prompt in ("a red cabin in the woods", "a red cabin in the woods at night"):
+            previous = s.source_trajectory
+            result = outputs(s.edit(prompt, mask=user_mask))
+            assert torch.equal(result.mask, user_mask)
+            ring = result.region & ~user_mask
+            assert ring.sum() > user_mask.sum()  # halo and block rounding: most of the recomputed pixels
+            for before, after in zip(previous, s.source_trajectory):
+                assert torch.equal(after[..., ~user_mask], before[..., ~user_mask])
+            assert not torch.equal(s.source_trajectory[-1][..., user_mask], previous[-1][..., user_mask])
+            # the ring was computed afresh (its outputs are not the recorded ones), then blended away
+            edit_calls, previous_calls = outputs.runs[-2], outputs.runs[-3]
+            assert len(edit_calls) == len(previous_calls) == STEPS
+            assert not torch.equal(edit_calls[-1][..., ring], previous_calls[-1][..., ring])
 
 
 @torch.no_grad()

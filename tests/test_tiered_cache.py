@@ -4,6 +4,7 @@ bytes stay within the budget, failures of the disk tier surface as clear errors.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -48,14 +49,15 @@ def run_session(policy: fisedit.Policy, check=lambda compiled: None):
     return compiled, outputs, final
 
 
-def step_bytes() -> int:
-    compiled, _, _ = run_session(fisedit.Policy(cache_budget="unbounded"))
-    return compiled.cache.nbytes // len(TIMESTEPS)
+@functools.cache
+def in_memory_session():
+    """`run_session` with everything in memory (once per test run: it is the reference of several tests)."""
+    return run_session(fisedit.Policy(cache_budget="unbounded"))
 
 
 def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path):
-    budget = int(1.5 * step_bytes())  # one complete step fits, two do not
-    _, want, want_cache = run_session(fisedit.Policy(cache_budget="unbounded"))
+    reference, want, want_cache = in_memory_session()
+    budget = int(1.5 * reference.cache.nbytes / len(TIMESTEPS))  # one complete step fits, two do not
 
     def within_budget(compiled):
         store = compiled.cache.store
@@ -105,7 +107,7 @@ def test_the_cache_budget_is_validated_and_sized():
 def test_write_back_never_changes_an_output_a_caller_holds():
     """The last layer's output is recorded (a scatter target) and returned: write-back updates the recorded copy,
     not the tensor the record call returned."""
-    _, outputs, _ = run_session(fisedit.Policy(cache_budget="unbounded"))
+    _, outputs, _ = in_memory_session()
     unet = tiny_unet("sd2")
     inputs = unet_inputs(unet, size=SIZE)
     for t, recorded in zip(TIMESTEPS, outputs):

@@ -212,7 +212,7 @@ def _log(work_dir) -> list[dict]:
 
 
 def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> None:
-    config = TrainConfig.preset(tiny=True)  # 3 VAE steps, 4 U-Net steps
+    config = TrainConfig.preset(tiny=True)  # 3 VAE steps, 4 U-Net steps, 2 decoder steps
     # uninterrupted, through the CLI
     assert cli.main(["train-shapes", "--tiny", "--quiet", "--work-dir", str(tmp_path / "whole"),
                      "--out", str(tmp_path / "pipe")]) == 0
@@ -227,7 +227,11 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     tensors, state = _checkpoint(work)
     assert (state["phase"], state["step"]) == ("unet", 2)
     assert [(e["phase"], e["step"]) for e in _log(work)] == [("vae", 0), ("vae", 1), ("vae", 2), ("unet", 0), ("unet", 1)]
+    assert train(config, work, tmp_path / "pipe_parts", stop_after_steps=2, progress=False) is None
+    before_decoder, state = _checkpoint(work)
+    assert (state["phase"], state["step"]) == ("decoder", 0)
     assert train(config, work, tmp_path / "pipe_parts", progress=False) == tmp_path / "pipe_parts"
+    assert [e["step"] for e in _log(work) if e["phase"] == "decoder"] == [0, 1]
 
     whole, whole_state = _checkpoint(tmp_path / "whole")
     parts, parts_state = _checkpoint(work)
@@ -235,18 +239,22 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     assert whole.keys() == parts.keys() and any(name.startswith("ema.unet.") for name in whole)
     assert all(torch.equal(whole[name], parts[name]) for name in whole)  # bit-identical
     assert _log(tmp_path / "whole") == _log(work)
+    # the decoder phase trains the decoder alone: the encoder, hence the latents the U-Net learnt, are unchanged
+    encoder = [name for name in parts if name.startswith(("vae.encoder.", "vae.quant_conv."))]
+    assert encoder and all(torch.equal(parts[name], before_decoder[name]) for name in encoder)
+    assert not torch.equal(parts["vae.decoder.conv_out.weight"], before_decoder["vae.decoder.conv_out.weight"])
 
     with pytest.raises(ValueError, match="unet_steps: 4 there, 5 now"):
         train(TrainConfig.preset(tiny=True, unet_steps=5), work, tmp_path / "pipe_parts", progress=False)
 
     card = (tmp_path / "pipe" / "README.md").read_text()
-    assert "fisedit train-shapes --tiny" in card and "final losses" in card
+    assert "fisedit train-shapes --tiny" in card and "final losses" in card and "decoder phase | 2 steps" in card
     assert sum(f.stat().st_size for f in (tmp_path / "pipe").rglob("*")) < 2 * 2**20
     with safe_open(str(tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
         assert {handle.get_slice(name).get_dtype() for name in handle.keys()} == {"F16"}
 
-    pipe = load_pipeline(tmp_path / "pipe", torch_dtype=torch.float32)
-    assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor == pytest.approx(
+    pipe = load_pipeline(tmp_path / "pipe")  # float32 by default, every component
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32 and pipe.vae.config.scaling_factor == pytest.approx(
         whole_state["scaling_factor"])
     image = pipe("a red circle on a gray background", num_inference_steps=2, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images

@@ -6,7 +6,7 @@
 The folder holds `session.json` (format, prompts, policy, scheduler class and config, steps, guidance, size,
 noise seed, the record cache's latent shape and step keys, and a fingerprint of the U-Net: its class, config and
 a SHA-256 of its weights), `latents.safetensors` (the initial noise, the current run's latents after every step,
-its recomputed region) and one `steps/<n>.safetensors` per recorded step (every recorded tensor, named in the
+its mask and recomputed region) and one `steps/<n>.safetensors` per recorded step (every recorded tensor, named in the
 file's metadata by its stable key and role). Loading checks the fingerprint, the scheduler and the shapes, and
 refuses a mismatch or a damaged file with an error that names it; nothing is loaded into an existing session, so
 a failed load loses nothing.
@@ -68,9 +68,11 @@ def save_session(session, path: str | Path) -> Path:
         save_file(tensors, str(folder / file), metadata={"refs": json.dumps(names)})
         steps.append({"file": file, "direction": key.direction, "timesteps": list(key.timesteps),
                       "batch": key.batch, "occurrence": key.occurrence})
-    latents = {"initial": session._latents, **{f"step_{i}": z for i, z in enumerate(run.trajectory)}}
-    if run.result.mask is not None:
-        latents["region"] = run.result.mask.to(torch.uint8)
+    latents = {"initial": session._latents, **{f"step_{i}": z for i, z in enumerate(run.trajectory)},
+               **{f"reference_{i}": z for i, z in enumerate(run.reference or [])}}
+    for name in ("mask", "region"):
+        if getattr(run.result, name) is not None:
+            latents[name] = getattr(run.result, name).to(torch.uint8)
     save_file({k: v.detach().contiguous().cpu() for k, v in latents.items()}, str(folder / LATENTS))
     scheduler = session.pipe.scheduler
     manifest = {
@@ -81,7 +83,8 @@ def save_session(session, path: str | Path) -> Path:
         "num_inference_steps": session.num_inference_steps, "guidance_scale": session.guidance_scale,
         "height": session.height, "width": session.width, "noise_seed": session.noise_seed,
         "latent_shape": list(cache.latent_shape), "cache_dtype": str(cache.dtype) if cache.dtype else None,
-        "trajectory_steps": len(run.trajectory),
+        "trajectory_steps": len(run.trajectory), "reference_steps": len(run.reference or []),
+        "loaded_size": list(session._loaded_size) if session._loaded_size else None,
         "steps": steps,
         "unet": unet_fingerprint(session.unet.unet),
     }
@@ -127,6 +130,9 @@ class SavedSession:
     cache: RecordCache
     initial_latents: torch.Tensor
     trajectory: list[torch.Tensor]
+    reference: list[torch.Tensor] | None  # a loaded image's detection reference (`session._Run.reference`)
+    loaded_size: tuple[int, int] | None
+    mask: torch.Tensor | None
     region: torch.Tensor | None
     image: Any
 
@@ -178,6 +184,9 @@ def read_session(path: str | Path, pipe) -> SavedSession:
         num_inference_steps=manifest["num_inference_steps"], guidance_scale=manifest["guidance_scale"],
         height=manifest["height"], width=manifest["width"], noise_seed=manifest["noise_seed"], cache=cache,
         initial_latents=initial, trajectory=[latents[f"step_{i}"] for i in range(manifest["trajectory_steps"])],
+        reference=[latents[f"reference_{i}"] for i in range(manifest.get("reference_steps", 0))] or None,
+        loaded_size=tuple(manifest["loaded_size"]) if manifest.get("loaded_size") else None,
+        mask=latents["mask"].bool() if "mask" in latents else None,
         region=latents["region"].bool() if "region" in latents else None,
         image=Image.open(folder / "image.png").convert("RGB"),
     )

@@ -8,9 +8,12 @@
 
 An edit without a mask runs its first k steps dense through the `control` variant (the source run's cross-attention
 maps injected for shared tokens), detects the mask from the latents' drift, and runs the remaining steps through
-the `sparse` variant. After every sparse step the latents outside the recomputed region are the source run's
-(`z = m * z_edit + (1 - m) * z_source`, the paper's switch blend, repeated): they would be anyway for a source
-whose activations are all recorded, and for continuous edits this replays the source's own switch exactly.
+the `sparse` variant. After every sparse step the latents outside the edit's mask are the source run's
+(`z = m * z_edit + (1 - m) * z_source`, the paper's switch blend, repeated). A detected mask is blended as the
+recomputed region (the mask dilated by the halo and rounded up to blocks: outside it the latents would be the
+source's anyway for a source whose activations are all recorded). A user's mask is honoured exactly: the halo and
+blocks around it are recomputed, as context for the pixels inside, but only the pixels of the mask itself take the
+edit's latents.
 Everything happens inside one call of the unchanged diffusers pipeline, steered from `callback_on_step_end`.
 
 Continuous editing: an edit's run becomes the source of the next one. Its dense steps record into a fresh cache,
@@ -31,6 +34,7 @@ from ..policy import Policy
 from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import make_store
 from ..inputs import as_mask, check_prompt
+from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
 
@@ -53,9 +57,10 @@ class PhaseStats:
 
 @dataclasses.dataclass
 class EditResult:
-    """A generated or edited image. `mask` is the (H, W) bool map of latent pixels the edit recomputed: the detected
-    or given mask, dilated by the policy's halo and rounded up to blocks; every other latent pixel is the source's,
-    bit for bit (None for `generate`);
+    """A generated or edited image. `mask` is the (H, W) bool map of latent pixels that may differ from the source's:
+    the user's mask, or the recomputed region for a detected one; every other latent pixel is the source's, bit for
+    bit. `region` is the (H, W) map of latent pixels the sparse steps recomputed: the mask dilated by the policy's
+    halo and rounded up to blocks (both None for `generate`).
     `stats` has a `PhaseStats` per phase ("dense", "sparse") and the cache's bytes."""
 
     prompt: str
@@ -63,6 +68,7 @@ class EditResult:
     latents: torch.Tensor
     mask: torch.Tensor | None
     stats: dict[str, Any]
+    region: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -73,6 +79,15 @@ class _Run:
     maps_prompt: str  # the prompt whose cross-attention maps the cache holds
     trajectory: list[torch.Tensor]  # latents after each step
     result: EditResult
+    # What an edit's dense steps are compared with to detect its mask: the latents after each step of a control run
+    # with this run's own prompt. For a generation, or an edit of one, that is its trajectory; for a loaded image,
+    # whose trajectory is its inversion, a control run of the first steps made when it is loaded; for an edit of
+    # that, its own dense steps, then its sparse steps blended with its source's reference.
+    reference: list[torch.Tensor] | None = None
+
+    @property
+    def detection_reference(self) -> list[torch.Tensor]:
+        return self.trajectory if self.reference is None else self.reference
 
 
 class _Meter:
@@ -190,6 +205,7 @@ class EditSession:
             )
         self._source: _Run | None = None
         self._latents: torch.Tensor | None = None
+        self._loaded_size: tuple[int, int] | None = None  # (w, h) of the picture given to load_image
 
     # --- public API -------------------------------------------------------------------------------------------
 
@@ -203,6 +219,7 @@ class EditSession:
                      self.width // self.pipe.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         self._latents = latents
+        self._loaded_size = None
         self.cache.clear()
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
         trajectory: list[torch.Tensor] = []
@@ -217,6 +234,60 @@ class EditSession:
         self._source = _Run(prompt, prompt, trajectory, result)
         return result
 
+    @torch.no_grad()
+    def load_image(self, image: Any, prompt: str) -> EditResult:
+        """Start a session history from a real picture described by `prompt`: an RGB PIL image or a float tensor in
+        [0, 1], centre-cropped to the session's aspect ratio and resized to its size (`inversion.image_tensor`).
+
+        The image is VAE-encoded and inverted with DDIM (`Policy.inversion_skip`: EEdit's step skipping), and the
+        source run is recorded on the inversion trajectory: every step's latents are the inverted ones, so the
+        cache holds activations of latents that reproduce the image, and an edit keeps them outside its mask (the
+        final latents there are the encoded image's). The result's image is the VAE's reconstruction; its `stats`
+        have the "inversion" and "dense" (recording) phases. Only pipelines whose U-Net takes the text embedding
+        alone (SD 1.x/2.x), with a variance-preserving scheduler (DDIM, DPM-Solver++, PNDM, UniPC)."""
+        check_prompt(prompt)
+        token_ids(self.pipe.tokenizer, prompt)
+        require_variance_preserving(self.pipe.scheduler)
+        if getattr(self.unet.config, "addition_embed_type", None) is not None:
+            raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
+                             f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
+        pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
+        vae = self.pipe.vae
+        clean = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        clean = clean.to(self.unet.dtype)
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.num_inference_steps, device=self.unet.device)
+        timesteps = scheduler.timesteps.clone()
+        if len(timesteps) != self.num_inference_steps:
+            raise ValueError(f"load_image needs one U-Net call per step; the pipeline's {type(scheduler).__name__} "
+                             f"makes {len(timesteps)} for {self.num_inference_steps} steps: use DDIM, DPM-Solver++ "
+                             "or UniPC")
+        text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
+        meter = _Meter(self.unet)
+        meter.phase = "inversion"
+        try:
+            inversion = ddim_inversion(self.unet, scheduler, clean, text.to(self.unet.dtype), timesteps,
+                                       self.policy.inversion_skip)
+        finally:
+            phases = meter.close()
+        # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
+        trajectory = inversion.latents[1:]
+        self._latents = inversion.latents[0]
+        self._loaded_size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+        self.cache.clear()
+        k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
+
+        def on_step_end(pipe, i, t, kwargs):
+            return {"latents": trajectory[i].clone()}
+
+        with self.unet.run(RecordMode(attention_maps=k), cache=self.cache):
+            images, stats = self._run(prompt, on_step_end)
+        result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
+        # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt.
+        reference = self._control_steps(prompt, prompt, k)
+        self._source = _Run(prompt, prompt, trajectory, result, reference=reference)
+        return result
+
     def edit(self, prompt: str, mask: Any = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
@@ -224,13 +295,14 @@ class EditSession:
         another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
         check_prompt(prompt)
         if self._source is None:
-            raise RuntimeError("edit() needs a source image: call generate(prompt) first")
+            raise RuntimeError("edit() needs a source image: call generate(prompt) or load_image(image, prompt) first")
         token_ids(self.pipe.tokenizer, prompt)
         source = self._source
         if mask is None:
             k, t1, t2 = self.policy.edit_schedule(self.num_inference_steps)
         else:
             h, w = self._latents.shape[-2:]
+            mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
             mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
             k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
@@ -238,15 +310,16 @@ class EditSession:
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
         pending = RecordCache(self.cache.dtype)
         trajectory: list[torch.Tensor] = []
-        state: dict[str, Any] = {"mask": mask, "region": None}
+        state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask}
         meter = _Meter(self.unet)
 
         def go_sparse(pipe) -> bool:
             """Decide the mask (detect it from steps t1..t2 if not given) and switch to sparse calls; False if the
             mask is empty, in which case nothing would change and the run stops."""
             if state["mask"] is None:
-                diff = difference_map(source.trajectory, trajectory, t1, t2)
+                diff = difference_map(source.detection_reference, trajectory, t1, t2)
                 state["mask"] = detect_mask(diff, self.policy.mask_dilation)[0, 0]
+                state["blend"] = None  # the recomputed region, once known
             if not state["mask"].any():
                 pipe._interrupt = True
                 return False
@@ -255,6 +328,8 @@ class EditSession:
 
         def switch_to_sparse() -> None:
             run.mode = self._sparse_mode(state)
+            if state["blend"] is None:
+                state["blend"] = state["region"]
             if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
                 # as a source run would (cheaper than sparse calls that cover all), maps included
                 run.mode = RecordMode(attention_maps=max(0, maps_steps - k))
@@ -268,9 +343,9 @@ class EditSession:
                 return {"latents": source.trajectory[-1].clone()}
             if state["region"] is None:
                 return {}
-            # Outside the recomputed region every sparse step keeps the source run's latents: the switch blend of
-            # the paper, and for continuous edits the source's own switch, repeated exactly.
-            latents = torch.where(state["region"].to(latents.device), latents, source.trajectory[i])
+            # Outside the mask every sparse step keeps the source run's latents: the switch blend of the paper, and
+            # for continuous edits the source's own switch, repeated exactly.
+            latents = torch.where(state["blend"].to(latents.device), latents, source.trajectory[i])
             trajectory[-1] = latents.clone()
             return {"latents": latents}
 
@@ -289,8 +364,13 @@ class EditSession:
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
         self.cache.replace_steps(pending, keep_attention_maps=not new_maps)
         stats = {**phases, "cache_bytes": self.cache.nbytes}
-        result = EditResult(prompt, images, trajectory[-1], state["region"], stats)
-        self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result)
+        result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"])
+        reference = None
+        if source.reference is not None:  # blended with a loaded image's inversion: blend its reference instead
+            blend = state["blend"].to(trajectory[0].device)
+            reference = [z if i < k else torch.where(blend, z, source.reference[i])
+                         for i, z in enumerate(trajectory[:len(source.reference)])]
+        self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result, reference)
         return result
 
     def save(self, path) -> Any:
@@ -317,9 +397,11 @@ class EditSession:
         session.cache = saved.cache
         session._latents = saved.initial_latents.to(session.unet.device, session.unet.dtype)
         trajectory = [z.to(session._latents.device) for z in saved.trajectory]
-        result = EditResult(saved.prompt, [saved.image], trajectory[-1], saved.region,
-                            {"cache_bytes": saved.cache.nbytes})
-        session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result)
+        result = EditResult(saved.prompt, [saved.image], trajectory[-1], saved.mask,
+                            {"cache_bytes": saved.cache.nbytes}, region=saved.region)
+        reference = [z.to(session._latents.device) for z in saved.reference] if saved.reference else None
+        session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result, reference=reference)
+        session._loaded_size = saved.loaded_size
         return session
 
     def memory_breakdown(self) -> dict[str, int]:
@@ -354,6 +436,22 @@ class EditSession:
         state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
         return mode
 
+    def _control_steps(self, maps_prompt: str, prompt: str, steps: int) -> list[torch.Tensor]:
+        """The latents after each of the first `steps` steps of a control run of `prompt` (maps of `maps_prompt`)
+        from the session's initial latents; nothing is recorded."""
+        latents: list[torch.Tensor] = []
+
+        def on_step_end(pipe, i, t, kwargs):
+            latents.append(kwargs["latents"].clone())
+            if len(latents) == steps:
+                pipe._interrupt = True
+            return {}
+
+        with self.unet.run(ControlMode(self._alignment(maps_prompt, prompt), RecordCache(self.cache.dtype)),
+                           cache=self.cache):
+            self._call_pipeline(prompt, on_step_end, output_type="latent")
+        return latents
+
     def _alignment(self, source_prompt: str, prompt: str) -> torch.Tensor:
         """(batch, tokens) alignment for the U-Net batch: the unconditional half (CFG) has the same, empty
         prompt in both runs, so all its tokens are shared."""
@@ -362,12 +460,12 @@ class EditSession:
             return torch.stack([torch.arange(conditional.numel()), conditional])
         return conditional[None]
 
-    def _call_pipeline(self, prompt: str, on_step_end) -> list:
+    def _call_pipeline(self, prompt: str, on_step_end, output_type: str = "pil") -> list:
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
         output = self.pipe(
             prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
-            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], output_type=output_type,
         )
         return output.images
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -100,12 +101,16 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
     Checks the folder first so that a wrong path fails with an error naming the path
     and what is missing (``FileNotFoundError``: no folder, no ``model_index.json``, a
     missing component folder such as ``unet/``; ``ValueError``: malformed index or a
-    component diffusers cannot load).  ``kwargs`` (e.g. ``torch_dtype``) go to
-    ``DiffusionPipeline.from_pretrained``.  The progress bar is disabled, as for
-    ``random_pipeline``.
+    component diffusers cannot load).  ``kwargs`` go to ``DiffusionPipeline.from_pretrained``;
+    the ``dtype`` defaults to float32, so that every component has the same dtype (left to
+    themselves, diffusers casts its models to float32 while transformers keeps the text encoder's
+    dtype on disk, and a folder saved in float16 then feeds float16 embeddings to a float32 U-Net).
+    The progress bar is disabled, as for ``random_pipeline``.
     """
     path = Path(path)
     _check_pipeline_folder(path)
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = torch.float32
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:

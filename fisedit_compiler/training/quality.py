@@ -32,7 +32,7 @@ def load_shapes_pipeline(path: str | Path = SHAPES_MODEL):
     """The shipped shapes model (fp16 on disk) as an fp32 pipeline, through `models.load_pipeline`."""
     from ..models import load_pipeline
 
-    return load_pipeline(path, torch_dtype=torch.float32)
+    return load_pipeline(path, dtype=torch.float32)
 
 
 def one_object_prompts() -> list[tuple[str, str, str]]:

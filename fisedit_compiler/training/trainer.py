@@ -55,7 +55,7 @@ from .model_config import (
     count_parameters,
     model_size,
 )
-from .shapes import IMAGE_SIZE, caption_for, render_scene, sample_spec
+from .shapes import IMAGE_SIZE, caption_for, render, render_scene, sample_spec
 
 __all__ = ["DEFAULT_OUT", "TrainConfig", "train"]
 
@@ -68,16 +68,16 @@ LATENTS = "latents.safetensors"
 LOSS_LOG = "loss_log.jsonl"
 CONFIG = "config.json"
 EXPORT = "export"
-PHASES = ("vae", "encode", "unet", "export", "done")
+PHASES = ("vae", "encode", "unet", "decoder", "export", "done")
 
 # Seeds of the per-step generators: (seed, stream, step or scene index).
-_VAE_STREAM, _DATASET_STREAM, _UNET_STREAM = 1, 2, 3
+_VAE_STREAM, _DATASET_STREAM, _UNET_STREAM, _DECODER_STREAM = 1, 2, 3, 4
 # Seeds of the models' initialisation: seed * 16 + offset.
 _INIT_OFFSET = {"vae": 1, "unet": 2, "text_encoder": 3}
 # Fields that do not change the result, so a run may resume with other values.
 _RUNTIME_FIELDS = ("checkpoint_minutes", "threads")
-# Fields a finished or running work dir may raise: the U-Net phase then goes on from where it is.
-_EXTENDABLE_FIELDS = ("unet_continue_steps",)
+# Fields a finished or running work dir may raise: the U-Net or decoder phase then goes on from where it is.
+_EXTENDABLE_FIELDS = ("unet_continue_steps", "decoder_steps")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,14 @@ class TrainConfig:
     lr: float = 5e-4
     warmup_steps: int = 100
     ema_decay: float = 0.998
+    # Decoder fine-tuning after the U-Net phase: the VAE decoder alone (the encoder frozen, so the latent space the
+    # U-Net learnt stays) on whole scenes, `decoder_empty_fraction` of them without objects. The VAE phase's crops
+    # always hold an object, and its decoder turned a latent map without one (an edit that removed the object, the
+    # sky of a box edit) into noise over the whole frame.
+    decoder_steps: int = 1_500
+    decoder_batch_size: int = 8
+    decoder_lr: float = 2e-4
+    decoder_empty_fraction: float = 0.25
     uncond_prob: float = 0.1
     snr_gamma: float = 5.0
     checkpoint_minutes: float = 5.0
@@ -113,7 +121,8 @@ class TrainConfig:
         """The shipped model's settings, or the smoke test's tiny ones; ``overrides`` replace fields."""
         if tiny:
             base = cls(tiny=True, vae_steps=3, vae_batch_size=2, dataset_size=6, encode_batch_size=4,
-                       unet_steps=4, batch_size=2, warmup_steps=2, ema_decay=0.9, threads=1)
+                       unet_steps=4, batch_size=2, warmup_steps=2, ema_decay=0.9, decoder_steps=2,
+                       decoder_batch_size=2, threads=1)
         else:
             base = cls()
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -454,7 +463,65 @@ def _train_unet(run: _Run) -> bool:
                 return False
     run.save({**vae_tensors, **_prefixed("unet", unet.state_dict()),
               **_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("ema", ema)},
-             phase="export", step=0, optimizer_param_groups=None, unet_trained=total)
+             phase="decoder", step=run.state.get("decoder_trained", 0), optimizer_param_groups=None,
+             unet_trained=total)
+    return _session_continues(run)
+
+
+def _decoder_batch(config: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Generator]:
+    """Whole fresh scenes for decoder step ``step`` (`decoder_empty_fraction` of them without objects), and the
+    generator of its posterior noise."""
+    rng = _step_rng(config, _DECODER_STREAM, step)
+    images = []
+    for _ in range(config.decoder_batch_size):
+        spec = sample_spec(rng)
+        if rng.random() < config.decoder_empty_fraction:
+            spec = dataclasses.replace(spec, objects=())
+        images.append(render(spec)[0])
+    return _images_to_tensor(images), _torch_generator(rng)
+
+
+def _train_decoder(run: _Run) -> bool:
+    """Phase 4 (when `decoder_steps` > 0); returns False when the session stopped before the phase ended."""
+    config = run.config
+    vae = _load_vae(run)
+    others = {key: value for key, value in run.tensors.items()
+              if not key.startswith("vae.") and not key.startswith("decoder_optimizer.")}
+    parameters = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.decoder_lr, weight_decay=0.0)
+    start = run.state.get("decoder_trained", 0)
+    if run.state.get("optimizer_param_groups") is not None:
+        _load_optimizer(optimizer, run.tensors, "decoder_optimizer", run.state["optimizer_param_groups"])
+    vae.decoder.train()
+    with run.bar(config.decoder_steps, "decoder") as bar:
+        for step in range(run.state["step"], config.decoder_steps):
+            images, noise_generator = _decoder_batch(config, step)
+            lr = _learning_rate(step - start, config.decoder_steps - start, config.decoder_lr, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.no_grad():
+                latents = vae.encode(images).latent_dist.sample(generator=noise_generator)
+            reconstruction = vae.decode(latents).sample
+            l1 = (reconstruction - images).abs().mean()
+            mse = ((reconstruction - images) ** 2).mean()
+            loss = l1 + config.vae_mse_weight * mse
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            run.log(phase="decoder", step=step, loss=loss.item(), l1=l1.item(), mse=mse.item(), lr=lr)
+            bar.update(1)
+            bar.set_postfix(l1=f"{l1.item():.4f}")
+            save_now, stop = run.step_finished()
+            if step + 1 == config.decoder_steps:
+                break
+            if save_now:
+                tensors, groups = _optimizer_tensors(optimizer, "decoder_optimizer")
+                run.save({**others, **_prefixed("vae", vae.state_dict()), **tensors}, step=step + 1,
+                         optimizer_param_groups=groups)
+            if stop:
+                return False
+    run.save({**others, **_prefixed("vae", vae.state_dict())}, phase="export", step=0, optimizer_param_groups=None,
+             decoder_trained=max(config.decoder_steps, start))
     return _session_continues(run)
 
 
@@ -487,7 +554,8 @@ def _model_card(run: _Run, command: str, parameters: dict[str, int], folder_byte
     losses = _final_losses(run.work_dir)
     seconds = state["seconds"]
     vae_loss, unet_loss = losses.get("vae", {}), losses.get("unet", {})
-    minutes = {phase: seconds.get(phase, 0.0) / 60 for phase in ("vae", "encode", "unet")}
+    minutes = {phase: seconds.get(phase, 0.0) / 60 for phase in ("vae", "encode", "unet", "decoder")}
+    decoder_loss = losses.get("decoder", {})
     continued = (f" and {config.unet_continue_steps} continued steps (fresh AdamW moments, a second warm-up and cosine "
                  f"decay from lr {config.continue_lr})") if config.unet_continue_steps else ""
     return f"""# fisedit shapes model{" (tiny smoke-test configuration)" if config.tiny else ""}
@@ -500,9 +568,8 @@ circle and a small blue square", "a red circle, a blue square and a green triang
 It exists so that the editing demo and semantic tests have a model whose pictures follow their prompts, without
 downloading weights.
 
-Load it with `fisedit_compiler.models.load_pipeline(path)`. The weights are stored in float16 and diffusers loads
-them as float32 unless asked otherwise: pass `torch_dtype=torch.float32` on a CPU to be explicit, `torch.float16` on
-a GPU. Default size 128x128 (latents {LATENT_SIZE}x{LATENT_SIZE}x4), DDIM scheduler.
+Load it with `fisedit_compiler.models.load_pipeline(path)`. The weights are stored in float16 and `load_pipeline`
+loads them as float32 unless asked otherwise: pass `dtype=torch.float16` on a GPU. Default size 128x128 (latents {LATENT_SIZE}x{LATENT_SIZE}x4), DDIM scheduler.
 
 ## How it was made
 
@@ -514,8 +581,9 @@ Command: `{command}`
 | VAE phase | {config.vae_steps} steps, batch {config.vae_batch_size} {config.vae_crop}x{config.vae_crop} crops of fresh scenes (each around an object), AdamW lr {config.vae_lr} (warm-up {config.warmup_steps} steps, cosine decay to a tenth), L1 + {config.vae_mse_weight:g} x MSE + {config.kl_weight} x KL (Stable Diffusion's ratio), initial posterior log-variance -10, {minutes["vae"]:.1f} min ({seconds.get("vae", 0.0) / max(config.vae_steps, 1):.2f} s/step) |
 | dataset | {config.dataset_size} scenes encoded once (posterior means), {minutes["encode"]:.1f} min; latent std {state["latent_std"]:.4f}, mean {state["latent_mean"]:.4f}: `scaling_factor` = {state["scaling_factor"]:.5f} |
 | U-Net phase | {config.unet_steps} steps{continued}, batch {config.batch_size}, U-Net and text encoder together, AdamW lr {config.lr} (warm-up {config.warmup_steps} steps, cosine decay to a tenth), epsilon prediction, min-SNR-{config.snr_gamma:g} loss weights, {config.uncond_prob:.0%} empty captions (classifier-free guidance), EMA {config.ema_decay} of the weights (shipped), {minutes["unet"]:.1f} min ({seconds.get("unet", 0.0) / max(_unet_total(config), 1):.2f} s/step) |
-| final losses (mean of the last {unet_loss.get("steps_averaged", 0)} steps) | VAE L1 {vae_loss.get("l1", float("nan")):.4f}, MSE {vae_loss.get("mse", float("nan")):.5f} (images in [-1, 1]); U-Net weighted loss {unet_loss.get("loss", float("nan")):.4f}, unweighted MSE {unet_loss.get("mse", float("nan")):.4f} |
-| machine | {config.threads} CPU threads, OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}; wall-clock {sum(minutes.values()):.1f} min for the three phases (summed over sessions) |
+| decoder phase | {config.decoder_steps} steps, the VAE decoder alone (encoder frozen: the U-Net's latent space is kept), batch {config.decoder_batch_size} whole {IMAGE_SIZE}x{IMAGE_SIZE} scenes of which {config.decoder_empty_fraction:.0%} have no object (the VAE phase's crops always held one, and its decoder turned an object-free latent map into noise over the whole frame), AdamW lr {config.decoder_lr} (warm-up and cosine decay as above), L1 + {config.vae_mse_weight:g} x MSE, {minutes["decoder"]:.1f} min ({seconds.get("decoder", 0.0) / max(config.decoder_steps, 1):.2f} s/step) |
+| final losses (mean of the last {unet_loss.get("steps_averaged", 0)} steps) | VAE L1 {vae_loss.get("l1", float("nan")):.4f}, MSE {vae_loss.get("mse", float("nan")):.5f} (images in [-1, 1]); U-Net weighted loss {unet_loss.get("loss", float("nan")):.4f}, unweighted MSE {unet_loss.get("mse", float("nan")):.4f}; decoder L1 {decoder_loss.get("l1", float("nan")):.4f}, MSE {decoder_loss.get("mse", float("nan")):.5f} (whole scenes) |
+| machine | {config.threads} CPU threads, OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}; wall-clock {sum(minutes.values()):.1f} min for the four phases (summed over sessions) |
 
 ## Architecture (diffusers / transformers classes)
 
@@ -639,6 +707,10 @@ def train(
         if run.state["phase"] == "encode":
             _encode_dataset(run)
         if run.state["phase"] == "unet" and not _train_unet(run):
+            return None
+        if run.state["phase"] in ("export", "done") and run.state.get("decoder_trained", 0) < config.decoder_steps:
+            run.state.update(phase="decoder", step=run.state.get("decoder_trained", 0), optimizer_param_groups=None)
+        if run.state["phase"] == "decoder" and not _train_decoder(run):
             return None
         if run.state["phase"] == "export":
             _export(run, command)

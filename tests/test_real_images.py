@@ -1,0 +1,196 @@
+"""Editing real pictures: `EditSession.load_image` (VAE encoding, DDIM inversion with step skipping, a source run
+recorded on the inversion trajectory), user masks honoured exactly on loaded images, and clear errors for what
+cannot be loaded."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fisedit_compiler as fisedit
+from fisedit_compiler.editing.inversion import ImageError, centre_crop_box, ddim_inversion, image_tensor
+from fisedit_compiler.models import make_scheduler, random_pipeline
+
+LATENT = 16
+STEPS = 6
+PROMPT = "a photo of a cat on a sofa"
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_pipeline(scheduler: str = "ddim"):
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler=scheduler)
+    pipe.unet = fisedit.compile(pipe.unet, fisedit.Policy(block_size=2))
+    return pipe
+
+
+def session(scheduler: str = "ddim") -> fisedit.EditSession:
+    return fisedit.EditSession(compiled_pipeline(scheduler), num_inference_steps=STEPS)
+
+
+@functools.lru_cache(maxsize=None)
+def photo() -> Image.Image:
+    """A real photograph (scikit-image's), 451x300: not the session's size or aspect ratio."""
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
+
+
+def encoded(s: fisedit.EditSession, image) -> torch.Tensor:
+    vae = s.pipe.vae
+    with torch.no_grad():
+        return vae.encode(image_tensor(image, s.height, s.width)).latent_dist.mean * vae.config.scaling_factor
+
+
+def box(rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+class ConstantNoise(torch.nn.Module):
+    """A stand-in U-Net whose prediction depends on the timestep only, so that DDIM steps invert exactly."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = shape
+        self.calls = []
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        self.calls.append(int(timestep))
+        g = torch.Generator().manual_seed(int(timestep))
+
+        class Output:
+            pass
+
+        out = Output()
+        out.sample = torch.randn(self.shape, generator=g)
+        return out
+
+
+def test_plain_ddim_inversion_is_the_exact_inverse_of_ddim_sampling():
+    """skip = 1 is plain DDIM inversion: with a prediction that does not depend on the latents, the DDIM sampler
+    stepping from the inverted noise with the same predictions walks the inversion back to the clean latents."""
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(10)
+    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = ConstantNoise(clean.shape)
+    inversion = ddim_inversion(unet, scheduler, clean, None, scheduler.timesteps, skip=1)
+    assert inversion.unet_calls == 10 and len(inversion.latents) == 11
+    assert torch.equal(inversion.latents[-1], clean)
+    for i, t in enumerate(scheduler.timesteps):
+        stepped = scheduler.step(unet(inversion.latents[i], t, None).sample, t, inversion.latents[i]).prev_sample
+        torch.testing.assert_close(stepped, inversion.latents[i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip", [2, 3, 4])
+def test_inversion_step_skipping_calls_the_unet_every_mth_step_and_reuses_its_noise(skip):
+    scheduler = make_scheduler("ddim")
+    scheduler.set_timesteps(10)
+    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = ConstantNoise(clean.shape)
+    inversion = ddim_inversion(unet, scheduler, clean, None, scheduler.timesteps, skip=skip)
+    ascending = scheduler.timesteps.flip(0).tolist()
+    assert unet.calls == ascending[::skip] and inversion.unet_calls == -(-10 // skip)
+    # a skipped step used the prediction of the last call: stepping back with it recovers its latents
+    for n, t in enumerate(ascending):
+        i = len(ascending) - 1 - n
+        used = ascending[n - n % skip]
+        prediction = unet(None, torch.tensor(used), None).sample
+        stepped = scheduler.step(prediction, torch.tensor(t), inversion.latents[i]).prev_sample
+        torch.testing.assert_close(stepped, inversion.latents[i + 1], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_loaded_photo_round_trips_and_a_user_mask_is_honoured_exactly():
+    s = session()
+    source = s.load_image(photo(), PROMPT)
+    want = encoded(s, photo())
+    assert torch.equal(source.latents, want) and source.mask is None
+    assert source.stats["inversion"].unet_calls == STEPS and source.stats["dense"].unet_calls == STEPS
+    assert source.images[0].size == (s.width, s.height)
+    trajectory = s.source_trajectory
+    # the same prompt, no edit: the final latents outside the mask are the encoded image's, bit for bit
+    mask = box(slice(4, 10), slice(5, 12))
+    same = s.edit(PROMPT, mask=mask)
+    assert torch.equal(same.mask, mask)
+    assert torch.equal(same.latents[..., ~mask], want[..., ~mask])
+    # an edit: every step keeps the inversion trajectory outside the user's mask
+    s = session()
+    s.load_image(photo(), PROMPT)
+    edit = s.edit("a photo of a dog on a sofa", mask=mask)
+    for before, after in zip(trajectory, s.source_trajectory):
+        assert torch.equal(after[..., ~mask], before[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], want[..., mask])
+    assert (edit.region & ~mask).any()  # halo and blocks were recomputed as context
+    # continuous: a second edit builds on the first, still exact outside its mask
+    again = s.edit("a photo of a dog on a red sofa", mask=box(slice(0, 6), slice(0, 6)))
+    assert torch.equal(again.latents[..., ~again.mask], edit.latents[..., ~again.mask])
+
+
+@torch.no_grad()
+def test_a_detected_edit_of_a_loaded_image_compares_with_a_control_run_of_its_prompt():
+    """Detection compares an edit's dense steps with a control run of the source prompt made at load time (the
+    inversion trajectory is no run of the sampler): the unchanged prompt detects nothing and returns the source."""
+    s = session()
+    source = s.load_image(photo(), PROMPT)
+    unchanged = s.edit(PROMPT)
+    assert unchanged.mask is not None and not unchanged.mask.any()
+    assert torch.equal(unchanged.latents, source.latents)
+    edited = s.edit("a watercolor painting of a dog on a sofa")
+    assert edited.mask.any()
+    assert torch.equal(edited.latents[..., ~edited.mask], source.latents[..., ~edited.mask])
+
+
+@torch.no_grad()
+def test_a_saved_loaded_image_session_keeps_its_detection_reference_and_picture_size(tmp_path):
+    s = session()
+    source = s.load_image(photo(), PROMPT)
+    s.save(tmp_path / "session")
+    again = fisedit.EditSession.load(tmp_path / "session", compiled_pipeline())
+    unchanged = again.edit(PROMPT)
+    assert not unchanged.mask.any() and torch.equal(unchanged.latents, source.latents)
+    w, h = photo().size
+    drawn = np.zeros((h, w), dtype=np.uint8)
+    drawn[:, : w // 2] = 255
+    assert again.edit("a photo of a dog on a sofa", mask=Image.fromarray(drawn)).mask.any()
+
+
+@torch.no_grad()
+def test_a_mask_drawn_on_the_original_picture_is_cropped_like_it():
+    s = session()
+    s.load_image(photo(), PROMPT)
+    w, h = photo().size
+    drawn = np.zeros((h, w), dtype=np.uint8)
+    left, top, right, bottom = centre_crop_box(w, h, s.width, s.height)
+    drawn[top:bottom, left:left + (right - left) // 2] = 255  # the left half of what the session sees
+    result = s.edit("a photo of a dog on a sofa", mask=Image.fromarray(drawn))
+    assert torch.equal(result.mask, box(slice(0, LATENT), slice(0, LATENT // 2)))
+
+
+def test_images_and_sessions_load_image_refuses():
+    s = session()
+    with pytest.raises(RuntimeError, match="generate.*or load_image"):
+        s.edit("a dog")
+    rgb = photo()
+    for image, message in [
+        (rgb.convert("L"), "'L' PIL image; load_image takes RGB"),
+        (rgb.convert("RGBA"), "'RGBA' PIL image; load_image takes RGB"),
+        (torch.rand(3, 32, 32) * 2, r"not all in \[0, 1\]"),
+        (torch.rand(4, 32, 32), r"shape \(4, 32, 32\)"),
+        ((torch.rand(3, 32, 32) * 255).to(torch.uint8), "dtype torch.uint8"),
+        (np.zeros((32, 32, 3)), "ndarray"),
+        (Image.new("RGB", (4, 4)), "too small"),
+    ]:
+        with pytest.raises(ImageError, match=message):
+            s.load_image(image, PROMPT)
+    s.load_image(rgb, PROMPT)
+    with pytest.raises(ValueError, match=r"mask image is 7x7"):
+        s.edit("a dog", mask=Image.new("L", (7, 7)))
+    euler = fisedit.EditSession(random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler="euler"),
+                                num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="EulerDiscreteScheduler scales its latents by sigma"):
+        euler.load_image(rgb, PROMPT)
