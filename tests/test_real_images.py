@@ -194,3 +194,36 @@ def test_images_and_sessions_load_image_refuses():
                                 num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="EulerDiscreteScheduler scales its latents by sigma"):
         euler.load_image(rgb, PROMPT)
+
+
+@torch.no_grad()
+def test_paste_back_keeps_the_pictures_pixels_outside_the_mask_and_feathers_inwards():
+    mask = box(slice(4, 10), slice(5, 12))
+    results = []
+    for paste_back in (None, 3):
+        s = session()
+        s.load_image(photo(), PROMPT)
+        results.append(s.edit("a photo of a dog on a sofa", mask=mask, paste_back=paste_back))
+    plain, pasted = results
+    assert torch.equal(plain.latents, pasted.latents)  # pasting is after decoding only
+    picture = ((image_tensor(photo(), 128, 128)[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()
+    inside = np.kron(mask.numpy(), np.ones((8, 8), dtype=bool))
+    deep = np.kron(box(slice(5, 9), slice(6, 11)).numpy(), np.ones((8, 8), dtype=bool))  # >= 8 pixels in
+    got, edited = np.asarray(pasted.images[0]), np.asarray(plain.images[0])
+    assert np.array_equal(got[~inside], picture[~inside])
+    assert np.array_equal(got[deep], edited[deep])
+    assert not np.array_equal(got[inside & ~deep], edited[inside & ~deep])  # the feathered rim
+    with pytest.raises(ValueError, match="paste_back is a feather width"):
+        s.edit("a photo of a dog", mask=mask, paste_back=-1)
+
+
+def test_feathered_alpha_rises_from_the_mask_border_inwards():
+    from fisedit_compiler.editing.compositing import feathered_alpha
+
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[1:3, 1:4] = True  # touches the right border
+    alpha = feathered_alpha(mask, (32, 32), feather=4)
+    inside = np.kron(mask.numpy(), np.ones((8, 8), dtype=bool))
+    assert (alpha.numpy()[~inside] == 0).all()
+    assert alpha[8, 16] == pytest.approx(0.25) and alpha[11, 16] == 1 and alpha[12, 31] == 1  # border counts in
+    assert (alpha.numpy()[inside] > 0).all()

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
@@ -34,6 +35,7 @@ from ..policy import Policy
 from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import make_store
 from ..inputs import as_mask, check_prompt
+from .compositing import paste_outside
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
@@ -84,6 +86,12 @@ class _Run:
     # whose trajectory is its inversion, a control run of the first steps made when it is loaded; for an edit of
     # that, its own dense steps, then its sparse steps blended with its source's reference.
     reference: list[torch.Tensor] | None = None
+    picture: Any = None  # a loaded image's picture (cropped and resized), which edits may paste back
+
+    @property
+    def pixels(self):
+        """The picture whose pixels `edit(..., paste_back=...)` keeps outside the mask."""
+        return self.result.images[0] if self.picture is None else self.picture
 
     @property
     def detection_reference(self) -> list[torch.Tensor]:
@@ -285,14 +293,23 @@ class EditSession:
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
         # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt.
         reference = self._control_steps(prompt, prompt, k)
-        self._source = _Run(prompt, prompt, trajectory, result, reference=reference)
+        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+                                  .to(torch.uint8).numpy())
+        self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
         return result
 
-    def edit(self, prompt: str, mask: Any = None) -> EditResult:
+    def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
-        (H, W), or a PIL image at latent or image resolution (white = edit); see `inputs.as_mask`. A mask of
-        another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
+        (H, W), or a PIL image at latent or image resolution (white = edit; after `load_image`, also the size of
+        the picture given, cropped and resized like it); see `inputs.as_mask`. Outside the mask the latents stay
+        the source's, bit for bit. `paste_back` (feather pixels): after decoding, the pixels outside the mask are
+        the current picture's (for a loaded image the picture itself, not the VAE's reconstruction), fading into
+        the edit over that many pixels inside it (`compositing.paste_outside`). A mask of another type, shape or
+        values raises `MaskError`, a prompt that is not a str a TypeError."""
+        if paste_back is not None and (isinstance(paste_back, bool) or not isinstance(paste_back, int)
+                                       or paste_back < 0):
+            raise ValueError(f"paste_back is a feather width in pixels (an int >= 0) or None, got {paste_back!r}")
         check_prompt(prompt)
         if self._source is None:
             raise RuntimeError("edit() needs a source image: call generate(prompt) or load_image(image, prompt) first")
@@ -364,6 +381,8 @@ class EditSession:
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
         self.cache.replace_steps(pending, keep_attention_maps=not new_maps)
         stats = {**phases, "cache_bytes": self.cache.nbytes}
+        if paste_back is not None:
+            images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
         result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"])
         reference = None
         if source.reference is not None:  # blended with a loaded image's inversion: blend its reference instead
