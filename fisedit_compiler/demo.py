@@ -202,8 +202,8 @@ def _jsonable(value):
 
 SHAPES_PROMPT = "a blue square on a gray background"
 SHAPES_NOTE = (
-    "The embedded shapes model draws one named object reliably (the named colour and shape in 86% of one-object "
-    "generations) but rarely two (both objects in 7%; benchmarks/results/shapes-quality.md), so the demo edits a "
+    "The embedded shapes model draws one named object reliably (the named colour and shape in 82% of one-object "
+    "generations) but rarely two (both objects in 13%; benchmarks/results/shapes-quality.md), so the demo edits a "
     "one-object scene."
 )
 SHAPES_STEPS = 20
