@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # The CPU build; override for CUDA, e.g. make TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url ...".
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out/demo
+# Test processes (pytest-xdist), one torch thread each: "auto" is one per CPU core.
+TEST_WORKERS ?= auto
 
 .PHONY: demo test install clean
 
@@ -21,7 +23,7 @@ demo: install
 	$(PY) -m fisedit_compiler.cli demo --out $(OUT)
 
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) out

@@ -85,7 +85,9 @@ def test_edit_a_picture_with_a_mask_drawn_on_it(tmp_path):
     assert report["edits"][0]["mask_fraction"] == pytest.approx(0.25)
     expected = np.zeros((LATENT, LATENT), dtype=bool)
     expected[:LATENT // 2, :LATENT // 2] = True
-    assert np.array_equal(overlay_marks(out, "mask_1.png"), np.kron(expected, np.ones((8, 8), dtype=bool)))
+    expected = np.kron(expected, np.ones((8, 8), dtype=bool))
+    marks = overlay_marks(out, "mask_1.png")  # a few red pixels of the photo do not change when red is blended in
+    assert not (marks & ~expected).any() and (marks == expected).mean() > 0.995
 
 
 @pytest.mark.parametrize("args, message", [

@@ -227,3 +227,12 @@ def test_feathered_alpha_rises_from_the_mask_border_inwards():
     assert (alpha.numpy()[~inside] == 0).all()
     assert alpha[8, 16] == pytest.approx(0.25) and alpha[11, 16] == 1 and alpha[12, 31] == 1  # border counts in
     assert (alpha.numpy()[inside] > 0).all()
+
+
+@torch.no_grad()
+def test_inversion_step_skipping_is_the_sessions_policy_even_on_a_compiled_pipeline():
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    fisedit.EditSession(pipe, num_inference_steps=STEPS)  # compiles pipe.unet with the default policy
+    s = fisedit.EditSession(pipe, policy=fisedit.Policy(inversion_skip=4), num_inference_steps=STEPS)
+    assert s.policy.inversion_skip == 4 and pipe.unet is s.unet
+    assert s.load_image(photo(), PROMPT).stats["inversion"].unet_calls == 2  # steps 0 and 4 of 6

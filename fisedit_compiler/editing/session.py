@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..compiler import CompiledUNet, ControlMode, RecordMode, SparseMode, compile
+from ..compiler import ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
@@ -171,8 +171,8 @@ def _synchronize(module: torch.nn.Module) -> None:
 
 class EditSession:
     """An editing session over a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, or any whose `__call__`
-    takes `latents` and `callback_on_step_end`). The pipeline's U-Net is compiled with `policy` (or kept, if it is
-    already a `CompiledUNet`).
+    takes `latents` and `callback_on_step_end`). The pipeline's U-Net is compiled with `policy` (a `CompiledUNet`
+    is kept when `policy` is None or its own, else the model it wraps is compiled anew with `policy`).
 
     `noise_seed` makes a stochastic scheduler usable: every run draws its step noise from a generator seeded with
     it, so source and edit runs add the same noise.
@@ -189,11 +189,8 @@ class EditSession:
         noise_seed: int | None = None,
     ):
         self.pipe = pipe
-        if isinstance(pipe.unet, CompiledUNet):
-            self.unet = pipe.unet
-        else:
-            self.unet = compile(pipe.unet, policy)
-            pipe.unet = self.unet
+        self.unet = compile(pipe.unet, policy)  # a compiled U-Net is kept, or recompiled for another policy
+        pipe.unet = self.unet
         self.policy = self.unet.policy
         # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
         self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy))
@@ -404,15 +401,12 @@ class EditSession:
     def load(cls, path, pipe) -> EditSession:
         """The session saved in `path`, over `pipe` (the same U-Net weights, scheduler and latent size, checked:
         a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it)."""
-        from .persistence import SessionFileError, read_session
+        from .persistence import read_session
 
         saved = read_session(path, pipe)
         session = cls(pipe, policy=saved.policy, num_inference_steps=saved.num_inference_steps,
                       guidance_scale=saved.guidance_scale, height=saved.height, width=saved.width,
-                      noise_seed=saved.noise_seed)
-        if session.policy != saved.policy:
-            raise SessionFileError("the pipeline's U-Net is compiled with another policy than the saved session's: "
-                                   "pass a pipeline with the plain U-Net")
+                      noise_seed=saved.noise_seed)  # a U-Net compiled with another policy is compiled anew
         session.cache = saved.cache
         session._latents = saved.initial_latents.to(session.unet.device, session.unet.dtype)
         trajectory = [z.to(session._latents.device) for z in saved.trajectory]
