@@ -51,8 +51,8 @@ def _format(data: dict) -> str:
         f"| dense regeneration of the edited prompt: share of pixels that changed | "
         f"{100 * e['mean_dense_changed_fraction']:.1f}% |",
         "",
-        "PSNR inside the recomputed region, sparse edit vs the dense edit with the same region and blend "
-        "(higher: closer to exact):",
+        "PSNR inside the detected region, given as a user mask (its halo and blocks recomputed as context), sparse "
+        "edit vs the dense edit with the same mask and blend (higher: closer to exact):",
         "",
         "| policy | PSNR (dB) |",
         "|---|---:|",

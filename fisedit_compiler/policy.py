@@ -45,6 +45,10 @@ class Policy:
             `inversion_skip`-th step only and reusing its predicted noise in between (EEdit's inversion step
             skipping; 1, the default: plain DDIM inversion). On the shapes model m = 2 saved 9% of `load_image`'s
             time and cost 2.6 dB of inversion fidelity (`benchmarks/results/inversion.md`).
+        refresh_every: EEdit's periodic refresh: every `refresh_every`-th step after an edit switches to sparse
+            runs dense and records what it computed (steps whose cross-attention maps a later edit reads excepted),
+            so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
+            default): every step after the switch is sparse. See `benchmarks/results/refresh.md`.
         cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
             computed in, so that a sparse call on the recorded input returns the recorded output exactly.
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
@@ -75,6 +79,7 @@ class Policy:
     mask_dilation: int = 1
     user_mask_dense_steps: float = 0.0
     inversion_skip: int = 1
+    refresh_every: int | None = None
     cache_dtype: CacheDtype | None = None
     dump_dir: str | None = None
     dump_svg: bool = True
@@ -120,6 +125,10 @@ class Policy:
             )
         if self.mask_dilation < 0:
             raise ValueError(f"mask_dilation must be >= 0, got {self.mask_dilation}")
+        if self.refresh_every is not None and (isinstance(self.refresh_every, bool)
+                                               or not isinstance(self.refresh_every, int) or self.refresh_every < 1):
+            raise ValueError(f"refresh_every must be None or an int >= 1 (every that many steps one dense step), got "
+                             f"{self.refresh_every!r}")
         if isinstance(self.inversion_skip, bool) or not isinstance(self.inversion_skip, int) or self.inversion_skip < 1:
             raise ValueError(f"inversion_skip must be an int >= 1 (1: every inversion step calls the U-Net), got "
                              f"{self.inversion_skip!r}")

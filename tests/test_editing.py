@@ -303,6 +303,29 @@ def test_a_user_mask_is_honoured_exactly():
 
 
 @torch.no_grad()
+def test_periodic_refresh_runs_every_rth_step_dense_and_records_it():
+    """`refresh_every=2`: after the switch, steps 1, 3, 5 of 6 run dense through the record variant (the whole
+    U-Net; what they record is read by the next sparse steps), the others sparse; the latents outside the mask
+    stay the source's."""
+    s = session(refresh_every=2)
+    user_mask = box_mask(slice(5, 9), slice(4, 9))
+    source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    inputs = []
+    handle = s.unet.register_forward_pre_hook(lambda module, args, kwargs: inputs.append(
+        (args[0].clone(), args[1], kwargs["encoder_hidden_states"].clone())), with_kwargs=True)
+    with UNetOutputs(s.unet) as outputs:
+        edit = s.edit("a red cabin in the woods", mask=user_mask)
+    handle.remove()
+    assert edit.stats["dense"].unet_calls == 3 and edit.stats["sparse"].unet_calls == 3
+    assert torch.equal(edit.latents[..., ~user_mask], source.latents[..., ~user_mask])
+    for step in (1, 3, 5):  # a refresh step is the whole U-Net, and its record is what it returned
+        sample, t, text = inputs[step]
+        torch.testing.assert_close(outputs.runs[0][step], s.unet.unet(sample, t, encoder_hidden_states=text).sample)
+    with pytest.raises(ValueError, match="refresh_every must be None or an int >= 1"):
+        fisedit.Policy(refresh_every=0)
+
+
+@torch.no_grad()
 def test_a_user_mask_may_be_a_numpy_array_or_a_pil_image():
     """Every accepted form of a mask edits the same region the same way as the bool tensor."""
     s = session(mask_dilation=0, halo=0)

@@ -74,7 +74,7 @@ def require_variance_preserving(scheduler) -> None:
     latents are scaled by sigma (Euler, LMS, Heun, ...) would read them wrongly."""
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0 or not hasattr(scheduler, "alphas_cumprod"):
         raise ValueError(f"load_image inverts with DDIM, whose latents are variance preserving; the pipeline's "
-                         f"{type(scheduler).__name__} scales its latents by sigma: use DDIM, DPM-Solver++, PNDM or "
+                         f"{type(scheduler).__name__} scales its latents by sigma: use DDIM, DPM-Solver++ or "
                          "UniPC (pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config))")
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"load_image inverts epsilon- or v-prediction models, not {scheduler.config.prediction_type}")

@@ -249,7 +249,8 @@ class EditSession:
         cache holds activations of latents that reproduce the image, and an edit keeps them outside its mask (the
         final latents there are the encoded image's). The result's image is the VAE's reconstruction; its `stats`
         have the "inversion" and "dense" (recording) phases. Only pipelines whose U-Net takes the text embedding
-        alone (SD 1.x/2.x), with a variance-preserving scheduler (DDIM, DPM-Solver++, PNDM, UniPC)."""
+        alone (SD 1.x/2.x), with a variance-preserving scheduler making one U-Net call per step (DDIM, DPM-Solver++,
+        UniPC)."""
         check_prompt(prompt)
         token_ids(self.pipe.tokenizer, prompt)
         require_variance_preserving(self.pipe.scheduler)
@@ -324,7 +325,8 @@ class EditSession:
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
         pending = RecordCache(self.cache.dtype)
         trajectory: list[torch.Tensor] = []
-        state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask}
+        state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask, "sparse_mode": None}
+        refresh = self.policy.refresh_every
         meter = _Meter(self.unet)
 
         def go_sparse(pipe) -> bool:
@@ -348,7 +350,19 @@ class EditSession:
                 # as a source run would (cheaper than sparse calls that cover all), maps included
                 run.mode = RecordMode(attention_maps=max(0, maps_steps - k))
             else:
+                state["sparse_mode"] = run.mode
                 meter.phase = "sparse"
+
+        def choose_mode(step: int) -> None:
+            """With `Policy.refresh_every` = r, every r-th step after the switch (none whose maps a later edit
+            reads) runs dense and records what it computed, so the activations sparse steps reuse outside the
+            region are refreshed; the others run sparse."""
+            if refresh is None or state["sparse_mode"] is None:
+                return
+            if step >= maps_steps and (step - k + 1) % refresh == 0:
+                run.mode, meter.phase = RecordMode(), "dense"
+            else:
+                run.mode, meter.phase = state["sparse_mode"], "sparse"
 
         def on_step_end(pipe, i, t, kwargs):
             latents = kwargs["latents"]
@@ -361,12 +375,14 @@ class EditSession:
             # for continuous edits the source's own switch, repeated exactly.
             latents = torch.where(state["blend"].to(latents.device), latents, source.trajectory[i])
             trajectory[-1] = latents.clone()
+            choose_mode(i + 1)
             return {"latents": latents}
 
         try:
             with self.unet.run(None, cache=self.cache) as run:
                 if k == 0:  # sparse from the first step: the latents are the source's as they are
                     switch_to_sparse()
+                    choose_mode(0)
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
                 images = self._call_pipeline(prompt, on_step_end)

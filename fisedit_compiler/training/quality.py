@@ -198,8 +198,8 @@ class _CompiledUNets:
 
 
 def _approximation_psnr(unets: _CompiledUNets, case: EditCase, seed: int, region: torch.Tensor, steps: int) -> dict:
-    """PSNR inside the recomputed region of sparse edits (`region` given as a user mask, so every step is sparse)
-    against the dense edit with the same region and blend, per policy of `APPROXIMATIONS`."""
+    """PSNR inside `region` of sparse edits (given as a user mask, so every step is sparse and its halo and blocks
+    are recomputed as context) against the dense edit with the same mask and blend, per policy of `APPROXIMATIONS`."""
     result = {}
     references: dict[bytes, np.ndarray] = {}
     for name, policy in APPROXIMATIONS.items():
