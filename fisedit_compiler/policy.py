@@ -48,7 +48,8 @@ class Policy:
         refresh_every: EEdit's periodic refresh: every `refresh_every`-th step after an edit switches to sparse
             runs dense and records what it computed (steps whose cross-attention maps a later edit reads excepted),
             so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
-            default): every step after the switch is sparse. See `benchmarks/results/refresh.md`.
+            default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.5 dB of PSNR
+            against the dense edit for 9% more MACs (`benchmarks/results/refresh.md`).
         cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
             computed in, so that a sparse call on the recorded input returns the recorded output exactly.
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
