@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "a generated one: it is cropped to the model's aspect ratio, resized and inverted")
     edit.add_argument("--mask", help="a mask image (white = edit), at latent or image resolution, or with --image "
                       "the size of that picture")
+    edit.add_argument("--paste-back", type=int, metavar="N",
+                      help="after decoding, keep the current picture's pixels outside the mask (with --image: the "
+                      "picture itself), fading into the edit over N pixels")
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
@@ -207,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mask:
             latent = args.latent_size if args.random else None
             mask = load_mask_image(args.mask, _latent_shape(args, latent), _vae_scale_factor(args))
-        return _run(args, args.prompt, [DemoEdit(prompt, mask) for prompt in args.edit], image)
+        if args.paste_back is not None and args.paste_back < 0:
+            raise ValueError(f"--paste-back is a feather width in pixels, >= 0; got {args.paste_back}")
+        return _run(args, args.prompt, [DemoEdit(prompt, mask, args.paste_back) for prompt in args.edit], image)
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)
         return 2

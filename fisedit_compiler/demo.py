@@ -131,10 +131,12 @@ def format_report(data: dict) -> str:
 @dataclasses.dataclass
 class DemoEdit:
     """One edit of a demo session: the edited prompt, and its mask: None (detected), a mask `EditSession.edit`
-    takes, or a function of the current image (a PIL image) that returns one (a user drawing on what they see)."""
+    takes, or a function of the current image (a PIL image) that returns one (a user drawing on what they see);
+    `paste_back`: `EditSession.edit`'s."""
 
     prompt: str
     mask: Any = None
+    paste_back: int | None = None
 
 
 def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
@@ -171,7 +173,7 @@ def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, step
     for n, edit in enumerate(edits, 1):
         start = time.perf_counter()
         mask = edit.mask(current.images[0]) if callable(edit.mask) else edit.mask
-        result = session.edit(edit.prompt, mask=mask)
+        result = session.edit(edit.prompt, mask=mask, paste_back=edit.paste_back)
         seconds = time.perf_counter() - start
         stats, dense_image = dense_regeneration(session, edit.prompt)
         result.images[0].save(out / f"edited_{n}.png")

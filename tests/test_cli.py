@@ -78,7 +78,7 @@ def test_edit_a_picture_with_a_mask_drawn_on_it(tmp_path):
     Image.fromarray(drawn).save(tmp_path / "mask.png")
     out = tmp_path / "out"
     args = ["edit", *SMALL, "--image", str(tmp_path / "photo.png"), "--prompt", "a cup of coffee",
-            "--edit", "a cup of tea", "--mask", str(tmp_path / "mask.png"), "--out", str(out)]
+            "--edit", "a cup of tea", "--mask", str(tmp_path / "mask.png"), "--paste-back", "2", "--out", str(out)]
     assert main(args) == 0
     assert Image.open(out / "source.png").size == (8 * LATENT, 8 * LATENT)
     report = json.loads((out / "report.json").read_text())
@@ -88,6 +88,13 @@ def test_edit_a_picture_with_a_mask_drawn_on_it(tmp_path):
     expected = np.kron(expected, np.ones((8, 8), dtype=bool))
     marks = overlay_marks(out, "mask_1.png")  # a few red pixels of the photo do not change when red is blended in
     assert not (marks & ~expected).any() and (marks == expected).mean() > 0.995
+    # --paste-back: outside the mask the edited picture is the photograph's centre crop, resized
+    from fisedit_compiler.editing.inversion import image_tensor
+
+    picture = ((image_tensor(Image.open(tmp_path / "photo.png").convert("RGB"), 128, 128)[0].permute(1, 2, 0) + 1)
+               * 127.5).round().to(torch.uint8).numpy()
+    edited = np.asarray(Image.open(out / "edited_1.png").convert("RGB"))
+    assert np.array_equal(edited[~expected], picture[~expected])
 
 
 @pytest.mark.parametrize("args, message", [
