@@ -72,6 +72,8 @@ def _row(name: str, stats: PhaseStats | None) -> dict:
 def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats], note: str | None) -> dict:
     """Per-phase rows and the savings of each edit against the dense regeneration of its prompt."""
     rows = [_row("source (record)", source.stats.get("dense"))]
+    if "inversion" in source.stats:  # a loaded picture: its DDIM inversion came first
+        rows.insert(0, _row("source (inversion)", source.stats["inversion"]))
     summary = []
     for n, (result, regeneration) in enumerate(zip(edits, dense), 1):
         phases = {name: result.stats.get(name) for name in ("dense", "sparse")}

@@ -82,6 +82,8 @@ def test_edit_a_picture_with_a_mask_drawn_on_it(tmp_path):
     assert main(args) == 0
     assert Image.open(out / "source.png").size == (8 * LATENT, 8 * LATENT)
     report = json.loads((out / "report.json").read_text())
+    phases = {row["phase"]: row for row in report["phases"]}
+    assert phases["source (inversion)"]["unet_calls"] == phases["source (record)"]["unet_calls"] == 4
     assert report["edits"][0]["mask_fraction"] == pytest.approx(0.25)
     expected = np.zeros((LATENT, LATENT), dtype=bool)
     expected[:LATENT // 2, :LATENT // 2] = True
