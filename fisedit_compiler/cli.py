@@ -79,7 +79,8 @@ def _run(args, prompt: str | None, edits: list | None, image=None) -> int:
 
     pipe = _pipeline(args)
     pipe.set_progress_bar_config(disable=args.quiet)
-    note = demo.RANDOM_WEIGHTS_NOTE if args.random else (demo.SHAPES_NOTE if not args.model else None)
+    # the shapes model's note explains the demo's choice of scene: only the demo prints it
+    note = demo.RANDOM_WEIGHTS_NOTE if args.random else (demo.SHAPES_NOTE if edits is None and not args.model else None)
     if note:
         print(f"note: {note}\n")
     latent = _latent_shape(args, args.latent_size if args.random else None)[0]
