@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="side of the computed blocks, or auto: the cost model picks per resolution and mask"
                              f"\n(default: {defaults.block_size or 'auto'})")
     policy.add_argument("--halo", type=int, default=defaults.halo)
+    policy.add_argument("--halo-unit", default=defaults.halo_unit, choices=["cells", "latent_pixels"])
     policy.add_argument("--max-sparse-downscale", type=int, default=defaults.max_sparse_downscale)
     policy.add_argument("--attention", choices=("active_queries", "masked_only", "dense"), default=defaults.attention)
     policy.add_argument("--norm-stats", choices=("recorded", "fresh"), default=defaults.norm_stats)
@@ -170,7 +171,7 @@ def parse_mask_spec(text: str, parser: argparse.ArgumentParser | None = None) ->
 
 
 def policy_of(args: argparse.Namespace) -> fisedit.Policy:
-    return fisedit.Policy(max_sparse_downscale=args.max_sparse_downscale, halo=args.halo,
+    return fisedit.Policy(max_sparse_downscale=args.max_sparse_downscale, halo=args.halo, halo_unit=args.halo_unit,
                           block_size=args.block_size, attention=args.attention, norm_stats=args.norm_stats,
                           cache_dtype=args.cache_dtype, program_backend=args.program_backend)
 
@@ -985,7 +986,8 @@ def output_stem(args: argparse.Namespace, device: torch.device) -> str:
         stem += f"_{args.threads}threads"
     if policy_of(args) != fisedit.Policy():
         p = policy_of(args)
-        stem += f"_b{p.block_size or 'auto'}-h{p.halo}-d{p.max_sparse_downscale}-{p.attention}-{p.norm_stats}"
+        halo = f"h{p.halo}" + ("px" if p.halo_unit == "latent_pixels" else "")
+        stem += f"_b{p.block_size or 'auto'}-{halo}-d{p.max_sparse_downscale}-{p.attention}-{p.norm_stats}"
         if p.cache_dtype:
             stem += f"-cache-{p.cache_dtype}"
         if p.program_backend:

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=Policy.block_size,
                         help="Policy.block_size (default: the cost model picks one per resolution for the mask)")
     parser.add_argument("--halo", type=int, default=Policy.halo, help="Policy.halo")
+    parser.add_argument("--halo-unit", default=Policy.halo_unit, choices=["cells", "latent_pixels"],
+                        help="Policy.halo_unit")
     parser.add_argument("--max-sparse-downscale", type=int, default=Policy.max_sparse_downscale,
                         help="Policy.max_sparse_downscale")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the U-Net call (default 2: CFG)")
@@ -70,7 +72,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.mask and not 0 < args.mask_fraction <= 1:
         raise ValueError(f"--mask-fraction must be in (0, 1], got {args.mask_fraction}")
     mask = load_mask(args.mask, latent) if args.mask else ellipse_mask(latent, args.mask_fraction)
-    policy = Policy(block_size=args.block_size, halo=args.halo, max_sparse_downscale=args.max_sparse_downscale,
+    policy = Policy(block_size=args.block_size, halo=args.halo, halo_unit=args.halo_unit,
+                    max_sparse_downscale=args.max_sparse_downscale,
                     dump_dir=str(out / "graphs"), dump_svg=not args.no_svg)
 
     compiled = compile_unet(unet, policy)

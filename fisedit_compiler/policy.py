@@ -9,6 +9,7 @@ import torch
 
 AttentionMode = Literal["active_queries", "masked_only", "dense"]
 NormStats = Literal["recorded", "fresh"]
+HaloUnit = Literal["cells", "latent_pixels"]
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 
 
@@ -20,8 +21,12 @@ class Policy:
         max_sparse_downscale: a layer runs sparse when its feature map is at most this many times smaller than
             the latents. The default 4 makes SD 2 at 96x96 latents sparse at 96, 48 and 24 and dense at 12: the
             paper keeps low resolutions dense because a mask pooled down to them covers most of the map.
-        halo: dilation of the mask at every resolution, in cells of that resolution. It widens the region that
-            is recomputed so that the seam between fresh and recorded activations falls outside the edit.
+        halo: dilation of the mask, in `halo_unit`s. It widens the region that is recomputed so that the seam
+            between fresh and recorded activations falls outside the edit.
+        halo_unit: "cells" (the default): the mask is max-pooled to every resolution and dilated there by `halo`
+            cells of that resolution (at a map 4x smaller than the latents, 4 latent pixels a cell). "latent_pixels":
+            the mask is dilated by `halo` latent pixels, then max-pooled, so low resolutions get less extra context
+            and fewer active blocks.
         block_size: the side of the square blocks that sparse layers compute. None (the default): the cost model
             (`cost_model`, the paper's APSC) picks it per resolution and mask from {1, 2, 4, 8, 16, 32} or dense
             (1: pixel-wise, each convolution one matrix product).
@@ -49,7 +54,7 @@ class Policy:
             runs dense and records what it computed (steps whose cross-attention maps a later edit reads excepted),
             so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
             default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.5 dB of PSNR
-            against the dense edit for 9% more MACs (`benchmarks/results/refresh.md`).
+            against the dense edit for 9% more MACs (`benchmarks/results/edit-settings.md`).
         cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
             computed in, so that a sparse call on the recorded input returns the recorded output exactly.
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
@@ -71,6 +76,7 @@ class Policy:
 
     max_sparse_downscale: int = 4
     halo: int = 1
+    halo_unit: HaloUnit = "cells"
     block_size: int | None = None
     attention: AttentionMode = "active_queries"
     norm_stats: NormStats = "recorded"
@@ -99,6 +105,8 @@ class Policy:
             raise ValueError(
                 f"attention must be 'active_queries', 'masked_only' or 'dense', got {self.attention!r}"
             )
+        if self.halo_unit not in ("cells", "latent_pixels"):
+            raise ValueError(f"halo_unit must be 'cells' or 'latent_pixels', got {self.halo_unit!r}")
         if self.norm_stats not in ("recorded", "fresh"):
             raise ValueError(f"norm_stats must be 'recorded' or 'fresh', got {self.norm_stats!r}")
         fractions = {"dense_steps": self.dense_steps, "detect_from": self.detect_from, "detect_to": self.detect_to,

@@ -29,15 +29,26 @@ def block_size(policy: fisedit.Policy, res: tuple[int, int]) -> int:
     return max(d for d in range(1, min(policy.block_size, g) + 1) if g % d == 0)
 
 
-def active_region(mask: torch.Tensor, res: tuple[int, int], halo: int, block: int) -> torch.Tensor:
-    """(H, W) bool: the pixels at `res` that a sparse layer computes, with plain loops over cells."""
+def _dilated(cells: list[list[bool]], halo: int) -> list[list[bool]]:
+    h, w = len(cells), len(cells[0])
+    return [[any(cells[yy][xx] for yy in range(max(0, y - halo), min(h, y + halo + 1))
+                 for xx in range(max(0, x - halo), min(w, x + halo + 1))) for x in range(w)] for y in range(h)]
+
+
+def active_region(mask: torch.Tensor, res: tuple[int, int], halo: int, block: int,
+                  halo_unit: str = "cells") -> torch.Tensor:
+    """(H, W) bool: the pixels at `res` that a sparse layer computes, with plain loops over cells: the mask pooled to
+    `res` and dilated by `halo` cells there, or ("latent_pixels") dilated by `halo` latent pixels and pooled."""
     mask = mask.reshape(-1, *mask.shape[-2:]).any(dim=0)
     lh, lw = mask.shape
     h, w = res
     fy, fx = lh // h, lw // w
-    pooled = [[bool(mask[y * fy:(y + 1) * fy, x * fx:(x + 1) * fx].any()) for x in range(w)] for y in range(h)]
-    dilated = [[any(pooled[yy][xx] for yy in range(max(0, y - halo), min(h, y + halo + 1))
-                    for xx in range(max(0, x - halo), min(w, x + halo + 1))) for x in range(w)] for y in range(h)]
+    latent = [[bool(v) for v in row] for row in mask.tolist()]
+    if halo_unit == "latent_pixels":
+        latent = _dilated(latent, halo)
+    pooled = [[any(latent[yy][xx] for yy in range(y * fy, (y + 1) * fy) for xx in range(x * fx, (x + 1) * fx))
+               for x in range(w)] for y in range(h)]
+    dilated = _dilated(pooled, halo) if halo_unit == "cells" else pooled
     region = torch.zeros(h, w, dtype=torch.bool)
     for by in range(0, h, block):
         for bx in range(0, w, block):
@@ -71,7 +82,7 @@ def reference_sparse_call(unet: nn.Module, recorded_inputs: dict, inputs: dict, 
     regions = {}
     for level in range(int(math.log2(policy.max_sparse_downscale)) + 1):
         res = (latent[0] >> level, latent[1] >> level)
-        regions[res] = active_region(mask, res, policy.halo, block_size(policy, res))
+        regions[res] = active_region(mask, res, policy.halo, block_size(policy, res), policy.halo_unit)
 
     # Per module, its calls in order: some modules (activations) are called more than once in a forward.
     recorded: dict[nn.Module, list[torch.Tensor]] = {}

@@ -9,6 +9,7 @@ import torch
 
 import fisedit_compiler as fisedit
 from conftest import close, ellipse_mask, tiny_unet, unet_inputs
+from fisedit_compiler.runtime.mask_plan import MaskPlan
 from sparse_reference import active_region, block_size, reference_sparse_call
 
 SIZE = 32
@@ -106,6 +107,23 @@ def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name, b
     assert torch.equal(active, active_region(masks()[mask_name], res, compiled.policy.halo, b))
 
 
+@torch.no_grad()
+def test_a_halo_in_latent_pixels_activates_fewer_cells_at_low_resolutions():
+    """`halo_unit="latent_pixels"`: the mask is dilated at latent resolution, then pooled: the same region at the
+    latent resolution as a halo in cells, fewer cells below it (each resolution checked against the loops)."""
+    mask = masks()["blobs"]
+    cells = MaskPlan(mask, fisedit.Policy(block_size=1, halo=2))
+    pixels = MaskPlan(mask, fisedit.Policy(block_size=1, halo=2, halo_unit="latent_pixels"))
+    for res in ((SIZE, SIZE), (SIZE // 2, SIZE // 2), (SIZE // 4, SIZE // 4)):
+        assert torch.equal(pixels.active_map(res), active_region(mask, res, 2, 1, "latent_pixels")), res
+        assert torch.equal(cells.active_map(res), active_region(mask, res, 2, 1)), res
+        assert not (pixels.active_map(res) & ~cells.active_map(res)).any()
+    assert torch.equal(pixels.active_map((SIZE, SIZE)), cells.active_map((SIZE, SIZE)))
+    assert pixels.active_map((SIZE // 4, SIZE // 4)).sum() < cells.active_map((SIZE // 4, SIZE // 4)).sum()
+    with pytest.raises(ValueError, match="halo_unit"):
+        fisedit.Policy(halo_unit="pixels")
+
+
 # Every policy whose sparse call the reference in sparse_reference.py describes exactly.
 REFERENCE_POLICIES = [
     fisedit.Policy(block_size=4),
@@ -114,6 +132,7 @@ REFERENCE_POLICIES = [
     fisedit.Policy(block_size=4, norm_stats="fresh"),
     fisedit.Policy(block_size=2, attention="dense"),
     fisedit.Policy(block_size=1, norm_stats="fresh", attention="dense"),
+    fisedit.Policy(block_size=2, halo=2, halo_unit="latent_pixels"),
 ]
 
 
@@ -125,7 +144,7 @@ REFERENCE_CASES = [
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch, policy, mask_name", REFERENCE_CASES, ids=lambda v: v if isinstance(v, str) else (
-    f"b{v.block_size}-h{v.halo}-{v.norm_stats}-{v.attention}"))
+    f"b{v.block_size}-h{v.halo}{v.halo_unit[0]}-{v.norm_stats}-{v.attention}"))
 def test_sparse_call_equals_the_masked_dense_reference(arch, policy, mask_name):
     """Inside the active blocks too: a sparse call on new inputs computes what the eager U-Net computes when every
     layer's inactive pixels are put back to their recorded values (measured difference: float rounding, < 5e-6)."""

@@ -50,15 +50,19 @@ class MaskPlan:
         return tuple(self._union.shape[-2:])  # type: ignore[return-value]
 
     def active_map(self, res: Resolution) -> torch.Tensor:
-        """The (H, W) bool map of cells active at `res`: max-pooled from the latents, dilated by the halo."""
+        """The (H, W) bool map of cells active at `res`: the mask max-pooled from the latents and dilated by the
+        halo, in cells of `res` (`Policy.halo_unit` "cells") or, before pooling, in latent pixels ("latent_pixels")."""
         res = tuple(res)
         if res not in self._active_maps:
             self._active_maps[res] = self._build_active_map(res)
         return self._active_maps[res]
 
     def _build_active_map(self, res: Resolution) -> torch.Tensor:
-        pooled = F.adaptive_max_pool2d(self._union, res)
         h = self.policy.halo
+        if self.policy.halo_unit == "latent_pixels":
+            grown = F.max_pool2d(self._union, kernel_size=2 * h + 1, stride=1, padding=h) if h else self._union
+            return F.adaptive_max_pool2d(grown, res)[0, 0] > 0
+        pooled = F.adaptive_max_pool2d(self._union, res)
         if h:
             pooled = F.max_pool2d(pooled, kernel_size=2 * h + 1, stride=1, padding=h)
         return pooled[0, 0] > 0

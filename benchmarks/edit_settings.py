@@ -1,11 +1,12 @@
-"""What EEdit's periodic refresh (`Policy.refresh_every`) costs and buys on the embedded shapes model.
+"""What an edit's policy settings cost and buy on the embedded shapes model: EEdit's periodic refresh
+(`Policy.refresh_every`) and a halo in latent pixels (`Policy.halo_unit`).
 
-    .venv/bin/python benchmarks/refresh.py             # writes benchmarks/results/refresh.{json,md}
-    .venv/bin/python benchmarks/refresh.py --seeds 1   # a quick look
+    .venv/bin/python benchmarks/edit_settings.py             # writes benchmarks/results/edit-settings.{json,md}
+    .venv/bin/python benchmarks/edit_settings.py --seeds 1   # a quick look
 
 For each edit case of `training.quality.EDIT_CASES` and seed: the source generation, an edit with a detected mask
 (default policy) to find the region, then that region given as a user mask (every step after the switch sparse)
-under each refresh setting. Reported: the PSNR inside the mask against the dense edit with the same mask and blend
+under each setting. Reported: the PSNR inside the mask against the dense edit with the same mask and blend
 (what the sparse approximations cost), and the edit's U-Net MACs against a dense regeneration.
 """
 
@@ -24,7 +25,13 @@ import torch
 from fisedit_compiler.policy import Policy
 from fisedit_compiler.training import quality
 
-SETTINGS = {"no refresh": None, "refresh every 4 steps": 4, "refresh every 2 steps": 2}
+SETTINGS = {
+    "default (halo 1 cell at every resolution, no refresh)": {},
+    "refresh every 4 steps": {"refresh_every": 4},
+    "refresh every 2 steps": {"refresh_every": 2},
+    "halo 1 latent pixel": {"halo_unit": "latent_pixels"},
+    "halo 2 latent pixels": {"halo": 2, "halo_unit": "latent_pixels"},
+}
 
 
 def main() -> None:
@@ -48,8 +55,8 @@ def main() -> None:
             if region is None or not region.any() or region.all():
                 continue
             reference = None
-            for name, every in SETTINGS.items():
-                session = unets.session(Policy(block_size=4, refresh_every=every), args.steps)
+            for name, fields in SETTINGS.items():
+                session = unets.session(Policy(block_size=4, **fields), args.steps)
                 session.generate(case.prompt(case.old), generator=torch.Generator().manual_seed(seed))
                 trajectory = session.source_trajectory
                 edit = session.edit(case.prompt(case.new), mask=region)
@@ -77,18 +84,18 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "refresh.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "refresh.md").write_text(_format(data))
+    (out / "edit-settings.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "edit-settings.md").write_text(_format(data))
     print(_format(data))
 
 
 def _format(data: dict) -> str:
     lines = [
-        "# Periodic refresh: what it costs and buys",
+        "# Edit settings: what they cost and buy",
         "",
         f"Model `{data['model']}`, {data['edits']} edits (the detected region of each given as a user mask: every "
         f"step sparse), {data['steps']} DDIM steps, blocks of 4; {data['machine']['date']}, git "
-        f"{data['machine']['git']}, {data['seconds']:.0f} s. `benchmarks/refresh.py`.",
+        f"{data['machine']['git']}, {data['seconds']:.0f} s. `benchmarks/edit_settings.py`.",
         "",
         "| setting | dense steps per edit | U-Net MACs vs a dense regeneration | PSNR in the mask vs the dense edit (dB) |",
         "|---|---:|---:|---:|",
