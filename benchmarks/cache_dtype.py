@@ -14,11 +14,7 @@ every case, so the difference is inside it).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,13 +22,9 @@ import torch
 import fisedit_compiler as fisedit
 from fisedit_compiler.editing.session import EditSession
 from fisedit_compiler.training import quality
+from results_io import machine, write_results
 
 DTYPES = (None, "float16", "bfloat16")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def main() -> None:
@@ -64,7 +56,7 @@ def main() -> None:
                                         and torch.equal(edit.region, reference.region)),
                     "cache_bytes_per_step": step_bytes,
                     "max_abs_latent_diff": float((edit.latents - reference.latents).abs().max()),
-                    "psnr_vs_float32": psnr(np.asarray(edit.images[0]), np.asarray(reference.images[0])),
+                    "psnr_vs_float32": quality.psnr(np.asarray(edit.images[0]), np.asarray(reference.images[0])),
                 })
                 print(rows[-1], flush=True)
     summary = {}
@@ -79,19 +71,11 @@ def main() -> None:
             "min_psnr_vs_float32": float(min(finite)) if finite else float("inf"),
             "same_region_rate": float(np.mean([r["same_region"] for r in mine])),
         }
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data = {
-        "model": args.model if args.model != str(quality.SHAPES_MODEL) else "fisedit_compiler/assets/shapes",
-        "steps": args.steps, "edits": len(rows) // len(DTYPES), "summary": summary, "rows": rows,
-        "seconds": time.perf_counter() - start,
-        "machine": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "model": quality.model_label(args.model), "steps": args.steps, "edits": len(rows) // len(DTYPES),
+        "summary": summary, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache-dtype.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "cache-dtype.md").write_text(_format(data))
-    print(_format(data))
+    write_results(args.out, "cache-dtype", data, _format(data))
 
 
 def _format(data: dict) -> str:

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import git_revision
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -107,9 +109,8 @@ def main() -> None:
                               check=True, capture_output=True, text=True)
         modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         print(mode, {k: v for k, v in modes[mode].items() if k != "sparse_seconds_all"}, flush=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"config": {"arch": args.arch, "latent": args.latent_size, "steps": args.steps,
-                         "budget_mib": args.budget_mib}, "modes": modes, "git": git,
+                         "budget_mib": args.budget_mib}, "modes": modes, "git": git_revision(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_1min_at_end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cache-tiers_{args.arch}-{args.latent_size}"

@@ -13,17 +13,14 @@ under each setting. Reported: the PSNR inside the mask against the dense edit wi
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from fisedit_compiler.policy import Policy
 from fisedit_compiler.training import quality
+from results_io import machine, write_results
 
 SETTINGS = {
     "default (halo 1 cell at every resolution, no refresh)": {},
@@ -74,19 +71,11 @@ def main() -> None:
                 print(rows[-1], flush=True)
     summary = {name: {key: float(np.mean([r[key] for r in rows if r["setting"] == name and np.isfinite(r[key])]))
                       for key in ("psnr_in_mask", "macs_vs_dense", "dense_calls")} for name in SETTINGS}
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data = {
-        "model": args.model if args.model != str(quality.SHAPES_MODEL) else "fisedit_compiler/assets/shapes",
-        "steps": args.steps, "edits": len(rows) // len(SETTINGS), "summary": summary, "rows": rows,
-        "seconds": time.perf_counter() - start,
-        "machine": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "model": quality.model_label(args.model), "steps": args.steps, "edits": len(rows) // len(SETTINGS),
+        "summary": summary, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "edit-settings.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "edit-settings.md").write_text(_format(data))
-    print(_format(data))
+    write_results(args.out, "edit-settings", data, _format(data))
 
 
 def _format(data: dict) -> str:

@@ -18,11 +18,7 @@ baseline: DDIM inversion with m = 1 and a dense run of the edited prompt from it
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,13 +28,9 @@ from fisedit_compiler.editing.inversion import ddim_inversion, image_tensor
 from fisedit_compiler.editing.session import EditSession
 from fisedit_compiler.training import quality
 from fisedit_compiler.training.shapes import COLOURS, render_scene
+from results_io import machine, write_results
 
 SKIPS = (1, 2, 3, 4)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def scenes(n: int) -> list:
@@ -101,9 +93,9 @@ def main() -> None:
                 "scene": n, "caption": scene.caption, "skip": skip, "load_seconds": seconds,
                 "inversion_unet_calls": source.stats["inversion"].unet_calls,
                 "record_unet_calls": source.stats["dense"].unet_calls,
-                "psnr_loaded": psnr(np.asarray(source.images[0]), scene.image),
-                "psnr_free_guidance_1": psnr(free_run(session, scene.caption, 1.0), scene.image),
-                "psnr_free_guidance": psnr(free_run(session, scene.caption, guidance), scene.image),
+                "psnr_loaded": quality.psnr(np.asarray(source.images[0]), scene.image),
+                "psnr_free_guidance_1": quality.psnr(free_run(session, scene.caption, 1.0), scene.image),
+                "psnr_free_guidance": quality.psnr(free_run(session, scene.caption, guidance), scene.image),
             })
             print(rows[-1], flush=True)
             if skip != default_skip:
@@ -131,8 +123,8 @@ def main() -> None:
             edits.append({
                 "scene": n, "edit": prompt, "mask_fraction": float(mask.float().mean()),
                 "edit_seconds": edit_seconds, "baseline_seconds": baseline_seconds,
-                "edit_psnr_outside_mask": psnr(np.asarray(edit.images[0])[outside], scene.image[outside]),
-                "baseline_psnr_outside_mask": psnr(dense[outside], scene.image[outside]),
+                "edit_psnr_outside_mask": quality.psnr(np.asarray(edit.images[0]), scene.image, outside),
+                "baseline_psnr_outside_mask": quality.psnr(dense, scene.image, outside),
             })
             print(edits[-1], flush=True)
     summary = {}
@@ -143,21 +135,12 @@ def main() -> None:
             "psnr_free_guidance")}
     edit_summary = {key: float(np.mean([e[key] for e in edits])) for key in (
         "mask_fraction", "edit_seconds", "baseline_seconds", "edit_psnr_outside_mask", "baseline_psnr_outside_mask")}
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data = {
-        "model": args.model if args.model != str(quality.SHAPES_MODEL) else "fisedit_compiler/assets/shapes",
-        "steps": args.steps, "guidance": guidance, "scenes": args.scenes, "default_skip": default_skip,
+        "model": quality.model_label(args.model), "steps": args.steps, "guidance": guidance, "scenes": args.scenes, "default_skip": default_skip,
         "per_skip": summary, "edit": edit_summary, "rows": rows, "edits": edits,
-        "seconds": time.perf_counter() - start,
-        "machine": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "threads": torch.get_num_threads()},
+        "seconds": time.perf_counter() - start, "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inversion.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "inversion.md").write_text(_format(data))
-    print(_format(data))
+    write_results(args.out, "inversion", data, _format(data))
 
 
 def _format(data: dict) -> str:
@@ -179,9 +162,9 @@ def _format(data: dict) -> str:
     e = data["edit"]
     lines += [
         "",
-        f"The picture `load_image` returns is the VAE's reconstruction for every m: the source run is recorded on the "
-        f"inversion trajectory, and edits keep it outside their mask. m only changes how well the inverted noise "
-        f"encodes the picture (the free runs), which a dense baseline depends on and an edit does not outside its "
+        "The picture `load_image` returns is the VAE's reconstruction for every m: the source run is recorded on the "
+        "inversion trajectory, and edits keep it outside their mask. m only changes how well the inverted noise "
+        "encodes the picture (the free runs), which a dense baseline depends on and an edit does not outside its "
         "mask.",
         "",
         f"An edit that recolours the object inside a box around it (m = {data['default_skip']}, "

@@ -10,16 +10,13 @@ model (`fisedit_compiler/assets/shapes`, or `--model DIR`); see `fisedit_compile
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 
 from fisedit_compiler.training import quality
+from results_io import machine, write_results
 
 
 def _percent(rate: float | None) -> str:
@@ -84,19 +81,11 @@ def main() -> None:
     print(generation, flush=True)
     edits = quality.edit_quality(pipe, seeds=tuple(range(args.seeds)), steps=args.steps)
     print(edits["summary"], flush=True)
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     data = {
-        "model": args.model if args.model != str(quality.SHAPES_MODEL) else "fisedit_compiler/assets/shapes",
-        "steps": args.steps, "generation": generation, "edits": edits, "seconds": time.perf_counter() - start,
-        "machine": {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                    "torch": torch.__version__, "python": platform.python_version(),
-                    "threads": torch.get_num_threads()},
+        "model": quality.model_label(args.model), "steps": args.steps, "generation": generation, "edits": edits,
+        "seconds": time.perf_counter() - start, "machine": machine(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shapes-quality.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "shapes-quality.md").write_text(_format(data))
-    print(_format(data))
+    write_results(args.out, "shapes-quality", data, _format(data))
 
 
 if __name__ == "__main__":

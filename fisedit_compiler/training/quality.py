@@ -28,6 +28,11 @@ GUIDANCE = 5.0
 BACKGROUND = "gray"
 
 
+def model_label(path: str | Path) -> str:
+    """How a result file names the model at `path`: the shipped one by its place in the repository."""
+    return "fisedit_compiler/assets/shapes" if Path(path).resolve() == SHAPES_MODEL else str(path)
+
+
 def load_shapes_pipeline(path: str | Path = SHAPES_MODEL):
     """The shipped shapes model (fp16 on disk) as an fp32 pipeline, through `models.load_pipeline`."""
     from ..models import load_pipeline
@@ -107,9 +112,11 @@ def _object_region(image: np.ndarray, wanted: tuple[str, str]) -> np.ndarray | N
     return None
 
 
-def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    """PSNR (dB, 8-bit range) of two images over the pixels of `where`; inf if they are equal there."""
-    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2)[where].mean())
+def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """PSNR (dB, 8-bit range) of two images over the pixels of `where` (all of them by default); inf if they are
+    equal there."""
+    squared = (a.astype(np.float64) - b.astype(np.float64)) ** 2
+    mse = float((squared if where is None else squared[where]).mean())
     return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
 
 

@@ -1,0 +1,45 @@
+"""What every benchmark's result file says about where it was measured, and how it is written.
+
+The scripts in this folder import it as a sibling module (`python benchmarks/<name>.py` puts the folder on the
+import path).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+
+
+def git_revision() -> str | None:
+    """The short revision of HEAD, with "+dirty" when tracked files differ from it; None outside a checkout."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """Date (UTC), git revision, torch and Python versions, torch threads."""
+    import torch  # here: cache_tiers.py's parent process measures children and never loads torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_revision(),
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def write_results(out: str | Path, stem: str, data: dict[str, Any], text: str) -> None:
+    """`<out>/<stem>.json` (the data) and `<out>/<stem>.md` (its text, also printed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
