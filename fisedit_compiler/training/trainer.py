@@ -297,6 +297,11 @@ def _start_with_small_posterior_variance(vae) -> None:
     vae.quant_conv.bias[4:].fill_(-10.0)
 
 
+def _reconstruction_losses(reconstruction: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 and MSE of a VAE reconstruction (the VAE and decoder phases' loss is L1 + `vae_mse_weight` x MSE)."""
+    return (reconstruction - images).abs().mean(), ((reconstruction - images) ** 2).mean()
+
+
 def _train_vae(run: _Run) -> bool:
     """Phase 1; returns False when the session stopped before the phase ended."""
     config = run.config
@@ -316,8 +321,7 @@ def _train_vae(run: _Run) -> bool:
                 group["lr"] = lr
             posterior = vae.encode(images).latent_dist
             reconstruction = vae.decode(posterior.sample(generator=noise_generator)).sample
-            l1 = (reconstruction - images).abs().mean()
-            mse = ((reconstruction - images) ** 2).mean()
+            l1, mse = _reconstruction_losses(reconstruction, images)
             kl = posterior.kl().mean() / images[0].numel()
             loss = l1 + config.vae_mse_weight * mse + config.kl_weight * kl
             optimizer.zero_grad(set_to_none=True)
@@ -502,8 +506,7 @@ def _train_decoder(run: _Run) -> bool:
             with torch.no_grad():
                 latents = vae.encode(images).latent_dist.sample(generator=noise_generator)
             reconstruction = vae.decode(latents).sample
-            l1 = (reconstruction - images).abs().mean()
-            mse = ((reconstruction - images) ** 2).mean()
+            l1, mse = _reconstruction_losses(reconstruction, images)
             loss = l1 + config.vae_mse_weight * mse
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
