@@ -290,7 +290,7 @@ class EditSession:
             images, stats = self._run(prompt, on_step_end)
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
         # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt.
-        reference = self._control_steps(prompt, prompt, k)
+        reference = self._control_steps(prompt, k)
         picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
                                   .to(torch.uint8).numpy())
         self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
@@ -327,6 +327,7 @@ class EditSession:
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask, "sparse_mode": None}
         refresh = self.policy.refresh_every
+        refresh_mode = RecordMode()  # one mode for every refresh step: the meter counts a mode's MACs once
         meter = _Meter(self.unet)
 
         def go_sparse(pipe) -> bool:
@@ -360,7 +361,7 @@ class EditSession:
             if refresh is None or state["sparse_mode"] is None:
                 return
             if step >= maps_steps and (step - k + 1) % refresh == 0:
-                run.mode, meter.phase = RecordMode(), "dense"
+                run.mode, meter.phase = refresh_mode, "dense"
             else:
                 run.mode, meter.phase = state["sparse_mode"], "sparse"
 
@@ -465,9 +466,9 @@ class EditSession:
         state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
         return mode
 
-    def _control_steps(self, maps_prompt: str, prompt: str, steps: int) -> list[torch.Tensor]:
-        """The latents after each of the first `steps` steps of a control run of `prompt` (maps of `maps_prompt`)
-        from the session's initial latents; nothing is recorded."""
+    def _control_steps(self, prompt: str, steps: int) -> list[torch.Tensor]:
+        """The latents after each of the first `steps` steps of a control run of `prompt` with the cache's maps of
+        that same prompt, from the session's initial latents; nothing is recorded."""
         latents: list[torch.Tensor] = []
 
         def on_step_end(pipe, i, t, kwargs):
@@ -476,7 +477,7 @@ class EditSession:
                 pipe._interrupt = True
             return {}
 
-        with self.unet.run(ControlMode(self._alignment(maps_prompt, prompt), RecordCache(self.cache.dtype)),
+        with self.unet.run(ControlMode(self._alignment(prompt, prompt), RecordCache(self.cache.dtype)),
                            cache=self.cache):
             self._call_pipeline(prompt, on_step_end, output_type="latent")
         return latents
