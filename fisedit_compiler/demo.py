@@ -30,12 +30,14 @@ def mask_overlay(image: Image.Image, mask: torch.Tensor) -> Image.Image:
     return Image.composite(Image.blend(image.convert("RGB"), red, 0.5), image.convert("RGB"), upsampled)
 
 
-def dense_regeneration(session: EditSession, prompt: str) -> tuple[PhaseStats, Image.Image]:
-    """Regenerate `prompt` densely with the eager U-Net (same latents, steps and scheduler), metered the same way:
-    what a user without FISEdit would run."""
+def dense_regeneration(session: EditSession, prompt: str, inputs: dict | None = None,
+                       ) -> tuple[PhaseStats, Image.Image]:
+    """Regenerate `prompt` densely with the eager U-Net (same latents, steps and scheduler; `inputs`: an inpainting
+    pipeline's picture and mask, `EditSession.inputs_for`), metered the same way: what a user without FISEdit
+    would run."""
     meter = _Meter(session.unet)  # outside record()/sparse() the compiled U-Net runs the eager one
     try:
-        images = session._call_pipeline(prompt, lambda pipe, i, t, kwargs: {})
+        images = session._call_pipeline(prompt, lambda pipe, i, t, kwargs: {}, inputs=inputs)
     finally:
         phases = meter.close()
     return phases["dense"], images[0]
@@ -163,6 +165,8 @@ def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, step
         log(f"continuing the session in {session_dir}: {source.prompt!r}")
     else:
         session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
+        if session.inpainting and any(edit.mask is None for edit in edits):  # fail before the inversion
+            raise ValueError("an inpainting model repaints the mask it is given: give every edit a mask (--mask)")
         if image is not None:
             source = session.load_image(image, prompt)
             log(f"source: the picture, described as {prompt!r}, inverted and recorded "
@@ -175,9 +179,10 @@ def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, step
     for n, edit in enumerate(edits, 1):
         start = time.perf_counter()
         mask = edit.mask(current.images[0]) if callable(edit.mask) else edit.mask
+        picture = session.picture
         result = session.edit(edit.prompt, mask=mask, paste_back=edit.paste_back)
         seconds = time.perf_counter() - start
-        stats, dense_image = dense_regeneration(session, edit.prompt)
+        stats, dense_image = dense_regeneration(session, edit.prompt, session.inputs_for(picture, result.mask))
         result.images[0].save(out / f"edited_{n}.png")
         mask_overlay(current.images[0], result.mask).save(out / f"mask_{n}.png")
         side_by_side(current.images[0], result.images[0], result.region, dense_image).save(out / f"edit_{n}.png")

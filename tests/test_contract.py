@@ -208,3 +208,25 @@ def test_the_cache_store_interface_and_run_directions():
     assert store.keys() == [] and cache.latent_shape is None
     with pytest.raises(fisedit.StepNotRecordedError, match="timestep 500 .batch 2. was never recorded"):
         cache.step(generation)
+
+
+@torch.no_grad()
+def test_an_inpainting_unet_keeps_the_contract():
+    """The 9-channel U-Net of inpainting pipelines (latents, mask, masked-image latents): a sparse call on new
+    inputs computes the masked dense reference, and outside the active blocks returns the recorded output."""
+    from fisedit_compiler.models import random_unet
+
+    unet = random_unet("sd15", "tiny", seed=0, inpainting=True)
+    assert unet.config.in_channels == 9
+    policy = fisedit.Policy(block_size=4)
+    compiled = fisedit.compile(unet, policy)
+    inputs, new_inputs = unet_inputs(unet, size=SIZE), unet_inputs(unet, size=SIZE, seed=1)
+    with compiled.record():
+        recorded_output = compiled(**inputs).sample
+    assert close(recorded_output, unet(**inputs).sample)
+    mask = masks()["blobs"]
+    with compiled.sparse(mask):
+        output = compiled(**new_inputs).sample
+        active = compiled.active_pixels()
+    assert torch.equal(output[..., ~active], recorded_output[..., ~active])
+    assert close(output, reference_sparse_call(unet, inputs, new_inputs, mask, policy), rtol=1e-5)

@@ -236,3 +236,79 @@ def test_inversion_step_skipping_is_the_sessions_policy_even_on_a_compiled_pipel
     s = fisedit.EditSession(pipe, policy=fisedit.Policy(inversion_skip=4), num_inference_steps=STEPS)
     assert s.policy.inversion_skip == 4 and pipe.unet is s.unet
     assert s.load_image(photo(), PROMPT).stats["inversion"].unet_calls == 2  # steps 0 and 4 of 6
+
+
+@functools.lru_cache(maxsize=None)
+def inpainting_pipeline():
+    pipe = random_pipeline("sd15", latent_size=LATENT, seed=0, inpainting=True)
+    pipe.unet = fisedit.compile(pipe.unet, fisedit.Policy(block_size=2))
+    return pipe
+
+
+@torch.no_grad()
+def test_an_inpainting_session_gives_the_unet_the_users_mask_and_keeps_the_picture_outside_it():
+    """Over a `StableDiffusionInpaintPipeline` the inversion and the recorded source run see an empty mask and the
+    whole picture; an edit sees the user's mask and the picture blanked inside it (the U-Net's channels 4 and
+    5..8), and its latents outside the mask are the encoded picture's, bit for bit."""
+    s = fisedit.EditSession(inpainting_pipeline(), num_inference_steps=STEPS)
+    calls = []
+    hook = s.unet.register_forward_pre_hook(lambda module, args, kwargs: calls.append(
+        kwargs.get("sample", args[0] if args else None).clone()), with_kwargs=True)
+    try:
+        source = s.load_image(photo(), PROMPT)
+        loaded = len(calls)
+        mask = box(slice(4, 10), slice(5, 12))
+        edit = s.edit("a photo of a dog on a sofa", mask=mask)
+    finally:
+        hook.remove()
+    want = encoded(s, photo())
+    assert torch.equal(source.latents, want) and torch.equal(edit.latents[..., ~mask], want[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], want[..., mask])
+    # the conditioning picture is the one the session shows and pastes back: the crop rounded to 8 bits
+    picture = ((image_tensor(photo(), s.height, s.width)[0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8)
+    pixels = image_tensor(Image.fromarray(picture.numpy()), s.height, s.width)
+    vae = s.pipe.vae
+    picture_latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    for sample in calls[:loaded]:
+        assert not sample[:, 4].any()
+        torch.testing.assert_close(sample[:, 5:], picture_latents.expand(len(sample), -1, -1, -1))
+    blanked = pixels * ~torch.from_numpy(np.kron(mask.numpy(), np.ones((8, 8), dtype=bool)))
+    blanked_latents = vae.encode(blanked).latent_dist.mean * vae.config.scaling_factor
+    assert len(calls) == loaded + STEPS
+    for sample in calls[loaded:]:
+        assert torch.equal(sample[:, 4].bool(), mask.expand(2, -1, -1))
+        torch.testing.assert_close(sample[:, 5:], blanked_latents.expand(2, -1, -1, -1))
+
+
+@torch.no_grad()
+def test_a_full_mask_inpainting_edit_is_the_inpainting_pipelines_own_run():
+    """A mask covering everything leaves nothing to reuse: the edit runs dense, and is what the diffusers inpainting
+    pipeline computes from the same noise with that mask (the picture's latents given as the VAE's mean)."""
+    s = fisedit.EditSession(inpainting_pipeline(), num_inference_steps=STEPS)
+    s.load_image(photo(), PROMPT)
+    noise = s.source_trajectory[0]  # after the first step; the run starts from the session's initial latents
+    start = s._latents.clone()
+    full = torch.ones(LATENT, LATENT, dtype=torch.bool)
+    edit = s.edit("a photo of a dog on a sofa", mask=full)
+    vae = s.pipe.vae
+    blank = vae.encode(torch.zeros(1, 3, s.height, s.width)).latent_dist.mean * vae.config.scaling_factor
+    with s.unet.run(None):
+        want = s.pipe("a photo of a dog on a sofa", image=photo().crop((0, 0, s.width, s.height)),
+                      mask_image=Image.new("L", (s.width, s.height), 255), masked_image_latents=blank,
+                      latents=start, num_inference_steps=STEPS, guidance_scale=7.5, height=s.height,
+                      width=s.width, output_type="latent").images
+    assert noise.shape == want.shape
+    torch.testing.assert_close(edit.latents, want, rtol=1e-4, atol=1e-4)
+
+
+def test_inpainting_sessions_refuse_what_an_inpainting_model_cannot_do():
+    s = fisedit.EditSession(inpainting_pipeline(), num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="call load_image"):
+        s.generate(PROMPT)
+    s.load_image(photo(), PROMPT)
+    with pytest.raises(ValueError, match="pass edit\\(prompt, mask=...\\)"):
+        s.edit("a photo of a dog on a sofa")
+    plain = random_pipeline("sd15", latent_size=LATENT, seed=0)
+    plain.unet = inpainting_pipeline().unet
+    with pytest.raises(ValueError, match="9 input channels.*StableDiffusionInpaintPipeline"):
+        fisedit.EditSession(plain, num_inference_steps=STEPS)

@@ -91,9 +91,10 @@ class Inversion:
 
 @torch.no_grad()
 def ddim_inversion(unet, scheduler, clean: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor,
-                   skip: int = 1) -> Inversion:
+                   skip: int = 1, condition: torch.Tensor | None = None) -> Inversion:
     """DDIM inversion of `clean` latents conditioned on `text` (no guidance) over the denoising `timesteps`
-    (descending), calling `unet` at every `skip`-th step only (EEdit's inversion step skipping)."""
+    (descending), calling `unet` at every `skip`-th step only (EEdit's inversion step skipping). `condition`:
+    channels the U-Net takes after the latents (an inpainting U-Net's mask and masked-image latents)."""
     if skip < 1:
         raise ValueError(f"inversion step skipping must be >= 1 (1: none), got {skip}")
     alphas = scheduler.alphas_cumprod
@@ -107,7 +108,8 @@ def ddim_inversion(unet, scheduler, clean: torch.Tensor, text: torch.Tensor, tim
     for n, i in enumerate(reversed(range(len(timesteps)))):  # from the clean end to the noisy one
         a_prev, a_next = (levels[i + 1].to(z.dtype), levels[i].to(z.dtype))  # current and target noise levels
         if n % skip == 0:
-            output = unet(z, timesteps[i], encoder_hidden_states=text).sample
+            sample = z if condition is None else torch.cat([z, condition], dim=1)
+            output = unet(sample, timesteps[i], encoder_hidden_states=text).sample
             calls += 1
         if v_prediction:
             eps = a_prev.sqrt() * output + (1 - a_prev).sqrt() * z

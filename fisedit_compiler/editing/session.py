@@ -36,6 +36,7 @@ from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import make_store
 from ..inputs import as_mask, check_prompt
 from .compositing import paste_outside
+from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
 from .token_alignment import align_tokens, token_ids
@@ -176,6 +177,9 @@ class EditSession:
 
     `noise_seed` makes a stochastic scheduler usable: every run draws its step noise from a generator seeded with
     it, so source and edit runs add the same noise.
+
+    Over an inpainting pipeline (`StableDiffusionInpaintPipeline`, a 9-channel U-Net) a session edits a loaded
+    picture with user masks: the mask is the pipeline's mask input too (`editing.inpainting`).
     """
 
     def __init__(
@@ -189,6 +193,7 @@ class EditSession:
         noise_seed: int | None = None,
     ):
         self.pipe = pipe
+        self.inpainting = is_inpainting(pipe)
         self.unet = compile(pipe.unet, policy)  # a compiled U-Net is kept, or recompiled for another policy
         pipe.unet = self.unet
         self.policy = self.unet.policy
@@ -219,8 +224,11 @@ class EditSession:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
         recorded. Starts a new session history."""
         token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
+        if self.inpainting:
+            raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
+                             "then edit(prompt, mask=...)")
         if latents is None:
-            shape = (1, self.pipe.unet.config.in_channels, self.height // self.pipe.vae_scale_factor,
+            shape = (1, self.pipe.vae.config.latent_channels, self.height // self.pipe.vae_scale_factor,
                      self.width // self.pipe.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         self._latents = latents
@@ -250,7 +258,8 @@ class EditSession:
         final latents there are the encoded image's). The result's image is the VAE's reconstruction; its `stats`
         have the "inversion" and "dense" (recording) phases. Only pipelines whose U-Net takes the text embedding
         alone (SD 1.x/2.x), with a variance-preserving scheduler making one U-Net call per step (DDIM, DPM-Solver++,
-        UniPC)."""
+        UniPC). Over an inpainting pipeline the inversion and the source run see an empty mask and the whole
+        picture."""
         check_prompt(prompt)
         token_ids(self.pipe.tokenizer, prompt)
         require_variance_preserving(self.pipe.scheduler)
@@ -269,11 +278,15 @@ class EditSession:
                              f"makes {len(timesteps)} for {self.num_inference_steps} steps: use DDIM, DPM-Solver++ "
                              "or UniPC")
         text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
+        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+                                  .to(torch.uint8).numpy())
+        inputs = self.inputs_for(picture, None)
+        condition = inversion_condition(inputs, self.unet.dtype) if inputs else None
         meter = _Meter(self.unet)
         meter.phase = "inversion"
         try:
             inversion = ddim_inversion(self.unet, scheduler, clean, text.to(self.unet.dtype), timesteps,
-                                       self.policy.inversion_skip)
+                                       self.policy.inversion_skip, condition)
         finally:
             phases = meter.close()
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
@@ -287,12 +300,11 @@ class EditSession:
             return {"latents": trajectory[i].clone()}
 
         with self.unet.run(RecordMode(attention_maps=k), cache=self.cache):
-            images, stats = self._run(prompt, on_step_end)
+            images, stats = self._run(prompt, on_step_end, inputs)
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
-        # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt.
-        reference = self._control_steps(prompt, k)
-        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-                                  .to(torch.uint8).numpy())
+        # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt
+        # (inpainting edits take user masks only: nothing to detect).
+        reference = None if self.inpainting else self._control_steps(prompt, k)
         self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
         return result
 
@@ -314,12 +326,15 @@ class EditSession:
         token_ids(self.pipe.tokenizer, prompt)
         source = self._source
         if mask is None:
+            if self.inpainting:
+                raise ValueError("an inpainting pipeline repaints the mask it is given: pass edit(prompt, mask=...)")
             k, t1, t2 = self.policy.edit_schedule(self.num_inference_steps)
         else:
             h, w = self._latents.shape[-2:]
             mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
             mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
             k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
+        inputs = self.inputs_for(source.pixels, mask)
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
@@ -386,7 +401,7 @@ class EditSession:
                     choose_mode(0)
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
-                images = self._call_pipeline(prompt, on_step_end)
+                images = self._call_pipeline(prompt, on_step_end, inputs=inputs)
         finally:
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
@@ -450,6 +465,19 @@ class EditSession:
         return self._source.result
 
     @property
+    def picture(self):
+        """The picture the next edit is made on, and pastes back from: the current image, or for a loaded image
+        not yet edited the picture given (cropped and resized)."""
+        if self._source is None:
+            raise RuntimeError("no image yet: call generate(prompt) or load_image(image, prompt) first")
+        return self._source.pixels
+
+    def inputs_for(self, picture, mask: torch.Tensor | None) -> dict[str, Any]:
+        """The pipeline's keyword inputs besides the prompt and latents for a run over `picture` with `mask`: an
+        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), nothing for others."""
+        return inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
+
+    @property
     def source_trajectory(self) -> list[torch.Tensor]:
         """The latents after each denoising step of the current image's run (the last generation or edit)."""
         if self._source is None:
@@ -490,19 +518,23 @@ class EditSession:
             return torch.stack([torch.arange(conditional.numel()), conditional])
         return conditional[None]
 
-    def _call_pipeline(self, prompt: str, on_step_end, output_type: str = "pil") -> list:
+    def _call_pipeline(self, prompt: str, on_step_end, output_type: str = "pil",
+                       inputs: dict[str, Any] | None = None) -> list:
+        """One run of the pipeline from the session's initial latents; `inputs`: more keyword inputs (an
+        inpainting pipeline's picture and mask)."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
         output = self.pipe(
             prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], output_type=output_type,
+            **(inputs or {}),
         )
         return output.images
 
-    def _run(self, prompt: str, on_step_end) -> tuple[list, dict[str, Any]]:
+    def _run(self, prompt: str, on_step_end, inputs: dict[str, Any] | None = None) -> tuple[list, dict[str, Any]]:
         meter = _Meter(self.unet)
         try:
-            images = self._call_pipeline(prompt, on_step_end)
+            images = self._call_pipeline(prompt, on_step_end, inputs=inputs)
         finally:
             phases = meter.close()
         return images, {**phases, "cache_bytes": self.cache.nbytes}

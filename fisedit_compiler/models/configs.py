@@ -150,18 +150,23 @@ def check_arch_size(arch: str, size: str) -> None:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
 
 
-def unet_config(arch: Arch = "sd2", size: Size = "full") -> dict[str, Any]:
+def unet_config(arch: Arch = "sd2", size: Size = "full", inpainting: bool = False) -> dict[str, Any]:
     """Return the ``UNet2DConditionModel`` kwargs of ``arch`` at ``size``.
 
     ``"full"`` is the released checkpoint's config; ``"tiny"`` has the same block
     types, attention placement, projection kind and addition embedding, with tiny
-    channel counts.  A fresh dict is returned on every call, so callers may edit it.
+    channel counts.  ``inpainting``: the inpainting variant's 9 input channels (the
+    latents, the mask and the masked image's latents, as in
+    stable-diffusion-inpainting).  A fresh dict is returned on every call, so callers
+    may edit it.
     """
     check_arch_size(arch, size)
     config = copy.deepcopy(_FULL_UNETS[arch])
     if size == "tiny":
         config.update(copy.deepcopy(_TINY_COMMON))
         config.update(copy.deepcopy(_TINY_OVERRIDES[arch]))
+    if inpainting:
+        config["in_channels"] = 2 * config["in_channels"] + 1
     return config
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -103,15 +104,17 @@ def random_unet(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     sample_size: int | None = None,
+    inpainting: bool = False,
 ) -> UNet2DConditionModel:
-    """Build a seeded random-weight ``UNet2DConditionModel`` of ``arch`` (eval mode).
+    """Build a seeded random-weight ``UNet2DConditionModel`` of ``arch`` (eval mode); ``inpainting``: its
+    9-channel inpainting variant.
 
     ``sample_size`` overrides the config's latent size (it only sets the pipeline's
     default resolution; the U-Net itself accepts any multiple of its downsampling).
     Weights are initialised in float32 on the CPU, then cast to ``dtype`` and moved
     to ``device``, so the same seed gives the same weights everywhere.
     """
-    config = unet_config(arch, size)
+    config = unet_config(arch, size, inpainting)
     if sample_size is not None:
         config["sample_size"] = sample_size
     component_seed = _component_seed(seed, "unet")
@@ -176,19 +179,23 @@ def random_pipeline(
     scheduler: SchedulerName = "ddim",
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    inpainting: bool = False,
+) -> StableDiffusionPipeline | StableDiffusionInpaintPipeline | StableDiffusionXLPipeline:
     """Build a complete random-weight text-to-image pipeline of ``arch``.
 
     Returns a ``StableDiffusionPipeline`` (sd15, sd2; no safety checker) or a
     ``StableDiffusionXLPipeline`` (sdxl; two text encoders / tokenizers, no
-    watermarker).  The U-Net's ``sample_size`` is ``latent_size``, so the default
+    watermarker); with ``inpainting`` (sd15, sd2), a ``StableDiffusionInpaintPipeline``
+    over a 9-channel U-Net.  The U-Net's ``sample_size`` is ``latent_size``, so the default
     image size is ``8 * latent_size``.  The progress bar is disabled.
     """
     check_arch_size(arch, size)
+    if inpainting and arch == "sdxl":
+        raise ValueError("random_pipeline builds inpainting pipelines of sd15 and sd2 only")
     # Components are cast / moved one by one (not with pipe.to) so that nothing is
     # cast twice; see _finish.
     placement: dict[str, Any] = {"dtype": dtype, "device": device}
-    unet = random_unet(arch, size, seed, sample_size=latent_size, **placement)
+    unet = random_unet(arch, size, seed, sample_size=latent_size, inpainting=inpainting, **placement)
     vae = random_vae(arch, size, seed, sample_size=8 * latent_size, **placement)
     text_configs = text_encoder_configs(arch, size)
     sched = make_scheduler(scheduler)
@@ -210,7 +217,8 @@ def random_pipeline(
             add_watermarker=False,
         )
     else:
-        pipe = StableDiffusionPipeline(
+        cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        pipe = cls(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     pipe.set_progress_bar_config(disable=True)
