@@ -3,6 +3,7 @@
 
     python benchmarks/cache_tiers.py                                   # SD 2 at 96x96 latents, 10 steps, 2 GiB
     python benchmarks/cache_tiers.py --arch sd15 --latent-size 32 --steps 6 --budget-mib 256 --out /tmp/c
+    python benchmarks/cache_tiers.py --arch sdxl --latent-size 128 --bytes-only    # one recorded step's bytes
 
 Each mode runs in its own process (peak resident memory, `resource.getrusage` max RSS, is per process): a U-Net
 with seeded random weights (`fisedit_compiler.models.random_unet`), CFG batch 2, fp32, compiled with
@@ -69,6 +70,21 @@ def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
     }
 
 
+def step_bytes(arch: str, latent: int, cache_dtype: str | None) -> dict:
+    """The bytes of one recorded step (CFG batch 2, fp32 U-Net), by kind, stored in `cache_dtype`."""
+    import torch
+
+    import fisedit_compiler as fisedit
+    from fisedit_compiler.models import example_unet_inputs, random_unet
+
+    unet = random_unet(arch, "full", seed=0, sample_size=latent)
+    compiled = fisedit.compile(unet, fisedit.Policy(cache_budget="unbounded", cache_dtype=cache_dtype))
+    with torch.no_grad(), compiled.record():
+        compiled(**example_unet_inputs(unet, 2, latent, 0))
+    return {"cache_dtype": cache_dtype or "float32", "bytes": compiled.cache.nbytes,
+            "by_kind": compiled.cache.breakdown()["total"]}
+
+
 def render(r: dict) -> str:
     c = r["config"]
     lines = [f"# Record cache: in memory vs {c['budget_mib']} MiB resident + disk ({c['arch']} at {c['latent']}x"
@@ -95,9 +111,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--budget-mib", type=int, default=2048)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--bytes-only", action="store_true",
+                   help="record one step (fp32 and float16 storage) and report its bytes by kind, nothing else")
     p.add_argument("--mode", choices=("memory", "tiered"), help=argparse.SUPPRESS)  # one mode, in a child
     args = p.parse_args()
     budget = args.budget_mib * 2**20
+    if args.bytes_only:
+        rows = [step_bytes(args.arch, args.latent_size, dtype) for dtype in (None, "float16")]
+        result = {"config": {"arch": args.arch, "latent": args.latent_size}, "steps": rows, "git": git_revision(),
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        stem = args.out / f"cache-bytes_{args.arch}-{args.latent_size}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        lines = [f"# One recorded step: {args.arch} at {args.latent_size}x{args.latent_size} latents, CFG batch 2", "",
+                 "| storage | bytes per step | by kind |", "|---|---:|---|"]
+        for row in rows:
+            kinds = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in row["by_kind"].items())
+            lines.append(f"| {row['cache_dtype']} | {row['bytes'] / 2**30:.2f} GiB | {kinds} |")
+        lines += ["", f"{result['date']}, git {result['git']}. `benchmarks/cache_tiers.py --bytes-only`."]
+        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     if args.mode:
         print(json.dumps(measure(args.arch, args.latent_size, args.steps,
                                  None if args.mode == "memory" else budget)))

@@ -112,3 +112,54 @@ def test_write_back_never_changes_an_output_a_caller_holds():
     inputs = unet_inputs(unet, size=SIZE)
     for t, recorded in zip(TIMESTEPS, outputs):
         torch.testing.assert_close(recorded, unet(**{**inputs, "timestep": torch.tensor(t)}).sample)
+
+
+def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
+    """After its call a record's tensors are views of one allocation of their own (so that records outliving
+    their call do not fragment the heap); a spilled record is read back the same way, with one read of its
+    file; a file cut short is refused."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepRecord
+    from fisedit_compiler.runtime.tiered_store import read_safetensors, write_safetensors
+
+    record = StepRecord()
+    values = {CacheRef("a", "output"): torch.randn(2, 3, 5),
+              CacheRef("b", "group_norm_stats"): (torch.randn(2, 4), torch.rand(2, 4)),
+              CacheRef("c", "output"): torch.rand(3, 7) > 0.5,
+              CacheRef("d", "attention_kv"): torch.randn(4, 6).half().t()}  # not contiguous
+    for ref, value in values.items():
+        record[ref] = value
+    record.compact()
+    slab = record.slab
+    assert slab is not None and record.nbytes <= slab.numel()
+    for ref, value in values.items():
+        got = record[ref]
+        for g, v in zip(got if isinstance(got, tuple) else (got,), value if isinstance(value, tuple) else (value,)):
+            assert torch.equal(g, v) and g.dtype == v.dtype
+            assert g.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr()
+    record.compact()  # idempotent
+    assert record.slab is slab
+
+    def roundtrip(path):
+        from safetensors import safe_open
+
+        tensors, names = record.to_tensors(contiguous=False)
+        tensors["e"] = torch.randn(3, 5).t()  # written contiguous, one tensor at a time
+        write_safetensors(path, tensors, {"n": str(len(names))})
+        slab, read, metadata = read_safetensors(path)
+        assert metadata == {"n": str(len(names))} and read.keys() == tensors.keys()
+        with safe_open(str(path), framework="pt") as f:  # a standard safetensors file
+            assert f.metadata() == metadata
+            for name, t in tensors.items():
+                assert torch.equal(read[name], t) and read[name].untyped_storage().data_ptr() == slab.data_ptr()
+                assert torch.equal(f.get_tensor(name), t)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "step.safetensors"
+        roundtrip(path)
+        path.write_bytes(path.read_bytes()[:-3])
+        with pytest.raises(ValueError, match="truncated"):
+            read_safetensors(path)
