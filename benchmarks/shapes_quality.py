@@ -42,6 +42,9 @@ def _format(data: dict) -> str:
         f"| edits: new attribute found | {100 * e['new_attribute_rate']:.0f}% |",
         "| edits: detected mask IoU with the changed object (mean) | "
         + (f"{e['mean_mask_iou']:.2f} |" if e["mean_mask_iou"] is not None else "n/a |"),
+        "| edits: recomputed region (detected mask, halo, blocks) IoU with the changed object (mean) | "
+        + (f"{e['mean_region_iou']:.2f} |" if e.get("mean_region_iou") is not None else "n/a |"),
+        f"| edits: detected mask, share of the latents (mean) | {100 * e.get('mean_detected_fraction', 0):.1f}% |",
         f"| edits: recomputed region, share of the latents (mean) | {100 * e['mean_mask_fraction']:.1f}% |",
         f"| edits: latents outside the region bit-identical to the source | {e['outside_bit_identical']} |",
         f"| sparse edit: share of pixels that changed (> 24/255) | {100 * e['mean_sparse_changed_fraction']:.1f}% |",
@@ -56,12 +59,13 @@ def _format(data: dict) -> str:
     ]
     for name, value in e["mean_psnr_in_mask"].items():
         lines.append(f"| {name} | {value:.1f} |" if math.isfinite(value) else f"| {name} | exact |")
-    lines += ["", "Per edit:", "", "| source | edit | seed | mask % | IoU | new found | dense changed % |",
-              "|---|---|---:|---:|---:|---|---:|"]
+    lines += ["", "Per edit:", "",
+              "| source | edit | seed | region % | mask IoU | region IoU | new found | dense changed % |",
+              "|---|---|---:|---:|---:|---:|---|---:|"]
     for r in data["edits"]["edits"]:
-        iou = f"{r['mask_iou']:.2f}" if "mask_iou" in r else "-"
+        iou, region_iou = (f"{r[name]:.2f}" if name in r else "-" for name in ("mask_iou", "region_iou"))
         lines.append(f"| {r['source']} | {r['edit']} | {r['seed']} | {100 * r['mask_fraction']:.1f} | {iou} | "
-                     f"{r['new_found']} | {100 * r['dense_changed_fraction']:.1f} |")
+                     f"{region_iou} | {r['new_found']} | {100 * r['dense_changed_fraction']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

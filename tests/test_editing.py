@@ -212,6 +212,10 @@ def test_session_end_to_end(scheduler):
         assert len(result.images) == 1
     assert first.stats["dense"].unet_calls == k and second.stats["dense"].unet_calls == k
     assert "dense" not in third.stats and torch.equal(third.mask, user_mask)  # honoured exactly
+    for detected in (first, second):  # the detected mask is kept as detected; the halo and blocks grow the region
+        assert detected.detected.any() and not detected.detected[~detected.region].any()
+        assert torch.equal(detected.mask, detected.region) and detected.region.sum() > detected.detected.sum()
+    assert third.detected is None
     assert third.region[user_mask].all() and (third.region & ~user_mask).any()  # rounded up to blocks
     assert third.stats["sparse"].macs < source.stats["dense"].macs
 

@@ -63,7 +63,9 @@ class EditResult:
     """A generated or edited image. `mask` is the (H, W) bool map of latent pixels that may differ from the source's:
     the user's mask, or the recomputed region for a detected one; every other latent pixel is the source's, bit for
     bit. `region` is the (H, W) map of latent pixels the sparse steps recomputed: the mask dilated by the policy's
-    halo and rounded up to blocks (both None for `generate`).
+    halo and rounded up to blocks (both None for `generate`). `detected`: for an edit without a user mask, the
+    (H, W) mask detected from the latents' drift (thresholded and dilated by `Policy.mask_dilation`), before the
+    halo and blocks make it the region; None otherwise.
     `stats` has a `PhaseStats` per phase ("dense", "sparse") and the cache's bytes."""
 
     prompt: str
@@ -72,6 +74,7 @@ class EditResult:
     mask: torch.Tensor | None
     stats: dict[str, Any]
     region: torch.Tensor | None = None
+    detected: torch.Tensor | None = None
 
 
 @dataclasses.dataclass
@@ -406,13 +409,15 @@ class EditSession:
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
             stats = {**phases, "cache_bytes": self.cache.nbytes}
-            return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats)
+            return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
+                              detected=state["mask"] if mask is None else None)
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
         self.cache.replace_steps(pending, keep_attention_maps=not new_maps)
         stats = {**phases, "cache_bytes": self.cache.nbytes}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
-        result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"])
+        result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"],
+                            detected=state["mask"] if mask is None else None)
         reference = None
         if source.reference is not None:  # blended with a loaded image's inversion: blend its reference instead
             blend = state["blend"].to(trajectory[0].device)

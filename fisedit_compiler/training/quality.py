@@ -168,8 +168,10 @@ def edit_quality(pipe, cases: list[EditCase] = EDIT_CASES, seeds: tuple[int, ...
                     for r in (old_region, new_region):
                         if r is not None:
                             changed |= r
-                    detected = _latent_mask_to_image(region, source_image.shape[:2])
-                    row["mask_iou"] = float((detected & changed).sum() / max((detected | changed).sum(), 1))
+                    for name, mask in (("mask_iou", edited.detected), ("region_iou", region)):
+                        found = _latent_mask_to_image(mask, source_image.shape[:2])
+                        row[name] = float((found & changed).sum() / max((found | changed).sum(), 1))
+                    row["detected_fraction"] = float(edited.detected.float().mean())
             # a dense regeneration of the edited prompt from the same noise: how much of the picture moves
             pipe.unet = unets.eager
             dense = generate(pipe, case.prompt(case.new), seed=seed, steps=steps)
@@ -224,13 +226,17 @@ def _approximation_psnr(unets: _CompiledUNets, case: EditCase, seed: int, region
 
 def _summarise(rows: list[dict]) -> dict[str, Any]:
     ious = [r["mask_iou"] for r in rows if "mask_iou" in r]
+    region_ious = [r["region_iou"] for r in rows if "region_iou" in r]
     psnrs: dict[str, list[float]] = {}
     for r in rows:
         for name, value in r.get("psnr_in_mask", {}).items():
             psnrs.setdefault(name, []).append(value)
     return {
         "edits": len(rows),
-        "mean_mask_iou": float(np.mean(ious)) if ious else None,
+        "mean_mask_iou": float(np.mean(ious)) if ious else None,  # the detected mask's
+        "mean_region_iou": float(np.mean(region_ious)) if region_ious else None,  # the recomputed region's
+        "mean_detected_fraction": float(np.mean([r["detected_fraction"] for r in rows if "detected_fraction" in r]
+                                                or [0.0])),
         "new_attribute_rate": float(np.mean([r["new_found"] for r in rows])),
         "source_object_rate": float(np.mean([r["old_found"] for r in rows])),
         "outside_bit_identical": all(r.get("outside_bit_identical", True) for r in rows),
