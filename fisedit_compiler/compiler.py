@@ -312,6 +312,7 @@ class CompiledUNet(nn.Module):
         finally:
             cache.in_use = False
             _runs.reset(token)
+            cache.run_done()
 
     @contextlib.contextmanager
     def record(self, attention_maps: int = 0) -> Iterator[CompiledUNet]:

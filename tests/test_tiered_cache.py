@@ -163,3 +163,44 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
         path.write_bytes(path.read_bytes()[:-3])
         with pytest.raises(ValueError, match="truncated"):
             read_safetensors(path)
+
+
+def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_written_again(tmp_path):
+    """`flush` (a run's end) writes resident records in the background and keeps them, clean, so that the next run
+    can drop them without writing; a record modified in place (write-back) while its write is in flight keeps its
+    modification: it stays resident and is written again before it is let go."""
+    import threading
+
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+
+    store = TieredStore(budget_bytes=10**9, folder=tmp_path)
+    gate = threading.Event()
+    spill = store._spill
+
+    def gated_spill(key, record):
+        gate.wait(timeout=10)
+        return spill(key, record)
+
+    store._spill = gated_spill
+    keys = [StepKey((float(t),), 2) for t in (900, 500)]
+    ref = CacheRef("conv", "output")
+    for key in keys:
+        record = StepRecord()
+        record[ref] = torch.zeros(4, 4)
+        store.put(key, record)
+        store.settle(key)
+    store.flush()  # both written in the background (held at the gate)
+    assert set(store._writing) == set(keys)
+    store.get(keys[0])[ref] += 1  # a write-back while its write is in flight
+    store.mark_dirty(keys[0])
+    gate.set()
+    store.close()  # every write done
+    store._collect_writes(keep=keys[1], wait=True)
+    assert set(store._resident) == set(keys) and keys[0] not in store._clean and keys[1] in store._clean
+    store.budget_bytes = 0  # let everything go that can go
+    store._spill = spill
+    store._enforce_budget(keep=keys[1])
+    store._collect_writes(keep=keys[1], wait=True)
+    assert keys[0] not in store._resident
+    assert torch.equal(store.get(keys[0])[ref], torch.ones(4, 4))  # read back with its modification

@@ -172,6 +172,9 @@ class CacheStore(Protocol):
     def settle(self, key: StepKey) -> None:
         """A call has finished reading and writing `key`'s record (which the store may now move or compact)."""
 
+    def flush(self) -> None:
+        """A run has ended: a store with a lower tier may start moving records there."""
+
 
 class MemoryStore:
     """A `CacheStore` that keeps every step record in memory, unbounded."""
@@ -194,6 +197,9 @@ class MemoryStore:
     def settle(self, key: StepKey) -> None:
         """Records kept for the session's life are compacted (`StepRecord.compact`)."""
         self._records[key].compact()
+
+    def flush(self) -> None:
+        """Nothing to move: every record stays in memory."""
 
     @property
     def nbytes(self) -> int:
@@ -308,6 +314,11 @@ class RecordCache:
         """A call has finished reading and writing `key`'s record: the store settles it (`MemoryStore` compacts
         it; a store with a budget may now move older steps out)."""
         self.store.settle(key)
+
+    def run_done(self) -> None:
+        """A run recording into or replaying this cache has ended (`CompiledUNet.run`): the store may write what it
+        holds to its lower tier meanwhile (`CacheStore.flush`)."""
+        self.store.flush()
 
     def mark_dirty(self, key: StepKey) -> None:
         """`key`'s record was updated in place (a sparse call's write-back): a store with a lower tier rewrites it

@@ -64,6 +64,8 @@ class TieredStore:
         self._resident: collections.OrderedDict[StepKey, StepRecord] = collections.OrderedDict()  # LRU order
         self._on_disk: dict[StepKey, tuple[Path, int]] = {}
         self._writing: dict[StepKey, concurrent.futures.Future] = {}  # at most one
+        self._flushing: set[StepKey] = set()  # keys being written that stay resident (`flush`)
+        self._stale: set[StepKey] = set()  # keys modified while being written: their new file is already stale
         self._loading: dict[StepKey, concurrent.futures.Future] = {}
         self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
         self._pool_instance: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first spill
@@ -125,6 +127,8 @@ class TieredStore:
         return self._resident[key]
 
     def evict(self, key: StepKey) -> None:
+        if key in self._writing:  # let its write finish first: it would record a file for a forgotten key
+            self._collect_writes(keep=key, wait=True)
         self._resident.pop(key, None)
         self._clean.discard(key)
         future = self._loading.pop(key, None)
@@ -147,9 +151,23 @@ class TieredStore:
         self._step_bytes = self._resident[key].nbytes
         self._enforce_budget(keep=key)
 
+    def flush(self) -> None:
+        """A run has ended: start writing the resident records that have no current file (in the background; they
+        are resident anyway, so several writes may be queued), so that the next run can let them go without writing
+        them first: a replay's first step would otherwise hold the last recorded step while it is written, next to
+        the steps it loads."""
+        for key in list(self._resident):
+            if key in self._writing or (key in self._clean and key in self._on_disk):
+                continue
+            self._flushing.add(key)
+            self._writing[key] = self._pool.submit(self._spill, key, self._resident[key])
+
     def mark_dirty(self, key: StepKey) -> None:
-        """The resident record of `key` was modified in place (write-back): its file is stale."""
+        """The resident record of `key` was modified in place (write-back): its file is stale (also the one being
+        written, if any: the record then stays resident, to be written again)."""
         self._clean.discard(key)
+        if key in self._writing:
+            self._stale.add(key)
 
     @property
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -207,8 +225,12 @@ class TieredStore:
             del self._writing[key]
             self._on_disk[key] = future.result()  # a failed write raises here (CacheIOError)
             self.spilled += 1
-            if key == keep:
-                self._clean.add(key)  # in use again meanwhile: stays resident, equal to its file
+            stale = key in self._stale
+            self._stale.discard(key)
+            if key == keep or key in self._flushing or stale:
+                self._flushing.discard(key)
+                if not stale:
+                    self._clean.add(key)  # in use again meanwhile, or flushed: stays resident, equal to its file
             else:
                 self._resident.pop(key, None)
                 self._clean.discard(key)
