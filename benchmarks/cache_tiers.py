@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,13 +61,17 @@ def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
                 sparse_s.append(time.perf_counter() - start)
     store = compiled.cache.store
     per_step = compiled.cache.breakdown()["total"]
+    wait_seconds, steps_written = getattr(store, "wait_seconds", 0.0), getattr(store, "spilled", 0)
+    compiled.cache.clear()
+    if hasattr(store, "close"):
+        store.close()
+    shutil.rmtree(folder, ignore_errors=True)  # a given cache_dir is the caller's to remove
     return {
         "budget_bytes": budget, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
         "cache_bytes": compiled.cache.nbytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
         "record_seconds": statistics.median(record_s[1:]), "sparse_seconds": statistics.median(sparse_s[1:]),
-        "sparse_seconds_all": sparse_s, "wait_seconds": getattr(store, "wait_seconds", 0.0),
-        "steps_written": getattr(store, "spilled", 0),
+        "sparse_seconds_all": sparse_s, "wait_seconds": wait_seconds, "steps_written": steps_written,
     }
 
 

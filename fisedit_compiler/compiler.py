@@ -47,7 +47,7 @@ from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
 from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
 from .policy import Policy
-from .runtime.cache import Direction, RecordCache, StepKey, StepRecord
+from .runtime.cache import Direction, RecordCache, StepKey, StepNotRecordedError, StepRecord
 from .runtime.mask_plan import MaskPlan
 from .runtime.program import Program, bind
 from .runtime.tiered_store import make_store
@@ -191,12 +191,14 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
 
 @dataclasses.dataclass
 class RecordMode:
-    """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps.
-    `direction`: the run's, part of its step keys (an inversion's calls never replace a generation's)."""
+    """Calls record the source run; the first `attention_maps` calls also save their cross-attention maps, and the
+    first `maps_only` calls keep nothing else (`Policy.cache_dense_steps`). `direction`: the run's, part of its step
+    keys (an inversion's calls never replace a generation's)."""
 
     attention_maps: int = 0
     calls: int = 0
     direction: Direction = "generation"
+    maps_only: int = 0
 
 
 @dataclasses.dataclass
@@ -379,6 +381,8 @@ class CompiledUNet(nn.Module):
         if isinstance(mode, RecordMode):
             step = cache.new_step(key, tuple(sample.shape))
             output = variants.run_record(inputs, step, attention_maps=mode.calls < mode.attention_maps)
+            if mode.calls < mode.maps_only:
+                step.keep_maps_only()
             mode.calls += 1
         elif isinstance(mode, ControlMode):
             output = variants.run_control(
@@ -394,7 +398,12 @@ class CompiledUNet(nn.Module):
                 )
             if mode.plan is None or mode.plan.device != sample.device:  # index plans: once per mask
                 mode.plan = self.mask_plan(mode.mask.to(sample.device))
-            output = variants.run_sparse(inputs, cache.step(key), mode.plan, write_back=mode.write_back)
+            step = cache.step(key)
+            if step.maps_only:
+                raise StepNotRecordedError(
+                    f"{key.describe()} was recorded without its activations (Policy(cache_dense_steps=False) keeps "
+                    "only the cross-attention maps of the first dense_steps steps): run those steps dense")
+            output = variants.run_sparse(inputs, step, mode.plan, write_back=mode.write_back)
             if mode.write_back:
                 cache.mark_dirty(key)
         cache.step_done(key)

@@ -60,6 +60,11 @@ class Policy:
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
             recorded activations rounded to that dtype, an approximation of its own (outside the active blocks
             a sparse call returns the recorded output as stored, i.e. rounded).
+        cache_dense_steps: whether the record cache keeps the activations of a run's first `dense_steps` steps
+            (True, the default). Only edits with a user mask read them (sparse from the first step): an edit that
+            detects its mask runs those steps dense, reading their cross-attention maps alone. False keeps the maps
+            only, which saves that share of the cache (`dense_steps`, 20% by default), and user-mask edits then run
+            those steps dense too (`user_mask_dense_steps` at least `dense_steps`).
         dump_dir: a folder to write graph dumps into (every variant of every compiled input signature, before
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
@@ -88,6 +93,7 @@ class Policy:
     inversion_skip: int = 1
     refresh_every: int | None = None
     cache_dtype: CacheDtype | None = None
+    cache_dense_steps: bool = True
     dump_dir: str | None = None
     dump_svg: bool = True
     cache_budget: float | int | Literal["unbounded"] = 0.5
@@ -120,6 +126,8 @@ class Policy:
             raise ValueError(
                 f"cache_dtype must be None, 'float32', 'float16' or 'bfloat16', got {self.cache_dtype!r}"
             )
+        if not isinstance(self.cache_dense_steps, bool):
+            raise ValueError(f"cache_dense_steps must be True or False, got {self.cache_dense_steps!r}")
         if self.program_backend is not None and self.program_backend not in _torch_compile_backends():
             raise ValueError(
                 f"program_backend {self.program_backend!r} is not a torch.compile backend; choose one of "
@@ -153,6 +161,16 @@ class Policy:
         t2 = min(k, max(1, round(self.detect_to * num_steps)))
         t1 = min(t2, max(1, round(self.detect_from * num_steps)))
         return k, t1, t2
+
+    def user_mask_schedule(self, num_steps: int) -> int:
+        """Dense steps of an edit with a user mask: `user_mask_dense_steps`, and at least the detected edits'
+        `dense_steps` when the cache keeps only their maps (`cache_dense_steps=False`)."""
+        k = round(self.user_mask_dense_steps * num_steps)
+        return k if self.cache_dense_steps else max(k, self.edit_schedule(num_steps)[0])
+
+    def recorded_activations_from(self, num_steps: int) -> int:
+        """The first step whose activations a record run keeps (0, or `dense_steps` with `cache_dense_steps=False`)."""
+        return 0 if self.cache_dense_steps else self.edit_schedule(num_steps)[0]
 
     def is_sparse_resolution(self, resolution: tuple[int, int], latent: tuple[int, int]) -> bool:
         """Whether a feature map of `resolution` runs sparse for latents of size `latent`."""

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import fisedit_compiler as fisedit
-from fisedit_compiler.compiler import ControlMode
+from fisedit_compiler.compiler import ControlMode, SparseMode
 from fisedit_compiler.editing.mask_detection import detect_mask, difference_map, otsu_threshold
 from fisedit_compiler.editing import session as session_module
 from fisedit_compiler.editing.session import PhaseStats
@@ -581,3 +581,30 @@ def test_memory_breakdown_by_kind():
     assert sum(v for k, v in totals.items() if k != "latents") == s.cache.nbytes
     assert totals["latents"] == STEPS * s.current.latents.numel() * 4
     assert len(per_step) == STEPS + 1 and all(v["attention_kv"] > 0 for k, v in per_step.items() if k != "total")
+
+
+@torch.no_grad()
+def test_a_cache_without_the_dense_steps_activations_edits_as_one_with_them():
+    """`Policy(cache_dense_steps=False)`: the first `dense_steps` steps keep their cross-attention maps only (a
+    detected edit runs them dense; a user-mask edit then does too), which the cache's bytes show; the edits are
+    bit-identical to those of a full cache with the same schedule, and a sparse call at such a step says why it
+    cannot run."""
+    results = {}
+    for keep in (True, False):
+        s = session(dense_steps=0.5, user_mask_dense_steps=0.5 if keep else 0.0, cache_dense_steps=keep)
+        source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        k = s.policy.edit_schedule(STEPS)[0]
+        stored = [s.cache.step(key).maps_only for key in s.cache.steps]
+        assert stored == [not keep] * k + [False] * (STEPS - k)
+        detected = s.edit("a cabin in the woods with a river")
+        assert [s.cache.step(key).maps_only for key in s.cache.steps] == stored  # the edit's dense steps too
+        user = s.edit("a red cabin in the woods", mask=box_mask(slice(3, 7), slice(2, 9)))
+        assert user.stats["dense"].unet_calls == k
+        results[keep] = (source, detected, user, s)
+    for a, b in zip(results[True][:3], results[False][:3]):
+        assert torch.equal(a.latents, b.latents)
+    assert results[False][0].stats["cache_bytes"] < 0.75 * results[True][0].stats["cache_bytes"]
+    s = results[False][3]
+    with s.unet.run(SparseMode(box_mask(slice(3, 7), slice(2, 9))), cache=s.cache):
+        with pytest.raises(KeyError, match="recorded without its activations.*cache_dense_steps"):
+            s.pipe("a red cabin", latents=s._latents.clone(), num_inference_steps=STEPS, output_type="latent")

@@ -244,7 +244,8 @@ class EditSession:
             trajectory.append(kwargs["latents"].clone())
             return {}
 
-        with self.unet.run(RecordMode(attention_maps=k), cache=self.cache):
+        maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
+        with self.unet.run(RecordMode(attention_maps=k, maps_only=maps_only), cache=self.cache):
             images, stats = self._run(prompt, on_step_end)
         result = EditResult(prompt, images, trajectory[-1], None, stats)
         self._source = _Run(prompt, prompt, trajectory, result)
@@ -302,7 +303,8 @@ class EditSession:
         def on_step_end(pipe, i, t, kwargs):
             return {"latents": trajectory[i].clone()}
 
-        with self.unet.run(RecordMode(attention_maps=k), cache=self.cache):
+        maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
+        with self.unet.run(RecordMode(attention_maps=k, maps_only=maps_only), cache=self.cache):
             images, stats = self._run(prompt, on_step_end, inputs)
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
         # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt
@@ -336,11 +338,12 @@ class EditSession:
             h, w = self._latents.shape[-2:]
             mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
             mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
-            k, t1, t2 = round(self.policy.user_mask_dense_steps * self.num_inference_steps), 0, 0
+            k, t1, t2 = self.policy.user_mask_schedule(self.num_inference_steps), 0, 0
         inputs = self.inputs_for(source.pixels, mask)
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
+        maps_only = self.policy.recorded_activations_from(self.num_inference_steps)  # steps kept without activations
         pending = RecordCache(self.cache.dtype)
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask, "sparse_mode": None}
@@ -367,7 +370,7 @@ class EditSession:
                 state["blend"] = state["region"]
             if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
                 # as a source run would (cheaper than sparse calls that cover all), maps included
-                run.mode = RecordMode(attention_maps=max(0, maps_steps - k))
+                run.mode = RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))
             else:
                 state["sparse_mode"] = run.mode
                 meter.phase = "sparse"
@@ -412,7 +415,7 @@ class EditSession:
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
                               detected=state["mask"] if mask is None else None)
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
-        self.cache.replace_steps(pending, keep_attention_maps=not new_maps)
+        self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
         stats = {**phases, "cache_bytes": self.cache.nbytes}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]

@@ -57,6 +57,16 @@ class StepRecord(dict):
         self.dtype = dtype
         self.slab: torch.Tensor | None = None  # the one allocation the tensors are views of, once compacted
 
+    def keep_maps_only(self) -> None:
+        """Drop everything but the cross-attention maps: a step no sparse call reads (`Policy.cache_dense_steps`)."""
+        for ref in [ref for ref in self if ref.kind != "attention_map"]:
+            del self[ref]
+
+    @property
+    def maps_only(self) -> bool:
+        """Whether the step holds cross-attention maps and nothing else (`keep_maps_only`)."""
+        return bool(self) and all(ref.kind == "attention_map" for ref in self)
+
     def __setitem__(self, key, value) -> None:
         if self.dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
             value = value.to(self.dtype)
@@ -271,19 +281,23 @@ class RecordCache:
         return sum(dataclasses.replace(k, occurrence=0) == dataclasses.replace(key, occurrence=0)
                    for k in self.store.keys())
 
-    def replace_steps(self, other: RecordCache, keep_attention_maps: bool = False) -> None:
+    def replace_steps(self, other: RecordCache, keep_attention_maps: bool = False, maps_only: int = 0) -> None:
         """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps).
 
         `keep_attention_maps`: the replaced steps keep their cross-attention maps (other's are dropped), so that
-        the maps of all steps stay those of one prompt when `other` does not cover every step that has maps."""
+        the maps of all steps stay those of one prompt when `other` does not cover every step that has maps.
+        `maps_only`: of the steps taken, those among the first `maps_only` recorded here keep their maps only."""
         if not len(other):
             return
         if self.latent_shape not in (None, other.latent_shape):
             raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
                              f"{self.latent_shape}")
         self.latent_shape = other.latent_shape
+        first = set(self.steps[:maps_only])
         for key in other.steps:
             step = other.store.get(key)
+            if key in first:
+                step.keep_maps_only()
             if keep_attention_maps:
                 old = self.store.get(key) if key in self else {}
                 for ref in [ref for ref in step if ref.kind == "attention_map"]:

@@ -26,6 +26,7 @@ import math
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,9 @@ class TieredStore:
     def _folder_path(self) -> Path:
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="fisedit-cache-"))
+            # removed with the store, or at the latest when the interpreter exits (a store alive until then is
+            # never garbage collected, and its step files would stay on disk)
+            weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
 
