@@ -62,6 +62,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
     store = compiled.cache.store
     per_step = compiled.cache.breakdown()["total"]
     wait_seconds, steps_written = getattr(store, "wait_seconds", 0.0), getattr(store, "spilled", 0)
+    cache_bytes = compiled.cache.nbytes
     compiled.cache.clear()
     if hasattr(store, "close"):
         store.close()
@@ -69,7 +70,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
     return {
         "budget_bytes": budget, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
-        "cache_bytes": compiled.cache.nbytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
+        "cache_bytes": cache_bytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
         "record_seconds": statistics.median(record_s[1:]), "sparse_seconds": statistics.median(sparse_s[1:]),
         "sparse_seconds_all": sparse_s, "wait_seconds": wait_seconds, "steps_written": steps_written,
     }

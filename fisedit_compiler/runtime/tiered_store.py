@@ -64,7 +64,7 @@ class TieredStore:
         self._order: list[StepKey] = []
         self._resident: collections.OrderedDict[StepKey, StepRecord] = collections.OrderedDict()  # LRU order
         self._on_disk: dict[StepKey, tuple[Path, int]] = {}
-        self._writing: dict[StepKey, concurrent.futures.Future] = {}  # at most one
+        self._writing: dict[StepKey, concurrent.futures.Future] = {}  # one spill at a time (`flush` may queue more)
         self._flushing: set[StepKey] = set()  # keys being written that stay resident (`flush`)
         self._stale: set[StepKey] = set()  # keys modified while being written: their new file is already stale
         self._loading: dict[StepKey, concurrent.futures.Future] = {}
