@@ -65,7 +65,7 @@ class EditResult:
     bit. `region` is the (H, W) map of latent pixels the sparse steps recomputed: the mask dilated by the policy's
     halo and rounded up to blocks (both None for `generate`). `detected`: for an edit without a user mask, the
     (H, W) mask detected from the latents' drift (thresholded and dilated by `Policy.mask_dilation`), before the
-    halo and blocks make it the region; None otherwise.
+    halo and blocks make it the region; None otherwise (and in a session loaded with `EditSession.load`).
     `stats` has a `PhaseStats` per phase ("dense", "sparse") and the cache's bytes."""
 
     prompt: str
