@@ -32,7 +32,7 @@ from results_io import git_revision
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
+def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype: str | None = None) -> dict:
     """One mode, in this process."""
     import torch
 
@@ -44,7 +44,8 @@ def measure(arch: str, latent: int, steps: int, budget: int | None) -> dict:
     unet = random_unet(arch, "full", seed=0, sample_size=latent)
     inputs = example_unet_inputs(unet, 2, latent, 0)
     folder = tempfile.mkdtemp(prefix="fisedit-cache-bench-")
-    policy = fisedit.Policy(cache_budget="unbounded" if budget is None else budget, cache_dir=folder)
+    policy = fisedit.Policy(cache_budget="unbounded" if budget is None else budget, cache_dir=folder,
+                            cache_dtype=cache_dtype)
     compiled = fisedit.compile(unet, policy)
     timesteps = [int(t) for t in torch.linspace(950, 50, steps)]
     record_s, sparse_s = [], []
@@ -99,7 +100,8 @@ def step_bytes(arch: str, latent: int) -> list[dict]:
 def render(r: dict) -> str:
     c = r["config"]
     lines = [f"# Record cache: in memory vs {c['budget_mib']} MiB resident + disk ({c['arch']} at {c['latent']}x"
-             f"{c['latent']} latents, CFG batch 2, fp32, {c['steps']} steps, 15% ellipse mask)", "",
+             f"{c['latent']} latents, CFG batch 2, fp32 U-Net, cache stored in {c.get('cache_dtype') or 'fp32'}, "
+             f"{c['steps']} steps, 15% ellipse mask)", "",
              "| mode | peak RSS | weights | cache (all steps) | record s/call | sparse s/call | waited for disk | "
              "steps written |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["modes"].items():
@@ -124,6 +126,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--bytes-only", action="store_true",
                    help="record one step (fp32 and float16 storage) and report its bytes by kind, nothing else")
+    p.add_argument("--cache-dtype", choices=("float16", "bfloat16"), help="store the cache in this dtype")
     p.add_argument("--mode", choices=("memory", "tiered"), help=argparse.SUPPRESS)  # one mode, in a child
     args = p.parse_args()
     budget = args.budget_mib * 2**20
@@ -144,20 +147,22 @@ def main() -> None:
         return
     if args.mode:
         print(json.dumps(measure(args.arch, args.latent_size, args.steps,
-                                 None if args.mode == "memory" else budget)))
+                                 None if args.mode == "memory" else budget, args.cache_dtype)))
         return
     modes = {}
     for mode in ("memory", "tiered"):
         done = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--latent-size", str(args.latent_size),
-                               "--steps", str(args.steps), "--budget-mib", str(args.budget_mib), "--mode", mode],
+                               "--steps", str(args.steps), "--budget-mib", str(args.budget_mib), "--mode", mode,
+                               *(["--cache-dtype", args.cache_dtype] if args.cache_dtype else [])],
                               check=True, capture_output=True, text=True)
         modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         print(mode, {k: v for k, v in modes[mode].items() if k != "sparse_seconds_all"}, flush=True)
     result = {"config": {"arch": args.arch, "latent": args.latent_size, "steps": args.steps,
-                         "budget_mib": args.budget_mib}, "modes": modes, "git": git_revision(),
+                         "budget_mib": args.budget_mib, "cache_dtype": args.cache_dtype}, "modes": modes,
+              "git": git_revision(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_1min_at_end": os.getloadavg()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cache-tiers_{args.arch}-{args.latent_size}"
+    stem = args.out / f"cache-tiers_{args.arch}-{args.latent_size}{'_' + args.cache_dtype if args.cache_dtype else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(result))
     print(render(result))
