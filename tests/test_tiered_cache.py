@@ -120,7 +120,7 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
     file; a file cut short is refused."""
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepRecord
-    from fisedit_compiler.runtime.tiered_store import read_safetensors, write_safetensors
+    from fisedit_compiler.runtime.safetensors_io import read_safetensors, write_safetensors
 
     record = StepRecord()
     values = {CacheRef("a", "output"): torch.randn(2, 3, 5),

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from ..policy import Policy
 from ..runtime.tiered_store import make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
+from ..runtime.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "fisedit-session/1"
 MANIFEST = "session.json"
@@ -63,9 +62,9 @@ def save_session(session, path: str | Path) -> Path:
     cache, run = session.cache, session._source
     steps = []
     for n, key in enumerate(cache.steps):
-        tensors, names = cache.step(key).to_tensors()
+        tensors, names = cache.step(key).to_tensors(contiguous=False)
         file = f"{STEPS}/{n:04d}.safetensors"
-        save_file(tensors, str(folder / file), metadata={"refs": json.dumps(names)})
+        write_safetensors(folder / file, tensors, {"refs": json.dumps(names)})
         steps.append({"file": file, "direction": key.direction, "timesteps": list(key.timesteps),
                       "batch": key.batch, "occurrence": key.occurrence})
     latents = {"initial": session._latents, **{f"step_{i}": z for i, z in enumerate(run.trajectory)},
@@ -73,7 +72,7 @@ def save_session(session, path: str | Path) -> Path:
     for name in ("mask", "region"):
         if getattr(run.result, name) is not None:
             latents[name] = getattr(run.result, name).to(torch.uint8)
-    save_file({k: v.detach().contiguous().cpu() for k, v in latents.items()}, str(folder / LATENTS))
+    write_safetensors(folder / LATENTS, {k: v.detach().cpu() for k, v in latents.items()}, {})
     scheduler = session.pipe.scheduler
     manifest = {
         "format": FORMAT,
@@ -93,17 +92,14 @@ def save_session(session, path: str | Path) -> Path:
     return folder
 
 
-def _read(folder: Path, file: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(folder: Path, file: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
+    """The file's slab (the one allocation its tensors are views of), tensors and metadata (`read_safetensors`)."""
     path = folder / file
     if not path.is_file():
         raise SessionFileError(f"{path} is missing: the session folder is incomplete")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as e:
+        return read_safetensors(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SessionFileError(f"{path} is damaged and cannot be read: {e}") from e
 
 
@@ -166,16 +162,18 @@ def read_session(path: str | Path, pipe) -> SavedSession:
                                f"{type(pipe.scheduler).__name__}")
     _check_same("scheduler config", scheduler["config"], _jsonable_config(pipe.scheduler.config))
 
-    latents, _ = _read(folder, LATENTS)
+    _, latents, _ = _read(folder, LATENTS)
     policy = Policy(**manifest["policy"])
     cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
                         else None, make_store(policy))
     latent_shape = tuple(manifest["latent_shape"])
     for step in manifest["steps"]:
-        tensors, metadata = _read(folder, step["file"])
+        slab, tensors, metadata = _read(folder, step["file"])
         key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
         record = cache.new_step(key, latent_shape)
         record.update(StepRecord.from_tensors(tensors, json.loads(metadata.get("refs", "[]")), cache.dtype))
+        record.slab = slab  # read into one allocation: nothing to compact
+        cache.step_done(key)  # complete: a store with a budget may move it to disk
     initial = latents["initial"]
     if tuple(initial.shape[-2:]) != latent_shape[-2:]:
         raise SessionFileError(f"the saved latents are {tuple(initial.shape)}, the cache {latent_shape}")

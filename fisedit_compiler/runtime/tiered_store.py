@@ -8,7 +8,7 @@ A background read or write that fails raises `CacheIOError` in the call that nee
 Budget accounting: `resident_nbytes` counts the step records held in memory, except the one being written out (one
 at a time, in the background); it is at most `budget_bytes` after every call (`RecordCache.step_done`) unless the
 step just used is larger than the budget on its own. A record call starts by making room for a record of the size
-of the last one. The step being written and the one being prefetched come on top: a budget should leave room for
+of the largest so far. The step being written and the one being prefetched come on top: a budget should leave room for
 two more steps (a step of SD 2 at 768x768 in fp32 is about 1.2 GiB).
 
 Memory the process keeps: records are large and outlive the call that made them, so that once freed they would
@@ -22,18 +22,17 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import json
-import math
 import shutil
 import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..policy import Policy
 from .cache import MemoryStore, StepKey, StepRecord, return_free_heap
+from .safetensors_io import read_safetensors, write_safetensors
 
 
 class CacheIOError(RuntimeError):
@@ -70,7 +69,8 @@ class TieredStore:
         self._loading: dict[StepKey, concurrent.futures.Future] = {}
         self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
         self._pool_instance: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first spill
-        self._step_bytes = 0  # the size of the last record settled: what a record being made will need
+        self._step_bytes = 0  # the largest record settled: what a record being made may need (a maps-only step
+        # of `Policy.cache_dense_steps=False` is small, the next full one is not)
         self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
         self.spilled = 0  # steps written to disk so far
         self.device: torch.device | None = None  # where loaded records go (the device of the first record put)
@@ -92,8 +92,8 @@ class TieredStore:
         return sum(r.nbytes for k, r in self._resident.items() if k not in self._writing)
 
     def put(self, key: StepKey, record: StepRecord) -> None:
-        """Take `record` (at a record call's start, still empty: room is made for a step of the size of the last
-        one, so that the budget holds when it is filled)."""
+        """Take `record` (at a record call's start, still empty: room is made for a step of the size of the
+        largest one so far, so that the budget holds when it is filled)."""
         self._forget_file(key)
         if key not in self._order:
             self._order.append(key)
@@ -149,7 +149,7 @@ class TieredStore:
     def settle(self, key: StepKey) -> None:
         """The call using `key` is done: enforce the budget, keeping `key` resident (the next call may be the same
         step, e.g. CFG batches or a second sampler call)."""
-        self._step_bytes = self._resident[key].nbytes
+        self._step_bytes = max(self._step_bytes, self._resident[key].nbytes)
         self._enforce_budget(keep=key)
 
     def flush(self) -> None:
@@ -271,68 +271,6 @@ class TieredStore:
         entry = self._on_disk.pop(key, None)
         if entry is not None:
             entry[0].unlink(missing_ok=True)
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write CPU `tensors` as a safetensors file, one tensor at a time: a non-contiguous tensor is copied on its
-    own while it is written (`safetensors.torch.save_file` needs them all contiguous at once). Tensors are laid
-    out by decreasing element size, so that each starts aligned for its dtype."""
-    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-    order = sorted(tensors, key=lambda name: -tensors[name].element_size())
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        for name in order:
-            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def read_safetensors(path: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file read with one `readinto` into one uint8 CPU tensor (the slab): the file's tensors as views
-    of it, and the file's metadata. (`safetensors.safe_open` allocates each tensor on its own.) ValueError for a
-    file that is not a complete safetensors file."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(0)
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError("truncated: no header")
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > size - 8:
-            raise ValueError("truncated: the header runs past the end of the file")
-        header = json.loads(f.read(header_len))
-        slab = torch.empty(size - 8 - header_len, dtype=torch.uint8)
-        if f.readinto(memoryview(slab.numpy())) != slab.numel():
-            raise ValueError("truncated while reading")
-    metadata = header.pop("__metadata__", {})
-    tensors = {}
-    for name, entry in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        begin, end = entry["data_offsets"]
-        if end > slab.numel():
-            raise ValueError(f"truncated: tensor {name!r} ends at byte {end} of data, the file has {slab.numel()}")
-        if dtype is None or not 0 <= begin <= end or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: dtype {entry['dtype']}, shape {entry['shape']} and offsets "
-                             f"{begin}..{end} do not fit the file")
-        part = slab[begin:end]
-        if begin % dtype.itemsize:  # not aligned for its dtype (safetensors writers align; other files may not)
-            part = part.clone()
-        tensor = part.view(dtype).view(entry["shape"])
-        tensors[name] = tensor
-    return slab, tensors, metadata
 
 
 def make_store(policy: Policy) -> MemoryStore | TieredStore:
