@@ -305,8 +305,8 @@ class RecordCache:
                 for ref, value in old.items():
                     if ref.kind == "attention_map":
                         step[ref] = value
-            step.compact()
             self.store.put(key, step)
+            self.store.settle(key)  # complete: compacted by a store that keeps it, moved by one with a budget
 
     def step(self, key: StepKey) -> StepRecord:
         """The record of `key`. A store with a lower tier (`prefetch`) starts loading the step recorded after it:
