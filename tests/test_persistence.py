@@ -70,3 +70,26 @@ def test_mismatches_and_damage_are_refused_by_name(tmp_path):
         fisedit.EditSession.load(folder, pipeline())
     with pytest.raises(SessionFileError, match="not a saved session"):
         fisedit.EditSession.load(tmp_path / "nothing", pipeline())
+
+
+@torch.no_grad()
+def test_a_session_loaded_into_a_budgeted_cache_keeps_within_its_budget(tmp_path):
+    """Each step read from a session folder is settled like a recorded one: a cache with a byte budget moves the
+    steps beyond it to disk while loading, and edits as the saved session does."""
+    from fisedit_compiler.runtime.tiered_store import TieredStore
+
+    unbounded = _session(pipeline())
+    unbounded.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    budget = int(1.5 * unbounded.cache.nbytes / STEPS)  # one step fits, two do not
+    original = fisedit.EditSession(pipeline(), fisedit.Policy(block_size=2, cache_budget=budget),
+                                   num_inference_steps=STEPS)
+    original.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    original.save(tmp_path / "s")
+    loaded = fisedit.EditSession.load(tmp_path / "s", pipeline())
+    store = loaded.cache.store
+    assert isinstance(store, TieredStore)
+    assert store.resident_nbytes <= budget and store.spilled > 0
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:9, 4:12] = True
+    assert torch.equal(loaded.edit("a red cabin in the woods", mask=mask).latents,
+                       original.edit("a red cabin in the woods", mask=mask).latents)
