@@ -5,7 +5,8 @@
     python benchmarks/cache_tiers.py --arch sd15 --latent-size 32 --steps 6 --budget-mib 256 --out /tmp/c
     python benchmarks/cache_tiers.py --arch sdxl --latent-size 128 --bytes-only    # one recorded step's bytes
 
-Each mode runs in its own process (peak resident memory, `resource.getrusage` max RSS, is per process): a U-Net
+Each mode runs in its own process (peak resident memory, `resource.getrusage` max RSS, is per process; on Linux
+also per phase, from /proc's VmHWM: building and compiling the model, recording, replaying): a U-Net
 with seeded random weights (`fisedit_compiler.models.random_unet`), CFG batch 2, fp32, compiled with
 `fisedit.compile`; a record run of `--steps` calls at distinct timesteps, then a sparse replay of the same steps at a
 15% ellipse mask. Reported per mode: peak RSS, cache bytes per step by kind (`RecordCache.breakdown`), median seconds
@@ -32,6 +33,19 @@ from results_io import git_revision
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def phase_peak() -> int | None:
+    """The process's peak resident bytes since the last call (Linux: VmHWM, then reset through clear_refs), or
+    None where /proc does not offer it."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, StopIteration):
+        return None
+    return kib * 1024
+
+
 def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype: str | None = None) -> dict:
     """One mode, in this process."""
     import torch
@@ -47,6 +61,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
     policy = fisedit.Policy(cache_budget="unbounded" if budget is None else budget, cache_dir=folder,
                             cache_dtype=cache_dtype)
     compiled = fisedit.compile(unet, policy)
+    peaks = {"setup": phase_peak()}
     timesteps = [int(t) for t in torch.linspace(950, 50, steps)]
     record_s, sparse_s = [], []
     with torch.no_grad():
@@ -55,11 +70,13 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
                 start = time.perf_counter()
                 compiled(**{**inputs, "timestep": torch.tensor(t)})
                 record_s.append(time.perf_counter() - start)
+        peaks["record"] = phase_peak()
         with compiled.sparse(ellipse_mask(latent, 0.15)):
             for t in timesteps:
                 start = time.perf_counter()
                 compiled(**{**inputs, "timestep": torch.tensor(t)})
                 sparse_s.append(time.perf_counter() - start)
+        peaks["replay"] = phase_peak()
     store = compiled.cache.store
     per_step = compiled.cache.breakdown()["total"]
     wait_seconds, steps_written = getattr(store, "wait_seconds", 0.0), getattr(store, "spilled", 0)
@@ -70,6 +87,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
     shutil.rmtree(folder, ignore_errors=True)  # a given cache_dir is the caller's to remove
     return {
         "budget_bytes": budget, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes_by_phase": peaks,
         "weights_bytes": sum(p.numel() * p.element_size() for p in unet.parameters()),
         "cache_bytes": cache_bytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
         "record_seconds": statistics.median(record_s[1:]), "sparse_seconds": statistics.median(sparse_s[1:]),
@@ -102,10 +120,16 @@ def render(r: dict) -> str:
     lines = [f"# Record cache: in memory vs {c['budget_mib']} MiB resident + disk ({c['arch']} at {c['latent']}x"
              f"{c['latent']} latents, CFG batch 2, fp32 U-Net, cache stored in {c.get('cache_dtype') or 'fp32'}, "
              f"{c['steps']} steps, 15% ellipse mask)", "",
-             "| mode | peak RSS | weights | cache (all steps) | record s/call | sparse s/call | waited for disk | "
-             "steps written |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | peak RSS | of it: setup / record / replay | weights | cache (all steps) | record s/call | "
+             "sparse s/call | waited for disk | steps written |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def phases(m: dict) -> str:
+        peaks = m.get("peak_rss_bytes_by_phase") or {}
+        return " / ".join("-" if peaks.get(k) is None else f"{peaks[k] / 2**30:.2f}" for k in ("setup", "record",
+                                                                                               "replay"))
     for name, m in r["modes"].items():
-        lines.append(f"| {name} | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {m['weights_bytes'] / 2**30:.2f} GiB | "
+        lines.append(f"| {name} | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {phases(m)} | "
+                     f"{m['weights_bytes'] / 2**30:.2f} GiB | "
                      f"{m['cache_bytes'] / 2**30:.2f} GiB | {m['record_seconds']:.3f} | {m['sparse_seconds']:.3f} | "
                      f"{m['wait_seconds']:.3f} s | {m['steps_written']} |")
     memory, tiered = r["modes"]["memory"], r["modes"]["tiered"]
@@ -130,6 +154,7 @@ def main() -> None:
     p.add_argument("--mode", choices=("memory", "tiered"), help=argparse.SUPPRESS)  # one mode, in a child
     args = p.parse_args()
     budget = args.budget_mib * 2**20
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.bytes_only:
         rows = step_bytes(args.arch, args.latent_size)
         result = {"config": {"arch": args.arch, "latent": args.latent_size}, "steps": rows, "git": git_revision(),
@@ -161,7 +186,6 @@ def main() -> None:
                          "budget_mib": args.budget_mib, "cache_dtype": args.cache_dtype}, "modes": modes,
               "git": git_revision(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_1min_at_end": os.getloadavg()[0]}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cache-tiers_{args.arch}-{args.latent_size}{'_' + args.cache_dtype if args.cache_dtype else ''}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(render(result))

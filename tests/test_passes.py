@@ -198,6 +198,17 @@ def test_insert_record_taps_records_exactly_what_sparse_reads():
     assert kv and not kv & {r.key for r in refs if r.kind == "output"}  # K/V are stored once, as K/V
 
 
+def test_a_residual_add_is_recorded_as_its_sum_not_as_its_terms():
+    """A conv's halo reaches back through residual adds (`conv2(h) + conv_shortcut(x)`, a transformer block's
+    `proj_out + residual`): the sparse variant reads the recorded sum, one tensor, not each term (issue 13: the
+    terms were a third of a step's scatter targets)."""
+    _, _, variants, _ = compiled_with_snapshots("sd2")
+    outputs = {r.key for r in cache_refs(variants.sparse) if r.kind == "output"}
+    terms = [k for k in outputs if ".conv2:" in k or "conv_shortcut" in k or ":permute" in k]
+    assert not terms, terms
+    assert [k for k in outputs if k.startswith("up_blocks.1.attentions.") and k.endswith(":add#0")], sorted(outputs)
+
+
 @torch.no_grad()
 def test_recorded_tensors_are_keyed_by_module_path_not_by_fx_names():
     """Cache keys name the module and op (`down_blocks.0.resnets.0.conv1:conv2d#0`), are unique, and are the same for

@@ -8,7 +8,9 @@ on the window:
     conv(silu(group_norm_recorded_stats(%x)))    where %x is a resnet's input
 ->  conv(zero_outside_image(silu(group_norm_recorded_stats(gather_windows(%x, cache[x], spec)))))
 
-Only the leaves (here %x) are read from the cache. Nearest upsampling is a pure re-indexing, so it is folded into
+Only the leaves (here %x) are read from the cache. An elementwise op that joins two or more maps computed in the
+region (a residual add: `%conv2 + %shortcut`) is a leaf itself: its recorded result is one tensor, where
+re-applying it on the windows would read (and so record) each of its operands. Nearest upsampling is a pure re-indexing, so it is folded into
 the gather's geometry (`Upsampled`) instead of being re-applied.
 """
 
@@ -27,6 +29,13 @@ PULL_THROUGH_ALSO = {runtime_ops.group_norm_recorded_stats, ops.aten.cat.default
 def _is_nchw(node: fx.Node) -> bool:
     layout = node.meta.get(LAYOUT)
     return isinstance(layout, SpatialLayout) and layout.kind == "map" and layout.dims == (2, 3)
+
+
+def _joins_maps(node: fx.Node) -> bool:
+    """An elementwise op over two or more full-size maps of the region (not broadcast ones, like a time embedding)."""
+    shape = node.meta[LAYOUT].shape
+    operands = [a for a in node.all_input_nodes if a.meta.get(SPARSE) and _is_nchw(a) and a.meta[LAYOUT].shape == shape]
+    return node.target in ops.ELEMENTWISE and len(operands) >= 2 and KEY in node.meta
 
 
 class WindowBuilder:
@@ -59,7 +68,7 @@ class WindowBuilder:
             full, layout = node.args
             result = self._insert(anchor, runtime_ops.gather_windows, (full, None, layout, spec), node), False
         elif ((node.target in ops.ELEMENTWISE or node.target in PULL_THROUGH_ALSO) and node.meta.get(SPARSE)
-              and _is_nchw(node)):
+              and _is_nchw(node) and not _joins_maps(node)):
             recomputed = True
 
             def window_arg(arg):
