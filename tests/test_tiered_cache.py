@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import weakref
 
 import pytest
 import torch
 
 import fisedit_compiler as fisedit
 from conftest import tiny_unet, unet_inputs
-from fisedit_compiler.runtime.cache import MemoryStore
+from fisedit_compiler.runtime.cache import MemoryStore, StepRecord
 from fisedit_compiler.runtime.tiered_store import CacheIOError, TieredStore, make_store
 
 SIZE = 16
@@ -55,16 +57,43 @@ def in_memory_session():
     return run_session(fisedit.Policy(cache_budget="unbounded"))
 
 
-def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path):
+@pytest.mark.parametrize("steps_in_budget", [1.5, 2.5])
+def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path, monkeypatch, steps_in_budget):
+    """With room for one step and a half (no overlap: every step waits for the disk) or two and a half (a step is
+    written or read while another computes), results are bit-identical, and the bytes held in memory, counting the
+    records being written and read, are within the budget after every operation of the store."""
     reference, want, want_cache = in_memory_session()
-    budget = int(1.5 * reference.cache.nbytes / len(TIMESTEPS))  # one complete step fits, two do not
+    budget = int(steps_in_budget * reference.cache.nbytes / len(TIMESTEPS))
+    made = []  # weak references to every record made from now on, whoever holds it (the store, a writer, a reader)
+    loading = threading.local()  # the key a reader thread is loading, if any
+    init, load = StepRecord.__init__, TieredStore._load
 
-    def within_budget(compiled):
-        store = compiled.cache.store
-        assert store.resident_nbytes <= budget, (store.resident_nbytes, budget)
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.loaded_for = getattr(loading, "key", None)
+        made.append(weakref.ref(self))
 
-    compiled, got, got_cache = run_session(fisedit.Policy(cache_budget=budget, cache_dir=str(tmp_path)),
-                                           within_budget)
+    def tracked_load(self, key):
+        loading.key = key
+        try:
+            return load(self, key)
+        finally:
+            loading.key = None
+
+    monkeypatch.setattr(StepRecord, "__init__", tracked_init)
+    monkeypatch.setattr(TieredStore, "_load", tracked_load)
+    for name in ("put", "get", "prefetch", "settle", "flush"):
+        def checked(self, *args, _method=getattr(TieredStore, name)):
+            result = _method(self, *args)
+            records = [r for r in (ref() for ref in made) if r is not None]
+            held = sum(r.nbytes for r in records)
+            held += sum(self._on_disk[k][1] for k in list(self._loading)  # being read, no record yet
+                        if not any(r.loaded_for == k for r in records))
+            assert held <= budget, (name, held, budget)
+            return result
+        monkeypatch.setattr(TieredStore, name, checked)
+
+    compiled, got, got_cache = run_session(fisedit.Policy(cache_budget=budget, cache_dir=str(tmp_path)))
     store = compiled.cache.store
     assert isinstance(store, TieredStore) and store.spilled >= len(TIMESTEPS)
     assert any(tmp_path.iterdir())
@@ -196,11 +225,10 @@ def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_wr
     store.mark_dirty(keys[0])
     gate.set()
     store.close()  # every write done
-    store._collect_writes(keep=keys[1], wait=True)
+    store._collect_writes()
     assert set(store._resident) == set(keys) and keys[0] not in store._clean and keys[1] in store._clean
     store.budget_bytes = 0  # let everything go that can go
     store._spill = spill
-    store._enforce_budget(keep=keys[1])
-    store._collect_writes(keep=keys[1], wait=True)
+    store._make_room(0, wait=True, keep=keys[1])
     assert keys[0] not in store._resident
     assert torch.equal(store.get(keys[0])[ref], torch.ones(4, 4))  # read back with its modification

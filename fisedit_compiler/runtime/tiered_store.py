@@ -5,11 +5,14 @@ reads the steps in the recorded order, loads step s+1 in the background while st
 `RecordCache.step`). Files are safetensors (no pickle; a file names its tensors' cache references in its metadata).
 A background read or write that fails raises `CacheIOError` in the call that needs the step, never a hang.
 
-Budget accounting: `resident_nbytes` counts the step records held in memory, except the one being written out (one
-at a time, in the background); it is at most `budget_bytes` after every call (`RecordCache.step_done`) unless the
-step just used is larger than the budget on its own. A record call starts by making room for a record of the size
-of the largest so far. The step being written and the one being prefetched come on top: a budget should leave room for
-two more steps (a step of SD 2 at 768x768 in fp32 is about 1.2 GiB).
+Budget accounting: `resident_nbytes` counts every step record the store holds in memory: the ones in use or kept,
+the ones being written (a record stays until its file is complete) and the one being read. It never exceeds
+`budget_bytes`, unless the step in use is larger than the budget on its own. A record call first makes room for a
+record of the size of the largest so far; a replay reads the next step ahead only if it fits. To overlap, writes
+start ahead of need: after a call, dirty records beyond what the budget can keep beside two more steps (the next
+one, and one still being written) start being written, and are let go once written. So a budget of at least two
+steps overlaps writing and reading with compute, and a smaller one still works, waiting for the disk (a step of
+SD 2 at 768x768 is 0.87 GiB in fp32).
 
 Memory the process keeps: records are large and outlive the call that made them, so that once freed they would
 leave holes in the C allocator's heap that the process keeps (measured on SD 2 at 96x96 latents: 4 GiB above what
@@ -63,8 +66,7 @@ class TieredStore:
         self._order: list[StepKey] = []
         self._resident: collections.OrderedDict[StepKey, StepRecord] = collections.OrderedDict()  # LRU order
         self._on_disk: dict[StepKey, tuple[Path, int]] = {}
-        self._writing: dict[StepKey, concurrent.futures.Future] = {}  # one spill at a time (`flush` may queue more)
-        self._flushing: set[StepKey] = set()  # keys being written that stay resident (`flush`)
+        self._writing: dict[StepKey, concurrent.futures.Future] = {}  # a record stays resident while written
         self._stale: set[StepKey] = set()  # keys modified while being written: their new file is already stale
         self._loading: dict[StepKey, concurrent.futures.Future] = {}
         self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
@@ -88,12 +90,17 @@ class TieredStore:
 
     @property
     def resident_nbytes(self) -> int:
-        """Bytes of the step records held in memory, not counting the one being written to disk (on its way out)."""
-        return sum(r.nbytes for k, r in self._resident.items() if k not in self._writing)
+        """Bytes of the step records held in memory: kept, in use, being written or being read."""
+        return sum(r.nbytes for r in self._resident.values()) + sum(self._on_disk[k][1] for k in self._loading)
 
     def put(self, key: StepKey, record: StepRecord) -> None:
         """Take `record` (at a record call's start, still empty: room is made for a step of the size of the
         largest one so far, so that the budget holds when it is filled)."""
+        future = self._loading.pop(key, None)
+        if future is not None:
+            future.cancel()
+        if key in self._writing:
+            self._stale.add(key)  # the file being written is the old record's
         self._forget_file(key)
         if key not in self._order:
             self._order.append(key)
@@ -104,32 +111,36 @@ class TieredStore:
         if self.device is None:
             first = next((v for v in record.values() if isinstance(v, torch.Tensor)), None)
             self.device = first.device if first is not None else None
-        self._enforce_budget(keep=key, reserve=max(0, self._step_bytes - record.nbytes))
+        self._make_room(max(0, self._step_bytes - record.nbytes), wait=True, keep=key)
 
     def get(self, key: StepKey) -> StepRecord:
         if key not in self._order:
             raise KeyError(key)
         if key not in self._resident:
-            future = self._loading.pop(key, None)
             start = time.perf_counter()
             try:
-                record = future.result() if future is not None else self._load(key)
+                future = self._loading.get(key)
+                if future is not None:
+                    record = future.result()
+                else:
+                    self._make_room(self._on_disk[key][1], wait=True, keep=None)  # no step is in use now
+                    record = self._load(key)
             except CacheIOError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure of the background read surfaces here
                 raise CacheIOError(f"reading the recorded {key.describe()} from {self._on_disk[key][0]} failed: {e}"
                                    ) from e
             finally:
+                self._loading.pop(key, None)
                 self.wait_seconds += time.perf_counter() - start
             self._resident[key] = record
             self._clean.add(key)
         self._resident.move_to_end(key)
-        self._enforce_budget(keep=key)
         return self._resident[key]
 
     def evict(self, key: StepKey) -> None:
         if key in self._writing:  # let its write finish first: it would record a file for a forgotten key
-            self._collect_writes(keep=key, wait=True)
+            self._collect_writes(wait_for=[key])
         self._resident.pop(key, None)
         self._clean.discard(key)
         future = self._loading.pop(key, None)
@@ -141,27 +152,35 @@ class TieredStore:
     # --- the disk tier ----------------------------------------------------------------------------------------
 
     def prefetch(self, key: StepKey) -> None:
-        """Start loading `key` in the background if it is on disk only (a replay's next step)."""
+        """Start loading `key` in the background if it is on disk only (a replay's next step) and fits the budget
+        beside the step in use."""
         if key in self._resident or key in self._loading or key not in self._on_disk:
             return
-        self._loading[key] = self._pool.submit(self._load, key)
+        in_use = next(reversed(self._resident), None)  # the step just read (`RecordCache.step`)
+        if self._make_room(self._on_disk[key][1], wait=False, keep=in_use):
+            self._loading[key] = self._pool.submit(self._load, key)
 
     def settle(self, key: StepKey) -> None:
-        """The call using `key` is done: enforce the budget, keeping `key` resident (the next call may be the same
-        step, e.g. CFG batches or a second sampler call)."""
+        """The call using `key` is done: keep `key` resident (the next call may be the same step, e.g. CFG batches
+        or a second sampler call), start writing what the next calls will need to let go, and let go of what is
+        written and no longer fits."""
         self._step_bytes = max(self._step_bytes, self._resident[key].nbytes)
-        self._enforce_budget(keep=key)
+        self._collect_writes()
+        dirty = [k for k in self._resident if k not in self._writing and not self._current(k)]
+        excess = sum(self._resident[k].nbytes for k in dirty) + 2 * self._step_bytes - self.budget_bytes
+        for victim in dirty:  # least recently used first
+            if excess <= 0:
+                break
+            self._start_write(victim)
+            excess -= self._resident[victim].nbytes
+        self._make_room(self._step_bytes, wait=False, keep=key)
 
     def flush(self) -> None:
         """A run has ended: start writing the resident records that have no current file (in the background; they
-        are resident anyway, so several writes may be queued), so that the next run can let them go without writing
-        them first: a replay's first step would otherwise hold the last recorded step while it is written, next to
-        the steps it loads."""
+        stay resident until room is needed), so that the next run can let them go without writing them first."""
         for key in list(self._resident):
-            if key in self._writing or (key in self._clean and key in self._on_disk):
-                continue
-            self._flushing.add(key)
-            self._writing[key] = self._pool.submit(self._spill, key, self._resident[key])
+            if key not in self._writing and not self._current(key):
+                self._start_write(key)
 
     def mark_dirty(self, key: StepKey) -> None:
         """The resident record of `key` was modified in place (write-back): its file is stale (also the one being
@@ -200,46 +219,61 @@ class TieredStore:
         self._folder.mkdir(parents=True, exist_ok=True)
         return self._folder
 
-    def _enforce_budget(self, keep: StepKey, reserve: int = 0) -> None:
-        """Move least recently used complete records to disk until the resident ones and `reserve` more bytes fit
-        the budget; one write is in flight at a time (it overlaps the next step's compute), `keep` (the step in
-        use) stays. The memory of records let go is returned to the system (`cache.return_free_heap`)."""
-        dropped = self._collect_writes(keep)
-        while self.resident_nbytes + reserve > self.budget_bytes:
-            victim = next((k for k in self._resident if k != keep and k not in self._writing), None)
-            if victim is None:
-                break  # only the step in use is resident: it may exceed the budget on its own
-            if victim in self._clean and victim in self._on_disk:
-                del self._resident[victim]  # its file is current: nothing to write
-                dropped = True
-                continue
-            if self._writing:
-                dropped |= self._collect_writes(keep, wait=True)
-                continue
-            self._writing[victim] = self._pool.submit(self._spill, victim, self._resident[victim])
-        if dropped:
-            return_free_heap()
+    def _current(self, key: StepKey) -> bool:
+        """Whether `key`'s resident record equals its file (so it can be let go at once)."""
+        return key in self._clean and key in self._on_disk and key not in self._writing
 
-    def _collect_writes(self, keep: StepKey, wait: bool = False) -> bool:
-        """Finish the writes that are done (all, with `wait`); whether a record was let go."""
+    def _start_write(self, key: StepKey) -> None:
+        self._writing[key] = self._pool.submit(self._spill, key, self._resident[key])
+
+    def _make_room(self, reserve: int, wait: bool, keep: StepKey | None) -> bool:
+        """Let records other than `keep` (the step in use) go, least recently used first, until the held bytes and
+        `reserve` more fit the budget: a record equal to its file goes at once, others are written first (in
+        the background). With `wait`, wait for those writes; without, only start them. Whether the room is there.
+        The memory of records let go is returned to the system (`cache.return_free_heap`)."""
         dropped = False
+        try:
+            while True:
+                self._collect_writes()
+                excess = self.resident_nbytes + reserve - self.budget_bytes
+                if excess <= 0:
+                    return True
+                pending = []
+                for victim in [k for k in self._resident if k != keep]:
+                    if excess <= 0:
+                        break
+                    nbytes = self._resident[victim].nbytes
+                    if self._current(victim):
+                        del self._resident[victim]
+                        self._clean.discard(victim)
+                        dropped = True
+                    else:
+                        if victim not in self._writing:
+                            self._start_write(victim)
+                        pending.append(victim)
+                    excess -= nbytes
+                if self.resident_nbytes + reserve <= self.budget_bytes:
+                    return True
+                if not (wait and pending):
+                    return False
+                self._collect_writes(wait_for=pending[:1])  # then let it go in the next round
+        finally:
+            if dropped:
+                return_free_heap()
+
+    def _collect_writes(self, wait_for: list[StepKey] = ()) -> None:
+        """Take note of the finished writes (waiting for those of `wait_for`): their records are now equal to their
+        files, unless modified meanwhile (they are then written again when they have to go)."""
         for key, future in list(self._writing.items()):
-            if not (wait or future.done()):
+            if not (key in wait_for or future.done()):
                 continue
             del self._writing[key]
             self._on_disk[key] = future.result()  # a failed write raises here (CacheIOError)
             self.spilled += 1
-            stale = key in self._stale
-            self._stale.discard(key)
-            if key == keep or key in self._flushing or stale:
-                self._flushing.discard(key)
-                if not stale:
-                    self._clean.add(key)  # in use again meanwhile, or flushed: stays resident, equal to its file
+            if key in self._stale:
+                self._stale.discard(key)
             else:
-                self._resident.pop(key, None)
-                self._clean.discard(key)
-                dropped = True
-        return dropped
+                self._clean.add(key)
 
     def _spill(self, key: StepKey, record: StepRecord) -> tuple[Path, int]:
         """(Background thread: file I/O only.) Write `record` to its file."""
