@@ -149,7 +149,7 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
     file; a file cut short is refused."""
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepRecord
-    from fisedit_compiler.runtime.safetensors_io import read_safetensors, write_safetensors
+    from fisedit_compiler.runtime.safetensors_io import map_safetensors, read_safetensors, write_safetensors
 
     record = StepRecord()
     values = {CacheRef("a", "output"): torch.randn(2, 3, 5),
@@ -192,6 +192,30 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
         path.write_bytes(path.read_bytes()[:-3])
         with pytest.raises(ValueError, match="truncated"):
             read_safetensors(path)
+        with pytest.raises(ValueError, match="truncated"):
+            map_safetensors(path)
+
+
+def test_a_mapped_step_file_is_copy_on_write_and_survives_its_file_being_replaced(tmp_path):
+    """The disk tier maps step files instead of copying them (`map_safetensors`): a write-back modifies the mapped
+    tensors, not the file, and rewriting the step to the same path (a dirty record written again) leaves a mapped
+    record intact."""
+    from safetensors.torch import load_file
+
+    from fisedit_compiler.runtime.safetensors_io import map_safetensors, write_safetensors
+
+    path = tmp_path / "step.safetensors"
+    first = {"a": torch.randn(64, 1024), "b": torch.randn(3, 5).half()}
+    write_safetensors(path, first, {})
+    slab, mapped, _ = map_safetensors(path)
+    assert all(torch.equal(mapped[k], first[k]) for k in first)
+    assert mapped["a"].untyped_storage().data_ptr() == slab.untyped_storage().data_ptr()
+    mapped["a"][0] += 1  # a write-back
+    assert torch.equal(load_file(path)["a"], first["a"])  # the file is not modified
+    write_safetensors(path, {"a": torch.zeros(1, 1)}, {})  # the same step written again, smaller
+    assert torch.equal(mapped["a"][1:], first["a"][1:]) and torch.equal(mapped["a"][0], first["a"][0] + 1)
+    assert torch.equal(mapped["b"], first["b"])
+    assert [p.name for p in tmp_path.iterdir()] == ["step.safetensors"]  # no partial file left
 
 
 def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_written_again(tmp_path):

@@ -17,7 +17,7 @@ SD 2 at 768x768 is 0.87 GiB in fp32).
 Memory the process keeps: records are large and outlive the call that made them, so that once freed they would
 leave holes in the C allocator's heap that the process keeps (measured on SD 2 at 96x96 latents: 4 GiB above what
 the cache and the U-Net hold). The store returns free heap pages to the system whenever it lets records go, and
-reads a step file into one allocation of its own (`read_safetensors`).
+maps a step file into memory (`map_safetensors`: one allocation of its own, no copy).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 from ..policy import Policy
 from .cache import MemoryStore, StepKey, StepRecord, return_free_heap
-from .safetensors_io import read_safetensors, write_safetensors
+from .safetensors_io import map_safetensors, write_safetensors
 
 
 class CacheIOError(RuntimeError):
@@ -286,11 +286,12 @@ class TieredStore:
         return path, record.nbytes
 
     def _load(self, key: StepKey) -> StepRecord:
-        """(Background thread.) The record of `key` read back from its file: on the CPU, into one allocation whose
-        views its tensors are (a compacted record, `StepRecord.compact`), with one read of the file."""
+        """(Background thread.) The record of `key` read back from its file: on the CPU, views of the file mapped
+        into memory (one allocation, like a compacted record, `StepRecord.compact`, and no copy: the pages of a
+        file just written come from the page cache; a write-back modifies the mapping, copy-on-write, not the file)."""
         path, _ = self._on_disk[key]
         try:
-            slab, tensors, metadata = read_safetensors(path)
+            slab, tensors, metadata = map_safetensors(path)
             names = json.loads(metadata["refs"])
             if self.device is not None and self.device.type != "cpu":
                 tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
