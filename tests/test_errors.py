@@ -137,6 +137,23 @@ def test_sparse_call_at_a_timestep_never_recorded():
 
 
 @torch.no_grad()
+def test_sparse_call_on_a_step_missing_a_tensor_it_reads():
+    """A step recorded by another compiler version (which recorded other tensors) is refused by name, not with a
+    bare KeyError from deep inside a call."""
+    compiled, inputs = recorded()
+    (key,) = compiled.cache.steps
+    step = compiled.cache.step(key)
+    ref = next(r for r in step if r.kind == "output")
+    saved = step.pop(ref)
+    try:
+        with compiled.sparse(torch.ones(16, 16, dtype=torch.bool)):
+            with pytest.raises(fisedit.StepNotRecordedError, match=f"has no .*{ref.key}.*record the source run again"):
+                compiled(**inputs)
+    finally:
+        step[ref] = saved
+
+
+@torch.no_grad()
 def test_sparse_call_with_another_batch_or_latent_size():
     compiled, inputs = recorded()
     with compiled.sparse(torch.ones(16, 16, dtype=torch.bool)):

@@ -231,9 +231,9 @@ def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_wr
     gate = threading.Event()
     spill = store._spill
 
-    def gated_spill(key, record):
+    def gated_spill(key, record, path):
         gate.wait(timeout=10)
-        return spill(key, record)
+        return spill(key, record, path)
 
     store._spill = gated_spill
     keys = [StepKey((float(t),), 2) for t in (900, 500)]
@@ -256,3 +256,29 @@ def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_wr
     store._make_room(0, wait=True, keep=keys[1])
     assert keys[0] not in store._resident
     assert torch.equal(store.get(keys[0])[ref], torch.ones(4, 4))  # read back with its modification
+
+
+def test_a_step_evicted_before_others_does_not_make_two_steps_share_a_file(tmp_path):
+    """Files are named per write, not by a key's position among the keys (which shifts when one is evicted: the
+    next step written then took the file of a step still on disk, and reading that step gave the other's tensors)."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+
+    store = TieredStore(budget_bytes=0, folder=tmp_path)  # every step goes to disk
+    ref = CacheRef("conv", "output")
+    keys = [StepKey((float(t),), 2) for t in (900, 700, 500, 300)]
+
+    def record(key, value):
+        step = StepRecord()
+        step[ref] = torch.full((4, 4), value)
+        store.put(key, step)
+        store.settle(key)
+
+    for value, key in enumerate(keys[:3]):
+        record(key, float(value))
+    store.evict(keys[0])
+    record(keys[3], 3.0)
+    store.flush()
+    for value, key in enumerate(keys[1:], start=1):
+        assert torch.equal(store.get(key)[ref], torch.full((4, 4), float(value))), key
+    store.close()

@@ -27,7 +27,7 @@ from ..runtime.tiered_store import make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
 from ..runtime.safetensors_io import read_safetensors, write_safetensors
 
-FORMAT = "fisedit-session/1"
+FORMAT = "fisedit-session/2"  # 2: residual sums are recorded instead of their terms (passes/windows.py)
 MANIFEST = "session.json"
 LATENTS = "latents.safetensors"
 STEPS = "steps"
@@ -147,7 +147,9 @@ def read_session(path: str | Path, pipe) -> SavedSession:
     except json.JSONDecodeError as e:
         raise SessionFileError(f"{folder / MANIFEST} is damaged: {e}") from e
     if manifest.get("format") != FORMAT:
-        raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}: it was saved "
+                               "by another version of fisedit-compiler, whose recorded tensors this one does not "
+                               "read; generate (or load) the source picture again")
     unet = pipe.unet.unet if isinstance(pipe.unet, CompiledUNet) else pipe.unet
     saved, current = manifest["unet"], unet_fingerprint(unet)
     if saved["class"] != current["class"]:

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ..ir import CacheRef, GatherIndex, WindowCoords, WindowSpec
 from ..kernels.library import INDEX_FIELDS
-from .cache import StepRecord
+from .cache import StepNotRecordedError, StepRecord
 from .mask_plan import MaskPlan
 from .ops import LOWERINGS
 
@@ -329,6 +329,11 @@ class Program:
 
 def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
     if isinstance(slot, Recorded):
+        if slot.ref not in step:
+            raise StepNotRecordedError(
+                f"the recorded step has no {slot.ref}, which this variant reads: the step was recorded by a U-Net "
+                "compiled with another policy or another version of fisedit-compiler; record the source run again "
+                "with this one")
         value = step[slot.ref]
         return value if slot.part is None else value[slot.part]
     if isinstance(slot, SourceMap):

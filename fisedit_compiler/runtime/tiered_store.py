@@ -71,6 +71,7 @@ class TieredStore:
         self._loading: dict[StepKey, concurrent.futures.Future] = {}
         self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
         self._pool_instance: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first spill
+        self._files_made = 0
         self._step_bytes = 0  # the largest record settled: what a record being made may need (a maps-only step
         # of `Policy.cache_dense_steps=False` is small, the next full one is not)
         self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
@@ -224,7 +225,11 @@ class TieredStore:
         return key in self._clean and key in self._on_disk and key not in self._writing
 
     def _start_write(self, key: StepKey) -> None:
-        self._writing[key] = self._pool.submit(self._spill, key, self._resident[key])
+        # a new file per write: a name from the key's position would be shared once keys before it are evicted,
+        # and a rewrite must not replace a file that a read or a mapped record may still use
+        path = self._folder_path() / f"step-{self._files_made:06d}.safetensors"
+        self._files_made += 1
+        self._writing[key] = self._pool.submit(self._spill, key, self._resident[key], path)
 
     def _make_room(self, reserve: int, wait: bool, keep: StepKey | None) -> bool:
         """Let records other than `keep` (the step in use) go, least recently used first, until the held bytes and
@@ -268,16 +273,17 @@ class TieredStore:
             if not (key in wait_for or future.done()):
                 continue
             del self._writing[key]
-            self._on_disk[key] = future.result()  # a failed write raises here (CacheIOError)
+            written = future.result()  # a failed write raises here (CacheIOError)
+            self._forget_file(key)  # the key's previous file, if any
+            self._on_disk[key] = written
             self.spilled += 1
             if key in self._stale:
                 self._stale.discard(key)
             else:
                 self._clean.add(key)
 
-    def _spill(self, key: StepKey, record: StepRecord) -> tuple[Path, int]:
-        """(Background thread: file I/O only.) Write `record` to its file."""
-        path = self._folder_path() / f"step-{self._order.index(key):05d}.safetensors"
+    def _spill(self, key: StepKey, record: StepRecord, path: Path) -> tuple[Path, int]:
+        """(Background thread: file I/O only.) Write `record` to `path`."""
         try:
             tensors, names = record.to_tensors(contiguous=False)
             write_safetensors(path, tensors, {"refs": json.dumps(names)})
