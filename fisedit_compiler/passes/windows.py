@@ -10,8 +10,8 @@ on the window:
 
 Only the leaves (here %x) are read from the cache. An elementwise op that joins two or more maps computed in the
 region (a residual add: `%conv2 + %shortcut`) is a leaf itself: its recorded result is one tensor, where
-re-applying it on the windows would read (and so record) each of its operands. Nearest upsampling is a pure re-indexing, so it is folded into
-the gather's geometry (`Upsampled`) instead of being re-applied.
+re-applying it on the windows would read (and so record) each of its operands. Nearest upsampling is a pure
+re-indexing, so it is folded into the gather's geometry (`Upsampled`) instead of being re-applied.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def _is_nchw(node: fx.Node) -> bool:
 def _joins_maps(node: fx.Node) -> bool:
     """An elementwise op over two or more full-size maps of the region (not broadcast ones, like a time embedding)."""
     shape = node.meta[LAYOUT].shape
-    operands = [a for a in node.all_input_nodes if a.meta.get(SPARSE) and _is_nchw(a) and a.meta[LAYOUT].shape == shape]
+    operands = [a for a in node.all_input_nodes
+                if a.meta.get(SPARSE) and _is_nchw(a) and a.meta[LAYOUT].shape == shape]
     return node.target in ops.ELEMENTWISE and len(operands) >= 2 and KEY in node.meta
 
 
