@@ -3,6 +3,7 @@
 
     python benchmarks/source_run.py                                  # SD 1.5 at 512x512 (64x64 latents), 20 steps
     python benchmarks/source_run.py --latent-size 32 --steps 4 --out /tmp/b      # a quick check
+    python benchmarks/source_run.py --cache-dtype float16            # the session's cache stored in float16
 
 One process, a random-weight pipeline of the architecture (`models.random_pipeline`, full-size configs), DDIM,
 classifier-free guidance 7.5, the same prompt and seed for both: first `pipe(...)` as a user would call it, then the
@@ -11,7 +12,8 @@ of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds 
 compile time of the first recording call, the overhead of the source run over the dense one (issue 14's goal:
 under 10%), and the system CPU time of the U-Net calls: a source run holds its cache, so its calls touch memory
 the process never had, which the kernel zeroes (on a virtual machine whose memory the host backs on demand, this
-grows steeply once the process holds several GiB). Results go to ``<out>/source-run_<arch>-<latent>.{json,md}``.
+grows steeply once the process holds several GiB). Results go to
+``<out>/source-run_<arch>-<latent>[_<cache dtype>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--latent-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dtype", choices=("float16", "bfloat16"), help="the session stores its cache in this dtype")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
@@ -79,8 +82,8 @@ def main() -> None:
         dense_s = time.perf_counter() - start
     dense_unet, dense_system = clock.take()
 
-    session = fisedit.EditSession(pipe, fisedit.Policy(), num_inference_steps=args.steps, guidance_scale=7.5,
-                                  height=size, width=size)
+    session = fisedit.EditSession(pipe, fisedit.Policy(cache_dtype=args.cache_dtype), num_inference_steps=args.steps,
+                                  guidance_scale=7.5, height=size, width=size)
     clock = UNetClock(session.unet)
     start = time.perf_counter()
     result = session.generate(PROMPT, generator=torch.Generator().manual_seed(args.seed))
@@ -90,7 +93,7 @@ def main() -> None:
 
     data = {
         "config": {"arch": args.arch, "latent": args.latent_size, "steps": args.steps, "guidance": 7.5,
-                   "prompt": PROMPT},
+                   "prompt": PROMPT, "cache_dtype": args.cache_dtype},
         "dense_seconds": dense_s, "source_seconds": source_s, "overhead": source_s / dense_s - 1,
         "dense_unet_seconds": dense_unet, "source_unet_seconds": source_unet,
         "dense_unet_system_seconds": dense_system, "source_unet_system_seconds": source_system,
@@ -103,7 +106,8 @@ def main() -> None:
     }
     text = "\n".join([
         f"# What a source run costs over a dense generation: {args.arch} at {size}x{size} ({args.latent_size}x"
-        f"{args.latent_size} latents), {args.steps} DDIM steps, CFG 7.5, fp32, random weights", "",
+        f"{args.latent_size} latents), {args.steps} DDIM steps, CFG 7.5, fp32, random weights"
+        + (f", cache stored in {args.cache_dtype}" if args.cache_dtype else ""), "",
         "| | dense `pipe(...)` | source run (`EditSession.generate`) | overhead |", "|---|---:|---:|---:|",
         f"| whole generation | {dense_s:.1f} s | {source_s:.1f} s | {100 * data['overhead']:+.1f}% |",
         f"| U-Net, all calls | {sum(dense_unet):.1f} s | {sum(source_unet):.1f} s | "
@@ -116,7 +120,8 @@ def main() -> None:
         f"call. Cache: {data['cache_bytes'] / 2**30:.2f} GiB for {args.steps} steps.", "",
         f"{data['machine']['date']}, git {data['machine']['git']}, {data['machine']['threads']} threads, load "
         f"average at the end {data['loadavg_1min_at_end']:.1f}. `benchmarks/source_run.py`.", ""])
-    write_results(args.out, f"source-run_{args.arch}-{args.latent_size}", data, text)
+    suffix = f"_{args.cache_dtype}" if args.cache_dtype else ""
+    write_results(args.out, f"source-run_{args.arch}-{args.latent_size}{suffix}", data, text)
 
 
 if __name__ == "__main__":
