@@ -167,7 +167,7 @@ class TieredStore:
         written and no longer fits."""
         self._step_bytes = max(self._step_bytes, self._resident[key].nbytes)
         self._collect_writes()
-        dirty = [k for k in self._resident if k not in self._writing and not self._current(k)]
+        dirty = [k for k in self._resident if self._needs_write(k)]
         excess = sum(self._resident[k].nbytes for k in dirty) + 2 * self._step_bytes - self.budget_bytes
         for victim in dirty:  # least recently used first
             if excess <= 0:
@@ -180,7 +180,7 @@ class TieredStore:
         """A run has ended: start writing the resident records that have no current file (in the background; they
         stay resident until room is needed), so that the next run can let them go without writing them first."""
         for key in list(self._resident):
-            if key not in self._writing and not self._current(key):
+            if self._needs_write(key):
                 self._start_write(key)
 
     def mark_dirty(self, key: StepKey) -> None:
@@ -224,6 +224,10 @@ class TieredStore:
         """Whether `key`'s resident record equals its file (so it can be let go at once)."""
         return key in self._clean and key in self._on_disk and key not in self._writing
 
+    def _needs_write(self, key: StepKey) -> bool:
+        """Whether `key`'s resident record has no current file and none is being written."""
+        return key not in self._writing and not self._current(key)
+
     def _start_write(self, key: StepKey) -> None:
         # a new file per write: a name from the key's position would be shared once keys before it are evicted,
         # and a rewrite must not replace a file that a read or a mapped record may still use
@@ -253,7 +257,7 @@ class TieredStore:
                         self._clean.discard(victim)
                         dropped = True
                     else:
-                        if victim not in self._writing:
+                        if self._needs_write(victim):
                             self._start_write(victim)
                         pending.append(victim)
                     excess -= nbytes
