@@ -132,6 +132,7 @@ def _train_shapes(args, argv: list[str]) -> int:
         batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, dataset_size=args.dataset_size,
         unet_continue_steps=args.unet_continue_steps, decoder_steps=args.decoder_steps,
         threads=args.threads, checkpoint_minutes=args.checkpoint_minutes,
+        mixed_precision=False if args.float32 else None,
     )
     out = train(config, args.work_dir, args.out or DEFAULT_OUT, command=shlex.join(["fisedit", *argv]),
                 progress=not args.quiet)
@@ -155,6 +156,8 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decoder fine-tuning steps after the U-Net phase (default: the preset's; a finished work "
                              "dir goes on from its last step)")
     parser.add_argument("--batch-size", type=int, help="U-Net batch size")
+    parser.add_argument("--float32", action="store_true",
+                        help="no bfloat16 autocast (slower on CPUs with AMX or AVX512-BF16, and a different model)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 2; 1 with --tiny)")
     parser.add_argument("--checkpoint-minutes", type=float, help="minutes between checkpoints (default: 5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
-        commands.add_parser("train-shapes", help="train the embedded shapes model (about 70 min on 2 CPU cores)"))
+        commands.add_parser("train-shapes", help="train the embedded shapes model (about 85 min on 2 CPU cores)"))
     return parser
 
 
