@@ -370,7 +370,7 @@ class CompiledUNet(nn.Module):
         mode, cache = run.mode, run.cache
         inputs, return_dict = self.adapter.bind(args, kwargs)
         sample = inputs[self.adapter.latents]
-        timestep = inputs[self.adapter.timestep]
+        timestep = self.adapter.step_timestep(inputs)
         timestep_key = StepKey.of(timestep, sample.shape[0], direction=mode.direction)
         occurrence = run.calls_per_timestep[timestep_key]
         run.calls_per_timestep[timestep_key] += 1

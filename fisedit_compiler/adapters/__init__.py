@@ -2,8 +2,9 @@
 
 from .base import InputLayout, ModelAdapter, UnsupportedModelError, adapter_for, register_adapter
 from .unet_2d_condition import UNet2DConditionAdapter
+from .vae_decoder import VAEDecoderAdapter
 
 __all__ = [
     "InputLayout", "ModelAdapter", "UNet2DConditionAdapter", "UnsupportedModelError", "adapter_for",
-    "register_adapter",
+    "VAEDecoderAdapter", "register_adapter",
 ]

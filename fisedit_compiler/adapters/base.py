@@ -45,7 +45,7 @@ class ModelAdapter:
 
     model_classes: ClassVar[tuple[str, ...]] = ()
     latents: ClassVar[str] = "sample"
-    timestep: ClassVar[str] = "timestep"
+    timestep: ClassVar[str | None] = "timestep"  # None: one call per image (a VAE decoder), keyed as timestep 0
     pixel_maps: ClassVar[frozenset[str]] = frozenset()
     conditions: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[Mapping[str, str]] = {}  # inputs that record and sparse calls refuse when given, and why
@@ -97,7 +97,7 @@ class ModelAdapter:
             if value is None:
                 continue
             if name in self.refused:
-                if value:
+                if isinstance(value, torch.Tensor) or value:  # an empty dict of options is no option
                     raise NotImplementedError(f"{self.model_name} input {name!r} in record() or sparse() calls: "
                                               f"{self.refused[name]}")
                 continue
@@ -108,7 +108,7 @@ class ModelAdapter:
                 )
             inputs[name] = value
         latents = inputs[self.latents]
-        timestep = inputs.get(self.timestep)
+        timestep = inputs.get(self.timestep) if self.timestep is not None else None
         if timestep is not None and not isinstance(timestep, torch.Tensor):
             inputs[self.timestep] = torch.tensor(timestep, device=latents.device)
         return inputs, return_dict
@@ -125,6 +125,12 @@ class ModelAdapter:
             else:
                 result.append(InputLayout(where, _map_layout(value, where, self.model_name), name == self.latents))
         return result
+
+    def step_timestep(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """The timestep that keys a call's record: the timestep input, or 0 for a model without one."""
+        if self.timestep is None:
+            return torch.zeros((), device=inputs[self.latents].device)
+        return inputs[self.timestep]
 
     def call(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """Run the model on bound inputs; a tuple whose first item is the model's prediction."""

@@ -22,6 +22,7 @@ and its sparse steps write their active blocks back into the cache, so no new de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -36,6 +37,7 @@ from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import make_store
 from ..inputs import as_mask, check_prompt
 from .compositing import paste_outside
+from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
@@ -194,6 +196,7 @@ class EditSession:
         height: int | None = None,
         width: int | None = None,
         noise_seed: int | None = None,
+        sparse_decode: bool = True,
     ):
         self.pipe = pipe
         self.inpainting = is_inpainting(pipe)
@@ -202,6 +205,8 @@ class EditSession:
         self.policy = self.unet.policy
         # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
         self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy))
+        # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
+        self.decoding = SparseDecoder(pipe.vae, self.policy) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         sample_size = self.unet.config.sample_size * pipe.vae_scale_factor
@@ -411,12 +416,12 @@ class EditSession:
         finally:
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
-            stats = {**phases, "cache_bytes": self.cache.nbytes}
+            stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
                               detected=state["mask"] if mask is None else None)
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
         self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
-        stats = {**phases, "cache_bytes": self.cache.nbytes}
+        stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
         result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"],
@@ -458,11 +463,14 @@ class EditSession:
         return session
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes the session holds, by kind: the record cache's kinds (`RecordCache.breakdown`, summed over steps)
-        and "latents" (the current run's latents after every step, which edits blend with)."""
+        """Bytes the session holds, by kind: the record cache's kinds (`RecordCache.breakdown`, summed over steps),
+        "latents" (the current run's latents after every step, which edits blend with) and "decode" (the recorded
+        decode of the current image, with `sparse_decode`)."""
         totals = dict(self.cache.breakdown()["total"])
         trajectory = self._source.trajectory if self._source is not None else []
         totals["latents"] = sum(z.numel() * z.element_size() for z in trajectory)
+        if self.decoding is not None:
+            totals["decode"] = self.decoding.cache.nbytes
         return totals
 
     @property
@@ -531,13 +539,20 @@ class EditSession:
         """One run of the pipeline from the session's initial latents; `inputs`: more keyword inputs (an
         inpainting pipeline's picture and mask)."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
-        output = self.pipe(
-            prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
-            callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"], output_type=output_type,
-            **(inputs or {}),
-        )
+        decoding = self.decoding is not None and output_type != "latent"
+        with self.decoding.steering() if decoding else contextlib.nullcontext():
+            output = self.pipe(
+                prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+                output_type=output_type, **(inputs or {}),
+            )
         return output.images
+
+    def _decode_stats(self) -> dict[str, Any]:
+        """{"decode": the last decode's `DecodeStats`} when the decoder is compiled and the run decoded."""
+        last = self.decoding.last if self.decoding is not None else None
+        return {} if last is None else {"decode": last}
 
     def _run(self, prompt: str, on_step_end, inputs: dict[str, Any] | None = None) -> tuple[list, dict[str, Any]]:
         meter = _Meter(self.unet)
@@ -545,4 +560,4 @@ class EditSession:
             images = self._call_pipeline(prompt, on_step_end, inputs=inputs)
         finally:
             phases = meter.close()
-        return images, {**phases, "cache_bytes": self.cache.nbytes}
+        return images, {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}

@@ -113,6 +113,8 @@ def infer_layout(node: fx.Node, shape: tuple[int, ...] | None) -> SpatialLayout 
     if target in ops.ELEMENTWISE:
         result = _broadcast_layout([a.meta[LAYOUT] for a in inputs], shape)
         return result if isinstance(result, SpatialLayout) else unknown_(result)
+    if target is ops.GROUP_NORM and first.kind == "seq" and first.dims == (2,) and len(first.shape) == 3:
+        return first  # (N, C, H*W): a VAE attention block's GroupNorm over its token sequence
     if target is ops.CONV or target in ops.UPSAMPLE_NEAREST or target is ops.GROUP_NORM:
         if first.kind != "map" or first.dims != (2, 3):
             return unknown_(f"{target} expects NCHW input")

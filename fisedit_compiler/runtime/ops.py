@@ -61,7 +61,9 @@ def group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, 
     hw = 1
     for d in pixels:
         hw *= d
-    out, mean, rstd = b.unpack(aten.native_group_norm.default(x, weight, bias, n, c, hw, num_groups, eps), 3)
+    # contiguous: aten.group_norm makes its input so (a VAE attention block's (N, C, tokens) is a transpose)
+    out, mean, rstd = b.unpack(aten.native_group_norm.default(x.contiguous(), weight, bias, n, c, hw, num_groups, eps),
+                               3)
     b.write(ref, (mean.reshape(n, num_groups), rstd.reshape(n, num_groups)))
     return out
 
@@ -166,8 +168,10 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
 def group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef):
     """GroupNorm with the source run's statistics: a per-channel affine map that runs on gathered blocks."""
     layout = b.node.meta["fisedit_layout"]
-    if layout is None or layout.kind != "map" or layout.dims != (2, 3):
-        raise NotImplementedError(f"a sparse GroupNorm on a tensor that is not an NCHW map: {layout}")
+    nchw = layout is not None and layout.kind == "map" and layout.dims == (2, 3)
+    tokens = layout is not None and layout.kind == "seq" and layout.dims == (2,) and len(layout.shape) == 3
+    if not (nchw or tokens):
+        raise NotImplementedError(f"a sparse GroupNorm on a tensor that is neither NCHW nor (N, C, tokens): {layout}")
     mean, rstd = b.recorded(ref)
     return reference.group_norm_affine(x, weight, bias, mean, rstd, num_groups, layout.shape[0], layout.shape[1],
                                        len(layout.shape))
