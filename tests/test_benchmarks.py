@@ -156,3 +156,19 @@ def test_arguments(unet_speed):
     args = unet_speed.parse_args(["--arch", "sdxl", "--block-size", "4"])
     assert args.latent_size == 128 and unet_speed.policy_of(args).block_size == 4
     assert unet_speed.policy_of(unet_speed.parse_args(["--block-size", "auto"])).block_size is None
+
+
+def test_the_vae_decode_benchmark_runs_on_a_tiny_vae(tmp_path):
+    spec = importlib.util.spec_from_file_location("vae_decode", ROOT / "benchmarks" / "vae_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    data = module.main(["--size", "tiny", "--latent-size", "16", "--repeats", "1", "--masks", "5,30",
+                        "--threads", "1", "--out", str(tmp_path)])
+    torch.set_num_threads(threads)
+    assert (tmp_path / "vae-decode_sd15-tiny-16.json").is_file()
+    assert [row["mask_percent"] for row in data["masks"]] == [5, 30]
+    for row in data["masks"]:
+        assert row["outside_bit_identical"] and 0 < row["recomputed"] < 1
+        assert row["macs"] < data["dense"]["macs"] and row["psnr_in_mask"] > row["psnr_in_mask_source"]
+    assert data["masks"][0]["recomputed"] < data["masks"][1]["recomputed"]
