@@ -95,8 +95,24 @@ def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats],
             "sparse_call_speedup": (regeneration.seconds / regeneration.unet_calls)
             / (sparse.seconds / sparse.unet_calls) if sparse and sparse.seconds else None,
             "cache_bytes": result.stats["cache_bytes"],
+            "decode": dataclasses.asdict(result.stats["decode"], dict_factory=_json_fields)
+            if "decode" in result.stats else None,
         })
     return {"phases": rows, "edits": summary, "note": note}
+
+
+def _json_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass's fields for the report's JSON: tensors (a decode's region map) left out."""
+    return {key: value for key, value in items if not isinstance(value, torch.Tensor)}
+
+
+def _decode_text(decode: dict | None) -> str:
+    if decode is None:
+        return ""
+    if decode["mode"] == "record":
+        return f"; the image decoded dense ({decode['seconds']:.2f} s)"
+    return (f"; the image decoded sparse, {100 * decode['recomputed']:.1f}% of its pixels recomputed "
+            f"({decode['seconds']:.2f} s)")
 
 
 def _time_saved(fraction: float) -> str:
@@ -125,7 +141,7 @@ def format_report(data: dict) -> str:
             f"the recomputed region {100 * e['region_fraction']:.1f}%; "
             f"against a dense regeneration it saves {100 * e['macs_saved_vs_dense']:.1f}% of the U-Net MACs and "
             f"{_time_saved(e['seconds_saved_vs_dense'])}{per_call}; cache "
-            f"{e['cache_bytes'] / 2**20:.1f} MiB."
+            f"{e['cache_bytes'] / 2**20:.1f} MiB{_decode_text(e['decode'])}."
         )
     if data["note"]:
         lines += ["", data["note"]]

@@ -412,7 +412,7 @@ class EditSession:
                     choose_mode(0)
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
-                images = self._call_pipeline(prompt, on_step_end, inputs=inputs)
+                images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True)
         finally:
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
@@ -535,11 +535,13 @@ class EditSession:
         return conditional[None]
 
     def _call_pipeline(self, prompt: str, on_step_end, output_type: str = "pil",
-                       inputs: dict[str, Any] | None = None) -> list:
+                       inputs: dict[str, Any] | None = None, history: bool = False) -> list:
         """One run of the pipeline from the session's initial latents; `inputs`: more keyword inputs (an
-        inpainting pipeline's picture and mask)."""
+        inpainting pipeline's picture and mask). `history`: the run makes the session's next current image
+        (generate, load_image, edit), so its decode goes through the recorded decode of the current one and
+        replaces it; other runs (a comparison, a probe) decode with the eager decoder."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
-        decoding = self.decoding is not None and output_type != "latent"
+        decoding = history and self.decoding is not None and output_type != "latent"
         with self.decoding.steering() if decoding else contextlib.nullcontext():
             output = self.pipe(
                 prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
@@ -557,7 +559,7 @@ class EditSession:
     def _run(self, prompt: str, on_step_end, inputs: dict[str, Any] | None = None) -> tuple[list, dict[str, Any]]:
         meter = _Meter(self.unet)
         try:
-            images = self._call_pipeline(prompt, on_step_end, inputs=inputs)
+            images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True)
         finally:
             phases = meter.close()
         return images, {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
