@@ -40,9 +40,12 @@ from .passes.fuse_gather_norm_silu import fuse_gather_norm_silu
 from .passes.insert_cache_write_back import insert_cache_write_back
 from .passes.insert_record_taps import cache_refs, insert_record_taps
 from .passes.insert_region_boundaries import insert_region_boundaries, regions_entered_and_left_through_boundaries
+from .passes import ops as pass_ops
 from .passes.manager import FxPass, PassManager, PassRecord
 from .passes.record_cross_attention_maps import record_cross_attention_maps
+from .passes.insert_reuse_taps import insert_reuse_taps
 from .passes.relayout_gathered import no_dense_reshape_of_blocks, relayout_gathered
+from .passes.reuse_deep_levels import reuse_deep_levels, reuse_taps_and_reads
 from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
 from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
@@ -56,17 +59,27 @@ from .runtime.tiered_store import make_store
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
     """Drop nodes whose values no longer reach the output (e.g. originals replaced by window versions)."""
     before = len(gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=pass_ops.is_impure)
     return before - len(gm.graph.nodes)
 
 
 ANNOTATE = FxPass("annotate_spatial_layout", annotate_spatial_layout, postcondition=every_node_annotated)
 
 
-def sparse_passes(policy: Policy) -> list[FxPass]:
-    """The pass pipeline that turns a captured U-Net into its sparse variant, in order."""
+def sparse_passes(policy: Policy, reuse_call: bool = False) -> list[FxPass]:
+    """The pass pipeline that turns a captured U-Net into its sparse variant, in order. With temporal reuse
+    (`Policy.deep_reuse_interval` > 1) the sparse variant is the full calls' (handing their deep levels' outputs
+    on), and `reuse_call` gives the reuse calls' (taking them)."""
+    temporal = []
+    if reuse_call:
+        temporal = [FxPass("reuse_deep_levels", functools.partial(reuse_deep_levels, policy=policy),
+                           ("annotate_spatial_layout",), reuse_taps_and_reads)]
+    elif policy.deep_reuse_interval > 1:
+        temporal = [FxPass("insert_reuse_taps", functools.partial(insert_reuse_taps, policy=policy),
+                           ("annotate_spatial_layout",), reuse_taps_and_reads)]
     return [
         ANNOTATE,
+        *temporal,
         FxPass("find_sparse_regions", functools.partial(find_sparse_regions, policy=policy),
                ("annotate_spatial_layout",), every_sparse_node_in_a_region),
         FxPass("insert_region_boundaries", insert_region_boundaries, ("find_sparse_regions",),
@@ -130,8 +143,9 @@ class Variants:
     control: fx.GraphModule
     sparse: fx.GraphModule
     passes: dict[str, list[PassRecord]]
+    reuse: fx.GraphModule | None = None  # the reuse calls' sparse variant (`Policy.deep_reuse_interval` > 1)
     programs: dict[tuple[str, bool], Program] = dataclasses.field(default_factory=dict)
-    sparse_programs: dict[bool, list[Program]] = dataclasses.field(default_factory=dict)
+    sparse_programs: dict[tuple[bool, bool], list[Program]] = dataclasses.field(default_factory=dict)
     backend: str | None = None  # `Policy.program_backend`: the torch.compile backend programs run with
 
     def program(self, variant: str, record_attention_maps: bool = False) -> Program:
@@ -142,13 +156,14 @@ class Variants:
                                       inline_kernels=self.backend is not None)
         return self.programs[key]
 
-    def sparse_program(self, plan: MaskPlan, write_back: bool = False) -> Program:
-        """The sparse variant bound for `plan`'s structure (a program bound for another mask is reused when the
-        structures agree)."""
-        kept = self.sparse_programs.setdefault(write_back, [])
+    def sparse_program(self, plan: MaskPlan, write_back: bool = False, reuse_call: bool = False) -> Program:
+        """The sparse variant (the reuse calls' with `reuse_call`) bound for `plan`'s structure (a program bound for
+        another mask is reused when the structures agree)."""
+        kept = self.sparse_programs.setdefault((write_back, reuse_call), [])
         program = next((p for p in kept if p.fits(plan)), None)
         if program is None:
-            program = bind(self.sparse, plan, write_back=write_back, inline_kernels=self.backend is not None)
+            variant = self.reuse if reuse_call else self.sparse
+            program = bind(variant, plan, write_back=write_back, inline_kernels=self.backend is not None)
         else:
             kept.remove(program)
         kept.insert(0, program)
@@ -165,10 +180,34 @@ class Variants:
         return program(inputs, step, source=source, token_alignment=token_alignment,
                        runner=program.compiled(self.backend))
 
-    def run_sparse(self, inputs: dict[str, Any], step: StepRecord, plan: MaskPlan, write_back: bool = False
-                   ) -> tuple:
-        program = self.sparse_program(plan, write_back)
+    def run_sparse(self, inputs: dict[str, Any], step: StepRecord, plan: MaskPlan, write_back: bool = False,
+                   reused: dict[CacheRef, torch.Tensor] | None = None, reuse_call: bool = False) -> tuple:
+        """A sparse call; with temporal reuse, `reused` holds the deep levels' outputs that a full call stores and
+        a reuse call (`reuse_call`) reads."""
+        program = self.sparse_program(plan, write_back, reuse_call)
+        if reused is not None:
+            step = _WithReused(step, reused)
         return program(inputs, step, plan, runner=program.compiled(self.backend))
+
+
+class _WithReused:
+    """A step record as a sparse program of temporal reuse sees it: the "reused" tensors in the run's own dict,
+    everything else in the record."""
+
+    def __init__(self, step: StepRecord, reused: dict[CacheRef, torch.Tensor]):
+        self.step, self.reused = step, reused
+
+    def _holder(self, ref: CacheRef):
+        return self.reused if ref.kind == "reused" else self.step
+
+    def __contains__(self, ref: CacheRef) -> bool:
+        return ref in self._holder(ref)
+
+    def __getitem__(self, ref: CacheRef):
+        return self._holder(ref)[ref]
+
+    def __setitem__(self, ref: CacheRef, value) -> None:
+        self._holder(ref)[ref] = value
 
 
 def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy, observers=()) -> Variants:
@@ -180,13 +219,19 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
         dump.captured(captured)
         observers = [*observers, dump]
     sparse, sparse_log = PassManager("sparse", sparse_passes(policy), observers)(copy_graph_module(captured))
+    logs = {"sparse": sparse_log}
     refs = cache_refs(sparse)
-    record, record_log = PassManager("record", record_passes(refs), observers)(copy_graph_module(captured))
-    control, control_log = PassManager("control", control_passes(refs), observers)(copy_graph_module(captured))
-    logs = {"sparse": sparse_log, "record": record_log, "control": control_log}
+    reuse = None
+    if policy.deep_reuse_interval > 1:
+        reuse, logs["reuse"] = PassManager("reuse", sparse_passes(policy, reuse_call=True), observers)(
+            copy_graph_module(captured))
+        refs |= cache_refs(reuse)
+    refs = {ref for ref in refs if ref.kind != "reused"}  # handed from call to call, never recorded
+    record, logs["record"] = PassManager("record", record_passes(refs), observers)(copy_graph_module(captured))
+    control, logs["control"] = PassManager("control", control_passes(refs), observers)(copy_graph_module(captured))
     if dump is not None:
         dump.finish()
-    return Variants(captured, record, control, sparse, logs, backend=policy.program_backend)
+    return Variants(captured, record, control, sparse, logs, reuse=reuse, backend=policy.program_backend)
 
 
 @dataclasses.dataclass
@@ -221,6 +266,13 @@ class SparseMode:
     write_back: bool = False
     plan: MaskPlan | None = None
     direction: Direction = "generation"  # of the recorded run the calls replay
+    calls: int = 0  # sparse calls so far (temporal reuse: which are full)
+    reused: dict[CacheRef, torch.Tensor] | None = None  # the last full call's deep outputs (temporal reuse)
+
+    def next_call_reuses(self, interval: int) -> bool:
+        """Whether the next call reuses deep levels (`Policy.deep_reuse_interval` = `interval`): not the first of
+        each `interval` calls, and only after a full call."""
+        return interval > 1 and self.calls % interval != 0 and bool(self.reused)
 
 
 Mode = RecordMode | ControlMode | SparseMode
@@ -403,7 +455,13 @@ class CompiledUNet(nn.Module):
                 raise StepNotRecordedError(
                     f"{key.describe()} was recorded without its activations (Policy(cache_dense_steps=False) keeps "
                     "only the cross-attention maps of the first dense_steps steps): run those steps dense")
-            output = variants.run_sparse(inputs, step, mode.plan, write_back=mode.write_back)
+            interval = self.policy.deep_reuse_interval
+            reuse_call = mode.next_call_reuses(interval)
+            if interval > 1 and not reuse_call:
+                mode.reused = {}  # filled by this full call
+            output = variants.run_sparse(inputs, step, mode.plan, write_back=mode.write_back,
+                                         reused=mode.reused if interval > 1 else None, reuse_call=reuse_call)
+            mode.calls += 1
             if mode.write_back:
                 cache.mark_dirty(key)
         cache.step_done(key)

@@ -55,6 +55,15 @@ class Policy:
             so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
             default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.5 dB of PSNR
             against the dense edit for 9% more MACs (`benchmarks/results/edit-settings.md`).
+        deep_reuse_interval: temporal reuse stacked on the spatial one (DeepCache's observation that deep,
+            low-resolution features change little between steps; EEdit's temporal redundancy): of every
+            `deep_reuse_interval` sparse calls of a run, the first computes every level and the others take the
+            output of the levels at least `deep_reuse_downscale` times smaller than the latents from it, computing
+            only the finer levels' active blocks (`passes.reuse_deep_levels`). 1 (the default): off. An
+            approximation of its own: those calls see deep features one or more steps old, and with write-back the
+            deep levels' recorded activations of those steps stay the previous run's.
+        deep_reuse_downscale: the levels a reuse call takes from the last full call: maps at least this many times
+            smaller than the latents (default 2: for SD, all but the first down block and the last up block).
         cache_dtype: the dtype the record cache stores activations in. None (the default): the dtype they are
             computed in, so that a sparse call on the recorded input returns the recorded output exactly.
             "float16" or "bfloat16" halve an fp32 U-Net's cache (DESIGN, "The cache"); sparse calls then read
@@ -92,6 +101,8 @@ class Policy:
     user_mask_dense_steps: float = 0.0
     inversion_skip: int = 1
     refresh_every: int | None = None
+    deep_reuse_interval: int = 1
+    deep_reuse_downscale: int = 2
     cache_dtype: CacheDtype | None = None
     cache_dense_steps: bool = True
     dump_dir: str | None = None
@@ -146,6 +157,13 @@ class Policy:
                                                or not isinstance(self.refresh_every, int) or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be None or an int >= 1 (every that many steps one dense step), got "
                              f"{self.refresh_every!r}")
+        for name in ("deep_reuse_interval", "deep_reuse_downscale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.deep_reuse_downscale < 2:
+            raise ValueError("deep_reuse_downscale must be >= 2: the levels at the latents' own resolution are always "
+                             f"computed; got {self.deep_reuse_downscale}")
         if isinstance(self.inversion_skip, bool) or not isinstance(self.inversion_skip, int) or self.inversion_skip < 1:
             raise ValueError(f"inversion_skip must be an int >= 1 (1: every inversion step calls the U-Net), got "
                              f"{self.inversion_skip!r}")

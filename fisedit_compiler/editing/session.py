@@ -132,8 +132,13 @@ class _Meter:
         if mode is None:
             return ("eager",)
         self._modes[id(mode)] = mode
-        maps = mode.calls < mode.attention_maps if isinstance(mode, RecordMode) else None
-        return type(mode).__name__, id(mode), maps
+        if isinstance(mode, RecordMode):
+            detail = mode.calls < mode.attention_maps  # whether it records cross-attention maps
+        elif isinstance(mode, SparseMode):
+            detail = mode.next_call_reuses(module.policy.deep_reuse_interval)  # a full or a reuse call
+        else:
+            detail = None
+        return type(mode).__name__, id(mode), detail
 
     def _before(self, module, args):
         self._kind = self._call_kind(module)

@@ -216,6 +216,27 @@ def write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
                                     b.num_blocks(layout.res))
 
 
+# --- temporal reuse of deep levels (Policy.deep_reuse_interval) --------------------------------------------------
+
+
+@ir_op
+def keep_for_reuse(b, value, ref: CacheRef) -> None:
+    """Full sparse calls: hand a deep level's output (full size) to the reuse calls that follow (a program
+    output, which the run's mode keeps)."""
+    b.write(ref, value)
+
+
+# IR ops that a graph calls for what they store, not for a value: dead-code elimination keeps them.
+WRITES = {keep_for_reuse}
+
+
+@ir_op
+def reused(b, ref: CacheRef, layout: SpatialLayout):
+    """Reuse calls: a deep level's output as the last full call computed it, in place of computing the level.
+    `layout`: the replaced node's."""
+    return b.recorded(ref)
+
+
 # --- cross-attention maps (record and control variants) --------------------------------------------------------
 
 
