@@ -109,7 +109,7 @@ def _json_fields(items: list[tuple[str, Any]]) -> dict[str, Any]:
 def _decode_text(decode: dict | None) -> str:
     if decode is None:
         return ""
-    if decode["mode"] == "record":
+    if decode["mode"] in ("record", "dense"):
         return f"; the image decoded dense ({decode['seconds']:.2f} s)"
     return (f"; the image decoded sparse, {100 * decode['recomputed']:.1f}% of its pixels recomputed "
             f"({decode['seconds']:.2f} s)")

@@ -609,3 +609,27 @@ def test_a_cache_without_the_dense_steps_activations_edits_as_one_with_them():
     with s.unet.run(SparseMode(box_mask(slice(3, 7), slice(2, 9))), cache=s.cache):
         with pytest.raises(KeyError, match="recorded without its activations.*cache_dense_steps"):
             s.pipe("a red cabin", latents=s._latents.clone(), num_inference_steps=STEPS, output_type="latent")
+
+
+@torch.no_grad()
+def test_an_edit_that_is_not_kept_leaves_the_session_as_it_was():
+    """`edit(..., keep=False)` twice gives the same picture, the current image stays the source, and a kept edit
+    afterwards equals the same edit in a session that never tried: nothing of the tries (write-back into the
+    cache, the dense steps' records, the decode) is left behind."""
+    first, second = torch.zeros(LATENT, LATENT, dtype=torch.bool), torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    first[2:10, 2:10] = True
+    second[6:14, 5:13] = True  # overlaps the first try's region: a write-back there would change this edit
+    s = session()
+    source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    tries = [s.edit("a red cabin in the woods", mask=first, keep=False),
+             s.edit("a red cabin in the woods", mask=first, keep=False),
+             s.edit("a cabin in the snowy woods", keep=False)]  # detected: dense steps under control too
+    assert torch.equal(tries[0].latents, tries[1].latents) and tries[0].images == tries[1].images
+    assert s.current is source
+    kept = s.edit("a blue cabin in the woods", mask=second)
+    fresh = session()
+    fresh.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    expected = fresh.edit("a blue cabin in the woods", mask=second)
+    assert torch.equal(kept.latents, expected.latents) and kept.images == expected.images
+    with pytest.raises(ValueError, match="cannot refresh"):
+        session(refresh_every=2).edit("a red cabin", mask=first, keep=False)

@@ -34,7 +34,7 @@ from ..runtime.tiered_store import make_store
 
 @dataclasses.dataclass
 class DecodeStats:
-    """The last decode: "record" (dense, recorded) or "sparse", its seconds, and the share of the image's pixels
+    """The last decode: "record" (dense, recorded), "dense" (not recorded) or "sparse", its seconds, and the share of the image's pixels
     it recomputed (1.0 for a dense one); `region`: for a sparse one, the (H, W) bool map of the image's pixels it
     recomputed (every other pixel is the recorded decode's, bit for bit)."""
 
@@ -54,6 +54,7 @@ class SparseDecoder:
         self.cache = RecordCache(policy.storage_dtype, make_store(policy))
         self._recorded_input: torch.Tensor | None = None  # the decoder input whose decode the cache holds
         self._started = 0.0
+        self._keep = True
         self.last: DecodeStats | None = None
 
     def forget(self) -> None:
@@ -62,9 +63,11 @@ class SparseDecoder:
         self._recorded_input = None
 
     @contextlib.contextmanager
-    def steering(self) -> Iterator[None]:
-        """Decodes inside record, or run sparse around the latents that changed since the recorded one."""
+    def steering(self, keep: bool = True) -> Iterator[None]:
+        """Decodes inside record, or run sparse around the latents that changed since the recorded one; with
+        `keep=False` they leave the record as it is (a sparse decode writes nothing back, a dense one runs eager)."""
         self.last = None
+        self._keep = keep
         hooks = (self.decoder.register_forward_pre_hook(self._before, with_kwargs=True),
                  self.decoder.register_forward_hook(self._after, with_kwargs=True))
         try:
@@ -78,13 +81,14 @@ class SparseDecoder:
         sample = args[0] if args else kwargs["sample"]
         run = self.decoder.current_run
         recorded = self._recorded_input
+        dense = RecordMode() if self._keep else None  # None: the eager decoder
         if recorded is None or recorded.shape != sample.shape:
-            run.mode = RecordMode()
+            run.mode = dense
         else:
             changed = (sample != recorded.to(sample.device, sample.dtype)).any(dim=1).any(dim=0)
-            mode = self.decoder.sparse_mode(changed, write_back=True, cache=self.cache)
+            mode = self.decoder.sparse_mode(changed, write_back=self._keep, cache=self.cache)
             mode.plan = self.decoder.mask_plan(mode.mask.to(sample.device))
-            run.mode = RecordMode() if mode.plan.active_pixels(mode.plan.latent_res).all() else mode
+            run.mode = dense if mode.plan.active_pixels(mode.plan.latent_res).all() else mode
         _synchronize(sample)
         self._started = time.perf_counter()
 
@@ -93,12 +97,16 @@ class SparseDecoder:
         _synchronize(output)
         seconds = time.perf_counter() - self._started
         mode = self.decoder.current_run.mode
+        if mode is None:
+            self.last = DecodeStats("dense", seconds, 1.0)
+            return
         if isinstance(mode, RecordMode):
             self.last = DecodeStats("record", seconds, 1.0)
         else:  # the output layer's active blocks, at the image's resolution
             region = mode.plan.active_pixels(tuple(output.shape[-2:])).cpu()
             self.last = DecodeStats("sparse", seconds, region.float().mean().item(), region)
-        self._recorded_input = sample.detach().clone()
+        if self._keep:
+            self._recorded_input = sample.detach().clone()
 
 
 def _synchronize(tensor: torch.Tensor) -> None:

@@ -323,19 +323,24 @@ class EditSession:
         self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
         return result
 
-    def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None) -> EditResult:
+    def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
         (H, W), or a PIL image at latent or image resolution (white = edit; after `load_image`, also the size of
         the picture given, cropped and resized like it); see `inputs.as_mask`. Outside the mask the latents stay
         the source's, bit for bit. `paste_back` (feather pixels): after decoding, the pixels outside the mask are
         the current picture's (for a loaded image the picture itself, not the VAE's reconstruction), fading into
-        the edit over that many pixels inside it (`compositing.paste_outside`). A mask of another type, shape or
-        values raises `MaskError`, a prompt that is not a str a TypeError."""
+        the edit over that many pixels inside it (`compositing.paste_outside`). `keep=False`: the edit does not
+        become the current image (its sparse steps write nothing back, its dense steps are not kept, its decode is
+        not recorded), so that the next edit starts from the same image again: several tries at one picture. A
+        mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
         if paste_back is not None and (isinstance(paste_back, bool) or not isinstance(paste_back, int)
                                        or paste_back < 0):
             raise ValueError(f"paste_back is a feather width in pixels (an int >= 0) or None, got {paste_back!r}")
         check_prompt(prompt)
+        if not keep and self.policy.refresh_every is not None:
+            raise ValueError("edit(keep=False) cannot refresh (Policy.refresh_every): a refresh step records into "
+                             "the session's cache, which such an edit leaves as it is")
         if self._source is None:
             raise RuntimeError("edit() needs a source image: call generate(prompt) or load_image(image, prompt) first")
         token_ids(self.pipe.tokenizer, prompt)
@@ -375,12 +380,13 @@ class EditSession:
             return True
 
         def switch_to_sparse() -> None:
-            run.mode = self._sparse_mode(state)
+            run.mode = self._sparse_mode(state, write_back=keep)
             if state["blend"] is None:
                 state["blend"] = state["region"]
             if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
                 # as a source run would (cheaper than sparse calls that cover all), maps included
-                run.mode = RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))
+                run.mode = (RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))
+                            if keep else None)
             else:
                 state["sparse_mode"] = run.mode
                 meter.phase = "sparse"
@@ -417,7 +423,7 @@ class EditSession:
                     choose_mode(0)
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
-                images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True)
+                images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True, keep=keep)
         finally:
             phases = meter.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
@@ -425,12 +431,15 @@ class EditSession:
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
                               detected=state["mask"] if mask is None else None)
         new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
-        self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
+        if keep:
+            self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
         stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
         result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"],
                             detected=state["mask"] if mask is None else None)
+        if not keep:
+            return result
         reference = None
         if source.reference is not None:  # blended with a loaded image's inversion: blend its reference instead
             blend = state["blend"].to(trajectory[0].device)
@@ -507,10 +516,10 @@ class EditSession:
 
     # --- internals --------------------------------------------------------------------------------------------
 
-    def _sparse_mode(self, state: dict[str, Any]) -> SparseMode:
+    def _sparse_mode(self, state: dict[str, Any], write_back: bool = True) -> SparseMode:
         """Sparse mode for the edit's mask; sets `state["region"]`, the latent pixels the sparse steps recompute:
         the mask dilated by the policy's halo and rounded up to the output layer's blocks."""
-        mode = self.unet.sparse_mode(state["mask"], write_back=True, cache=self.cache)
+        mode = self.unet.sparse_mode(state["mask"], write_back=write_back, cache=self.cache)
         mode.plan = self.unet.mask_plan(mode.mask.to(self.unet.device))
         state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
         return mode
@@ -540,14 +549,15 @@ class EditSession:
         return conditional[None]
 
     def _call_pipeline(self, prompt: str, on_step_end, output_type: str = "pil",
-                       inputs: dict[str, Any] | None = None, history: bool = False) -> list:
+                       inputs: dict[str, Any] | None = None, history: bool = False, keep: bool = True) -> list:
         """One run of the pipeline from the session's initial latents; `inputs`: more keyword inputs (an
         inpainting pipeline's picture and mask). `history`: the run makes the session's next current image
         (generate, load_image, edit), so its decode goes through the recorded decode of the current one and
-        replaces it; other runs (a comparison, a probe) decode with the eager decoder."""
+        replaces it (unless not `keep`: an edit that does not become the current image); other runs (a comparison, a
+        probe) decode with the eager decoder."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
         decoding = history and self.decoding is not None and output_type != "latent"
-        with self.decoding.steering() if decoding else contextlib.nullcontext():
+        with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
             output = self.pipe(
                 prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
