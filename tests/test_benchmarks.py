@@ -172,3 +172,21 @@ def test_the_vae_decode_benchmark_runs_on_a_tiny_vae(tmp_path):
         assert row["outside_bit_identical"] and 0 < row["recomputed"] < 1
         assert row["macs"] < data["dense"]["macs"] and row["psnr_in_mask"] > row["psnr_in_mask_source"]
     assert data["masks"][0]["recomputed"] < data["masks"][1]["recomputed"]
+
+
+def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
+    spec = importlib.util.spec_from_file_location("edit_vs_alternatives",
+                                                  ROOT / "benchmarks" / "edit_vs_alternatives.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    data = module.main(["--size", "tiny", "--latent-size", "16", "--steps", "4", "--reuse", "1,2",
+                        "--threads", "1", "--out", str(tmp_path)])
+    torch.set_num_threads(threads)
+    runs = data["runs"]
+    assert (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").is_file()
+    assert runs["dense"]["seconds"] > 0 and runs["source_run"]["cache_bytes"] > 0
+    assert "seconds" in runs["deepcache"] or "not installed" in runs["deepcache"]["skipped"]
+    assert runs["ours_reuse1"]["decode_mode"] == "sparse"
+    assert runs["ours_reuse2"]["unet_macs"] < runs["ours_reuse1"]["unet_macs"]
+    assert math.isfinite(runs["ours_reuse2"]["psnr_in_mask_vs_reference"])

@@ -49,6 +49,7 @@ class SparseDecoder:
     decoder) and keeps its record cache and the input of the recorded decode."""
 
     def __init__(self, vae: torch.nn.Module, policy: Policy):
+        policy = dataclasses.replace(policy, deep_reuse_interval=1)  # one call per image: no step to reuse from
         self.decoder = compile(vae.decoder, policy)
         vae.decoder = self.decoder
         self.cache = RecordCache(policy.storage_dtype, make_store(policy))

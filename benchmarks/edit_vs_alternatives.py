@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Seconds to an edited image: what a user would pick instead, against this project's edit (issue 14).
+
+    python benchmarks/edit_vs_alternatives.py      # SD 1.5 at 512x512 (64x64 latents), 20 DDIM steps, 15% mask
+    python benchmarks/edit_vs_alternatives.py --size tiny --latent-size 16 --steps 4 --out /tmp/e   # a smoke run
+
+One process, a random-weight pipeline of the architecture (`models.random_pipeline`), DDIM, CFG 7.5, fp32, the
+same initial latents for every run:
+
+- dense: the pipeline generating the edited prompt (eager U-Net, eager decode), as a user without this project;
+- DeepCache: the same with `DeepCacheSDHelper` (cache interval `--deepcache-interval`, branch 0), when the
+  `DeepCache` package is installed;
+- ours: an `EditSession` generates the source prompt (recorded: reported, paid once per source), then edits it
+  to the edited prompt with an ellipse user mask, once per `--reuse` interval (`Policy.deep_reuse_interval`), each
+  a try of the same source (`edit(keep=False)`), the image decoded sparse.
+
+An untimed edit first binds the mask's sparse programs. The session is compiled with the largest interval, so that every interval runs the same variants (interval 1 then
+runs the full calls' variant, which also hands the deep outputs on: one scatter per cut more than a policy without
+reuse). Fidelity: PSNR inside the mask of each picture against the interval-1 edit decoded densely (ours), and of
+DeepCache's against the dense generation. Results: ``<out>/edit-vs-alternatives_<arch>-<size>-<latent>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
+from results_io import machine, write_results  # noqa: E402
+
+import fisedit_compiler as fisedit  # noqa: E402
+from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
+from fisedit_compiler.models import random_pipeline  # noqa: E402
+
+SOURCE = "a cabin in the woods at dusk, warm light in the windows"
+EDITED = "a cabin in the woods at dusk, warm light in the windows, a river in front"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    error = np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2)
+    return math.inf if error == 0 else 10 * math.log10(255.0 ** 2 / error)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="sd15", choices=("sd15", "sd2"))
+    p.add_argument("--size", default="full", choices=("full", "tiny"))
+    p.add_argument("--latent-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--mask", type=float, default=15.0, help="ellipse mask, percent of the latents")
+    p.add_argument("--reuse", default="1,2,3", help="Policy.deep_reuse_interval values to edit with")
+    p.add_argument("--deepcache-interval", type=int, default=3)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    intervals = [int(v) for v in args.reuse.split(",")]
+    n = args.latent_size
+    pipe = random_pipeline(args.arch, latent_size=n, seed=0, size=args.size, scheduler="ddim")
+    latents = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(0))
+    common = {"num_inference_steps": args.steps, "guidance_scale": 7.5, "height": 8 * n, "width": 8 * n}
+    mask = ellipse_mask(n, args.mask / 100, exact=True)
+    pixels = np.kron(mask.numpy(), np.ones((8, 8), dtype=bool))
+    runs: dict[str, dict] = {}
+
+    def timed(fn):
+        start = time.perf_counter()
+        value = fn()
+        return value, time.perf_counter() - start
+
+    with torch.no_grad():
+        dense, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
+    runs["dense"] = {"seconds": seconds}
+    dense = np.asarray(dense)
+    try:
+        from DeepCache import DeepCacheSDHelper
+    except ImportError:
+        runs["deepcache"] = {"skipped": "the DeepCache package is not installed (pip install --no-deps DeepCache)"}
+    else:
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=args.deepcache_interval, cache_branch_id=0)
+        helper.enable()
+        try:
+            with torch.no_grad():
+                image, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
+        finally:
+            helper.disable()
+        runs["deepcache"] = {"seconds": seconds, "interval": args.deepcache_interval,
+                             "psnr_in_mask_vs_dense": _psnr(np.asarray(image), dense, pixels),
+                             "psnr_vs_dense": _psnr(np.asarray(image), dense, np.ones_like(pixels))}
+
+    policy = fisedit.Policy(deep_reuse_interval=max(intervals))
+    session = fisedit.EditSession(pipe, policy, num_inference_steps=args.steps, guidance_scale=7.5,
+                                  height=8 * n, width=8 * n)
+    _, seconds = timed(lambda: session.generate(SOURCE, latents=latents.clone()))
+    runs["source_run"] = {"seconds": seconds, "cache_bytes": session.cache.nbytes}
+    # An untimed try first: it binds the sparse programs of this mask (full and reuse calls), which a session does
+    # once per mask structure, so that the timed edits compare the steps themselves.
+    _, runs["source_run"]["first_edit_seconds"] = timed(lambda: session.edit(EDITED, mask=mask, keep=False))
+    reference = None
+    for interval in intervals:
+        session.unet.policy = dataclasses.replace(policy, deep_reuse_interval=interval)
+        result, seconds = timed(lambda: session.edit(EDITED, mask=mask, keep=False))
+        image = np.asarray(result.images[0])
+        if reference is None:  # the first interval's edit, decoded densely
+            with torch.no_grad():
+                decoded = pipe.vae.decode(result.latents / pipe.vae.config.scaling_factor).sample
+            reference = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0])
+        sparse = result.stats.get("sparse")
+        decode = result.stats.get("decode")
+        runs[f"ours_reuse{interval}"] = {
+            "seconds": seconds, "interval": interval,
+            "unet_seconds": sparse.seconds if sparse else 0.0, "unet_macs": sparse.macs if sparse else 0,
+            "decode_seconds": decode.seconds if decode else None, "decode_mode": decode.mode if decode else None,
+            "decode_recomputed": decode.recomputed if decode else None,
+            "psnr_in_mask_vs_reference": _psnr(image, reference, pixels),
+        }
+    session.unet.policy = policy
+    fastest = min(runs[k]["seconds"] for k in ("dense", "deepcache") if "seconds" in runs[k])
+    for key, run in runs.items():
+        if key.startswith("ours"):
+            run["speedup_vs_fastest_alternative"] = fastest / run["seconds"]
+    data = {"machine": machine(), "arch": args.arch, "size": args.size, "latent_size": n, "steps": args.steps,
+            "mask_percent": args.mask, "source_prompt": SOURCE, "edited_prompt": EDITED, "runs": runs}
+    write_results(args.out, f"edit-vs-alternatives_{args.arch}-{args.size}-{n}", data, _format(data))
+    return data
+
+
+def _format(data: dict) -> str:
+    m, runs = data["machine"], data["runs"]
+    lines = [
+        f"# Seconds to the edited image: {data['arch']} ({data['size']}) at {8 * data['latent_size']}x"
+        f"{8 * data['latent_size']}, {data['steps']} DDIM steps, CFG 7.5, fp32, random weights, "
+        f"{data['mask_percent']:g}% ellipse user mask",
+        "",
+        f"{m['date']}, git {m['git']}, torch {m['torch']}, {m['threads']} threads. "
+        "`benchmarks/edit_vs_alternatives.py`.",
+        "",
+        "| run | seconds to the image | vs the fastest alternative | PSNR in the mask (dB) | notes |",
+        "|---|---:|---:|---:|---|",
+        f"| dense generation of the edited prompt | {runs['dense']['seconds']:.1f} | | | eager pipeline |",
+    ]
+    deepcache = runs["deepcache"]
+    if "skipped" in deepcache:
+        lines.append(f"| DeepCache | - | | | {deepcache['skipped']} |")
+    else:
+        lines.append(f"| DeepCache (interval {deepcache['interval']}) | {deepcache['seconds']:.1f} | | "
+                     f"{deepcache['psnr_in_mask_vs_dense']:.1f} vs dense | whole image "
+                     f"{deepcache['psnr_vs_dense']:.1f} dB vs dense |")
+    for key, run in runs.items():
+        if not key.startswith("ours"):
+            continue
+        decode = (f"decode {run['decode_mode']} {run['decode_seconds']:.1f} s"
+                  + (f" ({100 * run['decode_recomputed']:.0f}% of pixels)" if run["decode_mode"] == "sparse" else ""))
+        lines.append(f"| our edit, deep reuse every {run['interval']} | {run['seconds']:.1f} | "
+                     f"{run['speedup_vs_fastest_alternative']:.2f}x | {run['psnr_in_mask_vs_reference']:.1f} vs "
+                     f"reuse 1 decoded dense | U-Net {run['unet_seconds']:.1f} s, {decode} |")
+    source = runs["source_run"]
+    lines += ["", f"The source run (recorded, once per source picture): {source['seconds']:.1f} s, cache "
+              f"{source['cache_bytes'] / 2**30:.2f} GiB. A first, untimed edit bound the mask's sparse programs: "
+              f"{source['first_edit_seconds']:.1f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
