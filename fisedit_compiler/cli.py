@@ -128,7 +128,7 @@ def _train_shapes(args, argv: list[str]) -> int:
               "slower whenever another process uses a core", file=sys.stderr)
     logging.getLogger("fisedit_compiler.training").setLevel(logging.INFO)
     config = TrainConfig.preset(
-        tiny=args.tiny, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+        tiny=args.tiny, recipe=args.recipe, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
         batch_size=args.batch_size, vae_batch_size=args.vae_batch_size, dataset_size=args.dataset_size,
         unet_continue_steps=args.unet_continue_steps, decoder_steps=args.decoder_steps,
         threads=args.threads, checkpoint_minutes=args.checkpoint_minutes,
@@ -146,6 +146,10 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the pipeline folder to write (default: fisedit_compiler/assets/shapes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the tiny smoke-test model and step counts")
+    parser.add_argument("--recipe", default="shipped", choices=("shipped", "fast"),
+                        help="shipped: the settings of the shipped model (with --unet-continue-steps 5600, 4.8 h on 2 "
+                             "CPU cores); fast: 78 min on 2 cores, a weaker model (see fisedit_compiler/training/"
+                             "trainer.py, RECIPES)")
     parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the preset's)")
     parser.add_argument("--vae-batch-size", type=int)
     parser.add_argument("--dataset-size", type=int, help="scenes encoded for the U-Net phase")
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
-        commands.add_parser("train-shapes", help="train the embedded shapes model (about 85 min on 2 CPU cores)"))
+        commands.add_parser("train-shapes", help="train the embedded shapes model (--recipe fast: 78 min on 2 CPU cores)"))
     return parser
 
 

@@ -37,13 +37,13 @@ from .passes.cached_group_norm import cached_group_norm, no_sparse_group_norm
 from .passes.control_cross_attention import control_cross_attention
 from .passes.find_sparse_regions import every_sparse_node_in_a_region, find_sparse_regions
 from .passes.fuse_gather_norm_silu import fuse_gather_norm_silu
+from .passes import ops as pass_ops
 from .passes.insert_cache_write_back import insert_cache_write_back
 from .passes.insert_record_taps import cache_refs, insert_record_taps
 from .passes.insert_region_boundaries import insert_region_boundaries, regions_entered_and_left_through_boundaries
-from .passes import ops as pass_ops
+from .passes.insert_reuse_taps import insert_reuse_taps
 from .passes.manager import FxPass, PassManager, PassRecord
 from .passes.record_cross_attention_maps import record_cross_attention_maps
-from .passes.insert_reuse_taps import insert_reuse_taps
 from .passes.relayout_gathered import no_dense_reshape_of_blocks, relayout_gathered
 from .passes.reuse_deep_levels import reuse_deep_levels, reuse_taps_and_reads
 from .passes.sparse_attention import sparse_attention

@@ -276,3 +276,15 @@ def test_a_finished_run_continues_as_if_configured_from_the_start(tmp_path) -> N
     assert "and 3 continued steps" in (tmp_path / "pa" / "README.md").read_text()
     with pytest.raises(ValueError, match="may only grow"):
         train(TrainConfig.preset(tiny=True, unet_continue_steps=1), tmp_path / "a", tmp_path / "pa", progress=False)
+
+
+def test_the_shipped_recipe_is_the_default_and_the_fast_one_differs_from_it():
+    """`fisedit train-shapes` without --recipe trains with the settings recorded in the shipped model's card (the
+    shipped model must stay reproducible from the committed code); --recipe fast changes what its comment says."""
+    shipped, fast = TrainConfig.preset(), TrainConfig.preset(recipe="fast")
+    assert shipped == TrainConfig()
+    assert (shipped.vae_steps, shipped.unet_steps, shipped.lr, shipped.decoder_steps, shipped.mixed_precision,
+            shipped.vae_empty_fraction) == (3000, 2800, 5e-4, 1500, False, 0.0)
+    assert fast.mixed_precision and fast.decoder_steps == 0 and fast.vae_empty_fraction == 0.25
+    with pytest.raises(ValueError, match="unknown training recipe 'slow'"):
+        TrainConfig.preset(recipe="slow")
