@@ -1,5 +1,7 @@
 """What an edit's policy settings cost and buy on the embedded shapes model: EEdit's periodic refresh
-(`Policy.refresh_every`) and a halo in latent pixels (`Policy.halo_unit`).
+(`Policy.refresh_every`), a halo in latent pixels (`Policy.halo_unit`) and temporal reuse of the deep levels
+(`Policy.deep_reuse_interval`). The edits' pictures are decoded sparse (the session's default), the dense edit
+they are compared with densely.
 
     .venv/bin/python benchmarks/edit_settings.py             # writes benchmarks/results/edit-settings.{json,md}
     .venv/bin/python benchmarks/edit_settings.py --seeds 1   # a quick look
@@ -28,6 +30,8 @@ SETTINGS = {
     "refresh every 2 steps": {"refresh_every": 2},
     "halo 1 latent pixel": {"halo_unit": "latent_pixels"},
     "halo 2 latent pixels": {"halo": 2, "halo_unit": "latent_pixels"},
+    "deep levels reused every 2 sparse steps": {"deep_reuse_interval": 2},
+    "deep levels reused every 3 sparse steps": {"deep_reuse_interval": 3},
 }
 
 
