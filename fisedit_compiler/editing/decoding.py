@@ -58,11 +58,6 @@ class SparseDecoder:
         self._keep = True
         self.last: DecodeStats | None = None
 
-    def forget(self) -> None:
-        """Drop the recorded decode (the next one runs dense and records)."""
-        self.cache.clear()
-        self._recorded_input = None
-
     @contextlib.contextmanager
     def steering(self, keep: bool = True) -> Iterator[None]:
         """Decodes inside record, or run sparse around the latents that changed since the recorded one; with
@@ -90,6 +85,8 @@ class SparseDecoder:
             mode = self.decoder.sparse_mode(changed, write_back=self._keep, cache=self.cache)
             mode.plan = self.decoder.mask_plan(mode.mask.to(sample.device))
             run.mode = dense if mode.plan.active_pixels(mode.plan.latent_res).all() else mode
+        if self._keep:  # the record changes: until this decode completes, no input is known to match it
+            self._recorded_input = None
         _synchronize(sample)
         self._started = time.perf_counter()
 
