@@ -188,6 +188,10 @@ class EditSession:
     `noise_seed` makes a stochastic scheduler usable: every run draws its step noise from a generator seeded with
     it, so source and edit runs add the same noise.
 
+    `sparse_decode` (default True): the VAE decoder is compiled in place too (`editing.decoding`), the current
+    image's decode is recorded, and an edit's picture is decoded only around the latents that changed; outside that
+    region (`res.stats["decode"].region`) it is the previous picture, bit for bit.
+
     Over an inpainting pipeline (`StableDiffusionInpaintPipeline`, a 9-channel U-Net) a session edits a loaded
     picture with user masks: the mask is the pipeline's mask input too (`editing.inpainting`).
     """
