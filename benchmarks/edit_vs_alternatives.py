@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -38,14 +37,10 @@ from results_io import machine, write_results  # noqa: E402
 import fisedit_compiler as fisedit  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
 from fisedit_compiler.models import random_pipeline  # noqa: E402
+from fisedit_compiler.training.quality import psnr  # noqa: E402
 
 SOURCE = "a cabin in the woods at dusk, warm light in the windows"
 EDITED = "a cabin in the woods at dusk, warm light in the windows, a river in front"
-
-
-def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    error = np.mean((a[where].astype(np.float64) - b[where].astype(np.float64)) ** 2)
-    return math.inf if error == 0 else 10 * math.log10(255.0 ** 2 / error)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -94,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             helper.disable()
         runs["deepcache"] = {"seconds": seconds, "interval": args.deepcache_interval,
-                             "psnr_in_mask_vs_dense": _psnr(np.asarray(image), dense, pixels),
-                             "psnr_vs_dense": _psnr(np.asarray(image), dense, np.ones_like(pixels))}
+                             "psnr_in_mask_vs_dense": psnr(np.asarray(image), dense, pixels),
+                             "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
 
     policy = fisedit.Policy(deep_reuse_interval=max(intervals))
     session = fisedit.EditSession(pipe, policy, num_inference_steps=args.steps, guidance_scale=7.5,
@@ -121,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             "unet_seconds": sparse.seconds if sparse else 0.0, "unet_macs": sparse.macs if sparse else 0,
             "decode_seconds": decode.seconds if decode else None, "decode_mode": decode.mode if decode else None,
             "decode_recomputed": decode.recomputed if decode else None,
-            "psnr_in_mask_vs_reference": _psnr(image, reference, pixels),
+            "psnr_in_mask_vs_reference": psnr(image, reference, pixels),
         }
     session.unet.policy = policy
     fastest = min(runs[k]["seconds"] for k in ("dense", "deepcache") if "seconds" in runs[k])

@@ -17,12 +17,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def unet_speed():
-    spec = importlib.util.spec_from_file_location("unet_speed", ROOT / "benchmarks" / "unet_speed.py")
+def _benchmark(name: str):
+    """The module of `benchmarks/<name>.py` (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _run_benchmark(name: str, argv: list[str]) -> dict:
+    """`main(argv)` of `benchmarks/<name>.py`, with torch's thread count restored after it."""
+    threads = torch.get_num_threads()
+    try:
+        return _benchmark(name).main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def unet_speed():
+    return _benchmark("unet_speed")
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +173,8 @@ def test_arguments(unet_speed):
 
 
 def test_the_vae_decode_benchmark_runs_on_a_tiny_vae(tmp_path):
-    spec = importlib.util.spec_from_file_location("vae_decode", ROOT / "benchmarks" / "vae_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    data = module.main(["--size", "tiny", "--latent-size", "16", "--repeats", "1", "--masks", "5,30",
-                        "--threads", "1", "--out", str(tmp_path)])
-    torch.set_num_threads(threads)
+    data = _run_benchmark("vae_decode", ["--size", "tiny", "--latent-size", "16", "--repeats", "1", "--masks", "5,30",
+                                         "--threads", "1", "--out", str(tmp_path)])
     assert (tmp_path / "vae-decode_sd15-tiny-16.json").is_file()
     assert [row["mask_percent"] for row in data["masks"]] == [5, 30]
     for row in data["masks"]:
@@ -175,14 +184,8 @@ def test_the_vae_decode_benchmark_runs_on_a_tiny_vae(tmp_path):
 
 
 def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
-    spec = importlib.util.spec_from_file_location("edit_vs_alternatives",
-                                                  ROOT / "benchmarks" / "edit_vs_alternatives.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    data = module.main(["--size", "tiny", "--latent-size", "16", "--steps", "4", "--reuse", "1,2",
-                        "--threads", "1", "--out", str(tmp_path)])
-    torch.set_num_threads(threads)
+    data = _run_benchmark("edit_vs_alternatives", ["--size", "tiny", "--latent-size", "16", "--steps", "4",
+                                                   "--reuse", "1,2", "--threads", "1", "--out", str(tmp_path)])
     runs = data["runs"]
     assert (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").is_file()
     assert runs["dense"]["seconds"] > 0 and runs["source_run"]["cache_bytes"] > 0
