@@ -6,6 +6,8 @@ import operator
 
 import torch
 
+from ..runtime.ops import WRITES
+
 aten = torch.ops.aten
 
 
@@ -59,14 +61,14 @@ def is_impure(node) -> bool:
     """`fx.Node.is_impure`, except for ops that FX keeps as random but that draw nothing in a captured inference
     graph: dropout that does not train and attention without dropout (identities of the values, so dead-code
     elimination may remove them); and impure, the IR ops that store what they are given (`runtime.ops.WRITES`)."""
-    from ..runtime.ops import WRITES
-
-    if node.op == "call_function" and node.target in WRITES:
+    if node.op != "call_function":
+        return node.is_impure()
+    if node.target in WRITES:
         return True
-    if node.op == "call_function" and node.target is aten.dropout.default:
+    if node.target is aten.dropout.default:
         if (node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)) is False:
             return False
-    if node.op == "call_function" and node.target is SDPA:
+    if node.target is SDPA:
         if (node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)) == 0.0:
             return False
     return node.is_impure()

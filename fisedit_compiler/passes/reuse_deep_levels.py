@@ -52,7 +52,7 @@ def deep_outputs(gm: fx.GraphModule, policy: Policy) -> list[fx.Node]:
         if any(not _deep(user, latent, policy.deep_reuse_downscale) for user in node.users):
             if not isinstance(node.meta[LAYOUT], SpatialLayout):
                 raise DeepReuseError(f"node {node.name!r} leaves the deep levels with an unknown pixel layout "
-                                 f"({node.meta[LAYOUT].reason}): its value cannot be reused")
+                                     f"({node.meta[LAYOUT].reason}): its value cannot be reused")
             cut.append(node)
     if not cut:
         raise DeepReuseError(
