@@ -41,7 +41,7 @@ def test_a_reuse_call_computes_only_the_fine_levels_and_on_the_recorded_input_re
     for output in (full, reused):
         assert close(output, recorded)
         assert torch.equal(output[..., outside], recorded[..., outside])
-    assert reuse_macs < 0.6 * full_macs
+    assert reuse_macs < 0.5 * full_macs  # measured 0.48 (SD 1.5, SD 2), 0.23 (SDXL)
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def test_an_edit_session_with_deep_reuse_keeps_the_source_outside_its_mask_for_f
         results[interval] = s.edit("a red cabin in the woods", mask=mask)
         latents = results[interval].latents
         assert torch.equal(latents[..., ~mask], source.latents[..., ~mask])
-    assert results[2].stats["sparse"].macs < 0.8 * results[1].stats["sparse"].macs
+    assert results[2].stats["sparse"].macs < 0.7 * results[1].stats["sparse"].macs  # measured 0.68
     edited = [np.asarray(results[i].images[0], dtype=float) for i in (1, 2)]
     assert np.abs(edited[0] - edited[1]).max() > 0  # an approximation, not the same computation
 

@@ -118,7 +118,7 @@ def test_an_edit_decodes_only_around_its_region_and_keeps_the_source_image_elsew
     dense = _pipeline().image_processor.postprocess(dense, output_type="np")[0]
     box = np.kron(edit.mask.numpy(), np.ones((8, 8), dtype=bool))
     error = np.mean((after[box] / 255.0 - dense[box]) ** 2)
-    assert 10 * math.log10(1 / error) > 30
+    assert 10 * math.log10(1 / error) > 45  # measured 53.6 dB
     second = s.edit("a red cabin in the snowy woods", mask=_box(10, 9, 3))
     region2 = second.stats["decode"].region.numpy()
     assert second.stats["decode"].mode == "sparse"
