@@ -25,11 +25,13 @@ from fisedit_compiler.training import quality
 from results_io import machine, write_results
 
 SETTINGS = {
-    "default (halo 1 cell at every resolution, no refresh)": {},
+    "default policy": {},
+    "halo 1 cell at every resolution": {"halo": 1, "halo_unit": "cells"},
+    "halo 1 latent pixel": {"halo": 1, "halo_unit": "latent_pixels"},
+    "halo 2 latent pixels": {"halo": 2, "halo_unit": "latent_pixels"},
+    "blocks of 4": {"block_size": 4},
     "refresh every 4 steps": {"refresh_every": 4},
     "refresh every 2 steps": {"refresh_every": 2},
-    "halo 1 latent pixel": {"halo_unit": "latent_pixels"},
-    "halo 2 latent pixels": {"halo": 2, "halo_unit": "latent_pixels"},
     "deep levels reused every 2 sparse steps": {"deep_reuse_interval": 2},
     "deep levels reused every 3 sparse steps": {"deep_reuse_interval": 3},
 }
@@ -49,7 +51,7 @@ def main() -> None:
     rows = []
     for case in quality.EDIT_CASES:
         for seed in range(args.seeds):
-            session = unets.session(Policy(block_size=4), args.steps)
+            session = unets.session(Policy(), args.steps)
             source = session.generate(case.prompt(case.old), generator=torch.Generator().manual_seed(seed))
             dense_macs = source.stats["dense"].macs
             region = session.edit(case.prompt(case.new)).mask
@@ -57,7 +59,7 @@ def main() -> None:
                 continue
             reference = None
             for name, fields in SETTINGS.items():
-                session = unets.session(Policy(block_size=4, **fields), args.steps)
+                session = unets.session(Policy(**fields), args.steps)
                 session.generate(case.prompt(case.old), generator=torch.Generator().manual_seed(seed))
                 trajectory = session.source_trajectory
                 edit = session.edit(case.prompt(case.new), mask=region)
@@ -76,10 +78,18 @@ def main() -> None:
     summary = {name: {key: float(np.mean([r[key] for r in rows if r["setting"] == name and np.isfinite(r[key])]))
                       for key in ("psnr_in_mask", "macs_vs_dense", "dense_calls")} for name in SETTINGS}
     data = {
-        "model": quality.model_label(args.model), "steps": args.steps, "edits": len(rows) // len(SETTINGS),
+        "model": quality.model_label(args.model), "steps": args.steps, "policy": _policy_label(Policy()), "edits": len(rows) // len(SETTINGS),
         "summary": summary, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine(),
     }
     write_results(args.out, "edit-settings", data, _format(data))
+
+
+def _policy_label(policy: Policy) -> str:
+    """The policy fields the settings above change, as they are by default."""
+    blocks = "chosen by the cost model" if policy.block_size is None else f"of {policy.block_size}"
+    unit = "cell" if policy.halo_unit == "cells" else "latent pixel"
+    return (f"blocks {blocks}, halo {policy.halo} {unit}{'s' if policy.halo != 1 else ''}, refresh "
+            f"{policy.refresh_every or 'off'}, deep reuse {policy.deep_reuse_interval if policy.deep_reuse_interval > 1 else 'off'}")
 
 
 def _format(data: dict) -> str:
@@ -87,7 +97,8 @@ def _format(data: dict) -> str:
         "# Edit settings: what they cost and buy",
         "",
         f"Model `{data['model']}`, {data['edits']} edits (the detected region of each given as a user mask: every "
-        f"step sparse), {data['steps']} DDIM steps, blocks of 4; {data['machine']['date']}, git "
+        f"step sparse), {data['steps']} DDIM steps; each setting changes the default policy (`fisedit.Policy()`: "
+        f"{data['policy']}) in the fields named; {data['machine']['date']}, git "
         f"{data['machine']['git']}, {data['seconds']:.0f} s. `benchmarks/edit_settings.py`.",
         "",
         "| setting | dense steps per edit | U-Net MACs vs a dense regeneration | PSNR in the mask vs the dense edit (dB) |",

@@ -19,14 +19,22 @@ class Policy:
 
     Attributes:
         max_sparse_downscale: a layer runs sparse when its feature map is at most this many times smaller than
-            the latents. The default 4 makes SD 2 at 96x96 latents sparse at 96, 48 and 24 and dense at 12: the
-            paper keeps low resolutions dense because a mask pooled down to them covers most of the map.
+            the latents. The default 8 makes every level of SD 1.5/2 (latents, 2x, 4x and 8x smaller) sparse; at
+            each level and mask the cost model may still keep the map dense (one block) where blocks do not pay.
+            The paper keeps the lowest resolution dense (4: SD 2 at 96x96 latents dense at 12x12); with a halo in
+            latent pixels a mask pooled down to 12x12 covers little more than at the latents, and running that
+            level sparse cut SD 2's MACs at a 15% mask from 1/4.5 to 1/5.2 of a dense call
+            (`benchmarks/results/cpu-2core.md`).
         halo: dilation of the mask, in `halo_unit`s. It widens the region that is recomputed so that the seam
             between fresh and recorded activations falls outside the edit.
-        halo_unit: "cells" (the default): the mask is max-pooled to every resolution and dilated there by `halo`
-            cells of that resolution (at a map 4x smaller than the latents, 4 latent pixels a cell). "latent_pixels":
-            the mask is dilated by `halo` latent pixels, then max-pooled, so low resolutions get less extra context
-            and fewer active blocks.
+        halo_unit: "latent_pixels" (the default): the mask is dilated by `halo` latent pixels, then max-pooled to
+            every resolution (a cell of a lower resolution is active when any pixel of the dilated mask falls in
+            it), so every level gets the same extra context in image terms. "cells": the mask is max-pooled to
+            every resolution and dilated there by `halo` cells of that resolution (at a map 8x smaller than the
+            latents, 8 latent pixels a cell), which blows small masks up at low resolutions: at SD 2's 24x24 a 15%
+            mask covered 27% of the map, 19% with the halo in latent pixels. On the shapes model (10 edits, every
+            step sparse) an edit took 17% of a dense regeneration's MACs instead of 24%, at the same PSNR in the
+            mask against the dense edit (26.9 vs 26.7 dB; `benchmarks/results/edit-settings.md`).
         block_size: the side of the square blocks that sparse layers compute. None (the default): the cost model
             (`cost_model`, the paper's APSC) picks it per resolution and mask from {1, 2, 4, 8, 16, 32} or dense
             (1: pixel-wise, each convolution one matrix product).
@@ -88,9 +96,9 @@ class Policy:
             and traced as one graph. None (the default): programs run eagerly, the reference.
     """
 
-    max_sparse_downscale: int = 4
+    max_sparse_downscale: int = 8
     halo: int = 1
-    halo_unit: HaloUnit = "cells"
+    halo_unit: HaloUnit = "latent_pixels"
     block_size: int | None = None
     attention: AttentionMode = "active_queries"
     norm_stats: NormStats = "recorded"

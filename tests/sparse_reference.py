@@ -35,8 +35,7 @@ def _dilated(cells: list[list[bool]], halo: int) -> list[list[bool]]:
                  for xx in range(max(0, x - halo), min(w, x + halo + 1))) for x in range(w)] for y in range(h)]
 
 
-def active_region(mask: torch.Tensor, res: tuple[int, int], halo: int, block: int,
-                  halo_unit: str = "cells") -> torch.Tensor:
+def active_region(mask: torch.Tensor, res: tuple[int, int], halo: int, block: int, halo_unit: str) -> torch.Tensor:
     """(H, W) bool: the pixels at `res` that a sparse layer computes, with plain loops over cells: the mask pooled to
     `res` and dilated by `halo` cells there, or ("latent_pixels") dilated by `halo` latent pixels and pooled."""
     mask = mask.reshape(-1, *mask.shape[-2:]).any(dim=0)

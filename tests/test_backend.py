@@ -71,7 +71,7 @@ def test_pipeline_with_compiled_unet_matches_fisedit_compile():
         edited_ref = run(pipe, "a cabin in the woods with a river", latents)
     assert torch.equal(source, source_ref) and torch.equal(edited, edited_ref)
     assert torch.equal(dense, source)  # record calls equal the eager U-Net
-    assert torch.equal(active, active_region(mask, (LATENT, LATENT), policy.halo, 4))
+    assert torch.equal(active, active_region(mask, (LATENT, LATENT), policy.halo, 4, policy.halo_unit))
     assert torch.equal(edited[..., ~active], source[..., ~active])
     assert (edited - source).abs().max() > 1e-3
 

@@ -47,6 +47,7 @@ def result(unet_speed, tmp_path_factory):
         "--size", "tiny", "--latent-size", "32", "--device", "cpu", "--repeats", "3", "--warmup", "0",
         "--masks", "ellipse:15,blobs:15", "--profile", "--out", str(out), "--quiet",
         "--block-size", "8",  # fixed: at 32x32 the cost model may keep every resolution dense (one block)
+        "--max-sparse-downscale", "4",  # 4x4 dense: the profile covers a dense resolution too
         "--threads", "1",  # one thread: no timing is checked, and one thread suffers least from a busy machine
     ])
     assert torch.get_num_threads() == threads  # restored

@@ -104,7 +104,7 @@ def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name, b
     # cost model's block size is the one thing taken from the plan)
     res = (SIZE, SIZE)
     b = block_size(compiled.policy, res) if block else compiled.mask_plan(masks()[mask_name]).block_size(res)
-    assert torch.equal(active, active_region(masks()[mask_name], res, compiled.policy.halo, b))
+    assert torch.equal(active, active_region(masks()[mask_name], res, compiled.policy.halo, b, compiled.policy.halo_unit))
 
 
 @torch.no_grad()
@@ -112,11 +112,11 @@ def test_a_halo_in_latent_pixels_activates_fewer_cells_at_low_resolutions():
     """`halo_unit="latent_pixels"`: the mask is dilated at latent resolution, then pooled: the same region at the
     latent resolution as a halo in cells, fewer cells below it (each resolution checked against the loops)."""
     mask = masks()["blobs"]
-    cells = MaskPlan(mask, fisedit.Policy(block_size=1, halo=2))
+    cells = MaskPlan(mask, fisedit.Policy(block_size=1, halo=2, halo_unit="cells"))
     pixels = MaskPlan(mask, fisedit.Policy(block_size=1, halo=2, halo_unit="latent_pixels"))
     for res in ((SIZE, SIZE), (SIZE // 2, SIZE // 2), (SIZE // 4, SIZE // 4)):
         assert torch.equal(pixels.active_map(res), active_region(mask, res, 2, 1, "latent_pixels")), res
-        assert torch.equal(cells.active_map(res), active_region(mask, res, 2, 1)), res
+        assert torch.equal(cells.active_map(res), active_region(mask, res, 2, 1, "cells")), res
         assert not (pixels.active_map(res) & ~cells.active_map(res)).any()
     assert torch.equal(pixels.active_map((SIZE, SIZE)), cells.active_map((SIZE, SIZE)))
     assert pixels.active_map((SIZE // 4, SIZE // 4)).sum() < cells.active_map((SIZE // 4, SIZE // 4)).sum()

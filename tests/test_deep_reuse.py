@@ -41,7 +41,7 @@ def test_a_reuse_call_computes_only_the_fine_levels_and_on_the_recorded_input_re
     for output in (full, reused):
         assert close(output, recorded)
         assert torch.equal(output[..., outside], recorded[..., outside])
-    assert reuse_macs < 0.5 * full_macs  # measured 0.48 (SD 1.5, SD 2), 0.23 (SDXL)
+    assert reuse_macs < 0.55 * full_macs  # measured 0.52 (SD 1.5, SD 2), 0.27 (SDXL): every level of a full call sparse
 
 
 @torch.no_grad()

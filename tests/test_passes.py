@@ -6,6 +6,7 @@ dense shape, so the graph after *every* pass of the sparse pipeline is runnable,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -78,7 +79,8 @@ def test_annotate_spatial_layout_tags_pixels():
 
 
 def test_find_sparse_regions_marks_sparse_resolutions_only():
-    _, _, _, snapshots = compiled_with_snapshots("sd2")
+    policy = dataclasses.replace(ONE_BLOCK, max_sparse_downscale=4)  # the 4x4 level dense
+    _, _, _, snapshots = compiled_with_snapshots("sd2", policy)
     _, gm = _by_name(snapshots)["find_sparse_regions"]
     for n in gm.graph.nodes:
         layout = n.meta.get(LAYOUT)

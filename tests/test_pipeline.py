@@ -34,7 +34,7 @@ def test_stable_diffusion_pipeline_records_and_replays_sparsely():
     assert (replay - source).abs().max() <= 1e-4
     assert torch.isfinite(edited).all()
     # every step's output outside the active blocks is the recorded one, so the latents there never change
-    assert torch.equal(active, active_region(mask, (LATENT, LATENT), halo=1, block=4))
+    assert torch.equal(active, active_region(mask, (LATENT, LATENT), halo=1, block=4, halo_unit="latent_pixels"))
     assert torch.equal(edited[..., ~active], source[..., ~active])
     assert (edited[..., active] - source[..., active]).abs().max() > 1e-3
     dense = run(pipe.__class__(**{**pipe.components, "unet": compiled.unet}), "a cabin in the woods", latents)

@@ -190,7 +190,7 @@ def conv_windows(
             if flat_kernels is not None:
                 flat_kernels[id(weight)] = kernel
         return F.linear(flat, kernel, bias)[:, :, None, None]
-    return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)
+    return F.conv2d(windows.contiguous(), weight, bias, stride, 0, dilation, groups)  # see runtime.ops.conv_windows
 
 
 def group_norm_affine(
