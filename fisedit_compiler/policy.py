@@ -61,8 +61,9 @@ class Policy:
         refresh_every: EEdit's periodic refresh: every `refresh_every`-th step after an edit switches to sparse
             runs dense and records what it computed (steps whose cross-attention maps a later edit reads excepted),
             so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
-            default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.5 dB of PSNR
-            against the dense edit for 9% more MACs (`benchmarks/results/edit-settings.md`).
+            default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.3 dB of PSNR
+            against the dense edit for twice the MACs of an edit without refresh (34% of a dense regeneration's
+            instead of 17%; `benchmarks/results/edit-settings.md`).
         deep_reuse_interval: temporal reuse stacked on the spatial one (DeepCache's observation that deep,
             low-resolution features change little between steps; EEdit's temporal redundancy): of every
             `deep_reuse_interval` sparse calls of a run, the first computes every level and the others take the
