@@ -8,6 +8,8 @@ One process, a random-weight pipeline of the architecture (`models.random_pipeli
 same initial latents for every run:
 
 - dense: the pipeline generating the edited prompt (eager U-Net, eager decode), as a user without this project;
+- dense, compiled: the same with the U-Net under `torch.compile` (Inductor; `--no-torch-compile` skips it), run
+  twice: the first run compiles (reported), the second is the figure;
 - DeepCache: the same with `DeepCacheSDHelper` (cache interval `--deepcache-interval`, branch 0), when the
   `DeepCache` package is installed;
 - ours: an `EditSession` generates the source prompt (recorded: reported, paid once per source), then edits it
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask", type=float, default=15.0, help="ellipse mask, percent of the latents")
     p.add_argument("--reuse", default="1,2,3", help="Policy.deep_reuse_interval values to edit with")
     p.add_argument("--deepcache-interval", type=int, default=3)
+    p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
+                   help="skip the dense pipeline with its U-Net under torch.compile")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -75,6 +79,17 @@ def main(argv: list[str] | None = None) -> dict:
         dense, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
     runs["dense"] = {"seconds": seconds}
     dense = np.asarray(dense)
+    if args.torch_compile:
+        eager_unet = pipe.unet
+        pipe.unet = torch.compile(eager_unet)
+        try:
+            with torch.no_grad():
+                _, first = timed(lambda: pipe(EDITED, latents=latents.clone(), **common))
+                image, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
+        finally:
+            pipe.unet = eager_unet
+        runs["dense_compiled"] = {"seconds": seconds, "first_run_seconds": first,
+                                  "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             "psnr_in_mask_vs_reference": psnr(image, reference, pixels),
         }
     session.unet.policy = policy
-    fastest = min(runs[k]["seconds"] for k in ("dense", "deepcache") if "seconds" in runs[k])
+    fastest = min(runs[k]["seconds"] for k in ("dense", "dense_compiled", "deepcache") if "seconds" in runs.get(k, {}))
     for key, run in runs.items():
         if key.startswith("ours"):
             run["speedup_vs_fastest_alternative"] = fastest / run["seconds"]
@@ -143,6 +158,11 @@ def _format(data: dict) -> str:
         "|---|---:|---:|---:|---|",
         f"| dense generation of the edited prompt | {runs['dense']['seconds']:.1f} | | | eager pipeline |",
     ]
+    if "dense_compiled" in runs:
+        compiled = runs["dense_compiled"]
+        lines.append(f"| dense generation, U-Net under `torch.compile` | {compiled['seconds']:.1f} | | | first run "
+                     f"(compiling) {compiled['first_run_seconds']:.1f} s; whole image {compiled['psnr_vs_dense']:.1f} "
+                     "dB vs dense |")
     deepcache = runs["deepcache"]
     if "skipped" in deepcache:
         lines.append(f"| DeepCache | - | | | {deepcache['skipped']} |")

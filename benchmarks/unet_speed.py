@@ -794,7 +794,7 @@ def _vs(value: float, target: float | None, met: bool | None) -> str:
     if target is None:
         return f"{value:.2f}x"
     mark = "" if met is None else (" ✓" if met else " ✗")
-    return f"{value:.2f}x / {target:g}x{mark}"
+    return f"{value:.2f}x / {target:.3g}x{mark}"
 
 
 def render_markdown(r: dict[str, Any], layers: bool = True) -> str:

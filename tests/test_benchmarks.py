@@ -186,7 +186,8 @@ def test_the_vae_decode_benchmark_runs_on_a_tiny_vae(tmp_path):
 
 def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     data = _run_benchmark("edit_vs_alternatives", ["--size", "tiny", "--latent-size", "16", "--steps", "4",
-                                                   "--reuse", "1,2", "--threads", "1", "--out", str(tmp_path)])
+                                                   "--reuse", "1,2", "--threads", "1", "--out", str(tmp_path),
+                                                   "--no-torch-compile"])  # compiling takes a minute
     runs = data["runs"]
     assert (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").is_file()
     assert runs["dense"]["seconds"] > 0 and runs["source_run"]["cache_bytes"] > 0
