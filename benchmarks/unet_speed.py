@@ -787,7 +787,7 @@ def _g(macs: float | None) -> str:
 def _s(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    return f"{seconds:.3f}" if seconds >= 0.1 else f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.3f} s" if seconds >= 0.1 else f"{seconds * 1e3:.2f} ms"
 
 
 def _vs(value: float, target: float | None, met: bool | None) -> str:
@@ -810,11 +810,11 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"{pol['max_sparse_downscale']}, attention {pol['attention']}, norm stats {pol['norm_stats']}. "
         f"Medians of {c['repeats']} calls after {c['warmup']} warm-up call(s); random seeded weights.",
         "",
-        f"Dense (eager U-Net): **{_g(d['macs'])} GMACs, {_s(d['seconds'])} s** per call. "
+        f"Dense (eager U-Net): **{_g(d['macs'])} GMACs, {_s(d['seconds'])}** per call. "
         f"Compile (`build_variants`: capture and both pass pipelines): {rec['compile_seconds']:.2f} s "
         f"(capture {rec['capture_seconds']:.2f} s, passes {sum(rec['pass_seconds'].values()):.2f} s); the first "
-        f"record call took {_s(rec['first_call_seconds'])} s, {rec['first_call_extra_seconds']:+.2f} s over a dense "
-        f"call, a later record call {_s(rec['call_seconds'])} s. Cache: {r['cache_bytes_per_step'] / 2**20:.1f} MiB "
+        f"record call took {_s(rec['first_call_seconds'])}, {rec['first_call_extra_seconds']:+.2f} s over a dense "
+        f"call, a later record call {_s(rec['call_seconds'])}. Cache: {r['cache_bytes_per_step'] / 2**20:.1f} MiB "
         f"per step. Record vs eager max |diff|: {rec['record_vs_eager_max_abs_diff']:.1e}.",
         *_compiled_lines(r),
         "",
@@ -822,7 +822,7 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"{_load(m.get('loadavg_at_end'))}{_contention_note(r)}.",
         "",
         "| mask | coverage | active blocks' share and block size per sparse res | sparse GMACs | MACs fewer / target "
-        "| sparse s | speed-up / target (2-core CPU) | fastest-call speed-up | CPU-time speed-up | max abs diff "
+        "| sparse call | speed-up / target (2-core CPU) | fastest-call speed-up | CPU-time speed-up | max abs diff "
         "| mask prep | first call extra |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -855,7 +855,7 @@ def _compiled_lines(r: dict[str, Any]) -> list[str]:
     dc = r["dense_compiled"]
     speedups = ", ".join(f"{row['name']} {row['speedup_vs_dense_compiled']:.2f}x" for row in r["masks"])
     return ["", f"Programs run under `torch.compile(backend={dc['backend']!r})` (sparse seconds and speed-ups in the "
-            f"table are theirs). The dense U-Net under the same `torch.compile`: {_s(dc['seconds'])} s per call "
+            f"table are theirs). The dense U-Net under the same `torch.compile`: {_s(dc['seconds'])} per call "
             f"(first call, compiling: {dc['first_call_seconds']:.1f} s); sparse speed-up against it: {speedups}."]
 
 
