@@ -41,7 +41,7 @@ MUTATIONS = [
     Mutation(
         "write-back-off", "sparse calls never write their fresh blocks back into the cache",
         "fisedit_compiler/runtime/ops.py",
-        "    if not ctx.write_back:\n        return\n", "    return\n",
+        "    if not b.write_back:\n        return\n", "    return\n",
         ("tests/test_editing.py::test_a_continuous_edit_builds_on_the_activations_the_previous_edit_wrote_back",
          "tests/test_editing.py::test_session_end_to_end"),
     ),
@@ -52,7 +52,7 @@ MUTATIONS = [
         ("tests/test_editing.py::test_control_injects_the_source_maps_of_shared_tokens",),
     ),
     Mutation(
-        "halo-1", "the halo is one cell smaller at every resolution",
+        "halo-1", "the halo is one unit (latent pixel or cell) smaller",
         "fisedit_compiler/runtime/mask_plan.py",
         "        h = self.policy.halo\n", "        h = self.policy.halo - 1\n",
         ("tests/test_contract.py::test_sparse_call_equals_the_masked_dense_reference",
@@ -81,21 +81,23 @@ MUTATIONS = [
     Mutation(
         "step-off-by-one", "sparse calls read the record of the step before theirs",
         "fisedit_compiler/compiler.py",
-        "context.CallContext(cache.step(key), mode.plan,",
-        "context.CallContext(cache.step(cache.steps[max(0, cache.steps.index(key) - 1)]), mode.plan,",
+        "            step = cache.step(key)\n            if step.maps_only:",
+        "            step = cache.step(cache.steps[max(0, cache.steps.index(key) - 1)])\n            if step.maps_only:",
         ("tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely",),
     ),
     Mutation(
         "everything-active", "every pixel counts as active (no sparsity, and a region check must notice)",
         "fisedit_compiler/runtime/mask_plan.py",
-        "        return pooled[0, 0] > 0\n", "        return pooled[0, 0] >= 0\n",
+        "self._active_maps[res] = self._build_active_map(res)",
+        "self._active_maps[res] = torch.ones(res, dtype=torch.bool, device=self.device)",
         ("tests/test_contract.py::test_outside_active_blocks_the_output_is_recorded_exactly",
          "tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely"),
     ),
     Mutation(
         "full-region-edit-drops-maps", "an edit whose region is everything records without cross-attention maps",
         "fisedit_compiler/editing/session.py",
-        "RecordMode(attention_maps=max(0, maps_steps - k))", "RecordMode()",
+        "RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))",
+        "RecordMode(maps_only=max(0, maps_only - k))",
         ("tests/test_editing.py::test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps",),
     ),
     Mutation(
