@@ -90,6 +90,28 @@ def test_a_spatially_conditioned_decoder_call_is_refused_by_name():
             decoder(z, latent_embeds=torch.zeros(1, 4, LATENT, LATENT))
 
 
+@torch.no_grad()
+def test_the_decoder_s_halo_is_one_cell_of_each_map_not_one_latent_pixel():
+    """The session's decoder keeps a halo of one cell of each of its maps (all as fine as the latents or finer),
+    whatever the U-Net's halo unit: one changed latent pixel recomputes its 8x8 image pixels and a one-pixel ring,
+    not the 24x24 pixels of the latent pixel dilated by one latent pixel (the U-Net's default unit)."""
+    from fisedit_compiler.editing.decoding import SparseDecoder
+
+    vae = random_vae("sd2", "tiny", seed=0, sample_size=8 * LATENT)
+    decoder = SparseDecoder(vae, fisedit.Policy(block_size=1, halo_unit="latent_pixels"))
+    z = _latents(0)
+    changed = z.clone()
+    changed[..., 7, 9] += 1.0
+    with decoder.steering():
+        vae.decode(z)
+    with decoder.steering():
+        vae.decode(changed)
+    assert decoder.last.mode == "sparse"
+    expected = torch.zeros(8 * LATENT, 8 * LATENT, dtype=torch.bool)
+    expected[8 * 7 - 1: 8 * 8 + 1, 8 * 9 - 1: 8 * 10 + 1] = True
+    assert torch.equal(decoder.last.region, expected)
+
+
 @functools.lru_cache(maxsize=None)
 def _pipeline():
     return random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler="ddim")
