@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fisedit_compiler as fisedit
+from fisedit_compiler.editing.decoding import decoder_policy
 from fisedit_compiler.editing.masks import ellipse_mask
 from fisedit_compiler.macs import count_macs
 from fisedit_compiler.models import random_vae
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     n = args.latent_size
     vae = random_vae(args.arch, args.size, seed=0, sample_size=8 * n)
-    policy = fisedit.Policy(halo=args.halo)
+    policy = decoder_policy(fisedit.Policy(halo=args.halo))  # as an EditSession's decoder runs
     decoder = fisedit.compile(vae.decoder, policy)
     source = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(0))
     other = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(1))

@@ -44,16 +44,20 @@ class DecodeStats:
     region: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
 
+def decoder_policy(policy: Policy) -> Policy:
+    """The session's policy as the VAE decoder runs it. One call per image: no step to reuse from. The decoder's
+    maps are as fine as the latents or finer (up to 8x): a halo of one cell of each map is the seam its 3x3
+    convolutions need, where one latent pixel would recompute 8 image pixels around the region at full resolution
+    (SD's VAE at 512², 15% mask: 19.5% of the pixels recomputed with cells; `benchmarks/vae_decode.py`)."""
+    return dataclasses.replace(policy, deep_reuse_interval=1, halo_unit="cells")
+
+
 class SparseDecoder:
     """Compiles `vae.decoder` in place (`vae.decode` calls the compiled one; outside `steering()` it runs the eager
     decoder) and keeps its record cache and the input of the recorded decode."""
 
     def __init__(self, vae: torch.nn.Module, policy: Policy):
-        # One call per image: no step to reuse from. The decoder's maps are as fine as the latents or finer (up to
-        # 8x): a halo of one cell of each map is the seam its 3x3 convolutions need, where one latent pixel would
-        # recompute 8 image pixels around the region at full resolution (SD's VAE at 512², 15% mask: 19.5% of the
-        # pixels recomputed with cells; `benchmarks/results/vae-decode_sd15-full-64.md`).
-        policy = dataclasses.replace(policy, deep_reuse_interval=1, halo_unit="cells")
+        policy = decoder_policy(policy)
         self.decoder = compile(vae.decoder, policy)
         vae.decoder = self.decoder
         self.cache = RecordCache(policy.storage_dtype, make_store(policy))
