@@ -78,7 +78,8 @@ def main() -> None:
     summary = {name: {key: float(np.mean([r[key] for r in rows if r["setting"] == name and np.isfinite(r[key])]))
                       for key in ("psnr_in_mask", "macs_vs_dense", "dense_calls")} for name in SETTINGS}
     data = {
-        "model": quality.model_label(args.model), "steps": args.steps, "policy": _policy_label(Policy()), "edits": len(rows) // len(SETTINGS),
+        "model": quality.model_label(args.model), "steps": args.steps, "policy": _policy_label(Policy()),
+        "edits": len(rows) // len(SETTINGS),
         "summary": summary, "rows": rows, "seconds": time.perf_counter() - start, "machine": machine(),
     }
     write_results(args.out, "edit-settings", data, _format(data))
@@ -88,8 +89,9 @@ def _policy_label(policy: Policy) -> str:
     """The policy fields the settings above change, as they are by default."""
     blocks = "chosen by the cost model" if policy.block_size is None else f"of {policy.block_size}"
     unit = "cell" if policy.halo_unit == "cells" else "latent pixel"
+    reuse = policy.deep_reuse_interval if policy.deep_reuse_interval > 1 else "off"
     return (f"blocks {blocks}, halo {policy.halo} {unit}{'s' if policy.halo != 1 else ''}, refresh "
-            f"{policy.refresh_every or 'off'}, deep reuse {policy.deep_reuse_interval if policy.deep_reuse_interval > 1 else 'off'}")
+            f"{policy.refresh_every or 'off'}, deep reuse {reuse}")
 
 
 def _format(data: dict) -> str:

@@ -110,7 +110,8 @@ def _fresh_inside(new: dict, old: dict, mask: torch.Tensor, policy: fisedit.Poli
         res = tuple(r_new.shape[-2:])
         if min(res) < min(mask.shape) // policy.max_sparse_downscale:
             return r_new  # dense resolution: computed in full
-        return torch.where(active_region(mask, res, policy.halo, block_size(policy, res), policy.halo_unit), r_new, r_old)
+        region = active_region(mask, res, policy.halo, block_size(policy, res), policy.halo_unit)
+        return torch.where(region, r_new, r_old)
 
     return {**new, "down_block_additional_residuals": tuple(
         blend(a, b) for a, b in zip(new["down_block_additional_residuals"], old["down_block_additional_residuals"])),

@@ -104,7 +104,8 @@ def test_outside_active_blocks_the_output_is_recorded_exactly(arch, mask_name, b
     # cost model's block size is the one thing taken from the plan)
     res = (SIZE, SIZE)
     b = block_size(compiled.policy, res) if block else compiled.mask_plan(masks()[mask_name]).block_size(res)
-    assert torch.equal(active, active_region(masks()[mask_name], res, compiled.policy.halo, b, compiled.policy.halo_unit))
+    policy = compiled.policy
+    assert torch.equal(active, active_region(masks()[mask_name], res, policy.halo, b, policy.halo_unit))
 
 
 @torch.no_grad()

@@ -82,7 +82,8 @@ MUTATIONS = [
         "step-off-by-one", "sparse calls read the record of the step before theirs",
         "fisedit_compiler/compiler.py",
         "            step = cache.step(key)\n            if step.maps_only:",
-        "            step = cache.step(cache.steps[max(0, cache.steps.index(key) - 1)])\n            if step.maps_only:",
+        "            step = cache.step(cache.steps[max(0, cache.steps.index(key) - 1)])\n"
+        "            if step.maps_only:",
         ("tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely",),
     ),
     Mutation(
