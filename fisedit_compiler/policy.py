@@ -22,9 +22,9 @@ class Policy:
             the latents. The default 8 makes every level of SD 1.5/2 (latents, 2x, 4x and 8x smaller) sparse; at
             each level and mask the cost model may still keep the map dense (one block) where blocks do not pay.
             The paper keeps the lowest resolution dense (4: SD 2 at 96x96 latents dense at 12x12); with a halo in
-            latent pixels a mask pooled down to 12x12 covers little more than at the latents, and running that
-            level sparse cut SD 2's MACs at a 15% mask from 1/4.5 to 1/5.2 of a dense call
-            (`benchmarks/results/cpu-2core.md`).
+            latent pixels a mask pooled down to 12x12 covers little more than at the latents (a 15% mask: 22% of
+            it). With both defaults a sparse SD 2 call at a 15% mask costs 1/5.19 of a dense call's MACs, 1/4.07
+            with the paper's (`benchmarks/results/cpu-2core.md`).
         halo: dilation of the mask, in `halo_unit`s. It widens the region that is recomputed so that the seam
             between fresh and recorded activations falls outside the edit.
         halo_unit: "latent_pixels" (the default): the mask is dilated by `halo` latent pixels, then max-pooled to
