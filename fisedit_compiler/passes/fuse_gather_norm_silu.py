@@ -8,7 +8,17 @@
     %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats])
 
 This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py); a gather that other
-window chains share (e.g. a residual's) stays for them. The fused op reads each window pixel once, applies the
+window chains share (e.g. a residual's) stays for them. In up blocks the GroupNorm reads a concatenation of gathers
+(the upsampled path's and the skip connection's windows); with recorded statistics it is a per-channel affine map,
+so each operand gets its own fused gather with its slice of the channels and the finished windows are concatenated:
+
+    %gn : group_norm_recorded_stats(cat([gather_windows(%a, ...), gather_windows(%b, ...)], 1), ...) ...
+->
+    %z : cat([gather_windows_norm_silu(%a, ..., (0, Ca, Ca + Cb)), gather_windows_norm_silu(%b, ..., (Ca, Ca + Cb,
+                                                                                          Ca + Cb))], 1)
+
+Without it the concatenation, the affine map and SiLU each ran over the windows (9 copies of every pixel for
+pixel-wise blocks). The fused op reads each window pixel once, applies the
 recorded-statistics GroupNorm as a per-channel affine map and SiLU in float32, and writes the window with zeros
 outside the image: one kernel instead of four on CUDA (`kernels.gather_pixels_affine_silu`).
 """
@@ -37,17 +47,49 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         if not _only_user(norm, runtime_ops.group_norm_recorded_stats):
             continue
         windows = norm.args[0]
-        if not isinstance(windows, fx.Node) or windows.target is not runtime_ops.gather_windows:
-            continue
-        if windows.args[3] != spec:
-            continue
-        source, ref, _, _ = windows.args
         _, groups, weight, bias, stats = norm.args
-        zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
-        zero.args = (source, ref, layout, spec, groups, weight, bias, stats)
+        if _is_gather(windows, spec):
+            source, ref, _, _ = windows.args
+            zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
+            zero.args = (source, ref, layout, spec, groups, weight, bias, stats)
+            gathers = [windows]
+        elif _is_channel_cat(windows, spec):
+            # GroupNorm with recorded statistics is a per-channel affine map: normalise each operand of the
+            # concatenation in its own fused gather, then concatenate the finished windows
+            gathers, parts, first = list(windows.args[0]), [], 0
+            total = sum(g.args[2].rest_numel for g in gathers)
+            for gather in gathers:
+                source, ref, part_layout, _ = gather.args
+                end = first + part_layout.rest_numel
+                with gm.graph.inserting_before(zero):
+                    part = gm.graph.call_function(runtime_ops.gather_windows_norm_silu, (
+                        source, ref, part_layout, spec, groups, weight, bias, stats, (first, end, total)))
+                part.meta.update({k: v for k, v in gather.meta.items()})
+                parts.append(part)
+                first = end
+            zero.target = ops.aten.cat.default  # in place, as above
+            zero.args = (parts, 1)
+        else:
+            continue
         gm.graph.erase_node(act)
         gm.graph.erase_node(norm)
-        if not windows.users:  # else other window chains (e.g. a skip connection's) still read the plain gather
-            gm.graph.erase_node(windows)
+        if windows not in gathers:
+            gm.graph.erase_node(windows)  # the concatenation
+        for gather in gathers:
+            if not gather.users:  # else other window chains (e.g. a skip connection's) still read the plain gather
+                gm.graph.erase_node(gather)
         rewrites += 1
     return rewrites
+
+
+def _is_gather(node, spec) -> bool:
+    return isinstance(node, fx.Node) and node.target is runtime_ops.gather_windows and node.args[3] == spec
+
+
+def _is_channel_cat(node, spec) -> bool:
+    """A concatenation along the channels of gathers of `spec`'s windows, read by nothing else than the norm."""
+    if not _only_user(node, ops.aten.cat.default):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim == 1 and all(_is_gather(g, spec) and g.args[2].kind == "map" and g.args[2].dims == (2, 3)
+                            for g in node.args[0])

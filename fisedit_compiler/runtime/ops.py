@@ -114,11 +114,16 @@ def scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
 
 @ir_op
 def gather_windows_norm_silu(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec,
-                             num_groups: int, weight, bias, stats_ref: CacheRef):
+                             num_groups: int, weight, bias, stats_ref: CacheRef,
+                             channels: tuple[int, int, int] | None = None):
     """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
-    (the following convolution's padding)."""
+    (the following convolution's padding). `channels` (first, end, total): `source` holds that slice of the
+    normalised channels (one operand of a channel concatenation; None: all of them)."""
     mean, rstd = b.recorded(stats_ref)
-    scale, shift = reference.group_norm_scale_shift(layout.rest_numel, weight, bias, mean, rstd, num_groups)
+    first, end, total = channels if channels is not None else (0, layout.rest_numel, layout.rest_numel)
+    scale, shift = reference.group_norm_scale_shift(total, weight, bias, mean, rstd, num_groups)
+    if (first, end) != (0, total):
+        scale, shift = scale[:, first:end].contiguous(), shift[:, first:end].contiguous()
     return _gather(b, source, ref, layout, spec, scale, shift)
 
 
