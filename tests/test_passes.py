@@ -192,6 +192,10 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
         assert cat.target is ops.aten.cat.default and cat.args[1] == 1
         first, end, total = part.args[8]
         assert end - first == part.args[2].rest_numel and end <= total
+    for cat in {next(iter(part.users)) for part in sliced}:  # the operands' slices tile the channels in order
+        slices = [part.args[8] for part in cat.args[0]]
+        assert [first for first, _, _ in slices] == [0] + [end for _, end, _ in slices[:-1]]
+        assert slices[-1][1] == slices[-1][2]
     # a chain left unfused normalises something other than gathers: e.g. a concatenation whose operand re-applies
     # a resnet's output scaling on the windows
     for zero in (n for n in gm.graph.nodes if n.target is runtime_ops.zero_outside_image):

@@ -64,7 +64,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
                 with gm.graph.inserting_before(zero):
                     part = gm.graph.call_function(runtime_ops.gather_windows_norm_silu, (
                         source, ref, part_layout, spec, groups, weight, bias, stats, (first, end, total)))
-                part.meta.update({k: v for k, v in gather.meta.items()})
+                part.meta.update(gather.meta)
                 parts.append(part)
                 first = end
             zero.target = ops.aten.cat.default  # in place, as above
