@@ -361,6 +361,7 @@ CATEGORY = {
     "aten.scaled_dot_product_attention.default": "attention",
     "active_query_attention": "attention",
     "gather_windows": "gather/scatter",
+    "gather_windows_norm_silu": "gather/scatter",  # a gather with GroupNorm's affine map and SiLU applied on the way
     "gather_active": "gather/scatter",
     "scatter_into_recorded": "gather/scatter",
     "zero_outside_image": "gather/scatter",
