@@ -20,11 +20,13 @@ from fisedit_compiler.training.evaluator import count_matches, find_objects, mat
 from fisedit_compiler.training.model_config import (
     FULL,
     TEXT_MAX_LENGTH,
+    UNET_LAYOUTS,
     build_text_encoder,
     build_tokenizer,
     build_unet,
     build_vae,
     count_parameters,
+    model_size,
 )
 from fisedit_compiler.training.shapes import (
     COLOURS,
@@ -194,11 +196,27 @@ def test_evaluator_on_a_known_scene() -> None:
 # --------------------------------------------------------------------------- training
 
 
-def test_full_model_fits_the_size_budget() -> None:
+@pytest.mark.parametrize("layout", sorted(UNET_LAYOUTS))
+def test_full_model_fits_the_size_budget(layout) -> None:
+    size = model_size(False, layout)
     with torch.device("meta"):
-        parameters = (count_parameters(build_vae(FULL, 0)) + count_parameters(build_unet(FULL, 0))
-                      + count_parameters(build_text_encoder(FULL, build_tokenizer(), 0)))
+        parameters = (count_parameters(build_vae(size, 0)) + count_parameters(build_unet(size, 0))
+                      + count_parameters(build_text_encoder(size, build_tokenizer(), 0)))
     assert 2 * parameters <= 30 * 2**20  # float16
+
+
+def test_unet_layouts_put_cross_attention_where_they_say() -> None:
+    with torch.device("meta"):
+        sd, sdxl = (build_unet(model_size(False, layout), 0) for layout in ("sd", "sdxl"))
+    assert sd.config.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert sd.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    assert sdxl.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert sdxl.config.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert FULL.unet_cross_attention == UNET_LAYOUTS["sd"]  # the shipped model's layout
+    assert model_size(False, "sdxl").describe_unet_layout() == (
+        "cross-attention blocks at 16x16 and 8x8, plain blocks at 32x32, a cross-attention mid block")
+    with pytest.raises(ValueError, match="unknown U-Net layout 'sd3'"):
+        model_size(False, "sd3")
 
 
 def _checkpoint(work_dir) -> tuple[dict[str, torch.Tensor], dict]:
@@ -261,6 +279,15 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
 
 
+def test_tiny_fast_recipe_trains_and_exports_its_layout(tmp_path) -> None:
+    config = TrainConfig.preset(tiny=True, recipe="fast")
+    assert train(config, tmp_path / "work", tmp_path / "pipe", progress=False) == tmp_path / "pipe"
+    pipe = load_pipeline(tmp_path / "pipe")
+    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    card = (tmp_path / "pipe" / "README.md").read_text()
+    assert "'sdxl' layout (cross-attention blocks at 16x16 and 8x8" in card and "bfloat16 autocast" in card
+
+
 def test_a_finished_run_continues_as_if_configured_from_the_start(tmp_path) -> None:
     """--unet-continue-steps on a finished work dir trains on from its last U-Net step; the result equals a run
     that had the continued steps from the start (fresh optimizer moments at the switch), and it may only grow."""
@@ -286,5 +313,6 @@ def test_the_shipped_recipe_is_the_default_and_the_fast_one_differs_from_it():
     assert (shipped.vae_steps, shipped.unet_steps, shipped.lr, shipped.decoder_steps, shipped.mixed_precision,
             shipped.vae_empty_fraction) == (3000, 2800, 5e-4, 1500, False, 0.0)
     assert fast.mixed_precision and fast.decoder_steps == 0 and fast.vae_empty_fraction == 0.25
+    assert (shipped.unet_layout, fast.unet_layout, fast.batch_size) == ("sd", "sdxl", 64)
     with pytest.raises(ValueError, match="unknown training recipe 'slow'"):
         TrainConfig.preset(recipe="slow")
