@@ -146,10 +146,10 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="the pipeline folder to write (default: fisedit_compiler/assets/shapes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="the tiny smoke-test model and step counts")
-    parser.add_argument("--recipe", default="shipped", choices=("shipped", "fast"),
-                        help="shipped: the settings of the shipped model (with --unet-continue-steps 5600, 4.8 h on 2 "
-                             "CPU cores); fast: 78 min on 2 cores, a weaker model (see fisedit_compiler/training/"
-                             "trainer.py, RECIPES)")
+    parser.add_argument("--recipe", default="shipped", choices=("shipped", "sd-layout"),
+                        help="shipped: the settings of the shipped model (88 min on 2 CPU cores); sd-layout: SD 1/2's "
+                             "U-Net layout in float32, the previously shipped model with --unet-continue-steps 5600 "
+                             "(4.8 h; see fisedit_compiler/training/trainer.py, RECIPES)")
     parser.add_argument("--vae-steps", type=int, help="VAE training steps (default: the preset's)")
     parser.add_argument("--vae-batch-size", type=int)
     parser.add_argument("--dataset-size", type=int, help="scenes encoded for the U-Net phase")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
-        commands.add_parser("train-shapes", help="train the embedded shapes model (--recipe fast: 78 min on 2 CPU cores)"))
+        commands.add_parser("train-shapes", help="train the embedded shapes model (88 min on 2 CPU cores)"))
     return parser
 
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from fisedit_compiler import cli
 from fisedit_compiler.models import load_pipeline, write_tokenizer_files
+from fisedit_compiler.training import quality
 from fisedit_compiler.training.evaluator import count_matches, find_objects, match_objects
 from fisedit_compiler.training.model_config import (
     FULL,
@@ -230,9 +231,9 @@ def _log(work_dir) -> list[dict]:
 
 
 def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> None:
-    config = TrainConfig.preset(tiny=True)  # 3 VAE steps, 4 U-Net steps, 2 decoder steps
+    config = TrainConfig.preset(tiny=True, recipe="sd-layout")  # 3 VAE steps, 4 U-Net steps, 2 decoder steps
     # uninterrupted, through the CLI
-    assert cli.main(["train-shapes", "--tiny", "--quiet", "--work-dir", str(tmp_path / "whole"),
+    assert cli.main(["train-shapes", "--tiny", "--recipe", "sd-layout", "--quiet", "--work-dir", str(tmp_path / "whole"),
                      "--out", str(tmp_path / "pipe")]) == 0
 
     # interrupted twice: inside the VAE phase, then inside the U-Net phase
@@ -263,7 +264,8 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     assert not torch.equal(parts["vae.decoder.conv_out.weight"], before_decoder["vae.decoder.conv_out.weight"])
 
     with pytest.raises(ValueError, match="unet_steps: 4 there, 5 now"):
-        train(TrainConfig.preset(tiny=True, unet_steps=5), work, tmp_path / "pipe_parts", progress=False)
+        train(TrainConfig.preset(tiny=True, recipe="sd-layout", unet_steps=5), work, tmp_path / "pipe_parts",
+              progress=False)
 
     card = (tmp_path / "pipe" / "README.md").read_text()
     assert "fisedit train-shapes --tiny" in card and "final losses" in card and "decoder phase | 2 steps" in card
@@ -279,8 +281,8 @@ def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> N
     assert image.shape == (1, 128, 128, 3) and np.isfinite(image).all()
 
 
-def test_tiny_fast_recipe_trains_and_exports_its_layout(tmp_path) -> None:
-    config = TrainConfig.preset(tiny=True, recipe="fast")
+def test_tiny_shipped_recipe_trains_and_exports_its_layout(tmp_path) -> None:
+    config = TrainConfig.preset(tiny=True)
     assert train(config, tmp_path / "work", tmp_path / "pipe", progress=False) == tmp_path / "pipe"
     pipe = load_pipeline(tmp_path / "pipe")
     assert pipe.unet.config.down_block_types[0] == "DownBlock2D"
@@ -305,14 +307,21 @@ def test_a_finished_run_continues_as_if_configured_from_the_start(tmp_path) -> N
         train(TrainConfig.preset(tiny=True, unet_continue_steps=1), tmp_path / "a", tmp_path / "pa", progress=False)
 
 
-def test_the_shipped_recipe_is_the_default_and_the_fast_one_differs_from_it():
+def test_the_default_recipe_is_the_one_the_shipped_model_card_records():
     """`fisedit train-shapes` without --recipe trains with the settings recorded in the shipped model's card (the
-    shipped model must stay reproducible from the committed code); --recipe fast changes what its comment says."""
-    shipped, fast = TrainConfig.preset(), TrainConfig.preset(recipe="fast")
-    assert shipped == TrainConfig()
-    assert (shipped.vae_steps, shipped.unet_steps, shipped.lr, shipped.decoder_steps, shipped.mixed_precision,
-            shipped.vae_empty_fraction) == (3000, 2800, 5e-4, 1500, False, 0.0)
-    assert fast.mixed_precision and fast.decoder_steps == 0 and fast.vae_empty_fraction == 0.25
-    assert (shipped.unet_layout, fast.unet_layout, fast.batch_size) == ("sd", "sdxl", 64)
+    shipped model must stay reproducible from the committed code)."""
+    shipped, sd_layout = TrainConfig.preset(), TrainConfig.preset(recipe="sd-layout")
+    card = (quality.SHAPES_MODEL / "README.md").read_text()
+    assert f"| seed | {shipped.seed} |" in card
+    assert f"| VAE phase | {shipped.vae_steps} steps, batch {shipped.vae_batch_size} {shipped.vae_crop}x" in card
+    assert f"{shipped.vae_empty_fraction:.0%} from scenes without objects), AdamW lr {shipped.vae_lr} " in card
+    assert f"| dataset | {shipped.dataset_size} scenes" in card
+    assert (f"| U-Net phase | {shipped.unet_steps} steps, batch {shipped.batch_size}, U-Net and text encoder together, "
+            f"AdamW lr {shipped.lr} (warm-up {shipped.warmup_steps} steps") in card
+    assert f"EMA {shipped.ema_decay} of the weights" in card and f"min-SNR-{shipped.snr_gamma:g}" in card
+    assert f"in the {shipped.unet_layout!r} layout" in card and "| decoder phase | none" in card
+    assert ("bfloat16 autocast" in card) == shipped.mixed_precision
+    assert sd_layout == TrainConfig() and (sd_layout.unet_layout, sd_layout.decoder_steps) == ("sd", 1500)
+    assert (shipped.unet_layout, shipped.batch_size) == ("sdxl", 64)
     with pytest.raises(ValueError, match="unknown training recipe 'slow'"):
         TrainConfig.preset(recipe="slow")
