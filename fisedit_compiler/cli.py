@@ -51,7 +51,7 @@ def _pipeline(args):
     if args.random:
         if args.model:
             raise ValueError("--random and --model exclude each other: --random builds a random-weight model")
-        return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed, size=args.size,
+        return random_pipeline(args.arch, latent_size=args.latent_size, seed=args.seed or 0, size=args.size,
                                scheduler=args.scheduler)
     return load_pipeline(_model_folder(args))
 
@@ -84,13 +84,16 @@ def _run(args, prompt: str | None, edits: list | None, image=None) -> int:
     if note:
         print(f"note: {note}\n")
     latent = _latent_shape(args, args.latent_size if args.random else None)[0]
+    seed = 0 if args.seed is None else args.seed
     if edits is None:  # the demo's own session
         prompt = demo.RANDOM_PROMPT if args.random else demo.SHAPES_PROMPT
+        if args.seed is None and not args.random:
+            seed = demo.SHAPES_SEED
         edits = demo.random_edits(latent) if args.random else demo.shapes_edits(latent, pipe.vae_scale_factor)
     steps = args.steps or (20 if args.random else demo.SHAPES_STEPS)
     guidance = args.guidance_scale or (7.5 if args.random else demo.SHAPES_GUIDANCE)
     session = getattr(args, "session", None)
-    data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, args.seed, _policy(args),
+    data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, seed, _policy(args),
                             log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
                             session_dir=Path(session) if session else None, image=image)
     print("\n" + demo.format_report(data))
@@ -111,7 +114,8 @@ def _common(parser: argparse.ArgumentParser, latent_size: int) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: 20)")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 5 for the shapes "
                         "model, 7.5 otherwise)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, help="the source run's noise (and a random model's weights); default 0, "
+                        "the demo's shapes session: its own (demo.SHAPES_SEED)")
     parser.add_argument("--block-size", type=int, default=Policy.block_size)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
