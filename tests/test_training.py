@@ -233,8 +233,8 @@ def _log(work_dir) -> list[dict]:
 def test_tiny_training_run_resumes_exactly_and_exports_a_pipeline(tmp_path) -> None:
     config = TrainConfig.preset(tiny=True, recipe="sd-layout")  # 3 VAE steps, 4 U-Net steps, 2 decoder steps
     # uninterrupted, through the CLI
-    assert cli.main(["train-shapes", "--tiny", "--recipe", "sd-layout", "--quiet", "--work-dir", str(tmp_path / "whole"),
-                     "--out", str(tmp_path / "pipe")]) == 0
+    assert cli.main(["train-shapes", "--tiny", "--recipe", "sd-layout", "--quiet",
+                     "--work-dir", str(tmp_path / "whole"), "--out", str(tmp_path / "pipe")]) == 0
 
     # interrupted twice: inside the VAE phase, then inside the U-Net phase
     work = tmp_path / "parts"

@@ -10,7 +10,8 @@
   resolution, cross-attention blocks below it; without the 1024-token self-attention a training step costs 0.74x).
 * ``DDIMScheduler`` with SD's schedule (``models.make_scheduler``).
 
-``FULL`` is the shipped model; ``TINY`` has the same structure with a few channels, for the smoke test.
+``FULL`` has the shipped model's sizes (its U-Net layout is the recipe's: ``"sdxl"`` for the shipped one);
+``TINY`` has the same structure with a few channels, for the smoke test.
 """
 
 from __future__ import annotations
