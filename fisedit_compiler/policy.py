@@ -33,8 +33,9 @@ class Policy:
             every resolution and dilated there by `halo` cells of that resolution (at a map 8x smaller than the
             latents, 8 latent pixels a cell), which blows small masks up at low resolutions: at SD 2's 24x24 a 15%
             mask covered 27% of the map, 19% with the halo in latent pixels. On the shapes model (10 edits, every
-            step sparse) an edit took 17% of a dense regeneration's MACs instead of 24%, at the same PSNR in the
-            mask against the dense edit (26.9 vs 26.7 dB; `benchmarks/results/edit-settings.md`).
+            step sparse) an edit took 30% of a dense regeneration's MACs instead of 40%, 2.7 dB further from the
+            dense edit in the mask (23.9 vs 26.6 dB PSNR; `benchmarks/results/edit-settings.md`; on the previous,
+            SD-layout model 17% instead of 24% at the same PSNR).
         block_size: the side of the square blocks that sparse layers compute. None (the default): the cost model
             (`cost_model`, the paper's APSC) picks it per resolution and mask from {1, 2, 4, 8, 16, 32} or dense
             (1: pixel-wise, each convolution one matrix product).
@@ -61,9 +62,9 @@ class Policy:
         refresh_every: EEdit's periodic refresh: every `refresh_every`-th step after an edit switches to sparse
             runs dense and records what it computed (steps whose cross-attention maps a later edit reads excepted),
             so that the activations sparse steps reuse outside the region are at most that many steps old. None (the
-            default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.3 dB of PSNR
-            against the dense edit for twice the MACs of an edit without refresh (34% of a dense regeneration's
-            instead of 17%; `benchmarks/results/edit-settings.md`).
+            default): every step after the switch is sparse. On the shapes model every 4 steps bought 0.5 dB of PSNR
+            against the dense edit for 1.5x the MACs of an edit without refresh (44% of a dense regeneration's
+            instead of 30%; `benchmarks/results/edit-settings.md`).
         deep_reuse_interval: temporal reuse stacked on the spatial one (DeepCache's observation that deep,
             low-resolution features change little between steps; EEdit's temporal redundancy): of every
             `deep_reuse_interval` sparse calls of a run, the first computes every level and the others take the
