@@ -282,3 +282,29 @@ def test_a_step_evicted_before_others_does_not_make_two_steps_share_a_file(tmp_p
     for value, key in enumerate(keys[1:], start=1):
         assert torch.equal(store.get(key)[ref], torch.full((4, 4), float(value))), key
     store.close()
+
+
+def test_the_tiered_store_compacts_a_settled_record_and_a_maps_only_step_keeps_only_its_maps(tmp_path):
+    """A record kept by the default store is compacted when its call settles it (a source run's records must not
+    leave the next call only fresh memory); dropping all but its attention maps leaves an allocation of the maps'
+    size, not the whole record's."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+    from fisedit_compiler.runtime.tiered_store import TieredStore
+
+    store = TieredStore(2**30, tmp_path)
+    key = StepKey((999.0,), 2)
+    record = StepRecord()
+    store.put(key, record)
+    output, attention_map = torch.randn(64, 64), torch.randn(4, 8)
+    record[CacheRef("a", "output")] = output
+    record[CacheRef("m", "attention_map")] = attention_map
+    store.settle(key)
+    settled = store.get(key)
+    assert settled.slab is not None
+    assert settled[CacheRef("a", "output")].untyped_storage().data_ptr() == settled.slab.data_ptr()
+    settled.keep_maps_only()
+    assert settled.maps_only and torch.equal(settled[CacheRef("m", "attention_map")], attention_map)
+    assert settled.slab is not None and settled.slab.numel() < output.numel() * 4
+    assert settled[CacheRef("m", "attention_map")].untyped_storage().data_ptr() == settled.slab.data_ptr()
+    store.close()

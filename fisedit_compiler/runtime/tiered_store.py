@@ -164,7 +164,8 @@ class TieredStore:
     def settle(self, key: StepKey) -> None:
         """The call using `key` is done: keep `key` resident (the next call may be the same step, e.g. CFG batches
         or a second sampler call), start writing what the next calls will need to let go, and let go of what is
-        written and no longer fits."""
+        written and no longer fits. A record just made is compacted first (`StepRecord.compact`)."""
+        self._resident[key].compact()
         self._step_bytes = max(self._step_bytes, self._resident[key].nbytes)
         self._collect_writes()
         dirty = [k for k in self._resident if self._needs_write(k)]
@@ -178,10 +179,12 @@ class TieredStore:
 
     def flush(self) -> None:
         """A run has ended: start writing the resident records that have no current file (in the background; they
-        stay resident until room is needed), so that the next run can let them go without writing them first."""
+        stay resident until room is needed), so that the next run can let them go without writing them first; the
+        heap the run's calls freed goes back to the system."""
         for key in list(self._resident):
             if self._needs_write(key):
                 self._start_write(key)
+        return_free_heap()
 
     def mark_dirty(self, key: StepKey) -> None:
         """The resident record of `key` was modified in place (write-back): its file is stale (also the one being
