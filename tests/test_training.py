@@ -40,7 +40,7 @@ from fisedit_compiler.training.shapes import (
     sample_spec,
     scene_from_description,
 )
-from fisedit_compiler.training.trainer import CHECKPOINT, LOSS_LOG, TrainConfig, train
+from fisedit_compiler.training.trainer import CHECKPOINT, LOSS_LOG, RECIPES, TrainConfig, train
 
 # --------------------------------------------------------------------------- scenes
 
@@ -323,5 +323,9 @@ def test_the_default_recipe_is_the_one_the_shipped_model_card_records():
     assert ("bfloat16 autocast" in card) == shipped.mixed_precision
     assert sd_layout == TrainConfig() and (sd_layout.unet_layout, sd_layout.decoder_steps) == ("sd", 1500)
     assert (shipped.unet_layout, shipped.batch_size) == ("sdxl", 64)
+    # the CLI lists the recipes without importing the trainer (torch, diffusers) at start-up: the same names
+    train_shapes = cli.build_parser()._subparsers._group_actions[0].choices["train-shapes"]
+    recipe = next(action for action in train_shapes._actions if action.dest == "recipe")
+    assert sorted(recipe.choices) == sorted(RECIPES) and recipe.default == "shipped"
     with pytest.raises(ValueError, match="unknown training recipe 'slow'"):
         TrainConfig.preset(recipe="slow")

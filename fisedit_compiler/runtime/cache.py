@@ -331,8 +331,8 @@ class RecordCache:
         return record
 
     def step_done(self, key: StepKey) -> None:
-        """A call has finished reading and writing `key`'s record: the store settles it (`MemoryStore` compacts
-        it; a store with a budget may now move older steps out)."""
+        """A call has finished reading and writing `key`'s record: the store settles it (both stores compact a new
+        record; a store with a budget may now move older steps out)."""
         self.store.settle(key)
 
     def run_done(self) -> None:

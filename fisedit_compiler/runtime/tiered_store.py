@@ -16,7 +16,8 @@ SD 2 at 768x768 is 0.87 GiB in fp32).
 
 Memory the process keeps: records are large and outlive the call that made them, so that once freed they would
 leave holes in the C allocator's heap that the process keeps (measured on SD 2 at 96x96 latents: 4 GiB above what
-the cache and the U-Net hold). The store returns free heap pages to the system whenever it lets records go, and
+the cache and the U-Net hold). The store compacts a new record into one allocation (`StepRecord.compact`) when
+its call settles it, returns free heap pages to the system whenever it lets records go and at a run's end, and
 maps a step file into memory (`map_safetensors`: one allocation of its own, no copy).
 """
 
