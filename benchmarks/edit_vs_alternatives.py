@@ -151,7 +151,7 @@ def _format(data: dict) -> str:
         f"{8 * data['latent_size']}, {data['steps']} DDIM steps, CFG 7.5, fp32, random weights, "
         f"{data['mask_percent']:g}% ellipse user mask",
         "",
-        f"{m['date']}, git {m['git']}, torch {m['torch']}, {m['threads']} threads. "
+        f"{m['date']}, git {m['git']}, {m.get('cpu', 'CPU not recorded')}, torch {m['torch']}, {m['threads']} threads. "
         "`benchmarks/edit_vs_alternatives.py`.",
         "",
         "| run | seconds to the image | vs the fastest alternative | PSNR in the mask (dB) | notes |",

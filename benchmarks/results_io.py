@@ -29,11 +29,23 @@ def git_revision() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """Date (UTC), git revision, torch and Python versions, torch threads."""
+    """Date (UTC), git revision, CPU model, torch and Python versions, torch threads."""
     import torch  # here: cache_tiers.py's parent process measures children and never loads torch
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_revision(),
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_revision(), "cpu": cpu_model(),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux `/proc/cpuinfo`; elsewhere `platform.processor()`). The project's 2-core machine
+    has been an Intel Xeon and an AMD EPYC virtual machine: their wall-clock ratios differ (README, "Speed")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def write_results(out: str | Path, stem: str, data: dict[str, Any], text: str) -> None:

@@ -118,7 +118,8 @@ def main() -> None:
         f"{statistics.median(source_system[1:]):.2f} s | |",
         "", f"The first recording call compiles the U-Net (capture and passes): {first_extra:.1f} s over a dense "
         f"call. Cache: {data['cache_bytes'] / 2**30:.2f} GiB for {args.steps} steps.", "",
-        f"{data['machine']['date']}, git {data['machine']['git']}, {data['machine']['threads']} threads, load "
+        f"{data['machine']['date']}, git {data['machine']['git']}, {data['machine'].get('cpu', 'CPU not recorded')}, "
+        f"{data['machine']['threads']} threads, load "
         f"average at the end {data['loadavg_1min_at_end']:.1f}. `benchmarks/source_run.py`.", ""])
     suffix = f"_{args.cache_dtype}" if args.cache_dtype else ""
     write_results(args.out, f"source-run_{args.arch}-{args.latent_size}{suffix}", data, text)

@@ -227,3 +227,16 @@ def test_a_compiled_model_runs_its_programs_with_the_policys_backend():
     assert len(graphs) == 2  # the record program and the sparse program
     torch.testing.assert_close(recorded, unet(**inputs).sample)
     torch.testing.assert_close(got, want)
+
+
+def test_programs_read_the_models_own_parameters_under_flat_names():
+    """A program's root holds the model's parameters themselves (not copies), each under one flat name: a dotted
+    name would walk the module tree at every call."""
+    compiled, _, variants, _ = recorded_unet()
+    program = bind(variants.sparse, MaskPlan(box(5, 6), POLICY))
+    reads = [n.target for n in program.gm.graph.nodes if n.op == "get_attr"]
+    assert reads and not [t for t in reads if "." in t]
+    own = {id(p) for p in compiled.unet.parameters()}
+    values = [getattr(program.gm, t) for t in reads]
+    parameters = [v for v in values if isinstance(v, torch.nn.Parameter)]
+    assert parameters and all(id(v) in own for v in parameters)

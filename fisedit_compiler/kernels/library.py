@@ -70,16 +70,11 @@ def gather_pixels(
 
 def _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, *epilogue,
             name="gather_pixels"):
-    out = _dispatched(name)(fresh, recorded, _index(index, windows, all_inside), _layout(kind, res, dims, shape),
-                 fresh_windows, *epilogue)
-    return _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape)
-
-
-def _like_reference(out, fresh, recorded, index, windows, all_inside, kind, res, dims, shape) -> Tensor:
-    """`out` with the reference's memory format: a region exit (one window over the whole map) is a contiguous map;
-    the Triton version returns it channels-last."""
-    layout = _layout(kind, res, dims, shape)
-    if fresh is not None and reference.is_whole_map(_index(index, windows, all_inside), layout):
+    gather_index, layout = _index(index, windows, all_inside), _layout(kind, res, dims, shape)
+    out = _dispatched(name)(fresh, recorded, gather_index, layout, fresh_windows, *epilogue)
+    # the reference's memory format: a region exit (one window over the whole map) is a contiguous map; the Triton
+    # version returns it channels-last
+    if fresh is not None and reference.is_whole_map(gather_index, layout):
         return out.contiguous()
     return out
 

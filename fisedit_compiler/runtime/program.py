@@ -209,7 +209,27 @@ class Binding:
                 env[node] = self._lower_node(node, env)
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
-        return fx.GraphModule(self.ir, graph), num_outputs
+        return fx.GraphModule(self._flat_attributes(), graph), num_outputs
+
+    def _flat_attributes(self) -> dict[str, Any]:
+        """The program's root: the IR's parameters, buffers and constants that the graph reads, under flat names
+        (its get_attr nodes renamed to them), and the modules it calls. A dotted target such as
+        ``model.down_blocks.0.resnets.0.norm1.weight`` would be read through every module on its path at every call
+        (a tiny U-Net's sparse program reads 440 of them: 2.5 ms of its 60). The tensors are the model's own."""
+        root: dict[str, Any] = {}
+        for node in self.graph.nodes:
+            if node.op == "get_attr":
+                value = fx.graph_module._get_attr(self.ir, node.target)
+                base = "_".join(node.target.split("."))
+                flat = base = base if base.isidentifier() else f"attr_{base}"
+                n = 1
+                while flat in root and root[flat] is not value:
+                    flat, n = f"{base}_{n}", n + 1
+                root[flat] = value
+                node.target = flat
+            elif node.op == "call_module":
+                root[node.target] = self.ir.get_submodule(node.target)
+        return root
 
     def _lower_node(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         self.node = node
