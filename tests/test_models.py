@@ -293,7 +293,13 @@ def test_load_pipeline_round_trip(pipelines: dict, arch: str, tmp_path) -> None:
     kwargs = {"num_inference_steps": 2, "output_type": "latent"}
     want = pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
     got = loaded(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert torch.equal(got, want)  # the same weights and the same kernels
+    for name, component in pipe.components.items():  # the same weights, bit for bit
+        if isinstance(component, torch.nn.Module):
+            have = loaded.components[name].state_dict()
+            assert all(torch.equal(have[k], v) for k, v in component.state_dict().items()), name
+    # the same computation: not always the same bits, since the CPU kernels oneDNN and BLAS pick may depend on where
+    # a weight lies in memory (a reloaded tiny SDXL pipeline's latents differed by 1.8e-5 on an AMD EPYC)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 def test_load_pipeline_missing_folder(tmp_path) -> None:
