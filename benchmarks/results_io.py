@@ -37,15 +37,16 @@ def machine() -> dict[str, Any]:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (Linux `/proc/cpuinfo`; elsewhere `platform.processor()`). The project's 2-core machine
-    has been an Intel Xeon and an AMD EPYC virtual machine: their wall-clock ratios differ (README, "Speed")."""
+    """The CPU's model name (Linux `/proc/cpuinfo`; elsewhere `platform.processor()` or the architecture). The
+    project's 2-core machine has been an Intel Xeon and an AMD EPYC virtual machine: their wall-clock ratios differ
+    (README, "Speed")."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return platform.processor() or platform.machine()
 
 
 def write_results(out: str | Path, stem: str, data: dict[str, Any], text: str) -> None:
