@@ -6,8 +6,11 @@
     python benchmarks/source_run.py --cache-dtype float16            # the session's cache stored in float16
 
 One process, a random-weight pipeline of the architecture (`models.random_pipeline`, full-size configs), DDIM,
-classifier-free guidance 7.5, the same prompt and seed for both: first `pipe(...)` as a user would call it, then the
-source run of an `EditSession`, which compiles the U-Net on its first call and records every step. Reported: seconds
+classifier-free guidance 7.5, the same prompt and seed for all: `pipe(...)` as a user would call it, then the source
+run of an `EditSession`, which compiles the U-Net on its first call and records every step, then `pipe(...)` again.
+The dense figures are those of both dense runs (mean seconds, median call): they bracket the source run, so that a
+drift of the machine's speed over the minutes of the benchmark (a shared host) weighs on both sides alike; the two
+dense runs' difference is reported as the noise floor. Reported: seconds
 of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds of each (forward hooks), the
 compile time of the first recording call, the overhead of the source run over the dense one (issue 14's goal:
 under 10%), and the system CPU time of the U-Net calls: a source run holds its cache, so its calls touch memory
@@ -76,29 +79,37 @@ def main() -> None:
     clock = UNetClock(pipe.unet)
     common = {"num_inference_steps": args.steps, "guidance_scale": 7.5, "height": size, "width": size}
 
-    with torch.no_grad():
-        start = time.perf_counter()
-        pipe(PROMPT, generator=torch.Generator().manual_seed(args.seed), **common)
-        dense_s = time.perf_counter() - start
-    dense_unet, dense_system = clock.take()
+    def dense_run() -> tuple[float, list[float], list[float]]:
+        with torch.no_grad():
+            start = time.perf_counter()
+            pipe(PROMPT, generator=torch.Generator().manual_seed(args.seed), **common)
+            seconds = time.perf_counter() - start
+        return (seconds, *clock.take())
 
+    before = dense_run()
     session = fisedit.EditSession(pipe, fisedit.Policy(cache_dtype=args.cache_dtype), num_inference_steps=args.steps,
                                   guidance_scale=7.5, height=size, width=size)
-    clock = UNetClock(session.unet)
+    source_clock = UNetClock(session.unet)
     start = time.perf_counter()
     result = session.generate(PROMPT, generator=torch.Generator().manual_seed(args.seed))
     source_s = time.perf_counter() - start
-    source_unet, source_system = clock.take()
+    source_unet, source_system = source_clock.take()
+    after = dense_run()
+    dense_s = (before[0] + after[0]) / 2
+    # calls after the first of each dense run (the first call of a run warms caches)
+    dense_unet = before[1][1:] + after[1][1:]
+    dense_system = before[2][1:] + after[2][1:]
     first_extra = source_unet[0] - statistics.median(dense_unet)
 
     data = {
         "config": {"arch": args.arch, "latent": args.latent_size, "steps": args.steps, "guidance": 7.5,
                    "prompt": PROMPT, "cache_dtype": args.cache_dtype},
-        "dense_seconds": dense_s, "source_seconds": source_s, "overhead": source_s / dense_s - 1,
-        "dense_unet_seconds": dense_unet, "source_unet_seconds": source_unet,
-        "dense_unet_system_seconds": dense_system, "source_unet_system_seconds": source_system,
-        "unet_overhead": sum(source_unet) / sum(dense_unet) - 1,
-        "unet_overhead_after_first_call": statistics.median(source_unet[1:]) / statistics.median(dense_unet[1:]) - 1,
+        "dense_seconds": dense_s, "dense_seconds_each": [before[0], after[0]], "source_seconds": source_s,
+        "overhead": source_s / dense_s - 1, "overhead_without_compile": (source_s - first_extra) / dense_s - 1,
+        "dense_unet_seconds_each": [before[1], after[1]], "source_unet_seconds": source_unet,
+        "dense_unet_system_seconds_each": [before[2], after[2]], "source_unet_system_seconds": source_system,
+        "unet_overhead": sum(source_unet) / ((sum(before[1]) + sum(after[1])) / 2) - 1,
+        "unet_overhead_after_first_call": statistics.median(source_unet[1:]) / statistics.median(dense_unet) - 1,
         "first_call_extra_seconds": first_extra,
         "cache_bytes": session.cache.nbytes, "phases": {k: vars(v) for k, v in result.stats.items()
                                                          if hasattr(v, "unet_calls")},
@@ -108,16 +119,22 @@ def main() -> None:
         f"# What a source run costs over a dense generation: {args.arch} at {size}x{size} ({args.latent_size}x"
         f"{args.latent_size} latents), {args.steps} DDIM steps, CFG 7.5, fp32, random weights"
         + (f", cache stored in {args.cache_dtype}" if args.cache_dtype else ""), "",
-        "| | dense `pipe(...)` | source run (`EditSession.generate`) | overhead |", "|---|---:|---:|---:|",
-        f"| whole generation | {dense_s:.1f} s | {source_s:.1f} s | {100 * data['overhead']:+.1f}% |",
-        f"| U-Net, all calls | {sum(dense_unet):.1f} s | {sum(source_unet):.1f} s | "
+        "| | dense `pipe(...)`, before / after | source run (`EditSession.generate`) | overhead |",
+        "|---|---:|---:|---:|",
+        f"| whole generation | {before[0]:.1f} / {after[0]:.1f} s | {source_s:.1f} s | "
+        f"{100 * data['overhead']:+.1f}% |",
+        f"| whole generation, the first call's compile left out | | {source_s - first_extra:.1f} s | "
+        f"{100 * data['overhead_without_compile']:+.1f}% |",
+        f"| U-Net, all calls | {sum(before[1]):.1f} / {sum(after[1]):.1f} s | {sum(source_unet):.1f} s | "
         f"{100 * data['unet_overhead']:+.1f}% |",
-        f"| U-Net call, median after the first | {statistics.median(dense_unet[1:]):.2f} s | "
+        f"| U-Net call, median after the first | {statistics.median(dense_unet):.2f} s | "
         f"{statistics.median(source_unet[1:]):.2f} s | {100 * data['unet_overhead_after_first_call']:+.1f}% |",
-        f"| of it, system CPU time (median) | {statistics.median(dense_system[1:]):.2f} s | "
+        f"| of it, system CPU time (median) | {statistics.median(dense_system):.2f} s | "
         f"{statistics.median(source_system[1:]):.2f} s | |",
-        "", f"The first recording call compiles the U-Net (capture and passes): {first_extra:.1f} s over a dense "
-        f"call. Cache: {data['cache_bytes'] / 2**30:.2f} GiB for {args.steps} steps.", "",
+        "", f"The dense runs bracket the source run; they differ by {100 * (after[0] / before[0] - 1):+.1f}% "
+        f"(the machine's drift: read smaller overheads as noise). The first recording call compiles the U-Net "
+        f"(capture and passes): {first_extra:.1f} s over a dense call, once per session. Cache: "
+        f"{data['cache_bytes'] / 2**30:.2f} GiB for {args.steps} steps.", "",
         f"{data['machine']['date']}, git {data['machine']['git']}, {data['machine'].get('cpu', 'CPU not recorded')}, "
         f"{data['machine']['threads']} threads, load "
         f"average at the end {data['loadavg_1min_at_end']:.1f}. `benchmarks/source_run.py`.", ""])
