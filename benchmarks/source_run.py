@@ -10,7 +10,10 @@ classifier-free guidance 7.5, the same prompt and seed for all: `pipe(...)` as a
 run of an `EditSession`, which compiles the U-Net on its first call and records every step, then `pipe(...)` again.
 The dense figures are those of both dense runs (mean seconds, median call): they bracket the source run, so that a
 drift of the machine's speed over the minutes of the benchmark (a shared host) weighs on both sides alike; the two
-dense runs' difference is reported as the noise floor. Reported: seconds
+dense runs' difference is reported as the noise floor. Where that floor is wider than the overhead, the figure
+to read is the last one: `--pairs` dense and recording U-Net calls alternated on the same inputs (a fresh
+`fisedit.compile` of the pipeline's U-Net recording one step per call), whose per-pair ratio no slow drift
+moves. Reported: seconds
 of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds of each (forward hooks), the
 compile time of the first recording call, the overhead of the source run over the dense one (issue 14's goal:
 under 10%), and the system CPU time of the U-Net calls: a source run holds its cache, so its calls touch memory
@@ -58,6 +61,26 @@ class UNetClock:
         return taken
 
 
+def alternated_calls(unet, compiled, inputs: dict, pairs: int) -> dict:
+    """`pairs` dense calls of `unet` alternated with recording calls of `compiled` (its first, compiling call
+    before them, untimed), each pair at its own timestep; the overhead is the median of the per-pair ratios."""
+    import torch
+
+    def timed(fn, timestep: int) -> float:
+        start = time.perf_counter()
+        fn(**{**inputs, "timestep": torch.tensor(timestep)})
+        return time.perf_counter() - start
+
+    dense, record = [], []
+    with torch.no_grad(), compiled.record():
+        timed(compiled, 999)
+        for i in range(pairs):
+            dense.append(timed(unet, 990 - 10 * i))
+            record.append(timed(compiled, 990 - 10 * i))
+    ratios = [r / d for d, r in zip(dense, record)]
+    return {"dense": dense, "record": record, "overhead": statistics.median(ratios) - 1 if ratios else None}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sd15", choices=("sd15", "sd2"))
@@ -65,13 +88,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dtype", choices=("float16", "bfloat16"), help="the session stores its cache in this dtype")
+    p.add_argument("--pairs", type=int, default=5, help="alternated dense and recording U-Net calls (0: none)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
 
     import torch
 
     import fisedit_compiler as fisedit
-    from fisedit_compiler.models import random_pipeline
+    from fisedit_compiler.models import example_unet_inputs, random_pipeline
 
     torch.manual_seed(0)
     pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size="full", scheduler="ddim")
@@ -80,6 +104,7 @@ def main() -> None:
     common = {"num_inference_steps": args.steps, "guidance_scale": 7.5, "height": size, "width": size}
 
     def dense_run() -> tuple[float, list[float], list[float]]:
+        clock.take()  # drop calls of the eager U-Net that the source run made (capturing it)
         with torch.no_grad():
             start = time.perf_counter()
             pipe(PROMPT, generator=torch.Generator().manual_seed(args.seed), **common)
@@ -87,6 +112,7 @@ def main() -> None:
         return (seconds, *clock.take())
 
     before = dense_run()
+    unet = pipe.unet  # the session puts its compiled U-Net into the pipeline; the dense run after it takes this back
     session = fisedit.EditSession(pipe, fisedit.Policy(cache_dtype=args.cache_dtype), num_inference_steps=args.steps,
                                   guidance_scale=7.5, height=size, width=size)
     source_clock = UNetClock(session.unet)
@@ -94,7 +120,13 @@ def main() -> None:
     result = session.generate(PROMPT, generator=torch.Generator().manual_seed(args.seed))
     source_s = time.perf_counter() - start
     source_unet, source_system = source_clock.take()
+    pipe.unet = unet
     after = dense_run()
+    cache_bytes = session.cache.nbytes
+    phases = {k: vars(v) for k, v in result.stats.items() if hasattr(v, "unet_calls")}
+    del session, result  # the pairs below hold a cache of their own
+    pairs = alternated_calls(unet, fisedit.compile(unet, fisedit.Policy(cache_dtype=args.cache_dtype)),
+                             example_unet_inputs(unet, 2, args.latent_size, args.seed), args.pairs)
     dense_s = (before[0] + after[0]) / 2
     # calls after the first of each dense run (the first call of a run warms caches)
     dense_unet = before[1][1:] + after[1][1:]
@@ -111,8 +143,7 @@ def main() -> None:
         "unet_overhead": sum(source_unet) / ((sum(before[1]) + sum(after[1])) / 2) - 1,
         "unet_overhead_after_first_call": statistics.median(source_unet[1:]) / statistics.median(dense_unet) - 1,
         "first_call_extra_seconds": first_extra,
-        "cache_bytes": session.cache.nbytes, "phases": {k: vars(v) for k, v in result.stats.items()
-                                                         if hasattr(v, "unet_calls")},
+        "cache_bytes": cache_bytes, "phases": phases, "alternated_calls": pairs,
         "machine": machine(), "loadavg_1min_at_end": os.getloadavg()[0],
     }
     text = "\n".join([
@@ -131,6 +162,9 @@ def main() -> None:
         f"{statistics.median(source_unet[1:]):.2f} s | {100 * data['unet_overhead_after_first_call']:+.1f}% |",
         f"| of it, system CPU time (median) | {statistics.median(dense_system):.2f} s | "
         f"{statistics.median(source_system[1:]):.2f} s | |",
+        *([f"| U-Net calls alternated ({len(pairs['dense'])} pairs), median of the per-pair ratios | "
+           f"{statistics.median(pairs['dense']):.2f} s | {statistics.median(pairs['record']):.2f} s | "
+           f"{100 * pairs['overhead']:+.1f}% |"] if pairs["dense"] else []),
         "", f"The dense runs bracket the source run; they differ by {100 * (after[0] / before[0] - 1):+.1f}% "
         f"(the machine's drift: read smaller overheads as noise). The first recording call compiles the U-Net "
         f"(capture and passes): {first_extra:.1f} s over a dense call, once per session. Cache: "

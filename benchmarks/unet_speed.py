@@ -859,17 +859,18 @@ def _block_policy(r: dict[str, Any]) -> str:
     if r["config"]["policy"]["block_size"] is not None:
         return str(r["config"]["policy"]["block_size"])
     cm = r.get("cost_model", {})
-    constants = ", ".join(f"{k} {_constant(v)}" for k, v in cm.get("constants", {}).items())
+    constants = ", ".join(f"{k} {_constant(v)}" for k, v in cm.get("constants", {}).items() if v)
     source = "calibrated on this machine" if cm.get("calibrated") else "defaults, not calibrated here"
     return f"auto (cost model per resolution and mask; {constants}: {source})"
 
 
 def _constant(value: Any) -> str:
-    """The cost model's per-channel, per-block constants, e.g. ``C320 {b1 1.60, b2 1.45, ...}``."""
+    """The cost model's per-channel, per-block constants, e.g. ``C320 {b1 1.60, b2 1.45, ...}`` (costs) or
+    ``C320 {b1 im2col, b2 channels_last, ...}`` (convolution algorithms)."""
     if isinstance(value, dict):
-        return "; ".join(f"C{c} {{" + ", ".join(f"b{b} {v:.2f}" for b, v in costs.items()) + "}"
+        return "; ".join(f"C{c} {{" + ", ".join(f"b{b} {_constant(v)}" for b, v in costs.items()) + "}"
                          for c, costs in value.items())
-    return f"{value:.3g}"
+    return value if isinstance(value, str) else f"{value:.2f}"
 
 
 def _contention_note(r: dict[str, Any]) -> str:

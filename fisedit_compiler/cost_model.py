@@ -15,6 +15,10 @@ resolution uses those of its channel count (the nearest calibrated one). A resol
 dense runs dense (one block covering the map: gathers become no-ops). Choices depend only on the mask and the
 U-Net's channels, and are made once per edit.
 
+How a convolution runs on windows larger than one kernel footprint is a measured choice too (`CostConstants.conv`,
+one of `CONV_ALGORITHMS` per channel count and block size; see `kernels.reference.conv_windows`): on one 2-core CPU
+the fastest of them was up to 2x faster than the slowest, and which one wins depends on C and b.
+
 The constants come from a short micro-benchmark on the machine (`fisedit_compiler.tuning.calibrate`, which
 measures the kernels), kept in a JSON file per device (`calibration_path`, read by `load_constants`); without one,
 `DEFAULT` holds values measured on a 2-core CPU (AMD EPYC, torch 2.13, fp32). This module is the formulas only: it
@@ -33,13 +37,20 @@ from pathlib import Path
 import torch
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
+# How a convolution runs on a batch of windows (`kernels.reference.conv_windows`): the convolution library on a
+# contiguous NCHW copy of the windows, the same on the windows as gathered (channels-last strided), or im2col (each
+# output pixel's kernel footprint a row, then one GEMM with the flattened kernel).
+CONV_ALGORITHMS = ("nchw", "channels_last", "im2col")
 
 
 @dataclasses.dataclass(frozen=True)
 class CostConstants:
-    """Per channel count C and block size b: the cost of one output pixel of a sparse layer relative to dense."""
+    """Per channel count C and block size b: the cost of one output pixel of a sparse layer relative to dense
+    (`layer`), and the fastest convolution algorithm on windows (`conv`, one of `CONV_ALGORITHMS`; "nchw" where
+    none was measured)."""
 
     layer: dict[int, dict[int, float]]
+    conv: dict[int, dict[int, str]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for c, costs in self.layer.items():
@@ -49,22 +60,48 @@ class CostConstants:
                                  f"missing {sorted(missing)}")
         if not self.layer:
             raise ValueError("CostConstants.layer is empty: calibrate at least one channel count")
+        for c, algorithms in self.conv.items():
+            unknown = {a for a in algorithms.values() if a not in CONV_ALGORITHMS}
+            if unknown:
+                raise ValueError(f"CostConstants.conv[{c}] names unknown convolution algorithms {sorted(unknown)}: "
+                                 f"choose among {CONV_ALGORITHMS}")
 
     def for_channels(self, channels: int | None) -> dict[int, float]:
         """The per-block costs of the calibrated channel count nearest to `channels` (in ratio); the widest one
         for unknown channels."""
-        if channels is None:
-            return self.layer[max(self.layer)]
-        return self.layer[min(self.layer, key=lambda c: abs(math.log(c / channels)))]
+        return self.layer[_nearest(self.layer, channels)]
+
+    def conv_algorithm(self, channels: int, block: int) -> str:
+        """The convolution algorithm for windows of `block` x `block` output pixels with `channels` input channels:
+        the one measured for the nearest calibrated channel count (in ratio), "nchw" where none was."""
+        if not self.conv:
+            return "nchw"
+        return self.conv[_nearest(self.conv, channels)].get(block, "nchw")
+
+
+def _nearest(table: dict[int, object], channels: int | None) -> int:
+    """The key of `table` nearest to `channels` in ratio; the largest for unknown channels."""
+    if channels is None:
+        return max(table)
+    return min(table, key=lambda c: abs(math.log(c / channels)))
 
 
 # Calibrated on a 2-core CPU (AMD EPYC, torch 2.13, fp32) and rounded where whole SD 2 U-Net calls at 96x96 latents
-# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels).
-DEFAULT = CostConstants(layer={
-    320: {1: 1.6, 2: 1.45, 4: 1.1, 8: 1.02, 16: 1.0, 32: 0.95},
-    640: {1: 1.35, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
-    1280: {1: 1.3, 2: 3.5, 4: 1.9, 8: 1.6, 16: 1.0, 32: 0.92},
-})
+# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels). The
+# convolution algorithms are that calibration's too (im2col was fastest up to blocks of 16; in whole sparse calls
+# of SD 2 at 96x96 and SD 1.5 at 64x64 latents it ran 5-12% faster than "nchw", about as fast as "channels_last").
+DEFAULT = CostConstants(
+    layer={
+        320: {1: 1.6, 2: 1.45, 4: 1.1, 8: 1.02, 16: 1.0, 32: 0.95},
+        640: {1: 1.35, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
+        1280: {1: 1.3, 2: 3.5, 4: 1.9, 8: 1.6, 16: 1.0, 32: 0.92},
+    },
+    conv={
+        320: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "channels_last"},
+        640: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "channels_last"},
+        1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "nchw"},
+    },
+)
 
 
 def block_grid_count(active: torch.Tensor, block: int) -> int:
@@ -99,16 +136,19 @@ def choose_block_size(active: torch.Tensor, candidates: tuple[int, ...] = BLOCK_
 
 def calibration_path(device: torch.device) -> Path:
     root = Path(os.environ.get("FISEDIT_CACHE_DIR", Path.home() / ".cache" / "fisedit"))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}-{platform.machine()}"
     return root / f"cost-model-{name.replace(' ', '_').replace('/', '_')}.json"
 
 
 def load_constants(device: torch.device) -> CostConstants:
-    """The calibrated constants of `device` if `tuning.calibrate` saved them, else `DEFAULT`."""
+    """The calibrated constants of `device` if `tuning.calibrate` saved them, else `DEFAULT` (on an accelerator,
+    without its CPU-measured convolution algorithms: there the convolution library chooses, "nchw")."""
     path = calibration_path(device)
     if path.is_file():
         saved = json.loads(path.read_text())
         if isinstance(saved.get("layer"), dict):  # files of older versions (other fields) are ignored
             return CostConstants(layer={int(c): {int(b): v for b, v in costs.items()}
-                                        for c, costs in saved["layer"].items()})
-    return DEFAULT
+                                        for c, costs in saved["layer"].items()},
+                                 conv={int(c): {int(b): v for b, v in algorithms.items()}
+                                       for c, algorithms in saved.get("conv", {}).items()})
+    return DEFAULT if device.type == "cpu" else dataclasses.replace(DEFAULT, conv={})

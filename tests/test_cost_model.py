@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -73,6 +75,19 @@ def test_constants_need_every_block_size():
         CostConstants(layer={320: {2: 1.0, 4: 1.0}})
 
 
+def test_convolution_algorithms_are_chosen_per_channel_count_and_block_size():
+    costs = constants().layer[320]
+    measured = CostConstants(layer={320: costs, 1280: costs},
+                             conv={320: {2: "channels_last", 4: "im2col"}, 1280: {2: "im2col"}})
+    assert measured.conv_algorithm(320, 2) == "channels_last"
+    assert measured.conv_algorithm(384, 4) == "im2col"  # nearest calibrated width: 320
+    assert measured.conv_algorithm(960, 2) == "im2col"  # nearest: 1280
+    assert measured.conv_algorithm(320, 8) == "nchw"  # not measured
+    assert constants().conv_algorithm(320, 2) == "nchw"  # nothing measured
+    with pytest.raises(ValueError, match="unknown convolution algorithms.*winograd"):
+        CostConstants(layer={320: costs}, conv={320: {2: "winograd"}})
+
+
 def test_mask_plan_uses_the_cost_model_per_resolution():
     mask = compact(64, 6)
     channels = {1: 320, 2: 640, 4: 1280, 8: 1280}
@@ -97,3 +112,24 @@ def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     assert set(measured.layer) == {32, 64}
     assert all(set(costs) == set(cost_model.BLOCK_SIZES) and min(costs.values()) > 0
                for costs in measured.layer.values())
+    assert all(set(algorithms) == set(cost_model.BLOCK_SIZES) and algorithms[1] == "im2col"
+               and set(algorithms.values()) <= set(cost_model.CONV_ALGORITHMS)
+               for algorithms in measured.conv.values())
+
+
+def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    device = torch.device("cpu")
+    path = cost_model.calibration_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"layer": {"320": {str(b): 1.0 for b in cost_model.BLOCK_SIZES}}}))
+    loaded = cost_model.load_constants(device)
+    assert loaded.layer == {320: {b: 1.0 for b in cost_model.BLOCK_SIZES}}
+    assert loaded.conv_algorithm(320, 4) == "nchw"
+
+
+def test_the_cpu_measured_convolution_algorithms_are_not_applied_to_other_devices(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    other = cost_model.load_constants(torch.device("meta"))  # an uncalibrated device that is not the CPU
+    assert other.layer == cost_model.DEFAULT.layer and other.conv_algorithm(320, 4) == "nchw"
+    assert cost_model.load_constants(torch.device("cpu")).conv_algorithm(320, 4) == cost_model.DEFAULT.conv[320][4]

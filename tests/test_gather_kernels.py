@@ -136,3 +136,30 @@ def test_group_norm_affine_matches_group_norm():
     blocks = x.reshape(2, 8, 5, 5).repeat_interleave(3, dim=0)  # 3 "blocks" per batch item
     assert torch.allclose(reference.group_norm_affine(blocks, w, b, mean, rstd, 4, 2, 8, 4),
                           out.repeat_interleave(3, dim=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["nchw", "channels_last", "im2col"])
+@pytest.mark.parametrize(("block", "stride"), [(1, 1), (2, 1), (4, 1), (2, 2), (4, 2)])
+def test_every_convolution_algorithm_convolves_windows_like_conv2d(algorithm, block, stride):
+    g = torch.Generator().manual_seed(block * 10 + stride)
+    weight, bias = torch.randn(6, 5, 3, 3, generator=g), torch.randn(6, generator=g)
+    size = (block - 1) * stride + 3
+    # windows as gathers produce them: channels-last strided
+    windows = torch.randn(7, size, size, 5, generator=g).permute(0, 3, 1, 2)
+    want = torch.nn.functional.conv2d(windows.contiguous(), weight, bias, stride)
+    flat_kernels = {}
+    got = reference.conv_windows(windows, weight, bias, [stride, stride], [1, 1], 1, flat_kernels, algorithm)
+    assert got.shape == want.shape == (7, 6, block, block)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # im2col (the only choice for pixel-wise blocks) keeps its flattened kernel for the next call
+    assert list(flat_kernels) == ([id(weight)] if algorithm == "im2col" or block == 1 else [])
+
+
+def test_convolutions_im2col_cannot_run_take_the_convolution_library():
+    assert reference.conv_method("im2col", (3, 3), (6, 6), [2, 2], 1) == "nchw"  # dilated
+    assert reference.conv_method("im2col", (3, 3), (6, 6), [1, 1], 2) == "nchw"  # grouped
+    assert reference.conv_method("channels_last", (3, 3), (3, 3), [1, 1], 1) == "im2col"  # one footprint per window
+    windows = torch.randn(3, 4, 8, 8)
+    weight = torch.randn(4, 2, 3, 3)
+    got = reference.conv_windows(windows, weight, None, [1, 1], [2, 2], 2, None, "im2col")
+    torch.testing.assert_close(got, torch.nn.functional.conv2d(windows, weight, None, 1, 0, 2, 2))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fisedit_compiler as fisedit
+from fisedit_compiler import cost_model
 from conftest import tiny_unet, unet_inputs
 from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
 from fisedit_compiler.kernels.library import INDEX_FIELDS, layout_args
@@ -240,3 +241,29 @@ def test_programs_read_the_models_own_parameters_under_flat_names():
     values = [getattr(program.gm, t) for t in reads]
     parameters = [v for v in values if isinstance(v, torch.nn.Parameter)]
     assert parameters and all(id(v) in own for v in parameters)
+
+
+@pytest.mark.parametrize("algorithm", ["channels_last", "im2col"])
+def test_a_plans_convolution_algorithm_is_part_of_its_programs_structure(algorithm):
+    """The cost constants' convolution algorithm (`CostConstants.conv`) decides how a program convolves windows
+    larger than one kernel footprint; every algorithm computes the same call, and a program bound for one is not
+    reused under constants that name another."""
+    _, inputs, variants, step = recorded_unet()
+    mask = box(4, 6)
+
+    def plan(conv: str) -> MaskPlan:
+        costs = cost_model.DEFAULT.layer
+        return MaskPlan(mask, POLICY, constants=cost_model.CostConstants(
+            layer=costs, conv={c: {b: conv for b in cost_model.BLOCK_SIZES} for c in costs}))
+
+    usual, other = plan("nchw"), plan(algorithm)
+    ops_of = lambda program: [n.target for n in program.gm.graph.nodes]  # noqa: E731
+    program, changed = bind(variants.sparse, usual), bind(variants.sparse, other)
+    assert not program.fits(other) and not changed.fits(usual)
+    convs = [t for t in ops_of(changed) if t is torch.ops.aten.conv2d.default]
+    if algorithm == "im2col":  # 3x3 convolutions become GEMMs over unfolded windows
+        assert "unfold" in ops_of(changed) and "unfold" not in ops_of(program)
+        assert len(convs) < len([t for t in ops_of(program) if t is torch.ops.aten.conv2d.default])
+    else:  # the windows are convolved as gathered, not copied to NCHW first
+        assert ops_of(changed).count("contiguous") < ops_of(program).count("contiguous")
+    torch.testing.assert_close(changed(inputs, step, other), program(inputs, step, usual), rtol=1e-5, atol=1e-5)

@@ -173,24 +173,58 @@ def conv_windows(
     dilation: list[int],
     groups: int,
     flat_kernels: dict[int, torch.Tensor] | None = None,
+    algorithm: str = "nchw",
 ) -> torch.Tensor:
-    """A padding-free convolution of a batch of windows. Where each window is exactly one kernel footprint (one
-    output pixel per window, e.g. pixel-wise blocks of size 1) it is a matrix product of the flattened windows
-    with the flattened kernel: one large GEMM instead of thousands of tiny convolutions. Flattening is free for
-    the channels-last windows that gathers produce; the flattened kernel is kept in `flat_kernels` (keyed by the
+    """A padding-free convolution of a batch of windows, by `algorithm` (`conv_method`). im2col multiplies the
+    windows' kernel footprints, flattened, with the flattened kernel: where each window is exactly one footprint
+    (pixel-wise blocks) that is one large GEMM instead of thousands of tiny convolutions, and flattening is free for
+    the channels-last windows that gathers produce. The flattened kernel is kept in `flat_kernels` (keyed by the
     weight's id) when given, since for SD's widest layers making it moves more memory than a small mask's GEMM."""
     kh, kw = weight.shape[-2:]
-    footprint = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    if groups == 1 and tuple(dilation) == (1, 1) and tuple(windows.shape[-2:]) == footprint:
-        n = windows.shape[0]
-        flat = windows.permute(0, 2, 3, 1).reshape(n, weight.shape[1] * kh * kw)
+    method = conv_method(algorithm, (kh, kw), tuple(windows.shape[-2:]), dilation, groups)
+    if method == "im2col":
         kernel = flat_kernels.get(id(weight)) if flat_kernels is not None else None
         if kernel is None:
             kernel = flat_kernel(weight.detach())
             if flat_kernels is not None:
                 flat_kernels[id(weight)] = kernel
-        return F.linear(flat, kernel, bias)[:, :, None, None]
-    return F.conv2d(windows.contiguous(), weight, bias, stride, 0, dilation, groups)  # see runtime.ops.conv_windows
+        out_size = tuple((w - k) // s + 1 for w, k, s in zip(windows.shape[-2:], (kh, kw), stride))
+        return im2col_conv(windows, kernel, bias, windows.shape[1], (kh, kw), stride, out_size)
+    if method == "nchw":
+        windows = windows.contiguous()
+    return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)
+
+
+def conv_method(algorithm: str, kernel_size: tuple[int, int], window_size: tuple[int, int], dilation: list[int],
+                groups: int) -> str:
+    """How `conv_windows` runs: im2col wherever each window is one kernel footprint (one GEMM, nothing copied),
+    else `algorithm` (`cost_model.CONV_ALGORITHMS`, the device's measured choice); "nchw" for what im2col does not
+    cover (dilated or grouped convolutions)."""
+    plain = groups == 1 and tuple(dilation) == (1, 1)
+    if plain and tuple(window_size) == tuple(kernel_size):
+        return "im2col"
+    if algorithm == "im2col" and not plain:
+        return "nchw"
+    return algorithm
+
+
+def im2col_conv(
+    windows: torch.Tensor,
+    kernel: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_channels: int,
+    kernel_size: tuple[int, int],
+    stride: list[int],
+    out_size: tuple[int, int],
+) -> torch.Tensor:
+    """A padding-free, undilated convolution of (N, C, h, w) windows as one GEMM: every output pixel's footprint
+    (kh, kw, C) a row, times `kernel` (`flat_kernel`). The output is (N, out, oh, ow), channels-last strided. (Sizes
+    come from the arguments, so that it traces with FX proxies.)"""
+    kh, kw = kernel_size
+    oh, ow = out_size
+    rows = windows.permute(0, 2, 3, 1).unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # N, oh, ow, C, kh, kw
+    flat = rows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * in_channels)
+    return F.linear(flat, kernel, bias).unflatten(0, (-1, oh, ow)).permute(0, 3, 1, 2)
 
 
 def group_norm_affine(

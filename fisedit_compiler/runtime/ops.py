@@ -151,24 +151,28 @@ def _inside_mask(plan, spec: WindowSpec, layout: SpatialLayout) -> torch.Tensor:
 @ir_op
 def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int], groups: int,
                  spec: ConvWindows):
-    """A convolution over a batch of input windows (with halo) without padding: one output block per window. Where
-    each window is one kernel footprint (pixel-wise blocks) it is one matrix product with the flattened kernel,
-    which the plan keeps for its lifetime (one edit)."""
+    """A convolution over a batch of input windows (with halo) without padding: one output block per window, by
+    the device's measured algorithm for its channels and block size (`CostConstants.conv_algorithm`; see
+    `kernels.reference.conv_windows`). Where each window is one kernel footprint (pixel-wise blocks) it is one
+    matrix product with the flattened kernel. im2col keeps a parameter's flattened kernel for the plan's lifetime
+    (one edit)."""
     _, in_channels, kh, kw = b.dense_shape(1)
-    window = spec.window_size(b.block(spec.output_res))
-    footprint = ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1)
-    if groups == 1 and tuple(dilation) == (1, 1) and (window, window) == footprint:
+    block = b.block(spec.output_res)
+    window = spec.window_size(block)
+    method = reference.conv_method(b.conv_algorithm(in_channels, block), (kh, kw), (window, window), dilation, groups)
+    if method == "im2col":
         if b.node.args[1].op == "get_attr":  # a parameter: flattened once per plan
             weight_value = b.constant(1)
             kernel = b.plan_value(("flat_kernel", b.node.args[1].target),
                                   lambda plan: reference.flat_kernel(weight_value.detach()))
         else:  # a graph input (dynamo lifts parameters): flattened per call
             kernel = reference.flat_kernel(weight)
-        flat = windows.permute(0, 2, 3, 1).reshape(-1, in_channels * kh * kw)
-        return aten.linear.default(flat, kernel, bias)[:, :, None, None]
-    # Gathered windows come channels-last-strided (pixels outer, channels inner); oneDNN convolves small windows
-    # in that layout up to 2.5x slower than after a copy to NCHW (SD 2's 1280-channel 3x3 convs on 4x4 windows).
-    return aten.conv2d.default(windows.contiguous(), weight, bias, list(stride), [0, 0], list(dilation), groups)
+        out = (block, block)
+        return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out)
+    # Gathered windows come channels-last strided (pixels outer, channels inner): "nchw" copies them first
+    if method == "nchw":
+        windows = windows.contiguous()
+    return aten.conv2d.default(windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
 
 
 @ir_op

@@ -34,7 +34,9 @@ from .cache import StepNotRecordedError, StepRecord
 from .mask_plan import MaskPlan
 from .ops import LOWERINGS
 
-LOWERED_FROM = "fisedit_lowered_from"  # program node meta: the name of the IR node it was lowered from
+# program node meta: the name of the IR node it was copied or lowered from (a copy's own name may differ: a
+# lowering that ran before may have taken it)
+LOWERED_FROM = "fisedit_lowered_from"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,9 @@ class Binding:
     def block(self, res) -> int:
         return self._fact(("block", tuple(res)))
 
+    def conv_algorithm(self, channels: int, block: int) -> str:
+        return self._fact(("conv_algorithm", channels, block))
+
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
         shape = self._fact(("index", spec, from_gathered))
         index = self.plan.gather_index(spec, from_gathered)
@@ -210,6 +215,7 @@ class Binding:
                 env[node] = self._lower_node(node, env)
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
+                env[node].meta[LOWERED_FROM] = node.name
         return fx.GraphModule(self._flat_attributes(), graph), num_outputs
 
     def _flat_attributes(self) -> dict[str, Any]:
@@ -253,11 +259,14 @@ class Binding:
 
 def plan_fact(plan: MaskPlan, key: tuple) -> Any:
     """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
-    layout, or ("index", spec, from_gathered), a gather index's structure (`_index_structure`)."""
+    layout, ("conv_algorithm", channels, block), how its cost constants say to convolve windows, or ("index", spec,
+    from_gathered), a gather index's structure (`_index_structure`)."""
     if key[0] == "num_blocks":
         return plan.layout(key[1]).num_blocks
     if key[0] == "block":
         return plan.layout(key[1]).block
+    if key[0] == "conv_algorithm":
+        return plan.constants.conv_algorithm(key[1], key[2])
     return _index_structure(plan.gather_index(key[1], key[2]))
 
 
@@ -308,8 +317,8 @@ class Program:
         return all(plan_fact(plan, key) == value for key, value in self.structure)
 
     def by_ir_node(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node: nodes copied from the IR
-        keep their names, nodes of a lowering name theirs in `meta[LOWERED_FROM]`."""
+        """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node, which each program node
+        names in `meta[LOWERED_FROM]`."""
         folded: dict[str, Any] = {}
         for node in self.gm.graph.nodes:
             if node.name in values:

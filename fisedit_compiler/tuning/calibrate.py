@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..cost_model import BLOCK_SIZES, DEFAULT, CostConstants, calibration_path
+from ..cost_model import BLOCK_SIZES, CONV_ALGORITHMS, DEFAULT, CostConstants, calibration_path
 from ..ir import ActivePixels, ConvWindows, SpatialLayout
 from ..policy import Policy
 from ..runtime.mask_plan import MaskPlan
@@ -43,9 +43,12 @@ def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CH
               save: bool = True) -> CostConstants:
     """Measure `layer[C][b]` on `device` for every C in `channels` (multiples of 32): a resnet layer (GroupNorm
     with 32 groups, SiLU, 3x3 convolution) densely on a map twice as wide as `side` (at least 32), and as the
-    sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size."""
+    sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size, its
+    convolution by each of `CONV_ALGORITHMS`: the fastest one is `conv[C][b]`, and its time sets the cost."""
     device = torch.device(device)
-    constants = CostConstants(layer={c: _layer_costs(device, c, side) for c in channels})
+    measured = {c: _layer_costs(device, c, side) for c in channels}
+    constants = CostConstants(layer={c: costs for c, (costs, _) in measured.items()},
+                              conv={c: algorithms for c, (_, algorithms) in measured.items()})
     if save:
         path = calibration_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +56,7 @@ def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CH
     return constants
 
 
-def _layer_costs(device: torch.device, channels: int, side: int) -> dict[int, float]:
+def _layer_costs(device: torch.device, channels: int, side: int) -> tuple[dict[int, float], dict[int, str]]:
     weight = torch.randn(channels, channels, 3, 3, device=device) / (3 * channels ** 0.5)
     res = (max(2 * side, max(BLOCK_SIZES)),) * 2
     dense_map = torch.randn(1, channels, *res, device=device)
@@ -64,17 +67,21 @@ def _layer_costs(device: torch.device, channels: int, side: int) -> dict[int, fl
     layout = SpatialLayout("map", res, (2, 3), (1, channels, *res))
     recorded = torch.randn(1, channels, *res, device=device)
     scale, shift = torch.rand(1, channels, device=device), torch.randn(1, channels, device=device)
-    costs = {}
+    costs, algorithms = {}, {}
+    flat_kernels: dict[int, torch.Tensor] = {}
     for block in BLOCK_SIZES:
         plan = MaskPlan(mask, Policy(block_size=block, halo=0), constants=DEFAULT)
         blocks = plan.layout(res)
         fresh = kernels.gather_pixels(None, recorded, plan.gather_index(ActivePixels(res), False), layout, 0)
         index = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
 
-        def sparse_layer():
+        def sparse_layer(algorithm: str):
             windows = kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, blocks.num_blocks, scale,
                                                         shift)
-            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1)
+            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1, flat_kernels, algorithm)
 
-        costs[block] = _seconds(sparse_layer) / blocks.num_pixels / dense
-    return costs
+        # pixel-wise blocks always take im2col (each window is one footprint: nothing to choose)
+        seconds = {a: _seconds(lambda: sparse_layer(a)) for a in (CONV_ALGORITHMS if block > 1 else ("im2col",))}
+        algorithms[block] = min(seconds, key=seconds.get)
+        costs[block] = seconds[algorithms[block]] / blocks.num_pixels / dense
+    return costs, algorithms
