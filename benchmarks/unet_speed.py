@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mask to profile (e.g. ellipse:15); default: the first 15%% mask, else the first")
     p.add_argument("--quiet", action="store_true", help="print only the tables")
     p.add_argument("--calibrate", action="store_true",
-                   help="calibrate the cost model on this device first (saved for later runs; ~30 s on a CPU)")
+                   help="calibrate the cost model on this device first (saved for later runs; ~1 min, 2-core CPU)")
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="measure nothing: write the markdown of a results JSON next to it and print it")
     policy = p.add_argument_group("Policy fields (defaults: fisedit.Policy's)")
