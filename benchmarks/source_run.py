@@ -17,8 +17,7 @@ moves. Reported: seconds
 of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds of each (forward hooks), the
 compile time of the first recording call, the overhead of the source run over the dense one (issue 14's goal:
 under 10%), and the system CPU time of the U-Net calls: a source run holds its cache, so its calls touch memory
-the process never had, which the kernel zeroes (on a virtual machine whose memory the host backs on demand, this
-grows steeply once the process holds several GiB). Results go to
+the process never had, which the kernel zeroes. Results go to
 ``<out>/source-run_<arch>-<latent>[_<cache dtype>].{json,md}``.
 """
 
