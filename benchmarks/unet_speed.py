@@ -745,6 +745,14 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
                       f"max diff {row['max_abs_diff']:.2e}, prep {row['prep_seconds'] * 1e3:.1f} ms, "
                       f"first call +{row['first_call_extra_seconds']:.2f}s")
         result["masks"] = masks
+        # the same dense calls again: how far the machine's speed drifted while the masks ran (speed-ups divide the
+        # first dense median; a drift of the size of a difference between two speed-ups makes them equal)
+        after = CallTimes(device)
+        for _ in range(args.repeats):
+            after(lambda: call(unet))
+        result["dense_after"] = {"seconds": after.median, "seconds_all": after.wall,
+                                 "drift": after.median / dense_s - 1}
+        log(args, f"dense again after the masks: {after.median:.3f}s ({100 * result['dense_after']['drift']:+.1f}%)")
 
         if args.profile:
             if checkpoint is not None:  # the profile takes as long again: keep what is measured so far
@@ -806,7 +814,10 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"(capture {rec['capture_seconds']:.2f} s, passes {sum(rec['pass_seconds'].values()):.2f} s); the first "
         f"record call took {_s(rec['first_call_seconds'])}, {rec['first_call_extra_seconds']:+.2f} s over a dense "
         f"call, a later record call {_s(rec['call_seconds'])}. Cache: {r['cache_bytes_per_step'] / 2**20:.1f} MiB "
-        f"per step. Record vs eager max |diff|: {rec['record_vs_eager_max_abs_diff']:.1e}.",
+        f"per step. Record vs eager max |diff|: {rec['record_vs_eager_max_abs_diff']:.1e}."
+        + (f" Dense calls again after the masks: {_s(r['dense_after']['seconds'])} "
+           f"({100 * r['dense_after']['drift']:+.1f}%: the machine's drift over the run)."
+           if "dense_after" in r else ""),
         *_compiled_lines(r),
         "",
         f"Load average (1/5/15 min) at start: {_load(m.get('loadavg_at_start'))}, at end: "

@@ -62,6 +62,11 @@ def test_writes_json_and_markdown(result):
     markdown = Path(paths["markdown"]).read_text()
     assert "| ellipse:15" in markdown and "| blobs:15" in markdown
     assert "### Per resolution" in markdown and "### Per layer" in markdown
+    # the dense calls are timed again after the masks: the run's drift is reported beside the speed-ups
+    after = result["dense_after"]
+    assert len(after["seconds_all"]) == result["config"]["repeats"] and after["seconds"] > 0
+    assert after["drift"] == pytest.approx(after["seconds"] / result["dense"]["seconds"] - 1)
+    assert "Dense calls again after the masks" in markdown
 
 
 def test_fields(result):
