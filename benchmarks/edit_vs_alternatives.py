@@ -14,11 +14,14 @@ same initial latents for every run:
   `DeepCache` package is installed;
 - ours: an `EditSession` generates the source prompt (recorded: reported, paid once per source), then edits it
   to the edited prompt with an ellipse user mask, once per `--reuse` interval (`Policy.deep_reuse_interval`), each
-  a try of the same source (`edit(keep=False)`), the image decoded sparse.
+  a try of the same source (`edit(keep=False)`), the image decoded sparse;
+- head to head: then `--pairs` more DeepCache generations and edits at the first `--reuse` interval, alternated
+  (ABBA), and the median of the per-pair ratios: the host's speed drifts by 10-20 % over the half hour that the
+  runs above take, which the single runs read as a difference between contenders.
 
-An untimed edit first binds the mask's sparse programs. The session is compiled with the largest interval, so that every interval runs the same variants (interval 1 then
-runs the full calls' variant, which also hands the deep outputs on: one scatter per cut more than a policy without
-reuse). Fidelity: PSNR inside the mask of each picture against the interval-1 edit decoded densely (ours), and of
+An untimed edit first binds the mask's sparse programs. The session is compiled with the largest interval, so
+that every interval runs the same variants (interval 1 then runs the full calls' variant, which also hands the deep
+outputs on: one scatter per cut more than a policy without reuse). Fidelity: PSNR inside the mask of each picture against the interval-1 edit decoded densely (ours), and of
 DeepCache's against the dense generation. Results: ``<out>/edit-vs-alternatives_<arch>-<size>-<latent>.{json,md}``.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mask", type=float, default=15.0, help="ellipse mask, percent of the latents")
     p.add_argument("--reuse", default="1,2,3", help="Policy.deep_reuse_interval values to edit with")
     p.add_argument("--deepcache-interval", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=2,
+                   help="DeepCache generations and our edits timed again, alternated (0: none)")
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
                    help="skip the dense pipeline with its U-Net under torch.compile")
     p.add_argument("--threads", type=int)
@@ -97,12 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=args.deepcache_interval, cache_branch_id=0)
-        helper.enable()
-        try:
-            with torch.no_grad():
-                image, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
-        finally:
-            helper.disable()
+
+        def deepcache_run():
+            helper.enable()
+            try:
+                with torch.no_grad():
+                    return timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
+            finally:
+                helper.disable()
+
+        image, seconds = deepcache_run()
         runs["deepcache"] = {"seconds": seconds, "interval": args.deepcache_interval,
                              "psnr_in_mask_vs_dense": psnr(np.asarray(image), dense, pixels),
                              "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
@@ -133,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
             "decode_recomputed": decode.recomputed if decode else None,
             "psnr_in_mask_vs_reference": psnr(image, reference, pixels),
         }
+    if args.pairs and "seconds" in runs["deepcache"]:
+        runs["head_to_head"] = head_to_head(args.pairs, deepcache_run, session, mask,
+                                            dataclasses.replace(policy, deep_reuse_interval=intervals[0]))
     session.unet.policy = policy
     fastest = min(runs[k]["seconds"] for k in ("dense", "dense_compiled", "deepcache") if "seconds" in runs.get(k, {}))
     for key, run in runs.items():
@@ -142,6 +155,35 @@ def main(argv: list[str] | None = None) -> dict:
             "mask_percent": args.mask, "source_prompt": SOURCE, "edited_prompt": EDITED, "runs": runs}
     write_results(args.out, f"edit-vs-alternatives_{args.arch}-{args.size}-{n}", data, _format(data))
     return data
+
+
+def head_to_head(pairs: int, deepcache_run, session, mask, policy) -> dict:
+    """DeepCache generations and our edits (at `policy`) alternated, ABBA: seconds of each, and the median of the
+    per-pair ratios DeepCache / ours. The pipeline runs DeepCache on the eager U-Net, our edit on the session's."""
+    pipe, compiled = session.pipe, session.unet
+    eager_unet = compiled.unet
+    deepcache, ours = [], []
+
+    def run_deepcache():
+        pipe.unet = eager_unet
+        try:
+            deepcache.append(deepcache_run()[1])
+        finally:
+            pipe.unet = compiled
+
+    def run_ours():
+        compiled.policy = policy
+        start = time.perf_counter()
+        session.edit(EDITED, mask=mask, keep=False)
+        ours.append(time.perf_counter() - start)
+
+    for i in range(pairs):
+        for run in ((run_deepcache, run_ours) if i % 2 == 0 else (run_ours, run_deepcache)):
+            run()
+    ratios = [d / o for d, o in zip(deepcache, ours)]
+    return {"pairs": pairs, "reuse_interval": policy.deep_reuse_interval, "deepcache_seconds": deepcache,
+            "ours_seconds": ours, "speedup_vs_deepcache_pairs": ratios,
+            "speedup_vs_deepcache": statistics.median(ratios)}
 
 
 def _format(data: dict) -> str:
@@ -178,6 +220,14 @@ def _format(data: dict) -> str:
         lines.append(f"| our edit, deep reuse every {run['interval']} | {run['seconds']:.1f} | "
                      f"{run['speedup_vs_fastest_alternative']:.2f}x | {run['psnr_in_mask_vs_reference']:.1f} vs "
                      f"reuse 1 decoded dense | U-Net {run['unet_seconds']:.1f} s, {decode} |")
+    if "head_to_head" in runs:
+        h = runs["head_to_head"]
+        lines += ["", f"Head to head, {h['pairs']} pairs alternated (ABBA) after the runs above: DeepCache "
+                  + ", ".join(f"{v:.1f}" for v in h["deepcache_seconds"]) + " s; our edit (deep reuse every "
+                  f"{h['reuse_interval']}) " + ", ".join(f"{v:.1f}" for v in h["ours_seconds"])
+                  + f" s: **{h['speedup_vs_deepcache']:.2f}x** faster than DeepCache (median of the per-pair "
+                  "ratios; the single runs above are minutes apart, and this host's speed drifts by 10-20 % over "
+                  "minutes)."]
     source = runs["source_run"]
     lines += ["", f"The source run (recorded, once per source picture): {source['seconds']:.1f} s, cache "
               f"{source['cache_bytes'] / 2**30:.2f} GiB. A first, untimed edit bound the mask's sparse programs: "
