@@ -87,13 +87,15 @@ def _nearest(table: dict[int, object], channels: int | None) -> int:
 
 
 # Calibrated on a 2-core CPU (AMD EPYC, torch 2.13, fp32) and rounded where whole SD 2 U-Net calls at 96x96 latents
-# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels). The
+# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels; at
+# 640, whole calls with a 30% mask alternating pixel-wise and 4x4 blocks at 48x48 took the same time, per-pair
+# ratios 0.90-1.08, for 5% fewer MACs pixel-wise: b1 is priced so that it wins that tie). The
 # convolution algorithms are that calibration's too (im2col was fastest up to blocks of 16; in whole sparse calls
 # of SD 2 at 96x96 and SD 1.5 at 64x64 latents it ran 5-12% faster than "nchw", about as fast as "channels_last").
 DEFAULT = CostConstants(
     layer={
         320: {1: 1.6, 2: 1.45, 4: 1.1, 8: 1.02, 16: 1.0, 32: 0.95},
-        640: {1: 1.35, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
+        640: {1: 1.25, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
         1280: {1: 1.3, 2: 3.5, 4: 1.9, 8: 1.6, 16: 1.0, 32: 0.92},
     },
     conv={

@@ -205,3 +205,9 @@ def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     assert runs["ours_reuse1"]["decode_mode"] == "sparse"
     assert runs["ours_reuse2"]["unet_macs"] < runs["ours_reuse1"]["unet_macs"]
     assert math.isfinite(runs["ours_reuse2"]["psnr_in_mask_vs_reference"])
+    if "seconds" in runs["deepcache"]:  # DeepCache and our edit timed again, alternated
+        h = runs["head_to_head"]
+        assert len(h["deepcache_seconds"]) == len(h["ours_seconds"]) == 2 and h["reuse_interval"] == 1
+        assert h["speedup_vs_deepcache"] == pytest.approx(
+            statistics.median(d / o for d, o in zip(h["deepcache_seconds"], h["ours_seconds"])))
+        assert "Head to head, 2 pairs" in (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").read_text()
