@@ -21,8 +21,9 @@ same initial latents for every run:
 
 An untimed edit first binds the mask's sparse programs. The session is compiled with the largest interval, so
 that every interval runs the same variants (interval 1 then runs the full calls' variant, which also hands the deep
-outputs on: one scatter per cut more than a policy without reuse). Fidelity: PSNR inside the mask of each picture against the interval-1 edit decoded densely (ours), and of
-DeepCache's against the dense generation. Results: ``<out>/edit-vs-alternatives_<arch>-<size>-<latent>.{json,md}``.
+outputs on: one scatter per cut more than a policy without reuse). Fidelity: PSNR inside the mask of each picture
+against the interval-1 edit decoded densely (ours), and of DeepCache's against the dense generation. Results:
+``<out>/edit-vs-alternatives_<arch>-<size>-<latent>.{json,md}``.
 """
 
 from __future__ import annotations
