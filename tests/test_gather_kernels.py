@@ -74,10 +74,11 @@ def naive_gather(fresh_full, recorded, coords_fn, active, n_windows, size, res):
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("stride", [1, 2])
-def test_two_source_conv_window_gather_matches_a_naive_loop(seed, stride):
+@pytest.mark.parametrize("block", [1, 4])
+def test_two_source_conv_window_gather_matches_a_naive_loop(seed, stride, block):
     res_in = (16, 16)
     res_out = (16 // stride, 16 // stride)
-    plan = MaskPlan(random_mask(16, 16, seed), Policy(block_size=4))
+    plan = MaskPlan(random_mask(16, 16, seed), Policy(block_size=block))
     layout_in = plan.layout(res_in)
     nchw = SpatialLayout("map", res_in, (2, 3), (2, 3, 16, 16))
     fresh_full, recorded = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
@@ -96,6 +97,27 @@ def test_two_source_conv_window_gather_matches_a_naive_loop(seed, stride):
     active = plan.active_pixels(res_in)
     want = naive_gather(fresh_full, recorded, coords, active, out_layout.num_blocks, size, res_in)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("from_gathered", [True, False])
+def test_gather_sources_read_each_pixel_once(from_gathered):
+    """The sources form of a gather index (`GatherIndex.source_recorded`, `source_rows`) names the same pixel for
+    every window pixel as the per-pixel form (`from_fresh`, `fresh_index`, `recorded_index`, `inside`), and reads
+    each recorded pixel once: pixel-wise blocks' 3x3 windows read each pixel up to 9 times."""
+    plan = MaskPlan(random_mask(16, 16, 2), Policy(block_size=1))
+    index = plan.gather_index(ConvWindows((16, 16), (16, 16), (3, 3), (1, 1), (1, 1), (1, 1)), from_gathered)
+    fresh_pixels = plan.layout((16, 16)).num_pixels if from_gathered else 0
+    recorded = index.source_recorded
+    assert torch.equal(recorded, recorded.unique())
+    zero_row = fresh_pixels + recorded.numel()
+    from_fresh = index.from_fresh if from_gathered else torch.zeros_like(index.inside)
+    want = torch.where(from_fresh, index.fresh_index if from_gathered else 0, -1)
+    rows = index.source_rows
+    reads_recorded = index.inside & ~from_fresh
+    assert torch.equal(rows[from_fresh], want[from_fresh])
+    assert torch.equal(recorded[rows[reads_recorded] - fresh_pixels], index.recorded_index[reads_recorded])
+    assert (rows[~index.inside] == zero_row).all()
+    assert zero_row < rows.numel() / 2  # the windows' 9 reads per pixel came down to about one
 
 
 def test_upsampled_gather_and_full_image():

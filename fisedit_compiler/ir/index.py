@@ -156,7 +156,13 @@ class Upsampled(WindowSpec):
 @dataclasses.dataclass(frozen=True)
 class GatherIndex:
     """Where each pixel of a `WindowSpec` comes from: `fresh[fresh_index]` where `from_fresh`, else
-    `recorded[recorded_index]` where `inside`, else zero. Indices are flat pixel positions."""
+    `recorded[recorded_index]` where `inside`, else zero. Indices are flat pixel positions.
+
+    The same as *sources*: the pixels the windows read, each once (all fresh pixels, in the gathered order, then the
+    recorded pixels at `source_recorded`, then one zero pixel where some window pixel lies outside the image), and
+    for each window pixel its row among them (`source_rows`). Overlapping windows (a 3x3 convolution's windows
+    around pixel-wise blocks read each pixel up to 9 times) then cost one gather of the sources, any per-pixel map
+    on them (a recorded-statistics GroupNorm and SiLU), and one row copy per window pixel."""
 
     windows: WindowCoords
     from_fresh: torch.Tensor | None  # None when the source is a full-size tensor
@@ -165,9 +171,8 @@ class GatherIndex:
     inside: torch.Tensor
     all_inside: bool
     identity: bool = False  # the windows are the source's own pixels in its own order: a gather is a no-op
-    # The same, compacted: window pixels `fresh_at` read `fresh[fresh_from]`, window pixels `recorded_at` read
-    # `recorded[recorded_from]`, the rest is zero. (None when the source is a full-size tensor.)
+    # Window pixels `fresh_at` read `fresh[fresh_from]` (None when the source is a full-size tensor).
     fresh_at: torch.Tensor | None = None
     fresh_from: torch.Tensor | None = None
-    recorded_at: torch.Tensor | None = None
-    recorded_from: torch.Tensor | None = None
+    source_recorded: torch.Tensor | None = None  # (recorded sources,) flat pixel positions, ascending
+    source_rows: torch.Tensor | None = None  # (window pixels,) each one's row among the sources

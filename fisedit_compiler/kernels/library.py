@@ -36,8 +36,8 @@ def _layout(kind: str, res: list[int], dims: list[int], shape: list[int]) -> Spa
     return SpatialLayout(kind, tuple(res), tuple(dims), tuple(shape))  # type: ignore[arg-type]
 
 
-INDEX_FIELDS = ("from_fresh", "fresh_index", "recorded_index", "inside", "fresh_at", "fresh_from", "recorded_at",
-                "recorded_from")
+INDEX_FIELDS = ("from_fresh", "fresh_index", "recorded_index", "inside", "fresh_at", "fresh_from", "source_recorded",
+                "source_rows")
 
 
 def _index(tensors: list[Optional[Tensor]], windows: list[int], all_inside: bool) -> GatherIndex:

@@ -83,29 +83,57 @@ def gather_pixels(
     `index.from_fresh`, else `recorded` (full size), and zero outside the image. With `fresh=None`, `recorded` is
     the only source: a full-size tensor computed in this call.
     """
-    batch, c = recorded.shape[0], index.windows
-    if fresh is None:
-        source = select_pixels(recorded, layout, index.recorded_index)
-        if not index.all_inside:
-            source = source * index.inside[None, :, None].to(source.dtype)
-        return from_canonical(source, layout, c.num_windows, c.height, c.width)
-    has_fresh = index.fresh_at.numel() > 0  # (an empty gathered tensor has no canonical form to index)
-    if has_fresh:
-        fresh_pixels = to_canonical(fresh, layout, batch, fresh_windows).index_select(1, index.fresh_from)
-    if is_whole_map(index, layout):  # a region exit: the recorded map with the fresh pixels written over it
-        full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
-        if has_fresh:
-            dh = layout.dims[0]
-            full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
-        return full
-    # each window pixel is written once, from the source it reads; pixels outside the image stay zero
-    shape = (batch, c.num_windows * c.height * c.width, layout.rest_numel)
-    source = (recorded.new_empty if index.all_inside else recorded.new_zeros)(shape, dtype=fresh.dtype)
-    if index.recorded_at.numel():
-        source.index_copy_(1, index.recorded_at, select_pixels(recorded, layout, index.recorded_from).to(fresh.dtype))
-    if has_fresh:
-        source.index_copy_(1, index.fresh_at, fresh_pixels)
-    return from_canonical(source, layout, c.num_windows, c.height, c.width)
+    if fresh is not None and is_whole_map(index, layout):
+        return _scatter_into_copy(fresh, recorded, index, layout, fresh_windows)
+    return _expand_sources(gather_sources(fresh, recorded, index, layout, fresh_windows), index, layout)
+
+
+def _scatter_into_copy(fresh: torch.Tensor, recorded: torch.Tensor, index: GatherIndex, layout: SpatialLayout,
+                       fresh_windows: int) -> torch.Tensor:
+    """A region exit (one window over the whole map): the recorded map, contiguous, with the fresh pixels written
+    over it."""
+    full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
+    if index.fresh_at.numel():  # (an empty gathered tensor has no canonical form to index)
+        fresh_pixels = to_canonical(fresh, layout, recorded.shape[0], fresh_windows).index_select(1, index.fresh_from)
+        dh = layout.dims[0]
+        full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
+    return full
+
+
+def gather_sources(
+    fresh: torch.Tensor | None,
+    recorded: torch.Tensor,
+    index: GatherIndex,
+    layout: SpatialLayout,
+    fresh_windows: int,
+) -> torch.Tensor:
+    """The pixels that `index`'s windows read, each once (`GatherIndex`'s sources), in canonical form
+    ``(B, sources, rest)``: every pixel of `fresh`, then `recorded`'s at `index.source_recorded`, then (where some
+    window pixel lies outside the image) a zero pixel."""
+    batch, rest = recorded.shape[0], layout.rest_numel
+    dtype = recorded.dtype if fresh is None else fresh.dtype
+    fresh_pixels = 0 if fresh is None else fresh.numel() // (batch * rest)
+    recorded_pixels = index.source_recorded.numel()
+    count = fresh_pixels + recorded_pixels
+    sources = recorded.new_empty((batch, count + (not index.all_inside), rest), dtype=dtype)
+    if fresh_pixels:
+        sources[:, :fresh_pixels] = to_canonical(fresh, layout, batch, fresh_windows)
+    if recorded_pixels:
+        sources[:, fresh_pixels:count] = select_pixels(recorded, layout, index.source_recorded)
+    if not index.all_inside:
+        sources[:, count].zero_()
+    return sources
+
+
+def _expand_sources(sources: torch.Tensor, index: GatherIndex, layout: SpatialLayout) -> torch.Tensor:
+    """The windows of `index` from its sources (`gather_sources`): one row copy per window pixel."""
+    batch, count, rest = sources.shape
+    rows = index.source_rows
+    if batch > 1:  # rows of every batch item in the (B * sources, rest) matrix
+        rows = (rows + torch.arange(batch, device=rows.device)[:, None] * count).flatten()
+    windows = sources.reshape(batch * count, rest).index_select(0, rows).reshape(batch, -1, rest)
+    c = index.windows
+    return from_canonical(windows, layout, c.num_windows, c.height, c.width)
 
 
 def gather_pixels_by_selection(
@@ -325,13 +353,22 @@ def gather_pixels_affine_silu(
 
     `scale` and `shift` are (B, C) with C the layout's non-pixel elements (a map's channels), e.g. from
     `group_norm_scale_shift`. Pixels outside the image are zero *after* the activation: they stand for the
-    convolution's zero padding.
+    convolution's zero padding. The map runs on the sources, each pixel once, before they are copied into the
+    windows (a pixel-wise block's 3x3 window reads a pixel up to 9 times).
     """
-    batch, c = recorded.shape[0], index.windows
-    gathered = to_canonical(gather_pixels(fresh, recorded, index, layout, fresh_windows), layout, batch, c.num_windows)
-    # three passes over the windows, in place after the first (large temporaries cost page faults on CPU)
-    out = (gathered * scale[:, None, :]).add_(shift[:, None, :])  # float32, as scale and shift are
-    F.silu(out, inplace=True)
-    if not index.all_inside:
-        out.mul_(index.inside[None, :, None])
-    return from_canonical(out.to(gathered.dtype), layout, c.num_windows, c.height, c.width)
+    if fresh is not None and is_whole_map(index, layout):
+        full = _scatter_into_copy(fresh, recorded, index, layout, fresh_windows)
+        canonical = _affine_silu_(to_canonical(full, layout, full.shape[0], 1).contiguous(), scale, shift)
+        return from_canonical(canonical, layout, 1, *layout.res).contiguous()
+    sources = gather_sources(fresh, recorded, index, layout, fresh_windows)
+    count = sources.shape[1] - (not index.all_inside)  # the zero pixel stays zero
+    _affine_silu_(sources[:, :count], scale, shift)
+    return _expand_sources(sources, index, layout)
+
+
+def _affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x = silu(x * scale + shift)`` in place, for canonical ``(B, pixels, C)`` `x` and float32 (B, C) `scale` and
+    `shift`: computed in float32, rounded once."""
+    y = (x * scale[:, None, :]).add_(shift[:, None, :])  # float32, as scale and shift are
+    x.copy_(F.silu(y, inplace=True))
+    return x

@@ -129,12 +129,28 @@ class MaskPlan:
         if not from_gathered:
             whole_map = c.num_windows == 1 and (c.height, c.width) == tuple(spec.source_res)
             identity = whole_map and all_inside and torch.equal(flat, torch.arange(flat.numel(), device=flat.device))
-            return GatherIndex(c, None, None, flat, c.inside, all_inside, identity)
+            source_recorded, source_rows = _sources(flat, c.inside, None, 0)
+            return GatherIndex(c, None, None, flat, c.inside, all_inside, identity,
+                               source_recorded=source_recorded, source_rows=source_rows)
         position = layout.pixel_to_gathered[flat]
         from_fresh = (position >= 0) & c.inside
         identity = same_windows and bool(from_fresh.all()) and torch.equal(
             position, torch.arange(position.numel(), device=position.device))
         fresh_at = from_fresh.nonzero().flatten()
-        recorded_at = (c.inside & ~from_fresh).nonzero().flatten()
+        source_recorded, source_rows = _sources(flat, c.inside & ~from_fresh, torch.where(from_fresh, position, -1),
+                                                layout.num_pixels)
         return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside, identity,
-                           fresh_at, position[fresh_at], recorded_at, flat[recorded_at])
+                           fresh_at, position[fresh_at], source_recorded, source_rows)
+
+
+def _sources(flat: torch.Tensor, reads_recorded: torch.Tensor, fresh_position: torch.Tensor | None,
+             fresh_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`GatherIndex.source_recorded` and `source_rows` of window pixels at flat positions `flat`: where
+    `reads_recorded`, a pixel reads the recorded pixel there; else the fresh pixel `fresh_position` (where >= 0),
+    else zero. The sources: `fresh_pixels` fresh pixels, the recorded ones, the zero pixel."""
+    source_recorded, inverse = torch.unique(flat[reads_recorded], return_inverse=True)
+    rows = torch.full_like(flat, fresh_pixels + source_recorded.numel())
+    if fresh_position is not None:
+        rows = torch.where(fresh_position >= 0, fresh_position, rows)
+    rows[reads_recorded] = fresh_pixels + inverse
+    return source_recorded, rows
