@@ -143,10 +143,12 @@ def test_sparse_conv_gives_every_spatial_kernel_a_window_gather():
     before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "sparse_conv")
     rewritten = after.get("conv_windows", 0)
     assert rewritten > 0 and after["aten.conv2d.default"] == before["aten.conv2d.default"] - rewritten
-    for conv in (n for n in gm.graph.nodes if n.target is ops.CONV and n.meta.get(SPARSE)):
-        assert tuple(conv.args[1].meta["val"].shape[2:]) == (1, 1)  # pointwise convs run on blocks as they are
+    assert not [n for n in gm.graph.nodes if n.target is ops.CONV and n.meta.get(SPARSE)]
     for conv in (n for n in gm.graph.nodes if n.target is runtime_ops.conv_windows):
-        assert conv.args[0].target in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
+        if tuple(conv.args[1].meta["val"].shape[2:]) == (1, 1):  # pointwise convs read the blocks as they are
+            assert conv.args[0].target not in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
+        else:
+            assert conv.args[0].target in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
 
 
 def test_sparse_upsample_leaves_no_sparse_upsample():

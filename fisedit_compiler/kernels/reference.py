@@ -231,6 +231,8 @@ def conv_method(algorithm: str, kernel_size: tuple[int, int], window_size: tuple
     plain = groups == 1 and tuple(dilation) == (1, 1)
     if plain and tuple(window_size) == tuple(kernel_size):
         return "im2col"
+    if tuple(kernel_size) == (1, 1):
+        return "channels_last"  # a pointwise conv on larger blocks: the library, on the blocks as they come
     if algorithm == "im2col" and not plain:
         return "nchw"
     return algorithm
