@@ -35,6 +35,14 @@ def _run_benchmark(name: str, argv: list[str]) -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")))
+def test_benchmark_script_shadows_no_installed_module(script):
+    """`python benchmarks/<script>.py` puts benchmarks/ first on sys.path: a script named like an installed module
+    (transformers imports the `kernels` package) would be imported in its place, and every benchmark would fail."""
+    assert importlib.util.find_spec(script) is None, (
+        f"benchmarks/{script}.py has the name of an installed module: rename it")
+
+
 @pytest.fixture(scope="module")
 def unet_speed():
     return _benchmark("unet_speed")

@@ -2,8 +2,8 @@
 """Kernel benchmark of issue 6: achieved bandwidth (gathers) and FLOP/s (attention) of the sparse path's
 kernels, Triton against the PyTorch reference, and both against the device's peak.
 
-    python benchmarks/kernels.py                      # SD 2 sizes: 96x96 latents, 320 channels, 20% mask
-    python benchmarks/kernels.py --latent-size 32     # a quick check
+    python benchmarks/kernel_speed.py                      # SD 2 sizes: 96x96 latents, 320 channels, 20% mask
+    python benchmarks/kernel_speed.py --latent-size 32     # a quick check
 
 On CUDA it times the Triton version and the reference of every kernel (`triton.testing.do_bench`, medians, after
 Triton's autotuning has run) and checks that they agree. On CPU it times the references only and says so: no
