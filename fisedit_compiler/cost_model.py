@@ -41,16 +41,25 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 # contiguous NCHW copy of the windows, the same on the windows as gathered (channels-last strided), or im2col (each
 # output pixel's kernel footprint a row, then one GEMM with the flattened kernel).
 CONV_ALGORITHMS = ("nchw", "channels_last", "im2col")
+# Which library multiplies im2col's rows with the flattened kernel (`kernels.reference.matmul_rows`): the BLAS behind
+# `F.linear` (MKL on x86 CPUs, cuBLAS on CUDA), or oneDNN, the library behind PyTorch's CPU convolutions, as a 1x1
+# convolution. On a 2-core AMD EPYC (AVX-512, torch 2.13, fp32) MKL's SGEMM ran at 93 GMAC/s and oneDNN at 212: the
+# dense U-Net's 3x3 convolutions run in oneDNN, so with BLAS the sparse path's GEMMs ran at half the dense rate.
+GEMM_LIBRARIES = ("blas", "onednn")
+# oneDNN reorders the kernel on every call: below this many rows BLAS wins (on that CPU, 50 rows of an SD 1280-channel
+# 3x3 kernel: 10 ms by BLAS, 26 by oneDNN; 300 rows: even; 1556 rows of a 640-channel one: 56 vs 27 ms).
+ONEDNN_MIN_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class CostConstants:
     """Per channel count C and block size b: the cost of one output pixel of a sparse layer relative to dense
     (`layer`), and the fastest convolution algorithm on windows (`conv`, one of `CONV_ALGORITHMS`; "nchw" where
-    none was measured)."""
+    none was measured); and the faster library for im2col's float32 GEMMs (`gemm`, one of `GEMM_LIBRARIES`)."""
 
     layer: dict[int, dict[int, float]]
     conv: dict[int, dict[int, str]] = dataclasses.field(default_factory=dict)
+    gemm: str = "blas"
 
     def __post_init__(self) -> None:
         for c, costs in self.layer.items():
@@ -65,6 +74,8 @@ class CostConstants:
             if unknown:
                 raise ValueError(f"CostConstants.conv[{c}] names unknown convolution algorithms {sorted(unknown)}: "
                                  f"choose among {CONV_ALGORITHMS}")
+        if self.gemm not in GEMM_LIBRARIES:
+            raise ValueError(f"CostConstants.gemm={self.gemm!r}: choose among {GEMM_LIBRARIES}")
 
     def for_channels(self, channels: int | None) -> dict[int, float]:
         """The per-block costs of the calibrated channel count nearest to `channels` (in ratio); the widest one
@@ -77,6 +88,13 @@ class CostConstants:
         if not self.conv:
             return "nchw"
         return self.conv[_nearest(self.conv, channels)].get(block, "nchw")
+
+    def gemm_library(self, rows: int, dtype: torch.dtype) -> str:
+        """The library for an im2col GEMM of `rows` rows in `dtype`: `gemm` for float32 from `ONEDNN_MIN_ROWS`
+        rows on where oneDNN is built in, else BLAS (for bfloat16 `F.linear` takes oneDNN by itself)."""
+        onednn = (self.gemm == "onednn" and dtype == torch.float32 and rows >= ONEDNN_MIN_ROWS
+                  and torch.backends.mkldnn.is_available())
+        return "onednn" if onednn else "blas"
 
 
 def _nearest(table: dict[int, object], channels: int | None) -> int:
@@ -103,6 +121,7 @@ DEFAULT = CostConstants(
         640: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "channels_last"},
         1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "nchw"},
     },
+    gemm="onednn",
 )
 
 
@@ -144,7 +163,8 @@ def calibration_path(device: torch.device) -> Path:
 
 def load_constants(device: torch.device) -> CostConstants:
     """The calibrated constants of `device` if `tuning.calibrate` saved them, else `DEFAULT` (on an accelerator,
-    without its CPU-measured convolution algorithms: there the convolution library chooses, "nchw")."""
+    without its CPU-measured convolution algorithms and GEMM library: there the convolution library chooses, "nchw",
+    and GEMMs take BLAS)."""
     path = calibration_path(device)
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -152,5 +172,6 @@ def load_constants(device: torch.device) -> CostConstants:
             return CostConstants(layer={int(c): {int(b): v for b, v in costs.items()}
                                         for c, costs in saved["layer"].items()},
                                  conv={int(c): {int(b): v for b, v in algorithms.items()}
-                                       for c, algorithms in saved.get("conv", {}).items()})
-    return DEFAULT if device.type == "cpu" else dataclasses.replace(DEFAULT, conv={})
+                                       for c, algorithms in saved.get("conv", {}).items()},
+                                 gemm=saved.get("gemm", "onednn" if device.type == "cpu" else "blas"))
+    return DEFAULT if device.type == "cpu" else dataclasses.replace(DEFAULT, conv={}, gemm="blas")

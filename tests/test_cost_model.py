@@ -115,6 +115,24 @@ def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     assert all(set(algorithms) == set(cost_model.BLOCK_SIZES) and algorithms[1] == "im2col"
                and set(algorithms.values()) <= set(cost_model.CONV_ALGORITHMS)
                for algorithms in measured.conv.values())
+    assert measured.gemm in cost_model.GEMM_LIBRARIES
+
+
+def test_gemm_library_takes_onednn_only_where_it_pays():
+    onednn = cost_model.DEFAULT
+    assert onednn.gemm == "onednn"  # the CPU default, measured
+    many, few = cost_model.ONEDNN_MIN_ROWS, cost_model.ONEDNN_MIN_ROWS - 1
+    assert onednn.gemm_library(many, torch.float32) == "onednn"
+    assert onednn.gemm_library(few, torch.float32) == "blas"  # the kernel's reorder would cost more than it saves
+    assert onednn.gemm_library(many, torch.bfloat16) == "blas"  # F.linear takes oneDNN for bf16 by itself
+    assert CostConstants(layer=onednn.layer).gemm_library(many, torch.float32) == "blas"
+    with pytest.raises(ValueError, match="gemm='mkl'"):
+        CostConstants(layer=onednn.layer, gemm="mkl")
+
+
+def test_gemm_library_defaults_to_blas_off_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    assert cost_model.load_constants(torch.device("meta")).gemm == "blas"
 
 
 def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path, monkeypatch):
@@ -126,6 +144,7 @@ def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path,
     loaded = cost_model.load_constants(device)
     assert loaded.layer == {320: {b: 1.0 for b in cost_model.BLOCK_SIZES}}
     assert loaded.conv_algorithm(320, 4) == "nchw"
+    assert loaded.gemm == "onednn"  # a file from before the GEMM choice: the CPU default
 
 
 def test_the_cpu_measured_convolution_algorithms_are_not_applied_to_other_devices(tmp_path, monkeypatch):

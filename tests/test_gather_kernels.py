@@ -177,6 +177,22 @@ def test_every_convolution_algorithm_convolves_windows_like_conv2d(algorithm, bl
     assert list(flat_kernels) == ([id(weight)] if algorithm == "im2col" or block == 1 else [])
 
 
+@pytest.mark.parametrize("gemm", ["blas", "onednn"])
+def test_both_gemm_libraries_multiply_rows_like_linear(gemm):
+    g = torch.Generator().manual_seed(3)
+    rows, kernel, bias = (torch.randn(300, 45, generator=g), torch.randn(7, 45, generator=g),
+                          torch.randn(7, generator=g))
+    got = reference.matmul_rows(rows, kernel, bias, gemm)
+    assert got.shape == (300, 7)
+    torch.testing.assert_close(got, torch.nn.functional.linear(rows, kernel, bias), rtol=1e-5, atol=1e-5)
+    windows = torch.randn(9, 3, 3, 5, generator=g).permute(0, 3, 1, 2)  # pixel-wise blocks' windows, as gathered
+    weight = torch.randn(6, 5, 3, 3, generator=g)
+    torch.testing.assert_close(reference.conv_windows(windows, weight, None, [1, 1], [1, 1], 1, None, "im2col", gemm),
+                               torch.nn.functional.conv2d(windows, weight), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gemm='mkl'"):
+        reference.matmul_rows(rows, kernel, bias, "mkl")
+
+
 def test_convolutions_im2col_cannot_run_take_the_convolution_library():
     assert reference.conv_method("im2col", (3, 3), (6, 6), [2, 2], 1) == "nchw"  # dilated
     assert reference.conv_method("im2col", (3, 3), (6, 6), [1, 1], 2) == "nchw"  # grouped

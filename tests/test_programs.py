@@ -243,6 +243,27 @@ def test_programs_read_the_models_own_parameters_under_flat_names():
     assert parameters and all(id(v) in own for v in parameters)
 
 
+def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
+    """Which library multiplies im2col's rows (`CostConstants.gemm`) is decided at bind time: oneDNN's GEMMs are
+    1x1 convolutions in the program, BLAS's linear layers; both compute the same call, and a program bound for one is
+    not reused under the other."""
+    monkeypatch.setattr(cost_model, "ONEDNN_MIN_ROWS", 1)  # the tiny U-Net's GEMMs have few rows
+    _, inputs, variants, step = recorded_unet()
+    mask = box(4, 6)
+
+    def plan(gemm: str) -> MaskPlan:
+        return MaskPlan(mask, dataclasses.replace(POLICY, block_size=1),
+                        constants=dataclasses.replace(cost_model.DEFAULT, gemm=gemm))
+
+    blas, onednn = plan("blas"), plan("onednn")
+    program, other = bind(variants.sparse, blas), bind(variants.sparse, onednn)
+    assert not program.fits(onednn) and not other.fits(blas)
+    linears = lambda p: sum(n.target is torch.nn.functional.linear or n.target is torch._C._nn.linear  # noqa: E731
+                            for n in p.gm.graph.nodes)
+    assert linears(other) < linears(program)
+    torch.testing.assert_close(other(inputs, step, onednn), program(inputs, step, blas), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("algorithm", ["channels_last", "im2col"])
 def test_a_plans_convolution_algorithm_is_part_of_its_programs_structure(algorithm):
     """The cost constants' convolution algorithm (`CostConstants.conv`) decides how a program convolves windows

@@ -89,3 +89,4 @@ group_norm_scale_shift = reference.group_norm_scale_shift
 repeat_over_blocks = reference.repeat_over_blocks
 scatter_pixels_ = reference.scatter_pixels_
 conv_windows = reference.conv_windows  # cuDNN / oneDNN convolutions or one GEMM
+matmul_rows = reference.matmul_rows  # BLAS or oneDNN

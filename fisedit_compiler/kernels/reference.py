@@ -202,12 +202,14 @@ def conv_windows(
     groups: int,
     flat_kernels: dict[int, torch.Tensor] | None = None,
     algorithm: str = "nchw",
+    gemm: str = "blas",
 ) -> torch.Tensor:
     """A padding-free convolution of a batch of windows, by `algorithm` (`conv_method`). im2col multiplies the
     windows' kernel footprints, flattened, with the flattened kernel: where each window is exactly one footprint
     (pixel-wise blocks) that is one large GEMM instead of thousands of tiny convolutions, and flattening is free for
     the channels-last windows that gathers produce. The flattened kernel is kept in `flat_kernels` (keyed by the
-    weight's id) when given, since for SD's widest layers making it moves more memory than a small mask's GEMM."""
+    weight's id) when given, since for SD's widest layers making it moves more memory than a small mask's GEMM.
+    `gemm` names the library of that product (`matmul_rows`)."""
     kh, kw = weight.shape[-2:]
     method = conv_method(algorithm, (kh, kw), tuple(windows.shape[-2:]), dilation, groups)
     if method == "im2col":
@@ -217,7 +219,7 @@ def conv_windows(
             if flat_kernels is not None:
                 flat_kernels[id(weight)] = kernel
         out_size = tuple((w - k) // s + 1 for w, k, s in zip(windows.shape[-2:], (kh, kw), stride))
-        return im2col_conv(windows, kernel, bias, windows.shape[1], (kh, kw), stride, out_size)
+        return im2col_conv(windows, kernel, bias, windows.shape[1], (kh, kw), stride, out_size, gemm)
     if method == "nchw":
         windows = windows.contiguous()
     return F.conv2d(windows, weight, bias, stride, 0, dilation, groups)
@@ -246,15 +248,29 @@ def im2col_conv(
     kernel_size: tuple[int, int],
     stride: list[int],
     out_size: tuple[int, int],
+    gemm: str = "blas",
 ) -> torch.Tensor:
-    """A padding-free, undilated convolution of (N, C, h, w) windows as one GEMM: every output pixel's footprint
-    (kh, kw, C) a row, times `kernel` (`flat_kernel`). The output is (N, out, oh, ow), channels-last strided. (Sizes
-    come from the arguments, so that it traces with FX proxies.)"""
+    """A padding-free, undilated convolution of (N, C, h, w) windows as one GEMM (by `gemm`, see `matmul_rows`):
+    every output pixel's footprint (kh, kw, C) a row, times `kernel` (`flat_kernel`). The output is (N, out, oh, ow),
+    channels-last strided. (Sizes come from the arguments, so that it traces with FX proxies.)"""
     kh, kw = kernel_size
     oh, ow = out_size
     rows = windows.permute(0, 2, 3, 1).unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # N, oh, ow, C, kh, kw
     flat = rows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * in_channels)
-    return F.linear(flat, kernel, bias).unflatten(0, (-1, oh, ow)).permute(0, 3, 1, 2)
+    return matmul_rows(flat, kernel, bias, gemm).unflatten(0, (-1, oh, ow)).permute(0, 3, 1, 2)
+
+
+def matmul_rows(rows: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, gemm: str = "blas"
+                ) -> torch.Tensor:
+    """``rows @ kernel.T + bias`` for (n, k) `rows` and an (out, k) `kernel`: by BLAS (`F.linear`), or by oneDNN
+    (`gemm="onednn"`, CPU): a 1x1 convolution of the rows as a (1, k, n, 1) channels-last image, the library that
+    runs PyTorch's dense CPU convolutions (`cost_model.GEMM_LIBRARIES` says why both exist)."""
+    if gemm == "blas":
+        return F.linear(rows, kernel, bias)
+    if gemm != "onednn":
+        raise ValueError(f"gemm={gemm!r}: expected 'blas' or 'onednn'")
+    image = rows.unsqueeze(0).unsqueeze(2).permute(0, 3, 1, 2)  # (1, k, n, 1), channels-last: the rows as they are
+    return F.conv2d(image, kernel[:, :, None, None], bias).permute(0, 2, 3, 1).flatten(0, 2)
 
 
 def group_norm_affine(

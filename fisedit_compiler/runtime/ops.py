@@ -154,8 +154,8 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
     """A convolution over a batch of input windows (with halo) without padding: one output block per window, by
     the device's measured algorithm for its channels and block size (`CostConstants.conv_algorithm`; see
     `kernels.reference.conv_windows`). Where each window is one kernel footprint (pixel-wise blocks) it is one
-    matrix product with the flattened kernel. im2col keeps a parameter's flattened kernel for the plan's lifetime
-    (one edit)."""
+    matrix product with the flattened kernel, by the library the cost constants name for its size and dtype
+    (`CostConstants.gemm_library`). im2col keeps a parameter's flattened kernel for the plan's lifetime (one edit)."""
     _, in_channels, kh, kw = b.dense_shape(1)
     block = b.block(spec.output_res)
     window = spec.window_size(block)
@@ -168,7 +168,10 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
         else:  # a graph input (dynamo lifts parameters): flattened per call
             kernel = reference.flat_kernel(weight)
         out = (block, block)
-        return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out)
+        dense_out = b.dense_value()
+        rows = dense_out.shape[0] * b.num_blocks(spec.output_res) * block * block  # one per output pixel
+        gemm = b.gemm_library(rows, dense_out.dtype)
+        return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out, gemm)
     # Gathered windows come channels-last strided (pixels outer, channels inner): "nchw" copies them first
     if method == "nchw":
         windows = windows.contiguous()

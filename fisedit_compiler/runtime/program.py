@@ -115,12 +115,18 @@ class Binding:
 
     # --- what lowerings read ----------------------------------------------------------------------------------
 
+    def dense_value(self, arg: int | None = None) -> torch.Tensor:
+        """The dense (captured) value, a fake tensor, of the IR node's argument `arg` (None: of the node itself)."""
+        node = self.node if arg is None else self.node.args[arg]
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{self.node.name}: {'its value' if arg is None else f'argument {arg}'} has no recorded "
+                            "shape")
+        return value
+
     def dense_shape(self, arg: int) -> tuple[int, ...]:
         """The dense (captured) shape of the IR node's argument `arg`."""
-        value = self.node.args[arg].meta.get("val")
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{self.node.name}: argument {arg} has no recorded shape")
-        return tuple(value.shape)
+        return tuple(self.dense_value(arg).shape)
 
     def constant(self, arg: int) -> torch.Tensor:
         """The tensor of the IR node's argument `arg`, a parameter or buffer (`get_attr`)."""
@@ -165,6 +171,9 @@ class Binding:
 
     def conv_algorithm(self, channels: int, block: int) -> str:
         return self._fact(("conv_algorithm", channels, block))
+
+    def gemm_library(self, rows: int, dtype: torch.dtype) -> str:
+        return self._fact(("gemm_library", rows, dtype))
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
         shape = self._fact(("index", spec, from_gathered))
@@ -259,14 +268,17 @@ class Binding:
 
 def plan_fact(plan: MaskPlan, key: tuple) -> Any:
     """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
-    layout, ("conv_algorithm", channels, block), how its cost constants say to convolve windows, or ("index", spec,
-    from_gathered), a gather index's structure (`_index_structure`)."""
+    layout, ("conv_algorithm", channels, block), how its cost constants say to convolve windows, ("gemm_library",
+    rows, dtype), which library multiplies im2col's rows, or ("index", spec, from_gathered), a gather index's
+    structure (`_index_structure`)."""
     if key[0] == "num_blocks":
         return plan.layout(key[1]).num_blocks
     if key[0] == "block":
         return plan.layout(key[1]).block
     if key[0] == "conv_algorithm":
         return plan.constants.conv_algorithm(key[1], key[2])
+    if key[0] == "gemm_library":
+        return plan.constants.gemm_library(key[1], key[2])
     return _index_structure(plan.gather_index(key[1], key[2]))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..cost_model import BLOCK_SIZES, CONV_ALGORITHMS, DEFAULT, CostConstants, calibration_path
+from ..cost_model import BLOCK_SIZES, CONV_ALGORITHMS, DEFAULT, GEMM_LIBRARIES, CostConstants, calibration_path
 from ..ir import ActivePixels, ConvWindows, SpatialLayout
 from ..policy import Policy
 from ..runtime.mask_plan import MaskPlan
@@ -44,11 +44,13 @@ def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CH
     """Measure `layer[C][b]` on `device` for every C in `channels` (multiples of 32): a resnet layer (GroupNorm
     with 32 groups, SiLU, 3x3 convolution) densely on a map twice as wide as `side` (at least 32), and as the
     sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size, its
-    convolution by each of `CONV_ALGORITHMS`: the fastest one is `conv[C][b]`, and its time sets the cost."""
+    convolution by each of `CONV_ALGORITHMS`: the fastest one is `conv[C][b]`, and its time sets the cost. First the
+    faster library for im2col's GEMMs (`gemm`, on CPU: BLAS or oneDNN), which those layers then use."""
     device = torch.device(device)
-    measured = {c: _layer_costs(device, c, side) for c in channels}
+    gemm = _gemm_library(device)
+    measured = {c: _layer_costs(device, c, side, gemm) for c in channels}
     constants = CostConstants(layer={c: costs for c, (costs, _) in measured.items()},
-                              conv={c: algorithms for c, (_, algorithms) in measured.items()})
+                              conv={c: algorithms for c, (_, algorithms) in measured.items()}, gemm=gemm)
     if save:
         path = calibration_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,18 @@ def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CH
     return constants
 
 
-def _layer_costs(device: torch.device, channels: int, side: int) -> tuple[dict[int, float], dict[int, str]]:
+def _gemm_library(device: torch.device) -> str:
+    """The faster of `GEMM_LIBRARIES` for an im2col GEMM the size of SD's 640-channel layers on a 30% mask at 48x48
+    latents; BLAS off the CPU (oneDNN's convolutions serve CPUs)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return "blas"
+    rows, kernel = torch.randn(768, 9 * 640), torch.randn(640, 9 * 640)
+    seconds = {g: _seconds(lambda: kernels.matmul_rows(rows, kernel, None, g)) for g in GEMM_LIBRARIES}
+    return min(seconds, key=seconds.get)
+
+
+def _layer_costs(device: torch.device, channels: int, side: int, gemm: str
+                 ) -> tuple[dict[int, float], dict[int, str]]:
     weight = torch.randn(channels, channels, 3, 3, device=device) / (3 * channels ** 0.5)
     res = (max(2 * side, max(BLOCK_SIZES)),) * 2
     dense_map = torch.randn(1, channels, *res, device=device)
@@ -74,11 +87,13 @@ def _layer_costs(device: torch.device, channels: int, side: int) -> tuple[dict[i
         blocks = plan.layout(res)
         fresh = kernels.gather_pixels(None, recorded, plan.gather_index(ActivePixels(res), False), layout, 0)
         index = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
+        library = dataclasses.replace(DEFAULT, gemm=gemm).gemm_library(blocks.num_pixels, weight.dtype)
 
         def sparse_layer(algorithm: str):
             windows = kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, blocks.num_blocks, scale,
                                                         shift)
-            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1, flat_kernels, algorithm)
+            return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1, flat_kernels, algorithm,
+                                        library)
 
         # pixel-wise blocks always take im2col (each window is one footprint: nothing to choose)
         seconds = {a: _seconds(lambda: sparse_layer(a)) for a in (CONV_ALGORITHMS if block > 1 else ("im2col",))}
