@@ -187,8 +187,14 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
     assert chains > 0 and after["group_norm_recorded_stats"] == before["group_norm_recorded_stats"] - chains
     assert after["gather_windows"] <= before["gather_windows"]
     fused = [n for n in gm.graph.nodes if n.target is runtime_ops.gather_windows_norm_silu]
-    sliced = [n for n in fused if len(n.args) > 8]
+    sliced = [n for n in fused if n.args[8] is not None]
     assert sliced and len(fused) == chains + len(sliced) // 2  # the up blocks' chains: two operands each
+    # every resnet's second chain (conv1 + time embedding, norm2, SiLU, identity dropout) fused, the time embedding
+    # folded into the affine map: as many as the sparse graph has second convolutions
+    with_offset = [n for n in fused if n.args[9] is not None]
+    second_convs = [n for n in gm.graph.nodes if n.target is runtime_ops.conv_windows and "conv2" in n.args[1].target]
+    assert with_offset and len(with_offset) == len(second_convs)
+    assert all(n.args[9].target is not runtime_ops.repeat_over_blocks and n.args[8] is None for n in with_offset)
     for part in sliced:
         (cat,) = part.users
         assert cat.target is ops.aten.cat.default and cat.args[1] == 1
@@ -202,6 +208,7 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
     # a resnet's output scaling on the windows
     for zero in (n for n in gm.graph.nodes if n.target is runtime_ops.zero_outside_image):
         act = zero.args[0]
+        act = act.args[0] if act.target is ops.aten.dropout.default else act
         if act.target is ops.aten.silu.default and act.args[0].target is runtime_ops.group_norm_recorded_stats:
             normalised = act.args[0].args[0]
             assert normalised.target is not runtime_ops.gather_windows

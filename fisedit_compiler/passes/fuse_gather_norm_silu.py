@@ -8,7 +8,16 @@
     %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats])
 
 This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py); a gather that other
-window chains share (e.g. a residual's) stays for them. In up blocks the GroupNorm reads a concatenation of gathers
+window chains share (e.g. a residual's) stays for them. An identity dropout between SiLU and the convolution (a
+resnet's second one, at inference) is looked through. Where a per-(batch item, channel) operand is added to the
+windows before the GroupNorm (a resnet's time embedding, ``norm2(conv1(x) + temb)``), it moves into the affine map
+(``scale * (x + t) + shift = scale * x + (shift + scale * t)``) and the op reads it as `offset`:
+
+    %t : repeat_over_blocks(%temb, %win)
+    %gn : group_norm_recorded_stats(aten.add(%win, %t), ...) ...
+->
+    %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats], None, %temb)
+ In up blocks the GroupNorm reads a concatenation of gathers
 (the upsampled path's and the skip connection's windows); with recorded statistics it is a per-channel affine map,
 so each operand gets its own fused gather with its slice of the channels and the finished windows are concatenated:
 
@@ -17,8 +26,8 @@ so each operand gets its own fused gather with its slice of the channels and the
     %z : cat([gather_windows_norm_silu(%a, ..., (0, Ca, Ca + Cb)), gather_windows_norm_silu(%b, ..., (Ca, Ca + Cb,
                                                                                           Ca + Cb))], 1)
 
-Without it the concatenation, the affine map and SiLU each ran over the windows (9 copies of every pixel for
-pixel-wise blocks). The fused op reads each window pixel once, applies the
+Without it the concatenation, the time embedding's addition, the affine map and SiLU each ran over the windows
+(9 copies of every pixel for pixel-wise blocks). The fused op reads each window pixel once, applies the
 recorded-statistics GroupNorm as a per-channel affine map and SiLU in float32, and writes the window with zeros
 outside the image: one kernel instead of four on CUDA (`kernels.gather_pixels_affine_silu`).
 """
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ..ir import LAYOUT, tensor_meta
 from ..runtime import ops as runtime_ops
 from . import ops
 
@@ -41,6 +51,9 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         if zero.target is not runtime_ops.zero_outside_image:
             continue
         act, layout, spec = zero.args
+        dropout = act if _is_identity_dropout(act) else None
+        if dropout is not None:
+            act = dropout.args[0]
         if not _only_user(act, ops.aten.silu.default):
             continue
         norm = act.args[0]
@@ -48,12 +61,15 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
             continue
         windows = norm.args[0]
         _, groups, weight, bias, stats = norm.args
+        added = _per_channel_addition(windows, spec)
+        if added is not None:
+            addition, windows, offset = added
         if _is_gather(windows, spec):
             source, ref, _, _ = windows.args
             zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
-            zero.args = (source, ref, layout, spec, groups, weight, bias, stats)
+            zero.args = (source, ref, layout, spec, groups, weight, bias, stats, None, offset if added else None)
             gathers = [windows]
-        elif _is_channel_cat(windows, spec):
+        elif _is_channel_cat(windows, spec) and added is None:
             # GroupNorm with recorded statistics is a per-channel affine map: normalise each operand of the
             # concatenation in its own fused gather, then concatenate the finished windows
             gathers, parts, first = list(windows.args[0]), [], 0
@@ -63,7 +79,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
                 end = first + part_layout.rest_numel
                 with gm.graph.inserting_before(zero):
                     part = gm.graph.call_function(runtime_ops.gather_windows_norm_silu, (
-                        source, ref, part_layout, spec, groups, weight, bias, stats, (first, end, total)))
+                        source, ref, part_layout, spec, groups, weight, bias, stats, (first, end, total), None))
                 part.meta.update(gather.meta)
                 parts.append(part)
                 first = end
@@ -71,8 +87,15 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
             zero.args = (parts, 1)
         else:
             continue
+        if dropout is not None:
+            gm.graph.erase_node(dropout)
         gm.graph.erase_node(act)
         gm.graph.erase_node(norm)
+        if added is not None:
+            repeated = addition.args[1] if addition.args[0] is windows else addition.args[0]
+            gm.graph.erase_node(addition)
+            if repeated.target is runtime_ops.repeat_over_blocks and not repeated.users:
+                gm.graph.erase_node(repeated)
         if windows not in gathers:
             gm.graph.erase_node(windows)  # the concatenation
         for gather in gathers:
@@ -80,6 +103,34 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
                 gm.graph.erase_node(gather)
         rewrites += 1
     return rewrites
+
+
+def _is_identity_dropout(node) -> bool:
+    """A dropout that passes its input through (p = 0, or not training), read by one node."""
+    if not _only_user(node, ops.aten.dropout.default):
+        return False
+    p, train = (list(node.args[1:]) + [None, None])[:2]
+    p, train = node.kwargs.get("p", p), node.kwargs.get("train", train)
+    return p == 0 or train is False
+
+
+def _per_channel_addition(node, spec) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``aten.add(gather, t)`` (either order), read by nothing else than the norm, where `t` is one value per (batch
+    item or all, channel), lined up with the blocks by `repeat_over_blocks` or as it is: (the addition, the gather,
+    the unrepeated `t`), else None."""
+    if not _only_user(node, ops.aten.add.Tensor) or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return None
+    for windows, other in (node.args, node.args[::-1]):
+        if not _is_gather(windows, spec) or not isinstance(other, fx.Node):
+            continue
+        operand = other.args[0] if other.target is runtime_ops.repeat_over_blocks else other
+        meta, dense = tensor_meta(operand), windows.args[2].shape  # the gathered map's dense shape
+        if meta is None or operand.meta.get(LAYOUT) is not None or meta.dim() != len(dense):
+            continue
+        batch, channels, *pixels = meta.shape
+        if batch in (1, dense[0]) and channels == dense[1] and all(p == 1 for p in pixels):
+            return node, windows, operand
+    return None
 
 
 def _is_gather(node, spec) -> bool:

@@ -115,13 +115,16 @@ def scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
 @ir_op
 def gather_windows_norm_silu(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec,
                              num_groups: int, weight, bias, stats_ref: CacheRef,
-                             channels: tuple[int, int, int] | None = None):
+                             channels: tuple[int, int, int] | None = None, offset=None):
     """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
     (the following convolution's padding). `channels` (first, end, total): `source` holds that slice of the
-    normalised channels (one operand of a channel concatenation; None: all of them)."""
+    normalised channels (one operand of a channel concatenation; None: all of them). `offset`: a (B or 1, C, 1, 1)
+    value added to the windows before the GroupNorm (a resnet's time embedding), folded into its shift."""
     mean, rstd = b.recorded(stats_ref)
     first, end, total = channels if channels is not None else (0, layout.rest_numel, layout.rest_numel)
     scale, shift = reference.group_norm_scale_shift(total, weight, bias, mean, rstd, num_groups)
+    if offset is not None:
+        shift = shift + scale * offset.reshape(-1, total).float()
     if (first, end) != (0, total):
         scale, shift = scale[:, first:end].contiguous(), shift[:, first:end].contiguous()
     return _gather(b, source, ref, layout, spec, scale, shift)
