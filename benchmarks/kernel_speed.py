@@ -110,7 +110,7 @@ def build_cases(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         Case("gather_pixels", f"3x3 conv windows {where}", (fresh, recorded, windows, layout, blocks),
              gather_bytes(windows, channels, batch, element)),
         Case("gather_pixels_affine_silu", f"3x3 conv windows + GroupNorm affine + SiLU {where}",
-             (fresh, recorded, windows, layout, blocks, scale, shift),
+             ([fresh], [recorded], windows, layout, blocks, scale, shift),
              gather_bytes(windows, channels, batch, element) + 2 * scale.numel() * 4),
     ]
     for head_dim in (64, 40):

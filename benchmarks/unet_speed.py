@@ -326,6 +326,10 @@ def plan_requests(gm: fx.GraphModule) -> tuple[set, set]:
             indices.add((a[3], a[1] is not None))
             if a[1] is not None:
                 layouts.add(a[2].res)
+        elif t is runtime_ops.gather_windows_norm_silu:  # operands' lists: all recorded or none
+            indices.add((a[3], a[1][0] is not None))
+            if a[1][0] is not None:
+                layouts.add(a[2][0].res)
         elif t is runtime_ops.scatter_into_recorded:
             indices.add((FullImage(a[2].res), True))
             layouts.add(a[2].res)

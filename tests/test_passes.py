@@ -180,15 +180,23 @@ def test_sparse_attention_rewrites_self_attention_at_sparse_resolutions():
 
 def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
     """Every gather -> GroupNorm -> SiLU chain of a convolution's windows becomes one fused gather; in up blocks the
-    GroupNorm reads a concatenation of the upsampled path's and the skip connection's windows: each operand gets its
-    own fused gather with its slice of the channels, and the finished windows are concatenated."""
+    GroupNorm reads a concatenation of the upsampled path's and the skip connection's windows: one fused gather of
+    both operands (or, where one operand is a full-size tensor computed in the call, one per operand with its slice
+    of the channels, the finished windows concatenated)."""
     before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "fuse_gather_norm_silu")
     chains = before["zero_outside_image"] - after["zero_outside_image"]
     assert chains > 0 and after["group_norm_recorded_stats"] == before["group_norm_recorded_stats"] - chains
     assert after["gather_windows"] <= before["gather_windows"]
     fused = [n for n in gm.graph.nodes if n.target is runtime_ops.gather_windows_norm_silu]
+    concatenations = [n for n in fused if len(n.args[0]) > 1]
     sliced = [n for n in fused if n.args[8] is not None]
-    assert sliced and len(fused) == chains + len(sliced) // 2  # the up blocks' chains: two operands each
+    assert concatenations and len(fused) == chains + len(sliced) // 2  # sliced chains: two operands each
+    for n in concatenations:  # the operands' channels are the convolution's input channels, in order
+        (conv,) = n.users
+        assert conv.target is runtime_ops.conv_windows
+        sources, refs, layouts = n.args[:3]
+        assert len(sources) == len(refs) == len(layouts) and all(ref is not None for ref in refs)
+        assert sum(layout.rest_numel for layout in layouts) == gm.get_parameter(conv.args[1].target).shape[1]
     # every resnet's second chain (conv1 + time embedding, norm2, SiLU, identity dropout) fused, the time embedding
     # folded into the affine map: as many as the sparse graph has second convolutions
     with_offset = [n for n in fused if n.args[9] is not None]
@@ -199,7 +207,7 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
         (cat,) = part.users
         assert cat.target is ops.aten.cat.default and cat.args[1] == 1
         first, end, total = part.args[8]
-        assert end - first == part.args[2].rest_numel and end <= total
+        assert end - first == part.args[2][0].rest_numel and end <= total
     for cat in {next(iter(part.users)) for part in sliced}:  # the operands' slices tile the channels in order
         slices = [part.args[8] for part in cat.args[0]]
         assert [first for first, _, _ in slices] == [0] + [end for _, end, _ in slices[:-1]]

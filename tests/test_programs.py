@@ -163,7 +163,11 @@ def test_gather_ops_pass_pytorchs_operator_checks(spec):
     args = (fresh, recorded, index, windows, all_inside, *layout_args(layout), blocks)
     torch.library.opcheck(torch.ops.fisedit.gather_pixels.default, args)
     scale, shift = torch.randn(2, 6), torch.randn(2, 6)
-    torch.library.opcheck(torch.ops.fisedit.gather_pixels_affine_silu.default, (*args, scale, shift))
+    torch.library.opcheck(torch.ops.fisedit.gather_pixels_affine_silu.default, ([fresh], [recorded], *args[2:],
+                                                                                scale, shift))
+    # a concatenation's operands (4 + 2 channels)
+    concat = ([fresh[:, :4], fresh[:, 4:]], [recorded[:, :4], recorded[:, 4:]], *args[2:])
+    torch.library.opcheck(torch.ops.fisedit.gather_pixels_affine_silu.default, (*concat, scale, shift))
     full_index, full_windows, full_inside = _index_args(plan, ActivePixels((8, 8)), False)
     torch.library.opcheck(torch.ops.fisedit.gather_pixels.default,
                           (None, recorded, full_index, full_windows, full_inside, *layout_args(layout), 0))

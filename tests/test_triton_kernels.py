@@ -166,12 +166,20 @@ def test_gather_pixels_affine_silu_matches_reference(triton_gather, device, dtyp
         (None, fresh_full, plan.gather_index(spec, False)),
     ]
     for fresh, full, index in cases:
-        want = reference.gather_pixels_affine_silu(fresh, full, index, layout, blocks, scale, shift)
-        got = triton_gather.gather_pixels_affine_silu(fresh, full, index, layout, blocks, scale, shift)
+        want = reference.gather_pixels_affine_silu([fresh], [full], index, layout, blocks, scale, shift)
+        got = triton_gather.gather_pixels_affine_silu([fresh], [full], index, layout, blocks, scale, shift)
         torch.testing.assert_close(got, want, **TOLERANCE[dtype])
         # the conv's zero padding stays exactly zero after the activation
         pixels = reference.to_canonical(got, layout, BATCH, index.windows.num_windows)
         assert not pixels[:, ~index.inside].any()
+        # a concatenation's operands (e.g. an up block's upsampled path and skip connection) give the same windows
+        # as the concatenated tensors
+        split = 16
+        operands = [None, None] if fresh is None else [fresh[:, :split], fresh[:, split:]]
+        parts = ([full[:, :split], full[:, split:]], layout, blocks, scale, shift)
+        for kernel in (reference, triton_gather):
+            got = kernel.gather_pixels_affine_silu(operands, parts[0], index, *parts[1:])
+            torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
 def test_group_norm_scale_shift_is_the_affine_map_of_group_norm():

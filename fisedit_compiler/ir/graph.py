@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -69,6 +70,26 @@ class SpatialLayout:
     def describe(self) -> str:
         h, w = self.res
         return f"{self.kind}{list(self.dims)}@{h}x{w}"
+
+    def with_rest_size(self, size: int) -> SpatialLayout:
+        """This layout with `size` elements in its one non-pixel dim (a map's channels): an operand of a
+        concatenation along that dim, or the concatenation of operands."""
+        if len(self.rest_dims) != 1:
+            raise ValueError(f"{self.describe()} of shape {self.shape} has {len(self.rest_dims)} non-pixel dims: "
+                             "only a layout with one (a map's channels) concatenates")
+        shape = list(self.shape)
+        shape[self.rest_dims[0]] = size
+        return dataclasses.replace(self, shape=tuple(shape))
+
+
+def concatenated(layouts: Sequence[SpatialLayout]) -> SpatialLayout:
+    """The layout of `layouts`' tensors concatenated along their one non-pixel dim (see `with_rest_size`)."""
+    first = layouts[0]
+    if len(layouts) == 1:
+        return first
+    if any((l.kind, l.res, l.dims) != (first.kind, first.res, first.dims) for l in layouts):
+        raise ValueError(f"layouts {[l.describe() for l in layouts]} differ in their pixels: they do not concatenate")
+    return first.with_rest_size(sum(l.rest_numel for l in layouts))
 
 
 # What a recorded tensor is for: a node's output that sparse calls read outside their blocks (scatter targets and

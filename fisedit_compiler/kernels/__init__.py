@@ -66,7 +66,8 @@ def _dispatched(name: str, triton_module: str) -> Callable:
 
     @functools.wraps(getattr(reference, name))
     def kernel(*args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+                   if isinstance(t, torch.Tensor)]  # a concatenation's operands come as lists
         if select_backend(tensors) == "triton":
             implementation = importlib.import_module(f".{triton_module}", __name__)
         else:

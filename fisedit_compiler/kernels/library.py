@@ -74,7 +74,8 @@ def _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape,
     out = _dispatched(name)(fresh, recorded, gather_index, layout, fresh_windows, *epilogue)
     # the reference's memory format: a region exit (one window over the whole map) is a contiguous map; the Triton
     # version returns it channels-last
-    if fresh is not None and reference.is_whole_map(gather_index, layout):
+    has_fresh = any(f is not None for f in fresh) if isinstance(fresh, list) else fresh is not None
+    if has_fresh and reference.is_whole_map(gather_index, layout):
         return out.contiguous()
     return out
 
@@ -87,10 +88,13 @@ def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh
 
 @torch.library.custom_op("fisedit::gather_pixels_affine_silu", mutates_args=())
 def gather_pixels_affine_silu(
-    fresh: Optional[Tensor], recorded: Tensor, index: list[Optional[Tensor]], windows: list[int], all_inside: bool,
-    kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int, scale: Tensor, shift: Tensor,
+    fresh: list[Optional[Tensor]], recorded: list[Tensor], index: list[Optional[Tensor]], windows: list[int],
+    all_inside: bool, kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int,
+    scale: Tensor, shift: Tensor,
 ) -> Tensor:
-    """`reference.gather_pixels_affine_silu`: `gather_pixels`, then a recorded-statistics GroupNorm and SiLU."""
+    """`reference.gather_pixels_affine_silu`: `gather_pixels` of one operand or of a concatenation's operands
+    (`fresh`, `recorded`: one per operand; the layout is the concatenation's), then a recorded-statistics GroupNorm
+    and SiLU."""
     return _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift,
                    name="gather_pixels_affine_silu")
 

@@ -9,6 +9,8 @@ tensor of a given `SpatialLayout` (dense, gathered or windowed) to and from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -106,16 +108,19 @@ def gather_sources(
     index: GatherIndex,
     layout: SpatialLayout,
     fresh_windows: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pixels that `index`'s windows read, each once (`GatherIndex`'s sources), in canonical form
     ``(B, sources, rest)``: every pixel of `fresh`, then `recorded`'s at `index.source_recorded`, then (where some
-    window pixel lies outside the image) a zero pixel."""
+    window pixel lies outside the image) a zero pixel. Written into `out` when given (e.g. a slice of the rest
+    elements of a larger one: the sources of a concatenation's operand)."""
     batch, rest = recorded.shape[0], layout.rest_numel
     dtype = recorded.dtype if fresh is None else fresh.dtype
     fresh_pixels = 0 if fresh is None else fresh.numel() // (batch * rest)
     recorded_pixels = index.source_recorded.numel()
     count = fresh_pixels + recorded_pixels
-    sources = recorded.new_empty((batch, count + (not index.all_inside), rest), dtype=dtype)
+    sources = out if out is not None else recorded.new_empty((batch, source_count(index, fresh_pixels), rest),
+                                                              dtype=dtype)
     if fresh_pixels:
         sources[:, :fresh_pixels] = to_canonical(fresh, layout, batch, fresh_windows)
     if recorded_pixels:
@@ -123,6 +128,11 @@ def gather_sources(
     if not index.all_inside:
         sources[:, count].zero_()
     return sources
+
+
+def source_count(index: GatherIndex, fresh_pixels: int) -> int:
+    """How many source pixels `gather_sources` gives per batch item, with `fresh_pixels` fresh ones."""
+    return fresh_pixels + index.source_recorded.numel() + (not index.all_inside)
 
 
 def _expand_sources(sources: torch.Tensor, index: GatherIndex, layout: SpatialLayout) -> torch.Tensor:
@@ -358,8 +368,8 @@ def group_norm_scale_shift(
 
 
 def gather_pixels_affine_silu(
-    fresh: torch.Tensor | None,
-    recorded: torch.Tensor,
+    fresh: Sequence[torch.Tensor | None],
+    recorded: Sequence[torch.Tensor],
     index: GatherIndex,
     layout: SpatialLayout,
     fresh_windows: int,
@@ -369,19 +379,48 @@ def gather_pixels_affine_silu(
     """`gather_pixels`, then ``silu(x * scale + shift)`` per (batch item, channel): a recorded-statistics GroupNorm
     and its SiLU applied to a convolution's input windows, computed in float32 and rounded once.
 
+    `fresh` and `recorded` hold the operands of a concatenation along the layout's one non-pixel dim (a map's
+    channels; one pair: no concatenation), each as `gather_pixels` takes them; `layout` is the concatenation's.
     `scale` and `shift` are (B, C) with C the layout's non-pixel elements (a map's channels), e.g. from
     `group_norm_scale_shift`. Pixels outside the image are zero *after* the activation: they stand for the
     convolution's zero padding. The map runs on the sources, each pixel once, before they are copied into the
-    windows (a pixel-wise block's 3x3 window reads a pixel up to 9 times).
+    windows (a pixel-wise block's 3x3 window reads a pixel up to 9 times); a concatenation's operands write their
+    sources side by side, so that the windows are copied once.
     """
-    if fresh is not None and is_whole_map(index, layout):
-        full = _scatter_into_copy(fresh, recorded, index, layout, fresh_windows)
+    parts = operand_layouts(layout, recorded)
+    if any(f is not None for f in fresh) and is_whole_map(index, layout):
+        full = [_scatter_into_copy(f, r, index, part, fresh_windows) for f, r, part in zip(fresh, recorded, parts)]
+        full = full[0] if len(full) == 1 else torch.cat(full, dim=layout.rest_dims[0])
         canonical = _affine_silu_(to_canonical(full, layout, full.shape[0], 1).contiguous(), scale, shift)
         return from_canonical(canonical, layout, 1, *layout.res).contiguous()
-    sources = gather_sources(fresh, recorded, index, layout, fresh_windows)
+    batch = recorded[0].shape[0]
+    fresh_pixels = [0 if f is None else f.numel() // (batch * part.rest_numel) for f, part in zip(fresh, parts)]
+    if any(p != fresh_pixels[0] for p in fresh_pixels[1:]):  # (no set: sizes may be symbolic)
+        raise ValueError(f"concatenated operands with {fresh_pixels} fresh pixels: they share one gather index, "
+                         "so they need the same blocks")
+    dtype = next((f.dtype for f in fresh if f is not None), recorded[0].dtype)
+    sources = recorded[0].new_empty((batch, source_count(index, fresh_pixels[0]), layout.rest_numel), dtype=dtype)
+    first = 0
+    for f, r, part in zip(fresh, recorded, parts):
+        end = first + part.rest_numel
+        gather_sources(f, r, index, part, fresh_windows, out=sources[:, :, first:end])
+        first = end
     count = sources.shape[1] - (not index.all_inside)  # the zero pixel stays zero
     _affine_silu_(sources[:, :count], scale, shift)
     return _expand_sources(sources, index, layout)
+
+
+def operand_layouts(layout: SpatialLayout, recorded: Sequence[torch.Tensor]) -> list[SpatialLayout]:
+    """The layouts of a concatenation's operands, by the size of `recorded`'s (full-size) tensors in the
+    concatenated non-pixel dim of `layout`."""
+    if len(recorded) == 1:
+        return [layout]
+    dim = layout.rest_dims[0] if len(layout.rest_dims) == 1 else None
+    parts = [layout.with_rest_size(r.shape[dim]) for r in recorded] if dim is not None else []
+    if not parts or sum(p.rest_numel for p in parts) != layout.rest_numel:
+        raise ValueError(f"operands of shapes {[tuple(r.shape) for r in recorded]} do not concatenate to "
+                         f"{layout.shape} along its non-pixel dim")
+    return parts
 
 
 def _affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,14 @@ layouts, whose strides the kernel takes as they are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from ..ir import GatherIndex, SpatialLayout
-from .reference import from_canonical, to_canonical
+from .reference import from_canonical, operand_layouts, to_canonical
 from .triton_config import autotune
 
 _GATHER_CONFIGS = [
@@ -38,6 +40,7 @@ def _gather_kernel(
     num_pixels, rest,
     fresh_stride_b, fresh_stride_p, fresh_stride_r,
     recorded_stride_b, recorded_stride_p, recorded_stride_r,
+    out_stride_b, out_stride_p,
     HAS_FRESH: tl.constexpr, ALL_INSIDE: tl.constexpr, AFFINE_SILU: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -76,7 +79,7 @@ def _gather_kernel(
         # Outside the image the window stands for the convolution's zero padding, which comes after the activation.
         value = tl.where(inside[:, None], value, 0.0)
     tl.store(
-        out_ptr + batch * num_pixels * rest + pixels[:, None] * rest + cols[None, :],
+        out_ptr + batch * out_stride_b + pixels[:, None] * out_stride_p + cols[None, :],
         value.to(out_ptr.dtype.element_ty),
         mask=pixel_ok[:, None] & col_ok[None, :],
     )
@@ -92,8 +95,10 @@ def _gather_canonical(
     *,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch `_gather_kernel` on canonical ``(B, pixels, rest)`` sources; returns a contiguous canonical tensor.
+    """Launch `_gather_kernel` on canonical ``(B, pixels, rest)`` sources; returns a contiguous canonical tensor,
+    or writes `out` (with unit stride in its last dim, e.g. a slice of a larger one's) and returns it.
 
     Row ``i`` of the output reads ``fresh[:, fresh_index[i]]`` where `from_fresh`, else
     ``recorded[:, recorded_index[i]]`` where `inside` (None: everywhere), else zero. `fresh=None` (or empty)
@@ -102,7 +107,8 @@ def _gather_canonical(
     has_fresh = fresh is not None and fresh.numel() > 0
     dtype = torch.promote_types(fresh.dtype, recorded.dtype) if has_fresh else recorded.dtype
     batch, rest, num_pixels = recorded.shape[0], recorded.shape[2], recorded_index.numel()
-    out = torch.empty(batch, num_pixels, rest, dtype=dtype, device=recorded.device)
+    if out is None:
+        out = torch.empty(batch, num_pixels, rest, dtype=dtype, device=recorded.device)
     if out.numel() == 0:
         return out
     fresh_strides = fresh.stride() if has_fresh else (0, 0, 0)
@@ -120,7 +126,7 @@ def _gather_canonical(
         out, fresh if has_fresh else None, recorded, scale, shift,
         from_fresh if has_fresh else None, fresh_index if has_fresh else None, recorded_index, inside,
         num_pixels, rest,
-        *fresh_strides, *recorded.stride(),
+        *fresh_strides, *recorded.stride(), out.stride(0), out.stride(1),
         HAS_FRESH=has_fresh, ALL_INSIDE=inside is None, AFFINE_SILU=scale is not None,
     )
     return out
@@ -158,13 +164,30 @@ def gather_pixels(
 
 
 def gather_pixels_affine_silu(
-    fresh: torch.Tensor | None,
-    recorded: torch.Tensor,
+    fresh: Sequence[torch.Tensor | None],
+    recorded: Sequence[torch.Tensor],
     index: GatherIndex,
     layout: SpatialLayout,
     fresh_windows: int,
     scale: torch.Tensor,
     shift: torch.Tensor,
 ) -> torch.Tensor:
-    """Two-source gather with GroupNorm affine and SiLU fused; see `reference.gather_pixels_affine_silu`."""
-    return _gather_pixels(fresh, recorded, index, layout, fresh_windows, scale=scale, shift=shift)
+    """Two-source gather with GroupNorm affine and SiLU fused, of one operand or of a concatenation's (one launch
+    per operand, each writing its channels of the output); see `reference.gather_pixels_affine_silu`."""
+    parts = operand_layouts(layout, recorded)
+    if len(parts) == 1:
+        return _gather_pixels(fresh[0], recorded[0], index, layout, fresh_windows, scale=scale, shift=shift)
+    batch, c = recorded[0].shape[0], index.windows
+    dtype = next((f.dtype for f in fresh if f is not None), recorded[0].dtype)
+    out = torch.empty(batch, index.recorded_index.numel(), layout.rest_numel, dtype=dtype,
+                      device=recorded[0].device)
+    first = 0
+    for f, r, part in zip(fresh, recorded, parts):
+        end = first + part.rest_numel
+        _gather_canonical(
+            None if f is None else to_canonical(f, part, batch, fresh_windows), to_canonical(r, part, batch, 1),
+            index.from_fresh, index.fresh_index, index.recorded_index, None if index.all_inside else index.inside,
+            scale=scale[:, first:end], shift=shift[:, first:end], out=out[:, :, first:end],
+        )
+        first = end
+    return from_canonical(out, layout, c.num_windows, c.height, c.width)

@@ -5,7 +5,7 @@
     %act : aten.silu(%gn)
     %z : zero_outside_image(%act, layout, spec)
 ->
-    %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats])
+    %z : gather_windows_norm_silu([%x], [cache[x]], [layout], spec, groups, %w, %b, cache[stats])
 
 This is the chain `sparse_conv` builds in front of every resnet convolution (see windows.py); a gather that other
 window chains share (e.g. a residual's) stays for them. An identity dropout between SiLU and the convolution (a
@@ -16,20 +16,24 @@ windows before the GroupNorm (a resnet's time embedding, ``norm2(conv1(x) + temb
     %t : repeat_over_blocks(%temb, %win)
     %gn : group_norm_recorded_stats(aten.add(%win, %t), ...) ...
 ->
-    %z : gather_windows_norm_silu(%x, cache[x], layout, spec, groups, %w, %b, cache[stats], None, %temb)
- In up blocks the GroupNorm reads a concatenation of gathers
-(the upsampled path's and the skip connection's windows); with recorded statistics it is a per-channel affine map,
-so each operand gets its own fused gather with its slice of the channels and the finished windows are concatenated:
+    %z : gather_windows_norm_silu([%x], [cache[x]], [layout], spec, groups, %w, %b, cache[stats], None, %temb)
+
+In up blocks the GroupNorm reads a concatenation of gathers (the upsampled path's and the skip connection's
+windows). With recorded statistics it is a per-channel affine map, so the operands are one fused gather: each
+operand's pixels normalised with its channels' scale and shift and written side by side, the windows copied once:
 
     %gn : group_norm_recorded_stats(cat([gather_windows(%a, ...), gather_windows(%b, ...)], 1), ...) ...
 ->
-    %z : cat([gather_windows_norm_silu(%a, ..., (0, Ca, Ca + Cb)), gather_windows_norm_silu(%b, ..., (Ca, Ca + Cb,
-                                                                                          Ca + Cb))], 1)
+    %z : gather_windows_norm_silu([%a, %b], [cache[a], cache[b]], [layout_a, layout_b], spec, ...)
+
+(Where one operand is a full-size tensor computed in this call and the other a gathered one, their gathers read
+different indices: each gets its own fused gather with its slice of the channels, ``(first, end, total)``, and the
+finished windows are concatenated.)
 
 Without it the concatenation, the time embedding's addition, the affine map and SiLU each ran over the windows
-(9 copies of every pixel for pixel-wise blocks). The fused op reads each window pixel once, applies the
-recorded-statistics GroupNorm as a per-channel affine map and SiLU in float32, and writes the window with zeros
-outside the image: one kernel instead of four on CUDA (`kernels.gather_pixels_affine_silu`).
+(9 copies of every pixel for pixel-wise blocks). The fused op reads each source pixel once, applies the
+recorded-statistics GroupNorm as a per-channel affine map and SiLU in float32, and writes the windows with zeros
+outside the image: one kernel per operand on CUDA (`kernels.gather_pixels_affine_silu`).
 """
 
 from __future__ import annotations
@@ -64,29 +68,29 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         added = _per_channel_addition(windows, spec)
         if added is not None:
             addition, windows, offset = added
-        if _is_gather(windows, spec):
-            source, ref, _, _ = windows.args
+        gathers = [windows] if _is_gather(windows, spec) else None
+        if gathers is None and _is_channel_cat(windows, spec) and added is None:
+            gathers = list(windows.args[0])
+        if gathers is None:
+            continue
+        sources, refs, layouts = ([g.args[i] for g in gathers] for i in range(3))
+        if len({ref is None for ref in refs}) == 1:  # the operands share one gather index: one fused gather
             zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
-            zero.args = (source, ref, layout, spec, groups, weight, bias, stats, None, offset if added else None)
-            gathers = [windows]
-        elif _is_channel_cat(windows, spec) and added is None:
-            # GroupNorm with recorded statistics is a per-channel affine map: normalise each operand of the
-            # concatenation in its own fused gather, then concatenate the finished windows
-            gathers, parts, first = list(windows.args[0]), [], 0
-            total = sum(g.args[2].rest_numel for g in gathers)
-            for gather in gathers:
-                source, ref, part_layout, _ = gather.args
+            zero.args = (sources, refs, layouts, spec, groups, weight, bias, stats, None, offset if added else None)
+        else:
+            # operands from recorded values and from full-size ones computed in this call read different indices:
+            # a fused gather each, with its slice of the channels, and the finished windows concatenated
+            parts, first, total = [], 0, sum(layout.rest_numel for layout in layouts)
+            for gather, source, ref, part_layout in zip(gathers, sources, refs, layouts):
                 end = first + part_layout.rest_numel
                 with gm.graph.inserting_before(zero):
                     part = gm.graph.call_function(runtime_ops.gather_windows_norm_silu, (
-                        source, ref, part_layout, spec, groups, weight, bias, stats, (first, end, total), None))
+                        [source], [ref], [part_layout], spec, groups, weight, bias, stats, (first, end, total), None))
                 part.meta.update(gather.meta)
                 parts.append(part)
                 first = end
             zero.target = ops.aten.cat.default  # in place, as above
             zero.args = (parts, 1)
-        else:
-            continue
         if dropout is not None:
             gm.graph.erase_node(dropout)
         gm.graph.erase_node(act)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec
+from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec, concatenated
 from ..kernels import library, reference
 from ..kernels.library import INDEX_FIELDS
 
@@ -71,26 +71,45 @@ def group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, 
 # --- sparse variant ---------------------------------------------------------------------------------------------
 
 
-def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec, scale=None, shift=None):
+def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
     """A gather of `spec`'s windows: from `source` and the recorded value at `ref`, or (`ref=None`) from `source`
-    alone, a full-size tensor computed in this call. With `scale` and `shift`: GroupNorm's affine map and SiLU."""
-    index = b.index(spec, ref is not None)
+    alone, a full-size tensor computed in this call."""
+    return _gather_operands(b, [source], [ref], [layout], spec)
+
+
+def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout], spec: WindowSpec,
+                     scale=None, shift=None):
+    """`_gather` of the operands of a concatenation along their channels, concatenated (one operand: none). With
+    `scale` and `shift` (over the concatenation's channels): GroupNorm's affine map and SiLU."""
+    if len({ref is None for ref in refs}) != 1:
+        raise ValueError("the operands of one gather read either all recorded values or none: they share its index")
+    from_gathered = refs[0] is not None
+    index = b.index(spec, from_gathered)
     fused = scale is not None
-    if index.identity and not fused:  # e.g. a resolution the cost model keeps dense: one block covering the map
-        return source
-    if ref is None:
-        fresh, recorded, fresh_windows = None, source, 0
+    if index.identity and not fused and len(sources) == 1:  # e.g. a resolution the cost model keeps dense
+        return sources[0]
+    layout = concatenated(layouts)
+    if from_gathered:
+        fresh, recorded, fresh_windows = list(sources), [b.recorded(ref) for ref in refs], b.num_blocks(layout.res)
     else:
-        fresh, recorded, fresh_windows = source, b.recorded(ref), b.num_blocks(layout.res)
+        fresh, recorded, fresh_windows = [None] * len(sources), list(sources), 0
     if b.inline_kernels:
-        if fresh is not None and index.empty[INDEX_FIELDS.index("fresh_at")]:
-            fresh = None  # no fresh pixel in these windows (and no rows to select from)
-        return reference.gather_pixels_by_selection(fresh, recorded, index.as_gather_index(), layout, fresh_windows,
-                                                    scale, shift)
-    op = fisedit.gather_pixels_affine_silu.default if fused else fisedit.gather_pixels.default
-    epilogue = (scale, shift) if fused else ()
-    return op(fresh, recorded, index.tensors, index.windows, index.all_inside, *library.layout_args(layout),
-              fresh_windows, *epilogue)
+        if from_gathered and index.empty[INDEX_FIELDS.index("fresh_at")]:
+            fresh = [None] * len(sources)  # no fresh pixel in these windows (and no rows to select from)
+        outs, first = [], 0
+        for f, r, part in zip(fresh, recorded, layouts):
+            end = first + part.rest_numel
+            epilogue = (scale[:, first:end], shift[:, first:end]) if fused and len(layouts) > 1 else (scale, shift)
+            outs.append(reference.gather_pixels_by_selection(f, r, index.as_gather_index(), part, fresh_windows,
+                                                             *epilogue))
+            first = end
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=layout.rest_dims[0])
+    args = (index.tensors, index.windows, index.all_inside, *library.layout_args(layout), fresh_windows)
+    if fused:
+        return fisedit.gather_pixels_affine_silu.default(fresh, recorded, *args, scale, shift)
+    if len(sources) > 1:
+        raise ValueError("a plain gather reads one operand")
+    return fisedit.gather_pixels.default(fresh[0], recorded[0], *args)
 
 
 @ir_op
@@ -113,21 +132,23 @@ def scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
 
 
 @ir_op
-def gather_windows_norm_silu(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec,
-                             num_groups: int, weight, bias, stats_ref: CacheRef,
+def gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout],
+                             spec: WindowSpec, num_groups: int, weight, bias, stats_ref: CacheRef,
                              channels: tuple[int, int, int] | None = None, offset=None):
-    """`gather_windows`, GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
-    (the following convolution's padding). `channels` (first, end, total): `source` holds that slice of the
-    normalised channels (one operand of a channel concatenation; None: all of them). `offset`: a (B or 1, C, 1, 1)
-    value added to the windows before the GroupNorm (a resnet's time embedding), folded into its shift."""
+    """`gather_windows` of `sources` (with `refs` and `layouts`: the operands of a concatenation along the
+    channels, or one), GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
+    (the following convolution's padding). `channels` (first, end, total): the operands hold that slice of the
+    normalised channels (None: all of them). `offset`: a (B or 1, C, 1, 1) value added to the windows before the
+    GroupNorm (a resnet's time embedding), folded into its shift."""
     mean, rstd = b.recorded(stats_ref)
-    first, end, total = channels if channels is not None else (0, layout.rest_numel, layout.rest_numel)
+    width = sum(layout.rest_numel for layout in layouts)
+    first, end, total = channels if channels is not None else (0, width, width)
     scale, shift = reference.group_norm_scale_shift(total, weight, bias, mean, rstd, num_groups)
     if offset is not None:
         shift = shift + scale * offset.reshape(-1, total).float()
     if (first, end) != (0, total):
         scale, shift = scale[:, first:end].contiguous(), shift[:, first:end].contiguous()
-    return _gather(b, source, ref, layout, spec, scale, shift)
+    return _gather_operands(b, sources, refs, layouts, spec, scale, shift)
 
 
 @ir_op

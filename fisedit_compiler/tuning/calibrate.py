@@ -90,8 +90,8 @@ def _layer_costs(device: torch.device, channels: int, side: int, gemm: str
         library = dataclasses.replace(DEFAULT, gemm=gemm).gemm_library(blocks.num_pixels, weight.dtype)
 
         def sparse_layer(algorithm: str):
-            windows = kernels.gather_pixels_affine_silu(fresh, recorded, index, layout, blocks.num_blocks, scale,
-                                                        shift)
+            windows = kernels.gather_pixels_affine_silu([fresh], [recorded], index, layout, blocks.num_blocks,
+                                                        scale, shift)
             return kernels.conv_windows(windows, weight, None, [1, 1], [1, 1], 1, flat_kernels, algorithm,
                                         library)
 
