@@ -46,9 +46,12 @@ CONV_ALGORITHMS = ("nchw", "channels_last", "im2col")
 # convolution. On a 2-core AMD EPYC (AVX-512, torch 2.13, fp32) MKL's SGEMM ran at 93 GMAC/s and oneDNN at 212: the
 # dense U-Net's 3x3 convolutions run in oneDNN, so with BLAS the sparse path's GEMMs ran at half the dense rate.
 GEMM_LIBRARIES = ("blas", "onednn")
-# oneDNN reorders the kernel on every call: below this many rows BLAS wins (on that CPU, 50 rows of an SD 1280-channel
-# 3x3 kernel: 10 ms by BLAS, 26 by oneDNN; 300 rows: even; 1556 rows of a 640-channel one: 56 vs 27 ms).
-ONEDNN_MIN_ROWS = 256
+# oneDNN reorders the kernel on every call, so it pays from a number of rows that grows with the kernel's size: on
+# that CPU, 306 rows of a 1280-channel 3x3 kernel (14.7 M elements) took as long by either (50 rows: 10 ms by BLAS,
+# 26 by oneDNN), 306 rows of a 640-channel one (3.7 M) 1.7x less by oneDNN, 1556 rows of it 2.1x less. oneDNN from
+# max(ONEDNN_MIN_ROWS, kernel elements / ONEDNN_KERNEL_ELEMENTS_PER_ROW) rows.
+ONEDNN_MIN_ROWS = 64
+ONEDNN_KERNEL_ELEMENTS_PER_ROW = 40_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +92,12 @@ class CostConstants:
             return "nchw"
         return self.conv[_nearest(self.conv, channels)].get(block, "nchw")
 
-    def gemm_library(self, rows: int, dtype: torch.dtype) -> str:
-        """The library for an im2col GEMM of `rows` rows in `dtype`: `gemm` for float32 from `ONEDNN_MIN_ROWS`
-        rows on where oneDNN is built in, else BLAS (for bfloat16 `F.linear` takes oneDNN by itself)."""
-        onednn = (self.gemm == "onednn" and dtype == torch.float32 and rows >= ONEDNN_MIN_ROWS
+    def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
+        """The library for an im2col GEMM of `rows` rows with a kernel of `kernel_elements` in `dtype`: `gemm` for
+        float32 where oneDNN is built in and the rows pay for its kernel reorder (`ONEDNN_MIN_ROWS`,
+        `ONEDNN_KERNEL_ELEMENTS_PER_ROW`), else BLAS (for bfloat16 `F.linear` takes oneDNN by itself)."""
+        enough_rows = rows >= max(ONEDNN_MIN_ROWS, kernel_elements / ONEDNN_KERNEL_ELEMENTS_PER_ROW)
+        onednn = (self.gemm == "onednn" and dtype == torch.float32 and enough_rows
                   and torch.backends.mkldnn.is_available())
         return "onednn" if onednn else "blas"
 

@@ -180,7 +180,7 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
     `kernels.reference.conv_windows`). Where each window is one kernel footprint (pixel-wise blocks) it is one
     matrix product with the flattened kernel, by the library the cost constants name for its size and dtype
     (`CostConstants.gemm_library`). im2col keeps a parameter's flattened kernel for the plan's lifetime (one edit)."""
-    _, in_channels, kh, kw = b.dense_shape(1)
+    out_channels, in_channels, kh, kw = b.dense_shape(1)
     block = b.block(spec.output_res)
     window = spec.window_size(block)
     method = reference.conv_method(b.conv_algorithm(in_channels, block), (kh, kw), (window, window), dilation, groups)
@@ -194,7 +194,7 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
         out = (block, block)
         dense_out = b.dense_value()
         rows = dense_out.shape[0] * b.num_blocks(spec.output_res) * block * block  # one per output pixel
-        gemm = b.gemm_library(rows, dense_out.dtype)
+        gemm = b.gemm_library(rows, out_channels * in_channels * kh * kw, dense_out.dtype)
         return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out, gemm)
     # Gathered windows come channels-last strided (pixels outer, channels inner): "nchw" copies them first
     if method == "nchw":

@@ -87,7 +87,8 @@ def _layer_costs(device: torch.device, channels: int, side: int, gemm: str
         blocks = plan.layout(res)
         fresh = kernels.gather_pixels(None, recorded, plan.gather_index(ActivePixels(res), False), layout, 0)
         index = plan.gather_index(ConvWindows(res, res, (3, 3), (1, 1), (1, 1), (1, 1)), True)
-        library = dataclasses.replace(DEFAULT, gemm=gemm).gemm_library(blocks.num_pixels, weight.dtype)
+        library = dataclasses.replace(DEFAULT, gemm=gemm).gemm_library(blocks.num_pixels, weight.numel(),
+                                                                       weight.dtype)
 
         def sparse_layer(algorithm: str):
             windows = kernels.gather_pixels_affine_silu([fresh], [recorded], index, layout, blocks.num_blocks,
