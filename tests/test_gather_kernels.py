@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout, Upsampled
+from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout, Upsampled, concatenated
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
 from fisedit_compiler.runtime.mask_plan import MaskPlan
@@ -191,6 +191,21 @@ def test_both_gemm_libraries_multiply_rows_like_linear(gemm):
                                torch.nn.functional.conv2d(windows, weight), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gemm='mkl'"):
         reference.matmul_rows(rows, kernel, bias, "mkl")
+
+
+def test_operands_that_do_not_concatenate_are_refused():
+    a = SpatialLayout("map", (8, 8), (2, 3), (2, 4, 8, 8))
+    assert concatenated([a, a.with_rest_size(6)]).shape == (2, 10, 8, 8)
+    with pytest.raises(ValueError, match="differ in their pixels"):
+        concatenated([a, SpatialLayout("map", (4, 4), (2, 3), (2, 4, 4, 4))])
+    with pytest.raises(ValueError, match="non-pixel dims"):
+        SpatialLayout("seq", (2, 4), (2,), (2, 3, 8, 5)).with_rest_size(7)
+    plan = MaskPlan(torch.ones(8, 8, dtype=torch.bool), Policy(block_size=2, halo=0))
+    index = plan.gather_index(ConvWindows((8, 8), (8, 8), (3, 3), (1, 1), (1, 1), (1, 1)), False)
+    scale = shift = torch.ones(2, 10)
+    with pytest.raises(ValueError, match="do not concatenate"):  # 4 + 4 channels for a 10-channel layout
+        reference.gather_pixels_affine_silu([None, None], [torch.randn(2, 4, 8, 8)] * 2, index,
+                                            a.with_rest_size(10), 0, scale, shift)
 
 
 def test_convolutions_im2col_cannot_run_take_the_convolution_library():
