@@ -21,8 +21,8 @@ the fastest of them was up to 2x faster than the slowest, and which one wins dep
 
 The constants come from a short micro-benchmark on the machine (`fisedit_compiler.tuning.calibrate`, which
 measures the kernels), kept in a JSON file per device (`calibration_path`, read by `load_constants`); without one,
-`DEFAULT` holds values measured on a 2-core CPU (AMD EPYC, torch 2.13, fp32). This module is the formulas only: it
-imports no kernel, so the mask plan can use it.
+`DEFAULT` holds values measured on a 2-core CPU (AMD EPYC with AVX-512, torch 2.13, fp32). This module is the
+formulas only: it imports no kernel, so the mask plan can use it.
 """
 
 from __future__ import annotations
@@ -109,22 +109,21 @@ def _nearest(table: dict[int, object], channels: int | None) -> int:
     return min(table, key=lambda c: abs(math.log(c / channels)))
 
 
-# Calibrated on a 2-core CPU (AMD EPYC, torch 2.13, fp32) and rounded where whole SD 2 U-Net calls at 96x96 latents
-# with fixed block sizes per resolution disagreed with the micro-benchmark (pixel-wise blocks at 320 channels; at
-# 640, whole calls with a 30% mask alternating pixel-wise and 4x4 blocks at 48x48 took the same time, per-pair
-# ratios 0.90-1.08, for 5% fewer MACs pixel-wise: b1 is priced so that it wins that tie). The
-# convolution algorithms are that calibration's too (im2col was fastest up to blocks of 16; in whole sparse calls
-# of SD 2 at 96x96 and SD 1.5 at 64x64 latents it ran 5-12% faster than "nchw", about as fast as "channels_last").
+# `tuning.calibrate` on a 2-core AMD EPYC with AVX-512 (torch 2.13, fp32, im2col GEMMs in oneDNN), 2026-12-04. In
+# whole SD 2 calls at 96x96 latents (three dense/sparse pairs per mask) these constants, which take pixel-wise
+# blocks at 96x96 too, ran 11.2x / 5.15x / 2.80x faster than dense for 5 / 15 / 30% ellipses, against 9.7x / 4.75x /
+# 2.64x for the previous ones (calibrated on an EPYC without AVX-512, 4x4 blocks at 96x96), and took 8-11% fewer
+# MACs. Convolutions on larger windows: im2col up to blocks of 4 (of 16 at 640 channels), then the library.
 DEFAULT = CostConstants(
     layer={
-        320: {1: 1.6, 2: 1.45, 4: 1.1, 8: 1.02, 16: 1.0, 32: 0.95},
-        640: {1: 1.25, 2: 1.5, 4: 1.08, 8: 1.02, 16: 0.97, 32: 0.9},
-        1280: {1: 1.3, 2: 3.5, 4: 1.9, 8: 1.6, 16: 1.0, 32: 0.92},
+        320: {1: 1.17, 2: 1.3, 4: 1.21, 8: 1.13, 16: 1.13, 32: 1.07},
+        640: {1: 1.17, 2: 1.19, 4: 1.18, 8: 1.17, 16: 1.16, 32: 1.05},
+        1280: {1: 1.53, 2: 1.55, 4: 1.59, 8: 1.43, 16: 1.48, 32: 1.23},
     },
     conv={
-        320: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "channels_last"},
+        320: {1: "im2col", 2: "im2col", 4: "im2col", 8: "channels_last", 16: "channels_last", 32: "channels_last"},
         640: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "channels_last"},
-        1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "im2col", 16: "im2col", 32: "nchw"},
+        1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "nchw", 16: "nchw", 32: "channels_last"},
     },
     gemm="onednn",
 )
