@@ -133,22 +133,32 @@ def _gather_canonical(
 
 
 def _gather_pixels(
-    fresh: torch.Tensor | None,
-    recorded: torch.Tensor,
+    fresh: Sequence[torch.Tensor | None],
+    recorded: Sequence[torch.Tensor],
     index: GatherIndex,
     layout: SpatialLayout,
     fresh_windows: int,
-    **epilogue: torch.Tensor | None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`_gather_canonical` for tensors in `layout`'s form."""
-    batch = recorded.shape[0]
-    if fresh is not None:
-        fresh = to_canonical(fresh, layout, batch, fresh_windows)
-    out = _gather_canonical(
-        fresh, to_canonical(recorded, layout, batch, 1), index.from_fresh, index.fresh_index, index.recorded_index,
-        None if index.all_inside else index.inside, **epilogue,
-    )
-    c = index.windows
+    """`_gather_canonical` for tensors in `layout`'s form: of one operand, or of a concatenation's along its
+    channels (`reference.operand_layouts`), one launch per operand writing its channels of the output."""
+    parts = operand_layouts(layout, recorded)
+    batch, c = recorded[0].shape[0], index.windows
+    present = next((f for f in fresh if f is not None and f.numel() > 0), None)
+    dtype = recorded[0].dtype if present is None else torch.promote_types(present.dtype, recorded[0].dtype)
+    out = torch.empty(batch, index.recorded_index.numel(), layout.rest_numel, dtype=dtype,
+                      device=recorded[0].device)
+    first = 0
+    for f, r, part in zip(fresh, recorded, parts):
+        end = first + part.rest_numel
+        epilogue = {} if scale is None else {"scale": scale[:, first:end], "shift": shift[:, first:end]}
+        _gather_canonical(
+            None if f is None else to_canonical(f, part, batch, fresh_windows), to_canonical(r, part, batch, 1),
+            index.from_fresh, index.fresh_index, index.recorded_index, None if index.all_inside else index.inside,
+            out=out[:, :, first:end], **epilogue,
+        )
+        first = end
     return from_canonical(out, layout, c.num_windows, c.height, c.width)
 
 
@@ -160,7 +170,7 @@ def gather_pixels(
     fresh_windows: int,
 ) -> torch.Tensor:
     """Two-source gather; see `reference.gather_pixels`."""
-    return _gather_pixels(fresh, recorded, index, layout, fresh_windows)
+    return _gather_pixels([fresh], [recorded], index, layout, fresh_windows)
 
 
 def gather_pixels_affine_silu(
@@ -172,22 +182,6 @@ def gather_pixels_affine_silu(
     scale: torch.Tensor,
     shift: torch.Tensor,
 ) -> torch.Tensor:
-    """Two-source gather with GroupNorm affine and SiLU fused, of one operand or of a concatenation's (one launch
-    per operand, each writing its channels of the output); see `reference.gather_pixels_affine_silu`."""
-    parts = operand_layouts(layout, recorded)
-    if len(parts) == 1:
-        return _gather_pixels(fresh[0], recorded[0], index, layout, fresh_windows, scale=scale, shift=shift)
-    batch, c = recorded[0].shape[0], index.windows
-    dtype = next((f.dtype for f in fresh if f is not None), recorded[0].dtype)
-    out = torch.empty(batch, index.recorded_index.numel(), layout.rest_numel, dtype=dtype,
-                      device=recorded[0].device)
-    first = 0
-    for f, r, part in zip(fresh, recorded, parts):
-        end = first + part.rest_numel
-        _gather_canonical(
-            None if f is None else to_canonical(f, part, batch, fresh_windows), to_canonical(r, part, batch, 1),
-            index.from_fresh, index.fresh_index, index.recorded_index, None if index.all_inside else index.inside,
-            scale=scale[:, first:end], shift=shift[:, first:end], out=out[:, :, first:end],
-        )
-        first = end
-    return from_canonical(out, layout, c.num_windows, c.height, c.width)
+    """Two-source gather with GroupNorm affine and SiLU fused, of one operand or of a concatenation's; see
+    `reference.gather_pixels_affine_silu`."""
+    return _gather_pixels(fresh, recorded, index, layout, fresh_windows, scale, shift)

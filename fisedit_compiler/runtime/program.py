@@ -269,8 +269,8 @@ class Binding:
 def plan_fact(plan: MaskPlan, key: tuple) -> Any:
     """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
     layout, ("conv_algorithm", channels, block), how its cost constants say to convolve windows, ("gemm_library",
-    rows, kernel elements, dtype), which library multiplies im2col's rows, or ("index", spec, from_gathered), a gather index's
-    structure (`_index_structure`)."""
+    rows, kernel elements, dtype), which library multiplies im2col's rows, or ("index", spec, from_gathered), a
+    gather index's structure (`_index_structure`)."""
     if key[0] == "num_blocks":
         return plan.layout(key[1]).num_blocks
     if key[0] == "block":
