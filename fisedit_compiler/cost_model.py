@@ -42,16 +42,15 @@ BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 # output pixel's kernel footprint a row, then one GEMM with the flattened kernel).
 CONV_ALGORITHMS = ("nchw", "channels_last", "im2col")
 # Which library multiplies im2col's rows with the flattened kernel (`kernels.reference.matmul_rows`): the BLAS behind
-# `F.linear` (MKL on x86 CPUs, cuBLAS on CUDA), or oneDNN, the library behind PyTorch's CPU convolutions, as a 1x1
-# convolution. On a 2-core AMD EPYC (AVX-512, torch 2.13, fp32) MKL's SGEMM ran at 93 GMAC/s and oneDNN at 212: the
-# dense U-Net's 3x3 convolutions run in oneDNN, so with BLAS the sparse path's GEMMs ran at half the dense rate.
+# `F.linear` (MKL on x86 CPUs, cuBLAS on CUDA), or oneDNN, the library behind PyTorch's CPU convolutions, through its
+# linear primitive. On a 2-core AMD EPYC (AVX-512, torch 2.13, fp32) MKL's SGEMM ran at 93 GMAC/s and oneDNN at
+# 210-225: the dense U-Net's 3x3 convolutions run in oneDNN, so with BLAS the sparse path's GEMMs ran at half the
+# dense rate. oneDNN's linear reads the plain (out, k) kernel as it is, so it is faster from few rows on (30 rows of
+# a 1280-channel 3x3 kernel: 3.1 ms against BLAS's 7.3; a 1x1 convolution of the rows, which reorders the kernel on
+# every call, took 19.5), but costs ~12 us more per call: it pays from GEMMs of ONEDNN_MIN_MACS (rows x kernel
+# elements; 16 rows of a 128-channel 3x3 kernel took 36 us by either).
 GEMM_LIBRARIES = ("blas", "onednn")
-# oneDNN reorders the kernel on every call, so it pays from a number of rows that grows with the kernel's size: on
-# that CPU, 306 rows of a 1280-channel 3x3 kernel (14.7 M elements) took as long by either (50 rows: 10 ms by BLAS,
-# 26 by oneDNN), 306 rows of a 640-channel one (3.7 M) 1.7x less by oneDNN, 1556 rows of it 2.1x less. oneDNN from
-# max(ONEDNN_MIN_ROWS, kernel elements / ONEDNN_KERNEL_ELEMENTS_PER_ROW) rows.
-ONEDNN_MIN_ROWS = 64
-ONEDNN_KERNEL_ELEMENTS_PER_ROW = 40_000
+ONEDNN_MIN_MACS = 2_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +93,16 @@ class CostConstants:
 
     def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
         """The library for an im2col GEMM of `rows` rows with a kernel of `kernel_elements` in `dtype`: `gemm` for
-        float32 where oneDNN is built in and the rows pay for its kernel reorder (`ONEDNN_MIN_ROWS`,
-        `ONEDNN_KERNEL_ELEMENTS_PER_ROW`), else BLAS (for bfloat16 `F.linear` takes oneDNN by itself)."""
-        enough_rows = rows >= max(ONEDNN_MIN_ROWS, kernel_elements / ONEDNN_KERNEL_ELEMENTS_PER_ROW)
-        onednn = (self.gemm == "onednn" and dtype == torch.float32 and enough_rows
-                  and torch.backends.mkldnn.is_available())
+        float32 where oneDNN is built in and the GEMM is large enough to pay for its per-call cost
+        (`ONEDNN_MIN_MACS`), else BLAS (for bfloat16 `F.linear` takes oneDNN by itself)."""
+        onednn = (self.gemm == "onednn" and dtype == torch.float32 and rows * kernel_elements >= ONEDNN_MIN_MACS
+                  and onednn_linear_available())
         return "onednn" if onednn else "blas"
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN and its linear primitive (`torch.ops.mkldnn._linear_pointwise`)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def _nearest(table: dict[int, object], channels: int | None) -> int:

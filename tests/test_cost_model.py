@@ -123,13 +123,12 @@ def test_gemm_library_takes_onednn_only_where_it_pays():
     onednn = cost_model.DEFAULT
     assert onednn.gemm == "onednn"  # the CPU default, measured
     small, large = 64 * 9 * 64, 1280 * 9 * 1280  # 3x3 kernels
-    many, few = cost_model.ONEDNN_MIN_ROWS, cost_model.ONEDNN_MIN_ROWS - 1
-    assert onednn.gemm_library(many, small, torch.float32) == "onednn"
-    assert onednn.gemm_library(few, small, torch.float32) == "blas"  # the kernel's reorder would cost more
-    assert onednn.gemm_library(many, large, torch.float32) == "blas"  # the larger the kernel, the more rows it takes
-    assert onednn.gemm_library(2000, large, torch.float32) == "onednn"
-    assert onednn.gemm_library(many, small, torch.bfloat16) == "blas"  # F.linear takes oneDNN for bf16 by itself
-    assert CostConstants(layer=onednn.layer).gemm_library(many, small, torch.float32) == "blas"
+    enough = -(-cost_model.ONEDNN_MIN_MACS // small)  # rows
+    assert onednn.gemm_library(enough, small, torch.float32) == "onednn"
+    assert onednn.gemm_library(enough - 1, small, torch.float32) == "blas"  # its per-call cost would not pay
+    assert onednn.gemm_library(1, large, torch.float32) == "onednn"  # one row of a large kernel is enough
+    assert onednn.gemm_library(enough, small, torch.bfloat16) == "blas"  # F.linear takes oneDNN for bf16 by itself
+    assert CostConstants(layer=onednn.layer).gemm_library(enough, small, torch.float32) == "blas"
     with pytest.raises(ValueError, match="gemm='mkl'"):
         CostConstants(layer=onednn.layer, gemm="mkl")
 

@@ -193,6 +193,22 @@ def test_both_gemm_libraries_multiply_rows_like_linear(gemm):
         reference.matmul_rows(rows, kernel, bias, "mkl")
 
 
+def test_onednn_gemm_is_one_opaque_op_that_inductor_compiles_and_flop_counters_count():
+    """A program's oneDNN GEMM is `fisedit::onednn_linear`: Inductor's lowering of the raw oneDNN primitive
+    assumes frozen weights, and `macs` must count it like the `F.linear` it replaces."""
+    g = torch.Generator().manual_seed(4)
+    rows, kernel, bias = torch.randn(40, 90, generator=g), torch.randn(7, 90, generator=g), torch.randn(7, generator=g)
+
+    def program(rows, kernel, bias):
+        return reference.matmul_rows(rows * 2, kernel, bias, "onednn").relu()
+
+    compiled = torch.compile(program, backend="inductor", fullgraph=True)
+    torch.testing.assert_close(compiled(rows, kernel, bias), program(rows, kernel, bias), rtol=1e-5, atol=1e-5)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        program(rows, kernel, bias)
+    assert counter.get_total_flops() == 2 * 40 * 90 * 7
+
+
 def test_operands_that_do_not_concatenate_are_refused():
     a = SpatialLayout("map", (8, 8), (2, 3), (2, 4, 8, 8))
     assert concatenated([a, a.with_rest_size(6)]).shape == (2, 10, 8, 8)

@@ -249,10 +249,9 @@ def test_programs_read_the_models_own_parameters_under_flat_names():
 
 def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
     """Which library multiplies im2col's rows (`CostConstants.gemm`) is decided at bind time: oneDNN's GEMMs are
-    1x1 convolutions in the program, BLAS's linear layers; both compute the same call, and a program bound for one is
-    not reused under the other."""
-    monkeypatch.setattr(cost_model, "ONEDNN_MIN_ROWS", 1)  # the tiny U-Net's GEMMs have few rows
-    monkeypatch.setattr(cost_model, "ONEDNN_KERNEL_ELEMENTS_PER_ROW", 10**9)
+    oneDNN linear primitives in the program, BLAS's linear layers; both compute the same call, and a program bound
+    for one is not reused under the other."""
+    monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", 1)  # the tiny U-Net's GEMMs are small
     _, inputs, variants, step = recorded_unet()
     mask = box(4, 6)
 

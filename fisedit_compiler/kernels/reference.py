@@ -273,14 +273,15 @@ def im2col_conv(
 def matmul_rows(rows: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, gemm: str = "blas"
                 ) -> torch.Tensor:
     """``rows @ kernel.T + bias`` for (n, k) `rows` and an (out, k) `kernel`: by BLAS (`F.linear`), or by oneDNN
-    (`gemm="onednn"`, CPU): a 1x1 convolution of the rows as a (1, k, n, 1) channels-last image, the library that
-    runs PyTorch's dense CPU convolutions (`cost_model.GEMM_LIBRARIES` says why both exist)."""
+    (`gemm="onednn"`, CPU), the library that runs PyTorch's dense CPU convolutions, through its linear primitive
+    (registered as `torch.ops.fisedit.onednn_linear`; `cost_model.GEMM_LIBRARIES` says why both exist)."""
     if gemm == "blas":
         return F.linear(rows, kernel, bias)
     if gemm != "onednn":
         raise ValueError(f"gemm={gemm!r}: expected 'blas' or 'onednn'")
-    image = rows.unsqueeze(0).unsqueeze(2).permute(0, 3, 1, 2)  # (1, k, n, 1), channels-last: the rows as they are
-    return F.conv2d(image, kernel[:, :, None, None], bias).permute(0, 2, 3, 1).flatten(0, 2)
+    from . import library  # noqa: F401  (registers the op; it imports this module)
+
+    return torch.ops.fisedit.onednn_linear(rows, kernel, bias)
 
 
 def group_norm_affine(
