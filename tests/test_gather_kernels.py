@@ -207,6 +207,8 @@ def test_onednn_gemm_is_one_opaque_op_that_inductor_compiles_and_flop_counters_c
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         program(rows, kernel, bias)
     assert counter.get_total_flops() == 2 * 40 * 90 * 7
+    torch.library.opcheck(torch.ops.fisedit.onednn_linear.default, (rows, kernel, bias))
+    torch.library.opcheck(torch.ops.fisedit.onednn_linear.default, (rows, kernel, None))
 
 
 def test_operands_that_do_not_concatenate_are_refused():

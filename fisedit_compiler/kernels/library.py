@@ -146,25 +146,3 @@ def _(query_shape, key_fresh_shape, value_fresh_shape, key_recorded_shape, value
       out_shape=None, **kwargs) -> int:
     """Every active query against every token: `FlopCounterMode` (and so `macs`) counts it as attention."""
     return flop_counter.sdpa_flop_count(query_shape, key_recorded_shape, value_recorded_shape)
-
-
-# --- GEMM ----------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("fisedit::onednn_linear", mutates_args=())
-def onednn_linear(rows: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``rows @ kernel.T + bias`` by oneDNN's linear primitive (`reference.matmul_rows` with ``gemm="onednn"``).
-    Registered so that a program holds it as one opaque node: Inductor's own lowering of that primitive assumes
-    weights frozen into the graph as constants, and a program's kernels are inputs."""
-    return torch.ops.mkldnn._linear_pointwise(rows, kernel, bias, "none", [], "")
-
-
-@onednn_linear.register_fake
-def _(rows, kernel, bias):
-    return rows.new_empty((rows.shape[0], kernel.shape[0]))
-
-
-@flop_counter.register_flop_formula(torch.ops.fisedit.onednn_linear)
-def _(rows_shape, kernel_shape, *args, out_shape=None, **kwargs) -> int:
-    """A matrix product: `FlopCounterMode` (and so `macs`) counts it like the `F.linear` it replaces."""
-    return 2 * rows_shape[0] * rows_shape[1] * kernel_shape[0]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import GatherIndex, SpatialLayout
+from .onednn import onednn_linear
 
 
 def _map_permutation(layout: SpatialLayout) -> list[int]:
@@ -279,9 +280,7 @@ def matmul_rows(rows: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | N
         return F.linear(rows, kernel, bias)
     if gemm != "onednn":
         raise ValueError(f"gemm={gemm!r}: expected 'blas' or 'onednn'")
-    from . import library  # noqa: F401  (registers the op; it imports this module)
-
-    return torch.ops.fisedit.onednn_linear(rows, kernel, bias)
+    return onednn_linear(rows, kernel, bias)
 
 
 def group_norm_affine(
