@@ -143,6 +143,33 @@ def test_write_back_never_changes_an_output_a_caller_holds():
         torch.testing.assert_close(recorded, unet(**{**inputs, "timestep": torch.tensor(t)}).sample)
 
 
+def test_a_records_byte_count_follows_every_change_and_its_storage_dtype():
+    """`StepRecord.nbytes` is kept between changes (stores sum it over every step after each call): whichever way
+    the record changes, the count is the bytes of what it holds, in its storage dtype."""
+    from fisedit_compiler.ir import CacheRef
+
+    a, b, c, d = (CacheRef(k, "output") for k in "abcd")
+    record = StepRecord(torch.float16)
+    record[a] = torch.zeros(10)  # stored as float16: 20 bytes
+    assert record.nbytes == 20
+    record[a] = torch.zeros(20)
+    assert record.nbytes == 40
+    record.update({b: torch.zeros(5)}, **{})
+    record |= {c: (torch.zeros(2), torch.zeros(3))}
+    assert record.nbytes == 40 + 10 + 20  # a GroupNorm's statistics (a pair) stay as computed
+    assert record.setdefault(d, torch.zeros(1)).dtype == torch.float16 and record.nbytes == 72
+    del record[d]
+    assert record.nbytes == 70
+    record.pop(c)
+    assert record.nbytes == 50
+    record.popitem()
+    assert record.nbytes == 40
+    record.compact()
+    assert record.nbytes == 40
+    record.clear()
+    assert record.nbytes == 0
+
+
 def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
     """After its call a record's tensors are views of one allocation of their own (so that records outliving
     their call do not fragment the heap); a spilled record is read back the same way, with one read of its

@@ -56,6 +56,7 @@ class StepRecord(dict):
         super().__init__()
         self.dtype = dtype
         self.slab: torch.Tensor | None = None  # the one allocation the tensors are views of, once compacted
+        self._nbytes: int | None = None  # `nbytes`, until the record changes
 
     def keep_maps_only(self) -> None:
         """Drop everything but the cross-attention maps: a step no sparse call reads (`Policy.cache_dense_steps`)."""
@@ -73,11 +74,46 @@ class StepRecord(dict):
     def __setitem__(self, key, value) -> None:
         if self.dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
             value = value.to(self.dtype)
+        self._nbytes = None
         super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self._nbytes = None
+        super().__delitem__(key)
+
+    # dict's other mutators bypass __setitem__ (the storage dtype) and __delitem__ (the byte count)
+    def update(self, *args, **kwargs) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, *args):
+        self._nbytes = None
+        return super().pop(*args)
+
+    def popitem(self):
+        self._nbytes = None
+        return super().popitem()
+
+    def clear(self) -> None:
+        self._nbytes = None
+        super().clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(self.values()))
+        """Bytes of the record's tensors. Kept until the record changes: a cache store sums it over every step it
+        holds after each call (thousands of tensors, milliseconds per call on a small U-Net)."""
+        if self._nbytes is None:
+            self._nbytes = sum(t.numel() * t.element_size() for t in _tensors(self.values()))
+        return self._nbytes
 
     def compact(self) -> None:
         """Move the record's CPU tensors into one allocation of their own and keep views of it. A record outlives
