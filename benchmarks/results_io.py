@@ -7,6 +7,7 @@ import path).
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -29,11 +30,23 @@ def git_revision() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """Date (UTC), git revision, CPU model, torch and Python versions, torch threads."""
+    """Date (UTC), git revision, CPU model, torch and Python versions, torch threads, threading settings."""
     import torch  # here: cache_tiers.py's parent process measures children and never loads torch
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_revision(), "cpu": cpu_model(),
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "threading_env": threading_env()}
+
+
+# OpenMP settings that move timings: OMP_WAIT_POLICY=PASSIVE puts idle threads to sleep between parallel regions,
+# and waking them costs every small op (a tiny U-Net's dense and sparse calls ran 2-3x slower with it, the sparse,
+# with more small ops, more).
+THREADING_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+
+
+def threading_env() -> dict[str, str]:
+    """The `THREADING_ENV` variables set for this run."""
+    return {k: os.environ[k] for k in THREADING_ENV if k in os.environ}
 
 
 def cpu_model() -> str:

@@ -73,7 +73,7 @@ from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import cpu_model, git_revision  # noqa: E402
+from results_io import cpu_model, git_revision, threading_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results"
@@ -302,6 +302,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "git": git_revision(),
         "loadavg_at_start": list(os.getloadavg()),
+        "threading_env": threading_env(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -822,7 +823,8 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"({c['latent_size']}x{c['latent_size']} latents), batch {c['batch']} (CFG), {c['dtype']}, {c['device']}",
         "",
         f"Machine: {m['device_name']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch "
-        f"{m['torch']}, diffusers {m['diffusers']}, {m['date']}, git {m['git']}.",
+        f"{m['torch']}, diffusers {m['diffusers']}, {m['date']}, git {m['git']}"
+        + "".join(f", {k}={v}" for k, v in m.get("threading_env", {}).items()) + ".",
         f"Policy: block {_block_policy(r)}, halo {pol['halo']}, max sparse downscale "
         f"{pol['max_sparse_downscale']}, attention {pol['attention']}, norm stats {pol['norm_stats']}. "
         f"Medians of {c['repeats']} calls after {c['warmup']} warm-up call(s); random seeded weights.",
