@@ -112,11 +112,12 @@ def _nearest(table: dict[int, object], channels: int | None) -> int:
     return min(table, key=lambda c: abs(math.log(c / channels)))
 
 
-# `tuning.calibrate` on a 2-core AMD EPYC with AVX-512 (torch 2.13, fp32, im2col GEMMs in oneDNN), 2026-12-04. In
-# whole SD 2 calls at 96x96 latents (three dense/sparse pairs per mask) these constants, which take pixel-wise
-# blocks at 96x96 too, ran 11.2x / 5.15x / 2.80x faster than dense for 5 / 15 / 30% ellipses, against 9.7x / 4.75x /
-# 2.64x for the previous ones (calibrated on an EPYC without AVX-512, 4x4 blocks at 96x96), and took 8-11% fewer
-# MACs. Convolutions on larger windows: im2col up to blocks of 4 (of 16 at 640 channels), then the library.
+# `tuning.calibrate` on a 2-core AMD EPYC with AVX-512 (torch 2.13, fp32, im2col GEMMs in oneDNN, then still as 1x1
+# convolutions: not re-measured with its linear primitive), 2026-12-04. In whole SD 2 calls at 96x96 latents (three
+# dense/sparse pairs per mask) these constants, which take pixel-wise blocks at 96x96 too, ran 11.2x / 5.15x / 2.80x
+# faster than dense for 5 / 15 / 30% ellipses, against 9.7x / 4.75x / 2.64x for the previous ones (calibrated on an
+# EPYC without AVX-512, 4x4 blocks at 96x96), and took 8-11% fewer MACs. Convolutions on larger windows: im2col up
+# to blocks of 4 (of 16 at 640 channels), then the library.
 DEFAULT = CostConstants(
     layer={
         320: {1: 1.17, 2: 1.3, 4: 1.21, 8: 1.13, 16: 1.13, 32: 1.07},

@@ -154,7 +154,7 @@ def test_a_records_byte_count_follows_every_change_and_its_storage_dtype():
     assert record.nbytes == 20
     record[a] = torch.zeros(20)
     assert record.nbytes == 40
-    record.update({b: torch.zeros(5)}, **{})
+    record.update({b: torch.zeros(5)})
     record |= {c: (torch.zeros(2), torch.zeros(3))}
     assert record.nbytes == 40 + 10 + 20  # a GroupNorm's statistics (a pair) stay as computed
     assert record.setdefault(d, torch.zeros(1)).dtype == torch.float16 and record.nbytes == 72
