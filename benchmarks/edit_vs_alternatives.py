@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     session = fisedit.EditSession(pipe, policy, num_inference_steps=args.steps, guidance_scale=7.5,
                                   height=8 * n, width=8 * n)
     _, seconds = timed(lambda: session.generate(SOURCE, latents=latents.clone()))
-    runs["source_run"] = {"seconds": seconds, "cache_bytes": session.cache.nbytes}
+    runs["source_run"] = {"seconds": seconds, "cache_bytes": session.cache.nbytes,
+                          "cache_tier": cache_tier(session.cache.store)}
     # An untimed try first: it binds the sparse programs of this mask (full and reuse calls), which a session does
     # once per mask structure, so that the timed edits compare the steps themselves.
     _, runs["source_run"]["first_edit_seconds"] = timed(lambda: session.edit(EDITED, mask=mask, keep=False))
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "decode_seconds": decode.seconds if decode else None, "decode_mode": decode.mode if decode else None,
             "decode_recomputed": decode.recomputed if decode else None,
             "psnr_in_mask_vs_reference": psnr(image, reference, pixels),
+            "cache_tier": cache_tier(session.cache.store),
         }
     if args.pairs and "seconds" in runs["deepcache"]:
         runs["head_to_head"] = head_to_head(args.pairs, deepcache_run, session, mask,
@@ -156,6 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
             "mask_percent": args.mask, "source_prompt": SOURCE, "edited_prompt": EDITED, "runs": runs}
     write_results(args.out, f"edit-vs-alternatives_{args.arch}-{args.size}-{n}", data, _format(data))
     return data
+
+
+def cache_tier(store) -> dict:
+    """Where the session's cache lives so far: its memory budget, steps written to disk, seconds the U-Net waited
+    for the disk (a `TieredStore`; an unbounded store keeps everything in memory)."""
+    if not hasattr(store, "budget_bytes"):
+        return {"budget_bytes": None, "spilled_steps": 0, "wait_seconds": 0.0}
+    return {"budget_bytes": store.budget_bytes, "spilled_steps": store.spilled, "wait_seconds": store.wait_seconds}
+
+
+def _tier_text(tier: dict) -> str:
+    if tier["budget_bytes"] is None:
+        return "cache in memory"
+    return (f"cache budget {tier['budget_bytes'] / 2**30:.1f} GiB, {tier['spilled_steps']} steps written to disk so "
+            f"far, {tier['wait_seconds']:.1f} s waited for it")
 
 
 def head_to_head(pairs: int, deepcache_run, session, mask, policy) -> dict:
@@ -220,7 +237,8 @@ def _format(data: dict) -> str:
                   + (f" ({100 * run['decode_recomputed']:.0f}% of pixels)" if run["decode_mode"] == "sparse" else ""))
         lines.append(f"| our edit, deep reuse every {run['interval']} | {run['seconds']:.1f} | "
                      f"{run['speedup_vs_fastest_alternative']:.2f}x | {run['psnr_in_mask_vs_reference']:.1f} vs "
-                     f"reuse 1 decoded dense | U-Net {run['unet_seconds']:.1f} s, {decode} |")
+                     f"reuse 1 decoded dense | U-Net {run['unet_seconds']:.1f} s, {decode}; "
+                     f"{_tier_text(run['cache_tier'])} |")
     if "head_to_head" in runs:
         h = runs["head_to_head"]
         lines += ["", f"Head to head, {h['pairs']} pairs alternated (ABBA) after the runs above: DeepCache "
@@ -231,7 +249,7 @@ def _format(data: dict) -> str:
                   "minutes)."]
     source = runs["source_run"]
     lines += ["", f"The source run (recorded, once per source picture): {source['seconds']:.1f} s, cache "
-              f"{source['cache_bytes'] / 2**30:.2f} GiB. A first, untimed edit bound the mask's sparse programs: "
+              f"{source['cache_bytes'] / 2**30:.2f} GiB ({_tier_text(source['cache_tier'])}). A first, untimed edit bound the mask's sparse programs: "
               f"{source['first_edit_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
@@ -73,7 +72,7 @@ from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import cpu_model, git_revision, threading_env  # noqa: E402
+from results_io import cpu_model, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results"
@@ -287,22 +286,17 @@ def cpu_count() -> int:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
+    """`results_io.machine()` and what a U-Net speed run records besides: diffusers, the platform, the CPU count,
+    the device and the load at the start."""
     import diffusers
 
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+    info = machine() | {
         "diffusers": diffusers.__version__,
-        "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu_model": cpu_model(),
         "cpu_count": cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
-        "git": git_revision(),
         "loadavg_at_start": list(os.getloadavg()),
-        "threading_env": threading_env(),
     }
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
@@ -822,7 +816,7 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"# U-Net call benchmark: {c['arch']} ({c['size']}), {c['image_size']}x{c['image_size']} images "
         f"({c['latent_size']}x{c['latent_size']} latents), batch {c['batch']} (CFG), {c['dtype']}, {c['device']}",
         "",
-        f"Machine: {m['device_name']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch "
+        f"Machine: {m['device_name']}, {m['cpu_count']} CPUs ({m.get('threads', m.get('torch_threads'))} torch threads), torch "
         f"{m['torch']}, diffusers {m['diffusers']}, {m['date']}, git {m['git']}"
         + "".join(f", {k}={v}" for k, v in m.get("threading_env", {}).items()) + ".",
         f"Policy: block {_block_policy(r)}, halo {pol['halo']}, max sparse downscale "

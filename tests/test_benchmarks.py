@@ -213,6 +213,8 @@ def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     assert runs["ours_reuse1"]["decode_mode"] == "sparse"
     assert runs["ours_reuse2"]["unet_macs"] < runs["ours_reuse1"]["unet_macs"]
     assert math.isfinite(runs["ours_reuse2"]["psnr_in_mask_vs_reference"])
+    for run in (runs["source_run"], runs["ours_reuse1"]):  # where the cache lives: a budget, what went to disk
+        assert run["cache_tier"]["budget_bytes"] > 0 and run["cache_tier"]["spilled_steps"] >= 0
     if "seconds" in runs["deepcache"]:  # DeepCache and our edit timed again, alternated
         h = runs["head_to_head"]
         assert len(h["deepcache_seconds"]) == len(h["ours_seconds"]) == 2 and h["reuse_interval"] == 1

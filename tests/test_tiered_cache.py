@@ -245,16 +245,16 @@ def test_a_mapped_step_file_is_copy_on_write_and_survives_its_file_being_replace
     assert [p.name for p in tmp_path.iterdir()] == ["step.safetensors"]  # no partial file left
 
 
-def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_written_again(tmp_path):
-    """`flush` (a run's end) writes resident records in the background and keeps them, clean, so that the next run
-    can drop them without writing; a record modified in place (write-back) while its write is in flight keeps its
-    modification: it stays resident and is written again before it is let go."""
+def test_writes_keep_records_resident_and_a_record_modified_while_written_is_written_again(tmp_path):
+    """Records written because the budget cannot keep them beside two more steps stay resident and clean until
+    room is needed, so that they can go without writing; a record modified in place (write-back) while its write
+    is in flight keeps its modification: it stays resident and is written again before it is let go."""
     import threading
 
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepKey, StepRecord
 
-    store = TieredStore(budget_bytes=10**9, folder=tmp_path)
+    store = TieredStore(budget_bytes=2 * 64, folder=tmp_path)  # room for two 64-byte steps: each one written
     gate = threading.Event()
     spill = store._spill
 
@@ -270,8 +270,8 @@ def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_wr
         record[ref] = torch.zeros(4, 4)
         store.put(key, record)
         store.settle(key)
-    store.flush()  # both written in the background (held at the gate)
-    assert set(store._writing) == set(keys)
+    store.flush()
+    assert set(store._writing) == set(keys)  # both being written in the background (held at the gate)
     store.get(keys[0])[ref] += 1  # a write-back while its write is in flight
     store.mark_dirty(keys[0])
     gate.set()
@@ -283,6 +283,34 @@ def test_flush_writes_without_evicting_and_a_record_modified_while_written_is_wr
     store._make_room(0, wait=True, keep=keys[1])
     assert keys[0] not in store._resident
     assert torch.equal(store.get(keys[0])[ref], torch.ones(4, 4))  # read back with its modification
+
+
+def test_a_run_end_writes_only_what_the_budget_cannot_keep(tmp_path):
+    """`flush` (a run's end) writes the records that the next run would have to let go, least recently used first,
+    and nothing while the cache fits the budget beside two more steps: writing a whole SD source run's cache
+    after every run competed with the next run's compute, for files nothing read."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+
+    ref = CacheRef("conv", "output")
+    keys = [StepKey((float(t),), 2) for t in (900, 700, 500, 300)]
+
+    def run(budget: int) -> TieredStore:
+        store = TieredStore(budget_bytes=budget, folder=tmp_path / str(budget))
+        for key in keys:  # four 64-byte steps
+            record = StepRecord()
+            record[ref] = torch.zeros(4, 4)
+            store.put(key, record)
+            store.settle(key)
+        store.flush()
+        store.close()
+        store._collect_writes()
+        return store
+
+    assert run(6 * 64).spilled == 0 and not list((tmp_path / str(6 * 64)).glob("*.safetensors"))
+    store = run(5 * 64)  # the next run needs two steps more: one record goes to disk, the oldest
+    assert store.spilled == 1 and set(store._on_disk) == {keys[0]}
+    assert all(torch.equal(store.get(key)[ref], torch.zeros(4, 4)) for key in keys)
 
 
 def test_a_step_evicted_before_others_does_not_make_two_steps_share_a_file(tmp_path):
