@@ -280,14 +280,13 @@ def test_writes_keep_records_resident_and_a_record_modified_while_written_is_wri
     assert set(store._resident) == set(keys) and keys[0] not in store._clean and keys[1] in store._clean
     store.budget_bytes = 0  # let everything go that can go
     store._spill = spill
-    store._make_room(0, wait=True, keep=keys[1])
+    store._make_room(0, wait=True, keep=keys[1], position=keys[1])
     assert keys[0] not in store._resident
     assert torch.equal(store.get(keys[0])[ref], torch.ones(4, 4))  # read back with its modification
 
 
 def test_a_run_end_writes_only_what_the_budget_cannot_keep(tmp_path):
-    """`flush` (a run's end) writes the records that the next run would have to let go, least recently used first,
-    and nothing while the cache fits the budget beside two more steps: writing a whole SD source run's cache
+    """`flush` (a run's end) writes the records that the next run would have to let go, and nothing while the cache fits the budget beside two more steps: writing a whole SD source run's cache
     after every run competed with the next run's compute, for files nothing read."""
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepKey, StepRecord
@@ -308,9 +307,44 @@ def test_a_run_end_writes_only_what_the_budget_cannot_keep(tmp_path):
         return store
 
     assert run(6 * 64).spilled == 0 and not list((tmp_path / str(6 * 64)).glob("*.safetensors"))
-    store = run(5 * 64)  # the next run needs two steps more: one record goes to disk, the oldest
-    assert store.spilled == 1 and set(store._on_disk) == {keys[0]}
+    store = run(5 * 64)  # the next run needs two steps more: one record goes to disk, the one a replay needs last
+    assert store.spilled == 1 and set(store._on_disk) == {keys[2]}  # (but for the one in use)
     assert all(torch.equal(store.get(key)[ref], torch.zeros(4, 4)) for key in keys)
+
+
+@pytest.mark.parametrize("budget_steps", [7, 5])
+def test_replays_read_from_disk_only_the_steps_the_budget_cannot_hold(tmp_path, budget_steps):
+    """Runs use the steps in the recorded order, one after another: the store lets go of the step needed last. Least
+    recently used first let go of each step just before the next replay read it, so that a cache a little over its
+    budget read every step from disk on every edit (SD 1.5 at 64x64 latents, 20 steps, a 9.0 GiB budget for 8.4 GiB:
+    all 20 steps read and written again per edit, the edit 40% slower)."""
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+
+    ref, steps = CacheRef("conv", "output"), 8
+    keys = [StepKey((float(1000 - 100 * i),), 2) for i in range(steps)]
+    store = TieredStore(budget_bytes=budget_steps * 64, folder=tmp_path)  # 64-byte steps
+    loads = []
+    load = store._load
+    store._load = lambda key: loads.append(key) or load(key)
+    for i, key in enumerate(keys):  # the record run
+        record = StepRecord()
+        record[ref] = torch.full((4, 4), float(i))
+        store.put(key, record)
+        store.settle(key)
+    store.flush()
+    for _ in range(3):  # replays, as RecordCache.step drives them: read a step, read the next one ahead, settle
+        loads.clear()
+        for i, key in enumerate(keys):
+            assert torch.equal(store.get(key)[ref], torch.full((4, 4), float(i)))
+            if i + 1 < steps:
+                store.prefetch(keys[i + 1])
+            store.settle(key)
+        store.flush()
+        # what does not fit beside the step in use and the one read ahead, and one more for the budget's margin
+        assert len(loads) <= steps - budget_steps + 3, loads
+        assert store.resident_nbytes <= store.budget_bytes
+    store.close()
 
 
 def test_a_step_evicted_before_others_does_not_make_two_steps_share_a_file(tmp_path):
