@@ -7,10 +7,22 @@ import logging
 import sys
 from pathlib import Path
 
-from . import inspect_cmd
-from .editing.mask_image import load_mask_image
-from .editing.token_alignment import PromptTooLongError
-from .policy import Policy
+
+class _NoImageProcessorFallbackNotice(logging.Filter):
+    """Drops transformers' notice that its image processors fall back to PIL without torchvision, which importing
+    diffusers' Stable Diffusion pipelines prints twice: the project uses no image processor (no safety checker).
+    Installed before the imports below, which import those pipelines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
+
+from . import inspect_cmd  # noqa: E402
+from .editing.mask_image import load_mask_image  # noqa: E402
+from .editing.token_alignment import PromptTooLongError  # noqa: E402
+from .policy import Policy  # noqa: E402
 
 
 def _component_config(args, component: str) -> dict | None:

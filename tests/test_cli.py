@@ -195,3 +195,17 @@ def test_the_default_demo_runs_on_the_embedded_shapes_model(tmp_path, capsys):
     phases = {row["phase"]: row for row in report["phases"]}
     assert phases["edit 3: sparse"]["unet_calls"] == 6  # the drawn box: sparse from the first step
     assert 0 < report["edits"][2]["mask_fraction"] < 1
+
+
+def test_a_command_prints_no_notice_about_image_processors(tmp_path):
+    """transformers announces, when diffusers' pipelines are imported without torchvision, that its image processors
+    fall back to PIL: two lines of noise before every command's output (the project uses no image processor). A
+    fresh process, as the notice is printed once per process."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fisedit_compiler.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = ["edit", *SMALL, "--prompt", "a cabin", "--edit", "word " * 100, "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "tokens long" in done.stderr  # it got as far as the pipeline's tokenizer
+    assert "torchvision" not in done.stderr, done.stderr

@@ -21,7 +21,7 @@ class PromptTooLongError(ValueError):
 
 def token_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids with start and end tokens; raises PromptTooLongError if it would be truncated."""
-    ids = tokenizer(prompt, truncation=False).input_ids
+    ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # a too long prompt is our error, below
     limit = tokenizer.model_max_length
     if len(ids) > limit:
         raise PromptTooLongError(
