@@ -105,12 +105,17 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
     the ``dtype`` defaults to float32, so that every component has the same dtype (left to
     themselves, diffusers casts its models to float32 while transformers keeps the text encoder's
     dtype on disk, and a folder saved in float16 then feeds float16 embeddings to a float32 U-Net).
-    The progress bar is disabled, as for ``random_pipeline``.
+    ``low_cpu_mem_usage`` defaults to whether ``accelerate`` is installed (diffusers' default needs it, and
+    says so at every load). The progress bar is disabled, as for ``random_pipeline``.
     """
     path = Path(path)
     _check_pipeline_folder(path)
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.float32
+    if "low_cpu_mem_usage" not in kwargs:  # diffusers' default, less its notice that `accelerate` is missing
+        from diffusers.utils import is_accelerate_available
+
+        kwargs["low_cpu_mem_usage"] = is_accelerate_available()
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     except (OSError, ValueError) as err:
