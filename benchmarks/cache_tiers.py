@@ -10,7 +10,8 @@ also per phase, from /proc's VmHWM: building and compiling the model, recording,
 with seeded random weights (`fisedit_compiler.models.random_unet`), CFG batch 2, fp32, compiled with
 `fisedit.compile`; a record run of `--steps` calls at distinct timesteps, then a sparse replay of the same steps at a
 15% ellipse mask. Reported per mode: peak RSS, cache bytes per step by kind (`RecordCache.breakdown`), median seconds
-per record and per sparse call, the time sparse calls waited for the disk tier, and steps written to disk. Results
+per record and per sparse call, the time sparse calls waited for the disk tier, and steps written to and read
+from disk. Results
 go to ``<out>/cache-tiers_<arch>-<latent>.{json,md}``.
 """
 
@@ -83,6 +84,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
     store = compiled.cache.store
     per_step = compiled.cache.breakdown()["total"]
     wait_seconds, steps_written = getattr(store, "wait_seconds", 0.0), getattr(store, "spilled", 0)
+    steps_read = getattr(store, "loaded", 0)
     cache_bytes = compiled.cache.nbytes
     compiled.cache.clear()
     if hasattr(store, "close"):
@@ -97,6 +99,7 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
         "cache_bytes": cache_bytes, "bytes_per_step_by_kind": {k: v // steps for k, v in per_step.items()},
         "record_seconds": statistics.median(record_s[1:]), "sparse_seconds": statistics.median(sparse_s[1:]),
         "sparse_seconds_all": sparse_s, "wait_seconds": wait_seconds, "steps_written": steps_written,
+        "steps_read": steps_read,
     }
 
 
@@ -126,7 +129,8 @@ def render(r: dict) -> str:
              f"{c['latent']} latents, CFG batch 2, fp32 U-Net, cache stored in {c.get('cache_dtype') or 'fp32'}, "
              f"{c['steps']} steps, 15% ellipse mask)", "",
              "| mode | peak RSS | of it: setup / record / replay | weights | cache (all steps) | record s/call | "
-             "sparse s/call | waited for disk | steps written |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "sparse s/call | waited for disk | steps written | steps read |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def phases(m: dict) -> str:
         peaks = m.get("peak_rss_bytes_by_phase") or {}
@@ -136,7 +140,7 @@ def render(r: dict) -> str:
         lines.append(f"| {name} | {m['peak_rss_bytes'] / 2**30:.2f} GiB | {phases(m)} | "
                      f"{m['weights_bytes'] / 2**30:.2f} GiB | "
                      f"{m['cache_bytes'] / 2**30:.2f} GiB | {m['record_seconds']:.3f} | {m['sparse_seconds']:.3f} | "
-                     f"{m['wait_seconds']:.3f} s | {m['steps_written']} |")
+                     f"{m['wait_seconds']:.3f} s | {m['steps_written']} | {m.get('steps_read', '-')} |")
     memory, tiered = r["modes"]["memory"], r["modes"]["tiered"]
     lines += ["", f"Sparse call with the disk tier / in memory: {tiered['sparse_seconds'] / memory['sparse_seconds']:.2f}"
               f"x. Bytes per step by kind: " + ", ".join(f"{k} {v / 2**20:.1f} MiB"

@@ -161,18 +161,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cache_tier(store) -> dict:
-    """Where the session's cache lives so far: its memory budget, steps written to disk, seconds the U-Net waited
-    for the disk (a `TieredStore`; an unbounded store keeps everything in memory)."""
+    """Where the session's cache lives so far: its memory budget, steps written to disk and read back, seconds the
+    U-Net waited for the disk (a `TieredStore`; an unbounded store keeps everything in memory)."""
     if not hasattr(store, "budget_bytes"):
-        return {"budget_bytes": None, "spilled_steps": 0, "wait_seconds": 0.0}
-    return {"budget_bytes": store.budget_bytes, "spilled_steps": store.spilled, "wait_seconds": store.wait_seconds}
+        return {"budget_bytes": None, "spilled_steps": 0, "loaded_steps": 0, "wait_seconds": 0.0}
+    return {"budget_bytes": store.budget_bytes, "spilled_steps": store.spilled, "loaded_steps": store.loaded,
+            "wait_seconds": store.wait_seconds}
 
 
 def _tier_text(tier: dict) -> str:
     if tier["budget_bytes"] is None:
         return "cache in memory"
-    return (f"cache budget {tier['budget_bytes'] / 2**30:.1f} GiB, {tier['spilled_steps']} steps written to disk so "
-            f"far, {tier['wait_seconds']:.1f} s waited for it")
+    return (f"cache budget {tier['budget_bytes'] / 2**30:.1f} GiB, steps written to disk so far "
+            f"{tier['spilled_steps']}, read back {tier['loaded_steps']}, {tier['wait_seconds']:.1f} s waited for them")
 
 
 def head_to_head(pairs: int, deepcache_run, session, mask, policy) -> dict:

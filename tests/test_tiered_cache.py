@@ -335,6 +335,7 @@ def test_replays_read_from_disk_only_the_steps_the_budget_cannot_hold(tmp_path, 
     store.flush()
     for _ in range(3):  # replays, as RecordCache.step drives them: read a step, read the next one ahead, settle
         loads.clear()
+        loaded = store.loaded
         for i, key in enumerate(keys):
             assert torch.equal(store.get(key)[ref], torch.full((4, 4), float(i)))
             if i + 1 < steps:
@@ -343,6 +344,7 @@ def test_replays_read_from_disk_only_the_steps_the_budget_cannot_hold(tmp_path, 
         store.flush()
         # what does not fit beside the step in use and the one read ahead, and one more for the budget's margin
         assert len(loads) <= steps - budget_steps + 3, loads
+        assert store.loaded - loaded == len(loads)  # the count the benchmarks report
         assert store.resident_nbytes <= store.budget_bytes
     store.close()
 

@@ -79,6 +79,7 @@ class TieredStore:
         # of `Policy.cache_dense_steps=False` is small, the next full one is not)
         self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
         self.spilled = 0  # steps written to disk so far
+        self.loaded = 0  # steps read back from disk so far (ahead of a call, or by it)
         self.device: torch.device | None = None  # where loaded records go (the device of the first record put)
         self.dtype: torch.dtype | None = None  # their storage dtype (`StepRecord.dtype`, the same for all records)
 
@@ -139,6 +140,7 @@ class TieredStore:
                 self.wait_seconds += time.perf_counter() - start
             self._resident[key] = record
             self._clean.add(key)
+            self.loaded += 1
         self._resident.move_to_end(key)
         return self._resident[key]
 
