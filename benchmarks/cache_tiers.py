@@ -82,9 +82,10 @@ def measure(arch: str, latent: int, steps: int, budget: int | None, cache_dtype:
                 call_peaks["replay"].append(phase_peak())
         peaks["replay"] = max(filter(None, call_peaks["replay"]), default=None)
     store = compiled.cache.store
-    per_step = compiled.cache.breakdown()["total"]
+    # before `breakdown`, which reads every step (those on disk too)
     wait_seconds, steps_written = getattr(store, "wait_seconds", 0.0), getattr(store, "spilled", 0)
     steps_read = getattr(store, "loaded", 0)
+    per_step = compiled.cache.breakdown()["total"]
     cache_bytes = compiled.cache.nbytes
     compiled.cache.clear()
     if hasattr(store, "close"):
