@@ -250,7 +250,8 @@ def _format(data: dict) -> str:
                   "minutes)."]
     source = runs["source_run"]
     lines += ["", f"The source run (recorded, once per source picture): {source['seconds']:.1f} s, cache "
-              f"{source['cache_bytes'] / 2**30:.2f} GiB ({_tier_text(source['cache_tier'])}). A first, untimed edit bound the mask's sparse programs: "
+              f"{source['cache_bytes'] / 2**30:.2f} GiB ({_tier_text(source['cache_tier'])}). A first, untimed edit "
+              "bound the mask's sparse programs: "
               f"{source['first_edit_seconds']:.1f} s."]
     return "\n".join(lines) + "\n"
 

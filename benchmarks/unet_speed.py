@@ -816,8 +816,9 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"# U-Net call benchmark: {c['arch']} ({c['size']}), {c['image_size']}x{c['image_size']} images "
         f"({c['latent_size']}x{c['latent_size']} latents), batch {c['batch']} (CFG), {c['dtype']}, {c['device']}",
         "",
-        f"Machine: {m['device_name']}, {m['cpu_count']} CPUs ({m.get('threads', m.get('torch_threads'))} torch threads), torch "
-        f"{m['torch']}, diffusers {m['diffusers']}, {m['date']}, git {m['git']}"
+        f"Machine: {m['device_name']}, {m['cpu_count']} CPUs "
+        f"({m.get('threads', m.get('torch_threads'))} torch threads), torch {m['torch']}, diffusers "
+        f"{m['diffusers']}, {m['date']}, git {m['git']}"
         + "".join(f", {k}={v}" for k, v in m.get("threading_env", {}).items()) + ".",
         f"Policy: block {_block_policy(r)}, halo {pol['halo']}, max sparse downscale "
         f"{pol['max_sparse_downscale']}, attention {pol['attention']}, norm stats {pol['norm_stats']}. "

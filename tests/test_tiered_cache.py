@@ -286,8 +286,9 @@ def test_writes_keep_records_resident_and_a_record_modified_while_written_is_wri
 
 
 def test_a_run_end_writes_only_what_the_budget_cannot_keep(tmp_path):
-    """`flush` (a run's end) writes the records that the next run would have to let go, and nothing while the cache fits the budget beside two more steps: writing a whole SD source run's cache
-    after every run competed with the next run's compute, for files nothing read."""
+    """`flush` (a run's end) writes the records that the next run would have to let go, and nothing while the
+    cache fits the budget beside two more steps: writing a whole SD source run's cache after every run competed
+    with the next run's compute, for files nothing read."""
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepKey, StepRecord
 
