@@ -46,6 +46,7 @@ from .passes.manager import FxPass, PassManager, PassRecord
 from .passes.record_cross_attention_maps import record_cross_attention_maps
 from .passes.relayout_gathered import no_dense_reshape_of_blocks, relayout_gathered
 from .passes.reuse_deep_levels import reuse_deep_levels, reuse_taps_and_reads
+from .passes.select_linear_library import no_aten_linear, select_linear_library
 from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
 from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
@@ -92,6 +93,7 @@ def sparse_passes(policy: Policy, reuse_call: bool = False) -> list[FxPass]:
         # after sparse_conv: the window chains it builds need their operands repeated too
         FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",), per_item_operands_repeated),
         FxPass("sparse_attention", sparse_attention, ("insert_region_boundaries",)),
+        FxPass("select_linear_library", select_linear_library, ("insert_region_boundaries",), no_aten_linear),
         # after broadcast_over_blocks: it may have repeated the GroupNorm's operands
         FxPass("fuse_gather_norm_silu", fuse_gather_norm_silu, ("sparse_conv", "broadcast_over_blocks")),
         FxPass("eliminate_dead_code", eliminate_dead_code),

@@ -209,6 +209,13 @@ def test_onednn_gemm_is_one_opaque_op_that_inductor_compiles_and_flop_counters_c
     assert counter.get_total_flops() == 2 * 40 * 90 * 7
     torch.library.opcheck(torch.ops.fisedit.onednn_linear.default, (rows, kernel, bias))
     torch.library.opcheck(torch.ops.fisedit.onednn_linear.default, (rows, kernel, None))
+    tokens = rows.view(2, 20, 90)  # a linear layer's (batch, tokens, features)
+    torch.testing.assert_close(reference.matmul_rows(tokens, kernel, bias, "onednn"),
+                               torch.nn.functional.linear(tokens, kernel, bias), rtol=1e-5, atol=1e-5)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        reference.matmul_rows(tokens, kernel, bias, "onednn")
+    assert counter.get_total_flops() == 2 * 40 * 90 * 7
+    torch.library.opcheck(torch.ops.fisedit.onednn_linear.default, (tokens, kernel, bias))
 
 
 def test_operands_that_do_not_concatenate_are_refused():

@@ -19,7 +19,7 @@ from fisedit_compiler.kernels.library import INDEX_FIELDS, layout_args
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import RecordCache, StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
-from fisedit_compiler.runtime.program import Recorded, bind
+from fisedit_compiler.runtime.program import LOWERED_FROM, Recorded, bind
 
 SIZE = 16
 POLICY = fisedit.Policy(block_size=2, halo=1)
@@ -264,8 +264,34 @@ def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
     assert not program.fits(onednn) and not other.fits(blas)
     linears = lambda p: sum(n.target is torch.nn.functional.linear or n.target is torch._C._nn.linear  # noqa: E731
                             for n in p.gm.graph.nodes)
-    assert linears(other) < linears(program)
+    layers = sum(n.target is runtime_ops.linear_by_library for n in variants.sparse.graph.nodes)
+    assert layers > 0 and linears(other) == 0 and linears(program) >= layers  # every GEMM, linear layers too
     torch.testing.assert_close(other(inputs, step, onednn), program(inputs, step, blas), rtol=1e-5, atol=1e-5)
+
+
+def test_a_gathered_linear_layer_takes_its_library_by_its_active_rows(monkeypatch):
+    """A linear layer on gathered tokens multiplies only the active pixels' rows: the library is chosen for those
+    (`CostConstants.gemm_library`), not for the dense layer's rows."""
+    _, inputs, variants, step = recorded_unet()
+    plan = MaskPlan(box(4, 6), dataclasses.replace(POLICY, block_size=1),
+                    constants=dataclasses.replace(cost_model.DEFAULT, gemm="onednn"))
+    node = next(n for n in variants.sparse.graph.nodes
+                if n.target is runtime_ops.linear_by_library and n.args[3] is not None)
+    layout = node.args[3]
+    out_features, in_features = node.args[1].meta["val"].shape
+    dense_rows = layout.shape[0] * layout.res[0] * layout.res[1]
+    active_rows = layout.shape[0] * plan.layout(layout.res).num_blocks
+    assert active_rows < dense_rows
+
+    def library(min_macs: int) -> str:
+        monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", min_macs)
+        program = bind(variants.sparse, plan)
+        lowered = [n for n in program.gm.graph.nodes if n.meta.get(LOWERED_FROM) == node.name]
+        onednn = any(n.target is torch.ops.fisedit.onednn_linear.default for n in lowered)
+        return "onednn" if onednn else "blas"
+
+    assert library(active_rows * out_features * in_features) == "onednn"
+    assert library(active_rows * out_features * in_features + 1) == "blas"  # too few active rows to pay
 
 
 @pytest.mark.parametrize("algorithm", ["channels_last", "im2col"])

@@ -8,6 +8,7 @@ are inputs. A flop formula makes `FlopCounterMode` (and so `macs`) count it as t
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,16 +18,16 @@ from torch.utils import flop_counter
 
 @torch.library.custom_op("fisedit::onednn_linear", mutates_args=())
 def onednn_linear(rows: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``rows @ kernel.T + bias`` for (n, k) `rows` and an (out, k) `kernel`, by oneDNN."""
+    """``rows @ kernel.T + bias`` for (..., k) `rows` and an (out, k) `kernel`, by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(rows, kernel, bias, "none", [], "")
 
 
 @onednn_linear.register_fake
 def _(rows, kernel, bias):
-    return rows.new_empty((rows.shape[0], kernel.shape[0]))
+    return rows.new_empty((*rows.shape[:-1], kernel.shape[0]))
 
 
 @flop_counter.register_flop_formula(torch.ops.fisedit.onednn_linear)
 def _(rows_shape, kernel_shape, *args, out_shape=None, **kwargs) -> int:
     """A matrix product: `FlopCounterMode` (and so `macs`) counts it like the `F.linear` it replaces."""
-    return 2 * rows_shape[0] * rows_shape[1] * kernel_shape[0]
+    return 2 * math.prod(rows_shape) * kernel_shape[0]

@@ -273,7 +273,7 @@ def im2col_conv(
 
 def matmul_rows(rows: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, gemm: str = "blas"
                 ) -> torch.Tensor:
-    """``rows @ kernel.T + bias`` for (n, k) `rows` and an (out, k) `kernel`: by BLAS (`F.linear`), or by oneDNN
+    """``rows @ kernel.T + bias`` for (..., k) `rows` and an (out, k) `kernel`: by BLAS (`F.linear`), or by oneDNN
     (`gemm="onednn"`, CPU), the library that runs PyTorch's dense CPU convolutions, through its linear primitive
     (registered as `torch.ops.fisedit.onednn_linear`; `cost_model.GEMM_LIBRARIES` says why both exist)."""
     if gemm == "blas":

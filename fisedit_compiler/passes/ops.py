@@ -48,6 +48,7 @@ PERMUTES = {aten.permute.default, aten.transpose.int}
 UNSQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
 
 CONV = aten.conv2d.default
+LINEAR = aten.linear.default
 GROUP_NORM = aten.group_norm.default
 SDPA = aten.scaled_dot_product_attention.default
 UPSAMPLE_NEAREST = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
