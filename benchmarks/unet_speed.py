@@ -350,6 +350,7 @@ def build_plan(mask: torch.Tensor, compiled: fisedit.CompiledUNet, indices: set,
 
 CATEGORY = {
     "aten.linear.default": "linear",
+    "linear_by_library": "linear",
     "aten.scaled_dot_product_attention.default": "attention",
     "active_query_attention": "attention",
     "gather_windows": "gather/scatter",
@@ -887,9 +888,17 @@ def _block_policy(r: dict[str, Any]) -> str:
     if r["config"]["policy"]["block_size"] is not None:
         return str(r["config"]["policy"]["block_size"])
     cm = r.get("cost_model", {})
-    constants = ", ".join(f"{k} {_constant(v)}" for k, v in cm.get("constants", {}).items() if v)
+    constants = _constants(cm.get("constants", {}))
     source = "calibrated on this machine" if cm.get("calibrated") else "defaults, not calibrated here"
     return f"auto (cost model per resolution and mask; {constants}: {source})"
+
+
+def _constants(constants: dict[str, Any]) -> str:
+    """`CostConstants` as saved (`dataclasses.asdict`): its tables, then the larger region's in brackets."""
+    text = ", ".join(f"{k} {_constant(v)}" for k, v in constants.items() if v and k != "large")
+    if constants.get("large"):
+        text += f" [maps over {cost_model.LARGE_FROM} active pixels: {_constants(constants['large'])}]"
+    return text
 
 
 def _constant(value: Any) -> str:

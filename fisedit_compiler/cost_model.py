@@ -19,6 +19,10 @@ How a convolution runs on windows larger than one kernel footprint is a measured
 one of `CONV_ALGORITHMS` per channel count and block size; see `kernels.reference.conv_windows`): on one 2-core CPU
 the fastest of them was up to 2x faster than the slowest, and which one wins depends on C and b.
 
+How much a pixel costs also depends on how many there are: the constants are measured on a small region (what a
+U-Net's maps hold) and on a large one (`CostConstants.large`, a VAE decoder's maps at image resolution), and a map
+takes those of the region nearer its active pixel count (`CostConstants.for_active`).
+
 The constants come from a short micro-benchmark on the machine (`fisedit_compiler.tuning.calibrate`, which
 measures the kernels), kept in a JSON file per device (`calibration_path`, read by `load_constants`); without one,
 `DEFAULT` holds values measured on a 2-core CPU (AMD EPYC with AVX-512, torch 2.13, fp32). This module is the
@@ -37,6 +41,13 @@ from pathlib import Path
 import torch
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
+# The square regions the constants are measured on (`tuning.calibrate`), in pixels a side, and from how many active
+# pixels a map takes the larger region's (`CostConstants.for_active`): their geometric mean. A U-Net's maps at SD
+# sizes have a few hundred to a few thousand active pixels, a VAE decoder's at 512² tens of thousands: there,
+# pixel-wise blocks (each pixel's 3x3 window a copy of its neighbours' channels) ran 1.4-1.9x slower than 8x8 blocks
+# while the small region's constants priced them alike.
+SIDE, LARGE_SIDE = 32, 128
+LARGE_FROM = SIDE * LARGE_SIDE
 # How a convolution runs on a batch of windows (`kernels.reference.conv_windows`): the convolution library on a
 # contiguous NCHW copy of the windows, the same on the windows as gathered (channels-last strided), or im2col (each
 # output pixel's kernel footprint a row, then one GEMM with the flattened kernel).
@@ -62,6 +73,9 @@ class CostConstants:
     layer: dict[int, dict[int, float]]
     conv: dict[int, dict[int, str]] = dataclasses.field(default_factory=dict)
     gemm: str = "blas"
+    # The same measured on a larger region (`LARGE_SIDE`): what a map with more than `LARGE_FROM` active pixels
+    # takes (`for_active`). None: these constants serve every map.
+    large: CostConstants | None = None
 
     def __post_init__(self) -> None:
         for c, costs in self.layer.items():
@@ -78,6 +92,13 @@ class CostConstants:
                                  f"choose among {CONV_ALGORITHMS}")
         if self.gemm not in GEMM_LIBRARIES:
             raise ValueError(f"CostConstants.gemm={self.gemm!r}: choose among {GEMM_LIBRARIES}")
+        if self.large is not None and self.large.large is not None:
+            raise ValueError("CostConstants.large holds one larger region's constants: it has no `large` of its own")
+
+    def for_active(self, active_pixels: int) -> CostConstants:
+        """The constants for a map with `active_pixels` active pixels: `large` above `LARGE_FROM`, where gathers
+        and pixel-wise windows outgrow the caches that a small region's fit in."""
+        return self.large if self.large is not None and active_pixels > LARGE_FROM else self
 
     def for_channels(self, channels: int | None) -> dict[int, float]:
         """The per-block costs of the calibrated channel count nearest to `channels` (in ratio); the widest one
@@ -130,6 +151,31 @@ DEFAULT = CostConstants(
         1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "nchw", 16: "nchw", 32: "channels_last"},
     },
     gemm="onednn",
+    # The larger region (`LARGE_SIDE`: a 128x128 square of a 256x256 map), measured the same way on the same CPU
+    # (git 05e9b94, one run), for SD's U-Net widths and its VAE decoder's (128, 256, 512)
+    large=CostConstants(
+        layer={
+            128: {1: 1.5, 2: 1.27, 4: 0.6, 8: 0.53, 16: 0.51, 32: 0.5},
+            256: {1: 1.36, 2: 1.73, 4: 0.95, 8: 0.68, 16: 0.66, 32: 0.63},
+            320: {1: 1.32, 2: 1.63, 4: 1.03, 8: 0.75, 16: 0.71, 32: 0.72},
+            512: {1: 1.37, 2: 1.5, 4: 1.25, 8: 1.06, 16: 1.49, 32: 1.04},
+            640: {1: 1.28, 2: 1.47, 4: 1.2, 8: 1.6, 16: 1.08, 32: 1.01},
+            1280: {1: 1.23, 2: 1.22, 4: 1.21, 8: 1.19, 16: 1.05, 32: 0.98},
+        },
+        conv={
+            128: {1: "im2col", 2: "channels_last", 4: "channels_last",
+                  8: "channels_last", 16: "channels_last", 32: "channels_last"},
+            256: {1: "im2col", 2: "channels_last", 4: "channels_last",
+                  8: "channels_last", 16: "channels_last", 32: "channels_last"},
+            320: {1: "im2col", 2: "im2col", 4: "channels_last",
+                  8: "channels_last", 16: "channels_last", 32: "channels_last"},
+            512: {1: "im2col", 2: "im2col", 4: "channels_last", 8: "channels_last", 16: "im2col", 32: "channels_last"},
+            640: {1: "im2col", 2: "im2col", 4: "channels_last",
+                  8: "channels_last", 16: "channels_last", 32: "channels_last"},
+            1280: {1: "im2col", 2: "im2col", 4: "im2col", 8: "nchw", 16: "channels_last", 32: "channels_last"},
+        },
+        gemm="onednn",
+    ),
 )
 
 
@@ -146,7 +192,7 @@ def cost(active: torch.Tensor, block: int, constants: CostConstants = DEFAULT, c
         return float(h * w)
     # At least the dense cost per pixel: a sparse resolution's other layers (attention, linear layers, region
     # entries and exits) gain nothing from blocking, so full coverage never beats dense.
-    per_pixel = max(1.0, constants.for_channels(channels)[block])
+    per_pixel = max(1.0, constants.for_active(int(active.sum())).for_channels(channels)[block])
     return block_grid_count(active, block) * block * block * per_pixel
 
 
@@ -177,9 +223,20 @@ def load_constants(device: torch.device) -> CostConstants:
     if path.is_file():
         saved = json.loads(path.read_text())
         if isinstance(saved.get("layer"), dict):  # files of older versions (other fields) are ignored
-            return CostConstants(layer={int(c): {int(b): v for b, v in costs.items()}
-                                        for c, costs in saved["layer"].items()},
-                                 conv={int(c): {int(b): v for b, v in algorithms.items()}
-                                       for c, algorithms in saved.get("conv", {}).items()},
-                                 gemm=saved.get("gemm", "onednn" if device.type == "cpu" else "blas"))
-    return DEFAULT if device.type == "cpu" else dataclasses.replace(DEFAULT, conv={}, gemm="blas")
+            return constants_from_json(saved, default_gemm="onednn" if device.type == "cpu" else "blas")
+    if device.type == "cpu":
+        return DEFAULT
+    large = DEFAULT.large and dataclasses.replace(DEFAULT.large, conv={}, gemm="blas")
+    return dataclasses.replace(DEFAULT, conv={}, gemm="blas", large=large)
+
+
+def constants_from_json(saved: dict, default_gemm: str) -> CostConstants:
+    """`CostConstants` from `dataclasses.asdict` of them read back from JSON (keys are strings there); a file from
+    before the larger region (no `large`) serves every map with its one region's constants."""
+    gemm = saved.get("gemm", default_gemm)
+    large = saved.get("large")
+    return CostConstants(layer={int(c): {int(b): v for b, v in costs.items()} for c, costs in saved["layer"].items()},
+                         conv={int(c): {int(b): v for b, v in algorithms.items()}
+                               for c, algorithms in saved.get("conv", {}).items()},
+                         gemm=gemm,
+                         large=constants_from_json({**large, "gemm": gemm}, gemm) if isinstance(large, dict) else None)

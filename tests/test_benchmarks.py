@@ -170,7 +170,8 @@ def test_cost_model_block_sizes(unet_speed, tmp_path):
         "--warmup", "0", "--masks", "ellipse:5", "--out", str(tmp_path), "--quiet",
     ])
     assert result["config"]["policy"]["block_size"] is None  # the default: the cost model picks block sizes
-    assert set(result["cost_model"]["constants"]) == {"layer", "conv", "gemm"}
+    assert set(result["cost_model"]["constants"]) == {"layer", "conv", "gemm", "large"}
+    assert "maps over 4096 active pixels: layer C128" in Path(result["paths"]["markdown"]).read_text()
     mask = result["masks"][0]
     for res, block in mask["block_size"].items():
         side = int(res.split("x")[0])

@@ -103,14 +103,33 @@ def test_mask_plan_uses_the_cost_model_per_resolution():
     assert MaskPlan(mask, Policy(block_size=4)).block_size((64, 64)) == 4
 
 
+def test_maps_with_many_active_pixels_take_the_larger_regions_constants():
+    """Above `LARGE_FROM` active pixels a map is priced by the constants measured on the larger region: here
+    pixel-wise blocks cost 4x there (gathers out of cache), so the same mask shape picks larger blocks when big."""
+    small_costs = constants().layer[320]
+    two = CostConstants(layer={320: small_costs}, large=constants(b1=4.0, b2=4.0))
+    few = compact(96, 60)  # 3600 active pixels
+    many = torch.zeros(256, 256, dtype=torch.bool)
+    many[10:130, 20:140] = True  # 14400
+    assert few.sum() <= cost_model.LARGE_FROM < many.sum()
+    assert two.for_active(int(few.sum())) is two and two.for_active(int(many.sum())) is two.large
+    assert choose_block_size(few, constants=two, channels=320) == 2
+    assert choose_block_size(many, constants=two, channels=320) > 2
+    plan = MaskPlan(many, Policy(halo_unit="cells", halo=0), constants=two, channels={1: 320})
+    assert plan.constants_at((256, 256)) is two.large and plan.constants_at((32, 32)) is two
+    with pytest.raises(ValueError, match="no `large` of its own"):
+        CostConstants(layer={320: small_costs}, large=two)
+
+
 def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
     device = torch.device("cpu")
     assert cost_model.load_constants(device) == cost_model.DEFAULT
-    measured = tuning.calibrate(device, channels=(32, 64), side=16)
+    measured = tuning.calibrate(device, channels=(32, 64), side=16, large_side=32)
     assert cost_model.calibration_path(device).is_file()
     assert cost_model.load_constants(device) == measured
-    assert set(measured.layer) == {32, 64}
+    assert set(measured.layer) == {32, 64} and set(measured.large.layer) == {32, 64}
+    assert measured.large.gemm == measured.gemm and measured.large.large is None
     assert all(set(costs) == set(cost_model.BLOCK_SIZES) and min(costs.values()) > 0
                for costs in measured.layer.values())
     assert all(set(algorithms) == set(cost_model.BLOCK_SIZES) and algorithms[1] == "im2col"
@@ -148,6 +167,7 @@ def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path,
     assert loaded.layer == {320: {b: 1.0 for b in cost_model.BLOCK_SIZES}}
     assert loaded.conv_algorithm(320, 4) == "nchw"
     assert loaded.gemm == "onednn"  # a file from before the GEMM choice: the CPU default
+    assert loaded.large is None and loaded.for_active(10**6) is loaded  # and before the larger region
 
 
 def test_the_cpu_measured_convolution_algorithms_are_not_applied_to_other_devices(tmp_path, monkeypatch):

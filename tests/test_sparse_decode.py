@@ -112,6 +112,19 @@ def test_the_decoder_s_halo_is_one_cell_of_each_map_not_one_latent_pixel():
     assert torch.equal(decoder.last.region, expected)
 
 
+def test_the_cost_model_prices_each_decoder_map_at_its_own_width():
+    """SD's VAE decoder widens as its maps shrink: 128 channels at the image's resolution (8x the latents'), 256
+    at 4x, 512 at 2x and 1x. A mask plan looks each map's width up by its downscale factor (below 1 here)."""
+    from fractions import Fraction
+
+    vae = random_vae("sd15", "full", seed=0, sample_size=64)  # SD's widths, a small image (weights untouched)
+    decoder = fisedit.compile(vae.decoder, POLICY)
+    widths = decoder.adapter.channels()
+    assert widths == {Fraction(1): 512, Fraction(1, 2): 512, Fraction(1, 4): 256, Fraction(1, 8): 128}
+    plan = decoder.mask_plan(torch.ones(8, 8, dtype=torch.bool))
+    assert plan.channels.get(Fraction(8, 64)) == 128 and plan.channels.get(Fraction(8, 8)) == 512
+
+
 @functools.lru_cache(maxsize=None)
 def _pipeline():
     return random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler="ddim")

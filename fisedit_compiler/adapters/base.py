@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import torch
@@ -140,9 +141,9 @@ class ModelAdapter:
         """What the model itself would return for `outputs` (from `call` or a variant); the base returns them."""
         return outputs
 
-    def channels(self) -> dict[int, int]:
-        """Feature width per downscale factor (1, 2, 4, ...) of the latents; empty if unknown (the cost model then
-        uses its widest calibration)."""
+    def channels(self) -> dict[Fraction, int]:
+        """Feature width per downscale factor of the latents (1, 2, 4, ...; 1/2, 1/4, ... for maps finer than the
+        latents); empty if unknown (the cost model then uses its widest calibration)."""
         return {}
 
 

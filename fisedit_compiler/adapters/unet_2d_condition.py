@@ -9,6 +9,7 @@ apply by default.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -40,6 +41,6 @@ class UNet2DConditionAdapter(ModelAdapter):
 
         return UNet2DConditionOutput(sample=outputs[0])
 
-    def channels(self) -> dict[int, int]:
+    def channels(self) -> dict[Fraction, int]:
         widths = getattr(getattr(self.model, "config", None), "block_out_channels", None) or ()
-        return {2 ** i: int(c) for i, c in enumerate(widths)}
+        return {Fraction(2 ** i): int(c) for i, c in enumerate(widths)}

@@ -16,6 +16,7 @@ the recomputed region, bit for bit.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -35,3 +36,16 @@ class VAEDecoderAdapter(ModelAdapter):
 
     def wrap_output(self, outputs: tuple[torch.Tensor, ...], return_dict: bool) -> Any:
         return outputs[0]  # `Decoder.forward` returns the image tensor itself
+
+    def channels(self) -> dict[Fraction, int]:
+        """The width of each up block's map, from the latents' resolution (1) to the image's (1/8 for SD's VAE):
+        an up block's last resnet's, the map halving in downscale after each block that upsamples."""
+        widths: dict[Fraction, int] = {}
+        scale = Fraction(1)
+        for block in getattr(self.model, "up_blocks", ()):
+            resnets = getattr(block, "resnets", None)
+            if resnets:
+                widths.setdefault(scale, int(resnets[-1].out_channels))
+            if getattr(block, "upsamplers", None):
+                scale /= 2
+        return widths

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Mapping
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,9 @@ class MaskPlan:
                  channels: Mapping[int, int] | None = None):
         self.policy = policy
         self.constants = constants if constants is not None else load_constants(mask.device)
-        self.channels = dict(channels or {})  # the U-Net's channels per downscale factor, for the cost model
+        # the model's channels per downscale factor of its maps (below 1 for maps finer than the latents: a VAE
+        # decoder's), for the cost model
+        self.channels = dict(channels or {})
         self._values: dict[Hashable, torch.Tensor] = {}  # what programs read of the plan (`value`)
         self.mask = mask
         self.device = mask.device
@@ -74,10 +77,15 @@ class MaskPlan:
         computed[layout.pixel_to_gathered >= 0] = True
         return computed.reshape(res)
 
+    def constants_at(self, res: Resolution) -> CostConstants:
+        """The cost constants for the map at `res`: those measured on a region of about its active pixels'
+        size (`CostConstants.for_active`)."""
+        return self.constants.for_active(int(self.active_map(res).sum()))
+
     def block_size(self, res: Resolution) -> int:
         """The policy's fixed block size (its largest divisor of the map size), or the cost model's choice."""
         if self.policy.block_size is None:
-            channels = self.channels.get(self.latent_res[0] // res[0])
+            channels = self.channels.get(Fraction(self.latent_res[0], res[0]))
             return choose_block_size(self.active_map(res), constants=self.constants, channels=channels)
         g = math.gcd(*res)
         return max(d for d in range(1, min(self.policy.block_size, g) + 1) if g % d == 0)

@@ -169,8 +169,8 @@ class Binding:
     def block(self, res) -> int:
         return self._fact(("block", tuple(res)))
 
-    def conv_algorithm(self, channels: int, block: int) -> str:
-        return self._fact(("conv_algorithm", channels, block))
+    def conv_algorithm(self, channels: int, block: int, res) -> str:
+        return self._fact(("conv_algorithm", channels, block, tuple(res)))
 
     def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
         return self._fact(("gemm_library", rows, kernel_elements, dtype))
@@ -268,15 +268,15 @@ class Binding:
 
 def plan_fact(plan: MaskPlan, key: tuple) -> Any:
     """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
-    layout, ("conv_algorithm", channels, block), how its cost constants say to convolve windows, ("gemm_library",
-    rows, kernel elements, dtype), which library multiplies im2col's rows, or ("index", spec, from_gathered), a
-    gather index's structure (`_index_structure`)."""
+    layout, ("conv_algorithm", channels, block, res), how its cost constants say to convolve windows at res,
+    ("gemm_library", rows, kernel elements, dtype), which library multiplies im2col's rows, or ("index", spec,
+    from_gathered), a gather index's structure (`_index_structure`)."""
     if key[0] == "num_blocks":
         return plan.layout(key[1]).num_blocks
     if key[0] == "block":
         return plan.layout(key[1]).block
     if key[0] == "conv_algorithm":
-        return plan.constants.conv_algorithm(key[1], key[2])
+        return plan.constants_at(key[3]).conv_algorithm(key[1], key[2])
     if key[0] == "gemm_library":
         return plan.constants.gemm_library(*key[1:])
     return _index_structure(plan.gather_index(key[1], key[2]))

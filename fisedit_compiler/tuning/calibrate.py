@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..cost_model import BLOCK_SIZES, CONV_ALGORITHMS, DEFAULT, GEMM_LIBRARIES, CostConstants, calibration_path
+from ..cost_model import (BLOCK_SIZES, CONV_ALGORITHMS, DEFAULT, GEMM_LIBRARIES, LARGE_SIDE, SIDE, CostConstants,
+                          calibration_path)
 from ..ir import ActivePixels, ConvWindows, SpatialLayout
 from ..policy import Policy
 from ..runtime.mask_plan import MaskPlan
@@ -39,23 +40,30 @@ def _seconds(fn, repeats: int = 5) -> float:
     return min(times)
 
 
-def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CHANNELS, side: int = 32,
-              save: bool = True) -> CostConstants:
+def calibrate(device: torch.device | str = "cpu", channels: tuple[int, ...] = CHANNELS, side: int = SIDE,
+              large_side: int | None = LARGE_SIDE, save: bool = True) -> CostConstants:
     """Measure `layer[C][b]` on `device` for every C in `channels` (multiples of 32): a resnet layer (GroupNorm
     with 32 groups, SiLU, 3x3 convolution) densely on a map twice as wide as `side` (at least 32), and as the
     sparse path runs it on the blocks of a `side` x `side` square in that map, for every block size, its
     convolution by each of `CONV_ALGORITHMS`: the fastest one is `conv[C][b]`, and its time sets the cost. First the
-    faster library for im2col's GEMMs (`gemm`, on CPU: BLAS or oneDNN), which those layers then use."""
+    faster library for im2col's GEMMs (`gemm`, on CPU: BLAS or oneDNN), which those layers then use. The same on a
+    `large_side` square gives `large`, the constants of maps with many active pixels (None: not measured)."""
     device = torch.device(device)
     gemm = _gemm_library(device)
-    measured = {c: _layer_costs(device, c, side, gemm) for c in channels}
-    constants = CostConstants(layer={c: costs for c, (costs, _) in measured.items()},
-                              conv={c: algorithms for c, (_, algorithms) in measured.items()}, gemm=gemm)
+    constants = _region_constants(device, channels, side, gemm)
+    if large_side is not None:
+        constants = dataclasses.replace(constants, large=_region_constants(device, channels, large_side, gemm))
     if save:
         path = calibration_path(device)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(dataclasses.asdict(constants), indent=2))
     return constants
+
+
+def _region_constants(device: torch.device, channels: tuple[int, ...], side: int, gemm: str) -> CostConstants:
+    measured = {c: _layer_costs(device, c, side, gemm) for c in channels}
+    return CostConstants(layer={c: costs for c, (costs, _) in measured.items()},
+                         conv={c: algorithms for c, (_, algorithms) in measured.items()}, gemm=gemm)
 
 
 def _gemm_library(device: torch.device) -> str:
