@@ -30,12 +30,21 @@ def git_revision() -> str | None:
 
 
 def machine() -> dict[str, Any]:
-    """Date (UTC), git revision, CPU model, torch and Python versions, torch threads, threading settings."""
+    """Date (UTC), git revision, CPU model, torch and Python versions, torch threads, threading settings, and
+    whether the process keeps freed memory (`Policy.retain_freed_memory`: every run of a benchmark that turns it on
+    at its start, dense and alternatives included)."""
     import torch  # here: cache_tiers.py's parent process measures children and never loads torch
+
+    from fisedit_compiler.runtime.memory import retains_freed_memory
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_revision(), "cpu": cpu_model(),
             "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "threading_env": threading_env()}
+            "threading_env": threading_env(), "retains_freed_memory": retains_freed_memory()}
+
+
+def allocator_note(m: dict[str, Any]) -> str:
+    """A results header's words on the allocator: whether freed memory was kept for reuse (`machine()`)."""
+    return ", freed memory kept for reuse (`Policy.retain_freed_memory`)" if m.get("retains_freed_memory") else ""
 
 
 # OpenMP settings that move timings: OMP_WAIT_POLICY=PASSIVE puts idle threads to sleep between parallel regions,

@@ -70,9 +70,10 @@ from fisedit_compiler.runtime.program import LOWERED_FROM, Program
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
+from fisedit_compiler.runtime.memory import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import cpu_model, machine  # noqa: E402
+from results_io import allocator_note, cpu_model, machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results"
@@ -139,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile backend for the record and sparse programs, e.g. inductor (default: "
                              "eager programs); the dense U-Net is then also measured under torch.compile with it")
     args = p.parse_args(argv)
+    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for every run measured here
+    retain_freed_memory(fisedit.Policy().retain_freed_memory)
     if args.repeats < 3:
         p.error("--repeats must be at least 3")
     if args.threads is not None and args.threads < 1:
@@ -820,7 +823,7 @@ def render_markdown(r: dict[str, Any], layers: bool = True) -> str:
         f"Machine: {m['device_name']}, {m['cpu_count']} CPUs "
         f"({m.get('threads', m.get('torch_threads'))} torch threads), torch {m['torch']}, diffusers "
         f"{m['diffusers']}, {m['date']}, git {m['git']}"
-        + "".join(f", {k}={v}" for k, v in m.get("threading_env", {}).items()) + ".",
+        + "".join(f", {k}={v}" for k, v in m.get("threading_env", {}).items()) + allocator_note(m) + ".",
         f"Policy: block {_block_policy(r)}, halo {pol['halo']}, max sparse downscale "
         f"{pol['max_sparse_downscale']}, attention {pol['attention']}, norm stats {pol['norm_stats']}. "
         f"Medians of {c['repeats']} calls after {c['warmup']} warm-up call(s); random seeded weights.",

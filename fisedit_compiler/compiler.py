@@ -53,6 +53,7 @@ from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
 from .policy import Policy
 from .runtime.cache import Direction, RecordCache, StepKey, StepNotRecordedError, StepRecord
 from .runtime.mask_plan import MaskPlan
+from .runtime.memory import retain_freed_memory
 from .runtime.program import Program, bind
 from .runtime.tiered_store import make_store
 
@@ -360,6 +361,9 @@ class CompiledUNet(nn.Module):
                 "this record cache is in use by another run (another thread, or a run that has not ended): give "
                 "each concurrent session its own cache (`run(mode, cache=RecordCache())`, as EditSession does)"
             )
+        parameter = next(self.unet.parameters(), None)
+        if self.policy.retain_freed_memory and (parameter is None or parameter.device.type == "cpu"):
+            retain_freed_memory()  # process-wide: sparse calls reuse their large temporaries' memory
         run = Run(mode, cache)
         token = _runs.set({**_runs.get(), id(self): run})
         cache.in_use = True

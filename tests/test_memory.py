@@ -1,0 +1,66 @@
+"""Freed memory kept for reuse (`runtime.memory`): what it changes, and when a compiled model turns it on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fisedit_compiler.runtime import memory
+
+pytestmark = pytest.mark.skipif(memory._mallopt() is None, reason="glibc's malloc only (Linux)")
+
+
+def _run(script: str) -> str:
+    """`script` in a fresh interpreter (the setting is process-wide): its last line of output."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+PAGE_FAULTS = """
+    import resource, torch
+    from fisedit_compiler.runtime import memory
+    {setup}
+    for _ in range(3):  # 64 MiB, written and freed: above any mmap threshold of glibc
+        torch.ones(2 ** 24)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(2 ** 24)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_retained_memory_is_reused_without_the_system_handing_out_fresh_pages():
+    fresh = int(_run(PAGE_FAULTS.format(setup="")))
+    retained = int(_run(PAGE_FAULTS.format(setup="assert memory.retain_freed_memory()")))
+    assert fresh >= 5 * 16  # every tensor mapped anew: at least one fault per 2 MiB huge page
+    assert retained < fresh / 10
+
+
+def test_a_compiled_models_first_run_on_the_cpu_retains_freed_memory_unless_its_policy_says_not():
+    script = """
+        import torch
+        import fisedit_compiler as fisedit
+        from fisedit_compiler.runtime import memory
+        from fisedit_compiler.models import example_unet_inputs, random_unet
+        unet = random_unet("sd2", "tiny", seed=0)
+        inputs = example_unet_inputs(unet, batch=1, size=16)
+        kept = fisedit.compile(unet, fisedit.Policy(retain_freed_memory={flag}))
+        assert not memory.retains_freed_memory()
+        with torch.no_grad(), kept.record():
+            kept(**inputs)
+        print(memory.retains_freed_memory())
+    """
+    assert _run(script.format(flag=False)) == "False"
+    assert _run(script.format(flag=True)) == "True"
+
+
+def test_retaining_can_be_undone():
+    assert _run("""
+        from fisedit_compiler.runtime import memory
+        print(memory.retain_freed_memory() and not memory.retain_freed_memory(False)
+              and not memory.retains_freed_memory())
+    """) == "True"
