@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from results_io import machine, write_results
+from results_io import allocator_note, machine, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a cabin in the woods at dusk, warm light in the windows"
@@ -95,7 +95,10 @@ def main() -> None:
 
     import fisedit_compiler as fisedit
     from fisedit_compiler.models import example_unet_inputs, random_pipeline
+    from fisedit_compiler.runtime.memory import retain_freed_memory
 
+    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for the dense runs too
+    retain_freed_memory(fisedit.Policy().retain_freed_memory)
     torch.manual_seed(0)
     pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size="full", scheduler="ddim")
     size = 8 * args.latent_size
@@ -169,7 +172,7 @@ def main() -> None:
         f"(capture and passes): {first_extra:.1f} s over a dense call, once per session. Cache: "
         f"{data['cache_bytes'] / 2**30:.2f} GiB for {args.steps} steps.", "",
         f"{data['machine']['date']}, git {data['machine']['git']}, {data['machine'].get('cpu', 'CPU not recorded')}, "
-        f"{data['machine']['threads']} threads, load "
+        f"{data['machine']['threads']} threads{allocator_note(data['machine'])}, load "
         f"average at the end {data['loadavg_1min_at_end']:.1f}. `benchmarks/source_run.py`.", ""])
     suffix = f"_{args.cache_dtype}" if args.cache_dtype else ""
     write_results(args.out, f"source-run_{args.arch}-{args.latent_size}{suffix}", data, text)
