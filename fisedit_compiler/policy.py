@@ -23,8 +23,8 @@ class Policy:
             each level and mask the cost model may still keep the map dense (one block) where blocks do not pay.
             The paper keeps the lowest resolution dense (4: SD 2 at 96x96 latents dense at 12x12); with a halo in
             latent pixels a mask pooled down to 12x12 covers little more than at the latents (a 15% mask: 22% of
-            it). With both defaults a sparse SD 2 call at a 15% mask costs 1/5.19 of a dense call's MACs, 1/4.07
-            with the paper's (`benchmarks/results/cpu-2core.md`).
+            it). With both defaults a sparse SD 2 call at a 15% mask costs 1/5.56 of a dense call's MACs
+            (`benchmarks/results/cpu-2core.md`), 1/4.07 with the paper's (an earlier run, in that file's history).
         halo: dilation of the mask, in `halo_unit`s. It widens the region that is recomputed so that the seam
             between fresh and recorded activations falls outside the edit.
         halo_unit: "latent_pixels" (the default): the mask is dilated by `halo` latent pixels, then max-pooled to

@@ -184,7 +184,8 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
     out_channels, in_channels, kh, kw = b.dense_shape(1)
     block = b.block(spec.output_res)
     window = spec.window_size(block)
-    method = reference.conv_method(b.conv_algorithm(in_channels, block, spec.output_res), (kh, kw), (window, window), dilation, groups)
+    algorithm = b.conv_algorithm(in_channels, block, spec.output_res)
+    method = reference.conv_method(algorithm, (kh, kw), (window, window), dilation, groups)
     if method == "im2col":
         if b.node.args[1].op == "get_attr":  # a parameter: flattened once per plan
             weight_value = b.constant(1)
