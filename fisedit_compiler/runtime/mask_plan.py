@@ -32,7 +32,7 @@ class MaskPlan:
     """
 
     def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None,
-                 channels: Mapping[int, int] | None = None):
+                 channels: Mapping[Fraction, int] | None = None):
         self.policy = policy
         self.constants = constants if constants is not None else load_constants(mask.device)
         # the model's channels per downscale factor of its maps (below 1 for maps finer than the latents: a VAE
