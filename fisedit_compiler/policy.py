@@ -100,7 +100,8 @@ class Policy:
             it frees for reuse instead of returning it to the system (glibc's malloc; `runtime.memory`): a sparse
             call allocates and frees tens of MB of gathered windows per layer, which the system would zero anew
             every call. SD 1.5's sparse calls at 64x64 latents ran 10-15% faster. Process-wide and for the
-            process's lifetime: its resident memory stays at its peak. False: the allocator is left as it is.
+            process's lifetime; the record cache hands the free heap back to the system at the end of each run,
+            memory freed by other code between runs stays with the process. False: the allocator is left as it is.
     """
 
     max_sparse_downscale: int = 8

@@ -64,3 +64,24 @@ def test_retaining_can_be_undone():
         print(memory.retain_freed_memory() and not memory.retain_freed_memory(False)
               and not memory.retains_freed_memory())
     """) == "True"
+
+
+def test_a_cache_budget_counts_the_memory_the_process_kept_for_reuse():
+    """A fraction of the memory available sizes a session's cache: what the process freed and kept (invisible to the
+    system as available) goes back first, so that a session made after dense generations gets the same budget."""
+    assert _run("""
+        import torch
+        import fisedit_compiler as fisedit
+        from fisedit_compiler.runtime import memory
+        from fisedit_compiler.runtime.tiered_store import make_store
+
+        def resident():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+        memory.retain_freed_memory()
+        x = torch.ones(2 ** 28)
+        del x  # 1 GiB freed, kept by the process
+        kept = resident()
+        make_store(fisedit.Policy(cache_budget=0.5))
+        print(kept - resident() > 2 ** 29)
+    """) == "True"

@@ -8,10 +8,12 @@ one (2-core AMD EPYC VM). With mmap off and the heap never trimmed, freed blocks
 calls of SD 1.5 at 64x64 latents (15% mask, three alternated rounds in one process) ran 10-15% faster (1.18-1.30 s
 against 1.06-1.11 s); dense calls, which reuse their memory already, did not change.
 
-The price is that memory, once used, stays with the process (its resident size keeps its peak) and is reused by
-later allocations rather than returned to the system, as with jemalloc or tcmalloc, which PyTorch's CPU
-performance guides recommend for the same reason. It is process-wide and only on glibc (Linux); `EditSession`
-turns it on for sessions on a CPU (`Policy.retain_freed_memory`).
+The price is that memory freed stays with the process and is reused by later allocations rather than returned to
+the system, as with jemalloc or tcmalloc, which PyTorch's CPU performance guides recommend for the same reason,
+until something returns it: a compiled model's record cache does at the end of every run and before sizing its
+budget (`cache.return_free_heap`, glibc's `malloc_trim`), so a run keeps its peak only while it lasts; memory that
+other code frees between runs stays. It is process-wide and only on glibc (Linux); a compiled model's first run on
+a CPU turns it on (`Policy.retain_freed_memory`).
 """
 
 from __future__ import annotations

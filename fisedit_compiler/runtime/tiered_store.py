@@ -357,6 +357,8 @@ def make_store(policy: Policy) -> MemoryStore | TieredStore:
     if budget == "unbounded":
         return MemoryStore()
     if isinstance(budget, float):
+        # memory freed before (kept for reuse where `Policy.retain_freed_memory` is on) is available too
+        return_free_heap()
         available = available_memory()
         if available is None:
             raise RuntimeError(
