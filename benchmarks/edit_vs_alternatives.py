@@ -39,12 +39,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import allocator_note, machine, write_results  # noqa: E402
+from results_io import allocator_note, machine, set_up_allocator, write_results  # noqa: E402
 
 import fisedit_compiler as fisedit  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
 from fisedit_compiler.models import random_pipeline  # noqa: E402
-from fisedit_compiler.runtime.memory import retain_freed_memory  # noqa: E402
 from fisedit_compiler.training.quality import psnr  # noqa: E402
 
 SOURCE = "a cabin in the woods at dusk, warm light in the windows"
@@ -67,8 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for every run measured here
-    retain_freed_memory(fisedit.Policy().retain_freed_memory)
+    set_up_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     intervals = [int(v) for v in args.reuse.split(",")]

@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from results_io import allocator_note, machine, write_results
+from results_io import allocator_note, machine, set_up_allocator, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "a cabin in the woods at dusk, warm light in the windows"
@@ -95,10 +95,8 @@ def main() -> None:
 
     import fisedit_compiler as fisedit
     from fisedit_compiler.models import example_unet_inputs, random_pipeline
-    from fisedit_compiler.runtime.memory import retain_freed_memory
 
-    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for the dense runs too
-    retain_freed_memory(fisedit.Policy().retain_freed_memory)
+    set_up_allocator()  # for the dense runs too
     torch.manual_seed(0)
     pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size="full", scheduler="ddim")
     size = 8 * args.latent_size

@@ -70,10 +70,9 @@ from fisedit_compiler.runtime.program import LOWERED_FROM, Program
 from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
-from fisedit_compiler.runtime.memory import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import allocator_note, cpu_model, machine  # noqa: E402
+from results_io import allocator_note, cpu_model, machine, set_up_allocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "results"
@@ -140,8 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch.compile backend for the record and sparse programs, e.g. inductor (default: "
                              "eager programs); the dense U-Net is then also measured under torch.compile with it")
     args = p.parse_args(argv)
-    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for every run measured here
-    retain_freed_memory(fisedit.Policy().retain_freed_memory)
     if args.repeats < 3:
         p.error("--repeats must be at least 3")
     if args.threads is not None and args.threads < 1:
@@ -1028,6 +1025,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(render_markdown(result, layers=False))
         print(f"wrote {md_path}")
         return result
+    set_up_allocator()
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

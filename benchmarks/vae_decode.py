@@ -27,10 +27,9 @@ from fisedit_compiler.editing.decoding import decoder_policy
 from fisedit_compiler.editing.masks import ellipse_mask
 from fisedit_compiler.macs import count_macs
 from fisedit_compiler.models import random_vae
-from fisedit_compiler.runtime.memory import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from results_io import allocator_note, machine, write_results  # noqa: E402
+from results_io import allocator_note, machine, set_up_allocator, write_results  # noqa: E402
 
 
 def _seconds(fn, repeats: int) -> float:
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    # the allocator a compiled model's first run sets up (`Policy.retain_freed_memory`), for every run measured here
-    retain_freed_memory(fisedit.Policy().retain_freed_memory)
+    set_up_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
