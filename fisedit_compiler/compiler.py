@@ -66,6 +66,9 @@ def eliminate_dead_code(gm: fx.GraphModule) -> int:
 
 
 ANNOTATE = FxPass("annotate_spatial_layout", annotate_spatial_layout, postcondition=every_node_annotated)
+# dense variants: their linear layers take the library the cost constants name, as the sparse variant's do
+DENSE_LINEAR_LIBRARY = FxPass("select_linear_library", select_linear_library, ("annotate_spatial_layout",),
+                              no_aten_linear)
 
 
 def sparse_passes(policy: Policy, reuse_call: bool = False) -> list[FxPass]:
@@ -108,6 +111,7 @@ def record_passes(refs: set[CacheRef]) -> list[FxPass]:
     return [
         ANNOTATE,
         FxPass("record_cross_attention_maps", record_cross_attention_maps, ("annotate_spatial_layout",)),
+        DENSE_LINEAR_LIBRARY,
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
 
@@ -118,6 +122,7 @@ def control_passes(refs: set[CacheRef]) -> list[FxPass]:
     return [
         ANNOTATE,
         FxPass("control_cross_attention", control_cross_attention, ("annotate_spatial_layout",)),
+        DENSE_LINEAR_LIBRARY,
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
 

@@ -70,7 +70,8 @@ def test_pipeline_with_compiled_unet_matches_fisedit_compile():
     with reference.sparse(mask):
         edited_ref = run(pipe, "a cabin in the woods with a river", latents)
     assert torch.equal(source, source_ref) and torch.equal(edited, edited_ref)
-    assert torch.equal(dense, source)  # record calls equal the eager U-Net
+    # record calls equal the eager U-Net, up to float rounding where their linear layers take oneDNN
+    torch.testing.assert_close(source, dense, rtol=1e-4, atol=1e-4)
     assert torch.equal(active, active_region(mask, (LATENT, LATENT), policy.halo, 4, policy.halo_unit))
     assert torch.equal(edited[..., ~active], source[..., ~active])
     assert (edited - source).abs().max() > 1e-3

@@ -222,3 +222,17 @@ def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
         assert h["speedup_vs_deepcache"] == pytest.approx(
             statistics.median(d / o for d, o in zip(h["deepcache_seconds"], h["ours_seconds"])))
         assert "Head to head, 2 pairs" in (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").read_text()
+
+
+def test_the_source_run_benchmark_runs_on_a_tiny_pipeline(tmp_path):
+    """Both dense runs, the source run and the alternated rounds are timed; the source run's picture is the dense
+    run's up to float rounding (record calls' linear layers may take another library)."""
+    data = _run_benchmark("source_run", ["--size", "tiny", "--latent-size", "16", "--steps", "3", "--pairs", "2",
+                                         "--out", str(tmp_path)])
+    assert (tmp_path / "source-run_sd15-tiny-16.md").is_file()
+    assert len(data["source_unet_seconds"]) == 3  # one U-Net call per step (CFG: batch 2)
+    pairs = data["alternated_calls"]
+    assert len(pairs["dense"]) == len(pairs["record"]) == len(pairs["dense_same_library"]) == 2
+    assert pairs["overhead"] == pytest.approx(statistics.median(r / d for r, d in zip(pairs["record"], pairs["dense"])) - 1)
+    assert data["source_vs_dense_image"]["max_abs_difference"] <= 2
+    assert data["cache_bytes"] > 0

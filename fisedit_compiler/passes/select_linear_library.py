@@ -1,5 +1,7 @@
-"""Select linear library: every linear layer of the sparse variant runs as one GEMM by the library that the cost
-constants name for its size (`CostConstants.gemm_library`), as im2col's GEMMs do.
+"""Select linear library: every linear layer runs as one GEMM by the library that the cost constants name for its
+size (`CostConstants.gemm_library`), as im2col's GEMMs do. It runs in every variant: the sparse one, whose gathered
+layers multiply the active rows only, and the dense record and control variants (their constants are the device's,
+`cost_model.load_constants`), so that a source run is not slower than the same U-Net computed by the faster library.
 
     %y : aten.linear(%x, %w, %b)                 (gathered tokens at 64x64, or dense)
 ->
@@ -7,9 +9,10 @@ constants name for its size (`CostConstants.gemm_library`), as im2col's GEMMs do
 
 `F.linear` takes the BLAS PyTorch was built with: MKL on x86 CPUs, whose SGEMM runs at half oneDNN's rate on AMD's
 (93 against 210-225 GMAC/s on a 2-core EPYC), while the dense U-Net's convolutions run in oneDNN. Which library a
-GEMM takes depends on its rows, and a gathered tensor's rows on the mask: the choice is made when the variant is
-bound to a plan (`runtime.ops.linear_by_library`). Both libraries compute the same product, in their own
-floating-point order.
+GEMM takes depends on its rows, and a gathered tensor's rows on the mask: the choice is made when a variant is
+bound (the sparse one to a plan; `runtime.ops.linear_by_library`). Both libraries compute the same product, in their own
+floating-point order: where they differ, a record call equals the eager U-Net up to float rounding, not bit for bit
+(where the constants name BLAS, e.g. on accelerators or for small layers, it is `F.linear` as in the eager model).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from ..cost_model import load_constants
 from ..ir import CacheRef, GatherIndex, WindowCoords, WindowSpec
 from ..kernels.library import INDEX_FIELDS
 from .cache import StepNotRecordedError, StepRecord
@@ -173,6 +174,8 @@ class Binding:
         return self._fact(("conv_algorithm", channels, block, tuple(res)))
 
     def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
+        if self.plan is None:  # a dense program (record, control): the constants of the device it computes on
+            return load_constants(self.dense_value().device).gemm_library(rows, kernel_elements, dtype)
         return self._fact(("gemm_library", rows, kernel_elements, dtype))
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
