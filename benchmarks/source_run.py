@@ -5,20 +5,23 @@
     python benchmarks/source_run.py --latent-size 32 --steps 4 --out /tmp/b      # a quick check
     python benchmarks/source_run.py --cache-dtype float16            # the session's cache stored in float16
 
-One process, a random-weight pipeline of the architecture (`models.random_pipeline`, full-size configs), DDIM,
-classifier-free guidance 7.5, the same prompt and seed for all: `pipe(...)` as a user would call it, then the source
-run of an `EditSession`, which compiles the U-Net on its first call and records every step, then `pipe(...)` again.
-The dense figures are those of both dense runs (mean seconds, median call): they bracket the source run, so that a
-drift of the machine's speed over the minutes of the benchmark (a shared host) weighs on both sides alike; the two
-dense runs' difference is reported as the noise floor. Where that floor is wider than the overhead, the figure
-to read is the last one: `--pairs` dense and recording U-Net calls alternated on the same inputs (a fresh
-`fisedit.compile` of the pipeline's U-Net recording one step per call), whose per-pair ratio no slow drift
-moves. Reported: seconds
-of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds of each (forward hooks), the
-compile time of the first recording call, the overhead of the source run over the dense one (issue 14's goal:
-under 10%), and the system CPU time of the U-Net calls: a source run holds its cache, so its calls touch memory
-the process never had, which the kernel zeroes. Results go to
-``<out>/source-run_<arch>-<latent>[_<cache dtype>].{json,md}``.
+One process, a random-weight pipeline of the architecture (`models.random_pipeline`, full-size configs unless
+`--size tiny`), DDIM, classifier-free guidance 7.5, the same prompt and seed for all: `pipe(...)` as a user would
+call it, then the source run of an `EditSession`, which compiles the U-Net on its first call and records every step,
+then `pipe(...)` again. The dense figures are those of both dense runs (mean seconds, median call): they bracket the
+source run, so that a drift of the machine's speed over the minutes of the benchmark (a shared host) weighs on both
+sides alike; the two dense runs' difference is reported as the noise floor. Where that floor is wider than the
+overhead, the figure to read is the alternated one: `--pairs` rounds of a dense U-Net call, a recording call (a fresh
+`fisedit.compile` of the pipeline's U-Net recording one step per call) and a dense call with its linear layers in the
+library the recording call takes (`linear_layers_as_compiled`), all on the same inputs, whose per-round ratios no
+slow drift moves: record / dense is what a user's call costs more, record / same-library dense what the recording
+itself costs (taps, cache), the library left out.
+
+Reported: seconds of each whole generation (text encoder, U-Net steps, VAE decode), U-Net seconds of each (forward
+hooks), the compile time of the first recording call, the overhead of the source run over the dense one (issue 14's
+goal: under 10%), the system CPU time of the U-Net calls (a source run holds its cache, so its calls touch memory
+the process never had, which the kernel zeroes), and how the source run's picture differs from the dense run's.
+Results go to ``<out>/source-run_<arch>[-tiny]-<latent>[_<cache dtype>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -119,7 +122,8 @@ def alternated_calls(unet, compiled, inputs: dict, pairs: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="sd15", choices=("sd15", "sd2"))
-    p.add_argument("--size", default="full", choices=("full", "tiny"), help="the architecture's full config or a tiny one")
+    p.add_argument("--size", default="full", choices=("full", "tiny"),
+                   help="the architecture's full config, or a tiny one (a smoke run)")
     p.add_argument("--latent-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -175,8 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     first_extra = source_unet[0] - statistics.median(dense_unet)
 
     data = {
-        "config": {"arch": args.arch, "size": args.size, "latent": args.latent_size, "steps": args.steps, "guidance": 7.5,
-                   "prompt": PROMPT, "cache_dtype": args.cache_dtype},
+        "config": {"arch": args.arch, "size": args.size, "latent": args.latent_size, "steps": args.steps,
+                   "guidance": 7.5, "prompt": PROMPT, "cache_dtype": args.cache_dtype},
         "dense_seconds": dense_s, "dense_seconds_each": [before[0], after[0]], "source_seconds": source_s,
         "overhead": source_s / dense_s - 1, "overhead_without_compile": (source_s - first_extra) / dense_s - 1,
         "dense_unet_seconds_each": [before[1], after[1]], "source_unet_seconds": source_unet,
@@ -190,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine(), "loadavg_1min_at_end": os.getloadavg()[0],
     }
     text = "\n".join([
-        f"# What a source run costs over a dense generation: {args.arch}{' (tiny config)' if args.size == 'tiny' else ''} at {size}x{size} ({args.latent_size}x"
+        f"# What a source run costs over a dense generation: {args.arch}"
+        f"{' (tiny config)' if args.size == 'tiny' else ''} at {size}x{size} ({args.latent_size}x"
         f"{args.latent_size} latents), {args.steps} DDIM steps, CFG 7.5, fp32, random weights"
         + (f", cache stored in {args.cache_dtype}" if args.cache_dtype else ""), "",
         "| | dense `pipe(...)`, before / after | source run (`EditSession.generate`) | overhead |",
