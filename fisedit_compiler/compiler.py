@@ -381,9 +381,10 @@ class CompiledUNet(nn.Module):
 
     @contextlib.contextmanager
     def record(self, attention_maps: int = 0) -> Iterator[CompiledUNet]:
-        """Calls inside record the source run: dense, equal to the eager U-Net, saving per step key what sparse
-        calls read, and for the first `attention_maps` calls the cross-attention maps that control calls inject.
-        A new latent shape clears the cache."""
+        """Calls inside record the source run: dense, equal to the eager U-Net (up to float rounding where the
+        cost constants give linear layers another library: `passes/select_linear_library.py`), saving per step key
+        what sparse calls read, and for the first `attention_maps` calls the cross-attention maps that control calls
+        inject. A new latent shape clears the cache."""
         with self.run(RecordMode(attention_maps)):
             yield self
 
