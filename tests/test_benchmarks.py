@@ -155,13 +155,17 @@ def test_profile(result):
 
 
 def test_masks(unet_speed):
-    for kind in ("ellipse", "blobs"):
+    for kind in ("ellipse", "blobs", "stroke"):
         for percent in (5, 15, 30):
             mask = unet_speed.make_mask(kind, percent, 96, seed=1234)
             assert mask.dtype == torch.bool and mask.shape == (96, 96)
             assert abs(mask.float().mean().item() - percent / 100) < 0.002
         assert torch.equal(unet_speed.make_mask(kind, 15, 96, 1234), unet_speed.make_mask(kind, 15, 96, 1234))
     assert unet_speed.connected_components(unet_speed.make_mask("ellipse", 15, 96, 0)) == 1
+    stroke = unet_speed.make_mask("stroke", 10, 96, 0)  # one band from the left edge to the right one
+    assert unet_speed.connected_components(stroke) == 1 and stroke[:, 0].any() and stroke[:, -1].any()
+    rows = stroke.any(dim=1).nonzero()
+    assert rows.max() - rows.min() > 30  # it waves
 
 
 def test_cost_model_block_sizes(unet_speed, tmp_path):
