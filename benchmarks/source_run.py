@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dtype", choices=("float16", "bfloat16"), help="the session stores its cache in this dtype")
-    p.add_argument("--pairs", type=int, default=5, help="alternated dense and recording U-Net calls (0: none)")
+    p.add_argument("--pairs", type=int, default=5,
+                   help="rounds of alternated dense, recording and same-library dense U-Net calls (0: none)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
