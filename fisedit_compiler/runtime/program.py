@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..cost_model import load_constants
+from ..cost_model import CostConstants, load_constants
 from ..ir import CacheRef, GatherIndex, WindowCoords, WindowSpec
 from ..kernels.library import INDEX_FIELDS
 from .cache import StepNotRecordedError, StepRecord
@@ -113,6 +113,7 @@ class Binding:
         self._slot_nodes: dict[Slot, fx.Node] = {}
         self._write_values: list[fx.Node] = []
         self._last_input: fx.Node | None = None
+        self._device_constants: CostConstants | None = None  # a dense program's (no plan): loaded once, at first use
 
     # --- what lowerings read ----------------------------------------------------------------------------------
 
@@ -175,7 +176,9 @@ class Binding:
 
     def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
         if self.plan is None:  # a dense program (record, control): the constants of the device it computes on
-            return load_constants(self.dense_value().device).gemm_library(rows, kernel_elements, dtype)
+            if self._device_constants is None:
+                self._device_constants = load_constants(self.dense_value().device)
+            return self._device_constants.gemm_library(rows, kernel_elements, dtype)
         return self._fact(("gemm_library", rows, kernel_elements, dtype))
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
