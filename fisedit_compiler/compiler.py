@@ -50,6 +50,7 @@ from .passes.select_linear_library import no_aten_linear, select_linear_library
 from .passes.sparse_attention import sparse_attention
 from .passes.sparse_conv import no_padded_conv_on_blocks, sparse_conv
 from .passes.sparse_upsample import no_dense_upsample_of_blocks, sparse_upsample
+from .passes.tap_layout_features import layout_features_tapped, tap_layout_features
 from .policy import Policy
 from .runtime.cache import Direction, RecordCache, StepKey, StepNotRecordedError, StepRecord
 from .runtime.mask_plan import MaskPlan
@@ -106,22 +107,33 @@ def sparse_passes(policy: Policy, reuse_call: bool = False) -> list[FxPass]:
     ]
 
 
-def record_passes(refs: set[CacheRef]) -> list[FxPass]:
-    """The record variant: the captured graph, saving what the sparse variant reads and cross-attention maps."""
+def _layout_tap(layout_module: str | None) -> list[FxPass]:
+    if layout_module is None:  # a model without layout features: control calls cannot hold its layout
+        return []
+    return [FxPass("tap_layout_features", functools.partial(tap_layout_features, module=layout_module),
+                   ("annotate_spatial_layout",), layout_features_tapped)]
+
+
+def record_passes(refs: set[CacheRef], layout_module: str | None = None) -> list[FxPass]:
+    """The record variant: the captured graph, saving what the sparse variant reads, and what control calls read
+    (cross-attention maps, the output of the adapter's `layout_module`)."""
     return [
         ANNOTATE,
         FxPass("record_cross_attention_maps", record_cross_attention_maps, ("annotate_spatial_layout",)),
+        *_layout_tap(layout_module),
         DENSE_LINEAR_LIBRARY,
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
 
 
-def control_passes(refs: set[CacheRef]) -> list[FxPass]:
-    """The control variant: dense, with Prompt-to-Prompt cross-attention control, recording like `record` so that
-    an edit run can become the source of the next edit."""
+def control_passes(refs: set[CacheRef], layout_module: str | None = None) -> list[FxPass]:
+    """The control variant: dense, with Prompt-to-Prompt cross-attention control and (for its first calls) the
+    source run's layout features, recording like `record` so that an edit run can become the source of the next
+    edit."""
     return [
         ANNOTATE,
         FxPass("control_cross_attention", control_cross_attention, ("annotate_spatial_layout",)),
+        *_layout_tap(layout_module),
         DENSE_LINEAR_LIBRARY,
         FxPass("insert_record_taps", functools.partial(insert_record_taps, refs=refs)),
     ]
@@ -152,16 +164,17 @@ class Variants:
     sparse: fx.GraphModule
     passes: dict[str, list[PassRecord]]
     reuse: fx.GraphModule | None = None  # the reuse calls' sparse variant (`Policy.deep_reuse_interval` > 1)
-    programs: dict[tuple[str, bool], Program] = dataclasses.field(default_factory=dict)
+    programs: dict[tuple[str, bool, bool], Program] = dataclasses.field(default_factory=dict)
     sparse_programs: dict[tuple[bool, bool], list[Program]] = dataclasses.field(default_factory=dict)
     backend: str | None = None  # `Policy.program_backend`: the torch.compile backend programs run with
 
-    def program(self, variant: str, record_attention_maps: bool = False) -> Program:
-        """The record or control variant bound for calls that do (not) record cross-attention maps."""
-        key = (variant, record_attention_maps)
+    def program(self, variant: str, record_attention_maps: bool = False, hold_layout: bool = False) -> Program:
+        """The record or control variant bound for calls that do (not) record cross-attention maps, and (control)
+        do (not) take the source run's layout features."""
+        key = (variant, record_attention_maps, hold_layout)
         if key not in self.programs:
             self.programs[key] = bind(getattr(self, variant), record_attention_maps=record_attention_maps,
-                                      inline_kernels=self.backend is not None)
+                                      inline_kernels=self.backend is not None, hold_layout=hold_layout)
         return self.programs[key]
 
     def sparse_program(self, plan: MaskPlan, write_back: bool = False, reuse_call: bool = False) -> Program:
@@ -183,8 +196,8 @@ class Variants:
         return program(inputs, step, runner=program.compiled(self.backend))
 
     def run_control(self, inputs: dict[str, Any], step: StepRecord, source: StepRecord,
-                    token_alignment: torch.Tensor, attention_maps: bool = True) -> tuple:
-        program = self.program("control", attention_maps)
+                    token_alignment: torch.Tensor, attention_maps: bool = True, hold_layout: bool = False) -> tuple:
+        program = self.program("control", attention_maps, hold_layout)
         return program(inputs, step, source=source, token_alignment=token_alignment,
                        runner=program.compiled(self.backend))
 
@@ -235,8 +248,11 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
             copy_graph_module(captured))
         refs |= cache_refs(reuse)
     refs = {ref for ref in refs if ref.kind != "reused"}  # handed from call to call, never recorded
-    record, logs["record"] = PassManager("record", record_passes(refs), observers)(copy_graph_module(captured))
-    control, logs["control"] = PassManager("control", control_passes(refs), observers)(copy_graph_module(captured))
+    layout = adapter.layout_module
+    record, logs["record"] = PassManager("record", record_passes(refs, layout), observers)(
+        copy_graph_module(captured))
+    control, logs["control"] = PassManager("control", control_passes(refs, layout), observers)(
+        copy_graph_module(captured))
     if dump is not None:
         dump.finish()
     return Variants(captured, record, control, sparse, logs, reuse=reuse, backend=policy.program_backend)
@@ -257,13 +273,17 @@ class RecordMode:
 @dataclasses.dataclass
 class ControlMode:
     """Dense calls with cross-attention control (`token_alignment`: (B, tokens) long, for each token of the edited
-    prompt the source token it shares, or -1); they record into `pending`, and save their maps when `attention_maps`
-    is set."""
+    prompt the source token whose map it takes, or -1); they record into `pending`, and save their maps when
+    `attention_maps` is set. The first `hold_layout` calls take the source run's layout features (the adapter's
+    `layout_module`, a U-Net's mid block: `passes/tap_layout_features.py`), so that the objects stay where they
+    were while the finer levels follow the edited prompt."""
 
     token_alignment: torch.Tensor
     pending: RecordCache
     attention_maps: bool = True
     direction: Direction = "generation"
+    hold_layout: int = 0
+    calls: int = 0
 
 
 @dataclasses.dataclass
@@ -452,7 +472,9 @@ class CompiledUNet(nn.Module):
             output = variants.run_control(
                 inputs, mode.pending.new_step(key, tuple(sample.shape)), cache.step(key),
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
+                hold_layout=mode.calls < mode.hold_layout,
             )
+            mode.calls += 1
         else:
             if cache.latent_shape != tuple(sample.shape):
                 raise ValueError(

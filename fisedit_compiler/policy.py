@@ -54,7 +54,12 @@ class Policy:
             (paper: steps 5 to 10 of 50). Rounded to whole steps, at least step 1, at most the dense steps.
         mask_dilation: pixels by which a detected mask is dilated at latent resolution.
         user_mask_dense_steps: the fraction of steps that run dense before sparse when the user gives the mask
-            (default 0: sparse from the first step).
+            (default 0: sparse from the first step; a word swap runs its `hold_layout_steps` dense).
+        hold_layout_steps: the fraction of an edit's first steps whose layout features (a U-Net's mid block
+            output) are the source run's, when the edit only swaps words ("a red circle" -> "a blue circle"):
+            objects stay where they were while the finer levels follow the new words
+            (`passes/tap_layout_features.py`). These steps run dense under control, with a detected or a user
+            mask; at most `dense_steps`. Edits that insert or delete words never hold the layout. 0: never.
         inversion_skip: `EditSession.load_image` inverts a real image with DDIM, calling the U-Net at every
             `inversion_skip`-th step only and reusing its predicted noise in between (EEdit's inversion step
             skipping; 1, the default: plain DDIM inversion). On the shapes model m = 2 saved 9% of `load_image`'s
@@ -115,6 +120,7 @@ class Policy:
     detect_to: float = 0.2
     mask_dilation: int = 1
     user_mask_dense_steps: float = 0.0
+    hold_layout_steps: float = 0.2
     inversion_skip: int = 1
     refresh_every: int | None = None
     deep_reuse_interval: int = 1
@@ -144,10 +150,13 @@ class Policy:
         if self.norm_stats not in ("recorded", "fresh"):
             raise ValueError(f"norm_stats must be 'recorded' or 'fresh', got {self.norm_stats!r}")
         fractions = {"dense_steps": self.dense_steps, "detect_from": self.detect_from, "detect_to": self.detect_to,
-                     "user_mask_dense_steps": self.user_mask_dense_steps}
+                     "user_mask_dense_steps": self.user_mask_dense_steps, "hold_layout_steps": self.hold_layout_steps}
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a fraction of the denoising steps, in [0, 1]; got {value}")
+        if self.hold_layout_steps > self.dense_steps:
+            raise ValueError(f"hold_layout_steps ({self.hold_layout_steps}) must not exceed dense_steps "
+                             f"({self.dense_steps}): only dense control steps hold the layout")
         if self.detect_from > self.detect_to:
             raise ValueError(f"detect_from ({self.detect_from}) must not exceed detect_to ({self.detect_to})")
         if self.cache_dtype not in (None, "float32", "float16", "bfloat16"):
@@ -202,6 +211,13 @@ class Policy:
         `dense_steps` when the cache keeps only their maps (`cache_dense_steps=False`)."""
         k = round(self.user_mask_dense_steps * num_steps)
         return k if self.cache_dense_steps else max(k, self.edit_schedule(num_steps)[0])
+
+    def hold_layout_schedule(self, num_steps: int) -> int:
+        """The first steps of a word-swap edit that take the source run's layout features (at most the dense
+        steps `edit_schedule` gives)."""
+        if self.hold_layout_steps == 0:
+            return 0
+        return min(self.edit_schedule(num_steps)[0], max(1, round(self.hold_layout_steps * num_steps)))
 
     def recorded_activations_from(self, num_steps: int) -> int:
         """The first step whose activations a record run keeps (0, or `dense_steps` with `cache_dense_steps=False`)."""

@@ -193,7 +193,9 @@ def test_the_default_demo_runs_on_the_embedded_shapes_model(tmp_path, capsys):
     assert len(report["edits"]) == 3 and "shapes model" in report["note"]
     assert Image.open(tmp_path / "edit_3.png").size[0] > 4 * 128  # four panels of the 128x128 pictures
     phases = {row["phase"]: row for row in report["phases"]}
-    assert phases["edit 3: sparse"]["unet_calls"] == 6  # the drawn box: sparse from the first step
+    # the drawn box: a word swap ("circle" -> "cross"), so its first step holds the layout (dense, under control),
+    # then sparse
+    assert phases["edit 3: dense"]["unet_calls"] == 1 and phases["edit 3: sparse"]["unet_calls"] == 5
     assert 0 < report["edits"][2]["mask_fraction"] < 1
 
 

@@ -15,7 +15,7 @@ from fisedit_compiler.compiler import ControlMode, SparseMode
 from fisedit_compiler.editing.mask_detection import detect_mask, difference_map, otsu_threshold
 from fisedit_compiler.editing import session as session_module
 from fisedit_compiler.editing.session import PhaseStats
-from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_tokens
+from fisedit_compiler.editing.token_alignment import PromptTooLongError, align_tokens, swaps_words_only
 from fisedit_compiler.models import random_pipeline, random_tokenizer
 from fisedit_compiler.runtime.cache import RecordCache
 
@@ -90,7 +90,15 @@ def test_token_alignment_swap_and_deletion():
     tok = tokenizer()
     swap = align_tokens(tok, "a red cabin in the woods", "a blue cabin in the woods")
     red, blue = tok("a red cabin").input_ids[2], tok("a blue cabin").input_ids[2]
-    assert red != blue and swap[2] == -1 and swap[1] == 1 and swap[3] == 3
+    # a swapped word takes its counterpart's map (Prompt-to-Prompt's word swap)
+    assert red != blue and swap[2] == 2 and swap[1] == 1 and swap[3] == 3
+    longer = align_tokens(tok, "a red cabin in the woods", "a dark blue cabin in the woods")
+    assert longer[2] == longer[3] == -1 and longer[4] == 3  # "dark blue" for "red": fresh maps, the rest aligned
+    assert swaps_words_only(tok, "a red cabin in the woods", "a blue cabin in the woods")
+    assert swaps_words_only(tok, "a red cabin in the woods", "a dark blue cabin in the woods")
+    assert not swaps_words_only(tok, "a red cabin in the woods", "a red cabin in the woods")
+    assert not swaps_words_only(tok, "a cabin in the woods", "a cabin in the woods with a river")
+    assert not swaps_words_only(tok, "a cabin in the dark woods", "a cabin in the woods")
     deletion = align_tokens(tok, "a cabin in the dark woods", "a cabin in the woods")
     n = len(tok("a cabin in the").input_ids) - 1
     assert deletion[n] == n + 1  # "woods" now sits where "dark" was and maps to its source position
@@ -131,6 +139,71 @@ def test_control_with_an_identical_prompt_reproduces_the_source_run_exactly():
         s._call_pipeline(prompt, collect(controlled))
     assert len(controlled) == len(source) == STEPS
     assert all(torch.equal(a, b) for a, b in zip(controlled, source))
+
+
+def _layout_records(cache) -> list[torch.Tensor]:
+    """The layout features ("layout" records: the mid block's output) of every step of `cache` that has them."""
+    found = []
+    for key in cache.steps:
+        found += [value for ref, value in cache.store.get(key).items() if ref.kind == "layout"]
+    return found
+
+
+@torch.no_grad()
+def test_held_control_calls_take_the_source_layout_and_only_while_held():
+    s = session()
+    prompt, swapped = "a red cabin in the woods", "a blue cabin in the woods"
+    s.generate(prompt, generator=torch.Generator().manual_seed(0))
+    with s.unet.record(attention_maps=STEPS):  # maps and layout features of every step
+        s._call_pipeline(prompt, lambda *a: {})
+    source = _layout_records(s.unet.cache)
+    assert len(source) == STEPS and source[0].shape[-2:] == (LATENT // 8, LATENT // 8)  # the mid block: SD 2's deepest level
+    held, free = RecordCache(), RecordCache()
+    with s.unet.run(ControlMode(s._alignment(prompt, swapped), held, hold_layout=2)):
+        s._call_pipeline(swapped, lambda *a: {})
+    with s.unet.run(ControlMode(s._alignment(prompt, swapped), free)):
+        s._call_pipeline(swapped, lambda *a: {})
+    held, free = _layout_records(held), _layout_records(free)
+    assert all(torch.equal(a, b) for a, b in zip(held[:2], source[:2]))  # the held calls: the source's, exactly
+    assert not torch.equal(free[0], source[0])  # without holding, the swapped word changes the layout features
+    assert not torch.equal(held[2], source[2])  # after the held calls, computed
+
+
+def test_a_word_swap_holds_the_layout_for_its_first_steps_and_an_insertion_does_not():
+    s = session()
+    s.generate("a red cabin in the woods", generator=torch.Generator().manual_seed(0))
+    modes = []
+    original = s.unet.forward
+
+    def spy(*args, **kwargs):
+        modes.append(s.unet.mode)
+        return original(*args, **kwargs)
+
+    s.unet.forward = spy
+    try:
+        s.edit("a blue cabin in the woods", keep=False)
+        swap_holds = {m.hold_layout for m in modes if isinstance(m, ControlMode)}
+        modes.clear()
+        s.edit("a red cabin in the woods with a river", keep=False)
+        insert_holds = {m.hold_layout for m in modes if isinstance(m, ControlMode)}
+        modes.clear()
+        s.edit("a blue cabin in the woods", mask=torch.ones(LATENT, LATENT, dtype=torch.bool), keep=False)
+        user_mask_kinds = [type(m).__name__ for m in modes]
+    finally:
+        del s.unet.forward
+    assert swap_holds == {s.policy.hold_layout_schedule(STEPS)} and swap_holds != {0}
+    assert insert_holds == {0}
+    # a user-mask word swap runs its held steps dense, under control, then sparse
+    assert user_mask_kinds[:s.policy.hold_layout_schedule(STEPS)] == ["ControlMode"] * s.policy.hold_layout_schedule(STEPS)
+
+
+def test_hold_layout_steps_is_a_fraction_within_the_dense_steps():
+    assert fisedit.Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
+    assert fisedit.Policy().hold_layout_schedule(20) == 4
+    with pytest.raises(ValueError, match="must not exceed dense_steps"):
+        fisedit.Policy(dense_steps=0.1, hold_layout_steps=0.2)
+    with pytest.raises(ValueError, match="fraction of the denoising steps"):
+        fisedit.Policy(hold_layout_steps=-0.1)
 
 
 @torch.no_grad()

@@ -50,6 +50,9 @@ class ModelAdapter:
     pixel_maps: ClassVar[frozenset[str]] = frozenset()
     conditions: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[Mapping[str, str]] = {}  # inputs that record and sparse calls refuse when given, and why
+    # The module whose output says where a picture's objects are (a U-Net's mid block), which control calls of a
+    # word swap take from the source run (`passes/tap_layout_features.py`); None: the layout is never held.
+    layout_module: ClassVar[str | None] = None
 
     def __init__(self, model: nn.Module):
         self.model = model

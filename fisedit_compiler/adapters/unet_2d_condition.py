@@ -34,6 +34,11 @@ class UNet2DConditionAdapter(ModelAdapter):
                                   "weights first",
     }
 
+    @property
+    def layout_module(self) -> str | None:
+        """The mid block, whose output is where the objects of the picture are (None for a U-Net without one)."""
+        return "mid_block" if getattr(self.model, "mid_block", None) is not None else None
+
     def wrap_output(self, outputs: tuple[torch.Tensor, ...], return_dict: bool) -> Any:
         if not return_dict:
             return (outputs[0],)

@@ -41,7 +41,7 @@ from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
-from .token_alignment import align_tokens, token_ids
+from .token_alignment import align_tokens, swaps_words_only, token_ids
 
 # Schedulers whose step is a deterministic function of the model output and their own state.
 DETERMINISTIC_SCHEDULERS = {
@@ -349,6 +349,10 @@ class EditSession:
             raise RuntimeError("edit() needs a source image: call generate(prompt) or load_image(image, prompt) first")
         token_ids(self.pipe.tokenizer, prompt)
         source = self._source
+        # A word swap holds the source's layout for its first steps (they run dense, under control): objects stay
+        # where they were and take the new words. Inserted or deleted words may move things, so they never do.
+        hold = (self.policy.hold_layout_schedule(self.num_inference_steps)
+                if swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt) else 0)
         if mask is None:
             if self.inpainting:
                 raise ValueError("an inpainting pipeline repaints the mask it is given: pass edit(prompt, mask=...)")
@@ -357,7 +361,7 @@ class EditSession:
             h, w = self._latents.shape[-2:]
             mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
             mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
-            k, t1, t2 = self.policy.user_mask_schedule(self.num_inference_steps), 0, 0
+            k, t1, t2 = max(hold, self.policy.user_mask_schedule(self.num_inference_steps)), 0, 0
         inputs = self.inputs_for(source.pixels, mask)
         # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
@@ -426,7 +430,7 @@ class EditSession:
                     switch_to_sparse()
                     choose_mode(0)
                 else:
-                    run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending)
+                    run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending, hold_layout=hold)
                 images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True, keep=keep)
         finally:
             phases = meter.close()

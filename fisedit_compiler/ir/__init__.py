@@ -16,6 +16,7 @@ from .graph import (
     LAYOUT,
     REGION,
     SPARSE,
+    CONTROL_KINDS,
     CacheKind,
     CacheRef,
     InputLayout,
@@ -42,6 +43,7 @@ from .index import (
 
 __all__ = [
     "ACTIVATION_KINDS",
+    "CONTROL_KINDS",
     "CacheKind",
     "INPUT",
     "KEY",

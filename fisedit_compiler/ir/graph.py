@@ -94,10 +94,13 @@ def concatenated(layouts: Sequence[SpatialLayout]) -> SpatialLayout:
 
 # What a recorded tensor is for: a node's output that sparse calls read outside their blocks (scatter targets and
 # halo inputs), the keys and values of self-attention (read by active-query attention), a GroupNorm's statistics
-# (sparse calls), or a cross-attention map (control calls). "reused": a deep level's output that a full sparse call
-# hands to the reuse calls after it (`Policy.deep_reuse_interval`); never recorded, it lives in the run's mode.
-CacheKind = Literal["output", "attention_kv", "group_norm_stats", "attention_map", "reused"]
+# (sparse calls), a cross-attention map or the layout features (control calls: `passes/tap_layout_features.py`).
+# "reused": a deep level's output that a full sparse call hands to the reuse calls after it
+# (`Policy.deep_reuse_interval`); never recorded, it lives in the run's mode.
+CacheKind = Literal["output", "attention_kv", "group_norm_stats", "attention_map", "layout", "reused"]
 ACTIVATION_KINDS = ("output", "attention_kv")  # recorded node outputs, which write-back keeps current
+# What control calls read of the source run: recorded in a run's first steps only, and kept together.
+CONTROL_KINDS = frozenset({"attention_map", "layout"})
 
 
 @graph_constant

@@ -15,7 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from ..ir import CacheRef
+from ..ir import CONTROL_KINDS, CacheRef
 
 
 Direction = Literal["generation", "inversion"]
@@ -59,8 +59,9 @@ class StepRecord(dict):
         self._nbytes: int | None = None  # `nbytes`, until the record changes
 
     def keep_maps_only(self) -> None:
-        """Drop everything but the cross-attention maps: a step no sparse call reads (`Policy.cache_dense_steps`)."""
-        for ref in [ref for ref in self if ref.kind != "attention_map"]:
+        """Drop everything but what control calls read (cross-attention maps, layout features): a step no sparse call
+        reads (`Policy.cache_dense_steps`)."""
+        for ref in [ref for ref in self if ref.kind not in CONTROL_KINDS]:
             del self[ref]
         if self.slab is not None:  # the maps are views of the whole record's allocation: copy them out of it
             self.slab = None
@@ -69,7 +70,7 @@ class StepRecord(dict):
     @property
     def maps_only(self) -> bool:
         """Whether the step holds cross-attention maps and nothing else (`keep_maps_only`)."""
-        return bool(self) and all(ref.kind == "attention_map" for ref in self)
+        return bool(self) and all(ref.kind in CONTROL_KINDS for ref in self)
 
     def __setitem__(self, key, value) -> None:
         if self.dtype is not None and isinstance(value, torch.Tensor) and value.is_floating_point():
@@ -284,7 +285,7 @@ class RecordCache:
 
     def breakdown(self) -> dict[str, dict[str, int]]:
         """Bytes per step (`StepKey.describe()`) and kind of recorded tensor (`ir.CacheKind`: "output" =
-        scatter targets and halo inputs, "attention_kv", "group_norm_stats", "attention_map"), and "total" over
+        scatter targets and halo inputs, "attention_kv", "group_norm_stats", "attention_map", "layout"), and "total" over
         the steps."""
         result: dict[str, dict[str, int]] = {}
         total: dict[str, int] = {}
@@ -326,8 +327,8 @@ class RecordCache:
     def replace_steps(self, other: RecordCache, keep_attention_maps: bool = False, maps_only: int = 0) -> None:
         """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps).
 
-        `keep_attention_maps`: the replaced steps keep their cross-attention maps (other's are dropped), so that
-        the maps of all steps stay those of one prompt when `other` does not cover every step that has maps.
+        `keep_attention_maps`: the replaced steps keep what control calls read (cross-attention maps and layout
+        features; other's are dropped), so that the maps of all steps stay those of one prompt when `other` does not cover every step that has maps.
         `maps_only`: of the steps taken, those among the first `maps_only` recorded here keep their maps only."""
         if not len(other):
             return
@@ -342,10 +343,10 @@ class RecordCache:
                 step.keep_maps_only()
             if keep_attention_maps:
                 old = self.store.get(key) if key in self else {}
-                for ref in [ref for ref in step if ref.kind == "attention_map"]:
+                for ref in [ref for ref in step if ref.kind in CONTROL_KINDS]:
                     del step[ref]
                 for ref, value in old.items():
-                    if ref.kind == "attention_map":
+                    if ref.kind in CONTROL_KINDS:
                         step[ref] = value
             self.store.put(key, step)
             self.store.settle(key)  # complete: compacted by a store that keeps it, moved by one with a budget

@@ -326,3 +326,18 @@ def controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float
     if b.record_attention_maps:
         b.write(ref, probs)
     return probs @ value
+
+
+# --- layout features (record and control variants) ------------------------------------------------------------
+
+
+@ir_op
+def layout_features(b, value, ref: CacheRef):
+    """The model's layout features (a U-Net's mid block output: where the objects are). Programs that hold the
+    layout (control calls of a swap edit, `ControlMode.hold_layout`) return the source run's instead of `value`;
+    programs that record cross-attention maps record what they return, beside the maps."""
+    if b.hold_layout:
+        value = b.source(ref).type_as(value)
+    if b.record_attention_maps:
+        b.write(ref, value)
+    return value

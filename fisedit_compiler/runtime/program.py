@@ -50,7 +50,7 @@ class Recorded:
 
 @dataclasses.dataclass(frozen=True)
 class SourceMap:
-    """The source run's cross-attention map at `ref` (control calls)."""
+    """The source run's tensor at `ref` (control calls: a cross-attention map, the layout features)."""
 
     ref: CacheRef
 
@@ -94,15 +94,16 @@ class BoundIndex:
 
 class Binding:
     """The state of one lowering: the program graph being built, its slots and writes, and the call state the
-    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`). Lowerings see it as their first
+    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`, `hold_layout`). Lowerings see it as their first
     argument; `node` is the IR node being lowered."""
 
     def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
-                 inline_kernels: bool = False):
+                 inline_kernels: bool = False, hold_layout: bool = False):
         self.ir = ir
         self.inline_kernels = inline_kernels
         self.plan = plan
         self.record_attention_maps = record_attention_maps
+        self.hold_layout = hold_layout  # layout features are the source run's (`runtime.ops.layout_features`)
         self.write_back = write_back
         self.graph = fx.Graph()
         self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
@@ -398,11 +399,11 @@ def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
 
 
 def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
-         write_back: bool = False, inline_kernels: bool = False) -> Program:
+         write_back: bool = False, inline_kernels: bool = False, hold_layout: bool = False) -> Program:
     """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring. With
     `inline_kernels`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) and active-query
     attention the reference's ATen ops, which a compiler fuses with what surrounds them, instead of registered
     operators (the same values)."""
-    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels)
+    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout)
     gm, num_outputs = binding.lower()
     return Program(gm, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))

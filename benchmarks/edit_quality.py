@@ -1,0 +1,246 @@
+"""Editing benchmark on the embedded shapes model: does an edit do what was typed, per edit type and contender.
+
+    python benchmarks/edit_quality.py [--per-type 20] [--steps 20] [--out benchmarks/results]
+
+Cases (`training.edit_suite.edit_cases`, fixed seed): colour swap, shape swap, size change, adding an object,
+removing one, background colour; one or two objects. Contenders, one process, the same initial noise per case:
+
+- `dense`: the eager pipeline regenerating the edited prompt;
+- `p2p_dense`: Prompt-to-Prompt dense, our control variant at every step (cross-attention maps, a word swap's
+  layout held for its first `hold_layout_steps`), no sparse step; its final latents are blended with the source's
+  outside the drift it detects at the end (P2P's local blend);
+- `ours_detected`: `EditSession.edit(prompt)`, the default policy, mask detected;
+- `ours_gt`: the same with the source object's mask (the evaluator's, at latent resolution, dilated by one latent
+  pixel) as a user mask; for "add" there is no such object (not run), for "background" the mask is everything but
+  the objects.
+
+Per type and contender: success rate (`edit_suite.judge`: the new attribute on the edited object, every other
+object kept in place), mean IoU of the edited object with the source object (attribute edits), PSNR of the picture
+against the source outside the edited objects (bit-exact latents outside the region for ours: counted), PSNR of
+ours against `p2p_dense` inside our region, seconds and MACs of U-Net calls against the dense regeneration.
+Cases whose source picture does not show the objects named (the model's miss, not the edit's) are left out and
+counted. Writes `edit-quality.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fisedit_compiler.compiler import compile  # noqa: E402
+from fisedit_compiler.editing.session import EditSession  # noqa: E402
+from fisedit_compiler.policy import Policy  # noqa: E402
+from fisedit_compiler.training import edit_suite  # noqa: E402
+from fisedit_compiler.training.quality import load_shapes_pipeline, psnr  # noqa: E402
+from results_io import machine, write_results  # noqa: E402
+
+CONTENDERS = ("dense", "p2p_dense", "ours_detected", "ours_gt")
+
+
+def latent_mask(pixels: np.ndarray, factor: int, dilation: int = 1) -> torch.Tensor:
+    """An image-resolution bool mask as the latent pixels it touches, dilated by `dilation` latent pixels."""
+    m = F.max_pool2d(torch.from_numpy(pixels).float()[None, None], factor)
+    if dilation:
+        m = F.max_pool2d(m, 2 * dilation + 1, 1, dilation)
+    return m[0, 0] > 0
+
+
+def upsample(mask: torch.Tensor, factor: int) -> np.ndarray:
+    return np.kron(mask.cpu().numpy().astype(np.uint8), np.ones((factor, factor), np.uint8)).astype(bool)
+
+
+def rgb(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+class Runner:
+    def __init__(self, pipe, steps: int, guidance: float):
+        self.pipe, self.steps, self.guidance = pipe, steps, guidance
+        self.eager = pipe.unet
+        self.unets: dict[Policy, torch.nn.Module] = {}
+
+    def session(self, policy: Policy) -> EditSession:
+        if policy not in self.unets:
+            self.unets[policy] = compile(self.eager, policy)
+        self.pipe.unet = self.unets[policy]
+        return EditSession(self.pipe, num_inference_steps=self.steps, guidance_scale=self.guidance)
+
+    def dense(self, prompt: str, seed: int):
+        from fisedit_compiler.demo import dense_regeneration
+
+        session = self.session(Policy())
+        session._latents = self.initial(seed)
+        stats, image = dense_regeneration(session, prompt)
+        return image, stats
+
+    def initial(self, seed: int) -> torch.Tensor:
+        return torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
+
+
+def unet_cost(stats: dict) -> tuple[float, int]:
+    phases = [stats[p] for p in ("dense", "sparse") if p in stats]
+    return sum(p.seconds for p in phases), sum(p.macs for p in phases)
+
+
+def run_case(runner: Runner, case: edit_suite.EditCase, factor: int) -> dict | None:
+    session = runner.session(Policy())
+    source = session.generate(case.source_prompt, latents=runner.initial(case.seed))
+    source_image = rgb(source.images[0])
+    objects = edit_suite.source_objects(case, source_image)
+    if objects is None:
+        return None
+    row: dict = {"type": case.type, "source": case.source_prompt, "edit": case.edited_prompt, "seed": case.seed}
+    dense_image, dense_stats = runner.dense(case.edited_prompt, case.seed)
+    results = {"dense": (dense_image, None, (dense_stats.seconds, dense_stats.macs))}
+    detected = session.edit(case.edited_prompt, keep=False)
+    results["ours_detected"] = (detected.images[0], detected, unet_cost(detected.stats))
+    if case.type != "add":
+        if case.type == "background":
+            pixels = np.zeros(source_image.shape[:2], bool)
+            for obj in objects.values():
+                pixels |= obj.mask
+            user = ~latent_mask(pixels, factor)
+        else:
+            user = latent_mask(objects[0].mask, factor)
+        gt = session.edit(case.edited_prompt, mask=user, keep=False)
+        results["ours_gt"] = (gt.images[0], gt, unet_cost(gt.stats))
+    p2p_session = runner.session(Policy(dense_steps=1.0, detect_from=0.1, detect_to=0.2))
+    p2p_session.generate(case.source_prompt, latents=runner.initial(case.seed))
+    p2p = p2p_session.edit(case.edited_prompt, keep=False)
+    results["p2p_dense"] = (p2p.images[0], p2p, unet_cost(p2p.stats))
+    edited_objects = np.zeros(source_image.shape[:2], bool)
+    for obj in objects.values():
+        edited_objects |= obj.mask
+    for name, (image, result, (seconds, macs)) in results.items():
+        verdict = edit_suite.judge(case, objects, rgb(image))
+        entry = {"success": verdict["success"], "attribute": verdict["attribute"],
+                 "others_kept": verdict["others_kept"], "iou": verdict.get("iou"), "found": verdict["found"],
+                 "seconds": seconds, "macs": macs}
+        changed = edited_objects.copy()
+        for found in edit_suite.find_objects(rgb(image), case.background):
+            changed |= found.mask
+        if case.type != "background":
+            entry["psnr_outside"] = psnr(rgb(image), source_image, ~changed)
+        if result is not None and result.mask is not None and name.startswith("ours"):
+            outside = ~result.mask
+            entry["latents_outside_identical"] = bool(torch.equal(result.latents[..., outside],
+                                                                  source.latents[..., outside]))
+            region = upsample(result.mask, factor)
+            entry["region_fraction"] = float(result.mask.float().mean())
+            entry["psnr_vs_p2p_in_region"] = psnr(rgb(image), rgb(results["p2p_dense"][0]), region)
+        row[name] = entry
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    summary: dict = {}
+    for kind in edit_suite.EDIT_TYPES:
+        typed = [r for r in rows if r["type"] == kind]
+        if not typed:
+            continue
+        per: dict = {"cases": len(typed)}
+        dense_seconds = np.mean([r["dense"]["seconds"] for r in typed])
+        dense_macs = np.mean([r["dense"]["macs"] for r in typed])
+        for name in CONTENDERS:
+            entries = [r[name] for r in typed if name in r]
+            if not entries:
+                continue
+            ious = [e["iou"] for e in entries if e.get("iou") is not None]
+            finite = lambda key: [e[key] for e in entries if key in e and math.isfinite(e[key])]  # noqa: E731
+            per[name] = {
+                "success": float(np.mean([e["success"] for e in entries])),
+                "iou": float(np.mean(ious)) if ious else None,
+                "psnr_outside": float(np.mean(finite("psnr_outside"))) if finite("psnr_outside") else None,
+                "psnr_vs_p2p_in_region": (float(np.mean(finite("psnr_vs_p2p_in_region")))
+                                          if finite("psnr_vs_p2p_in_region") else None),
+                "latents_outside_identical": all(e.get("latents_outside_identical", True) for e in entries),
+                "seconds_vs_dense": float(np.mean([e["seconds"] for e in entries]) / dense_seconds),
+                "macs_vs_dense": float(np.mean([e["macs"] for e in entries]) / dense_macs),
+            }
+        p2p = [r for r in typed if r["p2p_dense"]["success"]]
+        per["ours_detected_where_p2p_succeeds"] = (float(np.mean([r["ours_detected"]["success"] for r in p2p]))
+                                                   if p2p else None)
+        summary[kind] = per
+    return summary
+
+
+def markdown(data: dict) -> str:
+    lines = [f"# Edit quality on the embedded shapes model ({data['steps']} DDIM steps, CFG {data['guidance']})", "",
+             f"Machine: {data['machine']['cpu']}, git {data['machine']['git']}, {data['machine']['date']}", "",
+             f"{data['per_type']} cases drawn per type (seed {data['seed']}); cases whose source picture misses "
+             f"a named object are left out ({data['skipped']} of {data['drawn']}).", "",
+             "Success rate (IoU of the edited object with the source object; U-Net seconds / MACs against the "
+             "dense regeneration):", "",
+             "| type | cases | " + " | ".join(CONTENDERS) + " | ours (detected) where P2P succeeds |",
+             "|---|---:|" + "---|" * len(CONTENDERS) + "---:|"]
+    for kind, per in data["summary"].items():
+        cells = []
+        for name in CONTENDERS:
+            c = per.get(name)
+            if c is None:
+                cells.append("-")
+                continue
+            iou = f", IoU {c['iou']:.2f}" if c["iou"] is not None else ""
+            cost = f"; {c['seconds_vs_dense']:.2f}x s, {c['macs_vs_dense']:.2f}x MACs" if name != "dense" else ""
+            cells.append(f"{c['success']:.0%}{iou}{cost}")
+        where = per["ours_detected_where_p2p_succeeds"]
+        lines.append(f"| {kind} | {per['cases']} | " + " | ".join(cells) +
+                     f" | {'-' if where is None else f'{where:.0%}'} |")
+    lines += ["", "PSNR outside the objects against the source, and of ours against P2P dense inside our region "
+              "(dB):", "", "| type | " + " | ".join(CONTENDERS) + " | ours detected vs P2P | ours GT vs P2P |",
+              "|---|" + "---:|" * (len(CONTENDERS) + 2)]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    for kind, per in data["summary"].items():
+        cells = [fmt(per[name]["psnr_outside"]) if name in per else "-" for name in CONTENDERS]
+        vs = [fmt(per[name]["psnr_vs_p2p_in_region"]) if name in per else "-" for name in ("ours_detected", "ours_gt")]
+        lines.append(f"| {kind} | " + " | ".join(cells + vs) + " |")
+    identical = all(per[name]["latents_outside_identical"] for per in data["summary"].values()
+                    for name in ("ours_detected", "ours_gt") if name in per)
+    lines += ["", f"Our edits' latents outside their region equal the source's bit for bit in every case: "
+              f"{identical}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-type", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--types", default=",".join(edit_suite.EDIT_TYPES))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    pipe = load_shapes_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    runner = Runner(pipe, args.steps, args.guidance)
+    cases = edit_suite.edit_cases(args.per_type, args.seed, tuple(args.types.split(",")))
+    rows, skipped, start = [], 0, time.perf_counter()
+    for n, case in enumerate(cases):
+        with torch.no_grad():
+            row = run_case(runner, case, pipe.vae_scale_factor)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+        print(f"[{n + 1}/{len(cases)}] {case.type}: {case.source_prompt!r} -> {case.edited_prompt!r}: "
+              + (", ".join(f"{k} {'ok' if row[k]['success'] else 'no'}" for k in CONTENDERS if k in row)
+                 if row else "source misses an object"), f"({time.perf_counter() - start:.0f} s)", flush=True)
+    data = {"machine": machine(), "steps": args.steps, "guidance": args.guidance, "per_type": args.per_type,
+            "seed": args.seed, "drawn": len(cases), "skipped": skipped, "summary": summarise(rows), "cases": rows}
+    write_results(args.out, "edit-quality", data, markdown(data))
+    return data
+
+
+if __name__ == "__main__":
+    main()
