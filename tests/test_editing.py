@@ -650,7 +650,7 @@ def test_memory_breakdown_by_kind():
     s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
     totals = s.memory_breakdown()
     per_step = s.cache.breakdown()
-    assert set(totals) == {"output", "attention_kv", "group_norm_stats", "attention_map", "latents", "decode"}
+    assert set(totals) == {"output", "attention_kv", "group_norm_stats", "attention_map", "layout", "latents", "decode"}
     assert sum(v for k, v in totals.items() if k not in ("latents", "decode")) == s.cache.nbytes
     assert totals["decode"] == s.decoding.cache.nbytes > 0  # the source image's decode, recorded
     assert totals["latents"] == STEPS * s.current.latents.numel() * 4

@@ -351,8 +351,9 @@ class EditSession:
         source = self._source
         # A word swap holds the source's layout for its first steps (they run dense, under control): objects stay
         # where they were and take the new words. Inserted or deleted words may move things, so they never do.
+        # (Not over an inpainting pipeline: it repaints its mask, which its source run saw empty.)
         hold = (self.policy.hold_layout_schedule(self.num_inference_steps)
-                if swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt) else 0)
+                if not self.inpainting and swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt) else 0)
         if mask is None:
             if self.inpainting:
                 raise ValueError("an inpainting pipeline repaints the mask it is given: pass edit(prompt, mask=...)")
