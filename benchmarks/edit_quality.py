@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fisedit_compiler.compiler import compile  # noqa: E402
+from fisedit_compiler.demo import dense_regeneration  # noqa: E402
 from fisedit_compiler.editing.session import EditSession  # noqa: E402
 from fisedit_compiler.policy import Policy  # noqa: E402
 from fisedit_compiler.training import edit_suite  # noqa: E402
@@ -75,14 +76,6 @@ class Runner:
         self.pipe.unet = self.unets[policy]
         return EditSession(self.pipe, num_inference_steps=self.steps, guidance_scale=self.guidance)
 
-    def dense(self, prompt: str, seed: int):
-        from fisedit_compiler.demo import dense_regeneration
-
-        session = self.session(Policy())
-        session._latents = self.initial(seed)
-        stats, image = dense_regeneration(session, prompt)
-        return image, stats
-
     def initial(self, seed: int) -> torch.Tensor:
         return torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
 
@@ -100,16 +93,16 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int) -> dict | N
     if objects is None:
         return None
     row: dict = {"type": case.type, "source": case.source_prompt, "edit": case.edited_prompt, "seed": case.seed}
-    dense_image, dense_stats = runner.dense(case.edited_prompt, case.seed)
+    dense_stats, dense_image = dense_regeneration(session, case.edited_prompt)  # from the same initial latents
     results = {"dense": (dense_image, None, (dense_stats.seconds, dense_stats.macs))}
     detected = session.edit(case.edited_prompt, keep=False)
     results["ours_detected"] = (detected.images[0], detected, unet_cost(detected.stats))
+    object_pixels = np.zeros(source_image.shape[:2], bool)
+    for obj in objects.values():
+        object_pixels |= obj.mask
     if case.type != "add":
         if case.type == "background":
-            pixels = np.zeros(source_image.shape[:2], bool)
-            for obj in objects.values():
-                pixels |= obj.mask
-            user = ~latent_mask(pixels, factor)
+            user = ~latent_mask(object_pixels, factor)
         else:
             user = latent_mask(objects[0].mask, factor)
         gt = session.edit(case.edited_prompt, mask=user, keep=False)
@@ -118,15 +111,12 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int) -> dict | N
     p2p_session.generate(case.source_prompt, latents=runner.initial(case.seed))
     p2p = p2p_session.edit(case.edited_prompt, keep=False)
     results["p2p_dense"] = (p2p.images[0], p2p, unet_cost(p2p.stats))
-    edited_objects = np.zeros(source_image.shape[:2], bool)
-    for obj in objects.values():
-        edited_objects |= obj.mask
     for name, (image, result, (seconds, macs)) in results.items():
         verdict = edit_suite.judge(case, objects, rgb(image))
         entry = {"success": verdict["success"], "attribute": verdict["attribute"],
                  "others_kept": verdict["others_kept"], "iou": verdict.get("iou"), "found": verdict["found"],
                  "seconds": seconds, "macs": macs}
-        changed = edited_objects.copy()
+        changed = object_pixels.copy()
         for found in edit_suite.find_objects(rgb(image), case.background):
             changed |= found.mask
         if case.type != "background":

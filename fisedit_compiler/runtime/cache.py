@@ -285,8 +285,8 @@ class RecordCache:
 
     def breakdown(self) -> dict[str, dict[str, int]]:
         """Bytes per step (`StepKey.describe()`) and kind of recorded tensor (`ir.CacheKind`: "output" =
-        scatter targets and halo inputs, "attention_kv", "group_norm_stats", "attention_map", "layout"), and "total" over
-        the steps."""
+        scatter targets and halo inputs, "attention_kv", "group_norm_stats", "attention_map", "layout"), and
+        "total" over the steps."""
         result: dict[str, dict[str, int]] = {}
         total: dict[str, int] = {}
         for key in self.steps:
@@ -328,7 +328,8 @@ class RecordCache:
         """Take over `other`'s steps, replacing the ones recorded here (an edit run's dense steps).
 
         `keep_attention_maps`: the replaced steps keep what control calls read (cross-attention maps and layout
-        features; other's are dropped), so that the maps of all steps stay those of one prompt when `other` does not cover every step that has maps.
+        features; other's are dropped), so that the maps of all steps stay those of one prompt when `other` does
+        not cover every step that has maps.
         `maps_only`: of the steps taken, those among the first `maps_only` recorded here keep their maps only."""
         if not len(other):
             return

@@ -94,8 +94,8 @@ class BoundIndex:
 
 class Binding:
     """The state of one lowering: the program graph being built, its slots and writes, and the call state the
-    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`, `hold_layout`). Lowerings see it as their first
-    argument; `node` is the IR node being lowered."""
+    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`, `hold_layout`). Lowerings see it as
+    their first argument; `node` is the IR node being lowered."""
 
     def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
                  inline_kernels: bool = False, hold_layout: bool = False):

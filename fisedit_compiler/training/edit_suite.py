@@ -140,9 +140,8 @@ def judge(case: EditCase, source: dict[int, FoundObject], edited_image) -> dict[
     """Whether `edited_image` did what `case` typed, given the source's objects (`source_objects`): "success",
     "iou" (attribute edits: of the edited object's mask with the source object's), "found"."""
     found = find_objects(edited_image, case.new_background if case.type == "background" else case.background)
-    unchanged = list(range(1, len(case.objects))) if case.type != "background" else list(range(len(case.objects)))
-    if case.type == "add":
-        unchanged = list(range(len(case.objects)))
+    # every source object but the edited one (the first) must stay; adding or recolouring the background edits none
+    unchanged = range(len(case.objects)) if case.type in ("add", "background") else range(1, len(case.objects))
     kept = all(any((o.colour, o.shape) == (case.objects[i].colour, case.objects[i].shape)
                    and np.linalg.norm(_centre(o) - _centre(source[i])) <= PLACE_TOLERANCE for o in found)
                for i in unchanged)
