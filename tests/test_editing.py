@@ -65,6 +65,19 @@ def test_mask_detection_finds_a_known_changed_region(seed):
     assert iou >= 0.9
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_a_detected_mask_is_dilated_by_the_given_pixels_and_clipped_at_the_border(dilation):
+    diff = torch.zeros(1, 8, 8)
+    diff[0, 3, 4] = diff[0, 0, 7] = 1.0  # two changed pixels, one in a corner
+    mask = detect_mask(diff, dilation)[0, 0]
+    want = torch.zeros(8, 8, dtype=torch.bool)
+    d = dilation
+    want[3 - d: 4 + d, 4 - d: 5 + d] = True
+    want[0: 1 + d, 7 - d:] = True
+    assert torch.equal(mask, want)
+    assert torch.equal(detect_mask(diff)[0, 0], diff[0] > 0)  # dilation 0: the thresholded map itself
+
+
 @functools.lru_cache(maxsize=None)
 def tokenizer():
     return random_tokenizer()
@@ -295,6 +308,20 @@ def test_session_end_to_end(scheduler):
     assert third.detected is None
     assert third.region[user_mask].all() and (third.region & ~user_mask).any()  # rounded up to blocks
     assert third.stats["sparse"].macs < source.stats["dense"].macs
+
+
+@torch.no_grad()
+def test_a_session_dilates_its_detected_mask_by_the_policy_s_mask_dilation():
+    """The steps before detection do not depend on `mask_dilation`: the default (1) detects the mask of
+    `mask_dilation=0` grown by one latent pixel, strictly larger."""
+    detected = {}
+    for dilation in (0, 1):
+        s = session(mask_dilation=dilation, halo=0)
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        detected[dilation] = s.edit("a cabin in the woods with a river").detected
+    grown = torch.nn.functional.max_pool2d(detected[0][None, None].float(), 3, 1, 1)[0, 0] > 0
+    assert detected[0].any() and not detected[0].all()
+    assert torch.equal(detected[1], grown) and detected[1].sum() > detected[0].sum()
 
 
 @torch.no_grad()

@@ -44,6 +44,24 @@ def test_a_loaded_session_edits_bit_for_bit_as_the_saved_one(tmp_path):
 
 
 @torch.no_grad()
+def test_a_scheduler_that_calls_twice_at_a_timestep_saves_and_loads_every_call(tmp_path):
+    """PNDM calls the U-Net twice at its first timestep (the step key's occurrence tells the calls apart): a saved
+    session keeps both records, and the loaded one replays them as the original does."""
+    pipe = random_pipeline("sd2", latent_size=16, seed=0, scheduler="pndm")
+    original = fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=4)
+    original.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    assert len(original.cache.steps) == 5 and any(key.occurrence == 1 for key in original.cache.steps)
+    original.save(tmp_path / "s")
+
+    loaded = fisedit.EditSession.load(tmp_path / "s", random_pipeline("sd2", latent_size=16, seed=0, scheduler="pndm"))
+    assert loaded.cache.steps == original.cache.steps
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[3:9, 4:12] = True
+    expected = original.edit("a red cabin in the woods", mask=mask)
+    assert torch.equal(loaded.edit("a red cabin in the woods", mask=mask).latents, expected.latents)
+
+
+@torch.no_grad()
 def test_mismatches_and_damage_are_refused_by_name(tmp_path):
     s = _session(pipeline())
     s.generate("a cabin", generator=torch.Generator().manual_seed(0))

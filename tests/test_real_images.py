@@ -86,6 +86,39 @@ def test_plain_ddim_inversion_is_the_exact_inverse_of_ddim_sampling():
         torch.testing.assert_close(stepped, inversion.latents[i + 1], rtol=1e-4, atol=1e-5)
 
 
+class LinearNoise(torch.nn.Module):
+    """A stand-in U-Net whose prediction depends on the latents it is given (and on the timestep)."""
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        g = torch.Generator().manual_seed(int(timestep))
+
+        class Output:
+            pass
+
+        out = Output()
+        out.sample = 0.3 * sample + torch.randn(sample.shape, generator=g)
+        return out
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inversion_walks_the_trajectory_of_diffusers_ddim_inverse_scheduler(prediction_type):
+    """Every inversion step feeds the U-Net the current latents and turns its prediction (noise, or v for SD 2's
+    768 models) into the next noise level as `DDIMInverseScheduler` does: the latents after each step match it."""
+    from diffusers import DDIMInverseScheduler
+
+    scheduler = make_scheduler("ddim")
+    scheduler = scheduler.__class__.from_config({**scheduler.config, "prediction_type": prediction_type})
+    scheduler.set_timesteps(10)
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(10)
+    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    inversion = ddim_inversion(LinearNoise(), scheduler, clean, None, scheduler.timesteps)
+    z = clean
+    for i, t in enumerate(inverse.timesteps):
+        z = inverse.step(LinearNoise()(z, t, None).sample, t, z).prev_sample
+        torch.testing.assert_close(inversion.latents[-2 - i], z, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("skip", [2, 3, 4])
 def test_inversion_step_skipping_calls_the_unet_every_mth_step_and_reuses_its_noise(skip):
     scheduler = make_scheduler("ddim")
