@@ -1,6 +1,6 @@
 """Editing benchmark on the embedded shapes model: does an edit do what was typed, per edit type and contender.
 
-    python benchmarks/edit_quality.py [--per-type 20] [--steps 20] [--out benchmarks/results]
+    python benchmarks/edit_quality.py [--per-type 20] [--steps 20] [--out benchmarks/results] [--pictures DIR]
 
 Cases (`training.edit_suite.edit_cases`, fixed seed): colour swap, shape swap, size change, adding an object,
 removing one, background colour; one or two objects. Contenders, one process, the same initial noise per case:
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fisedit_compiler.compiler import compile  # noqa: E402
-from fisedit_compiler.demo import dense_regeneration  # noqa: E402
+from fisedit_compiler.demo import dense_regeneration, side_by_side  # noqa: E402
 from fisedit_compiler.editing.session import EditSession  # noqa: E402
 from fisedit_compiler.policy import Policy  # noqa: E402
 from fisedit_compiler.training import edit_suite  # noqa: E402
@@ -85,7 +85,9 @@ def unet_cost(stats: dict) -> tuple[float, int]:
     return sum(p.seconds for p in phases), sum(p.macs for p in phases)
 
 
-def run_case(runner: Runner, case: edit_suite.EditCase, factor: int) -> dict | None:
+def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Path | None = None) -> dict | None:
+    """The case's row (None if the source misses an object); with `picture`, source | ours (detected) | its region
+    | dense regeneration saved there."""
     session = runner.session(Policy())
     source = session.generate(case.source_prompt, latents=runner.initial(case.seed))
     source_image = rgb(source.images[0])
@@ -129,6 +131,9 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int) -> dict | N
             entry["region_fraction"] = float(result.mask.float().mean())
             entry["psnr_vs_p2p_in_region"] = psnr(rgb(image), rgb(results["p2p_dense"][0]), region)
         row[name] = entry
+    if picture is not None:
+        side_by_side(source.images[0], detected.images[0], detected.mask, dense_image).save(picture)
+        row["picture"] = picture.name
     return row
 
 
@@ -209,7 +214,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--types", default=",".join(edit_suite.EDIT_TYPES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--pictures", help="folder for one picture per type: its first case whose source shows "
+                        "the objects (source | ours, detected | region | dense regeneration)")
     args = parser.parse_args(argv)
+    pictured: set[str] = set()
     torch.manual_seed(0)
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -217,12 +225,18 @@ def main(argv=None) -> dict:
     cases = edit_suite.edit_cases(args.per_type, args.seed, tuple(args.types.split(",")))
     rows, skipped, start = [], 0, time.perf_counter()
     for n, case in enumerate(cases):
+        picture = None
+        if args.pictures and case.type not in pictured:
+            picture = Path(args.pictures) / f"{case.type}.png"
+            picture.parent.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
-            row = run_case(runner, case, pipe.vae_scale_factor)
+            row = run_case(runner, case, pipe.vae_scale_factor, picture)
         if row is None:
             skipped += 1
         else:
             rows.append(row)
+            if picture is not None:
+                pictured.add(case.type)
         print(f"[{n + 1}/{len(cases)}] {case.type}: {case.source_prompt!r} -> {case.edited_prompt!r}: "
               + (", ".join(f"{k} {'ok' if row[k]['success'] else 'no'}" for k in CONTENDERS if k in row)
                  if row else "source misses an object"), f"({time.perf_counter() - start:.0f} s)", flush=True)

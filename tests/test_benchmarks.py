@@ -241,3 +241,16 @@ def test_the_source_run_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     assert pairs["overhead"] == pytest.approx(statistics.median(ratios) - 1)
     assert data["source_vs_dense_image"]["max_abs_difference"] <= 2
     assert data["cache_bytes"] > 0
+
+
+def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model(tmp_path):
+    data = _run_benchmark("edit_quality", ["--per-type", "2", "--steps", "4", "--types", "colour",
+                                           "--out", str(tmp_path), "--pictures", str(tmp_path / "pictures")])
+    assert (tmp_path / "edit-quality.md").is_file() and data["drawn"] == 2
+    assert data["skipped"] + len(data["cases"]) == 2 and data["cases"]  # seed 0: the first source shows its object
+    for row in data["cases"]:
+        assert set(row) >= {"dense", "p2p_dense", "ours_detected", "ours_gt"}
+        assert row["ours_detected"]["latents_outside_identical"] and row["ours_gt"]["latents_outside_identical"]
+        assert row["ours_gt"]["macs"] < row["dense"]["macs"]
+    assert data["summary"]["colour"]["cases"] == len(data["cases"])
+    assert (tmp_path / "pictures" / "colour.png").is_file() and data["cases"][0]["picture"] == "colour.png"

@@ -3,6 +3,7 @@ and the tests' ellipses)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,3 +41,24 @@ def test_coverage_mask_keeps_the_nearest_pixels_ties_included():
     assert coverage_mask(distance, 0.25).tolist() == [[False, True], [True, False]]  # a tie at the threshold
     assert coverage_mask(distance, 0.75).tolist() == [[False, True], [True, True]]
     assert coverage_mask(distance, 0.01).sum() == 2  # at least one pixel, and its ties
+
+
+def test_a_mask_drawn_at_image_resolution_marks_the_latent_pixels_mostly_painted():
+    """A latent pixel is active when most of its f x f image pixels are bright (a brush stroke's soft or ragged
+    edge neither drops a mostly painted pixel nor adds one where a stray pixel was painted), whichever pixel of the
+    block is the bright one."""
+    from PIL import Image
+
+    from fisedit_compiler.inputs import mask_from_image
+
+    f, h, w = 8, 4, 6
+    pixels = np.zeros((f * h, f * w), dtype=np.uint8)
+    pixels[0:f, 0:f] = 255
+    pixels[0:f, 0:f][f // 2, f // 2] = 0  # mostly painted, but not its centre pixel
+    pixels[f:2 * f, f:2 * f][f // 2, f // 2] = 255  # only the centre pixel painted
+    pixels[2 * f:3 * f, 2 * f:3 * f][: f // 2 + 1] = 255  # 5 of 8 rows painted
+    pixels[3 * f:4 * f, 3 * f:4 * f][: f // 2 - 1] = 255  # 3 of 8 rows
+    mask = mask_from_image(Image.fromarray(pixels), (h, w), scale_factor=f)
+    want = torch.zeros(h, w, dtype=torch.bool)
+    want[0, 0] = want[2, 2] = True
+    assert torch.equal(mask, want)

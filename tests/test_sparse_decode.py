@@ -181,3 +181,27 @@ def test_a_loaded_session_records_its_first_decode(tmp_path):
     assert first.stats["decode"].mode == "record"
     second = loaded.edit("a red cabin in the snowy woods", mask=_box(10, 9, 3))
     assert second.stats["decode"].mode == "sparse"
+
+
+@torch.no_grad()
+def test_a_latent_pixel_counts_as_changed_when_any_of_its_channels_changed():
+    """The decode after a recorded one recomputes around every pixel of the decoder's input that differs in any
+    channel: the image changes there and the region holds it."""
+    from fisedit_compiler.editing.decoding import SparseDecoder
+
+    vae = random_vae("sd2", "tiny", seed=0, sample_size=8 * LATENT)
+    decoder = SparseDecoder(vae, POLICY)
+    z = vae.post_quant_conv(_latents(0))
+    with decoder.steering():
+        recorded = vae.decoder(z)
+    assert decoder.last.mode == "record"
+    moved = z.clone()
+    moved[0, 2, 4, 11] += 2.0  # one channel of one pixel
+    with decoder.steering():
+        sparse = vae.decoder(moved)
+    assert decoder.last.mode == "sparse" and 0 < decoder.last.recomputed < 0.5
+    pixel = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    pixel[4, 11] = True
+    inside = torch.kron(pixel, torch.ones(8, 8, dtype=torch.bool))
+    assert decoder.last.region[inside].all()
+    assert (sparse - recorded)[..., inside].abs().amax() > 1e-3
