@@ -96,7 +96,7 @@ def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path, monkeypa
     compiled, got, got_cache = run_session(fisedit.Policy(cache_budget=budget, cache_dir=str(tmp_path)))
     store = compiled.cache.store
     assert isinstance(store, TieredStore) and store.spilled >= len(TIMESTEPS)
-    assert any(tmp_path.iterdir())
+    assert list(tmp_path.rglob("*.safetensors"))
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert got_cache.keys() == want_cache.keys()
@@ -108,14 +108,16 @@ def test_a_spilling_cache_computes_what_an_in_memory_one_does(tmp_path, monkeypa
 
 @torch.no_grad()
 def test_a_failed_background_read_raises_in_the_sparse_call(tmp_path):
+    reference, _, _ = in_memory_session()
+    one_step = reference.cache.nbytes // len(TIMESTEPS)
     unet = tiny_unet("sd2")
     inputs = unet_inputs(unet, size=SIZE)
-    compiled = fisedit.compile(unet, fisedit.Policy(cache_budget=0, cache_dir=str(tmp_path)))
+    compiled = fisedit.compile(unet, fisedit.Policy(cache_budget=one_step, cache_dir=str(tmp_path)))
     with compiled.record():
         for t in TIMESTEPS[:3]:
             compiled(**{**inputs, "timestep": torch.tensor(t)})
-    compiled.cache.store.close()  # let every write finish
-    for file in tmp_path.iterdir():
+    compiled.cache.store._collect_writes(wait_for=list(compiled.cache.store._writing))  # let every write finish
+    for file in tmp_path.rglob("step-*.safetensors"):
         file.write_bytes(b"not a safetensors file")
     with compiled.sparse(mask()), pytest.raises(CacheIOError, match="reading the recorded timestep 900"):
         compiled(**{**inputs, "timestep": torch.tensor(900)})
@@ -278,7 +280,7 @@ def test_writes_keep_records_resident_and_a_record_modified_while_written_is_wri
     store.close()  # every write done
     store._collect_writes()
     assert set(store._resident) == set(keys) and keys[0] not in store._clean and keys[1] in store._clean
-    store.budget_bytes = 0  # let everything go that can go
+    store.budget.nbytes = 0  # let everything go that can go
     store._spill = spill
     store._make_room(0, wait=True, keep=keys[1], position=keys[1])
     assert keys[0] not in store._resident
@@ -356,7 +358,7 @@ def test_a_step_evicted_before_others_does_not_make_two_steps_share_a_file(tmp_p
     from fisedit_compiler.ir import CacheRef
     from fisedit_compiler.runtime.cache import StepKey, StepRecord
 
-    store = TieredStore(budget_bytes=0, folder=tmp_path)  # every step goes to disk
+    store = TieredStore(budget_bytes=64, folder=tmp_path)  # one 64-byte step: every step but the last goes to disk
     ref = CacheRef("conv", "output")
     keys = [StepKey((float(t),), 2) for t in (900, 700, 500, 300)]
 
@@ -432,3 +434,22 @@ def test_a_replay_through_the_record_cache_reads_each_spilled_step_ahead_in_the_
     assert all(background for _, background in loads), "a step was read in the foreground"
     assert set(spilled) <= {key for key, _ in loads}
     store.close()
+
+
+def test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_correctly(tmp_path):
+    """Other writers need not pad the header: a float tensor may then start at an odd byte of a mapped file, and is
+    copied rather than viewed there (a view of unaligned bytes as floats is refused)."""
+    import json
+    import struct
+
+    from fisedit_compiler.runtime.safetensors_io import map_safetensors, read_safetensors
+
+    values = torch.arange(6, dtype=torch.float32) / 3
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}).encode()
+    header += b" " * (1 - len(header) % 4 + 4) if len(header) % 4 != 1 else b""  # 8 + len(header): odd
+    assert (8 + len(header)) % 4
+    path = tmp_path / "unaligned.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + values.numpy().tobytes())
+    for read in (map_safetensors, read_safetensors):
+        _, tensors, _ = read(path)
+        assert torch.equal(tensors["x"], values.reshape(2, 3)), read.__name__

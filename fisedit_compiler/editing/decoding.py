@@ -29,7 +29,7 @@ import torch
 from ..compiler import RecordMode, compile
 from ..policy import Policy
 from ..runtime.cache import RecordCache
-from ..runtime.tiered_store import make_store
+from ..runtime.tiered_store import MemoryBudget, make_store
 
 
 @dataclasses.dataclass
@@ -54,17 +54,23 @@ def decoder_policy(policy: Policy) -> Policy:
 
 class SparseDecoder:
     """Compiles `vae.decoder` in place (`vae.decode` calls the compiled one; outside `steering()` it runs the eager
-    decoder) and keeps its record cache and the input of the recorded decode."""
+    decoder) and keeps its record cache (within `memory_budget`, shared with a session's other records) and the
+    input of the recorded decode."""
 
-    def __init__(self, vae: torch.nn.Module, policy: Policy):
+    def __init__(self, vae: torch.nn.Module, policy: Policy, memory_budget: MemoryBudget | None = None):
         policy = decoder_policy(policy)
         self.decoder = compile(vae.decoder, policy)
         vae.decoder = self.decoder
-        self.cache = RecordCache(policy.storage_dtype, make_store(policy))
+        self.cache = RecordCache(policy.storage_dtype, make_store(policy, memory_budget))
         self._recorded_input: torch.Tensor | None = None  # the decoder input whose decode the cache holds
         self._started = 0.0
         self._keep = True
         self.last: DecodeStats | None = None
+
+    def close(self) -> None:
+        """Let go of the recorded decode (the next decode records again)."""
+        self.cache.close()
+        self._recorded_input = None
 
     @contextlib.contextmanager
     def steering(self, keep: bool = True) -> Iterator[None]:

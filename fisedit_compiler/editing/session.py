@@ -34,7 +34,7 @@ from ..compiler import ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache
-from ..runtime.tiered_store import make_store
+from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
 from .compositing import paste_outside
 from .decoding import SparseDecoder
@@ -206,6 +206,7 @@ class EditSession:
         width: int | None = None,
         noise_seed: int | None = None,
         sparse_decode: bool = True,
+        memory_budget: MemoryBudget | None = None,
     ):
         self.pipe = pipe
         self.inpainting = is_inpainting(pipe)
@@ -213,9 +214,12 @@ class EditSession:
         pipe.unet = self.unet
         self.policy = self.unet.policy
         # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
-        self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy))
+        # One memory budget for every record the session holds: its cache, an edit run's pending records, the
+        # decoder's record (`memory_budget`: one shared with other sessions, a server's).
+        self.memory_budget = memory_budget if memory_budget is not None else make_budget(self.policy)
+        self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy, self.memory_budget))
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
-        self.decoding = SparseDecoder(pipe.vae, self.policy) if sparse_decode else None
+        self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         sample_size = self.unet.config.sample_size * pipe.vae_scale_factor
@@ -251,6 +255,7 @@ class EditSession:
         self._latents = latents
         self._loaded_size = None
         self.cache.clear()
+        self._source = None  # until this run completes: a run that fails leaves no source to edit
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
         trajectory: list[torch.Tensor] = []
 
@@ -312,6 +317,7 @@ class EditSession:
         self._latents = inversion.latents[0]
         self._loaded_size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
         self.cache.clear()
+        self._source = None  # until this run completes: a run that fails leaves no source to edit
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
 
         def on_step_end(pipe, i, t, kwargs):
@@ -368,7 +374,7 @@ class EditSession:
         # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
         maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)  # steps kept without activations
-        pending = RecordCache(self.cache.dtype)
+        pending = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))  # the dense steps' records
         trajectory: list[torch.Tensor] = []
         state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask, "sparse_mode": None}
         refresh = self.policy.refresh_every
@@ -433,15 +439,17 @@ class EditSession:
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending, hold_layout=hold)
                 images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True, keep=keep)
+            if state["region"] is not None and keep:
+                new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
+                self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
         finally:
             phases = meter.close()
+            pending.close()
         if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
             stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
                               detected=state["mask"] if mask is None else None)
-        new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
-        if keep:
-            self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
+        new_maps = k >= maps_steps or bool(state["region"].all())
         stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
@@ -474,7 +482,9 @@ class EditSession:
         saved = read_session(path, pipe)
         session = cls(pipe, policy=saved.policy, num_inference_steps=saved.num_inference_steps,
                       guidance_scale=saved.guidance_scale, height=saved.height, width=saved.width,
-                      noise_seed=saved.noise_seed)  # a U-Net compiled with another policy is compiled anew
+                      noise_seed=saved.noise_seed,  # a U-Net compiled with another policy is compiled anew
+                      memory_budget=getattr(saved.cache.store, "budget", None))
+        session.cache.close()
         session.cache = saved.cache
         session._latents = saved.initial_latents.to(session.unet.device, session.unet.dtype)
         trajectory = [z.to(session._latents.device) for z in saved.trajectory]
@@ -484,6 +494,21 @@ class EditSession:
         session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result, reference=reference)
         session._loaded_size = saved.loaded_size
         return session
+
+    def close(self) -> None:
+        """Let go of what the session recorded: its records in memory and its spill folders on disk (also done when
+        the session is garbage-collected). Saved sessions (`save`) are not touched. The session can start again with
+        `generate` or `load_image`."""
+        self.cache.close()
+        if self.decoding is not None:
+            self.decoding.close()
+        self._source = None
+
+    def __enter__(self) -> EditSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes the session holds, by kind: the record cache's kinds (`RecordCache.breakdown`, summed over steps),
@@ -544,9 +569,12 @@ class EditSession:
                 pipe._interrupt = True
             return {}
 
-        with self.unet.run(ControlMode(self._alignment(prompt, prompt), RecordCache(self.cache.dtype)),
-                           cache=self.cache):
-            self._call_pipeline(prompt, on_step_end, output_type="latent")
+        discarded = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))
+        try:
+            with self.unet.run(ControlMode(self._alignment(prompt, prompt), discarded), cache=self.cache):
+                self._call_pipeline(prompt, on_step_end, output_type="latent")
+        finally:
+            discarded.close()
         return latents
 
     def _alignment(self, source_prompt: str, prompt: str) -> torch.Tensor:

@@ -57,6 +57,7 @@ class StepRecord(dict):
         self.dtype = dtype
         self.slab: torch.Tensor | None = None  # the one allocation the tensors are views of, once compacted
         self._nbytes: int | None = None  # `nbytes`, until the record changes
+        self.on_grow = None  # called with the bytes of each tensor set, while a store with a budget fills it
 
     def keep_maps_only(self) -> None:
         """Drop everything but what control calls read (cross-attention maps, layout features): a step no sparse call
@@ -77,6 +78,8 @@ class StepRecord(dict):
             value = value.to(self.dtype)
         self._nbytes = None
         super().__setitem__(key, value)
+        if self.on_grow is not None:
+            self.on_grow(sum(t.numel() * t.element_size() for t in _tensors([value])))
 
     def __delitem__(self, key) -> None:
         self._nbytes = None
@@ -310,6 +313,12 @@ class RecordCache:
             self.store.evict(key)
         self.latent_shape = None
 
+    def close(self) -> None:
+        """Let go of every record, and of the store's spill folder (a store with a disk tier); usable again after."""
+        self.clear()
+        if hasattr(self.store, "close"):
+            self.store.close()
+
     def new_step(self, key: StepKey, latent_shape: tuple[int, ...]) -> StepRecord:
         """Start (or restart) recording `key`. A cache holds one latent shape: a new one clears it first."""
         if self.latent_shape is not None and self.latent_shape != latent_shape:
@@ -349,6 +358,7 @@ class RecordCache:
                 for ref, value in old.items():
                     if ref.kind in CONTROL_KINDS:
                         step[ref] = value
+            other.store.evict(key)  # now this cache's: not held twice (a budget shared by both counts it once)
             self.store.put(key, step)
             self.store.settle(key)  # complete: compacted by a store that keeps it, moved by one with a budget
 

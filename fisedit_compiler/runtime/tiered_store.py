@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -45,6 +47,30 @@ class CacheIOError(RuntimeError):
     """A step record could not be written to or read from the disk tier."""
 
 
+class CacheBudgetError(MemoryError):
+    """The memory budget of the record cache cannot be kept: one step's record is larger than the whole budget."""
+
+
+class MemoryBudget:
+    """Bytes of step records that the stores sharing it (an edit session's cache, its edit runs' pending records
+    and its decoder's record) may hold in memory together: a store that needs room lets its own records go first,
+    then the other stores' (those needed last by each). Stores sharing a budget are used from one thread."""
+
+    def __init__(self, nbytes: int):
+        if nbytes < 0:
+            raise ValueError(f"the cache budget must be >= 0 bytes, got {nbytes}")
+        self.nbytes = nbytes
+        self.stores: weakref.WeakSet[TieredStore] = weakref.WeakSet()
+        self.peak = 0  # the most bytes held at once, as measured after every change of what is held
+
+    def held(self) -> int:
+        """Bytes of records the stores hold in memory now (kept, in use, being written or being read)."""
+        return sum(store.resident_nbytes for store in self.stores)
+
+    def note(self) -> None:
+        self.peak = max(self.peak, self.held())
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux `MemAvailable`), or None where unknown."""
     try:
@@ -57,15 +83,17 @@ def available_memory() -> int | None:
 
 
 class TieredStore:
-    """Step records in memory up to `budget_bytes`, the rest in `folder` (default: a temporary folder, removed with
-    the store). See the module docstring."""
+    """Step records in memory up to a budget (bytes, or a `MemoryBudget` shared with other stores), the rest on
+    disk: in `folder` if given (kept), else in a spill folder of its own made in `parent` (default: the system's
+    temporary folder) and removed with the store (`spill_folder`). See the module docstring."""
 
-    def __init__(self, budget_bytes: int, folder: str | Path | None = None):
-        if budget_bytes < 0:
-            raise ValueError(f"the cache budget must be >= 0 bytes, got {budget_bytes}")
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget_bytes: int | MemoryBudget, folder: str | Path | None = None,
+                 parent: str | Path | None = None):
+        self.budget = budget_bytes if isinstance(budget_bytes, MemoryBudget) else MemoryBudget(budget_bytes)
+        self.budget.stores.add(self)
         self._folder = Path(folder) if folder is not None else None
         self._own_folder = folder is None
+        self._parent = Path(parent) if parent is not None else None
         self._order: list[StepKey] = []
         self._resident: collections.OrderedDict[StepKey, StepRecord] = collections.OrderedDict()  # LRU order
         self._on_disk: dict[StepKey, tuple[Path, int]] = {}
@@ -75,6 +103,8 @@ class TieredStore:
         self._clean: set[StepKey] = set()  # resident records equal to their file (read back, not modified since)
         self._pool_instance: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first spill
         self._files_made = 0
+        self._filled = self._room = 0  # bytes set in the record being made, and the room made for it
+        self._in_use: StepKey | None = None  # the step a call made or read and has not settled yet
         self._step_bytes = 0  # the largest record settled: what a record being made may need (a maps-only step
         # of `Policy.cache_dense_steps=False` is small, the next full one is not)
         self.wait_seconds = 0.0  # time `get` spent waiting for the disk tier
@@ -92,6 +122,10 @@ class TieredStore:
     def nbytes(self) -> int:
         resident = sum(r.nbytes for k, r in self._resident.items() if k not in self._on_disk)
         return resident + sum(n for _, n in self._on_disk.values())
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget.nbytes
 
     @property
     def resident_nbytes(self) -> int:
@@ -117,6 +151,19 @@ class TieredStore:
             first = next((v for v in record.values() if isinstance(v, torch.Tensor)), None)
             self.device = first.device if first is not None else None
         self._make_room(max(0, self._step_bytes - record.nbytes), wait=True, keep=key, position=key)
+        self._in_use = key
+        self._filled, self._room = record.nbytes, max(record.nbytes, self._step_bytes)
+        record.on_grow = functools.partial(self._grew, key)
+
+    def _grew(self, key: StepKey, nbytes: int) -> None:
+        """A tensor of `nbytes` was set in the record of `key` being made: past the room made for it (its first
+        record of a kind, larger than those before), make more, waiting for writes if need be, so that the
+        budget holds while the record grows."""
+        self._filled += nbytes
+        if self._filled <= self._room:
+            return
+        self._make_room(0, wait=True, keep=key, position=key)
+        self._room = self._filled + max(0, self.budget.nbytes - self.budget.held())
 
     def get(self, key: StepKey) -> StepRecord:
         if key not in self._order:
@@ -141,7 +188,9 @@ class TieredStore:
             self._resident[key] = record
             self._clean.add(key)
             self.loaded += 1
+            self.budget.note()
         self._resident.move_to_end(key)
+        self._in_use = key
         return self._resident[key]
 
     def evict(self, key: StepKey) -> None:
@@ -165,13 +214,23 @@ class TieredStore:
         in_use = next(reversed(self._resident), None)  # the step just read (`RecordCache.step`)
         if self._make_room(self._on_disk[key][1], wait=False, keep=in_use, position=in_use):
             self._loading[key] = self._pool.submit(self._load, key)
+            self.budget.note()
 
     def settle(self, key: StepKey) -> None:
         """The call using `key` is done: keep `key` resident (the next call may be the same step, e.g. CFG batches
         or a second sampler call), start writing what the next calls will need to let go, and let go of what is
         written and no longer fits. A record just made is compacted first (`StepRecord.compact`)."""
+        self._resident[key].on_grow = None
+        self._in_use = None
         self._resident[key].compact()
-        self._step_bytes = max(self._step_bytes, self._resident[key].nbytes)
+        nbytes = self._resident[key].nbytes
+        if nbytes > self.budget.nbytes:
+            raise CacheBudgetError(
+                f"the recorded {key.describe()} takes {_gib(nbytes)} in memory, more than the whole cache budget "
+                f"({_gib(self.budget.nbytes)}): a step in use must fit it. Give a larger Policy(cache_budget=...), "
+                "or halve the records with Policy(cache_dtype='float16')")
+        self._step_bytes = max(self._step_bytes, nbytes)
+        self.budget.note()
         self._collect_writes()
         self._write_beyond_budget(position=key)
         following = self._order.index(key) + 1
@@ -192,7 +251,8 @@ class TieredStore:
         """Start writing dirty records, those needed last first (`_by_next_use`), until those left fit the budget
         beside two more steps (the next one being made, and one still being written)."""
         dirty = [k for k in self._by_next_use(position) if self._needs_write(k)]
-        excess = sum(self._resident[k].nbytes for k in dirty) + 2 * self._step_bytes - self.budget_bytes
+        others = self.budget.held() - self.resident_nbytes  # what the stores sharing the budget hold
+        excess = sum(self._resident[k].nbytes for k in dirty) + others + 2 * self._step_bytes - self.budget.nbytes
         for victim in dirty:
             if excess <= 0:
                 break
@@ -229,7 +289,7 @@ class TieredStore:
 
     def _folder_path(self) -> Path:
         if self._folder is None:
-            self._folder = Path(tempfile.mkdtemp(prefix="fisedit-cache-"))
+            self._folder = spill_folder(self._parent)
             # removed with the store, or at the latest when the interpreter exits (a store alive until then is
             # never garbage collected, and its step files would stay on disk)
             weakref.finalize(self, shutil.rmtree, str(self._folder), True)
@@ -247,7 +307,15 @@ class TieredStore:
     def _start_write(self, key: StepKey) -> None:
         # a new file per write: a name from the key's position would be shared once keys before it are evicted,
         # and a rewrite must not replace a file that a read or a mapped record may still use
-        path = self._folder_path() / f"step-{self._files_made:06d}.safetensors"
+        folder = self._folder_path()
+        nbytes = self._resident[key].nbytes
+        free = shutil.disk_usage(folder).free - sum(self._resident[k].nbytes for k in self._writing)
+        if nbytes > free:
+            raise CacheIOError(
+                f"the disk tier has no room for the recorded {key.describe()} ({_gib(nbytes)}): {folder} has "
+                f"{_gib(max(free, 0))} free. Free space there, point Policy(cache_dir=...) at a larger disk, or give "
+                "the cache more memory (Policy(cache_budget=...)) or smaller records (cache_dtype='float16')")
+        path = folder / f"step-{self._files_made:06d}.safetensors"
         self._files_made += 1
         self._writing[key] = self._pool.submit(self._spill, key, self._resident[key], path)
 
@@ -267,40 +335,53 @@ class TieredStore:
         return sorted(resident, key=lambda k: (at[k] - here) % steps, reverse=True)
 
     def _make_room(self, reserve: int, wait: bool, keep: StepKey | None, position: StepKey | None) -> bool:
-        """Let records other than `keep` (the step in use) go, those needed last first for a run at `position`
-        (`_by_next_use`), until the held bytes and `reserve` more fit the budget: a record equal to its file goes
-        at once, others are written first (in the background). With `wait`, wait for those writes; without, only
-        start them. Whether the room is there. The memory of records let go is returned to the system
-        (`cache.return_free_heap`)."""
+        """Let records go until what the stores sharing the budget hold and `reserve` more fit it: this store's
+        other than `keep` (the step in use) first, those needed last first for a run at `position`
+        (`_by_next_use`), then the other stores' (`_victims`). A record equal to its file goes at once, others are
+        written first (in the background). With `wait`, wait for those writes; without, only start them. Whether
+        the room is there. The memory of records let go is returned to the system (`cache.return_free_heap`)."""
         dropped = False
         try:
             while True:
-                self._collect_writes()
-                excess = self.resident_nbytes + reserve - self.budget_bytes
+                for store in list(self.budget.stores):
+                    store._collect_writes()
+                excess = self.budget.held() + reserve - self.budget.nbytes
                 if excess <= 0:
                     return True
                 pending = []
-                for victim in [k for k in self._by_next_use(position) if k != keep]:
+                for store, victim in self._victims(keep, position):
                     if excess <= 0:
                         break
-                    nbytes = self._resident[victim].nbytes
-                    if self._current(victim):
-                        del self._resident[victim]
-                        self._clean.discard(victim)
+                    nbytes = store._resident[victim].nbytes
+                    if store._current(victim):
+                        del store._resident[victim]
+                        store._clean.discard(victim)
                         dropped = True
                     else:
-                        if self._needs_write(victim):
-                            self._start_write(victim)
-                        pending.append(victim)
+                        if store._needs_write(victim):
+                            store._start_write(victim)
+                        pending.append((store, victim))
                     excess -= nbytes
-                if self.resident_nbytes + reserve <= self.budget_bytes:
+                if self.budget.held() + reserve <= self.budget.nbytes:
                     return True
                 if not (wait and pending):
                     return False
-                self._collect_writes(wait_for=pending[:1])  # then let it go in the next round
+                store, victim = pending[0]
+                store._collect_writes(wait_for=[victim])  # then let it go in the next round
         finally:
             if dropped:
                 return_free_heap()
+
+    def _victims(self, keep: StepKey | None, position: StepKey | None) -> list[tuple[TieredStore, StepKey]]:
+        """The records that may go to make room, in order: this store's but `keep`, then each other store's but the
+        one a call of it is using (made or read, not settled yet), those needed last first for a run at the step
+        it used last."""
+        victims = [(self, k) for k in self._by_next_use(position) if k != keep]
+        for store in list(self.budget.stores):
+            if store is not self and store._resident:
+                last = next(reversed(store._resident))
+                victims += [(store, k) for k in store._by_next_use(last) if k != store._in_use]
+        return victims
 
     def _collect_writes(self, wait_for: list[StepKey] = ()) -> None:
         """Take note of the finished writes (waiting for those of `wait_for`): their records are now equal to their
@@ -350,12 +431,64 @@ class TieredStore:
             entry[0].unlink(missing_ok=True)
 
 
-def make_store(policy: Policy) -> MemoryStore | TieredStore:
-    """The store `policy.cache_budget` asks for: a `TieredStore` whose budget is that many bytes, or that fraction
-    of the memory available now; "unbounded": a `MemoryStore`."""
+SPILL_PREFIX = "fisedit-cache-"
+_OWNER = "owner.json"
+
+
+def _gib(nbytes: int) -> str:
+    """A byte count for an error message."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat's field 22): a pid reused by a later
+    process has another; None if no such process runs (or this is not Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def spill_folder(parent: str | Path | None = None) -> Path:
+    """A new spill folder in `parent` (default: the system's temporary folder), named `fisedit-cache-<pid>-...`,
+    with an owner file naming this process; the folders there that belonged to processes that are gone (killed,
+    crashed: nothing removed them) are removed first (`reclaim_spill_folders`)."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    reclaim_spill_folders(parent)
+    folder = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=parent))
+    (folder / _OWNER).write_text(json.dumps({"pid": os.getpid(), "started": _process_start(os.getpid())}))
+    return folder
+
+
+def reclaim_spill_folders(parent: str | Path) -> list[Path]:
+    """Remove the spill folders in `parent` whose owner process is gone: its pid runs no process, or one that
+    started at another time (a reused pid). A live process's folders, folders without an owner file (of another
+    version, or being made) and anything not named like a spill folder are left alone. The folders removed."""
+    removed = []
+    for folder in Path(parent).glob(f"{SPILL_PREFIX}*"):
+        try:
+            owner = json.loads((folder / _OWNER).read_text())
+            pid, started = int(owner["pid"]), owner["started"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if started is None or _process_start(pid) == started:
+            continue  # alive (or unknown: not Linux)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def make_budget(policy: Policy) -> MemoryBudget | None:
+    """The memory budget `policy.cache_budget` asks for: that many bytes, or that fraction of the memory available
+    now; None for "unbounded"."""
     budget = policy.cache_budget
     if budget == "unbounded":
-        return MemoryStore()
+        return None
     if isinstance(budget, float):
         # memory freed before (kept for reuse where `Policy.retain_freed_memory` is on) is available too
         return_free_heap()
@@ -366,4 +499,13 @@ def make_store(policy: Policy) -> MemoryStore | TieredStore:
                 "Policy(cache_budget=<bytes>) or Policy(cache_budget='unbounded')"
             )
         budget = int(budget * available)
-    return TieredStore(budget, policy.cache_dir)
+    return MemoryBudget(budget)
+
+
+def make_store(policy: Policy, budget: MemoryBudget | None = None) -> MemoryStore | TieredStore:
+    """The store `policy.cache_budget` asks for: a `TieredStore` whose budget is `budget` (shared with the other
+    stores given it) or, without one, that many bytes or that fraction of the memory available now; "unbounded":
+    a `MemoryStore`. Its spill folder is made in `policy.cache_dir` (default: the temporary folder)."""
+    if policy.cache_budget == "unbounded":
+        return MemoryStore()
+    return TieredStore(budget if budget is not None else make_budget(policy), parent=policy.cache_dir)

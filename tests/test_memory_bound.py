@@ -1,0 +1,147 @@
+"""One memory budget for everything an edit session records (its cache, an edit run's pending records, the decoder's
+record), spill folders owned by their session, and clear errors where the budget or the disk cannot hold a step."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from fisedit_compiler.models import random_pipeline
+from fisedit_compiler.runtime.tiered_store import (
+    SPILL_PREFIX, CacheBudgetError, CacheIOError, TieredStore, reclaim_spill_folders, spill_folder,
+)
+
+LATENT, STEPS = 16, 10
+
+
+def _session(**policy) -> fisedit.EditSession:
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    return fisedit.EditSession(pipe, fisedit.Policy(block_size=2, **policy), num_inference_steps=STEPS)
+
+
+def _box(top: int, left: int, size: int) -> torch.Tensor:
+    mask = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    mask[top: top + size, left: left + size] = True
+    return mask
+
+
+def _edits(s: fisedit.EditSession) -> list[torch.Tensor]:
+    """generate, a user-mask edit, a detected edit, a try (keep=False), a continuous detected edit: the latents."""
+    out = [s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0)).latents]
+    out.append(s.edit("a red cabin in the woods", mask=_box(3, 4, 5)).latents)
+    out.append(s.edit("a red cabin in the woods with a river").latents)
+    out.append(s.edit("a red cabin in the snowy woods", keep=False).latents)
+    out.append(s.edit("a red cabin in the woods with a river at night").latents)
+    return out
+
+
+@functools.cache
+def _unbounded() -> tuple[list[torch.Tensor], int]:
+    """The sequence with everything in memory, and the bytes of its largest recorded step."""
+    with torch.no_grad():
+        s = _session(cache_budget="unbounded")
+        latents = _edits(s)
+        step = max(sum(kinds.values()) for name, kinds in s.cache.breakdown().items() if name != "total")
+    return latents, step
+
+
+def _spill_folders(parent) -> list:
+    return sorted(p for p in parent.iterdir() if p.name.startswith(SPILL_PREFIX))
+
+
+@torch.no_grad()
+def test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory(tmp_path):
+    """A budget of three steps for the cache, the edit runs' pending records (their dense steps, under control)
+    and the decoder's record together: the most they held at once stays within it, steps go to disk and come back,
+    and every result is the in-memory session's, bit for bit. Each edit's pending folder is gone when it returns;
+    closing the session removes the rest."""
+    want, step = _unbounded()
+    budget = 3 * step
+    s = _session(cache_budget=budget, cache_dir=str(tmp_path))
+    got = _edits(s)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert s.memory_budget.nbytes == budget and 0 < s.memory_budget.peak <= budget
+    store = s.cache.store
+    assert isinstance(store, TieredStore) and store.spilled > 0 and store.loaded > 0
+    assert len(s.memory_budget.stores) == 2  # the cache's and the decoder's: every pending store let go
+    assert 1 <= len(_spill_folders(tmp_path)) <= 2
+    s.close()
+    assert not _spill_folders(tmp_path)
+    with pytest.raises(RuntimeError, match="needs a source image"):
+        s.edit("a cabin")
+
+
+@torch.no_grad()
+def test_a_step_larger_than_the_budget_is_refused_with_the_sizes_and_the_setting(tmp_path):
+    _, step = _unbounded()
+    s = _session(cache_budget=step // 2, cache_dir=str(tmp_path))
+    with pytest.raises(CacheBudgetError, match=r"takes .* more than the whole cache budget .*cache_budget"):
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="needs a source image"):  # no half-recorded source is edited
+        s.edit("a red cabin in the woods")
+
+
+@torch.no_grad()
+def test_a_disk_too_small_for_a_step_is_an_error_that_names_the_folder_and_the_setting(tmp_path, monkeypatch):
+    import shutil
+
+    _, step = _unbounded()
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=step // 3))
+    s = _session(cache_budget=2 * step, cache_dir=str(tmp_path))
+    with pytest.raises(CacheIOError, match=rf"no room for the recorded .*{tmp_path}.*cache_dir"):
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+
+
+def test_spill_folders_of_processes_that_are_gone_are_reclaimed_and_no_other(tmp_path):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = int(child.stdout)
+    mine = spill_folder(tmp_path)  # this process's, alive
+    (mine / "step-000000.safetensors").write_bytes(b"x")
+    dead = tmp_path / f"{SPILL_PREFIX}{gone}-abc"
+    reused = tmp_path / f"{SPILL_PREFIX}{os.getpid()}-def"  # this pid, but another process's start time
+    unknown = tmp_path / f"{SPILL_PREFIX}older-version"
+    saved = tmp_path / "my-saved-session"
+    for folder, owner in ((dead, {"pid": gone, "started": "1"}), (reused, {"pid": os.getpid(), "started": "1"}),
+                          (unknown, None), (saved, {"pid": gone, "started": "1"})):
+        folder.mkdir()
+        (folder / "step-000000.safetensors").write_bytes(b"x")
+        if owner is not None:
+            (folder / "owner.json").write_text(json.dumps(owner))
+    assert sorted(reclaim_spill_folders(tmp_path)) == sorted([dead, reused])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, unknown.name, saved.name])
+    spill_folder(tmp_path)  # a new store's folder: reclaims first (nothing more to reclaim here)
+    assert mine.is_dir() and unknown.is_dir() and saved.is_dir()
+
+
+def test_a_store_removes_its_spill_folder_when_closed_or_collected(tmp_path):
+    import gc
+
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime.cache import StepKey, StepRecord
+
+    def spilled_store() -> TieredStore:
+        store = TieredStore(64, parent=tmp_path)
+        for t in (900, 700, 500):
+            record = StepRecord()
+            record[CacheRef("conv", "output")] = torch.zeros(4, 4)
+            store.put(StepKey((float(t),), 2), record)
+            store.settle(StepKey((float(t),), 2))
+        store.flush()
+        return store
+
+    store = spilled_store()
+    assert len(_spill_folders(tmp_path)) == 1
+    store.close()
+    assert not _spill_folders(tmp_path)
+    spilled_store()  # dropped at once
+    gc.collect()
+    assert not _spill_folders(tmp_path)
