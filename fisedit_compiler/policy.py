@@ -93,11 +93,15 @@ class Policy:
             and after each pass: DOT, SVG where Graphviz is installed, JSON, an HTML index; see docs/dumps.md).
             None: no dumps, unless the environment variable FISEDIT_DUMP_DIR names a folder.
         dump_svg: whether dumps render SVG with Graphviz (where installed; FISEDIT_DUMP_SVG=0 also turns it off).
-        cache_budget: how much of the record cache stays in memory; the rest of the recorded steps live in
-            `cache_dir` (`runtime.tiered_store`; written in the background, read ahead during replays). A float in
-            (0, 1]: that fraction of the memory available when the cache is made (default 0.5); an int: bytes;
-            "unbounded": everything in memory.
-        cache_dir: the folder of the disk tier (None: a temporary folder, removed with the cache).
+        cache_budget: how many bytes of recorded steps stay in memory; the rest live on disk, in a spill folder
+            in `cache_dir` (`runtime.tiered_store`; written in the background, read ahead during replays). A float
+            in (0, 1]: that fraction of the memory available when the session (or compiled model) is made (default
+            0.5); an int: bytes; "unbounded": everything in memory. An `EditSession` shares one budget among its
+            cache, its edit runs' pending records and its decoder's record. A step larger than the whole budget
+            is an error (`CacheBudgetError`), as is a disk without room for a step (`CacheIOError`).
+        cache_dir: where spill folders are made (None: the system's temporary folder). A spill folder belongs to
+            its store and is removed with it; folders left by processes that died are removed by the next store
+            made in the same place.
         program_backend: a `torch.compile` backend that record, control and sparse calls run their programs with
             (`runtime.program`), e.g. "inductor": each program is compiled once (a sparse one per mask structure)
             and traced as one graph. None (the default): programs run eagerly, the reference.

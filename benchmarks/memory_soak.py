@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""A long edit session under the default memory settings: does the process stay within its memory bound?
+
+    python benchmarks/memory_soak.py                                  # SD 1.5 at 512x512 (64x64 latents), 50 steps
+    python benchmarks/memory_soak.py --arch sd2 --latent-size 96      # SD 2 at 768x768
+    python benchmarks/memory_soak.py --arch sd15 --latent-size 16 --size tiny --steps 8 --edits 2 --out /tmp/s
+
+An `EditSession` over a pipeline with seeded random weights (`random_pipeline`), default `Policy()` (the cache's
+budget: `cache_budget` = 0.5 of the memory available when the session is made, shared by the cache, an edit's
+pending records and the decoder's record), CFG 7.5: `generate`, an edit with a 15% ellipse mask, a detected edit,
+then `--edits` more edits with masks of 5-30%, each after a `keep=False` try; then `close()`. Per phase: seconds,
+the process's peak and final resident memory (VmHWM, reset per phase; VmRSS), the most bytes of records the budget
+held, bytes on disk in the spill folders. Resident memory is sampled every 0.5 s over the whole run (a CSV and an
+SVG plot beside the results). The bound checked: the process's peak stays under its resident memory when the
+session was made + the cache budget + the largest growth of one call beyond its record (a call's transients,
+measured on the first dense call), and the edits' peaks do not grow from one to the next. Results go to
+``<out>/memory-soak_<arch>-<latent>-<steps>.{json,md,csv,svg}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import fisedit_compiler as fisedit  # noqa: E402
+from cache_tiers import phase_peak  # noqa: E402
+from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
+from fisedit_compiler.models import random_pipeline  # noqa: E402
+from fisedit_compiler.runtime.tiered_store import SPILL_PREFIX, available_memory  # noqa: E402
+from results_io import machine, write_results  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPT = "a cabin in the woods"
+EDITS = ["a red cabin in the woods", "a cabin in the woods with a river", "a cabin in the snowy woods",
+         "a small cabin in the woods", "a cabin in the woods at night", "a wooden cabin in the woods",
+         "a cabin in the woods with a lake", "a cabin in the autumn woods", "a stone cabin in the woods",
+         "a cabin in the woods with a fence"]
+
+
+def resident() -> int:
+    """The process's resident bytes now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+
+class Sampler(threading.Thread):
+    """Resident memory every `interval` seconds, with the phase it was sampled in."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.samples, self.phase = interval, [], "setup"
+        self._stop_event, self._start = threading.Event(), time.perf_counter()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.samples.append((time.perf_counter() - self._start, resident(), self.phase))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for d in folder.glob(f"{SPILL_PREFIX}*") for f in d.rglob("*") if f.is_file())
+
+
+def svg_plot(samples: list[tuple[float, int, str]], bound: int, title: str) -> str:
+    """Resident GiB over seconds as an SVG polyline, with the bound as a dashed line."""
+    width, height, pad = 800, 300, 40
+    t_max = max(t for t, _, _ in samples) or 1.0
+    y_max = max(max(r for _, r, _ in samples), bound) * 1.05
+    x = lambda t: pad + (width - 2 * pad) * t / t_max  # noqa: E731
+    y = lambda r: height - pad - (height - 2 * pad) * r / y_max  # noqa: E731
+    points = " ".join(f"{x(t):.1f},{y(r):.1f}" for t, r, _ in samples)
+    lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
+             f'<text x="{pad}" y="16">{title}</text>',
+             f'<polyline fill="none" stroke="steelblue" points="{points}"/>',
+             f'<line x1="{pad}" x2="{width - pad}" y1="{y(bound):.1f}" y2="{y(bound):.1f}" stroke="red" '
+             'stroke-dasharray="4"/>',
+             f'<text x="{width - pad - 120}" y="{y(bound) - 4:.1f}" fill="red">bound {bound / 2**30:.1f} GiB</text>',
+             f'<text x="{pad}" y="{height - 8}">0 s</text>',
+             f'<text x="{width - pad - 40}" y="{height - 8}">{t_max:.0f} s</text>',
+             f'<text x="2" y="{y(0):.1f}">0</text>',
+             f'<text x="2" y="{y(y_max / 1.05):.1f}">{y_max / 1.05 / 2**30:.1f} GiB</text>', "</svg>"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sd15")
+    parser.add_argument("--latent-size", type=int, default=64)
+    parser.add_argument("--size", default="full")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--cache-dir", help="parent folder of the spill folders (default: the temporary folder)")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    parent = Path(args.cache_dir or tempfile.mkdtemp(prefix="memory-soak-"))
+    sampler = Sampler()
+    sampler.start()
+    torch.manual_seed(0)
+    pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size=args.size)
+    pipe.set_progress_bar_config(disable=True)
+    phase_peak()
+    available = available_memory()
+    start_rss = resident()
+    session = fisedit.EditSession(pipe, fisedit.Policy(cache_dir=str(parent)), num_inference_steps=args.steps)
+    budget = session.memory_budget
+    phases: list[dict] = []
+
+    def phase(name: str, action) -> None:
+        sampler.phase = name
+        budget.peak = budget.held()
+        start = time.perf_counter()
+        with torch.no_grad():
+            result = action()
+        row = {"phase": name, "seconds": time.perf_counter() - start, "peak_rss": phase_peak(),
+               "rss_after": resident(), "records_peak": budget.peak, "records_after": budget.held(),
+               "disk_bytes": disk_bytes(parent)}
+        if result is not None and getattr(result, "mask", None) is not None:
+            row["mask_fraction"] = float(result.mask.float().mean())
+        phases.append(row)
+        print(f"{name}: {row['seconds']:.0f} s, peak {row['peak_rss'] / 2**30:.2f} GiB, after "
+              f"{row['rss_after'] / 2**30:.2f} GiB, records {row['records_after'] / 2**30:.2f} GiB, disk "
+              f"{row['disk_bytes'] / 2**30:.2f} GiB", flush=True)
+
+    latent = args.latent_size
+    phase("generate", lambda: session.generate(PROMPT, generator=torch.Generator().manual_seed(0)))
+    phase("edit (15% mask)", lambda: session.edit(EDITS[0], mask=ellipse_mask(latent, 0.15)))
+    phase("edit (detected)", lambda: session.edit(EDITS[1]))
+    fractions = [0.05 + 0.25 * i / max(1, args.edits - 1) for i in range(args.edits)]
+    for i, fraction in enumerate(fractions):
+        prompt = EDITS[(i + 2) % len(EDITS)]
+        mask = ellipse_mask(latent, fraction, center=(0.3 + 0.4 * (i % 3) / 2, 0.35 + 0.3 * (i % 2)))
+        phase(f"try {i + 1} (keep=False, {fraction:.0%})", lambda: session.edit(prompt, mask=mask, keep=False))
+        phase(f"edit {i + 1} ({fraction:.0%})", lambda: session.edit(prompt, mask=mask))
+    phase("close", session.close)
+    sampler.stop()
+    left = disk_bytes(parent)
+
+    # the bound: resident when the session was made + the cache budget + a call's transients (the first dense
+    # call's peak growth beyond the records it left, measured in the generate phase's first samples)
+    generate = phases[0]
+    transients = max(0, generate["peak_rss"] - start_rss - generate["records_peak"])
+    bound = start_rss + budget.nbytes + transients
+    peak = max(p["peak_rss"] for p in phases)
+    edit_peaks = [p["peak_rss"] for p in phases if p["phase"].startswith("edit ")]
+    data = {"machine": machine(), "arch": args.arch, "latent_size": latent, "size": args.size, "steps": args.steps,
+            "available_at_start": available, "rss_at_session_start": start_rss, "budget_bytes": budget.nbytes,
+            "transients_bytes": transients, "bound_bytes": bound, "peak_rss": peak, "within_bound": peak <= bound,
+            "edit_peak_growth": (edit_peaks[-1] - edit_peaks[0]) if len(edit_peaks) > 1 else 0,
+            "disk_bytes_after_close": left, "phases": phases}
+    name = f"memory-soak_{args.arch}-{latent}-{args.steps}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.csv").write_text("seconds,rss_bytes,phase\n" + "".join(
+        f"{t:.2f},{r},{p}\n" for t, r, p in sampler.samples))
+    if sampler.samples:
+        (out / f"{name}.svg").write_text(svg_plot(sampler.samples, bound, f"{name}: resident memory"))
+    write_results(args.out, name, data, markdown(data))
+    return data
+
+
+def markdown(d: dict) -> str:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    lines = [f"# Memory soak: {d['arch']} at {d['latent_size']}x{d['latent_size']} latents ({d['size']}), "
+             f"{d['steps']} steps, default Policy", "",
+             f"Machine: {d['machine']['cpu']}, git {d['machine']['git']}, {d['machine']['date']}", "",
+             f"Available when the session was made: {gib(d['available_at_start'])}; resident then "
+             f"{gib(d['rss_at_session_start'])}; cache budget {gib(d['budget_bytes'])}; a call's transients "
+             f"{gib(d['transients_bytes'])}; bound {gib(d['bound_bytes'])}. Peak {gib(d['peak_rss'])}: "
+             f"{'within' if d['within_bound'] else 'OVER'} the bound. Edit peaks grew by "
+             f"{gib(d['edit_peak_growth'])} from the first edit to the last; spill files left after close: "
+             f"{gib(d['disk_bytes_after_close'])}.", "",
+             "| phase | seconds | peak RSS | RSS after | records held (peak) | on disk |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for p in d["phases"]:
+        lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {gib(p['peak_rss'])} | {gib(p['rss_after'])} | "
+                     f"{gib(p['records_peak'])} | {gib(p['disk_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
