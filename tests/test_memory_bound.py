@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -57,18 +58,31 @@ def _spill_folders(parent) -> list:
 
 
 @torch.no_grad()
-def test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory(tmp_path):
+def test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory(tmp_path, monkeypatch):
     """A budget of three steps for the cache, the edit runs' pending records (their dense steps, under control)
-    and the decoder's record together: the most they held at once stays within it, steps go to disk and come back,
-    and every result is the in-memory session's, bit for bit. Each edit's pending folder is gone when it returns;
-    closing the session removes the rest."""
+    and the decoder's record together: the most that every store held at once, whenever a record was filled,
+    stays within it, steps go to disk and come back, and every result is the in-memory session's, bit for bit.
+    Each edit's pending folder is gone when it returns; closing the session removes the rest."""
     want, step = _unbounded()
     budget = 3 * step
+    stores, held = weakref.WeakSet(), []
+    init, settle = TieredStore.__init__, TieredStore.settle
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        stores.add(self)
+
+    def checked_settle(self, key):  # the record just filled is complete: what every store holds now
+        held.append(sum(store.resident_nbytes for store in stores))
+        settle(self, key)
+
+    monkeypatch.setattr(TieredStore, "__init__", tracked_init)
+    monkeypatch.setattr(TieredStore, "settle", checked_settle)
     s = _session(cache_budget=budget, cache_dir=str(tmp_path))
     got = _edits(s)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    assert s.memory_budget.nbytes == budget and 0 < s.memory_budget.peak <= budget
+    assert s.memory_budget.nbytes == budget and 0 < max(held) <= budget and s.memory_budget.peak <= budget
     store = s.cache.store
     assert isinstance(store, TieredStore) and store.spilled > 0 and store.loaded > 0
     assert len(s.memory_budget.stores) == 2  # the cache's and the decoder's: every pending store let go
