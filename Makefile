@@ -8,7 +8,7 @@ OUT ?= out/demo
 # Test processes (pytest-xdist), one torch thread each: "auto" is one per CPU core.
 TEST_WORKERS ?= auto
 
-.PHONY: demo test install clean
+.PHONY: demo test mutation-check install clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+
+# Break the code on purpose, one way at a time, and check that the tests guarding it fail (tools/mutation_check.py).
+mutation-check: install
+	$(PY) tools/mutation_check.py --no-baseline
 
 clean:
 	rm -rf $(VENV) out

@@ -345,3 +345,19 @@ def test_inpainting_sessions_refuse_what_an_inpainting_model_cannot_do():
     plain.unet = inpainting_pipeline().unet
     with pytest.raises(ValueError, match="9 input channels.*StableDiffusionInpaintPipeline"):
         fisedit.EditSession(plain, num_inference_steps=STEPS)
+
+
+@pytest.mark.parametrize("size", [(48, 32), (32, 48)])
+def test_a_mask_drawn_on_the_original_picture_is_cropped_as_the_picture_is(size):
+    """A mask the size of the picture given to `load_image` lands on the same pixels as what it was drawn over,
+    for a session wider or taller than square."""
+    from fisedit_compiler.editing.inversion import crop_mask_like_image
+
+    width, height = size
+    picture = np.zeros((300, 451), dtype=np.uint8)
+    picture[120:170, 180:260] = 255
+    cropped = image_tensor(Image.fromarray(picture).convert("RGB"), height, width)[0, 0] > 0
+    mask = crop_mask_like_image(Image.fromarray(picture), (451, 300), height, width)
+    assert mask.size == (width, height)
+    marked = torch.from_numpy(np.asarray(mask) > 127)
+    assert marked.any() and (marked & cropped).sum() >= 0.9 * (marked | cropped).sum()

@@ -5,16 +5,19 @@ is an error, so that the list stays true to the code) in a copy of the repositor
 it there. A mutation is *killed* when those tests fail, and *survives* when they pass: a survivor is a gap in the
 suite. The working tree is never modified.
 
-    .venv/bin/python tools/mutation_check.py            # every mutation (about 3 minutes on 2 CPU cores)
+    .venv/bin/python tools/mutation_check.py            # every mutation, two at a time
     .venv/bin/python tools/mutation_check.py halo-1     # some, by name
     .venv/bin/python tools/mutation_check.py --list
 
-Not part of CI: it runs the relevant tests once per mutation. Exit status 1 if a mutation survives.
+CI runs it after the test suite (`make mutation-check`, with `--no-baseline`: the suite has just passed), so that a
+test that stops biting fails the build. Exit status 1 if a mutation survives. Each issue that builds a part adds
+mutations for it: one-line bugs a developer could plausibly write, each with the tests that must catch it.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
 import shutil
@@ -101,6 +104,88 @@ MUTATIONS = [
         "RecordMode(maps_only=max(0, maps_only - k))",
         ("tests/test_editing.py::test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps",),
     ),
+    # round 2 (issue 38): the parts built since the first ten
+    Mutation(
+        "prefetch-current-step", "a replay asks the store to read ahead the step being read, not the next one",
+        "fisedit_compiler/runtime/cache.py",
+        "            self.store.prefetch(steps[following])", "            self.store.prefetch(steps[following - 1])",
+        ("tests/test_tiered_cache.py::"
+         "test_a_replay_through_the_record_cache_reads_each_spilled_step_ahead_in_the_background",),
+    ),
+    Mutation(
+        "saved-occurrence-lost", "a saved session's step keys lose which call at their timestep they were",
+        "fisedit_compiler/editing/persistence.py",
+        '"batch": key.batch, "occurrence": key.occurrence})', '"batch": key.batch, "occurrence": 0})',
+        ("tests/test_persistence.py::test_a_scheduler_that_calls_twice_at_a_timestep_saves_and_loads_every_call",),
+    ),
+    Mutation(
+        "inversion-clean-latents", "every inversion U-Net call is given the clean latents instead of the current",
+        "fisedit_compiler/editing/inversion.py",
+        "            sample = z if condition is None", "            sample = clean if condition is None",
+        ("tests/test_real_images.py::test_inversion_walks_the_trajectory_of_diffusers_ddim_inverse_scheduler",),
+    ),
+    Mutation(
+        "v-prediction-wrong-level", "inversion turns v into noise at the target noise level, not the latents'",
+        "fisedit_compiler/editing/inversion.py",
+        "            eps = a_prev.sqrt() * output + (1 - a_prev).sqrt() * z",
+        "            eps = a_next.sqrt() * output + (1 - a_next).sqrt() * z",
+        ("tests/test_real_images.py::test_inversion_walks_the_trajectory_of_diffusers_ddim_inverse_scheduler",),
+    ),
+    Mutation(
+        "detected-mask-undilated", "a session detects its mask without the policy's mask_dilation",
+        "fisedit_compiler/editing/session.py",
+        'state["mask"] = detect_mask(diff, self.policy.mask_dilation)[0, 0]', 'state["mask"] = detect_mask(diff)[0, 0]',
+        ("tests/test_editing.py::test_a_session_dilates_its_detected_mask_by_the_policy_s_mask_dilation",),
+    ),
+    Mutation(
+        "dilation-from-two", "detect_mask dilates only from two pixels up (the default of one is skipped)",
+        "fisedit_compiler/editing/mask_detection.py",
+        "    if dilation:\n", "    if dilation > 1:\n",
+        ("tests/test_editing.py::test_a_detected_mask_is_dilated_by_the_given_pixels_and_clipped_at_the_border",),
+    ),
+    Mutation(
+        "mask-image-nearest", "a mask drawn at image resolution is downsampled by its centre pixels, not majority",
+        "fisedit_compiler/inputs.py",
+        "image.resize((w, h), Image.BOX)", "image.resize((w, h), Image.NEAREST)",
+        ("tests/test_masks.py::test_a_mask_drawn_at_image_resolution_marks_the_latent_pixels_mostly_painted",),
+    ),
+    Mutation(
+        "decode-change-all-channels", "a decode counts a pixel changed only when all its channels changed",
+        "fisedit_compiler/editing/decoding.py",
+        ".any(dim=1).any(dim=0)", ".all(dim=1).any(dim=0)",
+        ("tests/test_sparse_decode.py::test_a_latent_pixel_counts_as_changed_when_any_of_its_channels_changed",),
+    ),
+    Mutation(
+        "spill-least-recently-used", "the store lets go of the step needed soonest (LRU) instead of the one needed last",
+        "fisedit_compiler/runtime/tiered_store.py",
+        "(at[k] - here) % steps, reverse=True)", "(at[k] - here) % steps, reverse=False)",
+        ("tests/test_tiered_cache.py::test_replays_read_from_disk_only_the_steps_the_budget_cannot_hold",),
+    ),
+    Mutation(
+        "unaligned-view", "a mapped tensor at a byte offset its dtype cannot start at is viewed, not copied",
+        "fisedit_compiler/runtime/safetensors_io.py",
+        "        if (base + begin) % dtype.itemsize:", "        if False:",
+        ("tests/test_tiered_cache.py::test_a_safetensors_file_whose_tensors_are_not_aligned_is_read_correctly",),
+    ),
+    Mutation(
+        "fingerprint-without-weights", "a saved session's U-Net fingerprint hashes names and shapes, not the weights",
+        "fisedit_compiler/editing/persistence.py",
+        "        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())\n", "",
+        ("tests/test_persistence.py::test_mismatches_and_damage_are_refused_by_name",),
+    ),
+    Mutation(
+        "coverage-one-more", "an exact-coverage mask takes one pixel more than asked",
+        "fisedit_compiler/editing/masks.py",
+        "values[k - 1]", "values[min(k, distance.numel() - 1)]",
+        ("tests/test_masks.py::test_coverage_mask_keeps_the_nearest_pixels_ties_included",),
+    ),
+    Mutation(
+        "mask-crop-transposed", "a mask drawn on the original picture is cropped with height and width swapped",
+        "fisedit_compiler/editing/inversion.py",
+        "    box = centre_crop_box(*original_size, width, height)",
+        "    box = centre_crop_box(*original_size, height, width)",
+        ("tests/test_real_images.py::test_a_mask_drawn_on_the_original_picture_is_cropped_as_the_picture_is",),
+    ),
     Mutation(
         "partial-control-overwrites-maps", "an edit with fewer dense steps than control reads replaces the maps",
         "fisedit_compiler/editing/session.py",
@@ -130,7 +215,7 @@ def apply(mutation: Mutation, root: Path) -> None:
 def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     """Run `tests` in `root` with this interpreter (the copy's package shadows the installed one: `-m` puts the
     working directory first on sys.path). Returns pytest's exit code (0 passed, 1 tests failed) and its last line."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -144,10 +229,25 @@ def check_copy_is_imported(root: Path) -> None:
         raise SystemExit(f"the copy's package is not the one imported ({where}): mutations would not be seen")
 
 
+def try_mutation(mutation: Mutation) -> tuple[int, str, float]:
+    """Apply `mutation` to a fresh copy of the repository and run its tests there: pytest's exit code, its last
+    line, the seconds taken."""
+    with tempfile.TemporaryDirectory(prefix="fisedit-mutation-") as tmp:
+        root = Path(tmp)
+        copy_repository(root)
+        apply(mutation, root)
+        start = time.perf_counter()
+        code, last_line = run_tests(root, mutation.tests)
+    return code, last_line, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="mutations tested at once (default 2)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip running the tests unmutated first (CI: the suite has just passed)")
     args = parser.parse_args(argv)
     known = {m.name: m for m in MUTATIONS}
     if args.list:
@@ -163,24 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         copy_repository(root)
         check_copy_is_imported(root)
-        code, last_line = run_tests(root, tuple(dict.fromkeys(t for m in selected for t in m.tests)))
-        if code != 0:
-            raise SystemExit(f"the tests fail without any mutation ({last_line}): fix them first")
-        print(f"unmutated: {last_line}", flush=True)
+        if not args.no_baseline:
+            code, last_line = run_tests(root, tuple(dict.fromkeys(t for m in selected for t in m.tests)))
+            if code != 0:
+                raise SystemExit(f"the tests fail without any mutation ({last_line}): fix them first")
+            print(f"unmutated: {last_line}", flush=True)
 
     survivors = []
-    for mutation in selected:
-        with tempfile.TemporaryDirectory(prefix="fisedit-mutation-") as tmp:
-            root = Path(tmp)
-            copy_repository(root)
-            apply(mutation, root)
-            start = time.perf_counter()
-            code, last_line = run_tests(root, mutation.tests)
-        # only failing tests kill a mutation; an import or collection error (exit code 2+) says nothing
-        verdict = {0: "SURVIVED", 1: "killed"}.get(code, "ERROR")
-        print(f"{verdict:8} {mutation.name:32} {time.perf_counter() - start:6.1f}s  {last_line}", flush=True)
-        if code != 1:
-            survivors.append(mutation.name)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for mutation, (code, last_line, seconds) in zip(selected, pool.map(try_mutation, selected)):
+            # only failing tests kill a mutation; an import or collection error (exit code 2+) says nothing
+            verdict = {0: "SURVIVED", 1: "killed"}.get(code, "ERROR")
+            print(f"{verdict:8} {mutation.name:32} {seconds:6.1f}s  {last_line}", flush=True)
+            if code != 1:
+                survivors.append(mutation.name)
     print(f"\n{len(selected) - len(survivors)} of {len(selected)} mutations killed"
           + (f"; not killed: {', '.join(survivors)}" if survivors else ""))
     return 1 if survivors else 0
