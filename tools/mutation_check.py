@@ -156,7 +156,7 @@ MUTATIONS = [
         ("tests/test_sparse_decode.py::test_a_latent_pixel_counts_as_changed_when_any_of_its_channels_changed",),
     ),
     Mutation(
-        "spill-least-recently-used", "the store lets go of the step needed soonest (LRU) instead of the one needed last",
+        "spill-least-recently-used", "the store lets go of the step needed soonest (LRU), not the one needed last",
         "fisedit_compiler/runtime/tiered_store.py",
         "(at[k] - here) % steps, reverse=True)", "(at[k] - here) % steps, reverse=False)",
         ("tests/test_tiered_cache.py::test_replays_read_from_disk_only_the_steps_the_budget_cannot_hold",),
@@ -185,6 +185,28 @@ MUTATIONS = [
         "    box = centre_crop_box(*original_size, width, height)",
         "    box = centre_crop_box(*original_size, height, width)",
         ("tests/test_real_images.py::test_a_mask_drawn_on_the_original_picture_is_cropped_as_the_picture_is",),
+    ),
+    # the memory bound (issue 39)
+    Mutation(
+        "pending-own-budget", "an edit run's pending records get a budget of their own, not the session's",
+        "fisedit_compiler/editing/session.py",
+        "pending = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))",
+        "pending = RecordCache(self.cache.dtype, make_store(self.policy))",
+        ("tests/test_memory_bound.py::"
+         "test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory",),
+    ),
+    Mutation(
+        "record-grows-without-room", "a record that grows past the room made for it makes no more",
+        "fisedit_compiler/runtime/tiered_store.py",
+        "        if self._filled <= self._room:\n            return\n", "        return\n",
+        ("tests/test_memory_bound.py::"
+         "test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory",),
+    ),
+    Mutation(
+        "reclaim-live-folders", "spill folders are reclaimed whatever their owner process's state",
+        "fisedit_compiler/runtime/tiered_store.py",
+        "        if started is None or _process_start(pid) == started:", "        if started is None:",
+        ("tests/test_memory_bound.py::test_spill_folders_of_processes_that_are_gone_are_reclaimed_and_no_other",),
     ),
     Mutation(
         "partial-control-overwrites-maps", "an edit with fewer dense steps than control reads replaces the maps",
