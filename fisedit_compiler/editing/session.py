@@ -154,8 +154,9 @@ class _Meter:
         seconds = time.perf_counter() - self._start
         key = (self.phase, self._kind)
         if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self._macs[self._kind] = self._counter.get_total_flops() // 2
+            counter, self._counter = self._counter, None
+            counter.__exit__(None, None, None)
+            self._macs[self._kind] = counter.get_total_flops() // 2
             self._counted.setdefault(key, []).append(seconds)
         else:
             self._timed.setdefault(key, []).append(seconds)
@@ -166,6 +167,9 @@ class _Meter:
     def close(self) -> dict[str, PhaseStats]:
         for handle in self._handles:
             handle.remove()
+        if self._counter is not None:  # a counted call raised: its counter must not stay on for the process
+            self._counter.__exit__(None, None, None)
+            self._counter = None
         for key in self._counted.keys() | self._timed.keys():
             timed, counted = self._timed.get(key, []), self._counted.get(key, [])
             mean = sum(timed) / len(timed) if timed else None
