@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # Thresholds: modest, below what the shipped model measured on these samples (benchmarks/results/
 # shapes-quality.md has the figures on more), and far above what a broken model gives (random weights: no object
 # found, detected masks covering everything).
-ONE_OBJECT_N, ONE_OBJECT_MIN = 20, 0.5
+ONE_OBJECT_N, ONE_OBJECT_MIN = 12, 0.5
 EDIT_CASES = [quality.EDIT_CASES[i] for i in (0, 2, 3)]
 MASK_FRACTION_MAX, IOU_MIN = 0.2, 0.2
 
