@@ -443,8 +443,9 @@ class EditSession:
                 else:
                     run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending, hold_layout=hold)
                 images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True, keep=keep)
+            # whether this run recorded maps of every step read (nothing to take when the mask was empty)
+            new_maps = state["region"] is not None and (k >= maps_steps or bool(state["region"].all()))
             if state["region"] is not None and keep:
-                new_maps = k >= maps_steps or bool(state["region"].all())  # this run recorded maps of every step read
                 self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
         finally:
             phases = meter.close()
@@ -453,7 +454,6 @@ class EditSession:
             stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
             return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
                               detected=state["mask"] if mask is None else None)
-        new_maps = k >= maps_steps or bool(state["region"].all())
         stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
         if paste_back is not None:
             images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
