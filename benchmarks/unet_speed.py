@@ -60,7 +60,7 @@ import torch.fx as fx
 
 import fisedit_compiler as fisedit
 from fisedit_compiler import cost_model, tuning
-from fisedit_compiler.compiler import build_variants, copy_graph_module
+from fisedit_compiler.build import build_variants, copy_graph_module
 from fisedit_compiler.ir import LAYOUT, SPARSE, ActivePixels, FullImage
 from fisedit_compiler.editing.masks import coverage_mask, ellipse_mask
 from fisedit_compiler.macs import count_macs, node_macs
@@ -708,7 +708,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
                 prep_times.append(t)
             with compiled.sparse(mask):
                 first_s, out = timed(lambda: call(compiled), device)
-                built_in_first_call = compiled.mode.plan.gather_indices_built
+                built_in_first_call = compiled.current_run.plan.gather_indices_built
                 diffs = [max_abs(out, record_out)]
                 sparse_macs, out = count_program_macs(call, compiled, variants)  # as for the dense calls
                 diffs.append(max_abs(out, record_out))

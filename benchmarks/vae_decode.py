@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             with decoder.sparse(mask):
                 sparse_macs, sparse = count_macs(decoder, edited)
                 sparse_seconds = _seconds(lambda: decoder(edited), args.repeats)
-                region = decoder.mode.plan.active_pixels(tuple(image.shape[-2:]))
+                region = decoder.current_run.plan.active_pixels(tuple(image.shape[-2:]))
             inside = torch.kron(mask, torch.ones(8, 8, dtype=torch.bool))
             rows.append({
                 "mask_percent": percent, "coverage": mask.float().mean().item(),

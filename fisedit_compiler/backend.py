@@ -13,18 +13,15 @@ Outside `record()` and `sparse()` a call runs dynamo's graph as it is (dense). T
 the name "fisedit" through the ``torch_dynamo_backends`` entry point (so ``backend="fisedit"`` works without
 importing this package first) and when this module is imported.
 
-One implementation, two entry points. Inside `record()`/`sparse()`, the first call of each input signature lowers
-dynamo's graph with `capture` (non-strict `torch.export` of the graph, called with the call's real inputs), and
-`build_variants` runs the same pass pipelines as `fisedit.compile`. The model's adapter says which of the call's
-inputs carry pixels; the graph inputs that *are* those tensors get their layouts.
-Each call then goes through `CompiledUNet.forward` itself (modes, mask checks, step keys, record cache, runtime
-context), which runs the variant of the dynamo graph instead of a variant of its own capture. Results are those of
-`fisedit.compile` on the same inputs.
+One implementation, two entry points: a compiled module's `Session` holds an `Executor` (`runtime/executor.py`),
+as `CompiledUNet` does, whose variants are built per dynamo graph and input signature by `build_variants` from
+the graph (lowered with `capture`, non-strict `torch.export`, called with the call's real inputs). Step keys, mask
+checks, the record cache and the runs are the same code as `fisedit.compile`'s; results are the same.
 
-How a graph finds its call: `record()`/`sparse()` wrap the compiled module's `forward` for the duration of the
-block; the wrapper notes the call's arguments in a context variable, and the graph that dynamo runs inside the
-call reads them. The latents (and any other input with pixels) are the graph inputs that *are* the call's tensors,
-so no dynamo naming convention is relied on. A U-Net that dynamo splits at a graph break cannot run record or sparse calls (a piece
+How a graph finds its call: while `record()`/`sparse()` last, forward hooks on the compiled module (public
+`nn.Module` hooks, outside dynamo's frame) note each call's arguments for the graphs dynamo runs inside it. The
+latents (and any other input with pixels) are the graph inputs that *are* the call's tensors, so no dynamo naming
+convention is relied on. A U-Net that dynamo splits at a graph break cannot run record or sparse calls (a piece
 after the break does not see the latents, and would compute dense): `GraphBreakError` names the break.
 See docs/backend.md.
 """
@@ -34,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import weakref
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,11 +41,16 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import ModelAdapter
-from .capture import InputSignature
+from .build import build_variants
+from .compiler import make_adapter, parameter_device
+from .inputs import as_mask
 from .ir import InputLayout
-from .compiler import CompiledUNet, Variants, build_variants
+from .ir.signature import InputSignature
 from .policy import Policy
 from .runtime.cache import RecordCache
+from .runtime.executor import Executor, Variants
+from .runtime.run import RecordMode, Run, SparseMode, require_recorded
+from .runtime.tiered_store import make_store
 
 BACKEND_NAME = "fisedit"
 
@@ -64,14 +66,16 @@ def backend(
     ``torch.compile(unet, backend=fisedit.backend(policy))``. ``backend="fisedit"`` is ``backend()``. `adapter`:
     the model adapter class, if the model's class has no registered one (see `fisedit.compile`)."""
     policy = policy or Policy()
+    calls: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("fisedit_backend_call", default=None)
 
     def fisedit_backend(gm: fx.GraphModule, example_inputs: list) -> FisEditGraph:
         # Nothing is lowered here: dense calls run `gm` as it is, and record/sparse calls lower it per input
         # signature on first use, from the call's real inputs (dynamo may recompile with other shapes).
-        return FisEditGraph(gm, policy)
+        return FisEditGraph(gm, calls)
 
-    fisedit_backend.fisedit_policy = policy  # how `session()` finds the policy of a compiled module
-    fisedit_backend.fisedit_adapter = adapter
+    # what `session()` reads back from the compiled module
+    fisedit_backend.fisedit_policy, fisedit_backend.fisedit_adapter = policy, adapter
+    fisedit_backend.fisedit_calls = calls  # the call (of this thread or task) the graphs run inside
     return fisedit_backend
 
 
@@ -81,9 +85,9 @@ fisedit_backend = backend()  # what backend="fisedit" names (the entry point's t
 class FisEditGraph:
     """What the backend returns for one dynamo graph: called by dynamo with the graph's flat inputs."""
 
-    def __init__(self, gm: fx.GraphModule, policy: Policy):
+    def __init__(self, gm: fx.GraphModule, calls: contextvars.ContextVar[_Call | None]):
         self.graph_module = gm
-        self.policy = policy
+        self.calls = calls
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.input_names = [n.name for n in placeholders]
         # Python numbers that dynamo passes as 0-d tensors and reads with .item() (floats under dynamic=True): their
@@ -95,22 +99,30 @@ class FisEditGraph:
             and isinstance(n.meta.get("example_value"), torch.Tensor)
         }
         self.break_reason = _graph_break(gm)
-        self._variants: dict[InputSignature, Variants] = {}
+        # the inputs with pixels, by name, per input signature (what `build_graph_variants` lowers the graph with)
+        self.layouts: dict[InputSignature, dict[str, InputLayout]] = {}
 
     def __call__(self, *args: Any) -> Any:
-        call = _current_call.get()
+        call = self.calls.get()
         if call is None:  # outside record()/sparse(): dynamo's graph as it is
             return self.graph_module(*args)
         return call.run(self, args)
 
-    def variants(self, inputs: dict[str, Any], layouts: dict[str, InputLayout]) -> Variants:
-        """The graph variants for these inputs (by graph input name, the latents as `sample`; see `_Call.run`),
-        lowered and compiled on first use. `layouts`: the inputs with pixels, by name."""
-        signature = InputSignature.of(inputs)
-        if signature not in self._variants:
-            lowered = _GraphCall(self.graph_module, list(inputs), self.scalar_inputs)
-            self._variants[signature] = build_variants(_GraphAdapter(lowered, layouts), inputs, self.policy)
-        return self._variants[signature]
+    def named_inputs(self, args: tuple, found: dict[int, InputLayout]) -> dict[str, Any]:
+        """The graph's inputs by name, the latents as `sample` (readable dump folder names), given the inputs with
+        pixels (`found`, by position); the first call of a signature notes their layouts."""
+        names = [("sample" if found[i].latents else name) if i in found else name
+                 for i, name in enumerate(self.input_names)]
+        inputs = {name: arg.item() if name in self.scalar_inputs else arg for name, arg in zip(names, args)}
+        self.layouts.setdefault(InputSignature.of(inputs), {
+            names[i]: dataclasses.replace(layout, path=names[i]) for i, layout in found.items()})
+        return inputs
+
+
+def build_graph_variants(inputs: dict[str, Any], graph: FisEditGraph, policy: Policy) -> Variants:
+    """The variants of a dynamo graph for these inputs (see `FisEditGraph.named_inputs`)."""
+    lowered = _GraphCall(graph.graph_module, list(inputs), graph.scalar_inputs)
+    return build_variants(_GraphAdapter(lowered, graph.layouts[InputSignature.of(inputs)]), inputs, policy)
 
 
 class _GraphCall(nn.Module):
@@ -165,64 +177,60 @@ def _graph_break(gm: fx.GraphModule) -> str | None:
 # --- record and sparse calls -------------------------------------------------------------------------------------
 
 
-class _GraphModes(CompiledUNet):
-    """A `CompiledUNet` whose `forward` (modes, checks, step keys, record cache, call contexts) runs as it is, on
-    the variants of the dynamo graph being called rather than on a capture of the U-Net."""
-
-    def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None):
-        super().__init__(module, policy, adapter)
-        self.running: _RunningGraph | None = None
-
-    def variants(self, inputs: dict[str, Any]) -> _RunningGraph:
-        # `forward` asks for the variants of the U-Net's inputs; the graph's variants and inputs are in `running`
-        if self.running is None:
-            raise RuntimeError("a module compiled with the fisedit backend is called through its graphs only")
-        return self.running
-
-
-class _RunningGraph:
-    """What `_GraphModes.variants` gives `CompiledUNet.forward`: running a variant (``.run_record(inputs, ...)``,
-    ...) with the U-Net's inputs runs the graph's variant on the graph's inputs, and keeps the graph's whole output
-    for dynamo (`forward` returns the latents only)."""
-
-    def __init__(self, variants: Variants, inputs: dict[str, Any]):
-        self.variants = variants
-        self.inputs = inputs
-        self.output: Any = None
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.variants, name)  # run_record, run_control, run_sparse
-
-        def run(unet_inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            self.output = method(self.inputs, *args, **kwargs)
-            return self.output
-
-        return run
-
-
 class Session:
-    """The record cache and modes of one module compiled with the fisedit backend; `record()` and `sparse()`
-    yield it. Modes, mask checks, step keys and the cache are `CompiledUNet`'s (one implementation)."""
+    """The record cache, runs and executor of one module compiled with the fisedit backend; `record()` and
+    `sparse()` yield it. Its executor keeps variants per dynamo graph and input signature."""
 
-    def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None = None):
+    def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None,
+                 calls: contextvars.ContextVar[_Call | None]):
         self.policy = policy
-        self.modes = _GraphModes(module, policy, adapter)
-        self.adapter = self.modes.adapter
-
-    @property
-    def cache(self) -> RecordCache:
-        """The recorded source run: `cache.steps`, `cache.nbytes`, `cache.clear()`."""
-        return self.modes.cache
+        self.adapter = make_adapter(module, adapter)
+        self.calls = calls
+        self.executor = Executor(functools.partial(build_graph_variants, policy=policy), policy,
+                                 self.adapter.channels(), device=functools.partial(parameter_device, module))
+        self.cache = RecordCache(policy.storage_dtype, make_store(policy))  # the recorded source run
+        self.run: Run | None = None
 
     def active_pixels(self) -> torch.Tensor:
         """Inside `sparse()`: the (H, W) bool map of the latent pixels that sparse calls recompute."""
-        return self.modes.active_pixels()
+        plan = self.run.plan if self.run is not None else None
+        if plan is None:
+            raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
+        return plan.active_pixels(plan.latent_res)
 
     def pixel_inputs(self, args: tuple, kwargs: dict) -> dict[int, InputLayout]:
         """The tensors of a call with these arguments that carry pixels (the latents among them), by `id`."""
         inputs, _ = self.adapter.bind(args, kwargs)
         leaves = torch.utils._pytree.tree_leaves(inputs)
         return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs)) if layout.layout}
+
+    @contextlib.contextmanager
+    def routed(self, compiled: nn.Module, mode) -> Iterator[Session]:
+        """A run in `mode`: while it lasts, hooks on `compiled` note each call's arguments for the graphs dynamo
+        runs inside it (see the module docstring)."""
+        if self.run is not None:
+            raise RuntimeError("already inside a run of this compiled module: record() and sparse() do not nest")
+        tokens: list[contextvars.Token] = []
+
+        def before(module, args, kwargs):
+            tokens.append(self.calls.set(_Call(self, args, kwargs)))
+
+        def after(module, args, kwargs, output):
+            call = self.calls.get()
+            self.calls.reset(tokens.pop())
+            if output is not None:  # None: the call raised (the hook runs anyway, `always_call`)
+                call.check_ran()
+
+        handles = [compiled.register_forward_pre_hook(before, with_kwargs=True),
+                   compiled.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        try:
+            with self.executor.run(mode, self.cache) as run:
+                self.run = run
+                yield self
+        finally:
+            self.run = None
+            for handle in handles:
+                handle.remove()
 
 
 class _Call:
@@ -231,8 +239,7 @@ class _Call:
 
     def __init__(self, session: Session, args: tuple, kwargs: dict):
         self.session = session
-        self.args = args
-        self.kwargs = kwargs
+        self.inputs, _ = session.adapter.bind(args, kwargs)
         self.pixel_inputs = session.pixel_inputs(args, kwargs)
         self.graphs: list[FisEditGraph] = []
 
@@ -241,18 +248,10 @@ class _Call:
         if self.graphs or not any(layout.latents for layout in found.values()):
             raise GraphBreakError(self._split_message(graph))
         self.graphs.append(graph)
-        names = [("sample" if found[i].latents else name) if i in found else name  # readable dump folder names
-                 for i, name in enumerate(graph.input_names)]
-        inputs = {name: arg.item() if name in graph.scalar_inputs else arg for name, arg in zip(names, args)}
-        layouts = {names[i]: dataclasses.replace(layout, path=names[i]) for i, layout in found.items()}
-        running = _RunningGraph(graph.variants(inputs, layouts), inputs)
-        modes = self.session.modes
-        modes.running = running
-        try:
-            modes(*self.args, **{**self.kwargs, "return_dict": False})
-        finally:
-            modes.running = None
-        return running.output
+        session, adapter = self.session, self.session.adapter
+        run = session.run
+        key = run.next_key(adapter.step_timestep(self.inputs), self.inputs[adapter.latents].shape[0])
+        return session.executor.call(run, key, graph.named_inputs(args, found), graph=graph)
 
     def _split_message(self, graph: FisEditGraph) -> str:
         breaks = [g.break_reason for g in [*self.graphs, graph] if g.break_reason]
@@ -273,17 +272,12 @@ class _Call:
             )
 
 
-_current_call: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("fisedit_backend_call", default=None)
-_sessions: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
-
-
-def _backend_policy(compiled: nn.Module) -> Policy | None:
-    """The policy of the fisedit backend a module was compiled with, or None if it was not."""
-    return _backend_option(compiled, "fisedit_policy")
 
 
 def _backend_option(compiled: nn.Module, name: str) -> Any:
-    """An attribute of the fisedit backend function a module was compiled with, or None."""
+    """An attribute of the fisedit backend function a module was compiled with, or None. dynamo has no public API
+    for the backend of an `OptimizedModule`: this reads its `dynamo_ctx.callback` and unwraps dynamo's wrappers
+    (docs/backend.md, "What is private")."""
     callback = getattr(getattr(compiled, "dynamo_ctx", None), "callback", None)
     if callback is None:
         return None
@@ -295,48 +289,31 @@ def _backend_option(compiled: nn.Module, name: str) -> Any:
 
 
 def session(compiled: nn.Module) -> Session:
-    """The session (record cache, modes) of a module compiled with ``torch.compile(unet, backend="fisedit")``."""
-    if compiled not in _sessions:
-        policy = _backend_policy(compiled)
-        if not isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) or policy is None:
-            raise TypeError(
-                f"fisedit.record() and fisedit.sparse() take the module that torch.compile(unet, backend='fisedit') "
-                f"returns, got {type(compiled).__name__}"
-                + (" compiled with another backend" if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
-                   else "")
-                + "; for an uncompiled U-Net use fisedit.compile(unet)"
-            )
-        _sessions[compiled] = Session(compiled._orig_mod, policy, _backend_option(compiled, "fisedit_adapter"))
-    return _sessions[compiled]
-
-
-@contextlib.contextmanager
-def _routed(compiled: nn.Module, s: Session) -> Iterator[None]:
-    """Route the calls of `compiled` to `s` while the block runs (see the module docstring)."""
-    dynamo_forward = compiled.forward
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        call = _Call(s, args, kwargs)
-        token = _current_call.set(call)
-        try:
-            output = dynamo_forward(*args, **kwargs)
-        finally:
-            _current_call.reset(token)
-        call.check_ran()
-        return output
-
-    compiled.forward = forward
-    try:
-        yield
-    finally:
-        compiled.forward = dynamo_forward
+    """The session (record cache, runs) of a module compiled with ``torch.compile(unet, backend="fisedit")``; it
+    lives as long as the module."""
+    found = getattr(compiled, "_fisedit_session", None)
+    if found is not None:
+        return found
+    policy = _backend_option(compiled, "fisedit_policy")
+    if not isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) or policy is None:
+        raise TypeError(
+            f"fisedit.record() and fisedit.sparse() take the module that torch.compile(unet, backend='fisedit') "
+            f"returns, got {type(compiled).__name__}"
+            + (" compiled with another backend" if isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+               else "")
+            + "; for an uncompiled U-Net use fisedit.compile(unet)"
+        )
+    found = Session(compiled._orig_mod, policy, _backend_option(compiled, "fisedit_adapter"),
+                    _backend_option(compiled, "fisedit_calls"))
+    object.__setattr__(compiled, "_fisedit_session", found)  # not a submodule: nn.Module's registry is bypassed
+    return found
 
 
 @contextlib.contextmanager
 def record(compiled: nn.Module) -> Iterator[Session]:
     """Calls of `compiled` inside record the source run, as `CompiledUNet.record()` does."""
     s = session(compiled)
-    with s.modes.record(), _routed(compiled, s):
+    with s.routed(compiled, RecordMode()):
         yield s
 
 
@@ -344,22 +321,17 @@ def record(compiled: nn.Module) -> Iterator[Session]:
 def sparse(compiled: nn.Module, mask: torch.Tensor) -> Iterator[Session]:
     """Calls of `compiled` inside compute only the region of `mask`, as `CompiledUNet.sparse(mask)` does."""
     s = session(compiled)
-    with s.modes.sparse(mask), _routed(compiled, s):
+    latent = require_recorded(s.cache)
+    with s.routed(compiled, SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]))):
         yield s
 
 
 def _register() -> None:
-    """Register backend="fisedit" on import, for checkouts that are not pip-installed (no entry point).
-
-    When dynamo finds the entry point, it registers the backend itself as it loads this module, and a second
-    registration of the name would fail as a duplicate: register only if dynamo knows neither."""
-    from torch._dynamo.backends import registry
-
-    registered = getattr(registry, "_COMPILER_FNS", {})  # dynamo's private tables: empty if they move
-    entry_points = getattr(registry, "_BACKENDS", {})  # name -> entry point found (or None once registered)
-    if BACKEND_NAME in registered or entry_points.get(BACKEND_NAME) is not None:
-        return
-    torch._dynamo.register_backend(fisedit_backend, name=BACKEND_NAME)
+    """Register backend="fisedit" on import, for checkouts that are not pip-installed (no entry point). When dynamo
+    finds the entry point it registers the backend itself as it loads this module: register only if it knows the
+    name from neither."""
+    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(fisedit_backend, name=BACKEND_NAME)
 
 
 _register()

@@ -59,7 +59,7 @@ def test_reuse_calls_take_the_deep_levels_of_the_last_full_call():
     assert close(fresh_b[1], fresh_b[0])
     with unet.sparse(mask):
         calls = [unet(**x).sample for x in (a, b, b, b)]
-        assert unet.mode.calls == 4
+        assert unet.current_run.state.calls == 4
     assert not close(calls[1], fresh_b[0], rtol=1e-3)  # deep features of a, not of b
     assert torch.equal(calls[1], calls[2])
     assert close(calls[3], fresh_b[0])

@@ -23,7 +23,8 @@ from torch import nn
 
 import fisedit_compiler as fisedit
 from fisedit_compiler import dump, inspect_cmd
-from fisedit_compiler.compiler import build_variants, sparse_passes
+from fisedit_compiler.build import build_variants
+from fisedit_compiler.passes.pipelines import sparse_passes
 
 LATENT = 16
 POLICY = fisedit.Policy(block_size=4)

@@ -12,7 +12,8 @@ from torch import nn
 
 import fisedit_compiler as fisedit
 from conftest import close
-from fisedit_compiler.compiler import copy_graph_module, sparse_passes
+from fisedit_compiler.build import copy_graph_module
+from fisedit_compiler.passes.pipelines import sparse_passes
 from fisedit_compiler.capture import capture
 from fisedit_compiler.passes.manager import PassError, PassManager
 

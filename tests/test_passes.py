@@ -14,7 +14,7 @@ import torch
 
 import fisedit_compiler as fisedit
 from conftest import close, tiny_unet, unet_inputs
-from fisedit_compiler.compiler import build_variants, copy_graph_module
+from fisedit_compiler.build import build_variants, copy_graph_module
 from fisedit_compiler.ir import ACTIVATION_KINDS, KEY, LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
 from fisedit_compiler.passes import ops
 from fisedit_compiler.passes.insert_record_taps import cache_refs

@@ -50,7 +50,7 @@ def test_a_recorded_decode_equals_the_eager_decoder_and_a_sparse_one_of_the_same
     mask = _box(5, 3, 4)
     with decoder.sparse(mask):
         again = decoder(z)
-        plan = decoder.mode.plan
+        plan = decoder.current_run.plan
     region = plan.active_pixels(tuple(again.shape[-2:]))
     assert 0 < region.float().mean() < 0.5
     assert close(again, recorded)
@@ -71,7 +71,7 @@ def test_a_sparse_decode_of_changed_latents_matches_the_dense_decode_inside_the_
         source = decoder(z)
     with decoder.sparse(mask):
         sparse = decoder(changed)
-        region = decoder.mode.plan.active_pixels(tuple(sparse.shape[-2:]))
+        region = decoder.current_run.plan.active_pixels(tuple(sparse.shape[-2:]))
     dense = vae.decoder(changed)
     assert torch.equal(sparse[..., ~region], source[..., ~region])
     inside = torch.kron(mask, torch.ones(8, 8, dtype=torch.bool))

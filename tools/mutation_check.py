@@ -77,16 +77,16 @@ MUTATIONS = [
     ),
     Mutation(
         "step-key-occurrence", "replays ignore which call at a timestep they are (PNDM's and Heun's second calls)",
-        "fisedit_compiler/compiler.py",
-        "            occurrence %= max(1, cache.occurrences(timestep_key))\n", "            occurrence = 0\n",
+        "fisedit_compiler/runtime/run.py",
+        "            occurrence %= max(1, self.cache.occurrences(key))\n", "            occurrence = 0\n",
         ("tests/test_pipeline.py::test_replays_of_schedulers_that_call_twice_at_one_timestep",),
     ),
     Mutation(
         "step-off-by-one", "sparse calls read the record of the step before theirs",
-        "fisedit_compiler/compiler.py",
-        "            step = cache.step(key)\n            if step.maps_only:",
-        "            step = cache.step(cache.steps[max(0, cache.steps.index(key) - 1)])\n"
-        "            if step.maps_only:",
+        "fisedit_compiler/runtime/executor.py",
+        "        step = cache.step(key)\n        if step.maps_only:",
+        "        step = cache.step(cache.steps[max(0, cache.steps.index(key) - 1)])\n"
+        "        if step.maps_only:",
         ("tests/test_pipeline.py::test_stable_diffusion_pipeline_records_and_replays_sparsely",),
     ),
     Mutation(
@@ -100,8 +100,8 @@ MUTATIONS = [
     Mutation(
         "full-region-edit-drops-maps", "an edit whose region is everything records without cross-attention maps",
         "fisedit_compiler/editing/session.py",
-        "RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))",
-        "RecordMode(maps_only=max(0, maps_only - k))",
+        "RecordMode(attention_maps=schedule.remaining_maps_steps(),",
+        "RecordMode(attention_maps=0,",
         ("tests/test_editing.py::test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps",),
     ),
     # round 2 (issue 38): the parts built since the first ten
@@ -134,7 +134,8 @@ MUTATIONS = [
     Mutation(
         "detected-mask-undilated", "a session detects its mask without the policy's mask_dilation",
         "fisedit_compiler/editing/session.py",
-        'state["mask"] = detect_mask(diff, self.policy.mask_dilation)[0, 0]', 'state["mask"] = detect_mask(diff)[0, 0]',
+        "self.mask = detect_mask(diff, self.session.policy.mask_dilation)[0, 0]",
+        "self.mask = detect_mask(diff)[0, 0]",
         ("tests/test_editing.py::test_a_session_dilates_its_detected_mask_by_the_policy_s_mask_dilation",),
     ),
     Mutation(
@@ -190,8 +191,8 @@ MUTATIONS = [
     Mutation(
         "pending-own-budget", "an edit run's pending records get a budget of their own, not the session's",
         "fisedit_compiler/editing/session.py",
-        "pending = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))",
-        "pending = RecordCache(self.cache.dtype, make_store(self.policy))",
+        "pending = RecordCache(session.cache.dtype, make_store(session.policy, session.memory_budget))",
+        "pending = RecordCache(session.cache.dtype, make_store(session.policy))",
         ("tests/test_memory_bound.py::"
          "test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory",),
     ),
@@ -211,7 +212,7 @@ MUTATIONS = [
     Mutation(
         "partial-control-overwrites-maps", "an edit with fewer dense steps than control reads replaces the maps",
         "fisedit_compiler/editing/session.py",
-        "keep_attention_maps=not new_maps", "keep_attention_maps=False",
+        "keep_attention_maps=not self.new_maps", "keep_attention_maps=False",
         ("tests/test_editing.py::test_a_sparse_edit_with_fewer_dense_steps_than_control_reads_keeps_the_source_maps",),
     ),
 ]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..compiler import RecordMode, compile
+from ..compiler import RecordMode, SparseMode, compile
 from ..policy import Policy
 from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import MemoryBudget, make_store
@@ -93,12 +93,12 @@ class SparseDecoder:
         recorded = self._recorded_input
         dense = RecordMode() if self._keep else None  # None: the eager decoder
         if recorded is None or recorded.shape != sample.shape:
-            run.mode = dense
+            run.switch(dense)
         else:
             changed = (sample != recorded.to(sample.device, sample.dtype)).any(dim=1).any(dim=0)
-            mode = self.decoder.sparse_mode(changed, write_back=self._keep, cache=self.cache)
-            mode.plan = self.decoder.mask_plan(mode.mask.to(sample.device))
-            run.mode = dense if mode.plan.active_pixels(mode.plan.latent_res).all() else mode
+            run.switch(SparseMode(changed, write_back=self._keep))
+            if run.plan.active_pixels(run.plan.latent_res).all():
+                run.switch(dense)
         if self._keep:  # the record changes: until this decode completes, no input is known to match it
             self._recorded_input = None
         _synchronize(sample)
@@ -108,14 +108,15 @@ class SparseDecoder:
         sample = args[0] if args else kwargs["sample"]
         _synchronize(output)
         seconds = time.perf_counter() - self._started
-        mode = self.decoder.current_run.mode
+        run = self.decoder.current_run
+        mode = run.mode
         if mode is None:
             self.last = DecodeStats("dense", seconds, 1.0)
             return
         if isinstance(mode, RecordMode):
             self.last = DecodeStats("record", seconds, 1.0)
         else:  # the output layer's active blocks, at the image's resolution
-            region = mode.plan.active_pixels(tuple(output.shape[-2:])).cpu()
+            region = run.plan.active_pixels(tuple(output.shape[-2:])).cpu()
             self.last = DecodeStats("sparse", seconds, region.float().mean().item(), region)
         if self._keep:
             self._recorded_input = sample.detach().clone()

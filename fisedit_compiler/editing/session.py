@@ -41,6 +41,7 @@ from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
+from .schedule import EditSchedule
 from .token_alignment import align_tokens, swaps_words_only, token_ids
 
 # Schedulers whose step is a deterministic function of the model output and their own state.
@@ -123,22 +124,16 @@ class _Meter:
         self._counted: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of counted calls
         self._counter = None
         self._kind: tuple = ()
-        self._modes: dict[int, object] = {}  # every mode seen, kept alive so that no later mode reuses its id
+        self._modes: dict[int, object] = {}
         self._start = 0.0
         self._handles = [unet.register_forward_pre_hook(self._before), unet.register_forward_hook(self._after)]
 
     def _call_kind(self, module) -> tuple:
-        mode = getattr(module, "mode", None)
-        if mode is None:
+        run = getattr(module, "current_run", None)
+        if run is None:
             return ("eager",)
-        self._modes[id(mode)] = mode
-        if isinstance(mode, RecordMode):
-            detail = mode.calls < mode.attention_maps  # whether it records cross-attention maps
-        elif isinstance(mode, SparseMode):
-            detail = mode.next_call_reuses(module.policy.deep_reuse_interval)  # a full or a reuse call
-        else:
-            detail = None
-        return type(mode).__name__, id(mode), detail
+        self._modes[id(run.mode)] = run.mode  # kept alive, so that no later mode reuses its id
+        return run.next_call_kind()
 
     def _before(self, module, args):
         self._kind = self._call_kind(module)
@@ -175,6 +170,117 @@ class _Meter:
             mean = sum(timed) / len(timed) if timed else None
             self.phases[key[0]].seconds += sum(timed) + sum(mean if mean is not None else s for s in counted)
         return self.phases
+
+
+class _EditRun:
+    """One edit run, driven through its `EditSchedule` from the pipeline's step callback. It owns what the phases
+    share: the mask (given, or detected at the switch), the region the sparse steps recompute, the map its latents
+    are blended with the source's by (`blend`: the user's mask, or the region of a detected one), the sparse mode,
+    the latents after each step and the meter's phases."""
+
+    def __init__(self, session: EditSession, source: _Run, schedule: EditSchedule, mask: torch.Tensor | None,
+                 keep: bool):
+        self.session, self.source, self.schedule, self.keep = session, source, schedule, keep
+        self.mask, self.blend = mask, mask
+        self.region: torch.Tensor | None = None
+        self.sparse_mode: SparseMode | None = None
+        self.refresh_mode = RecordMode()  # one mode for every refresh step: the meter counts a mode's MACs once
+        self.trajectory: list[torch.Tensor] = []
+        self.phases: dict[str, PhaseStats] = {}
+        self._run = None
+        self._meter: _Meter | None = None
+
+    @property
+    def new_maps(self) -> bool:
+        """Whether this run recorded the maps of every step a later edit reads (none when the mask was empty)."""
+        return self.region is not None and self.schedule.records_all_maps(bool(self.region.all()))
+
+    def execute(self, prompt: str, inputs: dict[str, Any]) -> list:
+        """Run the edit; its dense steps' records replace the cache's (if kept). Returns the pipeline's images."""
+        session, schedule = self.session, self.schedule
+        pending = RecordCache(session.cache.dtype, make_store(session.policy, session.memory_budget))
+        self._meter = _Meter(session.unet)
+        try:
+            with session.unet.run(None, cache=session.cache) as self._run:
+                if schedule.dense_steps == 0:  # sparse from the first step: the latents are the source's as they are
+                    self._switch_to_sparse()
+                    self._enter_phase(0)
+                else:
+                    alignment = session._alignment(self.source.maps_prompt, prompt)
+                    self._run.switch(ControlMode(alignment, pending, hold_layout=schedule.hold_layout))
+                images = session._call_pipeline(prompt, self.on_step_end, inputs=inputs, history=True,
+                                                keep=self.keep)
+            if self.region is not None and self.keep:
+                session.cache.replace_steps(pending, keep_attention_maps=not self.new_maps,
+                                            maps_only=schedule.maps_only)
+        finally:
+            self.phases = self._meter.close()
+            pending.close()
+        return images
+
+    def on_step_end(self, pipe, i, t, kwargs):
+        latents = kwargs["latents"]
+        self.trajectory.append(latents.clone())
+        if self.schedule.decides_mask_after(i) and not self._decide_mask(pipe):
+            return {"latents": self.source.trajectory[-1].clone()}
+        if self.region is None:
+            return {}
+        # Outside the mask every sparse step keeps the source run's latents: the switch blend of the paper, and for
+        # continuous edits the source's own switch, repeated exactly.
+        latents = torch.where(self.blend.to(latents.device), latents, self.source.trajectory[i])
+        self.trajectory[-1] = latents.clone()
+        self._enter_phase(i + 1)
+        return {"latents": latents}
+
+    def _decide_mask(self, pipe) -> bool:
+        """Decide the mask (detect it if not given) and switch to sparse calls; False if the mask is empty, in which
+        case nothing would change and the run stops."""
+        if self.mask is None:
+            t1, t2 = self.schedule.detect
+            diff = difference_map(self.source.detection_reference, self.trajectory, t1, t2)
+            self.mask = detect_mask(diff, self.session.policy.mask_dilation)[0, 0]
+            self.blend = None  # the recomputed region, once known
+        if not self.mask.any():
+            pipe._interrupt = True
+            return False
+        self._switch_to_sparse()
+        return True
+
+    def _switch_to_sparse(self) -> None:
+        """Sparse calls over the mask; sets the region, the latent pixels they recompute: the mask dilated by the
+        policy's halo and rounded up to the output layer's blocks."""
+        run, schedule = self._run, self.schedule
+        run.switch(SparseMode(self.mask, write_back=self.keep))
+        self.region = run.plan.active_pixels(run.plan.latent_res).cpu()
+        if self.blend is None:
+            self.blend = self.region
+        if self.region.all():  # nothing left to reuse: the remaining steps run dense and record, exactly as a
+            # source run would (cheaper than sparse calls that cover all), maps included
+            run.switch(RecordMode(attention_maps=schedule.remaining_maps_steps(),
+                                  maps_only=schedule.remaining_maps_only()) if self.keep else None)
+        else:
+            self.sparse_mode = run.mode
+            self._meter.phase = "sparse"
+
+    def _enter_phase(self, step: int) -> None:
+        """Before `step` (after the switch): a refresh step runs dense and records, the others run sparse."""
+        if self.sparse_mode is None:
+            return
+        if self.schedule.phase(step) == "refresh":
+            self._run.switch(self.refresh_mode)
+            self._meter.phase = "dense"
+        else:
+            self._run.switch(self.sparse_mode)
+            self._meter.phase = "sparse"
+
+    def reference(self) -> list[torch.Tensor] | None:
+        """What the next edit detects against: for a source with its own reference (a loaded image's), the
+        reference blended like the latents were."""
+        if self.source.reference is None:
+            return None
+        blend = self.blend.to(self.trajectory[0].device)
+        return [z if i < self.schedule.dense_steps else torch.where(blend, z, self.source.reference[i])
+                for i, z in enumerate(self.trajectory[:len(self.source.reference)])]
 
 
 def _synchronize(module: torch.nn.Module) -> None:
@@ -348,6 +454,37 @@ class EditSession:
         become the current image (its sparse steps write nothing back, its dense steps are not kept, its decode is
         not recorded), so that the next edit starts from the same image again: several tries at one picture. A
         mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
+        self._check_edit(prompt, paste_back, keep)
+        source = self._source
+        if mask is None and self.inpainting:
+            raise ValueError("an inpainting pipeline repaints the mask it is given: pass edit(prompt, mask=...)")
+        if mask is not None:
+            h, w = self._latents.shape[-2:]
+            mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
+            mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
+        # A word swap holds the source's layout for its first steps (they run dense, under control): objects stay
+        # where they were and take the new words. Inserted or deleted words may move things, so they never do.
+        # (Not over an inpainting pipeline: it repaints its mask, which its source run saw empty.)
+        swaps = not self.inpainting and swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt)
+        schedule = EditSchedule.plan(self.policy, self.num_inference_steps, mask is not None, swaps)
+        edit = _EditRun(self, source, schedule, mask, keep)
+        images = edit.execute(prompt, self.inputs_for(source.pixels, mask))
+        detected = edit.mask if mask is None else None
+        stats = {**edit.phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
+        if edit.region is None:  # empty mask: the source is unchanged, and stays the session's current run
+            return EditResult(prompt, source.result.images, source.result.latents, edit.mask, stats,
+                              detected=detected)
+        if paste_back is not None:
+            images = [paste_outside(images[0], source.pixels, edit.blend, paste_back), *images[1:]]
+        result = EditResult(prompt, images, edit.trajectory[-1], edit.blend, stats, region=edit.region,
+                            detected=detected)
+        if keep:
+            self._source = _Run(prompt, prompt if edit.new_maps else source.maps_prompt, edit.trajectory, result,
+                                edit.reference())
+        return result
+
+    def _check_edit(self, prompt: str, paste_back: int | None, keep: bool) -> None:
+        """Refuse an edit's arguments before anything runs."""
         if paste_back is not None and (isinstance(paste_back, bool) or not isinstance(paste_back, int)
                                        or paste_back < 0):
             raise ValueError(f"paste_back is a feather width in pixels (an int >= 0) or None, got {paste_back!r}")
@@ -358,116 +495,6 @@ class EditSession:
         if self._source is None:
             raise RuntimeError("edit() needs a source image: call generate(prompt) or load_image(image, prompt) first")
         token_ids(self.pipe.tokenizer, prompt)
-        source = self._source
-        # A word swap holds the source's layout for its first steps (they run dense, under control): objects stay
-        # where they were and take the new words. Inserted or deleted words may move things, so they never do.
-        # (Not over an inpainting pipeline: it repaints its mask, which its source run saw empty.)
-        hold = (self.policy.hold_layout_schedule(self.num_inference_steps)
-                if not self.inpainting and swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt) else 0)
-        if mask is None:
-            if self.inpainting:
-                raise ValueError("an inpainting pipeline repaints the mask it is given: pass edit(prompt, mask=...)")
-            k, t1, t2 = self.policy.edit_schedule(self.num_inference_steps)
-        else:
-            h, w = self._latents.shape[-2:]
-            mask = crop_mask_like_image(mask, self._loaded_size, self.width, self.height)
-            mask = as_mask(mask, (h, w), scale_factor=self.pipe.vae_scale_factor).reshape(h, w)
-            k, t1, t2 = max(hold, self.policy.user_mask_schedule(self.num_inference_steps)), 0, 0
-        inputs = self.inputs_for(source.pixels, mask)
-        # A later edit that detects its mask runs its first `maps_steps` steps under control, reading this run's
-        # cross-attention maps of those steps: a run replaces them only if it runs all of them dense.
-        maps_steps = self.policy.edit_schedule(self.num_inference_steps)[0]
-        maps_only = self.policy.recorded_activations_from(self.num_inference_steps)  # steps kept without activations
-        pending = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))  # the dense steps' records
-        trajectory: list[torch.Tensor] = []
-        state: dict[str, Any] = {"mask": mask, "region": None, "blend": mask, "sparse_mode": None}
-        refresh = self.policy.refresh_every
-        refresh_mode = RecordMode()  # one mode for every refresh step: the meter counts a mode's MACs once
-        meter = _Meter(self.unet)
-
-        def go_sparse(pipe) -> bool:
-            """Decide the mask (detect it from steps t1..t2 if not given) and switch to sparse calls; False if the
-            mask is empty, in which case nothing would change and the run stops."""
-            if state["mask"] is None:
-                diff = difference_map(source.detection_reference, trajectory, t1, t2)
-                state["mask"] = detect_mask(diff, self.policy.mask_dilation)[0, 0]
-                state["blend"] = None  # the recomputed region, once known
-            if not state["mask"].any():
-                pipe._interrupt = True
-                return False
-            switch_to_sparse()
-            return True
-
-        def switch_to_sparse() -> None:
-            run.mode = self._sparse_mode(state, write_back=keep)
-            if state["blend"] is None:
-                state["blend"] = state["region"]
-            if state["region"].all():  # nothing left to reuse: the remaining steps run dense and record, exactly
-                # as a source run would (cheaper than sparse calls that cover all), maps included
-                run.mode = (RecordMode(attention_maps=max(0, maps_steps - k), maps_only=max(0, maps_only - k))
-                            if keep else None)
-            else:
-                state["sparse_mode"] = run.mode
-                meter.phase = "sparse"
-
-        def choose_mode(step: int) -> None:
-            """With `Policy.refresh_every` = r, every r-th step after the switch (none whose maps a later edit
-            reads) runs dense and records what it computed, so the activations sparse steps reuse outside the
-            region are refreshed; the others run sparse."""
-            if refresh is None or state["sparse_mode"] is None:
-                return
-            if step >= maps_steps and (step - k + 1) % refresh == 0:
-                run.mode, meter.phase = refresh_mode, "dense"
-            else:
-                run.mode, meter.phase = state["sparse_mode"], "sparse"
-
-        def on_step_end(pipe, i, t, kwargs):
-            latents = kwargs["latents"]
-            trajectory.append(latents.clone())
-            if i == k - 1 and not go_sparse(pipe):
-                return {"latents": source.trajectory[-1].clone()}
-            if state["region"] is None:
-                return {}
-            # Outside the mask every sparse step keeps the source run's latents: the switch blend of the paper, and
-            # for continuous edits the source's own switch, repeated exactly.
-            latents = torch.where(state["blend"].to(latents.device), latents, source.trajectory[i])
-            trajectory[-1] = latents.clone()
-            choose_mode(i + 1)
-            return {"latents": latents}
-
-        try:
-            with self.unet.run(None, cache=self.cache) as run:
-                if k == 0:  # sparse from the first step: the latents are the source's as they are
-                    switch_to_sparse()
-                    choose_mode(0)
-                else:
-                    run.mode = ControlMode(self._alignment(source.maps_prompt, prompt), pending, hold_layout=hold)
-                images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True, keep=keep)
-            # whether this run recorded maps of every step read (nothing to take when the mask was empty)
-            new_maps = state["region"] is not None and (k >= maps_steps or bool(state["region"].all()))
-            if state["region"] is not None and keep:
-                self.cache.replace_steps(pending, keep_attention_maps=not new_maps, maps_only=maps_only)
-        finally:
-            phases = meter.close()
-            pending.close()
-        if state["region"] is None:  # empty mask: the source is unchanged, and stays the session's current run
-            stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
-            return EditResult(prompt, source.result.images, source.result.latents, state["mask"], stats,
-                              detected=state["mask"] if mask is None else None)
-        stats = {**phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
-        if paste_back is not None:
-            images = [paste_outside(images[0], source.pixels, state["blend"], paste_back), *images[1:]]
-        result = EditResult(prompt, images, trajectory[-1], state["blend"], stats, region=state["region"],
-                            detected=state["mask"] if mask is None else None)
-        if not keep:
-            return result
-        reference = None
-        if source.reference is not None:  # blended with a loaded image's inversion: blend its reference instead
-            blend = state["blend"].to(trajectory[0].device)
-            reference = [z if i < k else torch.where(blend, z, source.reference[i])
-                         for i, z in enumerate(trajectory[:len(source.reference)])]
-        self._source = _Run(prompt, prompt if new_maps else source.maps_prompt, trajectory, result, reference)
-        return result
 
     def save(self, path) -> Any:
         """Write this session (its current image's run and record cache, prompts, policy, scheduler, and a
@@ -553,14 +580,6 @@ class EditSession:
         return list(self._source.trajectory)
 
     # --- internals --------------------------------------------------------------------------------------------
-
-    def _sparse_mode(self, state: dict[str, Any], write_back: bool = True) -> SparseMode:
-        """Sparse mode for the edit's mask; sets `state["region"]`, the latent pixels the sparse steps recompute:
-        the mask dilated by the policy's halo and rounded up to the output layer's blocks."""
-        mode = self.unet.sparse_mode(state["mask"], write_back=write_back, cache=self.cache)
-        mode.plan = self.unet.mask_plan(mode.mask.to(self.unet.device))
-        state["region"] = mode.plan.active_pixels(mode.plan.latent_res).cpu()
-        return mode
 
     def _control_steps(self, prompt: str, steps: int) -> list[torch.Tensor]:
         """The latents after each of the first `steps` steps of a control run of `prompt` with the cache's maps of

@@ -98,7 +98,7 @@ class Binding:
     their first argument; `node` is the IR node being lowered."""
 
     def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
-                 inline_kernels: bool = False, hold_layout: bool = False):
+                 inline_kernels: bool = False, hold_layout: bool = False, constants: CostConstants | None = None):
         self.ir = ir
         self.inline_kernels = inline_kernels
         self.plan = plan
@@ -114,7 +114,8 @@ class Binding:
         self._slot_nodes: dict[Slot, fx.Node] = {}
         self._write_values: list[fx.Node] = []
         self._last_input: fx.Node | None = None
-        self._device_constants: CostConstants | None = None  # a dense program's (no plan): loaded once, at first use
+        # a dense program's (no plan): the compiled model's, else loaded at first use
+        self._device_constants: CostConstants | None = constants
 
     # --- what lowerings read ----------------------------------------------------------------------------------
 
@@ -399,11 +400,13 @@ def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
 
 
 def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
-         write_back: bool = False, inline_kernels: bool = False, hold_layout: bool = False) -> Program:
+         write_back: bool = False, inline_kernels: bool = False, hold_layout: bool = False,
+         constants: CostConstants | None = None) -> Program:
     """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring. With
     `inline_kernels`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) and active-query
     attention the reference's ATen ops, which a compiler fuses with what surrounds them, instead of registered
-    operators (the same values)."""
-    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout)
+    operators (the same values). `constants`: the cost constants a dense program (no plan) chooses libraries with
+    (default: the device's, loaded at first use)."""
+    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout, constants)
     gm, num_outputs = binding.lower()
     return Program(gm, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))
