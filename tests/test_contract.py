@@ -1,4 +1,4 @@
-"""The exactness contract of DESIGN.md, on tiny U-Nets built from the same code paths as SD 1.5, SD 2 and SDXL."""
+"""The exactness contract of docs/design.md, on tiny U-Nets built from the same code paths as SD 1.5, SD 2 and SDXL."""
 
 from __future__ import annotations
 
