@@ -20,12 +20,12 @@ import dataclasses
 import torch.fx as fx
 
 from ..ir import SPARSE
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
 def _scattered(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.target is runtime_ops.scatter_into_recorded
+    return isinstance(node, fx.Node) and node.target is ir_ops.scatter_into_recorded
 
 
 def sparse_attention(gm: fx.GraphModule) -> int:
@@ -42,7 +42,7 @@ def sparse_attention(gm: fx.GraphModule) -> int:
         layout = key.args[2]
         if layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2:
             continue
-        node.target = runtime_ops.active_query_attention
+        node.target = ir_ops.active_query_attention
         key_ref, value_ref = (dataclasses.replace(s.args[1], kind="attention_kv") for s in (key, value))
         node.args = (query, key.args[0], value.args[0], key_ref, value_ref, layout, extra.get("scale"))
         node.kwargs = {}
