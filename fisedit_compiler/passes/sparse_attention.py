@@ -7,8 +7,9 @@
     %o : active_query_attention(%q, %k, %v, cache[k], cache[v], layout)
 
 Keys and values of inactive tokens are the recorded ones: exact, since those tokens' inputs equal the source
-run's. The fused op never builds the full-size K/V as separate graph values (DESIGN.md, sparse attention). Cross-
-attention needs no rewrite: its keys and values come from the text, and its queries are already gathered.
+run's. The fused op never builds the full-size K/V as separate graph values (docs/design.md, "Passes": sparse
+attention). Cross-attention needs no rewrite: its keys and values come from the text, and its queries are already
+gathered.
 With `Policy.attention="masked_only"` the inputs stay gathered (active tokens attend to active tokens) and with
 "dense" self-attention is not sparse at all: this pass then finds nothing to do.
 """
