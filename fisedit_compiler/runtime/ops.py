@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec, concatenated
-from ..ir import ops as ir
+from ..ir import ops as ir_ops
 from ..kernels import library, reference
 from ..kernels.library import INDEX_FIELDS
 
@@ -35,7 +35,7 @@ LOWERINGS: dict[Callable, Callable] = {}
 def register_lowering(op: Callable) -> Callable[[Callable], Callable]:
     """Decorator: register the decorated function as the lowering of the IR op `op` (one of `ir.ops.IR_OPS`).
     Its parameters are the binding `b`, then the op's, by the same names."""
-    if ir.IR_OPS.get(getattr(op, "__name__", None)) is not op:
+    if ir_ops.IR_OPS.get(getattr(op, "__name__", None)) is not op:
         raise TypeError(f"{op!r} is not an IR op (fisedit_compiler.ir.ops)")
 
     def register(lowering: Callable) -> Callable:
@@ -54,13 +54,13 @@ def register_lowering(op: Callable) -> Callable[[Callable], Callable]:
 # --- record variant ---------------------------------------------------------------------------------------------
 
 
-@register_lowering(ir.record)
+@register_lowering(ir_ops.record)
 def lower_record(b, value, ref: CacheRef) -> None:
     """The value becomes a program output."""
     b.write(ref, value)
 
 
-@register_lowering(ir.group_norm_recording_stats)
+@register_lowering(ir_ops.group_norm_recording_stats)
 def lower_group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, ref: CacheRef):
     """ATen's native GroupNorm, whose mean and rstd become program outputs."""
     n, c, *pixels = b.dense_shape(0)
@@ -118,25 +118,25 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
     return fisedit.gather_pixels.default(fresh[0], recorded[0], *args)
 
 
-@register_lowering(ir.gather_active)
+@register_lowering(ir_ops.gather_active)
 def lower_gather_active(b, full, layout: SpatialLayout):
     """A gather of the active pixels from the full-size tensor alone."""
     return _gather(b, full, None, layout, ActivePixels(layout.res))
 
 
-@register_lowering(ir.gather_windows)
+@register_lowering(ir_ops.gather_windows)
 def lower_gather_windows(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
     """A gather of `spec`'s windows (nothing where the plan's index is the identity)."""
     return _gather(b, source, ref, layout, spec)
 
 
-@register_lowering(ir.scatter_into_recorded)
+@register_lowering(ir_ops.scatter_into_recorded)
 def lower_scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
     """A gather of the full image from the fresh blocks and the recorded tensor."""
     return _gather(b, fresh, ref, layout, FullImage(layout.res))
 
 
-@register_lowering(ir.gather_windows_norm_silu)
+@register_lowering(ir_ops.gather_windows_norm_silu)
 def lower_gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout],
                              spec: WindowSpec, num_groups: int, weight, bias, stats_ref: CacheRef,
                              channels: tuple[int, int, int] | None = None, offset=None):
@@ -153,7 +153,7 @@ def lower_gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None]
     return _gather_operands(b, sources, refs, layouts, spec, scale, shift)
 
 
-@register_lowering(ir.zero_outside_image)
+@register_lowering(ir_ops.zero_outside_image)
 def lower_zero_outside_image(b, windows, layout: SpatialLayout, spec: WindowSpec):
     """Nothing where every window lies inside the map; else a product with the plan's inside mask."""
     index = b.index(spec, False)
@@ -173,7 +173,7 @@ def _inside_mask(plan, spec: WindowSpec, layout: SpatialLayout) -> torch.Tensor:
     return reference.from_canonical(inside, rest_one, c.num_windows, c.height, c.width)
 
 
-@register_lowering(ir.conv_windows)
+@register_lowering(ir_ops.conv_windows)
 def lower_conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int], groups: int,
                  spec: ConvWindows):
     """By the device's measured algorithm for its channels and block size (`CostConstants.conv_algorithm`;
@@ -203,7 +203,7 @@ def lower_conv_windows(b, windows, weight, bias, stride: list[int], dilation: li
     return aten.conv2d.default(windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
 
 
-@register_lowering(ir.linear_by_library)
+@register_lowering(ir_ops.linear_by_library)
 def lower_linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
     """One GEMM (`kernels.reference.matmul_rows`) by the library the cost constants name for its rows (a
     gathered output's: the plan's) and dtype; on CPUs oneDNN, which runs 2-3x faster than MKL's SGEMM on AMD's."""
@@ -216,7 +216,7 @@ def lower_linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
     return reference.matmul_rows(x, weight, bias, gemm)
 
 
-@register_lowering(ir.group_norm_recorded_stats)
+@register_lowering(ir_ops.group_norm_recorded_stats)
 def lower_group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef):
     """`kernels.reference.group_norm_affine` with the recorded mean and rstd, on an NCHW map or an (N, C,
     tokens) sequence."""
@@ -230,7 +230,7 @@ def lower_group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: Ca
                                        len(layout.shape))
 
 
-@register_lowering(ir.repeat_over_blocks)
+@register_lowering(ir_ops.repeat_over_blocks)
 def lower_repeat_over_blocks(b, value, like):
     """`repeat_interleave` to the gathered tensor's rows (nothing for an operand of one batch item)."""
     shape = b.dense_shape(0)
@@ -239,7 +239,7 @@ def lower_repeat_over_blocks(b, value, like):
     return value.repeat_interleave(like.shape[0] // shape[0], dim=0)
 
 
-@register_lowering(ir.relayout_gathered)
+@register_lowering(ir_ops.relayout_gathered)
 def lower_relayout_gathered(b, x, source: SpatialLayout, target: SpatialLayout):
     """Through the canonical (block-major) form, with the plan's block counts."""
     num_blocks, block = b.num_blocks(source.res), b.block(source.res)
@@ -247,7 +247,7 @@ def lower_relayout_gathered(b, x, source: SpatialLayout, target: SpatialLayout):
     return reference.from_canonical(canonical, target, num_blocks, block, block)
 
 
-@register_lowering(ir.active_query_attention)
+@register_lowering(ir_ops.active_query_attention)
 def lower_active_query_attention(b, query, key, value, key_ref: CacheRef, value_ref: CacheRef,
                            layout: SpatialLayout, scale: float | None = None):
     """The registered kernel (`fisedit.active_query_attention`), or inlined the reference's ATen ops, with
@@ -257,7 +257,7 @@ def lower_active_query_attention(b, query, key, value, key_ref: CacheRef, value_
     return kernel(query, key, value, b.recorded(key_ref), b.recorded(value_ref), positions, scale)
 
 
-@register_lowering(ir.write_back)
+@register_lowering(ir_ops.write_back)
 def lower_write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
     """A registered in-place scatter (`fisedit.scatter_pixels_`) in programs bound with `write_back`;
     nothing in others."""
@@ -271,13 +271,13 @@ def lower_write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
 # --- temporal reuse of deep levels (Policy.deep_reuse_interval) --------------------------------------------------
 
 
-@register_lowering(ir.keep_for_reuse)
+@register_lowering(ir_ops.keep_for_reuse)
 def lower_keep_for_reuse(b, value, ref: CacheRef) -> None:
     """The value becomes a program output."""
     b.write(ref, value)
 
 
-@register_lowering(ir.reused)
+@register_lowering(ir_ops.reused)
 def lower_reused(b, ref: CacheRef, layout: SpatialLayout):
     """A program input: the value the last full call kept."""
     return b.recorded(ref)
@@ -291,7 +291,7 @@ def _attention_probs(b, query, key, scale: float | None):
     return torch.softmax((query @ key.transpose(-1, -2)) * scale, dim=-1)
 
 
-@register_lowering(ir.cross_attention_recording_map)
+@register_lowering(ir_ops.cross_attention_recording_map)
 def lower_cross_attention_recording_map(b, query, key, value, ref: CacheRef, scale: float | None = None):
     """In programs that record maps, softmax(QK^T)V written out and the map a program output; in
     others ATen's scaled dot-product attention."""
@@ -302,7 +302,7 @@ def lower_cross_attention_recording_map(b, query, key, value, ref: CacheRef, sca
     return probs @ value
 
 
-@register_lowering(ir.controlled_cross_attention)
+@register_lowering(ir_ops.controlled_cross_attention)
 def lower_controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float | None = None):
     """softmax(QK^T)V written out, its map's columns gathered from the source map (a program input) by
     the token alignment (an input); the result a program output in programs that record maps."""
@@ -320,7 +320,7 @@ def lower_controlled_cross_attention(b, query, key, value, ref: CacheRef, scale:
 # --- layout features (record and control variants) ------------------------------------------------------------
 
 
-@register_lowering(ir.layout_features)
+@register_lowering(ir_ops.layout_features)
 def lower_layout_features(b, value, ref: CacheRef):
     """The source run's features (a program input) in programs that hold the layout; a program output in
     programs that record maps."""
