@@ -68,7 +68,7 @@ from fisedit_compiler.models import ARCHS, example_unet_inputs, random_unet
 from fisedit_compiler.passes.annotate_spatial_layout import annotate_spatial_layout
 from fisedit_compiler.passes.manager import target_name
 from fisedit_compiler.runtime.program import LOWERED_FROM, Program
-from fisedit_compiler.runtime import ops as runtime_ops
+from fisedit_compiler.ir import ops as runtime_ops
 from fisedit_compiler.runtime.cache import StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
 

@@ -10,9 +10,9 @@ import torch
 import fisedit_compiler as fisedit
 from conftest import close, ellipse_mask, tiny_unet, unet_inputs
 from fisedit_compiler.ir import LAYOUT
+from fisedit_compiler.ir import ops as ir_ops
 from fisedit_compiler.macs import count_macs
 from fisedit_compiler.models import random_pipeline
-from fisedit_compiler.runtime import ops as runtime_ops
 
 SIZE = 32
 
@@ -33,7 +33,7 @@ def test_a_reuse_call_computes_only_the_fine_levels_and_on_the_recorded_input_re
     variants = unet.variants(unet.adapter.bind((), inputs)[0])
     deep = [n for n in variants.reuse.graph.nodes
             if n.meta.get(LAYOUT) is not None and n.meta[LAYOUT].res != (SIZE, SIZE)]
-    assert deep and all(n.target is runtime_ops.reused or n.args[0].target is runtime_ops.reused for n in deep)
+    assert deep and all(n.target is ir_ops.reused or n.args[0].target is ir_ops.reused for n in deep)
     with unet.sparse(ellipse_mask(SIZE, 0.15)):
         full_macs, full = count_macs(lambda: unet(**inputs).sample)
         reuse_macs, reused = count_macs(lambda: unet(**inputs).sample)

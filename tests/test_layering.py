@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"ir", "policy", "cost_model", "kernels"},
     "tuning": {"ir", "policy", "cost_model", "kernels", "runtime"},  # calibration: measures kernels; top-only
     "adapters": {"ir", "policy"},  # what a model family declares
-    "passes": {"ir", "policy", "cost_model", "kernels", "runtime", "adapters"},
+    "passes": {"ir", "policy", "cost_model", "adapters"},  # IR ops from ir.ops; their lowerings are the runtime's
     **{room: BELOW_COMPILER | COMPILER for room in COMPILER},
     **{room: BELOW_COMPILER | COMPILER | TOP | {"tuning"} for room in TOP},
     # The embedded model's data, trainer and evaluator may import anything but the entry points, which alone (with

@@ -103,3 +103,44 @@ def test_the_small_module_compiles_to_an_exact_sparse_variant():
         with compiled.sparse(mask):
             out = compiled(x, INPUTS["timestep"])[0]
         assert close(out, model(x, INPUTS["timestep"])[0] if new else recorded)
+
+
+def test_every_op_family_has_a_layout_rule():
+    """Layout inference is a registry of rules by op family (`passes.ops`); an op outside every family has none."""
+    from fisedit_compiler.passes import ops
+    from fisedit_compiler.passes.annotate_spatial_layout import rule_for
+
+    families = (ops.PER_PIXEL_DIM_ARG, ops.RESHAPES, ops.PERMUTES, ops.UNSQUEEZES, ops.UPSAMPLE_NEAREST,
+                {ops.CONV, ops.GROUP_NORM, ops.SDPA, ops.GETITEM})
+    assert all(rule_for(target) is not None for family in families for target in family)
+    assert rule_for(torch.ops.aten.silu.default) is rule_for(torch.ops.aten.add.Tensor) is not None  # ELEMENTWISE
+    assert rule_for(torch.ops.aten.mm.default) is None
+
+
+def test_a_new_op_family_is_one_layout_rule():
+    """A rule registered for an op gives its nodes their layout; a reason it returns becomes an `UnknownLayout`."""
+    from fisedit_compiler.ir import LAYOUT, SpatialLayout
+    from fisedit_compiler.passes.annotate_spatial_layout import (LAYOUT_RULES, UnknownLayout, infer_layout,
+                                                                 layout_rule)
+
+    def token_mixer(x, heads):
+        """An op of a family no rule covers yet."""
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    x.meta[LAYOUT] = SpatialLayout("seq", (8, 8), (1,), (2, 64, 16))
+    node = graph.call_function(token_mixer, (x, 4))
+    assert infer_layout(node, (2, 64, 16)) == UnknownLayout(f"no layout rule for {token_mixer}", (8, 8))
+
+    @layout_rule(token_mixer)
+    def _tokens(node, first, inputs, shape):
+        return dataclasses.replace(first, shape=shape) if first.kind == "seq" else "token_mixer expects tokens"
+
+    try:
+        assert infer_layout(node, (2, 64, 16)) == SpatialLayout("seq", (8, 8), (1,), (2, 64, 16))
+        x.meta[LAYOUT] = SpatialLayout("map", (8, 8), (2, 3), (2, 16, 8, 8))
+        assert infer_layout(node, (2, 16, 8, 8)) == UnknownLayout("token_mixer expects tokens", (8, 8))
+        with pytest.raises(ValueError, match="has a layout rule"):
+            layout_rule(token_mixer)(_tokens)
+    finally:
+        del LAYOUT_RULES[token_mixer]

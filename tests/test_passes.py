@@ -16,11 +16,11 @@ import fisedit_compiler as fisedit
 from conftest import close, tiny_unet, unet_inputs
 from fisedit_compiler.build import build_variants, copy_graph_module
 from fisedit_compiler.ir import ACTIVATION_KINDS, KEY, LAYOUT, REGION, SPARSE, CacheRef, SpatialLayout
+from fisedit_compiler.ir import ops as ir_ops
 from fisedit_compiler.passes import ops
 from fisedit_compiler.passes.insert_record_taps import cache_refs
 from fisedit_compiler.passes.manager import op_counts
 from fisedit_compiler.runtime.program import bind
-from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import RecordCache, StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
 
@@ -119,7 +119,7 @@ def _counts(snapshots, name):
 def test_insert_region_boundaries_gathers_and_scatters_at_region_edges():
     before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "insert_region_boundaries")
     assert before["gather_active"] == 0 and after["gather_active"] >= 1
-    scatters = [n for n in gm.graph.nodes if n.target is runtime_ops.scatter_into_recorded]
+    scatters = [n for n in gm.graph.nodes if n.target is ir_ops.scatter_into_recorded]
     output = next(n for n in gm.graph.nodes if n.op == "output")
     assert any(s in output.all_input_nodes for s in scatters)  # the U-Net output leaves the region
     for s in scatters:  # a scatter's readers are dense, or read it at full size (self-attention K/V)
@@ -144,11 +144,11 @@ def test_sparse_conv_gives_every_spatial_kernel_a_window_gather():
     rewritten = after.get("conv_windows", 0)
     assert rewritten > 0 and after["aten.conv2d.default"] == before["aten.conv2d.default"] - rewritten
     assert not [n for n in gm.graph.nodes if n.target is ops.CONV and n.meta.get(SPARSE)]
-    for conv in (n for n in gm.graph.nodes if n.target is runtime_ops.conv_windows):
+    for conv in (n for n in gm.graph.nodes if n.target is ir_ops.conv_windows):
         if tuple(conv.args[1].meta["val"].shape[2:]) == (1, 1):  # pointwise convs read the blocks as they are
-            assert conv.args[0].target not in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
+            assert conv.args[0].target not in (ir_ops.gather_windows, ir_ops.zero_outside_image)
         else:
-            assert conv.args[0].target in (runtime_ops.gather_windows, runtime_ops.zero_outside_image)
+            assert conv.args[0].target in (ir_ops.gather_windows, ir_ops.zero_outside_image)
 
 
 def test_sparse_upsample_leaves_no_sparse_upsample():
@@ -164,7 +164,7 @@ def test_relayout_gathered_leaves_no_dense_reshape_in_regions():
 
 def test_broadcast_over_blocks_repeats_the_time_embedding():
     before, after, gm = _counts(compiled_with_snapshots("sd2")[3], "broadcast_over_blocks")
-    repeats = [n for n in gm.graph.nodes if n.target is runtime_ops.repeat_over_blocks]
+    repeats = [n for n in gm.graph.nodes if n.target is ir_ops.repeat_over_blocks]
     assert repeats and all(n.args[0].meta[LAYOUT] is None for n in repeats)
 
 
@@ -174,7 +174,7 @@ def test_sparse_attention_rewrites_self_attention_at_sparse_resolutions():
     assert rewritten > 0 and after["aten.scaled_dot_product_attention.default"] == (
         before["aten.scaled_dot_product_attention.default"] - rewritten)
     for n in gm.graph.nodes:
-        if n.target is runtime_ops.active_query_attention:
+        if n.target is ir_ops.active_query_attention:
             assert n.args[1].meta.get(SPARSE) and isinstance(n.args[3], CacheRef)
 
 
@@ -187,22 +187,22 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
     chains = before["zero_outside_image"] - after["zero_outside_image"]
     assert chains > 0 and after["group_norm_recorded_stats"] == before["group_norm_recorded_stats"] - chains
     assert after["gather_windows"] <= before["gather_windows"]
-    fused = [n for n in gm.graph.nodes if n.target is runtime_ops.gather_windows_norm_silu]
+    fused = [n for n in gm.graph.nodes if n.target is ir_ops.gather_windows_norm_silu]
     concatenations = [n for n in fused if len(n.args[0]) > 1]
     sliced = [n for n in fused if n.args[8] is not None]
     assert concatenations and len(fused) == chains + len(sliced) // 2  # sliced chains: two operands each
     for n in concatenations:  # the operands' channels are the convolution's input channels, in order
         (conv,) = n.users
-        assert conv.target is runtime_ops.conv_windows
+        assert conv.target is ir_ops.conv_windows
         sources, refs, layouts = n.args[:3]
         assert len(sources) == len(refs) == len(layouts) and all(ref is not None for ref in refs)
         assert sum(layout.rest_numel for layout in layouts) == gm.get_parameter(conv.args[1].target).shape[1]
     # every resnet's second chain (conv1 + time embedding, norm2, SiLU, identity dropout) fused, the time embedding
     # folded into the affine map: as many as the sparse graph has second convolutions
     with_offset = [n for n in fused if n.args[9] is not None]
-    second_convs = [n for n in gm.graph.nodes if n.target is runtime_ops.conv_windows and "conv2" in n.args[1].target]
+    second_convs = [n for n in gm.graph.nodes if n.target is ir_ops.conv_windows and "conv2" in n.args[1].target]
     assert with_offset and len(with_offset) == len(second_convs)
-    assert all(n.args[9].target is not runtime_ops.repeat_over_blocks and n.args[8] is None for n in with_offset)
+    assert all(n.args[9].target is not ir_ops.repeat_over_blocks and n.args[8] is None for n in with_offset)
     for part in sliced:
         (cat,) = part.users
         assert cat.target is ops.aten.cat.default and cat.args[1] == 1
@@ -214,14 +214,14 @@ def test_fuse_gather_norm_silu_fuses_every_resnet_window_chain():
         assert slices[-1][1] == slices[-1][2]
     # a chain left unfused normalises something other than gathers: e.g. a concatenation whose operand re-applies
     # a resnet's output scaling on the windows
-    for zero in (n for n in gm.graph.nodes if n.target is runtime_ops.zero_outside_image):
+    for zero in (n for n in gm.graph.nodes if n.target is ir_ops.zero_outside_image):
         act = zero.args[0]
         act = act.args[0] if act.target is ops.aten.dropout.default else act
-        if act.target is ops.aten.silu.default and act.args[0].target is runtime_ops.group_norm_recorded_stats:
+        if act.target is ops.aten.silu.default and act.args[0].target is ir_ops.group_norm_recorded_stats:
             normalised = act.args[0].args[0]
-            assert normalised.target is not runtime_ops.gather_windows
+            assert normalised.target is not ir_ops.gather_windows
             if normalised.target is ops.aten.cat.default:
-                assert any(a.target is not runtime_ops.gather_windows for a in normalised.args[0])
+                assert any(a.target is not ir_ops.gather_windows for a in normalised.args[0])
 
 
 def test_insert_record_taps_records_exactly_what_sparse_reads():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import inspect
 import weakref
 
 import pytest
@@ -15,10 +16,11 @@ import fisedit_compiler as fisedit
 from fisedit_compiler import cost_model
 from conftest import tiny_unet, unet_inputs
 from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
+from fisedit_compiler.ir import ops as ir_ops
 from fisedit_compiler.kernels.library import INDEX_FIELDS, layout_args
-from fisedit_compiler.runtime import ops as runtime_ops
 from fisedit_compiler.runtime.cache import RecordCache, StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
+from fisedit_compiler.runtime.ops import LOWERINGS, register_lowering
 from fisedit_compiler.runtime.program import LOWERED_FROM, Recorded, bind
 
 SIZE = 16
@@ -58,13 +60,42 @@ def graph_count_backend():
     return backend, graphs
 
 
+def test_every_ir_op_has_one_lowering_that_takes_its_arguments():
+    """The vocabulary (`ir.ops`) and the runtime's lowerings name the same ops; a lowering takes the binding, then
+    the op's parameters; an op runs only lowered."""
+    assert set(LOWERINGS) == set(ir_ops.IR_OPS.values())
+    for name, op in ir_ops.IR_OPS.items():
+        assert op.__name__ == name and op.__module__ == ir_ops.__name__
+        assert list(inspect.signature(LOWERINGS[op]).parameters)[1:] == list(inspect.signature(op).parameters)
+    assert ir_ops.WRITES == {ir_ops.keep_for_reuse}
+    with pytest.raises(RuntimeError, match="does not run by itself"):
+        ir_ops.record(torch.zeros(1), None)
+    with pytest.raises(TypeError, match="not an IR op"):
+        register_lowering(torch.ops.aten.add.Tensor)
+    with pytest.raises(ValueError, match="two lowerings"):
+        register_lowering(ir_ops.record)(lambda b, value, ref: None)
+
+
+def test_register_lowering_checks_the_parameters():
+    def probe(value, ref):
+        """An op declared for this test only."""
+
+    op = ir_ops.ir_op(probe)
+    try:
+        with pytest.raises(TypeError, match="does not take"):
+            register_lowering(op)(lambda b, value: None)
+        assert op not in LOWERINGS
+    finally:
+        del ir_ops.IR_OPS["probe"]
+
+
 def test_a_program_calls_no_ir_op_and_reads_no_hidden_state():
     _, _, variants, _ = recorded_unet()
     plan = MaskPlan(box(4, 4), POLICY)
     for program in (bind(variants.sparse, plan, write_back=True), bind(variants.record, record_attention_maps=True),
                     bind(variants.control)):
         targets = {n.target for n in program.gm.graph.nodes if n.op == "call_function"}
-        assert not targets & set(runtime_ops.LOWERINGS), "an IR op survived lowering"
+        assert not targets & set(ir_ops.IR_OPS.values()), "an IR op survived lowering"
         placeholders = [n for n in program.gm.graph.nodes if n.op == "placeholder"]
         num_inputs = len(placeholders) - len(program.slots)
         assert num_inputs == len(torch.utils._pytree.tree_leaves(recorded_unet()[1]))
@@ -264,7 +295,7 @@ def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
     assert not program.fits(onednn) and not other.fits(blas)
     linears = lambda p: sum(n.target is torch.nn.functional.linear or n.target is torch._C._nn.linear  # noqa: E731
                             for n in p.gm.graph.nodes)
-    layers = sum(n.target is runtime_ops.linear_by_library for n in variants.sparse.graph.nodes)
+    layers = sum(n.target is ir_ops.linear_by_library for n in variants.sparse.graph.nodes)
     assert layers > 0 and linears(other) == 0 and linears(program) >= layers  # every GEMM, linear layers too
     torch.testing.assert_close(other(inputs, step, onednn), program(inputs, step, blas), rtol=1e-5, atol=1e-5)
 
@@ -276,7 +307,7 @@ def test_a_gathered_linear_layer_takes_its_library_by_its_active_rows(monkeypatc
     plan = MaskPlan(box(4, 6), dataclasses.replace(POLICY, block_size=1),
                     constants=dataclasses.replace(cost_model.DEFAULT, gemm="onednn"))
     node = next(n for n in variants.sparse.graph.nodes
-                if n.target is runtime_ops.linear_by_library and n.args[3] is not None)
+                if n.target is ir_ops.linear_by_library and n.args[3] is not None)
     layout = node.args[3]
     out_features, in_features = node.args[1].meta["val"].shape
     dense_rows = layout.shape[0] * layout.res[0] * layout.res[1]
@@ -305,7 +336,7 @@ def test_dense_variants_take_their_linear_library_from_the_devices_constants(mon
     with torch.no_grad(), compiled.record():
         compiled(**inputs)
     variants = compiled.variants(inputs)
-    linears = [n for n in getattr(variants, variant).graph.nodes if n.target is runtime_ops.linear_by_library]
+    linears = [n for n in getattr(variants, variant).graph.nodes if n.target is ir_ops.linear_by_library]
     assert linears and all(n.args[3] is None for n in linears)  # dense: no layout to take active rows from
     onednn_op = torch.ops.fisedit.onednn_linear.default
 

@@ -5,8 +5,11 @@
 - `index`: the gather geometries of the sparse variant (`WindowSpec` and its kinds), the active blocks of a
   resolution (`BlockLayout`) and the index tensors of a gather (`GatherIndex`), which `runtime.mask_plan` builds
   per mask and the kernels read.
+- `ops`: the op vocabulary of IR graphs (`gather_windows`, `scatter_into_recorded`, ...: what the passes insert and
+  recognise), declared by signature; the runtime registers how each is lowered (`runtime.ops.register_lowering`).
 
-Everything is re-exported here: ``from fisedit_compiler.ir import SpatialLayout, GatherIndex``.
+Everything of `graph` and `index` is re-exported here: ``from fisedit_compiler.ir import SpatialLayout,
+GatherIndex``; the ops by their module: ``from fisedit_compiler.ir import ops``.
 """
 
 from .graph import (
@@ -40,6 +43,7 @@ from .index import (
     WindowSpec,
     block_windows,
 )
+from . import ops
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -68,5 +72,6 @@ __all__ = [
     "concatenated",
     "graph_constant",
     "latent_input",
+    "ops",
     "tensor_meta",
 ]

@@ -8,13 +8,16 @@
 
 Layouts start at the inputs that carry pixels (the model adapter's `InputLayout`s, which `capture` puts on the
 placeholders: the latents, ControlNet residuals, ...) and propagate forward through the ops whose effect on
-pixels is known (`passes.ops`). A node with a spatial input that no rule covers gets an `UnknownLayout` naming the reason;
-`find_sparse_regions` turns that into an error if the node sits at a sparse resolution.
+pixels is known: each op family of `passes.ops` has a layout rule (`layout_rule`, `LAYOUT_RULES`), so a new family
+(say, a DiT's token-sequence ops) is one rule. A node with a spatial input that no rule covers, or whose rule refuses
+it, gets an `UnknownLayout` naming the reason; `find_sparse_regions` turns that into an error if the node sits at a
+sparse resolution.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Collection, Container
 
 import torch.fx as fx
 
@@ -90,8 +93,153 @@ def _normalize_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
+# --- the rules, by op family --------------------------------------------------------------------------------------
+
+# A layout rule: `rule(node, first, inputs, shape)` -> the layout of `node`'s output, or why it has none (a str, the
+# reason of its `UnknownLayout`). `first` is the layout of its first argument with pixels, `inputs` its input nodes
+# with pixels, `shape` its output's (None where that is not one tensor: see `TUPLE_OUTPUTS`).
+LayoutRule = Callable[[fx.Node, SpatialLayout, list[fx.Node], "tuple[int, ...] | None"], "SpatialLayout | str"]
+
+# op target -> its rule
+LAYOUT_RULES: dict[object, LayoutRule] = {}
+# open families, which can say whether they hold a target but not list their targets (`ops.ELEMENTWISE`), and their
+# rules; for targets that `LAYOUT_RULES` does not hold
+FAMILY_RULES: list[tuple[Container, LayoutRule]] = []
+
+# Ops whose value need not be one tensor (a tuple of tensors, an element of one): their rules may get no shape.
+TUPLE_OUTPUTS = {ops.GETITEM, ops.aten.chunk.default, ops.aten.split.Tensor, ops.aten.split_with_sizes.default}
+
+
+def layout_rule(*families: object) -> Callable[[LayoutRule], LayoutRule]:
+    """Decorator: the decorated function is the layout rule of these ops. Each of `families` is an op target, a
+    collection of targets (a set, a dict's keys), or an open family (`ops.ELEMENTWISE`: only ``in`` works). A target
+    has one rule of its own, which comes before an open family's."""
+
+    def register(rule: LayoutRule) -> LayoutRule:
+        for family in families:
+            if isinstance(family, Container) and not isinstance(family, Collection) and not callable(family):
+                FAMILY_RULES.append((family, rule))
+                continue
+            for target in family if isinstance(family, Collection) else [family]:
+                if target in LAYOUT_RULES:
+                    raise ValueError(f"{rule.__name__}: {target} has a layout rule, {LAYOUT_RULES[target].__name__}")
+                LAYOUT_RULES[target] = rule
+        return rule
+
+    return register
+
+
+def rule_for(target: object) -> LayoutRule | None:
+    """The layout rule of the op `target`, or None."""
+    if target in LAYOUT_RULES:
+        return LAYOUT_RULES[target]
+    return next((rule for family, rule in FAMILY_RULES if target in family), None)
+
+
+@layout_rule(ops.GETITEM)
+def _element(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """An element of a tuple output (chunk, split): the tuple's layout."""
+    return first if shape is None else dataclasses.replace(first, shape=shape)
+
+
+@layout_rule(ops.ELEMENTWISE)
+def _elementwise(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Elementwise ops: the operands' common layout, broadcast."""
+    return _broadcast_layout([a.meta[LAYOUT] for a in inputs], shape)
+
+
+@layout_rule(ops.CONV, ops.UPSAMPLE_NEAREST)
+def _nchw(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Convolutions and upsampling: NCHW in, NCHW out at the output's resolution."""
+    if first.kind != "map" or first.dims != (2, 3):
+        return f"{node.target} expects NCHW input"
+    return SpatialLayout("map", (shape[2], shape[3]), (2, 3), shape)
+
+
+@layout_rule(ops.GROUP_NORM)
+def _group_norm(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """GroupNorm: over an NCHW map, or over (N, C, H*W), a VAE attention block's token sequence."""
+    if first.kind == "seq" and first.dims == (2,) and len(first.shape) == 3:
+        return first
+    return _nchw(node, first, inputs, shape)
+
+
+@layout_rule(ops.PER_PIXEL_DIM_ARG)
+def _per_pixel(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Ops over non-pixel dims only (linear, layer_norm, softmax, chunk, split, cat): the layout passes through."""
+    target = node.target
+    arg_index = ops.PER_PIXEL_DIM_ARG[target]
+    if target is ops.aten.cat.default:
+        if any(not isinstance(t, fx.Node) or not isinstance(t.meta.get(LAYOUT), SpatialLayout) for t in node.args[0]):
+            return "cat of tensors with and without pixels"
+    if arg_index is not None:
+        dim = node.args[arg_index] if len(node.args) > arg_index else node.kwargs.get("dim", 0)
+        dim = _normalize_dim(dim, len(first.shape))
+        if dim == 0 or dim in first.dims:
+            return f"{target} along the batch or a pixel dim"
+    elif target is ops.aten.layer_norm.default:
+        if len(node.args[1]) > len(first.shape) - 1 - max(first.dims):
+            return "layer_norm over pixel dims"
+    elif max(first.dims) == len(first.shape) - 1:
+        return f"{target} over a pixel dim"
+    return first if shape is None else dataclasses.replace(first, shape=shape)
+
+
+@layout_rule(ops.SDPA)
+def _attention(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Attention: the queries' layout."""
+    return dataclasses.replace(first, shape=shape)
+
+
+@layout_rule(ops.RESHAPES)
+def _reshape(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Reshapes that keep the pixel dims apart from the others, or flatten a map into a sequence (and back)."""
+    return _reshape_layout(first, shape)
+
+
+@layout_rule(ops.PERMUTES)
+def _permute(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Permutes and transposes that keep the batch first, a map's rows before its columns and the order of the
+    other dims."""
+    ndim = len(first.shape)
+    if node.target is ops.aten.transpose.int:
+        a, b = (_normalize_dim(d, ndim) for d in node.args[1:3])
+        perm = list(range(ndim))
+        perm[a], perm[b] = b, a
+    else:
+        perm = [_normalize_dim(d, ndim) for d in node.args[1]]
+    if perm[0] != 0:
+        return "permute moves the batch dim"
+    new_dims = tuple(perm.index(d) for d in first.dims)
+    if first.kind == "map" and new_dims[0] > new_dims[1]:
+        return "permute swaps the pixel rows and columns"
+    rest = [d for d in perm if d not in first.dims and d != 0]
+    if rest != sorted(rest):
+        return "permute reorders non-pixel dims"
+    return SpatialLayout(first.kind, first.res, new_dims, shape)
+
+
+@layout_rule(ops.UNSQUEEZES)
+def _unsqueeze(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """Unsqueeze and squeeze of a dim other than the batch and the pixel dims."""
+    unsqueeze = node.target is ops.aten.unsqueeze.default
+    dim = _normalize_dim(node.args[1], len(shape) if unsqueeze else len(first.shape))
+    if dim == 0:
+        return "unsqueeze/squeeze at the batch dim"
+    if unsqueeze:
+        new_dims = tuple(d + (d >= dim) for d in first.dims)
+    else:
+        if dim in first.dims or first.shape[dim] != 1:
+            return "squeeze of a pixel dim"
+        new_dims = tuple(d - (d > dim) for d in first.dims)
+    return SpatialLayout(first.kind, first.res, new_dims, shape)
+
+
+# --- the pass -----------------------------------------------------------------------------------------------------
+
+
 def infer_layout(node: fx.Node, shape: tuple[int, ...] | None) -> SpatialLayout | UnknownLayout | None:
-    """The layout of `node`'s output, from its inputs' layouts (already annotated)."""
+    """The layout of `node`'s output, from its inputs' layouts (already annotated), by its op's rule."""
     inputs = [a for a in node.all_input_nodes if isinstance(a.meta.get(LAYOUT), (SpatialLayout, UnknownLayout))]
     if not inputs:
         return None
@@ -100,76 +248,13 @@ def infer_layout(node: fx.Node, shape: tuple[int, ...] | None) -> SpatialLayout 
         return UnknownLayout(f"input {inputs[0].name} has an unknown layout", unknown[0].res)
     first: SpatialLayout = node.args[0].meta[LAYOUT] if isinstance(node.args[0], fx.Node) and isinstance(
         node.args[0].meta.get(LAYOUT), SpatialLayout) else inputs[0].meta[LAYOUT]
-    target = node.target
-
-    def unknown_(reason: str) -> UnknownLayout:
-        return UnknownLayout(reason, first.res)
-
-    if target is ops.GETITEM:
-        return first if shape is None else dataclasses.replace(first, shape=shape)
-    if shape is None and target not in (ops.aten.chunk.default, ops.aten.split.Tensor,
-                                        ops.aten.split_with_sizes.default):
-        return unknown_(f"{target} returns a non-tensor value")
-    if target in ops.ELEMENTWISE:
-        result = _broadcast_layout([a.meta[LAYOUT] for a in inputs], shape)
-        return result if isinstance(result, SpatialLayout) else unknown_(result)
-    if target is ops.GROUP_NORM and first.kind == "seq" and first.dims == (2,) and len(first.shape) == 3:
-        return first  # (N, C, H*W): a VAE attention block's GroupNorm over its token sequence
-    if target is ops.CONV or target in ops.UPSAMPLE_NEAREST or target is ops.GROUP_NORM:
-        if first.kind != "map" or first.dims != (2, 3):
-            return unknown_(f"{target} expects NCHW input")
-        return SpatialLayout("map", (shape[2], shape[3]), (2, 3), shape)
-    if target in ops.PER_PIXEL_DIM_ARG:
-        arg_index = ops.PER_PIXEL_DIM_ARG[target]
-        if target is ops.aten.cat.default:
-            if any(not isinstance(t, fx.Node) or not isinstance(t.meta.get(LAYOUT), SpatialLayout)
-                   for t in node.args[0]):
-                return unknown_("cat of tensors with and without pixels")
-        if arg_index is not None:
-            dim = node.args[arg_index] if len(node.args) > arg_index else node.kwargs.get("dim", 0)
-            dim = _normalize_dim(dim, len(first.shape))
-            if dim == 0 or dim in first.dims:
-                return unknown_(f"{target} along the batch or a pixel dim")
-        elif target is ops.aten.layer_norm.default:
-            if len(node.args[1]) > len(first.shape) - 1 - max(first.dims):
-                return unknown_("layer_norm over pixel dims")
-        elif max(first.dims) == len(first.shape) - 1:
-            return unknown_(f"{target} over a pixel dim")
-        return first if shape is None else dataclasses.replace(first, shape=shape)
-    if target is ops.SDPA:
-        return dataclasses.replace(first, shape=shape)
-    if target in ops.RESHAPES:
-        result = _reshape_layout(first, shape)
-        return result if isinstance(result, SpatialLayout) else unknown_(result)
-    if target in ops.PERMUTES:
-        ndim = len(first.shape)
-        if target is ops.aten.transpose.int:
-            a, b = (_normalize_dim(d, ndim) for d in node.args[1:3])
-            perm = list(range(ndim))
-            perm[a], perm[b] = b, a
-        else:
-            perm = [_normalize_dim(d, ndim) for d in node.args[1]]
-        if perm[0] != 0:
-            return unknown_("permute moves the batch dim")
-        new_dims = tuple(perm.index(d) for d in first.dims)
-        if first.kind == "map" and new_dims[0] > new_dims[1]:
-            return unknown_("permute swaps the pixel rows and columns")
-        rest = [d for d in perm if d not in first.dims and d != 0]
-        if rest != sorted(rest):
-            return unknown_("permute reorders non-pixel dims")
-        return SpatialLayout(first.kind, first.res, new_dims, shape)
-    if target in ops.UNSQUEEZES:
-        dim = _normalize_dim(node.args[1], len(shape) if target is ops.aten.unsqueeze.default else len(first.shape))
-        if dim == 0:
-            return unknown_("unsqueeze/squeeze at the batch dim")
-        if target is ops.aten.unsqueeze.default:
-            new_dims = tuple(d + (d >= dim) for d in first.dims)
-        else:
-            if dim in first.dims or first.shape[dim] != 1:
-                return unknown_("squeeze of a pixel dim")
-            new_dims = tuple(d - (d > dim) for d in first.dims)
-        return SpatialLayout(first.kind, first.res, new_dims, shape)
-    return unknown_(f"no layout rule for {target}")
+    if shape is None and node.target not in TUPLE_OUTPUTS:
+        return UnknownLayout(f"{node.target} returns a non-tensor value", first.res)
+    rule = rule_for(node.target)
+    if rule is None:
+        return UnknownLayout(f"no layout rule for {node.target}", first.res)
+    result = rule(node, first, inputs, shape)
+    return result if isinstance(result, SpatialLayout) else UnknownLayout(result, first.res)
 
 
 def annotate_spatial_layout(gm: fx.GraphModule) -> int:
@@ -189,12 +274,6 @@ def annotate_spatial_layout(gm: fx.GraphModule) -> int:
         node.meta[LAYOUT] = layout
         spatial += layout is not None
     return spatial
-
-
-def resolution_of(node: fx.Node) -> tuple[int, int] | None:
-    """The resolution of a node with pixels (known or not), else None."""
-    layout = node.meta.get(LAYOUT)
-    return layout.res if layout is not None else None
 
 
 def every_node_annotated(gm: fx.GraphModule) -> list[str]:

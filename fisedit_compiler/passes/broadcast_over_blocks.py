@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE, SpatialLayout, tensor_meta
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -32,7 +32,7 @@ def broadcast_over_blocks(gm: fx.GraphModule) -> int:
             if meta.dim() != len(layout.shape) or meta.shape[0] == 1:
                 continue  # broadcasts from the trailing dims, or has no batch to line up
             with gm.graph.inserting_before(node):
-                repeated = gm.graph.call_function(runtime_ops.repeat_over_blocks, (operand, gathered))
+                repeated = gm.graph.call_function(ir_ops.repeat_over_blocks, (operand, gathered))
             node.replace_input_with(operand, repeated)
             rewrites += 1
     return rewrites

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import SPARSE, CacheRef
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -26,7 +26,7 @@ def cached_group_norm(gm: fx.GraphModule) -> int:
         x, num_groups, weight, bias = (list(node.args) + [None, None])[:4]
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
-                runtime_ops.group_norm_recorded_stats,
+                ir_ops.group_norm_recorded_stats,
                 (x, num_groups, weight, bias, CacheRef.of(node, "group_norm_stats")),
             )
         new.meta.update(node.meta)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from ..ir import LAYOUT, CacheRef
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -45,4 +45,4 @@ def rewrite_cross_attention(gm: fx.GraphModule, target) -> int:
 
 
 def control_cross_attention(gm: fx.GraphModule) -> int:
-    return rewrite_cross_attention(gm, runtime_ops.controlled_cross_attention)
+    return rewrite_cross_attention(gm, ir_ops.controlled_cross_attention)

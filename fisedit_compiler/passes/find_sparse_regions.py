@@ -16,8 +16,8 @@ import networkx as nx
 import torch.fx as fx
 
 from ..ir import LAYOUT, REGION, SPARSE, SpatialLayout, latent_input
+from ..ir import ops as ir_ops
 from ..policy import Policy
-from ..runtime import ops as runtime_ops
 from . import ops
 from .annotate_spatial_layout import UnknownLayout
 from .manager import PassError
@@ -40,7 +40,7 @@ def sparse_rule(node: fx.Node, policy: Policy, is_sparse_res) -> str | None:
     Returns "dense" for nodes that legitimately stay dense at a sparse resolution (by policy, or because their
     input is at a dense resolution)."""
     target = node.target
-    if target is runtime_ops.reused:  # a deep level's output from the last full call: full size, gathered from
+    if target is ir_ops.reused:  # a deep level's output from the last full call: full size, gathered from
         return "dense"
     first = _layout(node.args[0]) if node.args else None
     if target is ops.CONV or target in ops.UPSAMPLE_NEAREST:

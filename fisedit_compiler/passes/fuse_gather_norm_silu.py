@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, tensor_meta
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -52,7 +52,7 @@ def _only_user(node: fx.Node, target) -> bool:
 def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
     rewrites = 0
     for zero in list(gm.graph.nodes):
-        if zero.target is not runtime_ops.zero_outside_image:
+        if zero.target is not ir_ops.zero_outside_image:
             continue
         act, layout, spec = zero.args
         dropout = act if _is_identity_dropout(act) else None
@@ -61,7 +61,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         if not _only_user(act, ops.aten.silu.default):
             continue
         norm = act.args[0]
-        if not _only_user(norm, runtime_ops.group_norm_recorded_stats):
+        if not _only_user(norm, ir_ops.group_norm_recorded_stats):
             continue
         windows = norm.args[0]
         _, groups, weight, bias, stats = norm.args
@@ -75,7 +75,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
             continue
         sources, refs, layouts = ([g.args[i] for g in gathers] for i in range(3))
         if len({ref is None for ref in refs}) == 1:  # the operands share one gather index: one fused gather
-            zero.target = runtime_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
+            zero.target = ir_ops.gather_windows_norm_silu  # in place: the node keeps its name and metadata
             zero.args = (sources, refs, layouts, spec, groups, weight, bias, stats, None, offset if added else None)
         else:
             # operands from recorded values and from full-size ones computed in this call read different indices:
@@ -84,7 +84,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
             for gather, source, ref, part_layout in zip(gathers, sources, refs, layouts):
                 end = first + part_layout.rest_numel
                 with gm.graph.inserting_before(zero):
-                    part = gm.graph.call_function(runtime_ops.gather_windows_norm_silu, (
+                    part = gm.graph.call_function(ir_ops.gather_windows_norm_silu, (
                         [source], [ref], [part_layout], spec, groups, weight, bias, stats, (first, end, total), None))
                 part.meta.update(gather.meta)
                 parts.append(part)
@@ -98,7 +98,7 @@ def fuse_gather_norm_silu(gm: fx.GraphModule) -> int:
         if added is not None:
             repeated = addition.args[1] if addition.args[0] is windows else addition.args[0]
             gm.graph.erase_node(addition)
-            if repeated.target is runtime_ops.repeat_over_blocks and not repeated.users:
+            if repeated.target is ir_ops.repeat_over_blocks and not repeated.users:
                 gm.graph.erase_node(repeated)
         if windows not in gathers:
             gm.graph.erase_node(windows)  # the concatenation
@@ -127,7 +127,7 @@ def _per_channel_addition(node, spec) -> tuple[fx.Node, fx.Node, fx.Node] | None
     for windows, other in (node.args, node.args[::-1]):
         if not _is_gather(windows, spec) or not isinstance(other, fx.Node):
             continue
-        operand = other.args[0] if other.target is runtime_ops.repeat_over_blocks else other
+        operand = other.args[0] if other.target is ir_ops.repeat_over_blocks else other
         meta, dense = tensor_meta(operand), windows.args[2].shape  # the gathered map's dense shape
         if meta is None or operand.meta.get(LAYOUT) is not None or meta.dim() != len(dense):
             continue
@@ -138,7 +138,7 @@ def _per_channel_addition(node, spec) -> tuple[fx.Node, fx.Node, fx.Node] | None
 
 
 def _is_gather(node, spec) -> bool:
-    return isinstance(node, fx.Node) and node.target is runtime_ops.gather_windows and node.args[3] == spec
+    return isinstance(node, fx.Node) and node.target is ir_ops.gather_windows and node.args[3] == spec
 
 
 def _is_channel_cat(node, spec) -> bool:

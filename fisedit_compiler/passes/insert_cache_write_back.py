@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import ACTIVATION_KINDS, LAYOUT
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from .insert_record_taps import cache_refs, nodes_by_key
 
 
@@ -26,6 +26,6 @@ def insert_cache_write_back(gm: fx.GraphModule) -> int:
             continue
         node = by_key[ref.key]
         with gm.graph.inserting_after(node):
-            gm.graph.call_function(runtime_ops.write_back, (node, ref, node.meta[LAYOUT]))
+            gm.graph.call_function(ir_ops.write_back, (node, ref, node.meta[LAYOUT]))
         rewrites += 1
     return rewrites

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from ..ir import KEY, CacheRef
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -51,11 +51,11 @@ def insert_record_taps(gm: fx.GraphModule, refs: Iterable[CacheRef]) -> int:
             if node.target is not ops.GROUP_NORM:
                 raise TypeError(f"{ref} refers to {node.target}, not a GroupNorm")
             x, num_groups, weight, bias, eps = (list(node.args) + [None, None, 1e-5])[:5]
-            node.target = runtime_ops.group_norm_recording_stats
+            node.target = ir_ops.group_norm_recording_stats
             node.args = (x, num_groups, weight, bias, eps, ref)
             node.kwargs = {}
         else:
             with gm.graph.inserting_after(node):
-                gm.graph.call_function(runtime_ops.record, (node, ref))
+                gm.graph.call_function(ir_ops.record, (node, ref))
         rewrites += 1
     return rewrites

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE, CacheRef, SpatialLayout
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from .find_sparse_regions import FULL_INPUTS
 
 
@@ -38,7 +38,7 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
             with graph.inserting_after(source):
                 node = graph.call_function(op, (source, *args))
             node.meta[LAYOUT] = source.meta[LAYOUT]
-            node.meta[SPARSE] = op is runtime_ops.gather_active  # a gather's output is gathered, a scatter's full
+            node.meta[SPARSE] = op is ir_ops.gather_active  # a gather's output is gathered, a scatter's full
             cache[source] = node
         return cache[source]
 
@@ -51,9 +51,9 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
             source_sparse = source.meta.get(SPARSE, False)
             layout = source.meta[LAYOUT]
             if sparse and not source_sparse:
-                new = boundary(source, gathers, runtime_ops.gather_active, (layout,))
+                new = boundary(source, gathers, ir_ops.gather_active, (layout,))
             elif source_sparse and (not sparse or source in needs_full):
-                new = boundary(source, scatters, runtime_ops.scatter_into_recorded, (CacheRef.of(source), layout))
+                new = boundary(source, scatters, ir_ops.scatter_into_recorded, (CacheRef.of(source), layout))
             else:
                 continue
             node.replace_input_with(source, new)
@@ -69,9 +69,9 @@ def regions_entered_and_left_through_boundaries(gm: fx.GraphModule) -> list[str]
         for source in node.all_input_nodes:
             if not _spatial(source) or source.meta.get(SPARSE, False) == sparse:
                 continue
-            if sparse and node.target is not runtime_ops.gather_active \
-                    and source.target is not runtime_ops.scatter_into_recorded:
+            if sparse and node.target is not ir_ops.gather_active \
+                    and source.target is not ir_ops.scatter_into_recorded:
                 problems.append(f"sparse {node.name} reads dense {source.name} without a gather")
-            elif not sparse and node.target is not runtime_ops.scatter_into_recorded:
+            elif not sparse and node.target is not ir_ops.scatter_into_recorded:
                 problems.append(f"dense {node.name} reads sparse {source.name} without a scatter")
     return problems

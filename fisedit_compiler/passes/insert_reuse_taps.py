@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, CacheRef
+from ..ir import ops as ir_ops
 from ..policy import Policy
-from ..runtime import ops as runtime_ops
 from .reuse_deep_levels import deep_outputs
 
 
@@ -22,6 +22,6 @@ def insert_reuse_taps(gm: fx.GraphModule, policy: Policy) -> int:
     cut = deep_outputs(gm, policy)
     for node in cut:
         with gm.graph.inserting_after(node):
-            tap = gm.graph.call_function(runtime_ops.keep_for_reuse, (node, CacheRef.of(node, "reused")))
+            tap = gm.graph.call_function(ir_ops.keep_for_reuse, (node, CacheRef.of(node, "reused")))
         tap.meta[LAYOUT] = None
     return len(cut)

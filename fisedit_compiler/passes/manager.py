@@ -14,14 +14,6 @@ import torch.fx as fx
 log = logging.getLogger("fisedit_compiler.passes")
 
 
-@dataclasses.dataclass
-class PassResult:
-    """What a pass did: the (possibly new) module, and how many rewrites it made."""
-
-    graph_module: fx.GraphModule
-    rewrites: int
-
-
 @dataclasses.dataclass(frozen=True)
 class FxPass:
     """A graph pass. `requires` names passes that must have run before it (in this pipeline); `postcondition`

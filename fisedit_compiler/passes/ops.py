@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from ..runtime.ops import WRITES
+from ..ir.ops import WRITES
 
 aten = torch.ops.aten
 
@@ -61,7 +61,7 @@ METADATA_ASSERTS = {aten._assert_tensor_metadata.default}
 def is_impure(node) -> bool:
     """`fx.Node.is_impure`, except for ops that FX keeps as random but that draw nothing in a captured inference
     graph: dropout that does not train and attention without dropout (identities of the values, so dead-code
-    elimination may remove them); and impure, the IR ops that store what they are given (`runtime.ops.WRITES`)."""
+    elimination may remove them); and impure, the IR ops that store what they are given (`ir.ops.WRITES`)."""
     if node.op != "call_function":
         return node.is_impure()
     if node.target in WRITES:

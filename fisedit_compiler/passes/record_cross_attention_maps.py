@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from .control_cross_attention import rewrite_cross_attention
 
 
 def record_cross_attention_maps(gm: fx.GraphModule) -> int:
-    return rewrite_cross_attention(gm, runtime_ops.cross_attention_recording_map)
+    return rewrite_cross_attention(gm, ir_ops.cross_attention_recording_map)

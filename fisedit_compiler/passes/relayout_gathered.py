@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -24,7 +24,7 @@ def relayout_gathered(gm: fx.GraphModule) -> int:
         if node.target not in ops.RESHAPES or not node.meta.get(SPARSE):
             continue
         source = node.args[0]
-        node.target = runtime_ops.relayout_gathered
+        node.target = ir_ops.relayout_gathered
         node.args = (source, source.meta[LAYOUT], node.meta[LAYOUT])
         node.kwargs = {}
         rewrites += 1

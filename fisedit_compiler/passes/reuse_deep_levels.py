@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import KEY, LAYOUT, CacheRef, SpatialLayout, latent_input
+from ..ir import ops as ir_ops
 from ..policy import Policy
-from ..runtime import ops as runtime_ops
 from . import ops
 from .annotate_spatial_layout import UnknownLayout
 from .manager import PassError
@@ -66,7 +66,7 @@ def reuse_deep_levels(gm: fx.GraphModule, policy: Policy) -> int:
     cut = deep_outputs(gm, policy)
     for node in cut:
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(runtime_ops.reused, (CacheRef.of(node, "reused"), node.meta[LAYOUT]))
+            new = gm.graph.call_function(ir_ops.reused, (CacheRef.of(node, "reused"), node.meta[LAYOUT]))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", LAYOUT, KEY)})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -79,8 +79,8 @@ def reuse_taps_and_reads(gm: fx.GraphModule) -> list[str]:
     """Postcondition (either variant): every reused value is a full-size map that the graph still uses."""
     problems = []
     for node in gm.graph.nodes:
-        if node.target is runtime_ops.keep_for_reuse and not isinstance(node.args[0].meta.get(LAYOUT), SpatialLayout):
+        if node.target is ir_ops.keep_for_reuse and not isinstance(node.args[0].meta.get(LAYOUT), SpatialLayout):
             problems.append(f"{node.name} keeps a value without a pixel layout")
-        if node.target is runtime_ops.reused and not node.users:
+        if node.target is ir_ops.reused and not node.users:
             problems.append(f"{node.name} is reused but read by nothing")
     return problems

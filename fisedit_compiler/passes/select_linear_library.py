@@ -10,7 +10,7 @@ layers multiply the active rows only, and the dense record and control variants 
 `F.linear` takes the BLAS PyTorch was built with: MKL on x86 CPUs, whose SGEMM runs at half oneDNN's rate on AMD's
 (93 against 210-225 GMAC/s on a 2-core EPYC), while the dense U-Net's convolutions run in oneDNN. Which library a
 GEMM takes depends on its rows, and a gathered tensor's rows on the mask: the choice is made when a variant is
-bound (the sparse one to a plan; `runtime.ops.linear_by_library`). Both libraries compute the same product, in their own
+bound (the sparse one to a plan; `ir.ops.linear_by_library`). Both libraries compute the same product, in their own
 floating-point order: where they differ, a record call equals the eager U-Net up to float rounding, not bit for bit
 (where the constants name BLAS, e.g. on accelerators or for small layers, it is `F.linear` as in the eager model).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
@@ -30,7 +30,7 @@ def select_linear_library(gm: fx.GraphModule) -> int:
         if node.target is not ops.LINEAR:
             continue
         x, weight, bias = (list(node.args) + [None])[:3]
-        node.target = runtime_ops.linear_by_library  # in place: the node keeps its meta, and so its stable key
+        node.target = ir_ops.linear_by_library  # in place: the node keeps its meta, and so its stable key
         node.args = (x, weight, node.kwargs.get("bias", bias), node.meta[LAYOUT] if node.meta.get(SPARSE) else None)
         node.kwargs = {}
         rewrites += 1

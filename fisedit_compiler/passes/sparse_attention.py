@@ -7,8 +7,9 @@
     %o : active_query_attention(%q, %k, %v, cache[k], cache[v], layout)
 
 Keys and values of inactive tokens are the recorded ones: exact, since those tokens' inputs equal the source
-run's. The fused op never builds the full-size K/V as separate graph values (DESIGN.md, sparse attention). Cross-
-attention needs no rewrite: its keys and values come from the text, and its queries are already gathered.
+run's. The fused op never builds the full-size K/V as separate graph values (docs/design.md, "Passes": sparse
+attention). Cross-attention needs no rewrite: its keys and values come from the text, and its queries are already
+gathered.
 With `Policy.attention="masked_only"` the inputs stay gathered (active tokens attend to active tokens) and with
 "dense" self-attention is not sparse at all: this pass then finds nothing to do.
 """
@@ -20,12 +21,12 @@ import dataclasses
 import torch.fx as fx
 
 from ..ir import SPARSE
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 
 def _scattered(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.target is runtime_ops.scatter_into_recorded
+    return isinstance(node, fx.Node) and node.target is ir_ops.scatter_into_recorded
 
 
 def sparse_attention(gm: fx.GraphModule) -> int:
@@ -42,7 +43,7 @@ def sparse_attention(gm: fx.GraphModule) -> int:
         layout = key.args[2]
         if layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2:
             continue
-        node.target = runtime_ops.active_query_attention
+        node.target = ir_ops.active_query_attention
         key_ref, value_ref = (dataclasses.replace(s.args[1], kind="attention_kv") for s in (key, value))
         node.args = (query, key.args[0], value.args[0], key_ref, value_ref, layout, extra.get("scale"))
         node.kwargs = {}

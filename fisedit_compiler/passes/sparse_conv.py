@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import LAYOUT, SPARSE, ConvWindows
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 from .windows import WindowBuilder
 
@@ -42,7 +42,7 @@ def sparse_conv(gm: fx.GraphModule) -> int:
             windows = x  # a pointwise conv: each gathered block is its own window
         else:
             windows = builder.windows(x, spec, node)
-        node.target = runtime_ops.conv_windows  # in place: the node keeps its meta, and so its stable key
+        node.target = ir_ops.conv_windows  # in place: the node keeps its meta, and so its stable key
         node.args = (windows, weight, bias, list(stride), list(dilation), groups, spec)
         node.kwargs = {}
         rewrites += 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import KEY, LAYOUT, CacheRef, SpatialLayout
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from .manager import PassError
 
 
@@ -54,7 +54,7 @@ def tap_layout_features(gm: fx.GraphModule, module: str) -> int:
     """Route every read of `module`'s output through `layout_features`."""
     node = layout_output(gm, module)
     with gm.graph.inserting_after(node):
-        tap = gm.graph.call_function(runtime_ops.layout_features, (node, CacheRef.of(node, "layout")))
+        tap = gm.graph.call_function(ir_ops.layout_features, (node, CacheRef.of(node, "layout")))
     tap.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", LAYOUT)})
     # the tap's value is what the rest of the graph computes from, so record taps (which find nodes by key) save it
     tap.meta[KEY] = node.meta.pop(KEY)
@@ -65,7 +65,7 @@ def tap_layout_features(gm: fx.GraphModule, module: str) -> int:
 
 def layout_features_tapped(gm: fx.GraphModule) -> list[str]:
     """Postcondition: one tap, and its value is what the rest of the graph reads."""
-    taps = [node for node in gm.graph.nodes if node.target is runtime_ops.layout_features]
+    taps = [node for node in gm.graph.nodes if node.target is ir_ops.layout_features]
     if len(taps) != 1:
         return [f"{len(taps)} layout_features taps, expected 1"]
     return [] if taps[0].users else [f"{taps[0].name} is read by nothing"]

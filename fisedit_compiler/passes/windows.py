@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..ir import KEY, LAYOUT, SPARSE, CacheRef, SpatialLayout, Upsampled, WindowSpec
-from ..runtime import ops as runtime_ops
+from ..ir import ops as ir_ops
 from . import ops
 
 # Per-pixel ops that are cheap enough to recompute on halo pixels.
-PULL_THROUGH_ALSO = {runtime_ops.group_norm_recorded_stats, ops.aten.cat.default}  # besides elementwise ops
+PULL_THROUGH_ALSO = {ir_ops.group_norm_recorded_stats, ops.aten.cat.default}  # besides elementwise ops
 
 
 def _is_nchw(node: fx.Node) -> bool:
@@ -51,7 +51,7 @@ class WindowBuilder:
         value, recomputed = self._value(node, spec, anchor)
         if not recomputed:
             return value
-        return self._insert(anchor, runtime_ops.zero_outside_image, (value, node.meta[LAYOUT], spec), node)
+        return self._insert(anchor, ir_ops.zero_outside_image, (value, node.meta[LAYOUT], spec), node)
 
     def _insert(self, anchor: fx.Node, target, args: tuple, like: fx.Node) -> fx.Node:
         with self.graph.inserting_before(anchor):
@@ -65,9 +65,9 @@ class WindowBuilder:
         key = (node, spec)
         if key in self.memo:
             return self.memo[key]
-        if node.target is runtime_ops.gather_active:
+        if node.target is ir_ops.gather_active:
             full, layout = node.args
-            result = self._insert(anchor, runtime_ops.gather_windows, (full, None, layout, spec), node), False
+            result = self._insert(anchor, ir_ops.gather_windows, (full, None, layout, spec), node), False
         elif ((node.target in ops.ELEMENTWISE or node.target in PULL_THROUGH_ALSO) and node.meta.get(SPARSE)
               and _is_nchw(node) and not _joins_maps(node)):
             recomputed = True
@@ -90,6 +90,6 @@ class WindowBuilder:
         else:
             layout = node.meta[LAYOUT]
             args = (node, CacheRef.of(node), layout, spec)
-            result = self._insert(anchor, runtime_ops.gather_windows, args, node), False
+            result = self._insert(anchor, ir_ops.gather_windows, args, node), False
         self.memo[key] = result
         return result

@@ -1,24 +1,27 @@
-"""The ops that passes put into graph variants, and how each is lowered into a self-contained program.
+"""The lowerings of the IR ops (`ir.ops`): how each is turned into a self-contained program.
 
-A variant is an IR graph: besides ATen ops it calls the functions below with static arguments (layouts, gather
+A variant is an IR graph: besides ATen ops it calls the ops of `ir.ops`, with static arguments (layouts, gather
 geometries, cache references) that say *what* to read, not the values. An IR graph does not run by itself.
 `runtime.program.bind` lowers it for one call state (a mask plan, flags) into a program, an ordinary graph whose
 inputs are the model's inputs plus everything the call reads (recorded tensors, the plan's index tensors) and
-whose outputs are the model's outputs plus everything it records. Each op's lowering (`LOWERINGS`) receives the
-`runtime.program.Binding` (`b`) and FX proxies for its node arguments, and emits ATen ops and registered kernels
-(`torch.ops.fisedit`, `kernels.library`): decisions that depend on the plan (a gather that is the identity, windows that lie inside the
-image, block counts) are taken here, at bind time, so that a program has no Python-level control flow.
+whose outputs are the model's outputs plus everything it records. Each op's lowering, registered here with
+`register_lowering(op)` into `LOWERINGS`, receives the `runtime.program.Binding` (`b`) and FX proxies for its node
+arguments, and emits ATen ops and registered kernels (`torch.ops.fisedit`, `kernels.library`): decisions that
+depend on the plan (a gather that is the identity, windows that lie inside the image, block counts) are taken
+here, at bind time, so that a program has no Python-level control flow. Every IR op has exactly one lowering, whose
+parameters are the op's after `b`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ..ir import ActivePixels, CacheRef, ConvWindows, FullImage, SpatialLayout, WindowSpec, concatenated
+from ..ir import ops as ir_ops
 from ..kernels import library, reference
 from ..kernels.library import INDEX_FIELDS
 
@@ -29,35 +32,37 @@ fisedit = torch.ops.fisedit
 LOWERINGS: dict[Callable, Callable] = {}
 
 
-def ir_op(lowering: Callable) -> Callable:
-    """Declare an IR op by its lowering; the op itself (what graphs call) only refuses to run unbound."""
-    name = lowering.__name__
+def register_lowering(op: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: register the decorated function as the lowering of the IR op `op` (one of `ir.ops.IR_OPS`).
+    Its parameters are the binding `b`, then the op's, by the same names."""
+    if ir_ops.IR_OPS.get(getattr(op, "__name__", None)) is not op:
+        raise TypeError(f"{op!r} is not an IR op (fisedit_compiler.ir.ops)")
 
-    def op(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            f"{name} is an op of a fisedit IR graph, which does not run by itself: call the compiled model, or bind "
-            "the variant into a program with fisedit_compiler.runtime.program.bind"
-        )
+    def register(lowering: Callable) -> Callable:
+        if op in LOWERINGS:
+            raise ValueError(f"IR op {op.__name__} has two lowerings")
+        expected = list(inspect.signature(op).parameters)
+        if list(inspect.signature(lowering).parameters)[1:] != expected:
+            raise TypeError(f"the lowering {lowering.__name__} of {op.__name__} does not take "
+                            f"(b, {', '.join(expected)})")
+        LOWERINGS[op] = lowering
+        return lowering
 
-    op.__name__ = op.__qualname__ = name
-    op.__module__ = lowering.__module__
-    op.__doc__ = lowering.__doc__
-    LOWERINGS[op] = lowering
-    return op
+    return register
 
 
 # --- record variant ---------------------------------------------------------------------------------------------
 
 
-@ir_op
-def record(b, value, ref: CacheRef) -> None:
-    """Save a node's output for later sparse calls (a program output)."""
+@register_lowering(ir_ops.record)
+def lower_record(b, value, ref: CacheRef) -> None:
+    """The value becomes a program output."""
     b.write(ref, value)
 
 
-@ir_op
-def group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, ref: CacheRef):
-    """GroupNorm that also saves its per-(batch item, group) mean and rstd."""
+@register_lowering(ir_ops.group_norm_recording_stats)
+def lower_group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: float, ref: CacheRef):
+    """ATen's native GroupNorm, whose mean and rstd become program outputs."""
     n, c, *pixels = b.dense_shape(0)
     hw = 1
     for d in pixels:
@@ -113,34 +118,30 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
     return fisedit.gather_pixels.default(fresh[0], recorded[0], *args)
 
 
-@ir_op
-def gather_active(b, full, layout: SpatialLayout):
-    """Region entry: the active blocks of a full-size tensor computed in this call."""
+@register_lowering(ir_ops.gather_active)
+def lower_gather_active(b, full, layout: SpatialLayout):
+    """A gather of the active pixels from the full-size tensor alone."""
     return _gather(b, full, None, layout, ActivePixels(layout.res))
 
 
-@ir_op
-def gather_windows(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
-    """Windows (e.g. conv inputs with halo) of a gathered tensor whose inactive pixels are recorded at `ref`;
-    with `ref=None`, of a full-size tensor."""
+@register_lowering(ir_ops.gather_windows)
+def lower_gather_windows(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
+    """A gather of `spec`'s windows (nothing where the plan's index is the identity)."""
     return _gather(b, source, ref, layout, spec)
 
 
-@ir_op
-def scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
-    """Region exit: the full-size tensor, fresh on the active blocks and recorded elsewhere."""
+@register_lowering(ir_ops.scatter_into_recorded)
+def lower_scatter_into_recorded(b, fresh, ref: CacheRef, layout: SpatialLayout):
+    """A gather of the full image from the fresh blocks and the recorded tensor."""
     return _gather(b, fresh, ref, layout, FullImage(layout.res))
 
 
-@ir_op
-def gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout],
+@register_lowering(ir_ops.gather_windows_norm_silu)
+def lower_gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout],
                              spec: WindowSpec, num_groups: int, weight, bias, stats_ref: CacheRef,
                              channels: tuple[int, int, int] | None = None, offset=None):
-    """`gather_windows` of `sources` (with `refs` and `layouts`: the operands of a concatenation along the
-    channels, or one), GroupNorm with the source run's statistics and SiLU in one kernel, zero outside the image
-    (the following convolution's padding). `channels` (first, end, total): the operands hold that slice of the
-    normalised channels (None: all of them). `offset`: a (B or 1, C, 1, 1) value added to the windows before the
-    GroupNorm (a resnet's time embedding), folded into its shift."""
+    """A gather whose epilogue is GroupNorm's affine map from the recorded statistics (`offset` folded
+    into its shift) and SiLU."""
     mean, rstd = b.recorded(stats_ref)
     width = sum(layout.rest_numel for layout in layouts)
     first, end, total = channels if channels is not None else (0, width, width)
@@ -152,10 +153,9 @@ def gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None], layo
     return _gather_operands(b, sources, refs, layouts, spec, scale, shift)
 
 
-@ir_op
-def zero_outside_image(b, windows, layout: SpatialLayout, spec: WindowSpec):
-    """Zero window pixels that lie outside the map (a convolution's zero padding), after ops that made them
-    non-zero."""
+@register_lowering(ir_ops.zero_outside_image)
+def lower_zero_outside_image(b, windows, layout: SpatialLayout, spec: WindowSpec):
+    """Nothing where every window lies inside the map; else a product with the plan's inside mask."""
     index = b.index(spec, False)
     if index.all_inside:
         return windows
@@ -173,12 +173,11 @@ def _inside_mask(plan, spec: WindowSpec, layout: SpatialLayout) -> torch.Tensor:
     return reference.from_canonical(inside, rest_one, c.num_windows, c.height, c.width)
 
 
-@ir_op
-def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int], groups: int,
+@register_lowering(ir_ops.conv_windows)
+def lower_conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int], groups: int,
                  spec: ConvWindows):
-    """A convolution over a batch of input windows (with halo) without padding: one output block per window, by
-    the device's measured algorithm for its channels and block size (`CostConstants.conv_algorithm`; see
-    `kernels.reference.conv_windows`). Where each window is one kernel footprint (pixel-wise blocks) it is one
+    """By the device's measured algorithm for its channels and block size (`CostConstants.conv_algorithm`;
+    see `kernels.reference.conv_windows`). Where each window is one kernel footprint (pixel-wise blocks) it is one
     matrix product with the flattened kernel, by the library the cost constants name for its size and dtype
     (`CostConstants.gemm_library`). im2col keeps a parameter's flattened kernel for the plan's lifetime (one edit)."""
     out_channels, in_channels, kh, kw = b.dense_shape(1)
@@ -204,11 +203,10 @@ def conv_windows(b, windows, weight, bias, stride: list[int], dilation: list[int
     return aten.conv2d.default(windows, weight, bias, list(stride), [0, 0], list(dilation), groups)
 
 
-@ir_op
-def linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
-    """A linear layer as one GEMM by the library the cost constants name for its size and dtype
-    (`CostConstants.gemm_library`; on CPUs oneDNN, which runs 2-3x faster than MKL's SGEMM on AMD's). `layout` is
-    the output's where it is gathered: its rows are then those of the active pixels, a plan's block counts."""
+@register_lowering(ir_ops.linear_by_library)
+def lower_linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
+    """One GEMM (`kernels.reference.matmul_rows`) by the library the cost constants name for its rows (a
+    gathered output's: the plan's) and dtype; on CPUs oneDNN, which runs 2-3x faster than MKL's SGEMM on AMD's."""
     out_features, in_features = b.dense_shape(1)
     dense_out = b.dense_value()
     rows = math.prod(dense_out.shape[:-1])
@@ -218,9 +216,10 @@ def linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
     return reference.matmul_rows(x, weight, bias, gemm)
 
 
-@ir_op
-def group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef):
-    """GroupNorm with the source run's statistics: a per-channel affine map that runs on gathered blocks."""
+@register_lowering(ir_ops.group_norm_recorded_stats)
+def lower_group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef):
+    """`kernels.reference.group_norm_affine` with the recorded mean and rstd, on an NCHW map or an (N, C,
+    tokens) sequence."""
     layout = b.node.meta["fisedit_layout"]
     nchw = layout is not None and layout.kind == "map" and layout.dims == (2, 3)
     tokens = layout is not None and layout.kind == "seq" and layout.dims == (2,) and len(layout.shape) == 3
@@ -231,38 +230,37 @@ def group_norm_recorded_stats(b, x, num_groups: int, weight, bias, ref: CacheRef
                                        len(layout.shape))
 
 
-@ir_op
-def repeat_over_blocks(b, value, like):
-    """Line a per-batch-item operand up with a gathered map tensor, whose batch dim holds B x blocks rows."""
+@register_lowering(ir_ops.repeat_over_blocks)
+def lower_repeat_over_blocks(b, value, like):
+    """`repeat_interleave` to the gathered tensor's rows (nothing for an operand of one batch item)."""
     shape = b.dense_shape(0)
     if not shape or shape[0] == 1:
         return value
     return value.repeat_interleave(like.shape[0] // shape[0], dim=0)
 
 
-@ir_op
-def relayout_gathered(b, x, source: SpatialLayout, target: SpatialLayout):
-    """A reshape of a gathered tensor: `source` and `target` are the dense layouts before and after."""
+@register_lowering(ir_ops.relayout_gathered)
+def lower_relayout_gathered(b, x, source: SpatialLayout, target: SpatialLayout):
+    """Through the canonical (block-major) form, with the plan's block counts."""
     num_blocks, block = b.num_blocks(source.res), b.block(source.res)
     canonical = reference.to_canonical(x, source, source.shape[0], num_blocks)
     return reference.from_canonical(canonical, target, num_blocks, block, block)
 
 
-@ir_op
-def active_query_attention(b, query, key, value, key_ref: CacheRef, value_ref: CacheRef,
+@register_lowering(ir_ops.active_query_attention)
+def lower_active_query_attention(b, query, key, value, key_ref: CacheRef, value_ref: CacheRef,
                            layout: SpatialLayout, scale: float | None = None):
-    """Self-attention of active queries against every token: fresh keys/values for active tokens, recorded ones
-    for the rest. `layout` is the keys' (B, heads, tokens, head_dim) layout."""
+    """The registered kernel (`fisedit.active_query_attention`), or inlined the reference's ATen ops, with
+    the plan's active positions; the recorded keys and values are program inputs."""
     positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
     kernel = reference.active_query_attention if b.inline_kernels else fisedit.active_query_attention.default
     return kernel(query, key, value, b.recorded(key_ref), b.recorded(value_ref), positions, scale)
 
 
-@ir_op
-def write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
-    """In programs that write back, store a gathered node's fresh active pixels into its recorded tensor (an input
-    the program updates in place), so the cache holds this run's activations (continuous editing). Safe mid-step:
-    recorded values are only read at inactive pixels, which this never touches."""
+@register_lowering(ir_ops.write_back)
+def lower_write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
+    """A registered in-place scatter (`fisedit.scatter_pixels_`) in programs bound with `write_back`;
+    nothing in others."""
     if not b.write_back:
         return
     positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
@@ -273,21 +271,15 @@ def write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
 # --- temporal reuse of deep levels (Policy.deep_reuse_interval) --------------------------------------------------
 
 
-@ir_op
-def keep_for_reuse(b, value, ref: CacheRef) -> None:
-    """Full sparse calls: hand a deep level's output (full size) to the reuse calls that follow (a program
-    output, which the run's mode keeps)."""
+@register_lowering(ir_ops.keep_for_reuse)
+def lower_keep_for_reuse(b, value, ref: CacheRef) -> None:
+    """The value becomes a program output."""
     b.write(ref, value)
 
 
-# IR ops that a graph calls for what they store, not for a value: dead-code elimination keeps them.
-WRITES = {keep_for_reuse}
-
-
-@ir_op
-def reused(b, ref: CacheRef, layout: SpatialLayout):
-    """Reuse calls: a deep level's output as the last full call computed it, in place of computing the level.
-    `layout`: the replaced node's."""
+@register_lowering(ir_ops.reused)
+def lower_reused(b, ref: CacheRef, layout: SpatialLayout):
+    """A program input: the value the last full call kept."""
     return b.recorded(ref)
 
 
@@ -299,12 +291,10 @@ def _attention_probs(b, query, key, scale: float | None):
     return torch.softmax((query @ key.transpose(-1, -2)) * scale, dim=-1)
 
 
-@ir_op
-def cross_attention_recording_map(b, query, key, value, ref: CacheRef, scale: float | None = None):
-    """Cross-attention that saves its attention map (B, heads, pixels, tokens) in programs that record maps.
-
-    Those compute softmax(QK^T)V explicitly, exactly as `controlled_cross_attention` does, so that a control run of
-    the same prompt reproduces the source run bit for bit."""
+@register_lowering(ir_ops.cross_attention_recording_map)
+def lower_cross_attention_recording_map(b, query, key, value, ref: CacheRef, scale: float | None = None):
+    """In programs that record maps, softmax(QK^T)V written out and the map a program output; in
+    others ATen's scaled dot-product attention."""
     if not b.record_attention_maps:
         return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)
     probs = _attention_probs(b, query, key, scale)
@@ -312,11 +302,10 @@ def cross_attention_recording_map(b, query, key, value, ref: CacheRef, scale: fl
     return probs @ value
 
 
-@ir_op
-def controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float | None = None):
-    """Prompt-to-Prompt cross-attention control: for every token the edited prompt shares with the source prompt
-    (the token alignment input: for each token the source token, or -1 for a new token) the source run's attention
-    map column replaces the fresh one."""
+@register_lowering(ir_ops.controlled_cross_attention)
+def lower_controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float | None = None):
+    """softmax(QK^T)V written out, its map's columns gathered from the source map (a program input) by
+    the token alignment (an input); the result a program output in programs that record maps."""
     probs = _attention_probs(b, query, key, scale)
     batch, heads, pixels, _ = b.dense_shape(0)
     tokens = b.dense_shape(1)[-2]
@@ -331,11 +320,10 @@ def controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float
 # --- layout features (record and control variants) ------------------------------------------------------------
 
 
-@ir_op
-def layout_features(b, value, ref: CacheRef):
-    """The model's layout features (a U-Net's mid block output: where the objects are). Programs that hold the
-    layout (control calls of a swap edit, `ControlMode.hold_layout`) return the source run's instead of `value`;
-    programs that record cross-attention maps record what they return, beside the maps."""
+@register_lowering(ir_ops.layout_features)
+def lower_layout_features(b, value, ref: CacheRef):
+    """The source run's features (a program input) in programs that hold the layout; a program output in
+    programs that record maps."""
     if b.hold_layout:
         value = b.source(ref).type_as(value)
     if b.record_attention_maps:
