@@ -20,7 +20,8 @@ from fisedit_compiler.policy import (
     SparsityConfig,
 )
 
-# The 24 fields of the flat Policy before the groups, with their defaults: flat reads and the flat constructor keep them.
+# The 24 fields of the flat Policy before the groups, with their defaults: flat reads and the flat constructor
+# keep them.
 OLD_FLAT_DEFAULTS = {
     "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None,
     "attention": "active_queries", "norm_stats": "recorded", "dense_steps": 0.2, "detect_from": 0.1, "detect_to": 0.2,
@@ -104,7 +105,8 @@ def test_schedules():
     assert Policy().hold_layout_schedule(20) == 4 and Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
     assert Policy(user_mask_dense_steps=0.1).user_mask_schedule(50) == 5
     assert Policy(cache_dense_steps=False).user_mask_schedule(50) == 10  # at least the dense steps
-    assert Policy(cache_dense_steps=False).recorded_activations_from(50) == 10 and Policy().recorded_activations_from(50) == 0
+    assert Policy(cache_dense_steps=False).recorded_activations_from(50) == 10
+    assert Policy().recorded_activations_from(50) == 0
     assert Policy(cache_dtype="float16").storage_dtype is not None and Policy().storage_dtype is None
     assert Policy(max_sparse_downscale=4).is_sparse_resolution((16, 16), (64, 64))
     assert not Policy(max_sparse_downscale=4).is_sparse_resolution((8, 8), (64, 64))
