@@ -55,7 +55,8 @@ class SparsityConfig:
     max-pooled to every resolution and dilated there by `halo` cells of that resolution."""
     block_size: int | None = None
     """The side of the square blocks sparse layers compute. None: the cost model picks it per resolution and mask
-    from {1, 2, 4, 8, 16, 32} or dense. A number: at each resolution the largest divisor of the map size not above it."""
+    from {1, 2, 4, 8, 16, 32} or dense. A number: at each resolution the largest divisor of the map size not
+    above it."""
     attention: AttentionMode = "active_queries"
     """Self-attention at sparse resolutions. "active_queries": active tokens' queries against all keys and values
     (fresh for active tokens, recorded for the rest). "masked_only": active tokens attend to active tokens only (the
