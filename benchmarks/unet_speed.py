@@ -621,7 +621,7 @@ def run_benchmark(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
             "batch": BATCH, "text_len": TEXT_LEN, "timestep": TIMESTEP, "dtype": args.dtype, "device": str(device),
             "threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed,
             "mask_seed": args.mask_seed,
-            "policy": dataclasses.asdict(policy),
+            "policy": policy.flat_dict(),
             "parameters": sum(p.numel() for p in unet.parameters()),
         },
         "machine": machine_info(device),

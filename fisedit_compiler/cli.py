@@ -134,12 +134,12 @@ def _common(parser: argparse.ArgumentParser, latent_size: int) -> None:
 
 def _train_shapes(args, argv: list[str]) -> int:
     """Train (or resume) the embedded shapes model; see fisedit_compiler/training/trainer.py."""
-    import os
     import shlex
 
+    from . import environment
     from .training.trainer import DEFAULT_OUT, TrainConfig, train
 
-    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+    if (environment.current().omp_wait_policy or "").upper() != "PASSIVE":
         print("note: OMP_WAIT_POLICY=PASSIVE is not set: torch's idle threads spin, and training runs several times "
               "slower whenever another process uses a core", file=sys.stderr)
     logging.getLogger("fisedit_compiler.training").setLevel(logging.INFO)

@@ -34,11 +34,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
 from pathlib import Path
 
 import torch
+
+from . import environment
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32)
 # The square regions the constants are measured on (`tuning.calibrate`), in pixels a side, and from how many active
@@ -210,7 +211,8 @@ def choose_block_size(active: torch.Tensor, candidates: tuple[int, ...] = BLOCK_
 
 
 def calibration_path(device: torch.device) -> Path:
-    root = Path(os.environ.get("FISEDIT_CACHE_DIR", Path.home() / ".cache" / "fisedit"))
+    """The calibration file of `device`, in $FISEDIT_CACHE_DIR (`environment.current().cache_dir`)."""
+    root = environment.current().cache_dir
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type}-{platform.machine()}"
     return root / f"cost-model-{name.replace(' ', '_').replace('/', '_')}.json"
 

@@ -23,7 +23,6 @@ import html
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -34,6 +33,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from . import environment
 from .capture import InputSignature
 from .ir import LAYOUT, REGION, SPARSE, SpatialLayout, latent_input
 from .passes import ops
@@ -43,8 +43,8 @@ from .runtime.mask_plan import MaskPlan
 
 log = logging.getLogger("fisedit_compiler.dump")
 
-DUMP_DIR_ENV = "FISEDIT_DUMP_DIR"
-SVG_ENV = "FISEDIT_DUMP_SVG"  # "0": write DOT and JSON only, even where Graphviz is installed
+DUMP_DIR_ENV = environment.DUMP_DIR
+SVG_ENV = environment.DUMP_SVG  # "0": write DOT and JSON only, even where Graphviz is installed
 DOT_TIMEOUT_S = 120  # `dot` takes minutes on a full-size U-Net's few thousand nodes; give up on one graph then
 
 # Runtime ops by role, matched by function name so that ops added later in runtime.ops colour by their name too.
@@ -65,8 +65,9 @@ _warned_no_dot = False
 
 
 def dump_root(policy: Policy) -> Path | None:
-    """Where graph dumps go: `policy.dump_dir`, else $FISEDIT_DUMP_DIR, else None (no dumps)."""
-    root = getattr(policy, "dump_dir", None) or os.environ.get(DUMP_DIR_ENV)
+    """Where graph dumps go: `policy.dump_dir`, else $FISEDIT_DUMP_DIR (`environment.current()`), else None (no
+    dumps)."""
+    root = getattr(policy, "dump_dir", None) or environment.current().dump_dir
     return Path(root) if root else None
 
 
@@ -262,7 +263,7 @@ def render_svg(dot_path: Path) -> Path | None:
     """Render a DOT file to SVG next to it with Graphviz; None (and a log line) when that is not possible, or
     when Graphviz failed or took longer than `DOT_TIMEOUT_S`."""
     global _warned_no_dot
-    if os.environ.get(SVG_ENV, "1") == "0":
+    if not environment.current().dump_svg:
         return None
     program = find_dot()
     if program is None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "arch": args.arch, "size": args.size, "latent_size": latent, "batch": args.batch,
         "mask": str(args.mask) if args.mask else f"ellipse, fraction {args.mask_fraction}",
-        "mask_fraction": mask.float().mean().item(), "policy": dataclasses.asdict(policy),
+        "mask_fraction": mask.float().mean().item(), "policy": policy.flat_dict(),
         "macs_dense": total_dense, "macs_sparse": total_sparse, "sparse_over_dense": total_sparse / total_dense,
         "replay_max_abs_deviation": deviation,
         "files": ["graphs/index.html", "layers.md", "layers.csv", "mask_levels.png", "summary.json"],

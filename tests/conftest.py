@@ -13,8 +13,18 @@ if not torch.cuda.is_available():
     # same tests as `make test`. Set before anything imports triton: it reads the flag when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fisedit_compiler import environment  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask as _ellipse_mask  # noqa: E402
 from fisedit_compiler.models import example_unet_inputs, random_unet  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _reread_environment():
+    """The package reads its environment variables once (`fisedit_compiler.environment`); a test that sets one calls
+    `environment.reread()`. Autouse fixtures are torn down after `monkeypatch`, so this re-read sees the variables as
+    they were before the test, and nothing the test set carries over to the next."""
+    yield
+    environment.reread()
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fisedit_compiler import cost_model, tuning
+from fisedit_compiler import cost_model, environment, tuning
 from fisedit_compiler.cost_model import CostConstants, choose_block_size, cost
 from fisedit_compiler.policy import Policy
 from fisedit_compiler.runtime.mask_plan import MaskPlan
@@ -123,6 +123,7 @@ def test_maps_with_many_active_pixels_take_the_larger_regions_constants():
 
 def test_calibration_writes_and_loads_constants(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
     device = torch.device("cpu")
     assert cost_model.load_constants(device) == cost_model.DEFAULT
     measured = tuning.calibrate(device, channels=(32, 64), side=16, large_side=32)
@@ -154,11 +155,13 @@ def test_gemm_library_takes_onednn_only_where_it_pays():
 
 def test_gemm_library_defaults_to_blas_off_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
     assert cost_model.load_constants(torch.device("meta")).gemm == "blas"
 
 
 def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
     device = torch.device("cpu")
     path = cost_model.calibration_path(device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +175,7 @@ def test_a_calibration_file_without_convolution_algorithms_still_loads(tmp_path,
 
 def test_the_cpu_measured_convolution_algorithms_are_not_applied_to_other_devices(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_CACHE_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
     other = cost_model.load_constants(torch.device("meta"))  # an uncalibrated device that is not the CPU
     assert other.layer == cost_model.DEFAULT.layer and other.conv_algorithm(320, 4) == "nchw"
     assert cost_model.load_constants(torch.device("cpu")).conv_algorithm(320, 4) == cost_model.DEFAULT.conv[320][4]

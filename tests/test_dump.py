@@ -22,9 +22,14 @@ from PIL import Image
 from torch import nn
 
 import fisedit_compiler as fisedit
+<<<<<<< HEAD
 from fisedit_compiler import dump, inspect_cmd
 from fisedit_compiler.build import build_variants
 from fisedit_compiler.passes.pipelines import sparse_passes
+=======
+from fisedit_compiler import dump, environment, inspect_cmd
+from fisedit_compiler.compiler import build_variants, sparse_passes
+>>>>>>> house-policy
 
 LATENT = 16
 POLICY = fisedit.Policy(block_size=4)
@@ -145,6 +150,7 @@ def small_build(policy):
 def test_environment_variable_turns_dumps_on(tmp_path, monkeypatch):
     monkeypatch.setenv("FISEDIT_DUMP_SVG", "0")
     monkeypatch.delenv("FISEDIT_DUMP_DIR", raising=False)
+    environment.reread()  # the package reads its variables once
     monkeypatch.chdir(tmp_path)  # a dump to a default, relative folder would land here
     written = []
     monkeypatch.setattr(dump.GraphDump, "_write", lambda self, *args: written.append(args))
@@ -153,6 +159,7 @@ def test_environment_variable_turns_dumps_on(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("FISEDIT_DUMP_SVG", "0")
     monkeypatch.setenv("FISEDIT_DUMP_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
     variants = small_build(fisedit.Policy())
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (tmp_path / "index.html").is_file() and (folder / "index.html").is_file()
@@ -165,6 +172,7 @@ def test_without_graphviz_one_notice_and_no_svg(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(dump, "find_dot", lambda: None)
     monkeypatch.setattr(dump, "_warned_no_dot", False)
     monkeypatch.delenv("FISEDIT_DUMP_SVG", raising=False)
+    environment.reread()  # the package reads its variables once
     with caplog.at_level(logging.INFO, logger="fisedit_compiler.dump"):
         small_build(fisedit.Policy(dump_dir=str(tmp_path)))
     assert [r.message for r in caplog.records if "Graphviz" in r.message] == [
@@ -176,6 +184,7 @@ def test_without_graphviz_one_notice_and_no_svg(tmp_path, monkeypatch, caplog):
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is not installed (apt-get install graphviz)")
 def test_svg_next_to_every_dot_with_graphviz(tmp_path, monkeypatch):
     monkeypatch.delenv("FISEDIT_DUMP_SVG", raising=False)
+    environment.reread()  # the package reads its variables once
     small_build(fisedit.Policy(dump_dir=str(tmp_path)))
     dots = list(tmp_path.rglob("*.dot"))
     assert dots and all(d.with_suffix(".svg").is_file() for d in dots)

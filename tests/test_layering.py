@@ -14,20 +14,23 @@ PACKAGE = "fisedit_compiler"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # The allowed directions, bottom to top: room -> the rooms it may import (besides itself).
-COMPILER = {"capture", "build", "compiler", "backend", "dynamo_graph", "dump", "macs"}  # capture, building variants, the user API
+COMPILER = {"capture", "build", "compiler", "backend", "dynamo_graph", "dump", "macs"}  # capture, variants, user API
 TOP = {"__init__", "editing", "inspect_cmd", "models"}  # the API facade, edit sessions, tools, model builders
 ENTRY = {"cli", "demo", "app"}  # the command line, the demo, the web app
-BELOW_COMPILER = {"ir", "policy", "inputs", "cost_model", "kernels", "runtime", "adapters", "passes"}
+BELOW_COMPILER = {"environment", "ir", "policy", "inputs", "cost_model", "kernels", "runtime", "adapters", "passes"}
 ALLOWED: dict[str, set[str]] = {
-    "ir": set(),  # graph annotations, gather geometries and index types
-    "policy": {"ir"},  # the user's knobs
-    "inputs": {"ir", "policy"},  # validation of masks and prompts at the API boundary
-    "cost_model": {"ir", "policy"},  # formulas and constants: no kernel, no plan
-    "kernels": {"ir", "policy"},
-    "runtime": {"ir", "policy", "cost_model", "kernels"},
-    "tuning": {"ir", "policy", "cost_model", "kernels", "runtime"},  # calibration: measures kernels; top-only
-    "adapters": {"ir", "policy"},  # what a model family declares
-    "passes": {"ir", "policy", "cost_model", "adapters"},  # IR ops from ir.ops; their lowerings are the runtime's
+    "environment": set(),  # the environment variables, read once; every room may read them
+    "ir": {"environment"},  # graph annotations, the op vocabulary, gather geometries and index types
+    "policy": {"environment", "ir"},  # the user's knobs
+    "inputs": {"environment", "ir", "policy"},  # validation of masks and prompts at the API boundary
+    "cost_model": {"environment", "ir", "policy"},  # formulas and constants: no kernel, no plan
+    "kernels": {"environment", "ir", "policy"},
+    "runtime": {"environment", "ir", "policy", "cost_model", "kernels"},
+    # calibration: measures kernels; top-only
+    "tuning": {"environment", "ir", "policy", "cost_model", "kernels", "runtime"},
+    "adapters": {"environment", "ir", "policy"},  # what a model family declares
+    # IR ops from ir.ops; their lowerings are the runtime's
+    "passes": {"environment", "ir", "policy", "cost_model", "adapters"},
     **{room: BELOW_COMPILER | COMPILER for room in COMPILER},
     **{room: BELOW_COMPILER | COMPILER | TOP | {"tuning"} for room in TOP},
     # The embedded model's data, trainer and evaluator may import anything but the entry points, which alone (with
@@ -35,8 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "training": BELOW_COMPILER | COMPILER | TOP | {"tuning"},
     **{room: BELOW_COMPILER | COMPILER | TOP | {"tuning", "training"} | ENTRY for room in ENTRY},
 }
-ROWS = [{"ir"}, {"policy"}, {"inputs"}, {"cost_model"}, {"kernels"}, {"adapters"}, {"runtime"}, {"tuning"}, {"passes"}, COMPILER,
-        TOP, {"training"}, ENTRY]  # bottom to top; rooms of one row may import each other
+ROWS = [{"environment"}, {"ir"}, {"policy"}, {"inputs"}, {"cost_model"}, {"kernels"}, {"adapters"}, {"runtime"},
+        {"tuning"}, {"passes"}, COMPILER, TOP, {"training"}, ENTRY]  # bottom to top; rooms of one row may import each other
 
 # Upward imports that exist today and are to go, each with its reason. A new one fails the test; so does one of
 # these once it is gone (then delete its line).

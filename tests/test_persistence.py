@@ -112,3 +112,30 @@ def test_a_session_loaded_into_a_budgeted_cache_keeps_within_its_budget(tmp_path
     mask[3:9, 4:12] = True
     assert torch.equal(loaded.edit("a red cabin in the woods", mask=mask).latents,
                        original.edit("a red cabin in the woods", mask=mask).latents)
+
+
+@torch.no_grad()
+def test_the_policy_is_saved_by_group_and_a_flat_saved_policy_still_loads(tmp_path):
+    """New sessions save one dict per policy group; sessions saved before the groups hold the flat dict, and load to
+    the same policy. A policy field this version does not know is refused by name."""
+    policy = fisedit.Policy(block_size=2, dense_steps=0.3, hold_layout_steps=0.1, cache_budget="unbounded")
+    s = fisedit.EditSession(pipeline(), policy, num_inference_steps=STEPS)
+    s.generate("a cabin", generator=torch.Generator().manual_seed(0))
+    folder = s.save(tmp_path / "s")
+    manifest_path = folder / "session.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert set(manifest["policy"]) == {"sparsity", "edit", "cache", "debug"}
+    assert manifest["policy"]["sparsity"]["block_size"] == 2
+    assert fisedit.EditSession.load(folder, pipeline()).policy == policy
+
+    flat = {name: getattr(policy, name) for name in (
+        "max_sparse_downscale", "halo", "halo_unit", "block_size", "attention", "norm_stats", "dense_steps",
+        "detect_from", "detect_to", "mask_dilation", "user_mask_dense_steps", "hold_layout_steps", "inversion_skip",
+        "refresh_every", "deep_reuse_interval", "deep_reuse_downscale", "cache_dtype", "cache_dense_steps",
+        "dump_dir", "dump_svg", "cache_budget", "cache_dir", "program_backend", "retain_freed_memory")}
+    manifest_path.write_text(json.dumps({**manifest, "policy": flat}))  # as sessions saved before the groups
+    assert fisedit.EditSession.load(folder, pipeline()).policy == policy
+
+    manifest_path.write_text(json.dumps({**manifest, "policy": {**flat, "a_future_knob": 1}}))
+    with pytest.raises(SessionFileError, match="a_future_knob"):
+        fisedit.EditSession.load(folder, pipeline())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from fisedit_compiler import kernels
+from fisedit_compiler import environment, kernels
 from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
 from fisedit_compiler.kernels import reference
 from fisedit_compiler.policy import Policy
@@ -268,6 +268,7 @@ def cuda_tensor(dtype=torch.float16) -> torch.Tensor:
 
 def test_dispatch_picks_reference_for_cpu_tensors_by_default(monkeypatch):
     monkeypatch.delenv("FISEDIT_KERNELS", raising=False)
+    environment.reread()  # the package reads its variables once
     assert kernels.select_backend([torch.zeros(2), torch.zeros(2, dtype=torch.long)]) == "reference"
     called = []
     monkeypatch.setattr(reference, "gather_pixels", lambda *args: called.append(args) or "reference")
@@ -277,6 +278,7 @@ def test_dispatch_picks_reference_for_cpu_tensors_by_default(monkeypatch):
 
 def test_dispatch_picks_triton_for_cuda_tensors_it_supports(monkeypatch):
     monkeypatch.delenv("FISEDIT_KERNELS", raising=False)
+    environment.reread()  # the package reads its variables once
     expected = "triton" if kernels.triton_importable() else "reference"
     assert kernels.select_backend([cuda_tensor(torch.float16), cuda_tensor(torch.long)]) == expected
     assert kernels.select_backend([cuda_tensor(torch.float64)]) == "reference"
@@ -285,14 +287,17 @@ def test_dispatch_picks_triton_for_cuda_tensors_it_supports(monkeypatch):
 
 def test_dispatch_override(monkeypatch):
     monkeypatch.setenv("FISEDIT_KERNELS", "reference")
+    environment.reread()  # the package reads its variables once
     assert kernels.select_backend([cuda_tensor()]) == "reference"
     monkeypatch.setenv("FISEDIT_KERNELS", "tirton")
+    environment.reread()  # the package reads its variables once
     with pytest.raises(ValueError, match="expected 'reference', 'triton'"):
         kernels.select_backend([torch.zeros(2)])
 
 
 def test_dispatch_forced_to_triton_runs_the_triton_kernel(triton_gather, device, monkeypatch):
     monkeypatch.setenv("FISEDIT_KERNELS", "triton")
+    environment.reread()  # the package reads its variables once
     mask = torch.zeros(4, 4, dtype=torch.bool, device=device)
     mask[3, 0] = mask[0, 1] = True
     plan = MaskPlan(mask, Policy(block_size=1, halo=0))
@@ -311,6 +316,7 @@ def test_dispatch_forced_to_triton_on_cpu_needs_the_interpreter(monkeypatch):
     from fisedit_compiler.kernels import triton_config
 
     monkeypatch.setenv("FISEDIT_KERNELS", "triton")
+    environment.reread()  # the package reads its variables once
     monkeypatch.setattr(triton_config, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         kernels.select_backend([torch.zeros(2)])
@@ -333,12 +339,14 @@ def test_kernels_work_without_triton(monkeypatch):
         "assert torch.equal(got.flatten(), torch.tensor([1., 3., 5.])), got\n"
     )
     monkeypatch.delenv("FISEDIT_KERNELS", raising=False)
+    environment.reread()  # the package reads its variables once
     subprocess.run([sys.executable, "-c", script], check=True)
     monkeypatch.setitem(sys.modules, "triton", None)
     kernels.triton_importable.cache_clear()
     try:
         assert kernels.select_backend([cuda_tensor()]) == "reference"
         monkeypatch.setenv("FISEDIT_KERNELS", "triton")
+        environment.reread()  # the package reads its variables once
         with pytest.raises(ImportError, match="pip install"):
             kernels.select_backend([torch.zeros(2)])
     finally:

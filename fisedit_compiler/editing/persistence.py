@@ -77,7 +77,7 @@ def save_session(session, path: str | Path) -> Path:
     manifest = {
         "format": FORMAT,
         "prompt": run.prompt, "maps_prompt": run.maps_prompt,
-        "policy": dataclasses.asdict(session.policy),
+        "policy": dataclasses.asdict(session.policy),  # one dict per group; `Policy.from_dict` reads it back
         "scheduler": {"class": type(scheduler).__name__, "config": _jsonable_config(scheduler.config)},
         "num_inference_steps": session.num_inference_steps, "guidance_scale": session.guidance_scale,
         "height": session.height, "width": session.width, "noise_seed": session.noise_seed,
@@ -108,6 +108,14 @@ def _check_same(what: str, saved: dict, current: dict) -> None:
     if differing:
         shown = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:3])
         raise SessionFileError(f"the session was saved with another {what} ({shown})")
+
+
+def _saved_policy(folder: Path, saved: dict[str, Any]) -> Policy:
+    """The saved policy: one dict per group, or the flat dict of sessions saved before the groups (`Policy.from_dict`)."""
+    try:
+        return Policy.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise SessionFileError(f"{folder / MANIFEST} holds a policy this version does not read: {e}") from e
 
 
 @dataclasses.dataclass
@@ -166,7 +174,7 @@ def read_session(path: str | Path, pipe) -> SavedSession:
     _check_same("scheduler config", scheduler["config"], _jsonable_config(pipe.scheduler.config))
 
     _, latents, _ = _read(folder, LATENTS)
-    policy = Policy(**manifest["policy"])
+    policy = _saved_policy(folder, manifest["policy"])
     cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
                         else None, make_store(policy))
     latent_shape = tuple(manifest["latent_shape"])

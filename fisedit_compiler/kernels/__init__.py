@@ -6,21 +6,22 @@ attention. The runtime calls the functions below and never names an implementati
 
 Dispatch, per call, over the call's tensor arguments (`select_backend`): CUDA tensors of float32, float16 or
 bfloat16 with triton importable run the Triton version; anything else the reference. The environment variable
-``FISEDIT_KERNELS=reference|triton`` forces a choice; ``triton`` with CPU tensors needs Triton's interpreter
-(``TRITON_INTERPRET=1``), which is how the tests check the Triton kernels without a GPU. triton is an optional
-dependency: it is imported only when a call picks it.
+``FISEDIT_KERNELS=reference|triton`` forces a choice (read once, with the package's other variables:
+`environment.current()`; `environment.reread()` after setting it); ``triton`` with CPU tensors needs Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check the Triton kernels without a GPU. triton is an
+optional dependency: it is imported only when a call picks it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import os
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
+from .. import environment
 from . import reference
 
 Backend = Literal["reference", "triton"]
@@ -40,7 +41,7 @@ def triton_importable() -> bool:
 
 def select_backend(tensors: Sequence[torch.Tensor]) -> Backend:
     """The implementation a kernel call with these tensor arguments runs; see the module docstring."""
-    choice = os.environ.get("FISEDIT_KERNELS", "")
+    choice = environment.current().kernels
     on_cuda = all(t.device.type == "cuda" for t in tensors)
     if choice == "reference":
         return "reference"

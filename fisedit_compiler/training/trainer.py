@@ -48,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .. import environment
 from ..models import make_scheduler
 from .model_config import (
     LATENT_SIZE,
@@ -441,8 +442,31 @@ def _unet_learning_rate(config: TrainConfig, step: int) -> float:
                           config.warmup_steps)
 
 
-def _train_unet(run: _Run) -> bool:
-    """Phase 3; returns False when the session stopped before the phase ended."""
+@dataclass
+class _UNetTraining:
+    """The U-Net phase's models, optimizer and exponential moving average of the weights."""
+
+    tokenizer: object
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: dict[str, torch.Tensor]  # the averaged weights, "unet.<name>" / "text_encoder.<name>"
+    ema_targets: dict[str, torch.Tensor]  # the live parameters they average, by the same keys
+
+    def checkpoint(self, vae_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The phase's tensors to checkpoint (without the optimizer's), after the VAE's."""
+        return {**vae_tensors, **_prefixed("unet", self.unet.state_dict()),
+                **_prefixed("text_encoder", self.text_encoder.state_dict()), **_prefixed("ema", self.ema)}
+
+    def update_ema(self, decay: float) -> None:
+        with torch.no_grad():
+            for key, target in self.ema_targets.items():
+                self.ema[key].lerp_(target.detach(), 1 - decay)
+
+
+def _start_unet_training(run: _Run) -> _UNetTraining:
+    """The U-Net and text encoder, their optimizer and EMA: fresh, or as the checkpoint left them."""
     config = run.config
     tokenizer = build_tokenizer()
     unet = build_unet(run.size, config.seed * 16 + _INIT_OFFSET["unet"])
@@ -460,60 +484,71 @@ def _train_unet(run: _Run) -> bool:
         ema = {f"{name}.{key}": value.detach().clone()
                for name, model in models.items() for key, value in model.named_parameters()}
     ema_targets = {f"{name}.{key}": value for name, model in models.items() for key, value in model.named_parameters()}
-    vae_tensors = {key: value for key, value in run.tensors.items() if key.startswith("vae.")}
+    return _UNetTraining(tokenizer, unet, text_encoder, parameters, optimizer, ema, ema_targets)
 
-    latents = _load_tensors(run.work_dir / LATENTS)[0]["latents"] * run.state["scaling_factor"]
-    specs = [sample_spec(_step_rng(config, _DATASET_STREAM, index)) for index in range(config.dataset_size)]
+
+def _min_snr_loss_weights(config: TrainConfig) -> torch.Tensor:
+    """Per timestep, the min-SNR-gamma weight of the epsilon-prediction loss."""
     alphas_cumprod = make_scheduler("ddim").alphas_cumprod
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    loss_weight = torch.clamp(snr, max=config.snr_gamma) / snr  # min-SNR-gamma, epsilon prediction
-    noise_scheduler = make_scheduler("ddim")
+    return torch.clamp(snr, max=config.snr_gamma) / snr
 
-    for model in models.values():
-        model.train()
+
+def _unet_step(training: _UNetTraining, config: TrainConfig, step: int, batch, loss_weight: torch.Tensor,
+               noise_scheduler) -> dict[str, float]:
+    """One optimizer step of the U-Net and text encoder on `batch` (`_unet_batch`), then the EMA update; returns
+    the values the loss log records."""
+    clean, captions, timesteps, noise = batch
+    lr = _unet_learning_rate(config, step)
+    for group in training.optimizer.param_groups:
+        group["lr"] = lr
+    token_ids = training.tokenizer(captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
+                                   return_tensors="pt").input_ids
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    with _autocast(config):
+        text = training.text_encoder(token_ids)[0]
+        predicted = training.unet(noisy, timesteps, text).sample.float()
+    per_sample = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
+    loss = (loss_weight[timesteps] * per_sample).mean()
+    training.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(training.parameters, 1.0)
+    training.optimizer.step()
+    training.update_ema(min(config.ema_decay, (1 + step) / (10 + step)))
+    return {"loss": loss.item(), "mse": per_sample.mean().item(), "grad_norm": grad_norm.item(), "lr": lr}
+
+
+def _train_unet(run: _Run) -> bool:
+    """Phase 3; returns False when the session stopped before the phase ended."""
+    config = run.config
+    training = _start_unet_training(run)
+    vae_tensors = {key: value for key, value in run.tensors.items() if key.startswith("vae.")}
+    latents = _load_tensors(run.work_dir / LATENTS)[0]["latents"] * run.state["scaling_factor"]
+    specs = [sample_spec(_step_rng(config, _DATASET_STREAM, index)) for index in range(config.dataset_size)]
+    loss_weight = _min_snr_loss_weights(config)
+    noise_scheduler = make_scheduler("ddim")
+    training.unet.train()
+    training.text_encoder.train()
     total = _unet_total(config)
     with run.bar(total, "unet") as bar:
         for step in range(run.state["step"], total):
             if step == config.unet_steps and step > 0:  # the continuation starts with fresh optimizer moments
-                optimizer = torch.optim.AdamW(parameters, lr=config.continue_lr, weight_decay=0.01)
-            clean, captions, timesteps, noise = _unet_batch(config, step, specs, latents)
-            lr = _unet_learning_rate(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            token_ids = tokenizer(captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
-                                  return_tensors="pt").input_ids
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-            with _autocast(config):
-                text = text_encoder(token_ids)[0]
-                predicted = unet(noisy, timesteps, text).sample.float()
-            per_sample = ((predicted - noise) ** 2).mean(dim=(1, 2, 3))
-            loss = (loss_weight[timesteps] * per_sample).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-            optimizer.step()
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for key, target in ema_targets.items():
-                    ema[key].lerp_(target.detach(), 1 - decay)
-            run.log(phase="unet", step=step, loss=loss.item(), mse=per_sample.mean().item(),
-                    grad_norm=grad_norm.item(), lr=lr)
+                training.optimizer = torch.optim.AdamW(training.parameters, lr=config.continue_lr, weight_decay=0.01)
+            batch = _unet_batch(config, step, specs, latents)
+            logged = _unet_step(training, config, step, batch, loss_weight, noise_scheduler)
+            run.log(phase="unet", step=step, **logged)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
             save_now, stop = run.step_finished()
             if step + 1 == total:
                 break
             if save_now:
-                tensors, groups = _optimizer_tensors(optimizer, "optimizer")
-                run.save({**vae_tensors, **_prefixed("unet", unet.state_dict()),
-                          **_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("ema", ema), **tensors},
-                         step=step + 1, optimizer_param_groups=groups)
+                tensors, groups = _optimizer_tensors(training.optimizer, "optimizer")
+                run.save({**training.checkpoint(vae_tensors), **tensors}, step=step + 1, optimizer_param_groups=groups)
             if stop:
                 return False
-    run.save({**vae_tensors, **_prefixed("unet", unet.state_dict()),
-              **_prefixed("text_encoder", text_encoder.state_dict()), **_prefixed("ema", ema)},
-             phase="decoder", step=run.state.get("decoder_trained", 0), optimizer_param_groups=None,
-             unet_trained=total)
+    run.save(training.checkpoint(vae_tensors), phase="decoder", step=run.state.get("decoder_trained", 0),
+             optimizer_param_groups=None, unet_trained=total)
     return _session_continues(run)
 
 
@@ -596,28 +631,23 @@ def _folder_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
 
 
-def _model_card(run: _Run, command: str, parameters: dict[str, int], folder_bytes: int) -> str:
-    """The pipeline folder's README.md: how the model was made, with the measured numbers."""
-    config, state = run.config, run.state
-    size = run.size
-    losses = _final_losses(run.work_dir)
-    seconds = state["seconds"]
-    vae_loss, unet_loss = losses.get("vae", {}), losses.get("unet", {})
-    minutes = {phase: seconds.get(phase, 0.0) / 60 for phase in ("vae", "encode", "unet", "decoder")}
-    decoder_loss = losses.get("decoder", {})
-    if config.decoder_steps:
-        decoder_row = (f"{config.decoder_steps} steps, the VAE decoder alone (encoder frozen: the U-Net's latent space "
-                       f"is kept), batch {config.decoder_batch_size} whole {IMAGE_SIZE}x{IMAGE_SIZE} scenes of which "
-                       f"{config.decoder_empty_fraction:.0%} have no object, AdamW lr {config.decoder_lr} (warm-up and "
-                       f"cosine decay as above), L1 + {config.vae_mse_weight:g} x MSE, {minutes['decoder']:.1f} min "
-                       f"({seconds.get('decoder', 0.0) / config.decoder_steps:.2f} s/step)")
-        decoder_losses = (f"; decoder L1 {decoder_loss.get('l1', float('nan')):.4f}, "
-                          f"MSE {decoder_loss.get('mse', float('nan')):.5f} (whole scenes)")
-    else:
-        decoder_row = "none (the VAE phase's object-free crops teach the decoder backgrounds)"
-        decoder_losses = ""
-    continued = (f" and {config.unet_continue_steps} continued steps (fresh AdamW moments, a second warm-up and cosine "
-                 f"decay from lr {config.continue_lr})") if config.unet_continue_steps else ""
+def _decoder_card_text(config: TrainConfig, minutes: dict[str, float], seconds: dict[str, float],
+                       decoder_loss: dict[str, float]) -> tuple[str, str]:
+    """The model card's decoder-phase row and the decoder's part of the final-losses row."""
+    if not config.decoder_steps:
+        return "none (the VAE phase's object-free crops teach the decoder backgrounds)", ""
+    row = (f"{config.decoder_steps} steps, the VAE decoder alone (encoder frozen: the U-Net's latent space "
+           f"is kept), batch {config.decoder_batch_size} whole {IMAGE_SIZE}x{IMAGE_SIZE} scenes of which "
+           f"{config.decoder_empty_fraction:.0%} have no object, AdamW lr {config.decoder_lr} (warm-up and "
+           f"cosine decay as above), L1 + {config.vae_mse_weight:g} x MSE, {minutes['decoder']:.1f} min "
+           f"({seconds.get('decoder', 0.0) / config.decoder_steps:.2f} s/step)")
+    losses = (f"; decoder L1 {decoder_loss.get('l1', float('nan')):.4f}, "
+              f"MSE {decoder_loss.get('mse', float('nan')):.5f} (whole scenes)")
+    return row, losses
+
+
+def _card_intro(config: TrainConfig) -> str:
+    """The model card's title and what the model is."""
     return f"""# fisedit shapes model{" (tiny smoke-test configuration)" if config.tiny else ""}
 
 A small Stable Diffusion-family text-to-image model trained from scratch on procedurally generated scenes of
@@ -631,7 +661,20 @@ downloading weights.
 Load it with `fisedit_compiler.models.load_pipeline(path)`. The weights are stored in float16 and `load_pipeline`
 loads them as float32 unless asked otherwise: pass `dtype=torch.float16` on a GPU. Default size 128x128 (latents {LATENT_SIZE}x{LATENT_SIZE}x4), DDIM scheduler.
 
-## How it was made
+"""
+
+
+def _card_how_it_was_made(run: _Run, command: str) -> str:
+    """The model card's table of the phases, with the measured times and final losses."""
+    config, state = run.config, run.state
+    losses = _final_losses(run.work_dir)
+    seconds = state["seconds"]
+    vae_loss, unet_loss = losses.get("vae", {}), losses.get("unet", {})
+    minutes = {phase: seconds.get(phase, 0.0) / 60 for phase in ("vae", "encode", "unet", "decoder")}
+    decoder_row, decoder_losses = _decoder_card_text(config, minutes, seconds, losses.get("decoder", {}))
+    continued = (f" and {config.unet_continue_steps} continued steps (fresh AdamW moments, a second warm-up and cosine "
+                 f"decay from lr {config.continue_lr})") if config.unet_continue_steps else ""
+    return f"""## How it was made
 
 Command: `{command}`
 
@@ -644,9 +687,15 @@ Command: `{command}`
 | decoder phase | {decoder_row} |
 | final losses (mean of the last {unet_loss.get("steps_averaged", 0)} steps) | VAE L1 {vae_loss.get("l1", float("nan")):.4f}, MSE {vae_loss.get("mse", float("nan")):.5f} (images in [-1, 1]); U-Net weighted loss {unet_loss.get("loss", float("nan")):.4f}, unweighted MSE {unet_loss.get("mse", float("nan")):.4f}{decoder_losses} |
 | precision | {"bfloat16 autocast for the forward passes (float32 weights, optimizer states and losses)" if config.mixed_precision else "float32"} |
-| machine | {config.threads} CPU threads, OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}; wall-clock {sum(minutes.values()):.1f} min for the training phases (summed over sessions) |
+| machine | {config.threads} CPU threads, OMP_WAIT_POLICY={environment.current().omp_wait_policy or "unset"}; wall-clock {sum(minutes.values()):.1f} min for the training phases (summed over sessions) |
 
-## Architecture (diffusers / transformers classes)
+"""
+
+
+def _card_architecture(run: _Run, parameters: dict[str, int], folder_bytes: int) -> str:
+    """The model card's table of the components, and the saved size."""
+    config, size = run.config, run.size
+    return f"""## Architecture (diffusers / transformers classes)
 
 | component | class | parameters |
 |---|---|---:|
@@ -658,7 +707,10 @@ Command: `{command}`
 
 Saved size: {folder_bytes / 2**20:.1f} MiB (float16 safetensors).
 
-Why 32x32 latents (a VAE downsampling by 4, not SD's 8): the editing compiler's savings come from recomputing only
+"""
+
+
+_CARD_WHY = """Why 32x32 latents (a VAE downsampling by 4, not SD's 8): the editing compiler's savings come from recomputing only
 the blocks a mask covers, and a small object must span several latent cells for a mask to be much smaller than the
 image; at 16x16 a small shape (18-26 px) would be 2-3 cells and the halo would cover most of the map. 32x32 is also
 the smallest size at which SD's three resolution levels (32, 16, 8) keep a spatial map at the bottom.
@@ -670,6 +722,12 @@ better in a small compute budget.
 
 The tokenizer, the scenes and the training are in `fisedit_compiler/training/`; `fisedit train-shapes --help`.
 """
+
+
+def _model_card(run: _Run, command: str, parameters: dict[str, int], folder_bytes: int) -> str:
+    """The pipeline folder's README.md: how the model was made, with the measured numbers."""
+    return (_card_intro(run.config) + _card_how_it_was_made(run, command)
+            + _card_architecture(run, parameters, folder_bytes) + _CARD_WHY)
 
 
 def _export(run: _Run, command: str) -> None:
