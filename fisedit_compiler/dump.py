@@ -47,7 +47,7 @@ DUMP_DIR_ENV = environment.DUMP_DIR
 SVG_ENV = environment.DUMP_SVG  # "0": write DOT and JSON only, even where Graphviz is installed
 DOT_TIMEOUT_S = 120  # `dot` takes minutes on a full-size U-Net's few thousand nodes; give up on one graph then
 
-# Runtime ops by role, matched by function name so that ops added later in runtime.ops colour by their name too.
+# Runtime ops by role, matched by function name so that ops added later to ir.ops colour by their name too.
 GATHER_OPS = {"gather_active", "gather_windows"}
 SCATTER_OPS = {"scatter_into_recorded"}
 COLOURS = {

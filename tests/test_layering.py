@@ -1,4 +1,4 @@
-"""Imports run downward: each room of the package imports only the rooms below it (docs: DESIGN "Rooms").
+"""Imports run downward: each room of the package imports only the rooms below it (docs/design.md, "Rooms").
 
 A room is a top-level module or sub-package of `fisedit_compiler` (`ir`, `kernels`, `runtime`, `passes`, ...).
 Every import in the package's source is read with `ast`, function-level (lazy) imports included: a lazy import

@@ -1,6 +1,6 @@
 """Programs: a graph variant bound to one call state, as a self-contained graph.
 
-The passes build IR graphs (`runtime.ops`: ops with static arguments that name what a call reads). `bind` lowers
+The passes build IR graphs (`ir.ops`: ops with static arguments that name what a call reads). `bind` lowers
 one for a call state, a mask plan and the flags of the call (record cross-attention maps, write back), into a
 `Program`:
 
@@ -103,7 +103,7 @@ class Binding:
         self.inline_kernels = inline_kernels
         self.plan = plan
         self.record_attention_maps = record_attention_maps
-        self.hold_layout = hold_layout  # layout features are the source run's (`runtime.ops.layout_features`)
+        self.hold_layout = hold_layout  # layout features are the source run's (`ir.ops.layout_features`)
         self.write_back = write_back
         self.graph = fx.Graph()
         self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
