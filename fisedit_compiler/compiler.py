@@ -61,8 +61,7 @@ class CompiledUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.adapter = make_adapter(unet, adapter)
-        self.policy = policy or Policy()
-        self.executor = Executor(self._build, self.policy, self.adapter.channels(),
+        self.executor = Executor(self._build, policy or Policy(), self.adapter.channels(),
                                  device=functools.partial(parameter_device, unet))
         self._cache: RecordCache | None = None  # made when record() or sparse() first needs it
         # The run each thread (or asyncio task) is inside, per compiled model.
@@ -74,6 +73,17 @@ class CompiledUNet(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+    @property
+    def policy(self) -> Policy:
+        """The policy the model's calls run with (its executor's). Variants already built keep the policy they
+        were built with; the run-time choices (temporal reuse's interval, block sizes of new masks) follow a
+        new one."""
+        return self.executor.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.executor.policy = policy
 
     def _build(self, inputs: dict[str, Any], graph: None) -> Variants:
         return build_variants(self.adapter, inputs, self.policy)

@@ -22,14 +22,9 @@ from PIL import Image
 from torch import nn
 
 import fisedit_compiler as fisedit
-<<<<<<< HEAD
-from fisedit_compiler import dump, inspect_cmd
+from fisedit_compiler import dump, environment, inspect_cmd
 from fisedit_compiler.build import build_variants
 from fisedit_compiler.passes.pipelines import sparse_passes
-=======
-from fisedit_compiler import dump, environment, inspect_cmd
-from fisedit_compiler.compiler import build_variants, sparse_passes
->>>>>>> house-policy
 
 LATENT = 16
 POLICY = fisedit.Policy(block_size=4)
