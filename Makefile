@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m fisedit_compiler.cli demo --out $(OUT)
+	$(PY) examples/demo.py --out $(OUT)
 
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)

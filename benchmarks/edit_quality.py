@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fisedit_compiler.compiler import compile  # noqa: E402
-from fisedit_compiler.demo import dense_regeneration, side_by_side  # noqa: E402
+from fisedit_compiler.report import dense_regeneration, side_by_side  # noqa: E402
 from fisedit_compiler.editing.session import EditSession  # noqa: E402
 from fisedit_compiler.policy import Policy  # noqa: E402
 from fisedit_compiler.training import edit_suite  # noqa: E402

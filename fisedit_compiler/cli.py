@@ -1,4 +1,7 @@
-"""The `fisedit` command line: `demo` (the README's main job) and `edit`."""
+"""The `fisedit` command line: `edit` (a scripted edit session), `inspect` (graph dumps) and `train-shapes`.
+
+The demo (`make demo`) is `examples/demo.py`, built from this module's model arguments and `run_edits`.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +11,10 @@ import sys
 from pathlib import Path
 
 
-class _NoImageProcessorFallbackNotice(logging.Filter):
-    """Drops transformers' notice that its image processors fall back to PIL without torchvision, which importing
-    diffusers' Stable Diffusion pipelines prints twice: the project uses no image processor (no safety checker).
-    Installed before the imports below, which import those pipelines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
-logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
-
-from . import inspect_cmd  # noqa: E402
-from .editing.mask_image import load_mask_image  # noqa: E402
-from .editing.token_alignment import PromptTooLongError  # noqa: E402
-from .policy import Policy  # noqa: E402
+from . import inspect_cmd
+from .editing.mask_image import load_mask_image
+from .editing.token_alignment import PromptTooLongError
+from .policy import Policy
 
 
 def _component_config(args, component: str) -> dict | None:
@@ -33,7 +25,8 @@ def _component_config(args, component: str) -> dict | None:
     return json.loads(config.read_text()) if config is not None and config.is_file() else None
 
 
-def _latent_shape(args, latent: int | None) -> tuple[int, int]:
+def latent_shape(args, latent: int | None) -> tuple[int, int]:
+    """(h, w) of the latents: `latent` if given, else the model folder's U-Net `sample_size`."""
     if latent is not None:
         return latent, latent
     size = (_component_config(args, "unet") or {}).get("sample_size")
@@ -57,7 +50,8 @@ def _model_folder(args) -> str:
     return args.model or str(SHAPES_MODEL)
 
 
-def _pipeline(args):
+def pipeline_from_args(args):
+    """The pipeline the arguments name: `--random`'s random-weight model, `--model`'s folder, or the shapes model."""
     from .models import load_pipeline, random_pipeline
 
     if args.random:
@@ -85,36 +79,32 @@ def _policy(args) -> Policy:
     return Policy(block_size=args.block_size)
 
 
-def _run(args, prompt: str | None, edits: list | None, image=None) -> int:
-    """`demo` (edits None: the model's demo session) and `edit` (prompt None: continue `--session`)."""
-    from . import demo
+def run_edits(args, prompt: str | None, edits: list, image=None, note: str | None = None, seed: int | None = None,
+              steps: int | None = None, guidance_scale: float | None = None, pipe=None) -> int:
+    """Run a scripted session (`report.run_session`) with the model the arguments name, print its report, and
+    write its pictures to `args.out`. `prompt` None: continue `args.session`."""
+    from .report import RANDOM_WEIGHTS_NOTE, format_report, run_session
 
-    pipe = _pipeline(args)
+    pipe = pipe or pipeline_from_args(args)
     pipe.set_progress_bar_config(disable=args.quiet)
-    # the shapes model's note explains the demo's choice of scene: only the demo prints it
-    note = demo.RANDOM_WEIGHTS_NOTE if args.random else (demo.SHAPES_NOTE if edits is None and not args.model else None)
+    note = RANDOM_WEIGHTS_NOTE if args.random else note
     if note:
         print(f"note: {note}\n")
-    latent = _latent_shape(args, args.latent_size if args.random else None)[0]
-    seed = 0 if args.seed is None else args.seed
-    if edits is None:  # the demo's own session
-        prompt = demo.RANDOM_PROMPT if args.random else demo.SHAPES_PROMPT
-        if args.seed is None and not args.random:
-            seed = demo.SHAPES_SEED
-        edits = demo.random_edits(latent) if args.random else demo.shapes_edits(latent, pipe.vae_scale_factor)
-    steps = args.steps or (20 if args.random else demo.SHAPES_STEPS)
-    guidance = args.guidance_scale or (7.5 if args.random else demo.SHAPES_GUIDANCE)
+    seed = seed if seed is not None else (0 if args.seed is None else args.seed)
+    steps = steps or args.steps or 20
+    guidance = guidance_scale or args.guidance_scale or (7.5 if args.random else 5.0)
     session = getattr(args, "session", None)
-    data = demo.run_session(pipe, prompt, edits, Path(args.out), steps, seed, _policy(args),
-                            log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
-                            session_dir=Path(session) if session else None, image=image)
-    print("\n" + demo.format_report(data))
+    data = run_session(pipe, prompt, edits, Path(args.out), steps, seed, _policy(args),
+                       log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
+                       session_dir=Path(session) if session else None, image=image)
+    print("\n" + format_report(data))
     print(f"\nwrote {args.out}/: edit_<n>.png (source | edited | recomputed region | dense regeneration), "
           "source.png, edited_<n>.png, mask_<n>.png, report.md, report.json")
     return 0
 
 
-def _common(parser: argparse.ArgumentParser, latent_size: int) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, latent_size: int) -> None:
+    """The arguments that choose the model and the session's settings (`edit`'s, the demo's)."""
     parser.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
     parser.add_argument("--random", action="store_true",
                         help="a built-in random-weight model instead (--arch, --size, --latent-size, --scheduler)")
@@ -127,7 +117,7 @@ def _common(parser: argparse.ArgumentParser, latent_size: int) -> None:
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 5 for the shapes "
                         "model, 7.5 otherwise)")
     parser.add_argument("--seed", type=int, help="the source run's noise (and a random model's weights); default 0, "
-                        "the demo's shapes session: its own (demo.SHAPES_SEED)")
+                        "the demo's shapes session: its own")
     parser.add_argument("--block-size", type=int, default=Policy.block_size)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -186,11 +176,8 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="a demo edit session on the embedded shapes model")
-    _common(demo, latent_size=64)
-    demo.add_argument("--out", default="out/demo")
     edit = commands.add_parser("edit", help="generate an image, then edit its prompt (continuously)")
-    _common(edit, latent_size=64)
+    add_model_arguments(edit, latent_size=64)
     edit.add_argument("--prompt", help="the source prompt (not needed when --session holds a saved session)")
     edit.add_argument("--session", help="a session folder: continued if it holds one, and saved there after the "
                       "edits")
@@ -218,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train-shapes":
             return _train_shapes(args, sys.argv[1:] if argv is None else argv)
-        if args.command == "demo":
-            return _run(args, None, None)
-        from .demo import DemoEdit
+        from .report import ScriptedEdit
 
         mask = image = None
         if args.image:
@@ -233,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             mask = _open_image(args.mask, "--mask") if args.mask else None  # the session crops it like the image
         elif args.mask:
             latent = args.latent_size if args.random else None
-            mask = load_mask_image(args.mask, _latent_shape(args, latent), _vae_scale_factor(args))
+            mask = load_mask_image(args.mask, latent_shape(args, latent), _vae_scale_factor(args))
         if args.paste_back is not None and args.paste_back < 0:
             raise ValueError(f"--paste-back is a feather width in pixels, >= 0; got {args.paste_back}")
-        return _run(args, args.prompt, [DemoEdit(prompt, mask, args.paste_back) for prompt in args.edit], image)
+        return run_edits(args, args.prompt, [ScriptedEdit(prompt, mask, args.paste_back) for prompt in args.edit],
+                         image)
     except (FileNotFoundError, ValueError, PromptTooLongError, RuntimeError) as e:
         print(f"fisedit {args.command}: error: {e}", file=sys.stderr)
         return 2

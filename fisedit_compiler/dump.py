@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from . import environment
-from .capture import InputSignature
+from .ir.signature import InputSignature
 from .ir import LAYOUT, REGION, SPARSE, SpatialLayout, latent_input
 from .passes import ops
 from .passes.manager import PassRecord, op_counts, target_name
@@ -60,8 +60,6 @@ COLOURS = {
 }
 LEGEND = ("blue: gathers   orange: scatters   green: record taps   yellow: sparse   white: dense   "
           "dashed boxes: sparse regions   MACs: estimated from dense shapes")
-
-_warned_no_dot = False
 
 
 def dump_root(policy: Policy) -> Path | None:
@@ -260,16 +258,12 @@ def find_dot() -> str | None:
 
 
 def render_svg(dot_path: Path) -> Path | None:
-    """Render a DOT file to SVG next to it with Graphviz; None (and a log line) when that is not possible, or
-    when Graphviz failed or took longer than `DOT_TIMEOUT_S`."""
-    global _warned_no_dot
+    """Render a DOT file to SVG next to it with Graphviz; None when that is not possible (no Graphviz, or SVGs
+    switched off), or (and a log line) when Graphviz failed or took longer than `DOT_TIMEOUT_S`."""
     if not environment.current().dump_svg:
         return None
     program = find_dot()
     if program is None:
-        if not _warned_no_dot:
-            log.info("graph dumps: Graphviz `dot` is not on PATH, writing DOT without SVG (apt-get install graphviz)")
-            _warned_no_dot = True
         return None
     svg = dot_path.with_suffix(".svg")
     try:
@@ -309,7 +303,10 @@ class GraphDump:
         self._names: dict[str, set[str]] = {}  # per variant: node names of its last graph
         self._captured_names: set[str] = set()
         # until Graphviz fails or times out once (the other graphs of the signature are as large), if asked for
-        self._svg = policy.dump_svg
+        self._svg = policy.dump_svg and environment.current().dump_svg
+        if self._svg and find_dot() is None:  # one notice per signature dumped
+            log.info("graph dumps: Graphviz `dot` is not on PATH, writing DOT without SVG (apt-get install graphviz)")
+            self._svg = False
 
     @staticmethod
     def for_inputs(policy: Policy, inputs: dict[str, Any]) -> GraphDump | None:

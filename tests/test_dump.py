@@ -165,7 +165,6 @@ def test_environment_variable_turns_dumps_on(tmp_path, monkeypatch):
 
 def test_without_graphviz_one_notice_and_no_svg(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(dump, "find_dot", lambda: None)
-    monkeypatch.setattr(dump, "_warned_no_dot", False)
     monkeypatch.delenv("FISEDIT_DUMP_SVG", raising=False)
     environment.reread()  # the package reads its variables once
     with caplog.at_level(logging.INFO, logger="fisedit_compiler.dump"):

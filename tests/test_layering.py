@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 # The allowed directions, bottom to top: room -> the rooms it may import (besides itself).
 COMPILER = {"capture", "build", "compiler", "backend", "dynamo_graph", "dump", "macs"}  # capture, variants, user API
-TOP = {"__init__", "editing", "inspect_cmd", "models"}  # the API facade, edit sessions, tools, model builders
-ENTRY = {"cli", "demo", "app"}  # the command line, the demo, the web app
+TOP = {"__init__", "editing", "inspect_cmd", "models", "report"}  # API facade, sessions, tools, models
+ENTRY = {"cli", "app"}  # the command line, the web app (the demo is examples/demo.py)
 BELOW_COMPILER = {"environment", "ir", "policy", "inputs", "cost_model", "kernels", "runtime", "adapters", "passes"}
 ALLOWED: dict[str, set[str]] = {
     "environment": set(),  # the environment variables, read once; every room may read them

@@ -399,29 +399,7 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
-        vae = self.pipe.vae
-        clean = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-        clean = clean.to(self.unet.dtype)
-        scheduler = self.pipe.scheduler
-        scheduler.set_timesteps(self.num_inference_steps, device=self.unet.device)
-        timesteps = scheduler.timesteps.clone()
-        if len(timesteps) != self.num_inference_steps:
-            raise ValueError(f"load_image needs one U-Net call per step; the pipeline's {type(scheduler).__name__} "
-                             f"makes {len(timesteps)} for {self.num_inference_steps} steps: use DDIM, DPM-Solver++ "
-                             "or UniPC")
-        text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
-        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-                                  .to(torch.uint8).numpy())
-        inputs = self.inputs_for(picture, None)
-        condition = inversion_condition(inputs, self.unet.dtype) if inputs else None
-        meter = _Meter(self.unet)
-        meter.phase = "inversion"
-        try:
-            inversion = ddim_inversion(self.unet, scheduler, clean, text.to(self.unet.dtype), timesteps,
-                                       self.policy.inversion_skip, condition)
-        finally:
-            phases = meter.close()
+        picture, inputs, inversion, phases = self._invert(image, prompt)
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
         self._latents = inversion.latents[0]
@@ -442,6 +420,32 @@ class EditSession:
         reference = None if self.inpainting else self._control_steps(prompt, k)
         self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
         return result
+
+    def _invert(self, image: Any, prompt: str) -> tuple[Image.Image, dict[str, Any], Any, dict[str, PhaseStats]]:
+        """`load_image`'s picture (cropped and resized), pipeline inputs, DDIM inversion and its metered phase."""
+        pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
+        vae = self.pipe.vae
+        clean = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).to(self.unet.dtype)
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.num_inference_steps, device=self.unet.device)
+        timesteps = scheduler.timesteps.clone()
+        if len(timesteps) != self.num_inference_steps:
+            raise ValueError(f"load_image needs one U-Net call per step; the pipeline's {type(scheduler).__name__} "
+                             f"makes {len(timesteps)} for {self.num_inference_steps} steps: use DDIM, DPM-Solver++ "
+                             "or UniPC")
+        text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
+        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+                                  .to(torch.uint8).numpy())
+        inputs = self.inputs_for(picture, None)
+        condition = inversion_condition(inputs, self.unet.dtype) if inputs else None
+        meter = _Meter(self.unet)
+        meter.phase = "inversion"
+        try:
+            inversion = ddim_inversion(self.unet, scheduler, clean, text.to(self.unet.dtype), timesteps,
+                                       self.policy.inversion_skip, condition)
+        finally:
+            phases = meter.close()
+        return picture, inputs, inversion, phases
 
     def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is

@@ -1,4 +1,8 @@
-"""The demo edit session and the `fisedit edit` command: generate, edit, write pictures and a per-phase report."""
+"""A scripted edit session and its report: generate (or load a picture), apply edits in turn, and write each edit's
+pictures beside the dense regeneration of its prompt, with a per-phase report of U-Net calls, MACs and seconds.
+
+`fisedit edit` and the demo (`examples/demo.py`) run sessions with it; benchmarks reuse its pictures.
+"""
 
 from __future__ import annotations
 
@@ -149,8 +153,8 @@ def format_report(data: dict) -> str:
 
 
 @dataclasses.dataclass
-class DemoEdit:
-    """One edit of a demo session: the edited prompt, and its mask: None (detected), a mask `EditSession.edit`
+class ScriptedEdit:
+    """One edit of a scripted session: the edited prompt, and its mask: None (detected), a mask `EditSession.edit`
     takes, or a function of the current image (a PIL image) that returns one (a user drawing on what they see);
     `paste_back`: `EditSession.edit`'s."""
 
@@ -159,7 +163,7 @@ class DemoEdit:
     paste_back: int | None = None
 
 
-def run_session(pipe, prompt: str | None, edits: list[DemoEdit], out: Path, steps: int, seed: int, policy: Policy,
+def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, steps: int, seed: int, policy: Policy,
                 log=print, note: str | None = None, guidance_scale: float = 7.5,
                 session_dir: Path | None = None, image: Any = None) -> dict:
     """Generate `prompt` (or load `image`, described by `prompt`), apply `edits` in turn (continuous: each edits
@@ -221,64 +225,3 @@ def _jsonable(value):
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-# --- the two demo sessions ----------------------------------------------------------------------------------------
-
-SHAPES_PROMPT = "a red circle and a blue square on a gray background"
-# The source noise of the demo session. With it the source draws exactly the two named objects and each edit changes
-# only the object it names (looked at for seeds 0-5: every seed's edits show the new attributes, but seed 0 draws a
-# third object and seed 4's shape change also shrinks the circle; the dense regenerations move and resize objects).
-SHAPES_SEED = 5
-SHAPES_NOTE = (
-    "The embedded shapes model draws the named objects in 98% of one-object and 90% of two-object generations "
-    "(benchmarks/results/shapes-quality.md); the demo changes one object of a two-object scene at a time, and the "
-    "dense regeneration of each edited prompt shows what a user would get without FISEdit."
-)
-SHAPES_STEPS = 20
-SHAPES_GUIDANCE = 5.0
-
-
-def drawn_box_mask(colour: str, shape: str, latent: int, scale_factor: int, pad: int = 1):
-    """A user's mask as a function of the image they see: a box around the (colour, shape) object found in it (the
-    evaluator's pixel statistics), grown by `pad` latent pixels; the largest object if that one is not found."""
-    from .training.evaluator import find_objects
-
-    def mask(image: Image.Image) -> torch.Tensor:
-        found = find_objects(image)
-        chosen = next((o for o in found if (o.colour, o.shape) == (colour, shape)), found[0] if found else None)
-        box = torch.zeros(latent, latent, dtype=torch.bool)
-        if chosen is None:  # nothing to draw around: the centre quarter
-            box[latent // 4: 3 * latent // 4, latent // 4: 3 * latent // 4] = True
-            return box
-        y0, x0, y1, x1 = chosen.bbox
-        box[max(0, y0 // scale_factor - pad): min(latent, -(-y1 // scale_factor) + pad),
-            max(0, x0 // scale_factor - pad): min(latent, -(-x1 // scale_factor) + pad)] = True
-        return box
-
-    return mask
-
-
-def shapes_edits(latent: int, scale_factor: int) -> list[DemoEdit]:
-    """The shapes model's session: two edits of the square whose masks are detected (its colour, then its shape;
-    continuous), and one with a box the user draws around the circle (a shape change: with this model a new colour
-    can move the object, which a box then cuts away, while a detected mask follows it)."""
-    return [
-        DemoEdit("a red circle and a green square on a gray background"),
-        DemoEdit("a red circle and a green triangle on a gray background"),
-        DemoEdit("a red cross and a green triangle on a gray background",
-                 drawn_box_mask("red", "circle", latent, scale_factor)),
-    ]
-
-
-RANDOM_PROMPT = "a cabin in the woods"
-
-
-def random_edits(latent: int) -> list[DemoEdit]:
-    """The random-weight model's session: the first edit detects its mask; the second gives one (a 10% ellipse),
-    so that it shows sparse savings although random weights make detected masks cover most of the image."""
-    from .editing.masks import ellipse_mask
-
-    given = ellipse_mask(latent, 0.1, center=(0.55, 0.35), grid_offset=0)  # left of centre
-    return [DemoEdit("a cabin in the woods with a river"),
-            DemoEdit("a cabin in the woods with a river at night", given)]
