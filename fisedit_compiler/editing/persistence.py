@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..policy import Policy
-from ..runtime.tiered_store import make_store
+from ..runtime.tiered_store import MemoryBudget, make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
 from ..runtime.safetensors_io import read_safetensors, write_safetensors
 
@@ -141,9 +141,10 @@ class SavedSession:
     image: Any
 
 
-def read_session(path: str | Path, pipe) -> SavedSession:
+def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = None) -> SavedSession:
     """Read and check the session folder `path` against `pipe`; see the module docstring. The cache read keeps
-    within a budget made from the saved policy (`cache.store.budget`, which the loaded session then shares)."""
+    within `memory_budget` if given (shared with other sessions: a service's), else a budget made from the saved
+    policy (`cache.store.budget`, which the loaded session then shares)."""
     from PIL import Image
 
     from ..compiler import CompiledUNet
@@ -176,7 +177,7 @@ def read_session(path: str | Path, pipe) -> SavedSession:
     _, latents, _ = _read(folder, LATENTS)
     policy = _saved_policy(folder, manifest["policy"])
     cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
-                        else None, make_store(policy))
+                        else None, make_store(policy, memory_budget))
     latent_shape = tuple(manifest["latent_shape"])
     for step in manifest["steps"]:
         slab, tensors, metadata = _read(folder, step["file"])

@@ -509,12 +509,13 @@ class EditSession:
         return save_session(self, path)
 
     @classmethod
-    def load(cls, path, pipe) -> EditSession:
+    def load(cls, path, pipe, memory_budget: MemoryBudget | None = None) -> EditSession:
         """The session saved in `path`, over `pipe` (the same U-Net weights, scheduler and latent size, checked:
-        a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it)."""
+        a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it). `memory_budget`:
+        one shared with other sessions (a service's), else one made from the saved policy."""
         from .persistence import read_session
 
-        saved = read_session(path, pipe)
+        saved = read_session(path, pipe, memory_budget)
         session = cls(pipe, policy=saved.policy, num_inference_steps=saved.num_inference_steps,
                       guidance_scale=saved.guidance_scale, height=saved.height, width=saved.width,
                       noise_seed=saved.noise_seed,  # a U-Net compiled with another policy is compiled anew

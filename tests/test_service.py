@@ -1,0 +1,109 @@
+"""The session service (`fisedit_compiler.service`): sessions by id over one pipeline, every state saved, undo,
+eviction and reopening, one memory budget, and clear errors for requests it cannot serve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fisedit_compiler as fisedit
+from fisedit_compiler.editing.persistence import SessionFileError
+from fisedit_compiler.models import random_pipeline
+from fisedit_compiler.service import ServiceError, SessionService
+
+LATENT = 16
+STEPS = 4
+PROMPT = "a cabin in the woods"
+
+
+def box(rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros(LATENT, LATENT, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+@pytest.fixture
+def service(tmp_path):
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    made = SessionService(pipe, tmp_path / "sessions", fisedit.Policy(block_size=2), num_inference_steps=STEPS,
+                          max_live=1)
+    yield made
+    made.close()
+
+
+@torch.no_grad()
+def test_edits_chain_and_undo_returns_to_the_state_before(service):
+    sid = service.create()
+    source = service.generate(sid, PROMPT, seed=0)
+    mask = box(slice(3, 9), slice(4, 12))
+    first = service.edit(sid, "a red cabin in the woods", mask=mask)
+    assert torch.equal(first.latents[..., ~mask], source.latents[..., ~mask])  # outside the mask: the source's
+    second = service.edit(sid, "a red cabin in the woods at night", mask=box(slice(0, 4), slice(0, 16)))
+    assert service.history(sid) == [PROMPT, "a red cabin in the woods", "a red cabin in the woods at night"]
+    assert not torch.equal(second.latents, first.latents)
+    back = service.undo(sid)
+    assert torch.equal(back.latents, first.latents) and back.prompt == "a red cabin in the woods"
+    # the next edit builds on the state undone to, exactly as an edit of it made before would
+    again = service.edit(sid, "a red cabin in the woods at night", mask=box(slice(0, 4), slice(0, 16)))
+    assert torch.equal(again.latents, second.latents)
+    service.undo(sid)
+    assert torch.equal(service.undo(sid).latents, source.latents)
+    with pytest.raises(ServiceError, match="nothing to undo"):
+        service.undo(sid)
+
+
+@torch.no_grad()
+def test_an_evicted_session_reopens_from_disk_and_edits_as_if_it_had_stayed(service, tmp_path):
+    a, b = service.create(), service.create()
+    service.generate(a, PROMPT, seed=0)
+    mask = box(slice(2, 8), slice(2, 8))
+    service.generate(b, "a house by a lake", seed=1)  # max_live=1: a is evicted to make room for b
+    assert list(service._live) == [b]
+    reopened = service.edit(a, "a red cabin in the woods", mask=mask)
+    # the same edit in a session that never left memory
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
+        alone.generate(PROMPT, generator=torch.Generator().manual_seed(0))
+        expected = alone.edit("a red cabin in the woods", mask=mask)
+    assert torch.equal(reopened.latents, expected.latents)
+    assert service.evict_idle(0.0) == [a] and not service._live
+
+
+@torch.no_grad()
+def test_sessions_share_one_memory_budget_and_a_download_opens_as_a_new_session(service):
+    sid = service.create()
+    service.generate(sid, PROMPT, seed=0)
+    live = service._live[sid]
+    assert live.memory_budget is service.memory_budget and live.cache.store.budget is service.memory_budget
+    copy = service.open_saved(service.download(sid))
+    assert copy != sid and service.history(copy) == [PROMPT]
+    assert torch.equal(service.current(copy).latents, service.current(sid).latents)
+    service.delete(copy)
+    assert copy not in service.sessions()
+
+
+@torch.no_grad()
+def test_a_failed_edit_loses_nothing(service):
+    sid = service.create()
+    source = service.generate(sid, PROMPT, seed=0)
+    with pytest.raises(fisedit.MaskError):
+        service.edit(sid, "a red cabin", mask=torch.ones(3, 3, dtype=torch.bool))  # wrong shape
+    with pytest.raises(TypeError):
+        service.edit(sid, 42)
+    assert torch.equal(service.current(sid).latents, source.latents) and service.history(sid) == [PROMPT]
+
+
+def test_requests_it_cannot_serve_say_why(service, tmp_path):
+    with pytest.raises(ServiceError, match="not a session id"):
+        service.edit("../../etc", "a cabin")
+    with pytest.raises(ServiceError, match="no session"):
+        service.edit("0123456789abcdef", "a cabin")
+    sid = service.create()
+    with pytest.raises(RuntimeError, match="needs a source image"):
+        service.edit(sid, "a red cabin")
+    with pytest.raises(ServiceError, match="no image yet"):
+        service.download(sid)
+    with pytest.raises(SessionFileError, match="not a saved session"):
+        service.open_saved(tmp_path)
+    with pytest.raises(ValueError, match="max_live"):
+        SessionService(service.pipe, tmp_path / "other", max_live=0)
