@@ -83,14 +83,35 @@ def test_sessions_share_one_memory_budget_and_a_download_opens_as_a_new_session(
 
 
 @torch.no_grad()
-def test_a_failed_edit_loses_nothing(service):
+def test_a_failed_edit_loses_nothing(service, monkeypatch):
+    """Bad input is refused before any work; an edit that fails mid-run (its sparse steps had written their blocks
+    back) leaves the session as its last state: the next edit is the one a session that never failed makes."""
     sid = service.create()
     source = service.generate(sid, PROMPT, seed=0)
     with pytest.raises(fisedit.MaskError):
         service.edit(sid, "a red cabin", mask=torch.ones(3, 3, dtype=torch.bool))  # wrong shape
     with pytest.raises(TypeError):
         service.edit(sid, 42)
+    scheduler = type(service.pipe.scheduler)
+    step, calls = scheduler.step, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "step", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        service.edit(sid, "a red cabin in the woods", mask=box(slice(2, 14), slice(2, 14)))
+    monkeypatch.undo()
     assert torch.equal(service.current(sid).latents, source.latents) and service.history(sid) == [PROMPT]
+    small = box(slice(6, 10), slice(6, 10))  # its context lies inside the failed edit's region
+    after = service.edit(sid, "a blue cabin in the woods", mask=small)
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
+        alone.generate(PROMPT, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(after.latents, alone.edit("a blue cabin in the woods", mask=small).latents)
 
 
 def test_requests_it_cannot_serve_say_why(service, tmp_path):
