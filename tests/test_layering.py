@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 # The allowed directions, bottom to top: room -> the rooms it may import (besides itself).
 COMPILER = {"capture", "build", "compiler", "backend", "dynamo_graph", "dump", "macs"}  # capture, variants, user API
 TOP = {"__init__", "editing", "inspect_cmd", "models", "report", "service"}  # API, sessions, tools, models
-ENTRY = {"cli", "app"}  # the command line, the web app (the demo is examples/demo.py)
+ENTRY = {"cli", "app", "serve"}  # the command line, the web app, the HTTP API (the demo: examples/demo.py)
 BELOW_COMPILER = {"environment", "ir", "policy", "inputs", "cost_model", "kernels", "runtime", "adapters", "passes"}
 ALLOWED: dict[str, set[str]] = {
     "environment": set(),  # the environment variables, read once; every room may read them

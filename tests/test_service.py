@@ -120,8 +120,9 @@ def test_requests_it_cannot_serve_say_why(service, tmp_path):
     with pytest.raises(ServiceError, match="no session"):
         service.edit("0123456789abcdef", "a cabin")
     sid = service.create()
-    with pytest.raises(RuntimeError, match="needs a source image"):
+    with pytest.raises(ServiceError, match="no image yet") as refused:
         service.edit(sid, "a red cabin")
+    assert refused.value.kind == "conflict"
     with pytest.raises(ServiceError, match="no image yet"):
         service.download(sid)
     with pytest.raises(SessionFileError, match="not a saved session"):

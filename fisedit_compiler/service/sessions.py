@@ -44,7 +44,13 @@ _ID = re.compile(r"[0-9a-f]{16}")
 
 
 class ServiceError(ValueError):
-    """A request the service cannot serve (an unknown session, nothing to undo); the message says why."""
+    """A request the service cannot serve; the message says why. `kind`: "unknown" (no such session), "invalid"
+    (a malformed request) or "conflict" (not possible in the session's state: an edit before any image, nothing
+    to undo), which front ends map to their own codes (HTTP 404, 400, 409)."""
+
+    def __init__(self, message: str, kind: str = "invalid"):
+        super().__init__(message)
+        self.kind = kind
 
 
 class SessionService:
@@ -118,13 +124,16 @@ class SessionService:
                 self._close(sid)  # a run that failed may have changed its records: reopen from the last state
                 raise
 
-    def edit(self, sid: str, prompt: str, mask: Any = None) -> EditResult:
-        """Edit the current image (`EditSession.edit`: the mask detected, or a user's); the edit becomes a state."""
+    def edit(self, sid: str, prompt: str, mask: Any = None, keep: bool = True) -> EditResult:
+        """Edit the current image (`EditSession.edit`: the mask detected, or a user's); the edit becomes a state
+        unless `keep` is False (a try: the next edit starts from the same image)."""
         with self._lock:
+            if not self._states(sid):
+                raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
             try:
                 session = self._session(sid)
-                result = session.edit(prompt, mask=mask)
-                if result.region is not None:  # an empty mask changes nothing: no new state
+                result = session.edit(prompt, mask=mask, keep=keep)
+                if keep and result.region is not None:  # an empty mask changes nothing: no new state
                     self._save_state(sid, session)
                 return result
             except BaseException:
@@ -136,7 +145,7 @@ class SessionService:
         with self._lock:
             states = self._states(sid)
             if len(states) < 2:
-                raise ServiceError("nothing to undo: the session has no edit after its source image")
+                raise ServiceError("nothing to undo: the session has no edit after its source image", "conflict")
             self._close(sid)
             shutil.rmtree(states[-1])
             return self._session(sid).current
@@ -162,7 +171,7 @@ class SessionService:
         """The folder of the session's current state: a saved session (`EditSession.load` opens it)."""
         states = self._states(sid)
         if not states:
-            raise ServiceError("the session has no image yet: generate or upload one first")
+            raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
         return states[-1]
 
     def open_saved(self, folder: str | Path) -> str:
@@ -195,7 +204,7 @@ class SessionService:
             raise ServiceError(f"{sid!r} is not a session id (16 hexadecimal digits, as create() returns)")
         folder = self.root / sid
         if exists and not folder.is_dir():
-            raise ServiceError(f"no session {sid}: it was never created here, or was deleted")
+            raise ServiceError(f"no session {sid}: it was never created here, or was deleted", "unknown")
         return folder
 
     def _states(self, sid: str) -> list[Path]:

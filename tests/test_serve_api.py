@@ -1,0 +1,107 @@
+"""The HTTP API (`fisedit_compiler.serve.api`) in-process with FastAPI's test client: every route, the latents it
+leaves outside a mask, and a 4xx that says why for every request it cannot serve."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fisedit_compiler as fisedit
+from fisedit_compiler.models import random_pipeline
+from fisedit_compiler.service import SessionService
+
+pytest.importorskip("fastapi", reason="the HTTP API is an optional extra: pip install 'fisedit-compiler[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from fisedit_compiler.serve.api import create_app  # noqa: E402
+
+LATENT = 16
+STEPS = 4
+PROMPT = "a cabin in the woods"
+
+
+def png_file(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def picture(encoded: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(encoded)))
+
+
+@pytest.fixture
+def api(tmp_path):
+    service = SessionService(random_pipeline("sd2", latent_size=LATENT, seed=0), tmp_path / "sessions",
+                             fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+    yield TestClient(create_app(service)), service
+    service.close()
+
+
+@torch.no_grad()
+def test_generate_edit_undo_delete(api):
+    client, service = api
+    made = client.post("/v1/sessions", data={"prompt": PROMPT, "seed": "0"})
+    assert made.status_code == 200, made.text
+    sid = made.json()["id"]
+    assert picture(made.json()["image"]).size == (8 * LATENT, 8 * LATENT)
+    mask = np.zeros((LATENT, LATENT), dtype=np.uint8)
+    mask[3:9, 4:12] = 255  # drawn at latent resolution
+    edited = client.post(f"/v1/sessions/{sid}/edits", data={"prompt": "a red cabin in the woods"},
+                         files={"mask": ("mask.png", png_file(mask), "image/png")})
+    assert edited.status_code == 200, edited.text
+    body = edited.json()
+    assert body["history"] == [PROMPT, "a red cabin in the woods"]
+    assert np.array_equal(np.asarray(picture(body["mask"])) > 0, mask > 0)
+    assert body["phases"]["sparse"]["unet_calls"] > 0 and body["phases"]["sparse"]["macs"] > 0
+    # the latents are those of a local session making the same edit
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as local:
+        local.generate(PROMPT, generator=torch.Generator().manual_seed(0))
+        expected = local.edit("a red cabin in the woods", mask=torch.from_numpy(mask > 0))
+    assert torch.equal(service.current(sid).latents, expected.latents)
+    tried = client.post(f"/v1/sessions/{sid}/edits", data={"prompt": "a blue cabin in the woods", "keep": "false"})
+    assert tried.status_code == 200 and tried.json()["history"] == body["history"]  # a try is no new state
+    assert client.get(f"/v1/sessions/{sid}").json()["history"] == body["history"]
+    assert client.get(f"/v1/sessions/{sid}/image").headers["content-type"] == "image/png"
+    undone = client.post(f"/v1/sessions/{sid}/undo")
+    assert undone.status_code == 200 and undone.json()["history"] == [PROMPT]
+    assert undone.json()["image"] == made.json()["image"]
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+
+
+@torch.no_grad()
+def test_an_uploaded_picture_starts_a_session(api):
+    client, _ = api
+    photo = np.random.default_rng(0).integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    made = client.post("/v1/sessions", data={"prompt": "a photo of noise"},
+                       files={"image": ("photo.png", png_file(photo), "image/png")})
+    assert made.status_code == 200, made.text
+    assert picture(made.json()["image"]).size == (8 * LATENT, 8 * LATENT)  # cropped and resized
+
+
+@torch.no_grad()
+def test_requests_it_cannot_serve_get_a_4xx_that_says_why(api):
+    client, service = api
+    assert client.get("/v1/sessions/0123456789abcdef").status_code == 404
+    malformed = client.get("/v1/sessions/not-an-id")
+    assert malformed.status_code == 400 and "not a session id" in malformed.json()["detail"]
+    sid = client.post("/v1/sessions", data={"prompt": PROMPT}).json()["id"]
+    wrong = client.post(f"/v1/sessions/{sid}/edits", data={"prompt": "a red cabin"},
+                        files={"mask": ("mask.png", png_file(np.zeros((5, 7), dtype=np.uint8)), "image/png")})
+    assert wrong.status_code == 400 and "5" in wrong.json()["detail"]
+    garbage = client.post(f"/v1/sessions/{sid}/edits", data={"prompt": "a red cabin"},
+                          files={"mask": ("mask.png", b"not a png", "image/png")})
+    assert garbage.status_code == 400 and "not an image" in garbage.json()["detail"]
+    long = client.post(f"/v1/sessions/{sid}/edits", data={"prompt": "word " * 100})
+    assert long.status_code == 400 and "tokens" in long.json()["detail"]
+    nothing = client.post(f"/v1/sessions/{sid}/undo")
+    assert nothing.status_code == 409 and "nothing to undo" in nothing.json()["detail"]
+    assert client.post("/v1/sessions", data={}).status_code == 422  # no prompt
+    assert service.history(sid) == [PROMPT]  # nothing of the session was lost
