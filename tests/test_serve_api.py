@@ -35,10 +35,14 @@ def picture(encoded: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(encoded)))
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    return random_pipeline("sd2", latent_size=LATENT, seed=0)  # one for the module: its U-Net compiled once
+
+
 @pytest.fixture
-def api(tmp_path):
-    service = SessionService(random_pipeline("sd2", latent_size=LATENT, seed=0), tmp_path / "sessions",
-                             fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+def api(tmp_path, pipe):
+    service = SessionService(pipe, tmp_path / "sessions", fisedit.Policy(block_size=2), num_inference_steps=STEPS)
     yield TestClient(create_app(service)), service
     service.close()
 
@@ -60,8 +64,7 @@ def test_generate_edit_undo_delete(api):
     assert np.array_equal(np.asarray(picture(body["mask"])) > 0, mask > 0)
     assert body["phases"]["sparse"]["unet_calls"] > 0 and body["phases"]["sparse"]["macs"] > 0
     # the latents are those of a local session making the same edit
-    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
-    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as local:
+    with fisedit.EditSession(service.pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as local:
         local.generate(PROMPT, generator=torch.Generator().manual_seed(0))
         expected = local.edit("a red cabin in the woods", mask=torch.from_numpy(mask > 0))
     assert torch.equal(service.current(sid).latents, expected.latents)

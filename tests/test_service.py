@@ -22,9 +22,15 @@ def box(rows: slice, cols: slice) -> torch.Tensor:
     return mask
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """One pipeline for the module (its U-Net compiled once): the service's, and the local sessions' it is compared
+    with."""
+    return random_pipeline("sd2", latent_size=LATENT, seed=0)
+
+
 @pytest.fixture
-def service(tmp_path):
-    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+def service(tmp_path, pipe):
     made = SessionService(pipe, tmp_path / "sessions", fisedit.Policy(block_size=2), num_inference_steps=STEPS,
                           max_live=1)
     yield made
@@ -61,8 +67,7 @@ def test_an_evicted_session_reopens_from_disk_and_edits_as_if_it_had_stayed(serv
     assert list(service._live) == [b]
     reopened = service.edit(a, "a red cabin in the woods", mask=mask)
     # the same edit in a session that never left memory
-    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
-    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
+    with fisedit.EditSession(service.pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
         alone.generate(PROMPT, generator=torch.Generator().manual_seed(0))
         expected = alone.edit("a red cabin in the woods", mask=mask)
     assert torch.equal(reopened.latents, expected.latents)
@@ -108,8 +113,7 @@ def test_a_failed_edit_loses_nothing(service, monkeypatch):
     assert torch.equal(service.current(sid).latents, source.latents) and service.history(sid) == [PROMPT]
     small = box(slice(6, 10), slice(6, 10))  # its context lies inside the failed edit's region
     after = service.edit(sid, "a blue cabin in the woods", mask=small)
-    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
-    with fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
+    with fisedit.EditSession(service.pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS) as alone:
         alone.generate(PROMPT, generator=torch.Generator().manual_seed(0))
         assert torch.equal(after.latents, alone.edit("a blue cabin in the woods", mask=small).latents)
 
