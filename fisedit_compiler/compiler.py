@@ -8,7 +8,8 @@
         pipe(prompt_embeds=e2, latents=z, num_inference_steps=20)
 
 Outside `record()` and `sparse()` a call runs the eager U-Net. The first recorded call of an input signature
-captures the U-Net and runs both pass pipelines; the variants are cached per signature.
+captures the U-Net and runs the pass pipelines (`passes/pipelines.py`); the model's `Executor`
+(`runtime/executor.py`) keeps the variants per signature and runs every call.
 """
 
 from __future__ import annotations
