@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fisedit_compiler as fisedit
-from fisedit_compiler import cost_model
+from fisedit_compiler import cost_model, macs
 from conftest import tiny_unet, unet_inputs
 from fisedit_compiler.ir import ActivePixels, ConvWindows, FullImage, SpatialLayout
 from fisedit_compiler.ir import ops as ir_ops
@@ -260,9 +260,14 @@ def test_a_compiled_model_runs_its_programs_with_the_policys_backend():
         want = compiled_eager(**inputs).sample
     with compiled.sparse(mask):
         got = compiled(**inputs).sample
-    assert len(graphs) == 2  # the record program and the sparse program
+        # a MAC count around a call of compiled programs: the eager program's ops, counted (no dynamo error)
+        counted, _ = macs.count_macs(lambda: compiled(**inputs))
+    with compiled_eager.sparse(mask):
+        eager_counted, _ = macs.count_macs(lambda: compiled_eager(**inputs))
+    assert len(graphs) == 2  # the record program and the sparse program (none compiled under the counter)
     torch.testing.assert_close(recorded, unet(**inputs).sample)
     torch.testing.assert_close(got, want)
+    assert counted == eager_counted > 0
 
 
 def test_programs_read_the_models_own_parameters_under_flat_names():

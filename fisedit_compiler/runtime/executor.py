@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes, any_torch_dispatch_mode_on_stack
 
 from ..cost_model import CostConstants, load_constants
 from ..ir import CacheRef
@@ -78,15 +78,22 @@ class Variants:
         del kept[SPARSE_PROGRAMS_KEPT:]
         return program
 
+    def runner(self, program: Program):
+        """What runs `program`: its `torch.compile` with the programs' backend, or (None) the eager program, which a
+        call watched by a dispatch mode (a MAC counter, `macs.count_macs`) runs instead: dynamo does not trace under
+        such a mode, and the eager program runs the same ops (up to the compiler's fusions and rounding)."""
+        if self.backend is None or any_torch_dispatch_mode_on_stack():
+            return None
+        return program.compiled(self.backend)
+
     def run_record(self, inputs: dict[str, Any], step: StepRecord, attention_maps: bool = False) -> tuple:
         program = self.program("record", attention_maps)
-        return program(inputs, step, runner=program.compiled(self.backend))
+        return program(inputs, step, runner=self.runner(program))
 
     def run_control(self, inputs: dict[str, Any], step: StepRecord, source: StepRecord,
                     token_alignment: torch.Tensor, attention_maps: bool = True, hold_layout: bool = False) -> tuple:
         program = self.program("control", attention_maps, hold_layout)
-        return program(inputs, step, source=source, token_alignment=token_alignment,
-                       runner=program.compiled(self.backend))
+        return program(inputs, step, source=source, token_alignment=token_alignment, runner=self.runner(program))
 
     def run_sparse(self, inputs: dict[str, Any], step: StepRecord, plan: MaskPlan, write_back: bool = False,
                    reused: dict[CacheRef, torch.Tensor] | None = None, reuse_call: bool = False) -> tuple:
@@ -95,7 +102,7 @@ class Variants:
         program = self.sparse_program(plan, write_back, reuse_call)
         if reused is not None:
             step = _WithReused(step, reused)
-        return program(inputs, step, plan, runner=program.compiled(self.backend))
+        return program(inputs, step, plan, runner=self.runner(program))
 
 
 class _WithReused:
