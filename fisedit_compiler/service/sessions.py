@@ -24,12 +24,14 @@ its session is reopened from its last saved state by the next request.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,29 +102,12 @@ class SessionService:
 
     def generate(self, sid: str, prompt: str, seed: int = 0) -> EditResult:
         """Generate the session's source image (a new history: earlier states are dropped)."""
-        with self._lock:
-            try:
-                session = self._session(sid, fresh=True)
-                result = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
-                self._drop_states(sid)
-                self._save_state(sid, session)
-                return result
-            except BaseException:
-                self._close(sid)  # a run that failed may have changed its records: reopen from the last state
-                raise
+        return self._start(sid, lambda session: session.generate(
+            prompt, generator=torch.Generator().manual_seed(seed)))
 
     def upload(self, sid: str, image: Any, prompt: str) -> EditResult:
         """Start the session's history from a picture described by `prompt` (`EditSession.load_image`)."""
-        with self._lock:
-            try:
-                session = self._session(sid, fresh=True)
-                result = session.load_image(image, prompt)
-                self._drop_states(sid)
-                self._save_state(sid, session)
-                return result
-            except BaseException:
-                self._close(sid)  # a run that failed may have changed its records: reopen from the last state
-                raise
+        return self._start(sid, lambda session: session.load_image(image, prompt))
 
     def edit(self, sid: str, prompt: str, mask: Any = None, keep: bool = True) -> EditResult:
         """Edit the current image (`EditSession.edit`: the mask detected, or a user's); the edit becomes a state
@@ -130,15 +115,11 @@ class SessionService:
         with self._lock:
             if not self._states(sid):
                 raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
-            try:
-                session = self._session(sid)
+            with self._request(sid) as session:
                 result = session.edit(prompt, mask=mask, keep=keep)
                 if keep and result.region is not None:  # an empty mask changes nothing: no new state
                     self._save_state(sid, session)
                 return result
-            except BaseException:
-                self._close(sid)  # a run that failed may have changed its records: reopen from the last state
-                raise
 
     def undo(self, sid: str) -> EditResult:
         """Return to the state before the last edit; its image is the current one again."""
@@ -226,6 +207,26 @@ class SessionService:
                                   guidance_scale=self.guidance_scale, memory_budget=self.memory_budget)
         self._keep_live(sid, session)
         return session
+
+    @contextlib.contextmanager
+    def _request(self, sid: str, fresh: bool = False) -> Iterator[EditSession]:
+        """The session's `EditSession` for one request, under the pipeline's lock. If the request fails, the live
+        session is let go (a run that failed may have changed its records): the next request reopens its last
+        saved state."""
+        with self._lock:
+            try:
+                yield self._session(sid, fresh)
+            except BaseException:
+                self._close(sid)
+                raise
+
+    def _start(self, sid: str, begin: Callable[[EditSession], EditResult]) -> EditResult:
+        """A new history: `begin` makes the session's first image, which replaces every earlier state."""
+        with self._request(sid, fresh=True) as session:
+            result = begin(session)
+            self._drop_states(sid)
+            self._save_state(sid, session)
+            return result
 
     def _keep_live(self, sid: str, session: EditSession) -> None:
         self._live[sid] = session
