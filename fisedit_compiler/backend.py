@@ -89,13 +89,17 @@ class Session:
 
     def __init__(self, module: nn.Module, policy: Policy, adapter: type[ModelAdapter] | None,
                  calls: contextvars.ContextVar[_Call | None]):
-        self.policy = policy
         self.adapter = make_adapter(module, adapter)
         self.calls = calls
         self.executor = Executor(functools.partial(build_graph_variants, policy=policy), policy,
                                  self.adapter.channels(), device=functools.partial(parameter_device, module))
         self.cache = RecordCache(policy.storage_dtype, make_store(policy))  # the recorded source run
         self.run: Run | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The policy the module was compiled with (its executor's)."""
+        return self.executor.policy
 
     def active_pixels(self) -> torch.Tensor:
         """Inside `sparse()`: the (H, W) bool map of the latent pixels that sparse calls recompute."""
@@ -104,9 +108,8 @@ class Session:
             raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
         return plan.active_pixels(plan.latent_res)
 
-    def pixel_inputs(self, args: tuple, kwargs: dict) -> dict[int, InputLayout]:
-        """The tensors of a call with these arguments that carry pixels (the latents among them), by `id`."""
-        inputs, _ = self.adapter.bind(args, kwargs)
+    def pixel_inputs(self, inputs: dict[str, Any]) -> dict[int, InputLayout]:
+        """The tensors of a call's bound inputs that carry pixels (the latents among them), by `id`."""
         leaves = torch.utils._pytree.tree_leaves(inputs)
         return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs)) if layout.layout}
 
@@ -146,7 +149,7 @@ class _Call:
     def __init__(self, session: Session, args: tuple, kwargs: dict):
         self.session = session
         self.inputs, _ = session.adapter.bind(args, kwargs)
-        self.pixel_inputs = session.pixel_inputs(args, kwargs)
+        self.pixel_inputs = session.pixel_inputs(self.inputs)
         self.graphs: list[FisEditGraph] = []
 
     def run(self, graph: FisEditGraph, args: tuple) -> Any:

@@ -127,9 +127,9 @@ class _WithReused:
 
 class Executor:
     """Runs calls for one model: see the module docstring. `build(inputs, graph)` makes the variants of an input
-    signature (of one of the model's graphs, for a model that dynamo splits into several: None otherwise); `channels` (the model's channels per downscale factor) and the policy size
-    the mask plans' blocks; `device()` says where the model computes now (None if unknown): mask plans are built
-    there."""
+    signature (of `graph`, one of the dynamo graphs of a model compiled with the backend; None otherwise).
+    `channels` (the model's channels per downscale factor) and the policy size the mask plans' blocks; `device()`
+    says where the model computes now (None if unknown): mask plans are built there."""
 
     def __init__(self, build: Callable[[dict[str, Any], Any], Variants], policy: Policy,
                  channels: Mapping[Fraction, int] | None = None,
@@ -161,9 +161,9 @@ class Executor:
             # Compiling is not the call's work: a MAC counter (a dispatch mode) watching the call must not see it.
             with _disable_current_modes():
                 variants = self._build(inputs, graph)
-            latents = next((t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)), None)
-            if latents is not None:
-                variants.constants = self.constants(latents.device)
+            tensor = next((t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)), None)
+            if tensor is not None:  # the device the programs compute on
+                variants.constants = self.constants(tensor.device)
             self._variants[signature] = variants
         return self._variants[signature]
 
@@ -229,7 +229,7 @@ class Executor:
             raise StepNotRecordedError(
                 f"{key.describe()} was recorded without its activations (Policy(cache_dense_steps=False) keeps "
                 "only the cross-attention maps of the first dense_steps steps): run those steps dense")
-        temporal = self.policy.deep_reuse_interval > 1
+        temporal = run.reuse_interval > 1
         reuse_call = run.next_call_reuses()
         if temporal and not reuse_call:
             state.reused = {}  # filled by this full call

@@ -91,7 +91,7 @@ class Run:
         self.cache = cache
         self.calls_per_timestep: Counter[StepKey] = Counter()
         self._planner = planner
-        self._reuse_interval = reuse_interval
+        self.reuse_interval = reuse_interval
         self._states: dict[int, tuple[Mode, ModeState]] = {}  # by id(mode); the mode kept alive with its state
         self._mode: Mode | None = None
         self.switch(mode)
@@ -138,7 +138,7 @@ class Run:
         """Whether the next sparse call reuses deep levels: not the first of each `reuse_interval` calls, and only
         after a full call."""
         state = self.state
-        return self._reuse_interval > 1 and state.calls % self._reuse_interval != 0 and bool(state.reused)
+        return self.reuse_interval > 1 and state.calls % self.reuse_interval != 0 and bool(state.reused)
 
     def next_call_kind(self) -> tuple[CallKind, int]:
         """What the next call does, and which mode (by id) it runs in: calls of one kind and mode do the same work
