@@ -40,14 +40,13 @@ import torch.fx as fx
 from torch import nn
 
 from .adapters import ModelAdapter
-from .compiler import make_adapter, parameter_device
+from .compiler import make_adapter, parameter_device, sparse_mode
 from .dynamo_graph import FisEditGraph, build_graph_variants
-from .inputs import as_mask
 from .ir import InputLayout
 from .policy import Policy
 from .runtime.cache import RecordCache
 from .runtime.executor import Executor
-from .runtime.run import RecordMode, Run, SparseMode, require_recorded
+from .runtime.run import RecordMode, Run
 from .runtime.tiered_store import make_store
 
 BACKEND_NAME = "fisedit"
@@ -230,8 +229,7 @@ def record(compiled: nn.Module) -> Iterator[Session]:
 def sparse(compiled: nn.Module, mask: torch.Tensor) -> Iterator[Session]:
     """Calls of `compiled` inside compute only the region of `mask`, as `CompiledUNet.sparse(mask)` does."""
     s = session(compiled)
-    latent = require_recorded(s.cache)
-    with s.routed(compiled, SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]))):
+    with s.routed(compiled, sparse_mode(s.cache, mask)):
         yield s
 
 

@@ -143,8 +143,7 @@ class CompiledUNet(nn.Module):
         `mask`: bool (or 0/1) tensor at latent resolution, `(H, W)` for every batch item or `(B, 1, H, W)`.
         `write_back`: store the fresh active blocks into the cache, which then holds this run (continuous edits).
         """
-        latent = require_recorded(self.cache)
-        with self.run(SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]), write_back)):
+        with self.run(sparse_mode(self.cache, mask, write_back)):
             yield self
 
     def active_pixels(self) -> torch.Tensor:
@@ -175,6 +174,13 @@ class CompiledUNet(nn.Module):
         key = run.next_key(self.adapter.step_timestep(inputs), inputs[self.adapter.latents].shape[0])
         output = self.executor.call(run, key, inputs, latents=self.adapter.latents)
         return self.adapter.wrap_output(output, return_dict)
+
+
+def sparse_mode(cache: RecordCache, mask: Any, write_back: bool = False) -> SparseMode:
+    """The mode of sparse calls over a user's `mask` replaying `cache`: the mask checked against the recorded run's
+    latent size and batch (`inputs.as_mask`), once, here."""
+    latent = require_recorded(cache)
+    return SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]), write_back)
 
 
 def parameter_device(model: nn.Module) -> torch.device | None:
