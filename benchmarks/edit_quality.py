@@ -12,12 +12,14 @@ removing one, background colour; one or two objects. Contenders, one process, th
 - `ours_detected`: `EditSession.edit(prompt)`, the default policy, mask detected;
 - `ours_gt`: the same with the source object's mask (the evaluator's, at latent resolution, dilated by one latent
   pixel) as a user mask; for "add" there is no such object (not run), for "background" the mask is everything but
-  the objects.
+  the objects;
+- `deepcache`: DeepCache regenerating the edited prompt (`DeepCacheSDHelper`, interval `--deepcache-interval`,
+  branch 0) over the eager U-Net, when the `DeepCache` package is installed (`pip install --no-deps DeepCache`).
 
 Per type and contender: success rate (`edit_suite.judge`: the new attribute on the edited object, every other
-object kept in place), mean IoU of the edited object with the source object (attribute edits), PSNR of the picture
-against the source outside the edited objects (bit-exact latents outside the region for ours: counted), PSNR of
-ours against `p2p_dense` inside our region, seconds and MACs of U-Net calls against the dense regeneration.
+object kept in place), mean IoU of the edited object with the source object (attribute edits), PSNR and SSIM of the
+picture against the source outside the edited objects (bit-exact latents outside the region for ours: counted), PSNR
+of ours against `p2p_dense` inside our region, seconds and MACs of U-Net calls against the dense regeneration.
 Cases whose source picture does not show the objects named (the model's miss, not the edit's) are left out and
 counted. Writes `edit-quality.json` and `.md`.
 """
@@ -33,6 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from skimage.metrics import structural_similarity
+from torch.utils import flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,7 +50,7 @@ from fisedit_compiler.training import edit_suite  # noqa: E402
 from fisedit_compiler.training.quality import load_shapes_pipeline, psnr  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
-CONTENDERS = ("dense", "p2p_dense", "ours_detected", "ours_gt")
+CONTENDERS = ("dense", "p2p_dense", "ours_detected", "ours_gt", "deepcache")
 
 
 def latent_mask(pixels: np.ndarray, factor: int, dilation: int = 1) -> torch.Tensor:
@@ -60,13 +65,20 @@ def upsample(mask: torch.Tensor, factor: int) -> np.ndarray:
     return np.kron(mask.cpu().numpy().astype(np.uint8), np.ones((factor, factor), np.uint8)).astype(bool)
 
 
+def ssim(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    """Mean SSIM of two RGB images over the pixels of `where` (skimage's map: 7x7 windows, 8-bit range)."""
+    _, full = structural_similarity(a, b, channel_axis=-1, data_range=255, full=True)
+    return float(full.mean(axis=-1)[where].mean())
+
+
 def rgb(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
 class Runner:
-    def __init__(self, pipe, steps: int, guidance: float):
+    def __init__(self, pipe, steps: int, guidance: float, deepcache_interval: int = 3):
         self.pipe, self.steps, self.guidance = pipe, steps, guidance
+        self.deepcache_interval = deepcache_interval
         self.eager = pipe.unet
         self.unets: dict[Policy, torch.nn.Module] = {}
 
@@ -75,6 +87,52 @@ class Runner:
             self.unets[policy] = compile(self.eager, policy)
         self.pipe.unet = self.unets[policy]
         return EditSession(self.pipe, num_inference_steps=self.steps, guidance_scale=self.guidance)
+
+    def deepcache(self, prompt: str, seed: int) -> tuple[Image.Image, tuple[float, int]] | None:
+        """DeepCache regenerating `prompt` from the case's initial latents over the eager U-Net: the picture and its
+        U-Net (seconds, MACs); None without the DeepCache package. MACs are counted on a second, identical run
+        (the counter slows the calls it watches), every call counted: a shallow call costs less than a full one."""
+        try:
+            from DeepCache import DeepCacheSDHelper
+        except ImportError:
+            return None
+        compiled, self.pipe.unet = self.pipe.unet, self.eager
+        helper = DeepCacheSDHelper(pipe=self.pipe)
+        helper.set_params(cache_interval=self.deepcache_interval, cache_branch_id=0)
+        helper.enable()
+        try:
+            (image, seconds), (_, macs) = (self._metered(prompt, seed, count) for count in (False, True))
+        finally:
+            helper.disable()
+            self.pipe.unet = compiled
+        return image, (seconds, macs)
+
+    def _metered(self, prompt: str, seed: int, count: bool) -> tuple[Image.Image, float | int]:
+        """The pipeline's picture, and its U-Net calls' seconds (or, with `count`, MACs)."""
+        total: list = []
+        state: dict = {}
+
+        def before(module, args):
+            if count:
+                state["counter"] = flop_counter.FlopCounterMode(display=False)
+                state["counter"].__enter__()
+            state["start"] = time.perf_counter()
+
+        def after(module, args, output):
+            if count:
+                state["counter"].__exit__(None, None, None)
+                total.append(state["counter"].get_total_flops() // 2)
+            else:
+                total.append(time.perf_counter() - state["start"])
+
+        handles = [self.eager.register_forward_pre_hook(before), self.eager.register_forward_hook(after)]
+        try:
+            image = self.pipe(prompt, latents=self.initial(seed), num_inference_steps=self.steps,
+                              guidance_scale=self.guidance).images[0]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return image, sum(total)
 
     def initial(self, seed: int) -> torch.Tensor:
         return torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(seed))
@@ -113,6 +171,9 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Pa
     p2p_session.generate(case.source_prompt, latents=runner.initial(case.seed))
     p2p = p2p_session.edit(case.edited_prompt, keep=False)
     results["p2p_dense"] = (p2p.images[0], p2p, unet_cost(p2p.stats))
+    deepcache = runner.deepcache(case.edited_prompt, case.seed)
+    if deepcache is not None:
+        results["deepcache"] = (deepcache[0], None, deepcache[1])
     for name, (image, result, (seconds, macs)) in results.items():
         verdict = edit_suite.judge(case, objects, rgb(image))
         entry = {"success": verdict["success"], "attribute": verdict["attribute"],
@@ -123,6 +184,7 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Pa
             changed |= found.mask
         if case.type != "background":
             entry["psnr_outside"] = psnr(rgb(image), source_image, ~changed)
+            entry["ssim_outside"] = ssim(rgb(image), source_image, ~changed)
         if result is not None and result.mask is not None and name.startswith("ours"):
             outside = ~result.mask
             entry["latents_outside_identical"] = bool(torch.equal(result.latents[..., outside],
@@ -156,6 +218,7 @@ def summarise(rows: list[dict]) -> dict:
                 "success": float(np.mean([e["success"] for e in entries])),
                 "iou": float(np.mean(ious)) if ious else None,
                 "psnr_outside": float(np.mean(finite("psnr_outside"))) if finite("psnr_outside") else None,
+                "ssim_outside": float(np.mean(finite("ssim_outside"))) if finite("ssim_outside") else None,
                 "psnr_vs_p2p_in_region": (float(np.mean(finite("psnr_vs_p2p_in_region")))
                                           if finite("psnr_vs_p2p_in_region") else None),
                 "latents_outside_identical": all(e.get("latents_outside_identical", True) for e in entries),
@@ -191,12 +254,13 @@ def markdown(data: dict) -> str:
         where = per["ours_detected_where_p2p_succeeds"]
         lines.append(f"| {kind} | {per['cases']} | " + " | ".join(cells) +
                      f" | {'-' if where is None else f'{where:.0%}'} |")
-    lines += ["", "PSNR outside the objects against the source, and of ours against P2P dense inside our region "
-              "(dB):", "", "| type | " + " | ".join(CONTENDERS) + " | ours detected vs P2P | ours GT vs P2P |",
+    lines += ["", "PSNR (dB) / SSIM outside the objects against the source, and PSNR of ours against P2P dense inside our "
+              "region (dB):", "", "| type | " + " | ".join(CONTENDERS) + " | ours detected vs P2P | ours GT vs P2P |",
               "|---|" + "---:|" * (len(CONTENDERS) + 2)]
-    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    fmt = lambda v, digits=1: "-" if v is None else f"{v:.{digits}f}"  # noqa: E731
     for kind, per in data["summary"].items():
-        cells = [fmt(per[name]["psnr_outside"]) if name in per else "-" for name in CONTENDERS]
+        cells = [f"{fmt(per[name]['psnr_outside'])} / {fmt(per[name]['ssim_outside'], 3)}" if name in per else "-"
+                 for name in CONTENDERS]
         vs = [fmt(per[name]["psnr_vs_p2p_in_region"]) if name in per else "-" for name in ("ours_detected", "ours_gt")]
         lines.append(f"| {kind} | " + " | ".join(cells + vs) + " |")
     identical = all(per[name]["latents_outside_identical"] for per in data["summary"].values()
@@ -212,6 +276,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--deepcache-interval", type=int, default=3)
     parser.add_argument("--types", default=",".join(edit_suite.EDIT_TYPES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--pictures", help="folder for one picture per type: its first case whose source shows "
@@ -221,7 +286,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipe, args.steps, args.guidance)
+    runner = Runner(pipe, args.steps, args.guidance, args.deepcache_interval)
     cases = edit_suite.edit_cases(args.per_type, args.seed, tuple(args.types.split(",")))
     rows, skipped, start = [], 0, time.perf_counter()
     for n, case in enumerate(cases):
@@ -241,6 +306,7 @@ def main(argv=None) -> dict:
               + (", ".join(f"{k} {'ok' if row[k]['success'] else 'no'}" for k in CONTENDERS if k in row)
                  if row else "source misses an object"), f"({time.perf_counter() - start:.0f} s)", flush=True)
     data = {"machine": machine(), "steps": args.steps, "guidance": args.guidance, "per_type": args.per_type,
+            "deepcache_interval": args.deepcache_interval,
             "seed": args.seed, "drawn": len(cases), "skipped": skipped, "summary": summarise(rows), "cases": rows}
     write_results(args.out, "edit-quality", data, markdown(data))
     return data

@@ -121,9 +121,11 @@ class EditConfig:
     """Latent pixels by which a detected mask is dilated."""
     user_mask_dense_steps: float = 0.0
     """The fraction of steps that run dense before sparse when the user gives the mask (0: sparse from the first)."""
-    hold_layout_steps: float = 0.2
+    hold_layout_steps: float = 0.3
     """The fraction of a word-swap edit's first steps whose layout features (the U-Net's mid block output) are the
-    source run's (`passes/tap_layout_features.py`); these run dense, at most `dense_steps`. 0: never."""
+    source run's (`passes/tap_layout_features.py`); they run dense under control, so a word swap's dense phase is
+    the longer of this and `dense_steps` (its mask is still detected over `detect_from`..`detect_to`). 0: never.
+    0.3 keeps the edited object in place better than 0.2 on the shapes model (benchmarks/results/edit-quality.md)."""
     inversion_skip: int = 1
     """`EditSession.load_image` calls the U-Net at every this-many-th DDIM inversion step and reuses its predicted
     noise in between (EEdit's inversion step skipping). 1: plain DDIM inversion."""
@@ -137,9 +139,6 @@ class EditConfig:
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a fraction of the denoising steps, in [0, 1]; got {value}")
-        if self.hold_layout_steps > self.dense_steps:
-            raise ValueError(f"hold_layout_steps ({self.hold_layout_steps}) must not exceed dense_steps "
-                             f"({self.dense_steps}): only dense control steps hold the layout")
         if self.detect_from > self.detect_to:
             raise ValueError(f"detect_from ({self.detect_from}) must not exceed detect_to ({self.detect_to})")
         if self.mask_dilation < 0:
@@ -158,11 +157,15 @@ class EditConfig:
         return k, t1, t2
 
     def hold_layout_schedule(self, num_steps: int) -> int:
-        """The first steps of a word-swap edit that take the source run's layout features (at most the dense
-        steps `edit_schedule` gives)."""
+        """The first steps of a word-swap edit that take the source run's layout features."""
         if self.hold_layout_steps == 0:
             return 0
-        return min(self.edit_schedule(num_steps)[0], max(1, round(self.hold_layout_steps * num_steps)))
+        return min(num_steps, max(1, round(self.hold_layout_steps * num_steps)))
+
+    def maps_schedule(self, num_steps: int) -> int:
+        """The first steps whose cross-attention maps and layout features a source run records: what any edit's
+        control steps read (a detected edit's dense steps, a word swap's held ones)."""
+        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,9 +306,12 @@ class Policy:
         return k if self.cache.cache_dense_steps else max(k, self.edit_schedule(num_steps)[0])
 
     def hold_layout_schedule(self, num_steps: int) -> int:
-        """The first steps of a word-swap edit that take the source run's layout features (at most the dense
-        steps `edit_schedule` gives)."""
+        """The first steps of a word-swap edit that take the source run's layout features."""
         return self.edit.hold_layout_schedule(num_steps)
+
+    def maps_schedule(self, num_steps: int) -> int:
+        """The first steps whose cross-attention maps and layout features a source run records."""
+        return self.edit.maps_schedule(num_steps)
 
     def recorded_activations_from(self, num_steps: int) -> int:
         """The first step whose activations a record run keeps (0, or `dense_steps` with `cache_dense_steps=False`)."""

@@ -17,13 +17,26 @@ def test_a_detected_edit_runs_its_first_steps_under_control_then_sparse():
     assert (schedule.dense_steps, schedule.detect, schedule.hold_layout) == (4, (2, 4), 0)
     assert [schedule.phase(i) for i in range(STEPS)] == ["control"] * 4 + ["sparse"] * 16
     assert [i for i in range(STEPS) if schedule.decides_mask_after(i)] == [3]
-    assert schedule.records_all_maps(region_is_everything=False)  # its control steps are every step maps are read of
+    # the source recorded maps for the 6 steps a word swap holds: an edit that inserts words keeps its source's
+    assert schedule.maps_steps == 6 and not schedule.records_all_maps(region_is_everything=False)
+    unheld = EditSchedule.plan(fisedit.Policy(hold_layout_steps=0), STEPS, user_mask=False, swaps_words=False)
+    assert unheld.records_all_maps(region_is_everything=False)  # its control steps are every step maps are read of
 
 
 def test_a_word_swap_holds_the_layout_for_its_first_steps():
     policy = fisedit.Policy(hold_layout_steps=0.1)
     assert EditSchedule.plan(policy, STEPS, user_mask=False, swaps_words=True).hold_layout == 2
     assert EditSchedule.plan(policy, STEPS, user_mask=False, swaps_words=False).hold_layout == 0
+
+
+def test_a_word_swap_holding_more_steps_than_the_dense_ones_runs_them_all_under_control():
+    policy = fisedit.Policy(dense_steps=0.2, hold_layout_steps=0.3)  # 4 dense steps, 6 held
+    swap = EditSchedule.plan(policy, STEPS, user_mask=False, swaps_words=True)
+    assert (swap.dense_steps, swap.hold_layout, swap.detect) == (6, 6, (2, 4))  # detected over the same steps
+    assert swap.decides_mask_after(5) and swap.records_all_maps(region_is_everything=False)
+    other = EditSchedule.plan(policy, STEPS, user_mask=False, swaps_words=False)
+    assert (other.dense_steps, other.hold_layout, other.maps_steps) == (4, 0, 6)
+    assert not other.records_all_maps(region_is_everything=False)  # it keeps its source's maps
 
 
 def test_a_user_mask_goes_sparse_from_the_first_step_unless_the_layout_is_held():
@@ -44,8 +57,8 @@ def test_a_user_mask_goes_sparse_from_the_first_step_unless_the_layout_is_held()
 def test_refresh_steps_come_every_r_steps_after_the_switch_past_the_maps_steps(refresh):
     schedule = EditSchedule.plan(fisedit.Policy(refresh_every=refresh), STEPS, user_mask=True, swaps_words=False)
     refreshed = [i for i in range(STEPS) if schedule.phase(i) == "refresh"]
-    # the switch is before step 0; steps below 4 (the maps steps) never refresh
-    assert refreshed == [i for i in range(4, STEPS) if (i + 1) % refresh == 0]
+    # the switch is before step 0; steps below 6 (the maps steps: a word swap's held ones) never refresh
+    assert refreshed == [i for i in range(6, STEPS) if (i + 1) % refresh == 0]
 
 
 def test_without_cache_dense_steps_a_user_mask_edit_runs_the_map_only_steps_dense():

@@ -214,11 +214,12 @@ def test_a_word_swap_holds_the_layout_for_its_first_steps_and_an_insertion_does_
     assert user_mask_kinds == ["ControlMode"] * held + ["SparseMode"] * (STEPS - held)
 
 
-def test_hold_layout_steps_is_a_fraction_within_the_dense_steps():
+def test_hold_layout_steps_is_a_fraction_of_the_steps_and_source_runs_record_the_maps_they_read():
     assert fisedit.Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
-    assert fisedit.Policy().hold_layout_schedule(20) == 4
-    with pytest.raises(ValueError, match="must not exceed dense_steps"):
-        fisedit.Policy(dense_steps=0.1, hold_layout_steps=0.2)
+    assert fisedit.Policy().hold_layout_schedule(20) == 6
+    # more held steps than dense ones: the source run records maps and layout features for the held steps too
+    assert fisedit.Policy(dense_steps=0.1, hold_layout_steps=0.2).maps_schedule(20) == 4
+    assert fisedit.Policy(dense_steps=0.3, hold_layout_steps=0.1).maps_schedule(20) == 6
     with pytest.raises(ValueError, match="fraction of the denoising steps"):
         fisedit.Policy(hold_layout_steps=-0.1)
 
@@ -415,7 +416,7 @@ def test_periodic_refresh_runs_every_rth_step_dense_and_records_it():
     """`refresh_every=2`: after the switch, steps 1, 3, 5 of 6 run dense through the record variant (the whole
     U-Net; what they record is read by the next sparse steps), the others sparse; the latents outside the mask
     stay the source's."""
-    s = session(refresh_every=2)
+    s = session(refresh_every=2, hold_layout_steps=0.2)  # the maps steps: 1 (at 0.3, 2: step 1 would not refresh)
     user_mask = box_mask(slice(5, 9), slice(4, 9))
     source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
     inputs = []
@@ -527,7 +528,7 @@ def test_an_edit_after_a_full_region_edit_detects_its_mask_with_that_edit_s_maps
     everything = torch.ones(LATENT, LATENT, dtype=torch.bool)
     full = s.edit("a red cabin in the woods", mask=everything)
     assert full.mask.all() and "sparse" not in full.stats
-    k = s.policy.edit_schedule(STEPS)[0]
+    k = s.policy.maps_schedule(STEPS)
     maps = [{ref for ref in s.cache.step(key) if ref.kind == "attention_map"} for key in s.cache.steps]
     assert all(maps[:k]) and not any(maps[k:])
     # the maps are the red cabin's: an edit back to it under control reproduces the full-region edit's steps

@@ -25,7 +25,7 @@ from fisedit_compiler.policy import (
 OLD_FLAT_DEFAULTS = {
     "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None,
     "attention": "active_queries", "norm_stats": "recorded", "dense_steps": 0.2, "detect_from": 0.1, "detect_to": 0.2,
-    "mask_dilation": 1, "user_mask_dense_steps": 0.0, "hold_layout_steps": 0.2, "inversion_skip": 1,
+    "mask_dilation": 1, "user_mask_dense_steps": 0.0, "hold_layout_steps": 0.3, "inversion_skip": 1,
     "refresh_every": None, "deep_reuse_interval": 1, "deep_reuse_downscale": 2, "cache_dtype": None,
     "cache_dense_steps": True, "dump_dir": None, "dump_svg": True, "cache_budget": 0.5, "cache_dir": None,
     "program_backend": None, "retain_freed_memory": True,
@@ -87,7 +87,7 @@ def test_unknown_keywords_and_wrong_groups_are_type_errors():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"attention": "sparse"}, "attention"), ({"block_size": 0}, "block_size"), ({"cache_dtype": "fp8"}, "cache_dtype"),
-    ({"hold_layout_steps": 0.5}, "must not exceed dense_steps"), ({"detect_from": 0.3}, "detect_from"),
+    ({"hold_layout_steps": 1.5}, "hold_layout_steps"), ({"detect_from": 0.3}, "detect_from"),
     ({"cache_budget": 1.5}, "cache_budget"), ({"deep_reuse_downscale": 1}, "deep_reuse_downscale"),
     ({"inversion_skip": True}, "inversion_skip"), ({"refresh_every": 0}, "refresh_every"),
     ({"program_backend": "no-such-backend"}, "program_backend"), ({"cache_dense_steps": 1}, "cache_dense_steps"),
@@ -102,7 +102,8 @@ def test_validation_errors_name_the_field_flat_or_grouped(kwargs, message):
 
 def test_schedules():
     assert Policy().edit_schedule(50) == (10, 5, 10) == Policy().edit.edit_schedule(50)
-    assert Policy().hold_layout_schedule(20) == 4 and Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
+    assert Policy().hold_layout_schedule(20) == 6 and Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
+    assert Policy().maps_schedule(20) == 6 and Policy(hold_layout_steps=0).maps_schedule(20) == 4
     assert Policy(user_mask_dense_steps=0.1).user_mask_schedule(50) == 5
     assert Policy(cache_dense_steps=False).user_mask_schedule(50) == 10  # at least the dense steps
     assert Policy(cache_dense_steps=False).recorded_activations_from(50) == 10

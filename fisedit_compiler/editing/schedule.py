@@ -3,8 +3,8 @@
 An edit of `steps` denoising steps runs in phases:
 
 - **control** (steps `0 .. dense_steps - 1`): dense, under prompt control (the source run's cross-attention maps
-  for shared words; for a word swap the first `hold_layout` of them also take the source's layout features). Their
-  records go to a pending cache.
+  for shared words; for a word swap the first `hold_layout` of them also take the source's layout features, and a
+  word swap's control phase lasts at least those). Their records go to a pending cache.
 - at the end of step `dense_steps - 1` the mask is decided: a user's is known; otherwise it is detected from the
   latents' drift over steps `detect[0] .. detect[1]` (1-based). An empty mask ends the edit (nothing changes).
 - **sparse** (the remaining steps): only the mask's region is computed; the rest is the source's.
@@ -41,12 +41,12 @@ class EditSchedule:
         """The schedule `policy` gives an edit of `steps` steps, with or without a user's mask; `swaps_words`: the
         edited prompt swaps words of the source's only (then its first steps hold the source's layout)."""
         hold = policy.hold_layout_schedule(steps) if swaps_words else 0
-        maps_steps = policy.edit_schedule(steps)[0]
         if user_mask:
             dense, detect = max(hold, policy.user_mask_schedule(steps)), None
         else:
             dense, t1, t2 = policy.edit_schedule(steps)
-            detect = (t1, t2)
+            dense, detect = max(hold, dense), (t1, t2)
+        maps_steps = policy.maps_schedule(steps)
         return EditSchedule(steps, dense, detect, maps_steps, policy.recorded_activations_from(steps), hold,
                             policy.refresh_every)
 

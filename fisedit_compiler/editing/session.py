@@ -223,10 +223,11 @@ class _EditRun:
         self.trajectory.append(latents.clone())
         if self.schedule.decides_mask_after(i) and not self._decide_mask(pipe):
             return {"latents": self.source.trajectory[-1].clone()}
-        if self.region is None:
+        if self.blend is None:  # a detected mask's control steps: their drift is what detects it
             return {}
-        # Outside the mask every sparse step keeps the source run's latents: the switch blend of the paper, and for
-        # continuous edits the source's own switch, repeated exactly.
+        # Outside the mask every step keeps the source run's latents (a user's mask: from the first, held or not;
+        # a detected one: from the switch on): the switch blend of the paper, and for continuous edits the source's
+        # own switch, repeated exactly.
         latents = torch.where(self.blend.to(latents.device), latents, self.source.trajectory[i])
         self.trajectory[-1] = latents.clone()
         self._enter_phase(i + 1)
@@ -366,7 +367,7 @@ class EditSession:
         self._loaded_size = None
         self.cache.clear()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
-        k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
+        k = self.policy.maps_schedule(self.num_inference_steps)
         trajectory: list[torch.Tensor] = []
 
         def on_step_end(pipe, i, t, kwargs):
@@ -412,7 +413,8 @@ class EditSession:
             return {"latents": trajectory[i].clone()}
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
-        with self.unet.run(RecordMode(attention_maps=k, maps_only=maps_only), cache=self.cache):
+        maps = self.policy.maps_schedule(self.num_inference_steps)
+        with self.unet.run(RecordMode(attention_maps=maps, maps_only=maps_only), cache=self.cache):
             images, stats = self._run(prompt, on_step_end, inputs)
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
         # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt
