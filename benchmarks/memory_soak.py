@@ -47,14 +47,31 @@ EDITS = ["a red cabin in the woods", "a cabin in the woods with a river", "a cab
          "a cabin in the woods with a fence"]
 
 
+def status(*fields: str) -> tuple[int, ...]:
+    """Fields of /proc/self/status in bytes, e.g. VmRSS (all resident pages), RssAnon (anonymous: what the kernel
+    cannot drop and kills for), RssFile (file pages mapped, such as spilled steps read back: page cache it
+    reclaims first)."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in fields:
+                values[name] = int(rest.split()[0]) * 1024
+    return tuple(values[name] for name in fields)
+
+
 def resident() -> int:
     """The process's resident bytes now (VmRSS)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+    return status("VmRSS")[0]
+
+
+def anonymous() -> int:
+    """The process's anonymous resident bytes now (RssAnon)."""
+    return status("RssAnon")[0]
 
 
 class Sampler(threading.Thread):
-    """Resident memory every `interval` seconds, with the phase it was sampled in."""
+    """Resident and anonymous memory every `interval` seconds, with the phase it was sampled in."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
@@ -63,7 +80,12 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.samples.append((time.perf_counter() - self._start, resident(), self.phase))
+            rss, anon = status("VmRSS", "RssAnon")
+            self.samples.append((time.perf_counter() - self._start, rss, anon, self.phase))
+
+    def peak_anonymous(self, phase: str) -> int:
+        """The most anonymous bytes sampled in `phase` (0 if none was)."""
+        return max((anon for _, _, anon, p in self.samples if p == phase), default=0)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -74,17 +96,19 @@ def disk_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for d in folder.glob(f"{SPILL_PREFIX}*") for f in d.rglob("*") if f.is_file())
 
 
-def svg_plot(samples: list[tuple[float, int, str]], bound: int, title: str) -> str:
-    """Resident GiB over seconds as an SVG polyline, with the bound as a dashed line."""
+def svg_plot(samples: list[tuple[float, int, int, str]], bound: int, title: str) -> str:
+    """Resident and anonymous GiB over seconds as SVG polylines, with the bound as a dashed line."""
     width, height, pad = 800, 300, 40
-    t_max = max(t for t, _, _ in samples) or 1.0
-    y_max = max(max(r for _, r, _ in samples), bound) * 1.05
+    t_max = max(t for t, *_ in samples) or 1.0
+    y_max = max(max(r for _, r, _, _ in samples), bound) * 1.05
     x = lambda t: pad + (width - 2 * pad) * t / t_max  # noqa: E731
     y = lambda r: height - pad - (height - 2 * pad) * r / y_max  # noqa: E731
-    points = " ".join(f"{x(t):.1f},{y(r):.1f}" for t, r, _ in samples)
+    resident_points = " ".join(f"{x(t):.1f},{y(r):.1f}" for t, r, _, _ in samples)
+    anonymous_points = " ".join(f"{x(t):.1f},{y(a):.1f}" for t, _, a, _ in samples)
     lines = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="11">',
              f'<text x="{pad}" y="16">{title}</text>',
-             f'<polyline fill="none" stroke="steelblue" points="{points}"/>',
+             f'<polyline fill="none" stroke="steelblue" points="{resident_points}"/>',
+             f'<polyline fill="none" stroke="darkorange" points="{anonymous_points}"/>',
              f'<line x1="{pad}" x2="{width - pad}" y1="{y(bound):.1f}" y2="{y(bound):.1f}" stroke="red" '
              'stroke-dasharray="4"/>',
              f'<text x="{width - pad - 120}" y="{y(bound) - 4:.1f}" fill="red">bound {bound / 2**30:.1f} GiB</text>',
@@ -113,7 +137,7 @@ def main(argv=None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     phase_peak()
     available = available_memory()
-    start_rss = resident()
+    start_rss, start_anon = resident(), anonymous()
     session = fisedit.EditSession(pipe, fisedit.Policy(cache_dir=str(parent)), num_inference_steps=args.steps)
     budget = session.memory_budget
     phases: list[dict] = []
@@ -125,12 +149,14 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             result = action()
         row = {"phase": name, "seconds": time.perf_counter() - start, "peak_rss": phase_peak(),
-               "rss_after": resident(), "records_peak": budget.peak, "records_after": budget.held(),
+               "rss_after": resident(), "peak_anon": max(sampler.peak_anonymous(name), anonymous()),
+               "anon_after": anonymous(), "records_peak": budget.peak, "records_after": budget.held(),
                "disk_bytes": disk_bytes(parent)}
         if result is not None and getattr(result, "mask", None) is not None:
             row["mask_fraction"] = float(result.mask.float().mean())
         phases.append(row)
-        print(f"{name}: {row['seconds']:.0f} s, peak {row['peak_rss'] / 2**30:.2f} GiB, after "
+        print(f"{name}: {row['seconds']:.0f} s, peak {row['peak_rss'] / 2**30:.2f} GiB (anonymous "
+              f"{row['peak_anon'] / 2**30:.2f} GiB), after "
               f"{row['rss_after'] / 2**30:.2f} GiB, records {row['records_after'] / 2**30:.2f} GiB, disk "
               f"{row['disk_bytes'] / 2**30:.2f} GiB", flush=True)
 
@@ -148,25 +174,29 @@ def main(argv=None) -> dict:
     sampler.stop()
     left = disk_bytes(parent)
 
-    # the bound: resident when the session was made + the cache budget + a call's transients (the first dense
-    # call's peak growth beyond the records it left, measured in the generate phase's first samples)
+    # the bound, on anonymous memory (what the kernel cannot reclaim: file pages of spilled steps read back are
+    # page cache, dropped before anything is killed): anonymous when the session was made + the cache budget + a
+    # call's transients (the generate phase's peak growth beyond the records it held)
     generate = phases[0]
-    transients = max(0, generate["peak_rss"] - start_rss - generate["records_peak"])
-    bound = start_rss + budget.nbytes + transients
+    transients = max(0, generate["peak_anon"] - start_anon - generate["records_peak"])
+    bound = start_anon + budget.nbytes + transients
     peak = max(p["peak_rss"] for p in phases)
-    edit_peaks = [p["peak_rss"] for p in phases if p["phase"].startswith("edit ")]
+    peak_anon = max(p["peak_anon"] for p in phases)
+    edit_peaks = [p["peak_anon"] for p in phases if p["phase"].startswith("edit ")]
     data = {"machine": machine(), "arch": args.arch, "latent_size": latent, "size": args.size, "steps": args.steps,
-            "available_at_start": available, "rss_at_session_start": start_rss, "budget_bytes": budget.nbytes,
-            "transients_bytes": transients, "bound_bytes": bound, "peak_rss": peak, "within_bound": peak <= bound,
+            "available_at_start": available, "rss_at_session_start": start_rss, "anon_at_session_start": start_anon,
+            "budget_bytes": budget.nbytes, "transients_bytes": transients, "bound_bytes": bound, "peak_rss": peak,
+            "peak_anon": peak_anon, "within_bound": peak_anon <= bound,
             "edit_peak_growth": (edit_peaks[-1] - edit_peaks[0]) if len(edit_peaks) > 1 else 0,
             "disk_bytes_after_close": left, "phases": phases}
     name = f"memory-soak_{args.arch}-{latent}-{args.steps}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.csv").write_text("seconds,rss_bytes,phase\n" + "".join(
-        f"{t:.2f},{r},{p}\n" for t, r, p in sampler.samples))
+    (out / f"{name}.csv").write_text("seconds,rss_bytes,anon_bytes,phase\n" + "".join(
+        f"{t:.2f},{r},{a},{p}\n" for t, r, a, p in sampler.samples))
     if sampler.samples:
-        (out / f"{name}.svg").write_text(svg_plot(sampler.samples, bound, f"{name}: resident memory"))
+        (out / f"{name}.svg").write_text(svg_plot(sampler.samples, bound, f"{name}: resident (blue) and "
+                                                                          "anonymous (orange) memory"))
     write_results(args.out, name, data, markdown(data))
     return data
 
@@ -177,16 +207,18 @@ def markdown(d: dict) -> str:
              f"{d['steps']} steps, default Policy", "",
              f"Machine: {d['machine']['cpu']}, git {d['machine']['git']}, {d['machine']['date']}", "",
              f"Available when the session was made: {gib(d['available_at_start'])}; resident then "
-             f"{gib(d['rss_at_session_start'])}; cache budget {gib(d['budget_bytes'])}; a call's transients "
-             f"{gib(d['transients_bytes'])}; bound {gib(d['bound_bytes'])}. Peak {gib(d['peak_rss'])}: "
-             f"{'within' if d['within_bound'] else 'OVER'} the bound. Edit peaks grew by "
-             f"{gib(d['edit_peak_growth'])} from the first edit to the last; spill files left after close: "
-             f"{gib(d['disk_bytes_after_close'])}.", "",
-             "| phase | seconds | peak RSS | RSS after | records held (peak) | on disk |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"{gib(d['rss_at_session_start'])} (anonymous {gib(d['anon_at_session_start'])}); cache budget "
+             f"{gib(d['budget_bytes'])}; a call's transients {gib(d['transients_bytes'])}; bound on anonymous "
+             f"memory {gib(d['bound_bytes'])}. Peak anonymous {gib(d['peak_anon'])} (sampled every 0.5 s): "
+             f"{'within' if d['within_bound'] else 'OVER'} the bound; peak resident, file pages included, "
+             f"{gib(d['peak_rss'])}. Edit peaks grew by {gib(d['edit_peak_growth'])} from the first edit to the "
+             f"last; spill files left after close: {gib(d['disk_bytes_after_close'])}.", "",
+             "| phase | seconds | peak RSS | peak anonymous | RSS after | anonymous after | records held (peak) | "
+             "on disk |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p in d["phases"]:
-        lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {gib(p['peak_rss'])} | {gib(p['rss_after'])} | "
-                     f"{gib(p['records_peak'])} | {gib(p['disk_bytes'])} |")
+        lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {gib(p['peak_rss'])} | {gib(p['peak_anon'])} | "
+                     f"{gib(p['rss_after'])} | {gib(p['anon_after'])} | {gib(p['records_peak'])} | "
+                     f"{gib(p['disk_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 
