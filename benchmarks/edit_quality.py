@@ -309,7 +309,40 @@ def main(argv=None) -> dict:
             "deepcache_interval": args.deepcache_interval,
             "seed": args.seed, "drawn": len(cases), "skipped": skipped, "summary": summarise(rows), "cases": rows}
     write_results(args.out, "edit-quality", data, markdown(data))
+    if args.pictures and pictured:
+        short = lambda prompt: prompt.removesuffix(" on a gray background")  # noqa: E731
+        strips = [(Path(args.pictures) / row["picture"],
+                   f"{row['type']}: {short(row['source'])} -> {short(row['edit'])}")
+                  for row in rows if "picture" in row]
+        contact_sheet(strips).save(Path(args.pictures) / "edits.png")
     return data
+
+
+def contact_sheet(strips: list[tuple[Path, str]], keep: tuple[int, ...] = (0, 1, 3), scale: float = 0.5
+                  ) -> Image.Image:
+    """One picture of several `side_by_side` strips, one per row: their panels `keep` (source, ours, dense
+    regeneration), at `scale`, each row under its caption."""
+    from PIL import ImageDraw
+
+    rows, caption_height = [], 14
+    for path, caption in strips:
+        strip = Image.open(path).convert("RGB")
+        panel = (strip.width + 4) // 4  # four panels with 4-pixel gaps
+        cells = [strip.crop((i * panel, 0, i * panel + panel - 4, strip.height)) for i in keep]
+        row = Image.new("RGB", (len(cells) * panel, strip.height), (255, 255, 255))
+        for i, cell in enumerate(cells):
+            row.paste(cell, (i * panel, 0))
+        row = row.resize((round(row.width * scale), round(row.height * scale)), Image.LANCZOS)
+        captioned = Image.new("RGB", (row.width, row.height + caption_height), (255, 255, 255))
+        ImageDraw.Draw(captioned).text((2, 1), caption, fill=(0, 0, 0))
+        captioned.paste(row, (0, caption_height))
+        rows.append(captioned)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (255, 255, 255))
+    top = 0
+    for row in rows:
+        sheet.paste(row, (0, top))
+        top += row.height
+    return sheet
 
 
 if __name__ == "__main__":

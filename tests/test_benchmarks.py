@@ -248,9 +248,13 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
                                            "--out", str(tmp_path), "--pictures", str(tmp_path / "pictures")])
     assert (tmp_path / "edit-quality.md").is_file() and data["drawn"] == 2
     assert data["skipped"] + len(data["cases"]) == 2 and data["cases"]  # seed 0: the first source shows its object
+    deepcache = importlib.util.find_spec("DeepCache") is not None
     for row in data["cases"]:
         assert set(row) >= {"dense", "p2p_dense", "ours_detected", "ours_gt"}
+        assert ("deepcache" in row) == deepcache
         assert row["ours_detected"]["latents_outside_identical"] and row["ours_gt"]["latents_outside_identical"]
         assert row["ours_gt"]["macs"] < row["dense"]["macs"]
+        assert 0 < row["ours_gt"]["ssim_outside"] <= 1 and 0 < row["dense"]["ssim_outside"] <= 1
     assert data["summary"]["colour"]["cases"] == len(data["cases"])
     assert (tmp_path / "pictures" / "colour.png").is_file() and data["cases"][0]["picture"] == "colour.png"
+    assert (tmp_path / "pictures" / "edits.png").is_file()
