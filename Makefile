@@ -23,7 +23,7 @@ demo: install
 	$(PY) examples/demo.py --out $(OUT)
 
 test: install
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Break the code on purpose, one way at a time, and check that the tests guarding it fail (tools/mutation_check.py).
 mutation-check: install

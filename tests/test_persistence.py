@@ -3,6 +3,7 @@ weights, another scheduler, or a damaged file is refused with an error that name
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -15,7 +16,10 @@ from fisedit_compiler.models import make_scheduler, random_pipeline
 STEPS = 6
 
 
+@functools.lru_cache(maxsize=None)
 def pipeline():
+    """One pipeline for the module: sessions over it share its compiled U-Net and decoder (built once, not per test),
+    each with its own cache; a loaded session edits as the original only through what it read from the folder."""
     return random_pipeline("sd2", latent_size=16, seed=0)
 
 
@@ -53,7 +57,7 @@ def test_a_scheduler_that_calls_twice_at_a_timestep_saves_and_loads_every_call(t
     assert len(original.cache.steps) == 5 and any(key.occurrence == 1 for key in original.cache.steps)
     original.save(tmp_path / "s")
 
-    loaded = fisedit.EditSession.load(tmp_path / "s", random_pipeline("sd2", latent_size=16, seed=0, scheduler="pndm"))
+    loaded = fisedit.EditSession.load(tmp_path / "s", pipe)  # its compiled U-Net is shared, its cache is read
     assert loaded.cache.steps == original.cache.steps
     mask = torch.zeros(16, 16, dtype=torch.bool)
     mask[3:9, 4:12] = True
@@ -70,7 +74,7 @@ def test_mismatches_and_damage_are_refused_by_name(tmp_path):
     other_weights = random_pipeline("sd2", latent_size=16, seed=1)
     with pytest.raises(SessionFileError, match="other U-Net weights"):
         fisedit.EditSession.load(folder, other_weights)
-    other_scheduler = pipeline()
+    other_scheduler = random_pipeline("sd2", latent_size=16, seed=0)
     other_scheduler.scheduler = make_scheduler("dpm")
     with pytest.raises(SessionFileError, match="saved with a DDIMScheduler, the pipeline has a DPMSolver"):
         fisedit.EditSession.load(folder, other_scheduler)
