@@ -215,6 +215,19 @@ MUTATIONS = [
         "keep_attention_maps=not self.new_maps", "keep_attention_maps=False",
         ("tests/test_editing.py::test_a_sparse_edit_with_fewer_dense_steps_than_control_reads_keeps_the_source_maps",),
     ),
+    Mutation(
+        "user-mask-blended-late", "a user's mask is blended only from the switch on, not in held steps before it",
+        "fisedit_compiler/editing/session.py",
+        "        if self.blend is None:  # a detected mask's control steps", "        if self.region is None:  #",
+        ("tests/test_real_images.py::test_a_loaded_photo_round_trips_and_a_user_mask_is_honoured_exactly",),
+    ),
+    Mutation(
+        "maps-for-dense-steps-only", "a source run records maps for the dense steps only, not a word swap's held ones",
+        "fisedit_compiler/policy.py",
+        "        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps))",
+        "        return self.edit_schedule(num_steps)[0]",
+        ("tests/test_editing.py::test_a_word_swap_holds_the_layout_for_its_first_steps_and_an_insertion_does_not",),
+    ),
 ]
 
 
