@@ -367,7 +367,7 @@ class EditSession:
         self._loaded_size = None
         self.cache.clear()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
-        k = self.policy.maps_schedule(self.num_inference_steps)
+        maps = self.policy.maps_schedule(self.num_inference_steps)  # the steps whose maps control calls read
         trajectory: list[torch.Tensor] = []
 
         def on_step_end(pipe, i, t, kwargs):
@@ -375,7 +375,7 @@ class EditSession:
             return {}
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
-        with self.unet.run(RecordMode(attention_maps=k, maps_only=maps_only), cache=self.cache):
+        with self.unet.run(RecordMode(attention_maps=maps, maps_only=maps_only), cache=self.cache):
             images, stats = self._run(prompt, on_step_end)
         result = EditResult(prompt, images, trajectory[-1], None, stats)
         self._source = _Run(prompt, prompt, trajectory, result)
