@@ -108,3 +108,37 @@ def test_requests_it_cannot_serve_get_a_4xx_that_says_why(api):
     assert nothing.status_code == 409 and "nothing to undo" in nothing.json()["detail"]
     assert client.post("/v1/sessions", data={}).status_code == 422  # no prompt
     assert service.history(sid) == [PROMPT]  # nothing of the session was lost
+
+
+def test_the_server_answers_other_requests_while_one_generates(api, monkeypatch):
+    """A generation or an edit runs in the server's thread pool: the event loop keeps serving (here the OpenAPI
+    schema) while one is under way. Run on the event loop, the generation would block every other request."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    _, service = api
+    entered, release = threading.Event(), threading.Event()
+    generate = service.generate
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)  # until the other request was answered (a bound, should the loop be blocked)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(service, "generate", held)
+
+    async def scenario() -> tuple[bool, int, int]:
+        transport = httpx.ASGITransport(app=create_app(service))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            made = asyncio.create_task(client.post("/v1/sessions", data={"prompt": PROMPT, "seed": "0"}))
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            schema = await client.get("/openapi.json")
+            served_meanwhile = not made.done()
+            release.set()
+            return served_meanwhile, schema.status_code, (await made).status_code
+
+    served_meanwhile, schema, made = asyncio.run(scenario())
+    assert served_meanwhile and schema == 200 and made == 200

@@ -9,7 +9,10 @@
     POST   /v1/sessions/{id}/undo       → the state before the last edit
     DELETE /v1/sessions/{id}
 
-Images travel as PNG: base64 in JSON responses, files in multipart requests. A mask is a PNG, white = edit, at
+Routes that read an upload are `async`; every service call (which may wait for the service's lock while another
+request generates or edits) runs in the server's thread pool, never on its event loop, so the server keeps
+accepting requests meanwhile. Images travel
+as PNG: base64 in JSON responses, files in multipart requests. A mask is a PNG, white = edit, at
 latent or image resolution (`inputs.as_mask`). Requests the service cannot serve get a 4xx whose `detail` says why:
 404 an unknown session, 400 a malformed id, mask or prompt, 409 an edit before any image. Optional: install with
 ``pip install fisedit-compiler[serve]``.
@@ -33,6 +36,7 @@ from ..service import ServiceError, SessionService
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
     from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
 except ImportError as e:  # an optional extra
     raise ImportError("the HTTP API needs FastAPI: pip install 'fisedit-compiler[serve]'") from e
 
@@ -86,16 +90,20 @@ def create_app(service: SessionService) -> FastAPI:
     @app.post("/v1/sessions")
     async def create(prompt: str = Form(...), seed: int = Form(0), image: UploadFile | None = File(None)):
         picture = await _image(image, "image")
-        sid = service.create()
-        try:
-            if picture is None:
-                result = service.generate(sid, prompt, seed)
-            else:
-                result = service.upload(sid, picture.convert("RGB"), prompt)
-        except BaseException:
-            service.delete(sid)  # a session that never had an image is not kept
-            raise
-        return result_json(sid, result, service.history(sid))
+
+        def start() -> dict[str, Any]:
+            sid = service.create()
+            try:
+                if picture is None:
+                    result = service.generate(sid, prompt, seed)
+                else:
+                    result = service.upload(sid, picture.convert("RGB"), prompt)
+            except BaseException:
+                service.delete(sid)  # a session that never had an image is not kept
+                raise
+            return result_json(sid, result, service.history(sid))
+
+        return await run_in_threadpool(start)
 
     @app.get("/v1/sessions/{sid}")
     def history(sid: str):
@@ -108,8 +116,11 @@ def create_app(service: SessionService) -> FastAPI:
     @app.post("/v1/sessions/{sid}/edits")
     async def edit(sid: str, prompt: str = Form(...), mask: UploadFile | None = File(None), keep: bool = Form(True)):
         drawn = await _image(mask, "mask")
-        result = service.edit(sid, prompt, mask=drawn, keep=keep)
-        return result_json(sid, result, service.history(sid))
+
+        def work() -> dict[str, Any]:
+            return result_json(sid, service.edit(sid, prompt, mask=drawn, keep=keep), service.history(sid))
+
+        return await run_in_threadpool(work)
 
     @app.post("/v1/sessions/{sid}/undo")
     def undo(sid: str):

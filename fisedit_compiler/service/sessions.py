@@ -87,11 +87,13 @@ class SessionService:
 
     def sessions(self) -> list[str]:
         """Every session's id, live or on disk."""
-        return sorted(p.name for p in self.root.iterdir() if _ID.fullmatch(p.name))
+        with self._lock:  # not while a session is made or deleted
+            return sorted(p.name for p in self.root.iterdir() if _ID.fullmatch(p.name))
 
     def history(self, sid: str) -> list[str]:
         """The prompts of the session's states, oldest first (the last is the current image's)."""
-        return [json.loads((state / MANIFEST).read_text())["prompt"] for state in self._states(sid)]
+        with self._lock:  # not while a state is being saved or dropped
+            return [json.loads((state / MANIFEST).read_text())["prompt"] for state in self._states(sid)]
 
     def current(self, sid: str) -> EditResult:
         """The session's current image."""
@@ -150,10 +152,11 @@ class SessionService:
 
     def download(self, sid: str) -> Path:
         """The folder of the session's current state: a saved session (`EditSession.load` opens it)."""
-        states = self._states(sid)
-        if not states:
-            raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
-        return states[-1]
+        with self._lock:
+            states = self._states(sid)
+            if not states:
+                raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
+            return states[-1]
 
     def open_saved(self, folder: str | Path) -> str:
         """A new session continuing the saved session in `folder` (refused, naming why, if it was made with another
