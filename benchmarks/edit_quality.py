@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fisedit_compiler.compiler import compile  # noqa: E402
-from fisedit_compiler.report import dense_regeneration, side_by_side  # noqa: E402
+from fisedit_compiler.report import PANEL_GAP, SIDE_BY_SIDE_LABELS, dense_regeneration, side_by_side  # noqa: E402
 from fisedit_compiler.editing.session import EditSession  # noqa: E402
 from fisedit_compiler.policy import Policy  # noqa: E402
 from fisedit_compiler.training import edit_suite  # noqa: E402
@@ -327,8 +327,8 @@ def contact_sheet(strips: list[tuple[Path, str]], keep: tuple[int, ...] = (0, 1,
     rows, caption_height = [], 14
     for path, caption in strips:
         strip = Image.open(path).convert("RGB")
-        panel = (strip.width + 4) // 4  # four panels with 4-pixel gaps
-        cells = [strip.crop((i * panel, 0, i * panel + panel - 4, strip.height)) for i in keep]
+        panel = (strip.width + PANEL_GAP) // len(SIDE_BY_SIDE_LABELS)  # a panel and the gap after it
+        cells = [strip.crop((i * panel, 0, i * panel + panel - PANEL_GAP, strip.height)) for i in keep]
         row = Image.new("RGB", (len(cells) * panel, strip.height), (255, 255, 255))
         for i, cell in enumerate(cells):
             row.paste(cell, (i * panel, 0))

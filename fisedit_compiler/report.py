@@ -47,9 +47,12 @@ def dense_regeneration(session: EditSession, prompt: str, inputs: dict | None = 
     return phases["dense"], images[0]
 
 
+SIDE_BY_SIDE_LABELS = ("source", "edited (FISEdit)", "recomputed region", "dense regeneration")
+PANEL_GAP = 4  # pixels between `side_by_side`'s panels
+
+
 def side_by_side(source: Image.Image, edited: Image.Image, mask: torch.Tensor | None,
-                 dense: Image.Image, labels=("source", "edited (FISEdit)", "recomputed region", "dense regeneration"),
-                 ) -> Image.Image:
+                 dense: Image.Image, labels=SIDE_BY_SIDE_LABELS) -> Image.Image:
     """One picture per edit: source | edited | recomputed region over the source | dense regeneration."""
     from PIL import ImageDraw
 
@@ -57,7 +60,7 @@ def side_by_side(source: Image.Image, edited: Image.Image, mask: torch.Tensor | 
     panels = [source.convert("RGB"), edited.convert("RGB"), overlay, dense.convert("RGB")]
     w, h = panels[0].size
     scale = max(1, 256 // w)
-    gap, caption = 4, 14
+    gap, caption = PANEL_GAP, 14
     canvas = Image.new("RGB", (len(panels) * (w * scale + gap) - gap, h * scale + caption), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i, (panel, label) in enumerate(zip(panels, labels)):
