@@ -19,7 +19,13 @@ class _NoImageProcessorFallbackNotice(_logging.Filter):
 
 _logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
 
-from .adapters import ModelAdapter, UNet2DConditionAdapter, UnsupportedModelError, register_adapter  # noqa: E402
+from .adapters import (  # noqa: E402
+    ModelAdapter,
+    SD3TransformerAdapter,
+    UNet2DConditionAdapter,
+    UnsupportedModelError,
+    register_adapter,
+)
 from .backend import GraphBreakError, backend, record, sparse  # noqa: E402
 from .compiler import CompiledUNet, MaskError, compile  # noqa: E402
 from .editing.session import EditResult, EditSession  # noqa: E402
@@ -30,5 +36,5 @@ from .runtime.cache import StepNotRecordedError  # noqa: E402
 __all__ = [
     "compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError",
     "UnsupportedOpError", "backend", "record", "sparse", "GraphBreakError", "ModelAdapter", "UNet2DConditionAdapter",
-    "UnsupportedModelError", "register_adapter",
+    "SD3TransformerAdapter", "UnsupportedModelError", "register_adapter",
 ]

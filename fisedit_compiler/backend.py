@@ -91,7 +91,8 @@ class Session:
         self.adapter = make_adapter(module, adapter)
         self.calls = calls
         self.executor = Executor(functools.partial(build_graph_variants, policy=policy), policy,
-                                 self.adapter.channels(), device=functools.partial(parameter_device, module))
+                                 self.adapter.channels(), device=functools.partial(parameter_device, module),
+                                 output_downscale=self.adapter.output_downscale())
         self.cache = RecordCache(policy.storage_dtype, make_store(policy))  # the recorded source run
         self.run: Run | None = None
 
@@ -105,7 +106,7 @@ class Session:
         plan = self.run.plan if self.run is not None else None
         if plan is None:
             raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
-        return plan.active_pixels(plan.latent_res)
+        return plan.recomputed_pixels()
 
     def pixel_inputs(self, inputs: dict[str, Any]) -> dict[int, InputLayout]:
         """The tensors of a call's bound inputs that carry pixels (the latents among them), by `id`."""

@@ -63,7 +63,8 @@ class CompiledUNet(nn.Module):
         self.unet = unet
         self.adapter = make_adapter(unet, adapter)
         self.executor = Executor(self._build, policy or Policy(), self.adapter.channels(),
-                                 device=functools.partial(parameter_device, unet))
+                                 device=functools.partial(parameter_device, unet),
+                                 output_downscale=self.adapter.output_downscale())
         self._cache: RecordCache | None = None  # made when record() or sparse() first needs it
         # The run each thread (or asyncio task) is inside, per compiled model.
         self._runs: contextvars.ContextVar[Run | None] = contextvars.ContextVar(f"fisedit_run_{id(self)}",
@@ -152,7 +153,7 @@ class CompiledUNet(nn.Module):
         plan = self.current_run.plan if self.current_run is not None else None
         if plan is None:
             raise RuntimeError("active_pixels() is only defined inside sparse(mask)")
-        return plan.active_pixels(plan.latent_res)
+        return plan.recomputed_pixels()
 
     def mask_plan(self, mask: torch.Tensor) -> MaskPlan:
         """The index plan of `mask` (active blocks per resolution, gather indices), with block sizes chosen for

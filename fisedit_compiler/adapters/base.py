@@ -144,6 +144,11 @@ class ModelAdapter:
         """What the model itself would return for `outputs` (from `call` or a variant); the base returns them."""
         return outputs
 
+    def output_downscale(self) -> int:
+        """The downscale of the map whose active blocks the output recomputes: 1 for a model whose last layers run
+        at latent resolution (a U-Net), the patch size for a transformer's tokens."""
+        return 1
+
     def channels(self) -> dict[Fraction, int]:
         """Feature width per downscale factor of the latents (1, 2, 4, ...; 1/2, 1/4, ... for maps finer than the
         latents); empty if unknown (the cost model then uses its widest calibration)."""

@@ -97,7 +97,7 @@ class SparseDecoder:
         else:
             changed = (sample != recorded.to(sample.device, sample.dtype)).any(dim=1).any(dim=0)
             run.switch(SparseMode(changed, write_back=self._keep))
-            if run.plan.active_pixels(run.plan.latent_res).all():
+            if run.plan.recomputed_pixels().all():
                 run.switch(dense)
         if self._keep:  # the record changes: until this decode completes, no input is known to match it
             self._recorded_input = None

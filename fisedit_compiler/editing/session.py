@@ -252,7 +252,7 @@ class _EditRun:
         policy's halo and rounded up to the output layer's blocks."""
         run, schedule = self._run, self.schedule
         run.switch(SparseMode(self.mask, write_back=self.keep))
-        self.region = run.plan.active_pixels(run.plan.latent_res).cpu()
+        self.region = run.plan.recomputed_pixels().cpu()
         if self.blend is None:
             self.blend = self.region
         if self.region.all():  # nothing left to reuse: the remaining steps run dense and record, exactly as a

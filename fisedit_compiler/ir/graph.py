@@ -4,6 +4,8 @@ A *spatial* tensor carries the latent image's pixels at some resolution `res = (
 
 - ``map``: two dims hold H and W (NCHW has them at 2, 3; NHWC at 1, 2).
 - ``seq``: one dim holds the H*W pixels flattened row-major (tokens ``B x HW x C``, heads ``B x h x HW x d``).
+  A *joint* sequence (a diffusion transformer's text and image tokens, concatenated for joint attention) holds
+  `tokens = (before, after)` tokens without pixels around the pixels in that dim.
 
 Dim 0 is always the batch. In a sparse call, a spatial tensor at a sparse resolution is *gathered*: only the pixels
 of the active blocks are present. A gathered ``map`` tensor folds the blocks into the batch,
@@ -49,10 +51,18 @@ class SpatialLayout:
     res: tuple[int, int]
     dims: tuple[int, ...]
     shape: tuple[int, ...]
+    tokens: tuple[int, int] = (0, 0)  # a joint sequence's tokens without pixels, before and after the pixels
 
     def __post_init__(self) -> None:
         if self.shape and self.shape[0] == 0:
             raise ValueError("spatial tensors need a batch dim")
+        if self.tokens != (0, 0) and self.kind != "seq":
+            raise ValueError("only a token sequence (kind 'seq') holds tokens without pixels")
+
+    @property
+    def joint(self) -> bool:
+        """A joint sequence: pixels and tokens without pixels in the pixel dim (see the module docstring)."""
+        return self.tokens != (0, 0)
 
     @property
     def rest_dims(self) -> tuple[int, ...]:
@@ -69,7 +79,8 @@ class SpatialLayout:
 
     def describe(self) -> str:
         h, w = self.res
-        return f"{self.kind}{list(self.dims)}@{h}x{w}"
+        joint = f"+{self.tokens[0]}/{self.tokens[1]}" if self.joint else ""
+        return f"{self.kind}{list(self.dims)}@{h}x{w}{joint}"
 
     def with_rest_size(self, size: int) -> SpatialLayout:
         """This layout with `size` elements in its one non-pixel dim (a map's channels): an operand of a

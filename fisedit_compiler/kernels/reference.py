@@ -98,6 +98,7 @@ def _scatter_into_copy(fresh: torch.Tensor, recorded: torch.Tensor, index: Gathe
     full = recorded.to(dtype=fresh.dtype, memory_format=torch.contiguous_format, copy=True)
     if index.fresh_at.numel():  # (an empty gathered tensor has no canonical form to index)
         fresh_pixels = to_canonical(fresh, layout, recorded.shape[0], fresh_windows).index_select(1, index.fresh_from)
+        fresh_pixels = fresh_pixels.reshape(*fresh_pixels.shape[:2], *layout.rest_shape)
         dh = layout.dims[0]
         full.flatten(dh, dh + 1).index_copy_(dh, index.fresh_at, fresh_pixels.movedim(1, dh))
     return full

@@ -12,6 +12,12 @@ pixels is known: each op family of `passes.ops` has a layout rule (`layout_rule`
 (say, a DiT's token-sequence ops) is one rule. A node with a spatial input that no rule covers, or whose rule refuses
 it, gets an `UnknownLayout` naming the reason; `find_sparse_regions` turns that into an error if the node sits at a
 sparse resolution.
+
+Diffusion transformers add three things, each a rule: a constant that varies along the pixels (a learned
+positional embedding added to the tokens) takes the layout of the tokens it is added to; text tokens concatenated
+with image tokens along the sequence make a *joint* sequence (`SpatialLayout.tokens`), which slices split again
+into image tokens (pixels) and text tokens (none); and unpatchifying (an einsum permutation, then a reshape that
+merges each pixel dim with its patch dim) ends at a finer map.
 """
 
 from __future__ import annotations
@@ -60,33 +66,79 @@ def _reshape_layout(layout: SpatialLayout, shape: tuple[int, ...]) -> SpatialLay
     groups = _reshape_groups(layout.shape, shape)
     h, w = layout.res
     new_dims: list[int] = []
+    patches: list[int] = []  # per pixel dim, the patch size merged into it (1: none)
     for gi, gj in groups:
         pixel_dims = [d for d in gi if d in layout.dims]
         if 0 in gi and (len(gi) != 1 or gj != [0]):
             return "reshape merges the batch dim with other dims"
         if not pixel_dims:
             continue
+        if layout.joint and (len(gi) != 1 or len(gj) != 1):
+            return "reshape of a joint sequence's pixel dim"
         if layout.kind == "map" and gi == list(layout.dims) and len(gj) == 1:
             return SpatialLayout("seq", layout.res, (gj[0],), shape)
         if layout.kind == "seq" and len(gi) == 1 and [shape[d] for d in gj] == [h, w]:
             return SpatialLayout("map", layout.res, tuple(gj), shape)
         if len(gi) == 1 and len(gj) == 1:
             new_dims.append(gj[0])
+            patches.append(1)
+            continue
+        first_pixel = gi.index(pixel_dims[0])
+        if layout.kind == "map" and len(pixel_dims) == 1 and len(gj) == 1 \
+                and all(layout.shape[d] == 1 for d in gi[:first_pixel]):
+            # a pixel dim merged with the dims after it: each pixel unfolds into a patch of a finer map (unpatchify)
+            new_dims.append(gj[0])
+            patches.append(shape[gj[0]] // layout.shape[gi[0]])
             continue
         return f"reshape {list(layout.shape)} -> {list(shape)} mixes pixel dims with other dims"
     if len(new_dims) != len(layout.dims):
         return "reshape loses the pixel dims"
-    return SpatialLayout(layout.kind, layout.res, tuple(new_dims), shape)
+    if patches != [1] * len(patches):
+        if len(patches) != 2:
+            return "reshape unfolds the pixels of a sequence"
+        return SpatialLayout("map", (h * patches[0], w * patches[1]), tuple(new_dims), shape)
+    return dataclasses.replace(layout, dims=tuple(new_dims), shape=shape)
 
 
 def _broadcast_layout(layouts: list[SpatialLayout], shape: tuple[int, ...]) -> SpatialLayout | str:
     aligned = {
-        (lay.kind, lay.res, tuple(d + len(shape) - len(lay.shape) for d in lay.dims)) for lay in layouts
+        (lay.kind, lay.res, tuple(d + len(shape) - len(lay.shape) for d in lay.dims), lay.tokens) for lay in layouts
     }
     if len(aligned) != 1:
         return "operands have different pixel layouts"
-    kind, res, dims = aligned.pop()
-    return SpatialLayout(kind, res, dims, shape)
+    kind, res, dims, tokens = aligned.pop()
+    return SpatialLayout(kind, res, dims, shape, tokens)
+
+
+def _depends_on_inputs(node: fx.Node) -> bool:
+    """Whether `node`'s value depends on a model input (else it is computed from parameters and buffers alone)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder":
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
+
+
+def _pixel_constant(operand: fx.Node, layout: SpatialLayout) -> str | None:
+    """An operand without pixels of an elementwise op with `layout` that varies along the pixel dims: a constant
+    per pixel (a learned positional embedding), which then takes the layout (one batch item: it broadcasts), or why
+    it cannot."""
+    meta = tensor_meta(operand)
+    if meta is None or all(meta.shape[d - len(layout.shape) + meta.dim()] == 1 for d in layout.dims
+                           if d - len(layout.shape) + meta.dim() >= 0):
+        return None
+    if meta.dim() != len(layout.shape) or meta.shape[0] != 1 or layout.joint \
+            or any(meta.shape[d] != layout.shape[d] for d in layout.dims):
+        return f"operand {operand.name} without pixels varies along the pixel dims"
+    if _depends_on_inputs(operand):
+        return f"operand {operand.name} varies along the pixel dims, but no input of the model gives it pixels"
+    operand.meta[LAYOUT] = dataclasses.replace(layout, shape=tuple(meta.shape))
+    return None
 
 
 def _normalize_dim(dim: int, ndim: int) -> int:
@@ -95,9 +147,10 @@ def _normalize_dim(dim: int, ndim: int) -> int:
 
 # --- the rules, by op family --------------------------------------------------------------------------------------
 
-# A layout rule: `rule(node, first, inputs, shape)` -> the layout of `node`'s output, or why it has none (a str, the
-# reason of its `UnknownLayout`). `first` is the layout of its first argument with pixels, `inputs` its input nodes
-# with pixels, `shape` its output's (None where that is not one tensor: see `TUPLE_OUTPUTS`).
+# A layout rule: `rule(node, first, inputs, shape)` -> the layout of `node`'s output, None if its output has no
+# pixels (a joint sequence's text tokens), or why it has no layout (a str, the reason of its `UnknownLayout`).
+# `first` is the layout of its first argument with pixels, `inputs` its input nodes with pixels, `shape` its
+# output's (None where that is not one tensor: see `TUPLE_OUTPUTS`).
 LayoutRule = Callable[[fx.Node, SpatialLayout, list[fx.Node], "tuple[int, ...] | None"], "SpatialLayout | str"]
 
 # op target -> its rule
@@ -144,8 +197,15 @@ def _element(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) 
 
 @layout_rule(ops.ELEMENTWISE)
 def _elementwise(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
-    """Elementwise ops: the operands' common layout, broadcast."""
-    return _broadcast_layout([a.meta[LAYOUT] for a in inputs], shape)
+    """Elementwise ops: the operands' common layout, broadcast. An operand without pixels that varies along them
+    is a constant per pixel (`_pixel_constant`)."""
+    layout = _broadcast_layout([a.meta[LAYOUT] for a in inputs], shape)
+    if isinstance(layout, str):
+        return layout
+    for operand in node.all_input_nodes:
+        if operand not in inputs and (reason := _pixel_constant(operand, layout)) is not None:
+            return reason
+    return layout
 
 
 @layout_rule(ops.CONV, ops.UPSAMPLE_NEAREST)
@@ -171,7 +231,7 @@ def _per_pixel(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape
     arg_index = ops.PER_PIXEL_DIM_ARG[target]
     if target is ops.aten.cat.default:
         if any(not isinstance(t, fx.Node) or not isinstance(t.meta.get(LAYOUT), SpatialLayout) for t in node.args[0]):
-            return "cat of tensors with and without pixels"
+            return _joint_sequence(node, first, shape)
     if arg_index is not None:
         dim = node.args[arg_index] if len(node.args) > arg_index else node.kwargs.get("dim", 0)
         dim = _normalize_dim(dim, len(first.shape))
@@ -183,6 +243,59 @@ def _per_pixel(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape
     elif max(first.dims) == len(first.shape) - 1:
         return f"{target} over a pixel dim"
     return first if shape is None else dataclasses.replace(first, shape=shape)
+
+
+def _joint_sequence(node: fx.Node, first: SpatialLayout, shape) -> SpatialLayout | str:
+    """A cat of image tokens with tokens without pixels along the sequence: a joint sequence."""
+    tensors = node.args[0]
+    dim = _normalize_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(first.shape))
+    spatial = [i for i, t in enumerate(tensors) if isinstance(t.meta.get(LAYOUT), SpatialLayout)]
+    if first.kind != "seq" or first.joint or dim != first.dims[0] or len(spatial) != 1:
+        return "cat of tensors with and without pixels, other than image tokens with text tokens along the sequence"
+    sizes = [tensor_meta(t).shape[dim] for t in tensors]
+    tokens = (sum(sizes[:spatial[0]]), sum(sizes[spatial[0] + 1:]))
+    return SpatialLayout("seq", first.res, first.dims, shape, tokens)
+
+
+@layout_rule(ops.SLICE)
+def _slice(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str | None:
+    """A slice along a non-pixel dim keeps the layout; along a joint sequence's pixel dim it takes either the image
+    tokens (the pixels) or the tokens before or after them (no pixels)."""
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    dim = _normalize_dim(dim, len(first.shape))
+    if dim == 0:
+        return "slice of the batch dim"
+    if dim not in first.dims:
+        return dataclasses.replace(first, shape=shape)
+    size = first.shape[dim]
+    start, end = _normalize_dim(start or 0, size), min(size, _normalize_dim(end, size) if end is not None else size)
+    before, after = first.tokens
+    if not first.joint or step != 1:
+        return "slice of pixels"
+    if (start, end) == (before, size - after):
+        return SpatialLayout("seq", first.res, first.dims, shape)
+    if (start, end) in ((0, before), (size - after, size)):
+        return None
+    return "slice of a joint sequence that is neither its pixels nor its other tokens"
+
+
+@layout_rule(ops.EINSUM)
+def _einsum(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """An einsum that permutes the dims of one operand (``nhwpqc->nchpwq``, a DiT's unpatchify): the pixel dims
+    move with it. The einsum is computed at full size (`find_sparse_regions`), so any order of the other dims is
+    fine."""
+    equation, operands = node.args[0], node.args[1]
+    inputs_spec, _, output_spec = equation.replace(" ", "").partition("->")
+    if len(operands) != 1 or "..." in equation or "," in inputs_spec or sorted(inputs_spec) != sorted(output_spec) \
+            or len(set(inputs_spec)) != len(inputs_spec):
+        return f"einsum {equation!r} is not a permutation of one operand"
+    perm = [inputs_spec.index(c) for c in output_spec]
+    if perm[0] != 0:
+        return "einsum moves the batch dim"
+    new_dims = tuple(perm.index(d) for d in first.dims)
+    if first.kind == "map" and new_dims[0] > new_dims[1]:
+        return "einsum swaps the pixel rows and columns"
+    return dataclasses.replace(first, dims=new_dims, shape=shape)
 
 
 @layout_rule(ops.SDPA)
@@ -216,7 +329,7 @@ def _permute(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) 
     rest = [d for d in perm if d not in first.dims and d != 0]
     if rest != sorted(rest):
         return "permute reorders non-pixel dims"
-    return SpatialLayout(first.kind, first.res, new_dims, shape)
+    return dataclasses.replace(first, dims=new_dims, shape=shape)
 
 
 @layout_rule(ops.UNSQUEEZES)
@@ -232,7 +345,7 @@ def _unsqueeze(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape
         if dim in first.dims or first.shape[dim] != 1:
             return "squeeze of a pixel dim"
         new_dims = tuple(d - (d > dim) for d in first.dims)
-    return SpatialLayout(first.kind, first.res, new_dims, shape)
+    return dataclasses.replace(first, dims=new_dims, shape=shape)
 
 
 # --- the pass -----------------------------------------------------------------------------------------------------
@@ -254,7 +367,7 @@ def infer_layout(node: fx.Node, shape: tuple[int, ...] | None) -> SpatialLayout 
     if rule is None:
         return UnknownLayout(f"no layout rule for {node.target}", first.res)
     result = rule(node, first, inputs, shape)
-    return result if isinstance(result, SpatialLayout) else UnknownLayout(result, first.res)
+    return result if result is None or isinstance(result, SpatialLayout) else UnknownLayout(result, first.res)
 
 
 def annotate_spatial_layout(gm: fx.GraphModule) -> int:

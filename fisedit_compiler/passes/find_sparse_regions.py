@@ -8,6 +8,13 @@ A node is sparse when it has pixels at a sparse resolution and a sparse rule exi
 maximal connected subgraph of sparse nodes (networkx weakly connected components): gathers go on its inputs and
 scatters on its outputs (`insert_region_boundaries`). A node at a sparse resolution that no rule covers is an
 error naming the node and the op: silently computing it densely on gathered data would be wrong.
+
+Joint sequences (a diffusion transformer's image and text tokens, `SpatialLayout.tokens`) are never gathered or
+scattered, so: the concatenation that builds attention's keys and values is computed at full size (from the image
+tokens scattered into their recorded values) where attention reads them so (`full_inputs`); a node on joint
+sequences whose inputs are all at full size is too; and slicing the text tokens out of a gathered joint sequence is
+sparse although its output has no pixels. Constants with pixels (a positional embedding) are computed at full size
+and gathered where a region reads them.
 """
 
 from __future__ import annotations
@@ -50,8 +57,12 @@ def sparse_rule(node: fx.Node, policy: Policy, is_sparse_res) -> str | None:
     if target is ops.SDPA:
         self_attention = _layout(node.args[1]) is not None
         return "dense" if self_attention and policy.attention == "dense" else None
+    if target is ops.EINSUM:
+        return "dense"  # a permutation of the whole output (unpatchify): after the scatter
+    if target in ops.RESHAPES and first is not None and first.res != node.meta[LAYOUT].res:
+        return "dense"  # unfolds pixels into a finer map: no block structure to keep
     if (target in ops.ELEMENTWISE or target in ops.PER_PIXEL_DIM_ARG or target in ops.RESHAPES
-            or target in ops.PERMUTES or target in ops.UNSQUEEZES or target is ops.GETITEM):
+            or target in ops.PERMUTES or target in ops.UNSQUEEZES or target is ops.GETITEM or target is ops.SLICE):
         return None
     return f"no sparse rule for {target}"
 
@@ -63,6 +74,22 @@ def full_inputs(node: fx.Node, policy: Policy) -> set[fx.Node]:
     return set()
 
 
+def _joint_read_in_full(gm: fx.GraphModule, policy: Policy) -> set[fx.Node]:
+    """Joint sequences that attention reads at full size: its keys and values under "active_queries", all three
+    operands under "dense" (which keeps self-attention dense)."""
+    read = set()
+    for node in gm.graph.nodes:
+        if node.target is ops.SDPA and (key := _layout(node.args[1])) is not None and key.joint:
+            operands = node.args[:3] if policy.attention == "dense" else full_inputs(node, policy)
+            read.update(a for a in operands if _layout(a) is not None and _layout(a).joint)
+    return read
+
+
+def _joint(node: object) -> bool:
+    layout = _layout(node)
+    return layout is not None and layout.joint
+
+
 def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
     """Set `meta[SPARSE]`, `meta[REGION]` and `meta[FULL_INPUTS]`; returns the number of regions."""
     latent = latent_input(gm).meta[LAYOUT].res
@@ -71,11 +98,19 @@ def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
         return policy.is_sparse_resolution(res, latent)
 
     graph = nx.DiGraph()
+    joint_in_full = _joint_read_in_full(gm, policy)
     for node in gm.graph.nodes:
         layout = node.meta.get(LAYOUT)
         node.meta[SPARSE] = False
+        spatial_inputs = [a for a in node.all_input_nodes if a.meta.get(LAYOUT) is not None]
+        if layout is None and node.op == "call_function" and any(_joint(a) and a.meta[SPARSE] for a in spatial_inputs):
+            layout = node.args[0].meta[LAYOUT]  # text tokens sliced out of a gathered joint sequence: sparse
         if node.op != "call_function" or layout is None or not is_sparse_res(layout.res):
             continue
+        if not spatial_inputs or node in joint_in_full:
+            continue  # a constant with pixels, or a joint sequence that attention reads in full: computed dense
+        if (_joint(node) or any(_joint(a) for a in spatial_inputs)) and not any(a.meta[SPARSE] for a in spatial_inputs):
+            continue  # on joint sequences at full size only: they cannot be gathered, so it stays dense
         reason = layout.reason if isinstance(layout, UnknownLayout) else sparse_rule(node, policy, is_sparse_res)
         if reason == "dense":
             continue

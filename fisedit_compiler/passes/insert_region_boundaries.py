@@ -22,6 +22,7 @@ import torch.fx as fx
 from ..ir import LAYOUT, SPARSE, CacheRef, SpatialLayout
 from ..ir import ops as ir_ops
 from .find_sparse_regions import FULL_INPUTS
+from .manager import PassError
 
 
 def _spatial(node: fx.Node) -> bool:
@@ -50,6 +51,11 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
                 continue
             source_sparse = source.meta.get(SPARSE, False)
             layout = source.meta[LAYOUT]
+            if sparse and not source_sparse and source in needs_full:
+                continue  # computed at full size already (a joint sequence's keys)
+            if (sparse != source_sparse) and layout.joint:
+                raise PassError(f"{node.name} reads joint sequence {source.name} across a region boundary: joint "
+                                "sequences are neither gathered nor scattered")
             if sparse and not source_sparse:
                 new = boundary(source, gathers, ir_ops.gather_active, (layout,))
             elif source_sparse and (not sparse or source in needs_full):
@@ -70,7 +76,8 @@ def regions_entered_and_left_through_boundaries(gm: fx.GraphModule) -> list[str]
             if not _spatial(source) or source.meta.get(SPARSE, False) == sparse:
                 continue
             if sparse and node.target is not ir_ops.gather_active \
-                    and source.target is not ir_ops.scatter_into_recorded:
+                    and source.target is not ir_ops.scatter_into_recorded \
+                    and source not in node.meta.get(FULL_INPUTS, set()):
                 problems.append(f"sparse {node.name} reads dense {source.name} without a gather")
             elif not sparse and node.target is not ir_ops.scatter_into_recorded:
                 problems.append(f"dense {node.name} reads sparse {source.name} without a scatter")

@@ -43,7 +43,7 @@ PER_PIXEL_DIM_ARG = {
     aten.cat.default: 1,
 }
 
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
 PERMUTES = {aten.permute.default, aten.transpose.int}
 UNSQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
 
@@ -53,6 +53,8 @@ GROUP_NORM = aten.group_norm.default
 SDPA = aten.scaled_dot_product_attention.default
 UPSAMPLE_NEAREST = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
 GETITEM = operator.getitem
+SLICE = aten.slice.Tensor
+EINSUM = aten.einsum.default  # a permutation (a transformer's unpatchify) is the only einsum with a layout rule
 
 # No-ops on values that capture leaves in the graph and that the sparse variant drops.
 METADATA_ASSERTS = {aten._assert_tensor_metadata.default}

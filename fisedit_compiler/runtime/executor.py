@@ -133,9 +133,10 @@ class Executor:
 
     def __init__(self, build: Callable[[dict[str, Any], Any], Variants], policy: Policy,
                  channels: Mapping[Fraction, int] | None = None,
-                 device: Callable[[], torch.device | None] = lambda: None):
+                 device: Callable[[], torch.device | None] = lambda: None, output_downscale: int = 1):
         self.policy = policy
         self.channels = dict(channels or {})
+        self.output_downscale = output_downscale
         self.device = device
         self._build = build
         self._variants: dict[tuple[Any, InputSignature], Variants] = {}
@@ -152,7 +153,7 @@ class Executor:
         sizes chosen for the model's channel widths."""
         device = self.device()
         mask = mask.to(device) if device is not None else mask
-        return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels)
+        return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels, self.output_downscale)
 
     def variants(self, inputs: dict[str, Any], graph: Any = None) -> Variants:
         """The graph variants for these inputs (of `graph`), built on first use of their signature."""

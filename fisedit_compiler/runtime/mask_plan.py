@@ -32,8 +32,10 @@ class MaskPlan:
     """
 
     def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None,
-                 channels: Mapping[Fraction, int] | None = None):
+                 channels: Mapping[Fraction, int] | None = None, output_downscale: int = 1):
         self.policy = policy
+        # the downscale of the map whose active blocks the model's output recomputes (a transformer's patch size)
+        self.output_downscale = output_downscale
         self.constants = constants if constants is not None else load_constants(mask.device)
         # the model's channels per downscale factor of its maps (below 1 for maps finer than the latents: a VAE
         # decoder's), for the cost model
@@ -76,6 +78,14 @@ class MaskPlan:
         computed = torch.zeros(res[0] * res[1], dtype=torch.bool, device=self.device)
         computed[layout.pixel_to_gathered >= 0] = True
         return computed.reshape(res)
+
+    def recomputed_pixels(self) -> torch.Tensor:
+        """The (H, W) bool map of latent pixels that a sparse call recomputes: the active blocks of the output's
+        map (the latents', or a transformer's patches), each cell spread over the latent pixels it covers."""
+        f = self.output_downscale
+        h, w = self.latent_res
+        computed = self.active_pixels((h // f, w // f))
+        return computed.repeat_interleave(f, 0).repeat_interleave(f, 1) if f > 1 else computed
 
     def constants_at(self, res: Resolution) -> CostConstants:
         """The cost constants for the map at `res`: those measured on a region of about its active pixels'
