@@ -42,6 +42,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "joint-keys-gathered", "a transformer's joint attention reads keys and values of the active tokens only",
+        "fisedit_compiler/passes/find_sparse_regions.py",
+        "            operands = node.args[:3] if policy.attention == \"dense\" else full_inputs(node, policy)\n",
+        "            operands = node.args[:3] if policy.attention == \"dense\" else set()\n",
+        ("tests/test_transformers.py::test_sparse_call_on_recorded_input_returns_recorded_output",),
+    ),
+    Mutation(
+        "patches-not-recomputed-pixels", "a transformer's recomputed latent pixels are its active tokens' cells, "
+        "not their patches",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "        f = self.output_downscale\n", "        f = 1\n",
+        ("tests/test_transformers.py::test_outside_the_recomputed_patches_the_output_is_recorded_exactly",),
+    ),
+    Mutation(
         "write-back-off", "sparse calls never write their fresh blocks back into the cache",
         "fisedit_compiler/runtime/ops.py",
         "    if not b.write_back:\n        return\n", "    return\n",
