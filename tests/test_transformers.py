@@ -211,3 +211,32 @@ def test_inputs_sd3_calls_refuse_are_named():
         compiled(**inputs, skip_layers=[0])
     with compiled.record(), pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
         compiled(**inputs, joint_attention_kwargs={"scale": 0.5})
+
+
+@functools.lru_cache(maxsize=None)
+def sd3_session():
+    from fisedit_compiler.models.sd3 import random_sd3_pipeline
+
+    session = fisedit.EditSession(random_sd3_pipeline(latent_size=SIZE), num_inference_steps=6, guidance_scale=5.0)
+    source = session.generate("a red circle", generator=torch.Generator().manual_seed(0))
+    return session, source
+
+
+@torch.no_grad()
+def test_an_edit_session_over_sd3_keeps_the_latents_outside_a_users_mask():
+    """`EditSession` over `StableDiffusion3Pipeline` (flow matching): the transformer is compiled in place, and an
+    edit with a user's mask, then a continuous edit on top of it, change the latents only inside their masks."""
+    from fisedit_compiler.editing.masks import ellipse_mask
+
+    session, source = sd3_session()
+    assert isinstance(session.pipe.transformer, fisedit.CompiledUNet)
+    first = session.edit("a blue circle", mask=ellipse_mask(SIZE, 0.15, center=(0.5, 0.4), grid_offset=0))
+    assert torch.equal(first.latents[..., ~first.mask], source.latents[..., ~first.mask])
+    assert not torch.equal(first.latents[..., first.mask], source.latents[..., first.mask])
+    assert first.stats["sparse"].unet_calls > 0
+    assert first.stats["sparse"].macs < first.stats["sparse"].unet_calls * first.stats["dense"].macs / max(
+        1, first.stats["dense"].unet_calls)
+    second = session.edit("a blue square", mask=ellipse_mask(SIZE, 0.1, center=(0.3, 0.7), grid_offset=0))
+    assert torch.equal(second.latents[..., ~second.mask], first.latents[..., ~second.mask])
+    # the picture is decoded sparsely around the latents that changed
+    assert second.stats["decode"].mode == "sparse"

@@ -20,15 +20,17 @@ from typing import Any
 import torch
 
 from .inversion import image_tensor
+from .pipelines import denoiser
 
 
 def is_inpainting(pipe) -> bool:
     """Whether `pipe` is an inpainting pipeline with an inpainting U-Net (latents + mask + masked-image latents)."""
     latent_channels = pipe.vae.config.latent_channels
-    if pipe.unet.config.in_channels != 2 * latent_channels + 1:
+    model = denoiser(pipe)
+    if model.config.in_channels != 2 * latent_channels + 1:
         return False
     if "mask_image" not in inspect.signature(pipe.__call__).parameters:
-        raise ValueError(f"the U-Net takes {pipe.unet.config.in_channels} input channels (an inpainting U-Net) but "
+        raise ValueError(f"the U-Net takes {model.config.in_channels} input channels (an inpainting U-Net) but "
                          f"{type(pipe).__name__} gives it no mask: load it in an inpainting pipeline "
                          "(StableDiffusionInpaintPipeline)")
     return True

@@ -26,6 +26,7 @@ from ..policy import Policy
 from ..runtime.tiered_store import MemoryBudget, make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
 from ..runtime.safetensors_io import read_safetensors, write_safetensors
+from .pipelines import denoiser
 
 FORMAT = "fisedit-session/2"  # 2: residual sums are recorded instead of their terms (passes/windows.py)
 MANIFEST = "session.json"
@@ -160,7 +161,8 @@ def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = No
         raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}: it was saved "
                                "by another version of fisedit-compiler, whose recorded tensors this one does not "
                                "read; generate (or load) the source picture again")
-    unet = pipe.unet.unet if isinstance(pipe.unet, CompiledUNet) else pipe.unet
+    model = denoiser(pipe)
+    unet = model.unet if isinstance(model, CompiledUNet) else model
     saved, current = manifest["unet"], unet_fingerprint(unet)
     if saved["class"] != current["class"]:
         raise SessionFileError(f"the session was saved with a {saved['class']}, the pipeline has a {current['class']}")

@@ -41,6 +41,7 @@ from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
+from .pipelines import denoiser, denoiser_name
 from .schedule import EditSchedule
 from .token_alignment import align_tokens, swaps_words_only, token_ids
 
@@ -48,7 +49,7 @@ from .token_alignment import align_tokens, swaps_words_only, token_ids
 DETERMINISTIC_SCHEDULERS = {
     "DDIMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "PNDMScheduler",
     "EulerDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler",
-    "DEISMultistepScheduler", "KDPM2DiscreteScheduler",
+    "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
 }
 
 
@@ -321,8 +322,10 @@ class EditSession:
     ):
         self.pipe = pipe
         self.inpainting = is_inpainting(pipe)
-        self.unet = compile(pipe.unet, policy)  # a compiled U-Net is kept, or recompiled for another policy
-        pipe.unet = self.unet
+        # the denoiser (a U-Net, or SD3's transformer), compiled in place; a compiled one is kept, or recompiled for
+        # another policy
+        self.unet = compile(denoiser(pipe), policy)
+        setattr(pipe, denoiser_name(pipe), self.unet)
         self.policy = self.unet.policy
         # The session's own record cache: sessions sharing a compiled U-Net (a server's requests) never share one.
         # One memory budget for every record the session holds: its cache, an edit run's pending records, the
