@@ -183,14 +183,15 @@ def test_a_sparse_call_costs_fewer_macs_and_the_text_stream_stays_dense():
 
 def test_the_passes_on_a_transformer_graph():
     """What each pass does to an SD3 graph (2 joint blocks), by op counts: every joint attention keeps the stock op
-    with queries of the active image tokens and the text, and keys and values at full size (the image tokens'
-    scattered into their recorded values); the positional embedding is gathered like a full-size input."""
+    with queries of the active image tokens and the text, and keys and values at full size (the joint sequences'
+    image tokens scattered into their recorded values, the text tokens fresh); the positional embedding is gathered
+    like a full-size input."""
     _, compiled, inputs, _ = recorded(2)
     variants = compiled.variants(inputs)
     records = {r.name: r for r in variants.passes["sparse"]}  # op counts by op name
     assert records["annotate_spatial_layout"].rewrites > 0
     after = records["insert_region_boundaries"].ops_after
-    # per block the image tokens' keys and values, scattered for joint attention; one scatter before unpatchify
+    # per block the joint keys and values, scattered for attention; one scatter before unpatchify
     assert after["scatter_into_recorded"] == 2 * 2 + 1
     # the latents (for the patch embedding) and the positional embedding enter gathered
     assert after["gather_active"] == 2

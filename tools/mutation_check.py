@@ -42,11 +42,12 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
-        "joint-keys-gathered", "a transformer's joint attention reads keys and values of the active tokens only",
-        "fisedit_compiler/passes/find_sparse_regions.py",
-        "            operands = node.args[:3] if policy.attention == \"dense\" else full_inputs(node, policy)\n",
-        "            operands = node.args[:3] if policy.attention == \"dense\" else set()\n",
-        ("tests/test_transformers.py::test_sparse_call_on_recorded_input_returns_recorded_output",),
+        "joint-text-recorded", "a joint sequence's scatter takes its text tokens from the record, not the call",
+        "fisedit_compiler/runtime/ops.py",
+        "    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]\n",
+        "    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]\n"
+        "    if ref is not None:\n        before, _, after = joint_parts(b.recorded(ref), layout)\n",
+        ("tests/test_transformers.py::test_full_mask_equals_the_dense_call_on_new_inputs",),
     ),
     Mutation(
         "patches-not-recomputed-pixels", "a transformer's recomputed latent pixels are its active tokens' cells, "

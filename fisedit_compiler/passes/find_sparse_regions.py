@@ -9,12 +9,11 @@ maximal connected subgraph of sparse nodes (networkx weakly connected components
 scatters on its outputs (`insert_region_boundaries`). A node at a sparse resolution that no rule covers is an
 error naming the node and the op: silently computing it densely on gathered data would be wrong.
 
-Joint sequences (a diffusion transformer's image and text tokens, `SpatialLayout.tokens`) are never gathered or
-scattered, so: the concatenation that builds attention's keys and values is computed at full size (from the image
-tokens scattered into their recorded values) where attention reads them so (`full_inputs`); a node on joint
-sequences whose inputs are all at full size is too; and slicing the text tokens out of a gathered joint sequence is
-sparse although its output has no pixels. Constants with pixels (a positional embedding) are computed at full size
-and gathered where a region reads them.
+Joint sequences (a diffusion transformer's image and text tokens, `SpatialLayout.tokens`) are sparse like any
+token sequence: gathered, they hold the active pixels and all their other tokens (a gather or scatter moves the
+pixels only). Slicing the text tokens out of a gathered joint sequence is sparse although its output has no pixels.
+Constants with pixels (a positional embedding, rotary embeddings) are computed at full size and gathered where a
+region reads them.
 """
 
 from __future__ import annotations
@@ -74,17 +73,6 @@ def full_inputs(node: fx.Node, policy: Policy) -> set[fx.Node]:
     return set()
 
 
-def _joint_read_in_full(gm: fx.GraphModule, policy: Policy) -> set[fx.Node]:
-    """Joint sequences that attention reads at full size: its keys and values under "active_queries", all three
-    operands under "dense" (which keeps self-attention dense)."""
-    read = set()
-    for node in gm.graph.nodes:
-        if node.target is ops.SDPA and (key := _layout(node.args[1])) is not None and key.joint:
-            operands = node.args[:3] if policy.attention == "dense" else full_inputs(node, policy)
-            read.update(a for a in operands if _layout(a) is not None and _layout(a).joint)
-    return read
-
-
 def _joint(node: object) -> bool:
     layout = _layout(node)
     return layout is not None and layout.joint
@@ -98,7 +86,6 @@ def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
         return policy.is_sparse_resolution(res, latent)
 
     graph = nx.DiGraph()
-    joint_in_full = _joint_read_in_full(gm, policy)
     for node in gm.graph.nodes:
         layout = node.meta.get(LAYOUT)
         node.meta[SPARSE] = False
@@ -107,10 +94,8 @@ def find_sparse_regions(gm: fx.GraphModule, policy: Policy) -> int:
             layout = node.args[0].meta[LAYOUT]  # text tokens sliced out of a gathered joint sequence: sparse
         if node.op != "call_function" or layout is None or not is_sparse_res(layout.res):
             continue
-        if not spatial_inputs or node in joint_in_full:
-            continue  # a constant with pixels, or a joint sequence that attention reads in full: computed dense
-        if (_joint(node) or any(_joint(a) for a in spatial_inputs)) and not any(a.meta[SPARSE] for a in spatial_inputs):
-            continue  # on joint sequences at full size only: they cannot be gathered, so it stays dense
+        if not spatial_inputs:
+            continue  # a constant with pixels: computed at full size, gathered where a region reads it
         reason = layout.reason if isinstance(layout, UnknownLayout) else sparse_rule(node, policy, is_sparse_res)
         if reason == "dense":
             continue

@@ -22,7 +22,6 @@ import torch.fx as fx
 from ..ir import LAYOUT, SPARSE, CacheRef, SpatialLayout
 from ..ir import ops as ir_ops
 from .find_sparse_regions import FULL_INPUTS
-from .manager import PassError
 
 
 def _spatial(node: fx.Node) -> bool:
@@ -52,10 +51,7 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
             source_sparse = source.meta.get(SPARSE, False)
             layout = source.meta[LAYOUT]
             if sparse and not source_sparse and source in needs_full:
-                continue  # computed at full size already (a joint sequence's keys)
-            if (sparse != source_sparse) and layout.joint:
-                raise PassError(f"{node.name} reads joint sequence {source.name} across a region boundary: joint "
-                                "sequences are neither gathered nor scattered")
+                continue  # computed at full size already
             if sparse and not source_sparse:
                 new = boundary(source, gathers, ir_ops.gather_active, (layout,))
             elif source_sparse and (not sparse or source in needs_full):

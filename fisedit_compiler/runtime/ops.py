@@ -14,8 +14,10 @@ parameters are the op's after `b`.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
+import sys
 from collections.abc import Callable
 
 import torch
@@ -79,8 +81,39 @@ def lower_group_norm_recording_stats(b, x, num_groups: int, weight, bias, eps: f
 
 def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
     """A gather of `spec`'s windows: from `source` and the recorded value at `ref`, or (`ref=None`) from `source`
-    alone, a full-size tensor computed in this call."""
+    alone, a full-size tensor computed in this call. A joint sequence gathers its pixels and keeps its other tokens
+    (`_joint_gather`)."""
+    if layout.joint:
+        return _joint_gather(b, source, ref, layout, spec)
     return _gather_operands(b, [source], [ref], [layout], spec)
+
+
+def joint_parts(x, layout: SpatialLayout) -> tuple:
+    """(tokens before, pixels, tokens after) of a joint sequence `x`, dense or gathered (None for an empty part):
+    slices counted from the ends, so that they hold for any number of pixels."""
+    dim, (before, after) = layout.dims[0], layout.tokens
+    pixels = aten.slice.Tensor(x, dim, before, -after if after else sys.maxsize)
+    return (aten.slice.Tensor(x, dim, 0, before) if before else None, pixels,
+            aten.slice.Tensor(x, dim, -after, sys.maxsize) if after else None)
+
+
+def pixels_of(layout: SpatialLayout) -> SpatialLayout:
+    """The layout of a joint sequence's pixels alone."""
+    shape = list(layout.shape)
+    shape[layout.dims[0]] = layout.res[0] * layout.res[1]
+    return dataclasses.replace(layout, shape=tuple(shape), tokens=(0, 0))
+
+
+def _joint_gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
+    """A joint sequence's gather: its pixels gathered (from the recorded value's pixels where it reads one), its
+    other tokens those of `source`, which are always computed."""
+    before, pixels, after = joint_parts(source, layout)
+    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]
+    if ref is None:
+        gathered = _gather_operands(b, [pixels], [None], [pixels_of(layout)], spec)
+    else:
+        gathered = _gather_from(b, [pixels], [recorded], [pixels_of(layout)], spec, from_gathered=True)
+    return torch.cat([t for t in (before, gathered, after) if t is not None], dim=layout.dims[0])
 
 
 def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: list[SpatialLayout], spec: WindowSpec,
@@ -90,15 +123,23 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
     if len({ref is None for ref in refs}) != 1:
         raise ValueError("the operands of one gather read either all recorded values or none: they share its index")
     from_gathered = refs[0] is not None
+    recorded = [b.recorded(ref) for ref in refs] if from_gathered else list(sources)
+    return _gather_from(b, sources, recorded, layouts, spec, from_gathered, scale, shift)
+
+
+def _gather_from(b, sources: list, recorded: list, layouts: list[SpatialLayout], spec: WindowSpec,
+                 from_gathered: bool, scale=None, shift=None):
+    """`_gather_operands` with the recorded values given (`from_gathered`: `sources` are gathered and `recorded`
+    full-size; else `recorded` are the full-size sources)."""
     index = b.index(spec, from_gathered)
     fused = scale is not None
     if index.identity and not fused and len(sources) == 1:  # e.g. a resolution the cost model keeps dense
         return sources[0]
     layout = concatenated(layouts)
     if from_gathered:
-        fresh, recorded, fresh_windows = list(sources), [b.recorded(ref) for ref in refs], b.num_blocks(layout.res)
+        fresh, fresh_windows = list(sources), b.num_blocks(layout.res)
     else:
-        fresh, recorded, fresh_windows = [None] * len(sources), list(sources), 0
+        fresh, fresh_windows = [None] * len(sources), 0
     if b.inline_kernels:
         if from_gathered and index.empty[INDEX_FIELDS.index("fresh_at")]:
             fresh = [None] * len(sources)  # no fresh pixel in these windows (and no rows to select from)
@@ -264,7 +305,10 @@ def lower_write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
     if not b.write_back:
         return
     positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
-    fisedit.scatter_pixels_.default(b.recorded(ref), fresh, *library.layout_args(layout), positions,
+    recorded = b.recorded(ref)
+    if layout.joint:  # the pixels (other tokens are always computed, never read from the record)
+        recorded, fresh, layout = joint_parts(recorded, layout)[1], joint_parts(fresh, layout)[1], pixels_of(layout)
+    fisedit.scatter_pixels_.default(recorded, fresh, *library.layout_args(layout), positions,
                                     b.num_blocks(layout.res))
 
 
