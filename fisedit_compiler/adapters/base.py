@@ -127,8 +127,12 @@ class ModelAdapter:
             if not isinstance(value, torch.Tensor) or not (name == self.latents or name in self.pixel_maps):
                 result.append(InputLayout(where, None))
             else:
-                result.append(InputLayout(where, _map_layout(value, where, self.model_name), name == self.latents))
+                result.append(InputLayout(where, self.pixel_layout(name, value, where, inputs), name == self.latents))
         return result
+
+    def pixel_layout(self, name: str, value: torch.Tensor, path: str, inputs: dict[str, Any]) -> SpatialLayout:
+        """The layout of an input with pixels (`path` in the flattened inputs): an NCHW map by default."""
+        return _map_layout(value, path, self.model_name)
 
     def step_timestep(self, inputs: dict[str, Any]) -> torch.Tensor:
         """The timestep that keys a call's record: the timestep input, or 0 for a model without one."""
@@ -143,6 +147,10 @@ class ModelAdapter:
     def wrap_output(self, outputs: tuple[torch.Tensor, ...], return_dict: bool) -> Any:
         """What the model itself would return for `outputs` (from `call` or a variant); the base returns them."""
         return outputs
+
+    def latent_shape(self, inputs: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of the latents as masks see them, (B, C, H, W): a record run's, which sparse calls must match."""
+        return tuple(inputs[self.latents].shape)
 
     def output_downscale(self) -> int:
         """The downscale of the map whose active blocks the output recomputes: 1 for a model whose last layers run

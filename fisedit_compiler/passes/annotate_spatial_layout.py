@@ -110,12 +110,13 @@ def _broadcast_layout(layouts: list[SpatialLayout], shape: tuple[int, ...]) -> S
     return SpatialLayout(kind, res, dims, shape, tokens)
 
 
-def _depends_on_inputs(node: fx.Node) -> bool:
-    """Whether `node`'s value depends on a model input (else it is computed from parameters and buffers alone)."""
+def _depends_on_pixels(node: fx.Node) -> bool:
+    """Whether `node`'s value depends on a model input with pixels (else it is computed from parameters, buffers and
+    inputs without pixels: the same for a call whatever its latents)."""
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if n.op == "placeholder":
+        if n.op == "placeholder" and getattr(n.meta.get(INPUT), "layout", None) is not None:
             return True
         for a in n.all_input_nodes:
             if a not in seen:
@@ -126,17 +127,17 @@ def _depends_on_inputs(node: fx.Node) -> bool:
 
 def _pixel_constant(operand: fx.Node, layout: SpatialLayout) -> str | None:
     """An operand without pixels of an elementwise op with `layout` that varies along the pixel dims: a constant
-    per pixel (a learned positional embedding), which then takes the layout (one batch item: it broadcasts), or why
-    it cannot."""
+    per pixel (a learned positional embedding, rotary embeddings computed from token ids), which then takes the
+    layout (one batch item: it broadcasts), or why it cannot."""
     meta = tensor_meta(operand)
     if meta is None or all(meta.shape[d - len(layout.shape) + meta.dim()] == 1 for d in layout.dims
                            if d - len(layout.shape) + meta.dim() >= 0):
         return None
-    if meta.dim() != len(layout.shape) or meta.shape[0] != 1 or layout.joint \
-            or any(meta.shape[d] != layout.shape[d] for d in layout.dims):
+    if meta.dim() != len(layout.shape) or meta.shape[0] != 1 or any(meta.shape[d] != layout.shape[d]
+                                                                     for d in layout.dims):
         return f"operand {operand.name} without pixels varies along the pixel dims"
-    if _depends_on_inputs(operand):
-        return f"operand {operand.name} varies along the pixel dims, but no input of the model gives it pixels"
+    if _depends_on_pixels(operand):
+        return f"operand {operand.name} varies along the pixel dims, but no rule gives it pixels"
     operand.meta[LAYOUT] = dataclasses.replace(layout, shape=tuple(meta.shape))
     return None
 
@@ -160,7 +161,8 @@ LAYOUT_RULES: dict[object, LayoutRule] = {}
 FAMILY_RULES: list[tuple[Container, LayoutRule]] = []
 
 # Ops whose value need not be one tensor (a tuple of tensors, an element of one): their rules may get no shape.
-TUPLE_OUTPUTS = {ops.GETITEM, ops.aten.chunk.default, ops.aten.split.Tensor, ops.aten.split_with_sizes.default}
+TUPLE_OUTPUTS = {ops.GETITEM, ops.aten.chunk.default, ops.aten.split.Tensor, ops.aten.split_with_sizes.default,
+                 ops.aten.unbind.int}
 
 
 def layout_rule(*families: object) -> Callable[[LayoutRule], LayoutRule]:
@@ -189,9 +191,39 @@ def rule_for(target: object) -> LayoutRule | None:
     return next((rule for family, rule in FAMILY_RULES if target in family), None)
 
 
+def joint_split_part(node: fx.Node) -> tuple[int, int, int] | None:
+    """(dim, start, end) of the part `node` takes of a split of a joint sequence along its pixel dim (a getitem of
+    `split_with_sizes`), in dense positions; None for any other node."""
+    split = node.args[0] if node.target is ops.GETITEM else None
+    if not isinstance(split, fx.Node) or split.target is not ops.aten.split_with_sizes.default:
+        return None
+    layout = split.meta.get(LAYOUT)
+    if not isinstance(layout, SpatialLayout) or not layout.joint:
+        return None
+    sizes, dim = split.args[1], _normalize_dim(split.args[2] if len(split.args) > 2 else 0, len(layout.shape))
+    if dim != layout.dims[0]:
+        return None
+    start = sum(sizes[:node.args[1]])
+    return dim, start, start + sizes[node.args[1]]
+
+
+def _joint_part(first: SpatialLayout, start: int, end: int, shape) -> SpatialLayout | str | None:
+    """The layout of positions [start, end) of a joint sequence's pixel dim: its pixels, or tokens without."""
+    size, (before, after) = first.shape[first.dims[0]], first.tokens
+    if (start, end) == (before, size - after):
+        return SpatialLayout("seq", first.res, first.dims, shape)
+    if (start, end) in ((0, before), (size - after, size)):
+        return None
+    return "part of a joint sequence that is neither its pixels nor its other tokens"
+
+
 @layout_rule(ops.GETITEM)
-def _element(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
-    """An element of a tuple output (chunk, split): the tuple's layout."""
+def _element(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str | None:
+    """An element of a tuple output (chunk, split): the tuple's layout; of a joint sequence split along its pixel
+    dim, the part's (`_joint_part`)."""
+    part = joint_split_part(node)
+    if part is not None:
+        return _joint_part(first, part[1], part[2], shape)
     return first if shape is None else dataclasses.replace(first, shape=shape)
 
 
@@ -235,11 +267,13 @@ def _per_pixel(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape
     if arg_index is not None:
         dim = node.args[arg_index] if len(node.args) > arg_index else node.kwargs.get("dim", 0)
         dim = _normalize_dim(dim, len(first.shape))
+        if target is ops.aten.split_with_sizes.default and first.joint and dim == first.dims[0]:
+            return first  # into a joint sequence's parts: each element's layout is its part's (`_element`)
         if dim == 0 or dim in first.dims:
             return f"{target} along the batch or a pixel dim"
-    elif target is ops.aten.layer_norm.default:
+    elif target in (ops.aten.layer_norm.default, ops.aten.rms_norm.default):
         if len(node.args[1]) > len(first.shape) - 1 - max(first.dims):
-            return "layer_norm over pixel dims"
+            return f"{target} over pixel dims"
     elif max(first.dims) == len(first.shape) - 1:
         return f"{target} over a pixel dim"
     return first if shape is None else dataclasses.replace(first, shape=shape)
@@ -269,14 +303,21 @@ def _slice(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) ->
         return dataclasses.replace(first, shape=shape)
     size = first.shape[dim]
     start, end = _normalize_dim(start or 0, size), min(size, _normalize_dim(end, size) if end is not None else size)
-    before, after = first.tokens
     if not first.joint or step != 1:
         return "slice of pixels"
-    if (start, end) == (before, size - after):
-        return SpatialLayout("seq", first.res, first.dims, shape)
-    if (start, end) in ((0, before), (size - after, size)):
-        return None
-    return "slice of a joint sequence that is neither its pixels nor its other tokens"
+    return _joint_part(first, start, end, shape)
+
+
+@layout_rule(ops.STACK)
+def _stack(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """A stack of tensors with one layout along a new dim after the batch: the pixel dims move past it."""
+    tensors = node.args[0]
+    if len(inputs) != len(tensors) or len({t.meta[LAYOUT] for t in tensors}) != 1:
+        return "stack of tensors with different layouts"
+    dim = _normalize_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), len(shape))
+    if dim == 0:
+        return "stack along the batch dim"
+    return dataclasses.replace(first, dims=tuple(d + (d >= dim) for d in first.dims), shape=shape)
 
 
 @layout_rule(ops.EINSUM)

@@ -35,15 +35,18 @@ ELEMENTWISE = _Elementwise()
 PER_PIXEL_DIM_ARG = {
     aten.linear.default: None,
     aten.layer_norm.default: None,
+    aten.rms_norm.default: None,
     aten.softmax.int: 1,
     aten._softmax.default: 1,
     aten.chunk.default: 2,
     aten.split.Tensor: 2,
     aten.split_with_sizes.default: 2,
+    aten.unbind.int: 1,
     aten.cat.default: 1,
 }
 
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+            aten.unflatten.int}
 PERMUTES = {aten.permute.default, aten.transpose.int}
 UNSQUEEZES = {aten.unsqueeze.default, aten.squeeze.dim}
 
@@ -54,6 +57,7 @@ SDPA = aten.scaled_dot_product_attention.default
 UPSAMPLE_NEAREST = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
 GETITEM = operator.getitem
 SLICE = aten.slice.Tensor
+STACK = aten.stack.default
 EINSUM = aten.einsum.default  # a permutation (a transformer's unpatchify) is the only einsum with a layout rule
 
 # No-ops on values that capture leaves in the graph and that the sparse variant drops.

@@ -24,14 +24,13 @@ import torch.fx as fx
 from ..ir import LAYOUT, SPARSE, SpatialLayout
 from ..ir import ops as ir_ops
 from . import ops
+from .annotate_spatial_layout import joint_split_part
 
 
-def _joint_slice_bounds(node: fx.Node) -> tuple[int, int]:
+def _joint_slice_bounds(layout: SpatialLayout, start: int | None, end: int | None) -> tuple[int, int]:
     """(start, end) of a slice of a joint sequence's pixel dim, counted so that they hold for any pixel count:
     text tokens after the pixels from the end."""
-    layout = node.args[0].meta[LAYOUT]
-    size, after = layout.shape[node.args[1] % len(layout.shape)], layout.tokens[1]
-    start, end = (list(node.args[2:4]) + [0, None][len(node.args) - 2:])[:2]
+    size, after = layout.shape[layout.dims[0]], layout.tokens[1]
     start = start % size if start else 0
     end = size if end is None or end >= size else end % size
 
@@ -51,8 +50,15 @@ def relayout_gathered(gm: fx.GraphModule) -> int:
         joint = node.args[0].meta[LAYOUT]
         if node.target is ops.SLICE and isinstance(joint, SpatialLayout) and joint.joint:
             if node.args[1] % len(joint.shape) == joint.dims[0]:
-                node.args = (node.args[0], node.args[1], *_joint_slice_bounds(node))
+                start, end = (list(node.args[2:4]) + [0, None][len(node.args) - 2:])[:2]
+                node.args = (node.args[0], node.args[1], *_joint_slice_bounds(joint, start, end))
                 rewrites += 1
+            continue
+        if (part := joint_split_part(node)) is not None:  # a part of a split: the same slice of its input
+            dim, start, end = part
+            source = node.args[0].args[0]
+            node.target, node.args = ops.SLICE, (source, dim, *_joint_slice_bounds(joint, start, end))
+            rewrites += 1
             continue
         if node.target not in ops.RESHAPES:
             continue

@@ -189,21 +189,23 @@ class Executor:
             cache.run_done()
 
     def call(self, run: Run, key: StepKey, inputs: dict[str, Any], latents: str = "sample", graph: Any = None,
-             ) -> tuple:
-        """One call (of `graph`) at step `key` in the run's mode; `inputs[latents]` is the latents. Returns the
-        model's outputs."""
+             shape: tuple[int, ...] | None = None) -> tuple:
+        """One call (of `graph`) at step `key` in the run's mode; `inputs[latents]` is the latents, and `shape` the
+        latents' shape as masks see them (default: their own; an adapter's `latent_shape`). Returns the model's
+        outputs."""
         mode = run.mode
         sample = inputs[latents]
+        shape = tuple(sample.shape) if shape is None else tuple(shape)
         variants = self.variants(inputs, graph)
         if isinstance(mode, RecordMode):
-            output = self._record(run, mode, key, variants, inputs, tuple(sample.shape))
+            output = self._record(run, mode, key, variants, inputs, shape)
         elif isinstance(mode, ControlMode):
             output = variants.run_control(
-                inputs, mode.pending.new_step(key, tuple(sample.shape)), run.cache.step(key),
+                inputs, mode.pending.new_step(key, shape), run.cache.step(key),
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
                 hold_layout=run.state.calls < mode.hold_layout)
         else:
-            output = self._sparse(run, mode, key, variants, inputs, tuple(sample.shape))
+            output = self._sparse(run, mode, key, variants, inputs, shape)
         run.state.calls += 1
         run.cache.step_done(key)
         return tuple(output)
