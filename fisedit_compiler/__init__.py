@@ -20,6 +20,7 @@ class _NoImageProcessorFallbackNotice(_logging.Filter):
 _logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
 
 from .adapters import (  # noqa: E402
+    FluxTransformerAdapter,
     ModelAdapter,
     SD3TransformerAdapter,
     UNet2DConditionAdapter,
@@ -36,5 +37,5 @@ from .runtime.cache import StepNotRecordedError  # noqa: E402
 __all__ = [
     "compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError",
     "UnsupportedOpError", "backend", "record", "sparse", "GraphBreakError", "ModelAdapter", "UNet2DConditionAdapter",
-    "SD3TransformerAdapter", "UnsupportedModelError", "register_adapter",
+    "SD3TransformerAdapter", "FluxTransformerAdapter", "UnsupportedModelError", "register_adapter",
 ]

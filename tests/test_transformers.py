@@ -13,13 +13,14 @@ from conftest import close
 from fisedit_compiler.ir import LAYOUT, SpatialLayout
 from fisedit_compiler.passes.annotate_spatial_layout import UnknownLayout
 
-SIZE = 32
+SIZE = 32  # latent pixels per side (a mask's resolution)
 POLICIES = {
     "b2": fisedit.Policy(block_size=2),
     "b1": fisedit.Policy(block_size=1),
     "auto": fisedit.Policy(),
     "dense-attention": fisedit.Policy(block_size=2, attention="dense"),
 }
+TEXT = 7  # text tokens
 
 
 def tiny_sd3(patch_size: int = 2, layers: int = 2):
@@ -33,12 +34,55 @@ def tiny_sd3(patch_size: int = 2, layers: int = 2):
                                  pos_embed_max_size=2 * SIZE).eval()
 
 
+def tiny_flux():
+    """FLUX's blocks (a double-stream and a single-stream one, rotary embeddings, guidance embedding), tiny; its
+    latents are packed 2x2 patches of 4-channel latents (16 channels per token)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=True).eval()
+
+
 def sd3_inputs(seed: int, batch: int = 2) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"hidden_states": torch.randn(batch, 4, SIZE, SIZE, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 7, 32, generator=g),
+            "encoder_hidden_states": torch.randn(batch, TEXT, 32, generator=g),
             "pooled_projections": torch.randn(batch, 16, generator=g),
             "timestep": torch.full((batch,), 500.0)}
+
+
+def flux_inputs(seed: int, batch: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    grid = SIZE // 2
+    ids = torch.zeros(grid, grid, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(grid)[:, None], torch.arange(grid)[None]
+    return {"hidden_states": torch.randn(batch, grid * grid, 16, generator=g),
+            "encoder_hidden_states": torch.randn(batch, TEXT, 32, generator=g),
+            "pooled_projections": torch.randn(batch, 16, generator=g), "timestep": torch.full((batch,), 0.5),
+            "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(TEXT, 3), "guidance": torch.full((batch,), 3.5)}
+
+
+# name -> (model, inputs of a seed, token downscale: latent pixels per token side)
+MODELS = {
+    "sd3-patch1": (functools.partial(tiny_sd3, 1), sd3_inputs, 1),
+    "sd3-patch2": (functools.partial(tiny_sd3, 2), sd3_inputs, 2),
+    "flux": (tiny_flux, flux_inputs, 2),
+}
+
+
+def tokens_of(model_name: str, output: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and the active map per token: (B, tokens, ...) and (tokens,) (FLUX's output is packed tokens
+    already, SD3's a latent map made of patches)."""
+    f = MODELS[model_name][2]
+    grid = SIZE // f
+    per_token = active.reshape(grid, f, grid, f).any(dim=3).any(dim=1).reshape(-1)
+    if output.dim() == 3:
+        return output, per_token
+    b, c = output.shape[:2]
+    patches = output.reshape(b, c, grid, f, grid, f).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, -1)
+    return patches, per_token
 
 
 def masks() -> dict[str, torch.Tensor]:
@@ -53,24 +97,25 @@ def masks() -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
-def recorded(patch_size: int, policy_name: str = "b2"):
-    """A compiled tiny SD3 with one recorded step; shared, since sparse calls leave it unchanged."""
-    model = tiny_sd3(patch_size)
+def recorded(model_name: str, policy_name: str = "b2"):
+    """A compiled tiny transformer with one recorded step; shared, since sparse calls leave it unchanged."""
+    build, make_inputs, _ = MODELS[model_name]
+    model = build()
     compiled = fisedit.compile(model, POLICIES[policy_name])
-    inputs = sd3_inputs(0)
+    inputs = make_inputs(0)
     with torch.no_grad(), compiled.record():
         output = compiled(**inputs).sample
     return model, compiled, inputs, output
 
 
-@pytest.fixture(params=[1, 2], ids=lambda p: f"patch{p}")
-def patch_size(request) -> int:
+@pytest.fixture(params=list(MODELS))
+def model_name(request) -> str:
     return request.param
 
 
 @torch.no_grad()
-def test_record_equals_eager_and_returns_what_the_model_returns(patch_size):
-    model, compiled, inputs, output = recorded(patch_size)
+def test_record_equals_eager_and_returns_what_the_model_returns(model_name):
+    model, compiled, inputs, output = recorded(model_name)
     eager = model(**inputs)
     assert close(output, eager.sample)
     assert type(compiled(**inputs)) is type(eager)  # outside record/sparse: the model itself
@@ -81,43 +126,47 @@ def test_record_equals_eager_and_returns_what_the_model_returns(patch_size):
 @torch.no_grad()
 @pytest.mark.parametrize("policy_name", ["b2", "b1", "auto"])
 @pytest.mark.parametrize("mask_name", list(masks()))
-def test_sparse_call_on_recorded_input_returns_recorded_output(patch_size, mask_name, policy_name):
-    _, compiled, inputs, output = recorded(patch_size, policy_name)
+def test_sparse_call_on_recorded_input_returns_recorded_output(model_name, mask_name, policy_name):
+    _, compiled, inputs, output = recorded(model_name, policy_name)
     with compiled.sparse(masks()[mask_name]):
         assert close(compiled(**inputs).sample, output)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("policy_name", list(POLICIES))
-def test_full_mask_equals_the_dense_call_on_new_inputs(patch_size, policy_name):
-    model, compiled, _, _ = recorded(patch_size, policy_name)
-    new = sd3_inputs(1)  # new latents, text and pooled text
+def test_full_mask_equals_the_dense_call_on_new_inputs(model_name, policy_name):
+    model, compiled, _, _ = recorded(model_name, policy_name)
+    new = MODELS[model_name][1](1)  # new latents, text and pooled text
     with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
         assert close(compiled(**new).sample, model(**new).sample)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("mask_name", ["one_pixel", "border", "blobs"])
-def test_outside_the_recomputed_patches_the_output_is_recorded_exactly(patch_size, mask_name):
-    _, compiled, _, output = recorded(patch_size)
+def test_outside_the_recomputed_tokens_the_output_is_recorded_exactly(model_name, mask_name):
+    _, compiled, _, output = recorded(model_name)
     with compiled.sparse(masks()[mask_name]):
-        edited = compiled(**sd3_inputs(1)).sample
+        edited = compiled(**MODELS[model_name][1](1)).sample
         active = compiled.active_pixels()
-    assert torch.equal(edited[..., ~active], output[..., ~active])
-    assert not torch.equal(edited[..., active], output[..., active])
-    # the recomputed latent pixels are whole patches around the mask: each token's patch_size x patch_size pixels
-    assert (active | ~masks()[mask_name]).all()
-    patches = active.reshape(SIZE // patch_size, patch_size, SIZE // patch_size, patch_size)
+    # the recomputed latent pixels are whole tokens (patches) around the mask
+    assert active.shape == (SIZE, SIZE) and (active | ~masks()[mask_name]).all()
+    f = MODELS[model_name][2]
+    patches = active.reshape(SIZE // f, f, SIZE // f, f)
     assert torch.equal(patches.all(dim=3).all(dim=1), patches.any(dim=3).any(dim=1))
+    edited, tokens = tokens_of(model_name, edited, active)
+    output, _ = tokens_of(model_name, output, active)
+    assert torch.equal(edited[:, ~tokens], output[:, ~tokens])
+    assert not torch.equal(edited[:, tokens], output[:, tokens])
 
 
 def _masked_dense_reference(model, recorded_inputs: dict, new_inputs: dict, tokens_active: torch.Tensor):
-    """What a sparse call computes, written with the eager model: after the patch embedding and after every block,
-    the image tokens outside the active ones are put back to their recorded values (the text tokens are always
-    computed). Attention then reads the inactive tokens' recorded keys and values, as the sparse call does."""
+    """What a sparse call computes, written with the eager model: after the image tokens are embedded and after
+    every block, the image tokens outside the active ones are put back to their recorded values (the text tokens are
+    always computed). Attention then reads the inactive tokens' recorded keys and values, as the sparse call does."""
     recorded_values: dict[str, torch.Tensor] = {}
-    modules = {"pos_embed": model.pos_embed, "proj_out": model.proj_out,
-               **{f"block{i}": b for i, b in enumerate(model.transformer_blocks)}}
+    embedding = model.pos_embed if hasattr(model.pos_embed, "proj") else model.x_embedder  # SD3's, FLUX's
+    blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", [])]
+    modules = {"embedding": embedding, "proj_out": model.proj_out, **{f"block{i}": b for i, b in enumerate(blocks)}}
 
     def image_tokens(output):
         return output[1] if isinstance(output, tuple) else output
@@ -147,19 +196,18 @@ def _masked_dense_reference(model, recorded_inputs: dict, new_inputs: dict, toke
 
 @torch.no_grad()
 @pytest.mark.parametrize("mask_name", ["border", "blobs"])
-def test_sparse_call_equals_the_masked_dense_reference(patch_size, mask_name):
-    """Inside the recomputed patches too: the active image tokens attend to all text tokens and to every image
+def test_sparse_call_equals_the_masked_dense_reference(model_name, mask_name):
+    """Inside the recomputed tokens too: the active image tokens attend to all text tokens and to every image
     token, the inactive ones with their recorded keys and values."""
-    model, compiled, inputs, _ = recorded(patch_size)
-    # new latents and text; the pooled text and the timestep reach every token through AdaLN's modulation, so the
-    # sparse call's recorded keys and values of inactive tokens are the reference's only when those are kept (as for
-    # SDXL's added conditions: the approximation of an edit is larger where they change)
-    new = {**sd3_inputs(1), "pooled_projections": inputs["pooled_projections"]}
+    model, compiled, inputs, _ = recorded(model_name)
+    # new latents and text; the pooled text, timestep and guidance reach every token through AdaLN's modulation, so
+    # the sparse call's recorded keys and values of inactive tokens are the reference's only when those are kept (as
+    # for SDXL's added conditions: the approximation of an edit is larger where they change)
+    new = {**MODELS[model_name][1](1), "pooled_projections": inputs["pooled_projections"]}
     with compiled.sparse(masks()[mask_name]):
         output = compiled(**new).sample
-        plan = compiled.current_run.plan
-        tokens = plan.active_pixels((SIZE // patch_size, SIZE // patch_size)).reshape(-1)
-    reference = _masked_dense_reference(model, inputs, new, tokens)
+        active = compiled.active_pixels()
+    reference = _masked_dense_reference(model, inputs, new, tokens_of(model_name, output, active)[1])
     assert close(output, reference)
     dense = model(**new).sample  # the reference is not the dense call: inactive tokens' values are recorded ones
     assert not close(dense, reference, rtol=1e-4)
@@ -169,7 +217,7 @@ def test_sparse_call_equals_the_masked_dense_reference(patch_size, mask_name):
 def test_a_sparse_call_costs_fewer_macs_and_the_text_stream_stays_dense():
     from fisedit_compiler.macs import count_macs
 
-    _, compiled, inputs, _ = recorded(2)
+    _, compiled, inputs, _ = recorded("sd3-patch2")
     with compiled.record():
         dense, _ = count_macs(compiled, **inputs)
     with compiled.sparse(masks()["blobs"]):
@@ -186,7 +234,7 @@ def test_the_passes_on_a_transformer_graph():
     with queries of the active image tokens and the text, and keys and values at full size (the joint sequences'
     image tokens scattered into their recorded values, the text tokens fresh); the positional embedding is gathered
     like a full-size input."""
-    _, compiled, inputs, _ = recorded(2)
+    _, compiled, inputs, _ = recorded("sd3-patch2")
     variants = compiled.variants(inputs)
     records = {r.name: r for r in variants.passes["sparse"]}  # op counts by op name
     assert records["annotate_spatial_layout"].rewrites > 0
@@ -207,7 +255,7 @@ def test_the_passes_on_a_transformer_graph():
 
 
 def test_inputs_sd3_calls_refuse_are_named():
-    _, compiled, inputs, _ = recorded(2)
+    _, compiled, inputs, _ = recorded("sd3-patch2")
     with compiled.record(), pytest.raises(NotImplementedError, match="skip_layers"):
         compiled(**inputs, skip_layers=[0])
     with compiled.record(), pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
@@ -241,3 +289,35 @@ def test_an_edit_session_over_sd3_keeps_the_latents_outside_a_users_mask():
     assert torch.equal(second.latents[..., ~second.mask], first.latents[..., ~second.mask])
     # the picture is decoded sparsely around the latents that changed
     assert second.stats["decode"].mode == "sparse"
+
+
+def test_flux_graph_passes_and_its_token_grid():
+    """FLUX: the packed latents are a token sequence over the grid of `img_ids`; the rotary embeddings (computed
+    from the ids) are constants with pixels, gathered into every sparse attention's queries and keys; the single
+    blocks' joint sequence (text first) is split back by slices."""
+    _, compiled, inputs, _ = recorded("flux")
+    variants = compiled.variants(inputs)
+    records = {r.name: r for r in variants.passes["sparse"]}
+    assert records["annotate_spatial_layout"].rewrites > 0
+    after = records["insert_region_boundaries"].ops_after
+    # the latents, and the rotary cos and sin of each attention's queries and keys (2 blocks), enter gathered
+    assert after["gather_active"] == 1 + 2 * 2 * 2
+    final = records["eliminate_dead_code"].ops_after
+    assert final["aten.split_with_sizes.default"] == 0 and final["aten.scaled_dot_product_attention.default"] == 2
+    layouts = [n.meta.get(LAYOUT) for n in variants.sparse.graph.nodes]
+    assert any(isinstance(layout, SpatialLayout) and layout.tokens == (TEXT, 0) for layout in layouts)
+    assert compiled.adapter.latent_shape(inputs) == (1, 4, SIZE, SIZE)
+
+
+def test_flux_refuses_ids_that_are_not_the_grid():
+    model = tiny_flux()
+    inputs = flux_inputs(0)
+    compiled = fisedit.compile(model)
+    shuffled = {**inputs, "img_ids": inputs["img_ids"].flip(0)}
+    with compiled.record(), pytest.raises(fisedit.UnsupportedModelError, match="row-major grid"):
+        compiled(**shuffled)
+    with compiled.record():
+        compiled(**inputs)
+    with pytest.raises(fisedit.MaskError, match=f"latents are {SIZE}x{SIZE}"):  # masks are at the VAE latents'
+        with compiled.sparse(torch.ones(SIZE // 2, SIZE // 2, dtype=torch.bool)):
+            compiled(**inputs)

@@ -54,7 +54,7 @@ MUTATIONS = [
         "not their patches",
         "fisedit_compiler/runtime/mask_plan.py",
         "        f = self.output_downscale\n", "        f = 1\n",
-        ("tests/test_transformers.py::test_outside_the_recomputed_patches_the_output_is_recorded_exactly",),
+        ("tests/test_transformers.py::test_outside_the_recomputed_tokens_the_output_is_recorded_exactly",),
     ),
     Mutation(
         "write-back-off", "sparse calls never write their fresh blocks back into the cache",
