@@ -263,31 +263,34 @@ def test_inputs_sd3_calls_refuse_are_named():
 
 
 @functools.lru_cache(maxsize=None)
-def sd3_session():
+def session_over(family: str):
+    from fisedit_compiler.models.flux import random_flux_pipeline
     from fisedit_compiler.models.sd3 import random_sd3_pipeline
 
-    session = fisedit.EditSession(random_sd3_pipeline(latent_size=SIZE), num_inference_steps=6, guidance_scale=5.0)
+    pipe = {"sd3": random_sd3_pipeline, "flux": random_flux_pipeline}[family](latent_size=SIZE)
+    session = fisedit.EditSession(pipe, num_inference_steps=6, guidance_scale=5.0, height=8 * SIZE, width=8 * SIZE)
     source = session.generate("a red circle", generator=torch.Generator().manual_seed(0))
     return session, source
 
 
 @torch.no_grad()
-def test_an_edit_session_over_sd3_keeps_the_latents_outside_a_users_mask():
-    """`EditSession` over `StableDiffusion3Pipeline` (flow matching): the transformer is compiled in place, and an
-    edit with a user's mask, then a continuous edit on top of it, change the latents only inside their masks."""
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_an_edit_session_over_a_transformer_keeps_the_latents_outside_a_users_mask(family):
+    """`EditSession` over `StableDiffusion3Pipeline` and `FluxPipeline` (flow matching; FLUX's latents packed into
+    tokens): the transformer is compiled in place, and an edit with a user's mask, then a continuous edit on top of
+    it, change the latents only inside their masks; each picture is decoded sparsely around what changed."""
     from fisedit_compiler.editing.masks import ellipse_mask
 
-    session, source = sd3_session()
+    session, source = session_over(family)
     assert isinstance(session.pipe.transformer, fisedit.CompiledUNet)
+    assert source.latents.shape[-2:] == (SIZE, SIZE)  # the session keeps latent maps, packed or not in the pipeline
     first = session.edit("a blue circle", mask=ellipse_mask(SIZE, 0.15, center=(0.5, 0.4), grid_offset=0))
     assert torch.equal(first.latents[..., ~first.mask], source.latents[..., ~first.mask])
     assert not torch.equal(first.latents[..., first.mask], source.latents[..., first.mask])
-    assert first.stats["sparse"].unet_calls > 0
-    assert first.stats["sparse"].macs < first.stats["sparse"].unet_calls * first.stats["dense"].macs / max(
-        1, first.stats["dense"].unet_calls)
+    dense, sparse = first.stats["dense"], first.stats["sparse"]
+    assert sparse.unet_calls > 0 and sparse.macs / sparse.unet_calls < dense.macs / dense.unet_calls
     second = session.edit("a blue square", mask=ellipse_mask(SIZE, 0.1, center=(0.3, 0.7), grid_offset=0))
     assert torch.equal(second.latents[..., ~second.mask], first.latents[..., ~second.mask])
-    # the picture is decoded sparsely around the latents that changed
     assert second.stats["decode"].mode == "sparse"
 
 

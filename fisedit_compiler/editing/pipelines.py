@@ -1,13 +1,17 @@
-"""What the editing layer reads of a diffusers pipeline besides its call: which component denoises.
+"""What the editing layer reads of a diffusers pipeline besides its call: which component denoises, and the form of
+its latents.
 
 Stable Diffusion 1.x/2.x/XL pipelines hold a `unet`; SD3 and FLUX pipelines a `transformer`. An `EditSession`
 compiles that component in place (`fisedit.compile`: the adapter of its class says how) and drives the pipeline as
-it is, so the rest of a session does not depend on the model family.
+it is; it keeps latents as VAE latent maps and converts them where they cross the pipeline (`latent_packing`), so the
+rest of a session does not depend on the model family.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
+
+from torch import Tensor, nn
 
 DENOISERS = ("unet", "transformer")
 
@@ -24,3 +28,15 @@ def denoiser_name(pipe) -> str:
 def denoiser(pipe) -> nn.Module:
     """The pipeline's denoising model (compiled or not)."""
     return getattr(pipe, denoiser_name(pipe))
+
+
+def latent_packing(pipe, height: int, width: int) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(pack, unpack) between the VAE latents map `(B, C, H, W)` that a session keeps (masks, blends, trajectories)
+    and the pipeline's `latents` for images of `height` x `width` pixels: FLUX pipelines pack 2x2 latent pixels into
+    a token (`(B, tokens, 4C)`, their `_pack_latents`); the others take the map itself."""
+    pack, unpack = getattr(pipe, "_pack_latents", None), getattr(pipe, "_unpack_latents", None)
+    if pack is None or unpack is None:
+        return (lambda z: z), (lambda z: z)
+    scale = pipe.vae_scale_factor
+    return (lambda z: pack(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3]),
+            lambda z: unpack(z, height, width, scale))

@@ -41,7 +41,7 @@ from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
 from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
 from .mask_detection import detect_mask, difference_map
-from .pipelines import denoiser, denoiser_name
+from .pipelines import denoiser, denoiser_name, latent_packing
 from .schedule import EditSchedule
 from .token_alignment import align_tokens, swaps_words_only, token_ids
 
@@ -220,10 +220,10 @@ class _EditRun:
         return images
 
     def on_step_end(self, pipe, i, t, kwargs):
-        latents = kwargs["latents"]
+        latents = self.session._unpack(kwargs["latents"])
         self.trajectory.append(latents.clone())
         if self.schedule.decides_mask_after(i) and not self._decide_mask(pipe):
-            return {"latents": self.source.trajectory[-1].clone()}
+            return {"latents": self.session._pack(self.source.trajectory[-1].clone())}
         if self.blend is None:  # a detected mask's control steps: their drift is what detects it
             return {}
         # Outside the mask every step keeps the source run's latents (a user's mask: from the first, held or not;
@@ -232,7 +232,7 @@ class _EditRun:
         latents = torch.where(self.blend.to(latents.device), latents, self.source.trajectory[i])
         self.trajectory[-1] = latents.clone()
         self._enter_phase(i + 1)
-        return {"latents": latents}
+        return {"latents": self.session._pack(latents)}
 
     def _decide_mask(self, pipe) -> bool:
         """Decide the mask (detect it if not given) and switch to sparse calls; False if the mask is empty, in which
@@ -336,8 +336,11 @@ class EditSession:
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
-        sample_size = self.unet.config.sample_size * pipe.vae_scale_factor
+        # the default picture: the model's sample size (FLUX's config has none: its pipeline's default)
+        sample_size = (getattr(self.unet.config, "sample_size", None) or pipe.default_sample_size) * pipe.vae_scale_factor
         self.height, self.width = height or sample_size, width or sample_size
+        # the pipeline's latents from and to the latent maps the session keeps (FLUX packs them into tokens)
+        self._pack, self._unpack = latent_packing(pipe, self.height, self.width)
         self.noise_seed = noise_seed
         name = type(pipe.scheduler).__name__
         stochastic = name not in DETERMINISTIC_SCHEDULERS or "sde" in str(
@@ -374,7 +377,7 @@ class EditSession:
         trajectory: list[torch.Tensor] = []
 
         def on_step_end(pipe, i, t, kwargs):
-            trajectory.append(kwargs["latents"].clone())
+            trajectory.append(self._unpack(kwargs["latents"]).clone())
             return {}
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
@@ -597,7 +600,7 @@ class EditSession:
         latents: list[torch.Tensor] = []
 
         def on_step_end(pipe, i, t, kwargs):
-            latents.append(kwargs["latents"].clone())
+            latents.append(self._unpack(kwargs["latents"]).clone())
             if len(latents) == steps:
                 pipe._interrupt = True
             return {}
@@ -629,7 +632,7 @@ class EditSession:
         decoding = history and self.decoding is not None and output_type != "latent"
         with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
             output = self.pipe(
-                prompt, latents=self._latents.clone(), num_inference_steps=self.num_inference_steps,
+                prompt, latents=self._pack(self._latents.clone()), num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
                 output_type=output_type, **(inputs or {}),
