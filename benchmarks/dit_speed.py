@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""Diffusion transformer call benchmark (issue 42): dense vs sparse MACs and seconds per call of an SD3 transformer.
+"""Diffusion transformer call benchmark (issue 42): dense vs sparse MACs and seconds per call of SD3 and FLUX.
 
     python benchmarks/dit_speed.py                                   # SD3-medium's blocks (2 of 24) at 1024x1024
+    python benchmarks/dit_speed.py --model flux                      # FLUX.1-dev's (2 double + 2 single of 19 + 38)
     python benchmarks/dit_speed.py --layers 1 --latent-size 64 --repeats 2 --out /tmp/b   # a quick check
     python benchmarks/dit_speed.py --size tiny --latent-size 32 --out /tmp/b               # the tiny test model
 
-One process, one `SD3Transformer2DModel` with seeded random weights at SD3-medium's widths (1536 wide, 24 heads,
-patch 2, 16 latent channels; `--layers` joint blocks instead of 24: every block costs the same, so the ratios hold for
-the whole model), one classifier-free-guidance batch of 2 with SD3's text length (77 CLIP + 256 T5 tokens), one
-timestep. Per call, after warm-up, medians of `--repeats`:
+One process, one transformer with seeded random weights at the released widths, with `--layers` blocks of each kind
+instead of all (every block of a kind costs the same, so per-block figures scale to the whole model):
+`SD3Transformer2DModel` at SD3-medium's (1536 wide, patch 2, 16 latent channels), one classifier-free-guidance batch
+of 2 with SD3's text length (77 CLIP + 256 T5 tokens); `FluxTransformer2DModel` at FLUX.1-dev's (3072 wide, 2x2
+packed latents, guidance embedding: batch 1, 512 T5 tokens). One timestep. Per call, after warm-up, medians of
+`--repeats`:
 
 - dense: MACs (`fisedit_compiler.macs.count_macs`) and seconds of the eager transformer;
 - sparse: MACs and seconds of the compiled transformer inside ``with compiled.sparse(mask)`` after one recorded call,
@@ -44,18 +47,21 @@ from unet_speed import make_mask  # noqa: E402
 
 import fisedit_compiler as fisedit  # noqa: E402
 from fisedit_compiler.macs import count_macs  # noqa: E402
+from fisedit_compiler.models.flux import random_flux_transformer  # noqa: E402
 from fisedit_compiler.models.sd3 import random_sd3_transformer  # noqa: E402
 
-TEXT_TOKENS = 77 + 256  # SD3: CLIP's 77, then T5's 256
-BATCH = 2  # classifier-free guidance
+TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512}  # SD3: CLIP's 77, then T5's 256; FLUX: T5's 512
+BATCH = {"sd3": 2, "flux": 1}  # SD3: classifier-free guidance; FLUX.1-dev: a guidance embedding
 GOAL_MACS_AT_15 = 5.0
 GOAL_WALL_SHARE = 0.85
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=("full", "tiny"), default="full", help="SD3-medium's widths, or the tiny ones")
-    p.add_argument("--layers", type=int, default=2, help="joint blocks (SD3-medium has 24)")
+    p.add_argument("--model", choices=("sd3", "flux"), default="sd3")
+    p.add_argument("--size", choices=("full", "tiny"), default="full", help="the released widths, or the tiny ones")
+    p.add_argument("--layers", type=int, default=2,
+                   help="blocks of each kind (SD3-medium has 24 joint blocks; FLUX.1-dev 19 double, 38 single)")
     p.add_argument("--latent-size", type=int, default=128, help="latent pixels per side (128: 1024x1024 images)")
     p.add_argument("--masks", default="5,15,30", help="ellipse coverages, percent of the latents")
     p.add_argument("--repeats", type=int, default=3)
@@ -64,13 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_inputs(model, latent: int) -> dict[str, Any]:
+def make_inputs(family: str, model, latent: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
-    c = model.config
-    return {"hidden_states": torch.randn(BATCH, c.in_channels, latent, latent, generator=g),
-            "encoder_hidden_states": torch.randn(BATCH, TEXT_TOKENS, c.joint_attention_dim, generator=g),
-            "pooled_projections": torch.randn(BATCH, c.pooled_projection_dim, generator=g),
-            "timestep": torch.full((BATCH,), 500.0)}
+    c, batch, text = model.config, BATCH[family], TEXT_TOKENS[family]
+    inputs = {"encoder_hidden_states": torch.randn(batch, text, c.joint_attention_dim, generator=g),
+              "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=g)}
+    if family == "sd3":
+        return {**inputs, "hidden_states": torch.randn(batch, c.in_channels, latent, latent, generator=g),
+                "timestep": torch.full((batch,), 500.0)}
+    grid = latent // 2  # FluxPipeline packs 2x2 latent pixels into a token
+    ids = torch.zeros(grid, grid, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(grid)[:, None], torch.arange(grid)[None]
+    return {**inputs, "hidden_states": torch.randn(batch, grid * grid, c.in_channels, generator=g),
+            "timestep": torch.full((batch,), 0.5), "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(text, 3),
+            "guidance": torch.full((batch,), 3.5)}
 
 
 def seconds(fn) -> float:
@@ -79,12 +92,13 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def mac_bound(model, latent: int, active: float) -> float:
+def mac_bound(family: str, model, latent: int, active: float) -> float:
     """Dense MACs over the MACs left when only the image stream's per-token work scales with the active tokens:
     per block, the image tokens' projections and MLP scale, the text tokens' do not, and attention costs
     (active image + text queries) x (all tokens) instead of all x all."""
     c = model.config
-    width, tokens, text = c.num_attention_heads * c.attention_head_dim, (latent // c.patch_size) ** 2, TEXT_TOKENS
+    patch = c.patch_size if family == "sd3" else 2
+    width, tokens, text = c.num_attention_heads * c.attention_head_dim, (latent // patch) ** 2, TEXT_TOKENS[family]
     per_token = 12 * width * width  # q, k, v, out (4 w^2) and a 4x MLP (8 w^2)
     dense = (tokens + text) * per_token + 2 * (tokens + text) ** 2 * width
     sparse = (active * tokens + text) * per_token + 2 * (active * tokens + text) * (tokens + text) * width
@@ -93,11 +107,14 @@ def mac_bound(model, latent: int, active: float) -> float:
 
 @torch.no_grad()
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {"num_layers": args.layers, "sample_size": args.latent_size}
-    if args.size == "full":
-        overrides["pos_embed_max_size"] = max(192, args.latent_size // 2)
-    model = random_sd3_transformer(args.size, seed=0, **overrides)
-    inputs = make_inputs(model, args.latent_size)
+    if args.model == "sd3":
+        overrides = {"num_layers": args.layers, "sample_size": args.latent_size}
+        if args.size == "full":
+            overrides["pos_embed_max_size"] = max(192, args.latent_size // 2)
+        model = random_sd3_transformer(args.size, seed=0, **overrides)
+    else:
+        model = random_flux_transformer(args.size, seed=0, num_layers=args.layers, num_single_layers=args.layers)
+    inputs = make_inputs(args.model, model, args.latent_size)
     compiled = fisedit.compile(model, fisedit.Policy(block_size=args.block_size))
     start = time.perf_counter()
     with compiled.record():
@@ -124,15 +141,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"mask": f"ellipse:{percent:g}", "coverage": mask.float().mean().item(), "recomputed": active,
                      "sparse_macs": sparse_macs, "sparse_seconds": statistics.median(sparse_times),
                      "macs_ratio": macs_ratio, "speedup": statistics.median(ratios),
-                     "model": mac_bound(model, args.latent_size, active),
-                     "bound": mac_bound(model, args.latent_size, mask.float().mean().item()), "max_abs_error": error})
+                     "model": mac_bound(args.model, model, args.latent_size, active),
+                     "bound": mac_bound(args.model, model, args.latent_size, mask.float().mean().item()),
+                     "max_abs_error": error})
         print(f"{percent:g}%: {macs_ratio:.2f}x fewer MACs, {statistics.median(ratios):.2f}x faster", flush=True)
     c = model.config
-    return {"machine": results_io.machine(), "model": "SD3Transformer2DModel", "size": args.size,
-            "config": {k: c[k] for k in ("num_layers", "patch_size", "attention_head_dim", "num_attention_heads",
-                                         "joint_attention_dim", "in_channels")},
-            "latent_size": args.latent_size, "batch": BATCH, "text_tokens": TEXT_TOKENS,
-            "image_tokens": (args.latent_size // c.patch_size) ** 2, "block_size": args.block_size,
+    keys = ("num_layers", "num_single_layers", "patch_size", "attention_head_dim", "num_attention_heads",
+            "joint_attention_dim", "in_channels")
+    return {"machine": results_io.machine(), "family": args.model, "model": type(model).__name__, "size": args.size,
+            "config": {k: c[k] for k in keys if k in c}, "latent_size": args.latent_size, "batch": BATCH[args.model],
+            "text_tokens": TEXT_TOKENS[args.model], "image_tokens": (args.latent_size // 2) ** 2
+            if args.model == "flux" else (args.latent_size // c.patch_size) ** 2, "block_size": args.block_size,
             "dense_macs": dense_macs, "dense_seconds": dense_seconds, "compile_and_record_seconds": compile_and_record,
             "cache_bytes_per_step": breakdown, "rows": rows}
 
@@ -140,7 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [
-        f"# SD3 transformer, dense vs sparse ({r['size']} widths, {r['config']['num_layers']} joint blocks, "
+        f"# {r.get('model', 'SD3Transformer2DModel')}, dense vs sparse ({r['size']} widths, "
+        f"{_blocks(r['config'])}, "
         f"{r['latent_size']}² latents = {r['image_tokens']} image tokens + {r['text_tokens']} text tokens, batch "
         f"{r['batch']})", "",
         f"{m['date']}, git {m['git']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Produced by "
@@ -169,11 +189,17 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _blocks(config: dict[str, Any]) -> str:
+    if "num_single_layers" in config:
+        return f"{config['num_layers']} double + {config['num_single_layers']} single blocks"
+    return f"{config['num_layers']} joint blocks"
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.manual_seed(0)
     result = run(args)
-    stem = f"dit-sd3-{args.size}-l{args.layers}-{args.latent_size}"
+    stem = f"dit-{args.model}-{args.size}-l{args.layers}-{args.latent_size}"
     results_io.write_results(args.out, stem, result, render(result))
     return result
 
