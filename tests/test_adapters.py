@@ -176,3 +176,57 @@ def test_backend_finds_residuals_among_the_graph_inputs():
         assert close(dynamo(**inputs).sample, unet(**inputs).sample)
     with fisedit.sparse(dynamo, mask):
         assert close(dynamo(**new_inputs).sample, expected)
+
+
+def _controlnet_inputs(unet, seed: int) -> dict:
+    inputs = unet_inputs(unet, size=SIZE, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    return {"sample": inputs["sample"], "timestep": inputs["timestep"],
+            "encoder_hidden_states": inputs["encoder_hidden_states"],
+            "controlnet_cond": torch.rand(inputs["sample"].shape[0], 3, SIZE * 8, SIZE * 8, generator=g)}
+
+
+def _residuals(output) -> list[torch.Tensor]:
+    down, mid = output
+    return [*down, mid]
+
+
+@torch.no_grad()
+def test_a_compiled_controlnet_keeps_the_contract_for_every_residual():
+    """`fisedit.compile(controlnet)` (the ControlNet adapter: the latents and the control image, a map at 8x the
+    latents' resolution, carry pixels): record equals eager; a sparse call on the recorded inputs returns the recorded
+    residuals; a full mask with fresh statistics equals the dense call; with new inputs (latents and control image),
+    every residual is the recorded one outside the active blocks of its resolution and fresh inside; and the MACs
+    fall with the mask."""
+    from fisedit_compiler.macs import count_macs
+    from fisedit_compiler.runtime.mask_plan import MaskPlan
+
+    unet, controlnet = _controlnet("sd2")
+    inputs, new = _controlnet_inputs(unet, 0), _controlnet_inputs(unet, 1)
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[4:12, 18:27] = True
+    compiled = fisedit.compile(controlnet, POLICY)
+    with compiled.record():
+        recorded = _residuals(compiled(**inputs, return_dict=False))
+        record_macs, _ = count_macs(compiled, **inputs)
+    assert all(close(r, e) for r, e in zip(recorded, _residuals(controlnet(**inputs, return_dict=False))))
+    assert type(compiled(**inputs)) is type(controlnet(**inputs))  # outside a run: the ControlNet's own output
+    with compiled.sparse(mask):
+        assert all(close(s, r) for s, r in zip(_residuals(compiled(**inputs, return_dict=False)), recorded))
+        edited = _residuals(compiled(**new, return_dict=False))
+        sparse_macs, _ = count_macs(compiled, **new)
+    plan = MaskPlan(mask, POLICY)
+    for e, r in zip(edited, recorded):
+        res = tuple(r.shape[-2:])
+        if POLICY.is_sparse_resolution(res, (SIZE, SIZE)):
+            active = plan.active_pixels(res)
+            assert torch.equal(e[..., ~active], r[..., ~active]), res
+            assert not torch.equal(e[..., active], r[..., active]), res
+    assert sparse_macs < 0.6 * record_macs
+
+    fresh = fisedit.compile(controlnet, fisedit.Policy(block_size=4, norm_stats="fresh"))
+    with fresh.record():
+        fresh(**inputs)
+    with fresh.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        full = _residuals(fresh(**new, return_dict=False))
+    assert all(close(f, d) for f, d in zip(full, _residuals(controlnet(**new, return_dict=False))))
