@@ -20,6 +20,7 @@ class _NoImageProcessorFallbackNotice(_logging.Filter):
 _logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallbackNotice())
 
 from .adapters import (  # noqa: E402
+    ControlNetAdapter,
     FluxTransformerAdapter,
     ModelAdapter,
     SD3TransformerAdapter,
@@ -37,5 +38,5 @@ from .runtime.cache import StepNotRecordedError  # noqa: E402
 __all__ = [
     "compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError",
     "UnsupportedOpError", "backend", "record", "sparse", "GraphBreakError", "ModelAdapter", "UNet2DConditionAdapter",
-    "SD3TransformerAdapter", "FluxTransformerAdapter", "UnsupportedModelError", "register_adapter",
+    "SD3TransformerAdapter", "FluxTransformerAdapter", "ControlNetAdapter", "UnsupportedModelError", "register_adapter",
 ]
