@@ -324,3 +324,64 @@ def test_flux_refuses_ids_that_are_not_the_grid():
     with pytest.raises(fisedit.MaskError, match=f"latents are {SIZE}x{SIZE}"):  # masks are at the VAE latents'
         with compiled.sparse(torch.ones(SIZE // 2, SIZE // 2, dtype=torch.bool)):
             compiled(**inputs)
+
+
+def _sd35_like():
+    """SD3.5's additions: RMS q/k norms written out (mean over the head dim) and a second, image-only attention in
+    a block (`dual_attention_layers`)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=SIZE, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                 pooled_projection_dim=16, out_channels=4, pos_embed_max_size=2 * SIZE,
+                                 qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+
+
+def _flux_schnell_like():
+    """FLUX.1-schnell's blocks: no guidance embedding, more single blocks."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=16, axes_dims_rope=[4, 4, 8], guidance_embeds=False).eval()
+
+
+def _wide_inputs(family: str, seed: int, h: int = 24, w: int = 40) -> dict:
+    """Inputs of a picture wider than tall (latents h x w)."""
+    g = torch.Generator().manual_seed(seed)
+    text = {"encoder_hidden_states": torch.randn(1, TEXT, 32, generator=g),
+            "pooled_projections": torch.randn(1, 16, generator=g)}
+    if family == "sd3":
+        return {**text, "hidden_states": torch.randn(1, 4, h, w, generator=g), "timestep": torch.full((1,), 500.0)}
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(h // 2)[:, None], torch.arange(w // 2)[None]
+    return {**text, "hidden_states": torch.randn(1, h * w // 4, 16, generator=g), "timestep": torch.full((1,), 0.5),
+            "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(TEXT, 3)}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family, build", [("sd3", _sd35_like), ("flux", _flux_schnell_like)],
+                         ids=["sd3.5-like", "flux-schnell-like"])
+def test_other_transformer_configs_and_a_wide_picture(family, build):
+    model = build()
+    compiled = fisedit.compile(model, fisedit.Policy(block_size=2))
+    inputs, new = _wide_inputs(family, 0), _wide_inputs(family, 1)
+    with compiled.record():
+        output = compiled(**inputs).sample
+    assert close(output, model(**inputs).sample)
+    mask = torch.zeros(24, 40, dtype=torch.bool)
+    mask[6:12, 13:20] = True
+    with compiled.sparse(mask):
+        assert close(compiled(**inputs).sample, output)
+        edited = compiled(**new).sample
+        active = compiled.active_pixels()
+    assert active.shape == (24, 40) and 0 < active.float().mean() < 0.5
+    if family == "flux":  # packed tokens: compare per token
+        per_token = active.reshape(12, 2, 20, 2).any(dim=3).any(dim=1).reshape(-1)
+        assert torch.equal(edited[:, ~per_token], output[:, ~per_token])
+    else:
+        assert torch.equal(edited[..., ~active], output[..., ~active])
+    with compiled.sparse(torch.ones(24, 40, dtype=torch.bool)):
+        assert close(compiled(**new).sample, model(**new).sample)

@@ -308,6 +308,19 @@ def _slice(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) ->
     return _joint_part(first, start, end, shape)
 
 
+@layout_rule(ops.REDUCTIONS)
+def _reduction(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
+    """A reduction over dims other than the batch and the pixel dims (a norm written out): per pixel."""
+    ndim = len(first.shape)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    reduced = {_normalize_dim(d, ndim) for d in ([dims] if isinstance(dims, int) else dims or range(ndim))}
+    if 0 in reduced or reduced & set(first.dims):
+        return f"{node.target} over the batch or a pixel dim"
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    new_dims = first.dims if keepdim else tuple(d - sum(r < d for r in reduced) for d in first.dims)
+    return dataclasses.replace(first, dims=new_dims, shape=shape)
+
+
 @layout_rule(ops.STACK)
 def _stack(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str:
     """A stack of tensors with one layout along a new dim after the batch: the pixel dims move past it."""

@@ -62,7 +62,7 @@ def sparse_rule(node: fx.Node, policy: Policy, is_sparse_res) -> str | None:
         return "dense"  # unfolds pixels into a finer map: no block structure to keep
     if (target in ops.ELEMENTWISE or target in ops.PER_PIXEL_DIM_ARG or target in ops.RESHAPES
             or target in ops.PERMUTES or target in ops.UNSQUEEZES or target is ops.GETITEM or target is ops.SLICE
-            or target is ops.STACK):
+            or target is ops.STACK or target in ops.REDUCTIONS):
         return None
     return f"no sparse rule for {target}"
 

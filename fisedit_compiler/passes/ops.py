@@ -57,6 +57,8 @@ SDPA = aten.scaled_dot_product_attention.default
 UPSAMPLE_NEAREST = {aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default}
 GETITEM = operator.getitem
 SLICE = aten.slice.Tensor
+# Reductions over listed dims (`dim` argument 1, `keepdim` argument 2): an RMSNorm written out (SD3.5's q/k norms)
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}
 STACK = aten.stack.default
 EINSUM = aten.einsum.default  # a permutation (a transformer's unpatchify) is the only einsum with a layout rule
 
