@@ -107,6 +107,8 @@ def pixels_of(layout: SpatialLayout) -> SpatialLayout:
 def _joint_gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: WindowSpec):
     """A joint sequence's gather: its pixels gathered (from the recorded value's pixels where it reads one), its
     other tokens those of `source`, which are always computed."""
+    if b.index(spec, ref is not None).identity:  # (before reading a recorded value: the program need not take it)
+        return source
     before, pixels, after = joint_parts(source, layout)
     recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]
     if ref is None:
@@ -123,6 +125,8 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
     if len({ref is None for ref in refs}) != 1:
         raise ValueError("the operands of one gather read either all recorded values or none: they share its index")
     from_gathered = refs[0] is not None
+    if b.index(spec, from_gathered).identity and scale is None and len(sources) == 1:
+        return sources[0]  # (before reading a recorded value: the program need not take it)
     recorded = [b.recorded(ref) for ref in refs] if from_gathered else list(sources)
     return _gather_from(b, sources, recorded, layouts, spec, from_gathered, scale, shift)
 
