@@ -230,3 +230,66 @@ def test_a_compiled_controlnet_keeps_the_contract_for_every_residual():
     with fresh.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
         full = _residuals(fresh(**new, return_dict=False))
     assert all(close(f, d) for f, d in zip(full, _residuals(controlnet(**new, return_dict=False))))
+
+
+@functools.lru_cache(maxsize=None)
+def _controlnet_session():
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from fisedit_compiler.models import random_pipeline
+
+    base = random_pipeline("sd15", latent_size=SIZE)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # from_unet zero-initialises the residual projections: give them weights
+        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        controlnet=controlnet.eval(), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray((torch.rand(8 * SIZE, 8 * SIZE, 3, generator=g) * 255).to(torch.uint8).numpy())
+    session = fisedit.EditSession(pipe, num_inference_steps=6)
+    with pytest.raises(ValueError, match="control_image"):
+        session.generate("a cabin in the woods")
+    source = session.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0),
+                              control_image=control)
+    return session, source
+
+
+@torch.no_grad()
+def test_an_edit_session_runs_a_controlnet_sparse_beside_the_unet():
+    """A ControlNet pipeline's `EditSession` compiles `pipe.controlnet` too (the pipeline still sees a
+    `ControlNetModel`): the source run records it, an edit's dense steps run it under control and its sparse steps
+    sparse over the same mask, and the latents outside the mask stay the source's, bit for bit."""
+    from diffusers import ControlNetModel
+
+    from fisedit_compiler.editing.masks import ellipse_mask
+
+    session, source = _controlnet_session()
+    controlnet = session.pipe.controlnet
+    assert isinstance(controlnet, ControlNetModel) and isinstance(controlnet, fisedit.CompiledUNet)
+    assert session.memory_breakdown()["controlnet"] > 0  # its records, in the session's budget
+    modes = []
+    hook = controlnet.register_forward_pre_hook(lambda m, a: modes.append(type(m.current_run.mode).__name__))
+    try:
+        edit = session.edit("a cabin in the woods with a river", mask=ellipse_mask(SIZE, 0.15, grid_offset=0),
+                            keep=False)
+    finally:
+        hook.remove()
+    assert torch.equal(edit.latents[..., ~edit.mask], source.latents[..., ~edit.mask])
+    assert not torch.equal(edit.latents[..., edit.mask], source.latents[..., edit.mask])
+    dense = edit.stats["dense"].unet_calls
+    assert modes == ["ControlMode"] * dense + ["SparseMode"] * (6 - dense) and 0 < dense < 6
+    with pytest.raises(NotImplementedError, match="controlnet"):
+        session.save("/nonexistent")
+
+
+def test_control_image_is_refused_without_a_controlnet():
+    from fisedit_compiler.models import random_pipeline
+
+    session = fisedit.EditSession(random_pipeline("sd15", latent_size=SIZE), num_inference_steps=2)
+    with pytest.raises(ValueError, match="has no ControlNet"):
+        session.generate("a cabin", control_image=torch.zeros(3, 8, 8))

@@ -36,6 +36,7 @@ from ..policy import Policy
 from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
+from .companions import compile_companions, run_group
 from .compositing import paste_outside
 from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
@@ -202,7 +203,7 @@ class _EditRun:
         pending = RecordCache(session.cache.dtype, make_store(session.policy, session.memory_budget))
         self._meter = _Meter(session.unet)
         try:
-            with session.unet.run(None, cache=session.cache) as self._run:
+            with session._runs(None) as self._run:
                 if schedule.dense_steps == 0:  # sparse from the first step: the latents are the source's as they are
                     self._switch_to_sparse()
                     self._enter_phase(0)
@@ -212,11 +213,14 @@ class _EditRun:
                 images = session._call_pipeline(prompt, self.on_step_end, inputs=inputs, history=True,
                                                 keep=self.keep)
             if self.region is not None and self.keep:
-                session.cache.replace_steps(pending, keep_attention_maps=not self.new_maps,
-                                            maps_only=schedule.maps_only)
+                replaced = {"keep_attention_maps": not self.new_maps, "maps_only": schedule.maps_only}
+                session.cache.replace_steps(pending, **replaced)
+                self._run.replace_steps(pending, **replaced)
         finally:
             self.phases = self._meter.close()
             pending.close()
+            if self._run is not None:
+                self._run.close()
         return images
 
     def on_step_end(self, pipe, i, t, kwargs):
@@ -332,6 +336,9 @@ class EditSession:
         # decoder's record (`memory_budget`: one shared with other sessions, a server's).
         self.memory_budget = memory_budget if memory_budget is not None else make_budget(self.policy)
         self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy, self.memory_budget))
+        # models the pipeline calls beside the denoiser at every step (a ControlNet), compiled and run in step with it
+        self.companions = compile_companions(pipe, self.policy, self.memory_budget)
+        self._control_image = None  # a ControlNet pipeline's control image, given to generate
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
@@ -358,20 +365,26 @@ class EditSession:
     # --- public API -------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None) -> EditResult:
+                 latents: torch.Tensor | None = None, control_image: Any = None) -> EditResult:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
-        recorded. Starts a new session history."""
+        recorded. Starts a new session history. `control_image`: a ControlNet pipeline's control image (a PIL image
+        or what the pipeline's `image` takes), which the edits of this history keep."""
         token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
         if self.inpainting:
             raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
                              "then edit(prompt, mask=...)")
+        if (control_image is None) != (not self.companions):
+            raise ValueError(f"{type(self.pipe).__name__} " + (
+                "has a ControlNet: pass generate(prompt, control_image=...), the picture it follows"
+                if self.companions else "has no ControlNet: control_image is for ControlNet pipelines"))
+        self._control_image = control_image
         if latents is None:
             shape = (1, self.pipe.vae.config.latent_channels, self.height // self.pipe.vae_scale_factor,
                      self.width // self.pipe.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         self._latents = latents
         self._loaded_size = None
-        self.cache.clear()
+        self._clear_caches()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
         maps = self.policy.maps_schedule(self.num_inference_steps)  # the steps whose maps control calls read
         trajectory: list[torch.Tensor] = []
@@ -381,8 +394,8 @@ class EditSession:
             return {}
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
-        with self.unet.run(RecordMode(attention_maps=maps, maps_only=maps_only), cache=self.cache):
-            images, stats = self._run(prompt, on_step_end)
+        with self._runs(RecordMode(attention_maps=maps, maps_only=maps_only)):
+            images, stats = self._run(prompt, on_step_end, self.inputs_for(None, None))
         result = EditResult(prompt, images, trajectory[-1], None, stats)
         self._source = _Run(prompt, prompt, trajectory, result)
         return result
@@ -411,7 +424,7 @@ class EditSession:
         trajectory = inversion.latents[1:]
         self._latents = inversion.latents[0]
         self._loaded_size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
-        self.cache.clear()
+        self._clear_caches()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
 
@@ -420,7 +433,7 @@ class EditSession:
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
         maps = self.policy.maps_schedule(self.num_inference_steps)
-        with self.unet.run(RecordMode(attention_maps=maps, maps_only=maps_only), cache=self.cache):
+        with self._runs(RecordMode(attention_maps=maps, maps_only=maps_only)):
             images, stats = self._run(prompt, on_step_end, inputs)
         result = EditResult(prompt, images, trajectory[-1], None, {**phases, **stats})
         # What an edit's dense steps are compared with: a control run of the first k steps with the same prompt
@@ -514,6 +527,9 @@ class EditSession:
         (`editing.persistence`). `EditSession.load(path, pipe)` continues it."""
         from .persistence import save_session
 
+        if self.companions:
+            raise NotImplementedError(f"saving a session whose pipeline has a {self.companions[0].name} is not "
+                                      "supported yet: its records would not be saved")
         return save_session(self, path)
 
     @classmethod
@@ -544,6 +560,8 @@ class EditSession:
         the session is garbage-collected). Saved sessions (`save`) are not touched. The session can start again with
         `generate` or `load_image`."""
         self.cache.close()
+        for companion in self.companions:
+            companion.cache.close()
         if self.decoding is not None:
             self.decoding.close()
         self._source = None
@@ -559,6 +577,8 @@ class EditSession:
         "latents" (the current run's latents after every step, which edits blend with) and "decode" (the recorded
         decode of the current image, with `sparse_decode`)."""
         totals = dict(self.cache.breakdown()["total"])
+        for companion in self.companions:  # a ControlNet's records
+            totals[companion.name] = companion.cache.nbytes
         trajectory = self._source.trajectory if self._source is not None else []
         totals["latents"] = sum(z.numel() * z.element_size() for z in trajectory)
         if self.decoding is not None:
@@ -582,8 +602,12 @@ class EditSession:
 
     def inputs_for(self, picture, mask: torch.Tensor | None) -> dict[str, Any]:
         """The pipeline's keyword inputs besides the prompt and latents for a run over `picture` with `mask`: an
-        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), nothing for others."""
-        return inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
+        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), a ControlNet pipeline's
+        control image (the source's, given to `generate`), nothing for others."""
+        inputs = inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
+        if self._control_image is not None:
+            inputs["image"] = self._control_image
+        return inputs
 
     @property
     def source_trajectory(self) -> list[torch.Tensor]:
@@ -593,6 +617,15 @@ class EditSession:
         return list(self._source.trajectory)
 
     # --- internals --------------------------------------------------------------------------------------------
+
+    def _clear_caches(self) -> None:
+        self.cache.clear()
+        for companion in self.companions:
+            companion.cache.clear()
+
+    def _runs(self, mode):
+        """A run of the denoiser over the session's cache in `mode`, with its companions' (`editing.companions`)."""
+        return run_group(self.unet, self.cache, self.companions, mode)
 
     def _control_steps(self, prompt: str, steps: int) -> list[torch.Tensor]:
         """The latents after each of the first `steps` steps of a control run of `prompt` with the cache's maps of
@@ -607,8 +640,9 @@ class EditSession:
 
         discarded = RecordCache(self.cache.dtype, make_store(self.policy, self.memory_budget))
         try:
-            with self.unet.run(ControlMode(self._alignment(prompt, prompt), discarded), cache=self.cache):
+            with self._runs(ControlMode(self._alignment(prompt, prompt), discarded)) as group:
                 self._call_pipeline(prompt, on_step_end, output_type="latent")
+            group.close()
         finally:
             discarded.close()
         return latents
