@@ -42,6 +42,12 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "companion-not-switched", "an edit switches the U-Net's mode but leaves the ControlNet's as it was",
+        "fisedit_compiler/editing/companions.py",
+        "        for run, follower in zip(self.runs, self.followers(mode)):\n            run.switch(follower)\n", "",
+        ("tests/test_adapters.py::test_an_edit_session_runs_a_controlnet_sparse_beside_the_unet",),
+    ),
+    Mutation(
         "joint-text-recorded", "a joint sequence's scatter takes its text tokens from the record, not the call",
         "fisedit_compiler/runtime/ops.py",
         "    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]\n",
