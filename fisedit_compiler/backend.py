@@ -41,6 +41,7 @@ from torch import nn
 
 from .adapters import ModelAdapter
 from .compiler import make_adapter, parameter_device, sparse_mode
+from .dump import dump_dynamo_graph
 from .dynamo_graph import FisEditGraph, build_graph_variants
 from .ir import InputLayout
 from .policy import Policy
@@ -67,7 +68,9 @@ def backend(
 
     def fisedit_backend(gm: fx.GraphModule, example_inputs: list) -> FisEditGraph:
         # Nothing is lowered here: dense calls run `gm` as it is, and record/sparse calls lower it per input
-        # signature on first use, from the call's real inputs (dynamo may recompile with other shapes).
+        # signature on first use, from the call's real inputs (dynamo may recompile with other shapes). With dumps
+        # on, the graph as given is written now, so that a plain call leaves it behind too.
+        dump_dynamo_graph(policy, gm, example_inputs)
         return FisEditGraph(gm, calls)
 
     # what `session()` reads back from the compiled module

@@ -363,6 +363,22 @@ class GraphDump:
         return index
 
 
+def dump_dynamo_graph(policy: Policy, gm: fx.GraphModule, example_inputs: list) -> Path | None:
+    """What the `torch.compile` backend dumps when dynamo hands it a graph (dumps on): the graph as given, before any
+    `record()` or `sparse()` call lowers it, in ``<dump_dir>/dynamo-<hash>/`` (`00_captured.*` and `graph.py`, its
+    code). A plain call of the compiled model then leaves that much behind. Returns the folder's index."""
+    root = dump_root(policy)
+    if root is None:
+        return None
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    signature = InputSignature.of(dict(zip(names, example_inputs)))
+    dump = GraphDump(root, signature, policy)
+    dump.folder = dump.root / f"dynamo-{signature_folder(signature)}"
+    dump.captured(gm)
+    (dump.folder / "graph.py").write_text(gm.print_readable(print_output=False), encoding="utf-8")
+    return dump.finish()
+
+
 # --- HTML ------------------------------------------------------------------------------------------------------
 
 _STYLE = """<style>

@@ -183,3 +183,21 @@ def test_svg_next_to_every_dot_with_graphviz(tmp_path, monkeypatch):
     dots = list(tmp_path.rglob("*.dot"))
     assert dots and all(d.with_suffix(".svg").is_file() for d in dots)
     assert "<svg" in dots[0].with_suffix(".svg").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:'setParseAction' deprecated")
+def test_a_plain_backend_call_dumps_the_graph_dynamo_gave(tmp_path, monkeypatch):
+    """`torch.compile(model, backend="fisedit")` with FISEDIT_DUMP_DIR set: a plain call (no record() yet) writes
+    the graph dynamo handed the backend, its DOT and its code."""
+    monkeypatch.setenv("FISEDIT_DUMP_SVG", "0")
+    monkeypatch.setenv("FISEDIT_DUMP_DIR", str(tmp_path))
+    environment.reread()  # the package reads its variables once
+    model = TinyConvNet()
+    x = torch.randn(1, 4, 8, 8)
+    compiled = torch.compile(model, backend="fisedit")
+    with torch.no_grad():
+        assert torch.allclose(compiled(x)[0], model(x)[0])
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert folder.name.startswith("dynamo-") and (tmp_path / "index.html").is_file()
+    graph = nx.nx_pydot.read_dot(folder / "00_captured.dot")
+    assert graph.number_of_nodes() > 0 and "conv" in (folder / "graph.py").read_text()

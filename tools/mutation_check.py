@@ -233,7 +233,7 @@ MUTATIONS = [
     Mutation(
         "partial-control-overwrites-maps", "an edit with fewer dense steps than control reads replaces the maps",
         "fisedit_compiler/editing/session.py",
-        "keep_attention_maps=not self.new_maps", "keep_attention_maps=False",
+        "\"keep_attention_maps\": not self.new_maps", "\"keep_attention_maps\": False",
         ("tests/test_editing.py::test_a_sparse_edit_with_fewer_dense_steps_than_control_reads_keeps_the_source_maps",),
     ),
     Mutation(
