@@ -293,3 +293,27 @@ def test_control_image_is_refused_without_a_controlnet():
     session = fisedit.EditSession(random_pipeline("sd15", latent_size=SIZE), num_inference_steps=2)
     with pytest.raises(ValueError, match="has no ControlNet"):
         session.generate("a cabin", control_image=torch.zeros(3, 8, 8))
+
+
+@torch.no_grad()
+def test_an_edit_may_change_the_control_image_inside_its_mask_only():
+    """A ControlNet edit with a new control image changed inside its mask (the source's prompt: the change is the
+    control image's doing) keeps the latents outside bit-identical; one changed outside, or without a mask, is
+    refused with the reason."""
+    from PIL import ImageDraw
+
+    session, source = _controlnet_session()
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[8:20, 10:22] = True
+    control = session._control_image.copy()
+    ImageDraw.Draw(control).rectangle([8 * 12, 8 * 10, 8 * 18, 8 * 16], outline=(255, 255, 255), width=2)
+    edit = session.edit("a cabin in the woods", mask=mask, control_image=control, keep=False)
+    assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])  # the new control image's effect
+    outside = control.copy()
+    ImageDraw.Draw(outside).rectangle([0, 0, 20, 20], fill=(255, 255, 255))
+    with pytest.raises(ValueError, match="pixels outside the mask"):
+        session.edit("a cabin in the woods", mask=mask, control_image=outside, keep=False)
+    with pytest.raises(ValueError, match="needs the user's mask"):
+        session.edit("a cabin in the woods", control_image=control, keep=False)
+    assert session._control_image is not control  # keep=False: the source's control image stays

@@ -36,7 +36,7 @@ from ..policy import Policy
 from ..runtime.cache import RecordCache
 from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
-from .companions import compile_companions, run_group
+from .companions import check_control_image, compile_companions, run_group
 from .compositing import paste_outside
 from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
@@ -468,7 +468,8 @@ class EditSession:
             phases = meter.close()
         return picture, inputs, inversion, phases
 
-    def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True) -> EditResult:
+    def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True,
+             control_image: Any = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
         (H, W), or a PIL image at latent or image resolution (white = edit; after `load_image`, also the size of
@@ -478,7 +479,9 @@ class EditSession:
         the edit over that many pixels inside it (`compositing.paste_outside`). `keep=False`: the edit does not
         become the current image (its sparse steps write nothing back, its dense steps are not kept, its decode is
         not recorded), so that the next edit starts from the same image again: several tries at one picture. A
-        mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError."""
+        mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError.
+        `control_image` (a ControlNet pipeline, with a user's `mask`): a new control image that differs from the
+        source's only inside the mask (a ValueError otherwise); kept for later edits with the edit."""
         self._check_edit(prompt, paste_back, keep)
         source = self._source
         if mask is None and self.inpainting:
@@ -492,8 +495,15 @@ class EditSession:
         # (Not over an inpainting pipeline: it repaints its mask, which its source run saw empty.)
         swaps = not self.inpainting and swaps_words_only(self.pipe.tokenizer, source.maps_prompt, prompt)
         schedule = EditSchedule.plan(self.policy, self.num_inference_steps, mask is not None, swaps)
+        inputs = self.inputs_for(source.pixels, mask)
+        if control_image is not None:
+            if not self.companions or mask is None:
+                raise ValueError("edit(control_image=...) " + ("needs the user's mask it changes the control image "
+                                 "inside" if self.companions else "is for ControlNet pipelines"))
+            check_control_image(self._control_image, control_image, mask)
+            inputs["image"] = control_image
         edit = _EditRun(self, source, schedule, mask, keep)
-        images = edit.execute(prompt, self.inputs_for(source.pixels, mask))
+        images = edit.execute(prompt, inputs)
         detected = edit.mask if mask is None else None
         stats = {**edit.phases, "cache_bytes": self.cache.nbytes, **self._decode_stats()}
         if edit.region is None:  # empty mask: the source is unchanged, and stays the session's current run
@@ -506,6 +516,8 @@ class EditSession:
         if keep:
             self._source = _Run(prompt, prompt if edit.new_maps else source.maps_prompt, edit.trajectory, result,
                                 edit.reference())
+            if control_image is not None:
+                self._control_image = control_image
         return result
 
     def _check_edit(self, prompt: str, paste_back: int | None, keep: bool) -> None:
