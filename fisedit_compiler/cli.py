@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import inspect_cmd
 from .editing.mask_image import load_mask_image
+from .editing.pipelines import DENOISERS
 from .editing.token_alignment import PromptTooLongError
 from .policy import Policy
 
@@ -26,14 +27,16 @@ def _component_config(args, component: str) -> dict | None:
 
 
 def latent_shape(args, latent: int | None) -> tuple[int, int]:
-    """(h, w) of the latents: `latent` if given, else the model folder's U-Net `sample_size`."""
+    """(h, w) of the latents: `latent` if given, else the model folder's U-Net (or SD3 transformer) `sample_size`."""
     if latent is not None:
         return latent, latent
-    size = (_component_config(args, "unet") or {}).get("sample_size")
+    size = next((config["sample_size"] for config in map(lambda c: _component_config(args, c), DENOISERS)
+                 if config and config.get("sample_size")), None)
     if size is None:
         folder = _model_folder(args)
-        raise FileNotFoundError(f"{Path(folder) / 'unet' / 'config.json'} is missing: {folder} is not a "
-                                "diffusers pipeline folder")
+        raise FileNotFoundError(f"no {Path(folder) / 'unet' / 'config.json'} (or transformer/config.json) with a "
+                                f"sample_size: {folder} is not a diffusers pipeline folder, or its model does not say "
+                                "its latent size (FLUX: use the Python API, EditSession(pipe, height=, width=))")
     return (size, size) if isinstance(size, int) else tuple(size)
 
 

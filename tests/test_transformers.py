@@ -385,3 +385,20 @@ def test_other_transformer_configs_and_a_wide_picture(family, build):
         assert torch.equal(edited[..., ~active], output[..., ~active])
     with compiled.sparse(torch.ones(24, 40, dtype=torch.bool)):
         assert close(compiled(**new).sample, model(**new).sample)
+
+
+@torch.no_grad()
+def test_a_local_sd3_folder_without_t5_loads_and_edits(tmp_path):
+    """A user's SD3 pipeline folder (here saved without its T5 encoder: `[null, null]` in model_index.json) loads
+    with `load_pipeline` and edits in a session."""
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models import load_pipeline
+    from fisedit_compiler.models.sd3 import random_sd3_pipeline
+
+    random_sd3_pipeline(latent_size=SIZE).save_pretrained(tmp_path)
+    pipe = load_pipeline(tmp_path)
+    assert pipe.text_encoder_3 is None and type(pipe).__name__ == "StableDiffusion3Pipeline"
+    session = fisedit.EditSession(pipe, num_inference_steps=3, guidance_scale=5.0)
+    source = session.generate("a red circle", generator=torch.Generator().manual_seed(0))
+    edit = session.edit("a blue circle", mask=ellipse_mask(SIZE, 0.15, grid_offset=0))
+    assert torch.equal(edit.latents[..., ~edit.mask], source.latents[..., ~edit.mask])

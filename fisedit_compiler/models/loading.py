@@ -82,8 +82,8 @@ def _check_pipeline_folder(path: Path) -> None:
         raise ValueError(f"malformed model_index.json in {str(path)!r}: {err}") from err
     if not isinstance(index, dict):
         raise ValueError(f"malformed model_index.json in {str(path)!r}: not a JSON object")
-    if "unet" not in index:
-        raise ValueError(f"model_index.json in {str(path)!r} lists no unet component")
+    if "unet" not in index and "transformer" not in index:
+        raise ValueError(f"model_index.json in {str(path)!r} lists no unet or transformer component")
     # Components are entries like "unet": ["diffusers", "UNet2DConditionModel"];
     # [null, null] marks an optional component that was saved as None.
     components = [
@@ -110,6 +110,12 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> DiffusionPipeline:
     """
     path = Path(path)
     _check_pipeline_folder(path)
+    # components saved as None ([null, null] in model_index.json: SD3 without its T5 encoder) load as None, which
+    # diffusers asks to be said explicitly for components that are not optional
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    for name, value in index.items():
+        if not name.startswith("_") and value == [None, None]:
+            kwargs.setdefault(name, None)
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.float32
     if "low_cpu_mem_usage" not in kwargs:  # diffusers' default, less its notice that `accelerate` is missing
