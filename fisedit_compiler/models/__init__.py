@@ -12,7 +12,9 @@ scratch with deterministic random weights. One room per concern:
   and example U-Net inputs;
 * ``tokenizer``: a small CLIP BPE tokenizer generated locally;
 * ``loading``: ``load_pipeline`` (a real pipeline from a local folder) and SD's
-  schedulers.
+  schedulers;
+* ``sd3``, ``flux``: the diffusion transformers (SD3-medium's and FLUX.1-dev's configs,
+  tiny ones, and tiny random pipelines).
 
 Public API (all importable from ``fisedit_compiler.models``)::
 
@@ -22,6 +24,8 @@ Public API (all importable from ``fisedit_compiler.models``)::
     example_unet_inputs(unet, batch, size) # seeded random keyword inputs of one U-Net call
     random_pipeline(arch, latent_size, seed, size, scheduler)
     load_pipeline(path)                    # a real pipeline from a local folder
+    random_sd3_pipeline(latent_size)       # a tiny StableDiffusion3Pipeline (models.sd3)
+    random_flux_pipeline(latent_size)      # a tiny FluxPipeline (models.flux)
 
 plus the per-component builders (``random_vae``, ``random_text_encoder``,
 ``random_tokenizer``, ``make_scheduler`` ...) that ``random_pipeline`` is made of.
@@ -53,6 +57,8 @@ from .random_weights import (
     random_vae,
     reinit_parameters,
 )
+from .flux import random_flux_pipeline, random_flux_transformer
+from .sd3 import random_sd3_pipeline, random_sd3_transformer
 from .tokenizer import _WORDS, random_tokenizer, write_tokenizer_files
 
 __all__ = [
@@ -62,7 +68,11 @@ __all__ = [
     "example_unet_inputs",
     "load_pipeline",
     "make_scheduler",
+    "random_flux_pipeline",
+    "random_flux_transformer",
     "random_pipeline",
+    "random_sd3_pipeline",
+    "random_sd3_transformer",
     "random_text_encoder",
     "random_tokenizer",
     "random_unet",
