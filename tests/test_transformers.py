@@ -402,3 +402,33 @@ def test_a_local_sd3_folder_without_t5_loads_and_edits(tmp_path):
     source = session.generate("a red circle", generator=torch.Generator().manual_seed(0))
     edit = session.edit("a blue circle", mask=ellipse_mask(SIZE, 0.15, grid_offset=0))
     assert torch.equal(edit.latents[..., ~edit.mask], source.latents[..., ~edit.mask])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_photo_loads_into_a_transformer_session_by_flow_inversion(family):
+    """`load_image` over SD3 and FLUX pipelines (EEdit's setting): the photo's latents inverted up the pipeline's own
+    flow schedule with its own conditioning (one transformer call per step, `Policy.inversion_skip` fewer), the
+    source run recorded on that trajectory: its final latents are the encoded photo's, and an edit keeps them outside
+    a user's mask."""
+    from PIL import Image
+    from skimage import data
+
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models.flux import random_flux_pipeline
+    from fisedit_compiler.models.sd3 import random_sd3_pipeline
+
+    pipe = {"sd3": random_sd3_pipeline, "flux": random_flux_pipeline}[family](latent_size=SIZE)
+    session = fisedit.EditSession(pipe, num_inference_steps=4, guidance_scale=5.0, height=8 * SIZE, width=8 * SIZE,
+                                  policy=fisedit.Policy(inversion_skip=2))
+    photo = Image.fromarray(data.chelsea()).resize((8 * SIZE, 8 * SIZE))
+    source = session.load_image(photo, "a photo of a cat")
+    assert source.stats["inversion"].unet_calls == 2 and source.stats["dense"].unet_calls == 4
+    pixels = torch.from_numpy(__import__("numpy").asarray(photo, dtype="float32") / 127.5 - 1).permute(2, 0, 1)[None]
+    vae = pipe.vae
+    encoded = (vae.encode(pixels).latent_dist.mean - (vae.config.shift_factor or 0)) * vae.config.scaling_factor
+    assert close(source.latents, encoded)
+    mask = ellipse_mask(SIZE, 0.15, grid_offset=0)
+    edit = session.edit("a photo of a dog", mask=mask)
+    assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])

@@ -130,3 +130,33 @@ def crop_mask_like_image(mask: Any, original_size: tuple[int, int] | None, heigh
         return mask
     box = centre_crop_box(*original_size, width, height)
     return mask.convert("L").crop(box).resize((width, height), Image.NEAREST)
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether the scheduler integrates a rectified flow (SD3, FLUX: latents (1 - sigma) x0 + sigma noise, the model
+    predicting their velocity), which `flow_inversion` inverts."""
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+
+
+@torch.no_grad()
+def flow_inversion(model, inputs: dict[str, Any], latents_name: str, clean: torch.Tensor, sigmas: torch.Tensor,
+                   skip: int = 1) -> Inversion:
+    """Euler inversion of a rectified flow: from `clean` latents (sigma 0) up the pipeline's `sigmas` (descending,
+    ending at 0), each step ``z += (sigma_next - sigma) * v(z, sigma)`` with the model's velocity at the lower noise
+    level, calling it at every `skip`-th step only (EEdit's inversion step skipping). `inputs` are the keyword
+    inputs of the pipeline's own first call of `model` (its conditioning), whose `timestep` is scaled to each sigma
+    (it is proportional to sigma: SD3 passes 1000 sigma, FLUX sigma) and whose `latents_name` input is replaced."""
+    if skip < 1:
+        raise ValueError(f"inversion step skipping must be >= 1 (1: none), got {skip}")
+    first, timestep = float(sigmas[0]), inputs["timestep"]
+    z, latents, calls, velocity = clean, [clean], 0, None
+    steps = len(sigmas) - 1
+    for n, i in enumerate(reversed(range(steps))):  # from the clean end (sigmas[steps] = 0) to the noisy one
+        sigma, target = float(sigmas[i + 1]), float(sigmas[i])
+        if n % skip == 0:
+            call = {**inputs, latents_name: z, "timestep": timestep * (sigma / first), "return_dict": False}
+            velocity = model(**call)[0]
+            calls += 1
+        z = z + (target - sigma) * velocity
+        latents.append(z)
+    return Inversion(latents[::-1], calls)

@@ -40,7 +40,14 @@ from .companions import check_control_image, compile_companions, run_group
 from .compositing import paste_outside
 from .decoding import SparseDecoder
 from .inpainting import inpaint_inputs, inversion_condition, is_inpainting
-from .inversion import crop_mask_like_image, ddim_inversion, image_tensor, require_variance_preserving
+from .inversion import (
+    crop_mask_like_image,
+    ddim_inversion,
+    flow_inversion,
+    image_tensor,
+    is_flow_matching,
+    require_variance_preserving,
+)
 from .mask_detection import detect_mask, difference_map
 from .pipelines import denoiser, denoiser_name, latent_packing
 from .schedule import EditSchedule
@@ -409,17 +416,21 @@ class EditSession:
         source run is recorded on the inversion trajectory: every step's latents are the inverted ones, so the
         cache holds activations of latents that reproduce the image, and an edit keeps them outside its mask (the
         final latents there are the encoded image's). The result's image is the VAE's reconstruction; its `stats`
-        have the "inversion" and "dense" (recording) phases. Only pipelines whose U-Net takes the text embedding
-        alone (SD 1.x/2.x), with a variance-preserving scheduler making one U-Net call per step (DDIM, DPM-Solver++,
-        UniPC). Over an inpainting pipeline the inversion and the source run see an empty mask and the whole
-        picture."""
+        have the "inversion" and "dense" (recording) phases. Pipelines whose U-Net takes the text embedding alone
+        (SD 1.x/2.x), with a variance-preserving scheduler making one U-Net call per step (DDIM, DPM-Solver++,
+        UniPC), and rectified-flow pipelines (SD3, FLUX: `_invert_flow`). Over an inpainting pipeline the inversion
+        and the source run see an empty mask and the whole picture."""
         check_prompt(prompt)
         token_ids(self.pipe.tokenizer, prompt)
-        require_variance_preserving(self.pipe.scheduler)
+        flow = is_flow_matching(self.pipe.scheduler)
+        if not flow:
+            require_variance_preserving(self.pipe.scheduler)
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        picture, inputs, inversion, phases = self._invert(image, prompt)
+        if self.companions:
+            raise NotImplementedError("load_image over a ControlNet pipeline is not supported yet")
+        picture, inputs, inversion, phases = (self._invert_flow if flow else self._invert)(image, prompt)
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
         self._latents = inversion.latents[0]
@@ -429,7 +440,7 @@ class EditSession:
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
 
         def on_step_end(pipe, i, t, kwargs):
-            return {"latents": trajectory[i].clone()}
+            return {"latents": self._pack(trajectory[i].clone())}
 
         maps_only = self.policy.recorded_activations_from(self.num_inference_steps)
         maps = self.policy.maps_schedule(self.num_inference_steps)
@@ -467,6 +478,47 @@ class EditSession:
         finally:
             phases = meter.close()
         return picture, inputs, inversion, phases
+
+    def _invert_flow(self, image: Any, prompt: str) -> tuple[Image.Image, dict[str, Any], Any, dict[str, PhaseStats]]:
+        """`_invert` for a rectified-flow pipeline (SD3, FLUX: `inversion.flow_inversion`). The schedule and the
+        denoiser's conditioning are the pipeline's own: one step of it with `prompt` is run and its first call's
+        inputs kept (the conditional half where it uses classifier-free guidance)."""
+        pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
+        vae = self.pipe.vae
+        clean = (vae.encode(pixels).latent_dist.mean - (getattr(vae.config, "shift_factor", None) or 0.0)) \
+            * vae.config.scaling_factor
+        clean = clean.to(self.unet.dtype)
+        probed: dict[str, Any] = {}
+
+        def keep_inputs(module, args, kwargs):
+            if not probed:
+                probed.update(kwargs)
+
+        def first_step_only(pipe, i, t, kwargs):
+            pipe._interrupt = True
+            return {}
+
+        self._latents = torch.zeros_like(clean)
+        handle = self.unet.register_forward_pre_hook(keep_inputs, with_kwargs=True)
+        try:
+            self._call_pipeline(prompt, first_step_only, output_type="latent")
+        finally:
+            handle.remove()
+        name = self.unet.adapter.latents
+        batch = probed[name].shape[0]
+        conditioning = {k: v[-1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1 else v
+                        for k, v in probed.items() if k not in (name, "return_dict")}
+        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+                                  .to(torch.uint8).numpy())
+        meter = _Meter(self.unet)
+        meter.phase = "inversion"
+        try:
+            inversion = flow_inversion(self.unet, conditioning, name, self._pack(clean),
+                                       self.pipe.scheduler.sigmas.to(clean.device), self.policy.inversion_skip)
+        finally:
+            phases = meter.close()
+        inversion.latents = [self._unpack(z) for z in inversion.latents]
+        return picture, self.inputs_for(picture, None), inversion, phases
 
     def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True,
              control_image: Any = None) -> EditResult:
