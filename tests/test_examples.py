@@ -87,3 +87,12 @@ def test_the_dumps_example_writes_an_index_per_signature(tmp_path, capsys):
     signatures = [p.parent for p in tmp_path.glob("*/index.html")]
     assert len(signatures) == 1 and (tmp_path / "index.html").is_file()
     assert (signatures[0] / "00_captured.dot").is_file() and list((signatures[0] / "sparse").glob("*.dot"))
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_transformer_example_edits_inside_its_mask(tmp_path, capsys, family):
+    assert example("transformer_edit").main(["--family", family, "--size", "128", "--steps", "4",
+                                              "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "latents outside the mask: identical to the source" in printed and "sparse transformer calls" in printed
+    assert (tmp_path / "source.png").is_file() and (tmp_path / "edited.png").is_file()
