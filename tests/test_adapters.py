@@ -317,3 +317,33 @@ def test_an_edit_may_change_the_control_image_inside_its_mask_only():
     with pytest.raises(ValueError, match="needs the user's mask"):
         session.edit("a cabin in the woods", control_image=control, keep=False)
     assert session._control_image is not control  # keep=False: the source's control image stays
+
+
+@torch.no_grad()
+def test_an_sdxl_controlnet_pipeline_edits_too():
+    """`StableDiffusionXLControlNetPipeline`: the ControlNet takes SDXL's added conditions, and the session compiles
+    and runs it beside the U-Net as over SD's ControlNet pipeline."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models import random_pipeline
+
+    base = random_pipeline("sdxl", latent_size=SIZE)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    g = torch.Generator().manual_seed(3)
+    for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler,
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    control = Image.fromarray((torch.rand(8 * SIZE, 8 * SIZE, 3, generator=g) * 255).to(torch.uint8).numpy())
+    session = fisedit.EditSession(pipe, num_inference_steps=4)
+    source = session.generate("a cabin", generator=torch.Generator().manual_seed(0), control_image=control)
+    mask = ellipse_mask(SIZE, 0.15, grid_offset=0)
+    edit = session.edit("a house", mask=mask)
+    assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])
+    assert session.memory_breakdown()["controlnet"] > 0
