@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import T5Config, T5EncoderModel
 
 from .configs import Size, check_arch_size, text_encoder_configs, vae_config
-from .random_weights import _build_seeded, _component_seed, _finish, random_text_encoder, reinit_parameters
+from .random_weights import random_text_encoder, seeded_model
 from .tokenizer import random_tokenizer
 
 FLUX_DEV = {
@@ -32,7 +32,6 @@ FLUX_TINY = {
     "axes_dims_rope": (4, 4, 8),
 }
 FLUX_VAE_SCALING = {"scaling_factor": 0.3611, "shift_factor": 0.1159}
-T5_TEXT_TOKENS = 64  # the tiny pipeline's max_sequence_length is the caller's; 512 is FluxPipeline's default
 
 
 def flux_transformer_config(size: Size = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -45,10 +44,7 @@ def random_flux_transformer(size: Size = "tiny", seed: int = 0, dtype: torch.dty
                             device: torch.device | str | None = None, **overrides: Any) -> FluxTransformer2DModel:
     """A seeded random-weight `FluxTransformer2DModel` (eval mode)."""
     config = flux_transformer_config(size, **overrides)
-    component_seed = _component_seed(seed, "unet")
-    model = _build_seeded(lambda: FluxTransformer2DModel(**config), component_seed)
-    reinit_parameters(model, component_seed)
-    return _finish(model, dtype, device)
+    return seeded_model(lambda: FluxTransformer2DModel(**config), seed, "unet", dtype, device)
 
 
 def random_flux_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -59,21 +55,18 @@ def random_flux_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtyp
     transformer = random_flux_transformer("tiny", seed, **placement)
     latent_channels = transformer.config.in_channels // 4
     vae_kwargs = {**vae_config("sd2", "tiny", 8 * latent_size), **FLUX_VAE_SCALING, "latent_channels": latent_channels}
-    vae_seed = _component_seed(seed, "vae")
-    vae = _build_seeded(lambda: AutoencoderKL(**vae_kwargs), vae_seed)
-    reinit_parameters(vae, vae_seed)
+    vae = seeded_model(lambda: AutoencoderKL(**vae_kwargs), seed, "vae", **placement)
     tokenizer, tokenizer_2 = random_tokenizer(), random_tokenizer()
     clip = {**text_encoder_configs("sd2", "tiny")[0], "hidden_size": transformer.config.pooled_projection_dim,
             "intermediate_size": 2 * transformer.config.pooled_projection_dim}
-    t5_seed = _component_seed(seed, "text_encoder_2")
-    t5 = _build_seeded(lambda: T5EncoderModel(T5Config(
+    t5 = seeded_model(lambda: T5EncoderModel(T5Config(
         vocab_size=len(tokenizer_2), d_model=transformer.config.joint_attention_dim, d_ff=64, d_kv=8, num_layers=2,
-        num_heads=4, pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id)), t5_seed)
-    reinit_parameters(t5, t5_seed)
+        num_heads=4, pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id)),
+        seed, "text_encoder_2", **placement)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_finish(vae, **placement),
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=random_text_encoder(clip, tokenizer, seed, **placement), tokenizer=tokenizer,
-        text_encoder_2=_finish(t5, **placement), tokenizer_2=tokenizer_2, transformer=transformer,
+        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

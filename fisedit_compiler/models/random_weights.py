@@ -97,6 +97,16 @@ def _finish(
     return module.eval()
 
 
+def seeded_model(factory: Any, seed: int, component: str, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> Any:
+    """`factory()`'s module built and every parameter drawn from `component`'s seed stream (`_component_seed`),
+    then cast and moved (`_finish`, eval mode): what every random component here is made with."""
+    component_seed = _component_seed(seed, component)
+    model = _build_seeded(factory, component_seed)
+    reinit_parameters(model, component_seed)
+    return _finish(model, dtype, device)
+
+
 def random_unet(
     arch: Arch = "sd2",
     size: Size = "tiny",
@@ -117,10 +127,7 @@ def random_unet(
     config = unet_config(arch, size, inpainting)
     if sample_size is not None:
         config["sample_size"] = sample_size
-    component_seed = _component_seed(seed, "unet")
-    unet = _build_seeded(lambda: UNet2DConditionModel(**config), component_seed)
-    reinit_parameters(unet, component_seed)
-    return _finish(unet, dtype, device)
+    return seeded_model(lambda: UNet2DConditionModel(**config), seed, "unet", dtype, device)
 
 
 def random_vae(
@@ -133,10 +140,7 @@ def random_vae(
 ) -> AutoencoderKL:
     """Build a seeded random-weight ``AutoencoderKL`` (eval mode)."""
     config = vae_config(arch, size, sample_size)
-    component_seed = _component_seed(seed, "vae")
-    vae = _build_seeded(lambda: AutoencoderKL(**config), component_seed)
-    reinit_parameters(vae, component_seed)
-    return _finish(vae, dtype, device)
+    return seeded_model(lambda: AutoencoderKL(**config), seed, "vae", dtype, device)
 
 
 def random_text_encoder(
@@ -165,10 +169,7 @@ def random_text_encoder(
         pad_token_id=tokenizer.pad_token_id,
     )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    component_seed = _component_seed(seed, component)
-    model = _build_seeded(lambda: cls(config), component_seed)
-    reinit_parameters(model, component_seed)
-    return _finish(model, dtype, device)
+    return seeded_model(lambda: cls(config), seed, component, dtype, device)
 
 
 def random_pipeline(

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from .configs import Size, check_arch_size, text_encoder_configs, vae_config
-from .random_weights import _build_seeded, _component_seed, _finish, random_text_encoder, reinit_parameters
+from .random_weights import random_text_encoder, seeded_model
 from .tokenizer import random_tokenizer
 
 SD3_MEDIUM = {
@@ -46,10 +46,7 @@ def random_sd3_transformer(size: Size = "tiny", seed: int = 0, dtype: torch.dtyp
                            device: torch.device | str | None = None, **overrides: Any) -> SD3Transformer2DModel:
     """A seeded random-weight `SD3Transformer2DModel` (eval mode)."""
     config = sd3_transformer_config(size, **overrides)
-    component_seed = _component_seed(seed, "unet")
-    model = _build_seeded(lambda: SD3Transformer2DModel(**config), component_seed)
-    reinit_parameters(model, component_seed)
-    return _finish(model, dtype, device)
+    return seeded_model(lambda: SD3Transformer2DModel(**config), seed, "unet", dtype, device)
 
 
 def random_sd3_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -60,14 +57,12 @@ def random_sd3_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtype
     transformer = random_sd3_transformer("tiny", seed, sample_size=latent_size, **overrides, **placement)
     vae_kwargs = {**vae_config("sd2", "tiny", 8 * latent_size), **SD3_VAE_SCALING,
                   "latent_channels": transformer.config.in_channels}
-    vae_seed = _component_seed(seed, "vae")
-    vae = _build_seeded(lambda: AutoencoderKL(**vae_kwargs), vae_seed)
-    reinit_parameters(vae, vae_seed)
+    vae = seeded_model(lambda: AutoencoderKL(**vae_kwargs), seed, "vae", **placement)
     common = text_encoder_configs("sd2", "tiny")[0]
     text = {**common, **_TINY_TEXT}
     tokenizer, tokenizer_2 = random_tokenizer(), random_tokenizer()
     pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_finish(vae, **placement),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=random_text_encoder(text, tokenizer, seed, with_projection=True, **placement),
         tokenizer=tokenizer,
         text_encoder_2=random_text_encoder(text, tokenizer_2, seed, with_projection=True, component="text_encoder_2",
