@@ -88,12 +88,17 @@ def _gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: Window
     return _gather_operands(b, [source], [ref], [layout], spec)
 
 
+def joint_pixels(x, layout: SpatialLayout):
+    """The pixels of a joint sequence `x`, dense or gathered: a slice counted from the ends, so that it holds for any
+    number of pixels."""
+    before, after = layout.tokens
+    return aten.slice.Tensor(x, layout.dims[0], before, -after if after else sys.maxsize)
+
+
 def joint_parts(x, layout: SpatialLayout) -> tuple:
-    """(tokens before, pixels, tokens after) of a joint sequence `x`, dense or gathered (None for an empty part):
-    slices counted from the ends, so that they hold for any number of pixels."""
+    """(tokens before, pixels, tokens after) of a joint sequence `x` (None for an empty part), as `joint_pixels`."""
     dim, (before, after) = layout.dims[0], layout.tokens
-    pixels = aten.slice.Tensor(x, dim, before, -after if after else sys.maxsize)
-    return (aten.slice.Tensor(x, dim, 0, before) if before else None, pixels,
+    return (aten.slice.Tensor(x, dim, 0, before) if before else None, joint_pixels(x, layout),
             aten.slice.Tensor(x, dim, -after, sys.maxsize) if after else None)
 
 
@@ -110,11 +115,8 @@ def _joint_gather(b, source, ref: CacheRef | None, layout: SpatialLayout, spec: 
     if b.index(spec, ref is not None).identity:  # (before reading a recorded value: the program need not take it)
         return source
     before, pixels, after = joint_parts(source, layout)
-    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]
-    if ref is None:
-        gathered = _gather_operands(b, [pixels], [None], [pixels_of(layout)], spec)
-    else:
-        gathered = _gather_from(b, [pixels], [recorded], [pixels_of(layout)], spec, from_gathered=True)
+    recorded = pixels if ref is None else joint_pixels(b.recorded(ref), layout)
+    gathered = _gather_from(b, [pixels], [recorded], [pixels_of(layout)], spec, from_gathered=ref is not None)
     return torch.cat([t for t in (before, gathered, after) if t is not None], dim=layout.dims[0])
 
 
@@ -126,7 +128,8 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
         raise ValueError("the operands of one gather read either all recorded values or none: they share its index")
     from_gathered = refs[0] is not None
     if b.index(spec, from_gathered).identity and scale is None and len(sources) == 1:
-        return sources[0]  # (before reading a recorded value: the program need not take it)
+        # e.g. a resolution the cost model keeps dense; before reading a recorded value: the program need not take it
+        return sources[0]
     recorded = [b.recorded(ref) for ref in refs] if from_gathered else list(sources)
     return _gather_from(b, sources, recorded, layouts, spec, from_gathered, scale, shift)
 
@@ -134,11 +137,9 @@ def _gather_operands(b, sources: list, refs: list[CacheRef | None], layouts: lis
 def _gather_from(b, sources: list, recorded: list, layouts: list[SpatialLayout], spec: WindowSpec,
                  from_gathered: bool, scale=None, shift=None):
     """`_gather_operands` with the recorded values given (`from_gathered`: `sources` are gathered and `recorded`
-    full-size; else `recorded` are the full-size sources)."""
+    full-size; else `recorded` are the full-size sources), once its caller has found that it is no identity."""
     index = b.index(spec, from_gathered)
     fused = scale is not None
-    if index.identity and not fused and len(sources) == 1:  # e.g. a resolution the cost model keeps dense
-        return sources[0]
     layout = concatenated(layouts)
     if from_gathered:
         fresh, fresh_windows = list(sources), b.num_blocks(layout.res)
@@ -311,7 +312,7 @@ def lower_write_back(b, fresh, ref: CacheRef, layout: SpatialLayout) -> None:
     positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
     recorded = b.recorded(ref)
     if layout.joint:  # the pixels (other tokens are always computed, never read from the record)
-        recorded, fresh, layout = joint_parts(recorded, layout)[1], joint_parts(fresh, layout)[1], pixels_of(layout)
+        recorded, fresh, layout = joint_pixels(recorded, layout), joint_pixels(fresh, layout), pixels_of(layout)
     fisedit.scatter_pixels_.default(recorded, fresh, *library.layout_args(layout), positions,
                                     b.num_blocks(layout.res))
 
