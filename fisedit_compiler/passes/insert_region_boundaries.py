@@ -50,8 +50,6 @@ def insert_region_boundaries(gm: fx.GraphModule) -> int:
                 continue
             source_sparse = source.meta.get(SPARSE, False)
             layout = source.meta[LAYOUT]
-            if sparse and not source_sparse and source in needs_full:
-                continue  # computed at full size already
             if sparse and not source_sparse:
                 new = boundary(source, gathers, ir_ops.gather_active, (layout,))
             elif source_sparse and (not sparse or source in needs_full):
@@ -72,8 +70,7 @@ def regions_entered_and_left_through_boundaries(gm: fx.GraphModule) -> list[str]
             if not _spatial(source) or source.meta.get(SPARSE, False) == sparse:
                 continue
             if sparse and node.target is not ir_ops.gather_active \
-                    and source.target is not ir_ops.scatter_into_recorded \
-                    and source not in node.meta.get(FULL_INPUTS, set()):
+                    and source.target is not ir_ops.scatter_into_recorded:
                 problems.append(f"sparse {node.name} reads dense {source.name} without a gather")
             elif not sparse and node.target is not ir_ops.scatter_into_recorded:
                 problems.append(f"dense {node.name} reads sparse {source.name} without a scatter")
