@@ -34,6 +34,7 @@ from results_io import machine, write_results  # noqa: E402
 import fisedit_compiler as fisedit  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
 from fisedit_compiler.models import random_pipeline  # noqa: E402
+from fisedit_compiler.models.controlnet import controlnet_pipeline, random_controlnet  # noqa: E402
 
 SOURCE = "a cabin in the woods at dusk, warm light in the windows"
 EDITED = "a cabin in the woods at dusk, warm light in the windows, a river in front"
@@ -51,22 +52,6 @@ def control_image(size: int, seed: int = 0):
         x1, y1 = x0 + g.randint(size // 8, size // 3), y0 + g.randint(size // 8, size // 3)
         draw.rectangle([int(x0), int(y0), int(x1), int(y1)], outline=(255, 255, 255), width=max(1, size // 128))
     return image
-
-
-def controlnet_pipeline(base):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    controlnet = ControlNetModel.from_unet(base.unet)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # from_unet zero-initialises the residual projections
-        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=controlnet.eval(), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def measure(pipe, args, latents, mask, control) -> dict:
@@ -106,7 +91,8 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         plain = measure(base, args, latents, mask, None)
         print(f"plain: dense {plain['dense_seconds']:.1f} s, edit {plain['edit_seconds']:.1f} s", flush=True)
-        with_controlnet = measure(controlnet_pipeline(base), args, latents, mask, control)
+        pipe = controlnet_pipeline(base, random_controlnet(base.unet, std=0.02))
+        with_controlnet = measure(pipe, args, latents, mask, control)
     data = {"machine": machine(), "arch": args.arch, "size": args.size, "latent_size": args.latent_size,
             "steps": args.steps, "mask": mask.float().mean().item(), "plain": plain, "controlnet": with_controlnet,
             "relative": with_controlnet["speedup"] / plain["speedup"]}

@@ -13,12 +13,15 @@ import fisedit_compiler as fisedit
 from conftest import close, tiny_unet, unet_inputs
 from fisedit_compiler.capture import capture
 from fisedit_compiler.ir import LAYOUT, SpatialLayout, latent_input
+from fisedit_compiler.models import random_pipeline
+from fisedit_compiler.models.controlnet import controlnet_pipeline, random_controlnet
 from fisedit_compiler.passes.annotate_spatial_layout import annotate_spatial_layout
 from sparse_reference import active_region, block_size, reference_sparse_call
 
 SIZE = 32
 RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
 POLICY = fisedit.Policy(block_size=4)
+CONDITIONING = (8, 8, 8, 8)  # the tiny ControlNets' conditioning embedding widths
 
 
 def _model_without_adapter():
@@ -90,15 +93,16 @@ def test_annotate_spatial_layout_starts_at_every_input_with_pixels():
 
 @functools.lru_cache(maxsize=None)
 def _controlnet(arch: str):
-    from diffusers import ControlNetModel
-
     unet = tiny_unet(arch)
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # from_unet zero-initialises the residual projections: give them weights
-        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return unet, controlnet.eval()
+    return unet, random_controlnet(unet, conditioning_embedding_out_channels=CONDITIONING)
+
+
+def _control_image(seed: int = 4):
+    """A seeded noise picture at image resolution: the control image of the session tests."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(8 * SIZE, 8 * SIZE, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
 def _fresh_inside(new: dict, old: dict, mask: torch.Tensor, policy: fisedit.Policy) -> dict:
@@ -234,23 +238,9 @@ def test_a_compiled_controlnet_keeps_the_contract_for_every_residual():
 
 @functools.lru_cache(maxsize=None)
 def _controlnet_session():
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-    from PIL import Image
-
-    from fisedit_compiler.models import random_pipeline
-
     base = random_pipeline("sd15", latent_size=SIZE)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # from_unet zero-initialises the residual projections: give them weights
-        for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=controlnet.eval(), scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    control = Image.fromarray((torch.rand(8 * SIZE, 8 * SIZE, 3, generator=g) * 255).to(torch.uint8).numpy())
+    pipe = controlnet_pipeline(base, random_controlnet(base.unet, conditioning_embedding_out_channels=CONDITIONING))
+    control = _control_image()
     session = fisedit.EditSession(pipe, num_inference_steps=6)
     with pytest.raises(ValueError, match="control_image"):
         session.generate("a cabin in the woods")
@@ -288,8 +278,6 @@ def test_an_edit_session_runs_a_controlnet_sparse_beside_the_unet():
 
 
 def test_control_image_is_refused_without_a_controlnet():
-    from fisedit_compiler.models import random_pipeline
-
     session = fisedit.EditSession(random_pipeline("sd15", latent_size=SIZE), num_inference_steps=2)
     with pytest.raises(ValueError, match="has no ControlNet"):
         session.generate("a cabin", control_image=torch.zeros(3, 8, 8))
@@ -323,23 +311,11 @@ def test_an_edit_may_change_the_control_image_inside_its_mask_only():
 def test_an_sdxl_controlnet_pipeline_edits_too():
     """`StableDiffusionXLControlNetPipeline`: the ControlNet takes SDXL's added conditions, and the session compiles
     and runs it beside the U-Net as over SD's ControlNet pipeline."""
-    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
-    from PIL import Image
-
     from fisedit_compiler.editing.masks import ellipse_mask
-    from fisedit_compiler.models import random_pipeline
 
     base = random_pipeline("sdxl", latent_size=SIZE)
-    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
-    g = torch.Generator().manual_seed(3)
-    for p in [*controlnet.controlnet_down_blocks.parameters(), *controlnet.controlnet_mid_block.parameters()]:
-        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pipe = StableDiffusionXLControlNetPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2, tokenizer=base.tokenizer,
-        tokenizer_2=base.tokenizer_2, unet=base.unet, controlnet=controlnet, scheduler=base.scheduler,
-        force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
-    control = Image.fromarray((torch.rand(8 * SIZE, 8 * SIZE, 3, generator=g) * 255).to(torch.uint8).numpy())
+    pipe = controlnet_pipeline(base, random_controlnet(base.unet, conditioning_embedding_out_channels=CONDITIONING))
+    control = _control_image()
     session = fisedit.EditSession(pipe, num_inference_steps=4)
     source = session.generate("a cabin", generator=torch.Generator().manual_seed(0), control_image=control)
     mask = ellipse_mask(SIZE, 0.15, grid_offset=0)

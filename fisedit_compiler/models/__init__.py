@@ -14,7 +14,8 @@ scratch with deterministic random weights. One room per concern:
 * ``loading``: ``load_pipeline`` (a real pipeline from a local folder) and SD's
   schedulers;
 * ``sd3``, ``flux``: the diffusion transformers (SD3-medium's and FLUX.1-dev's configs,
-  tiny ones, and tiny random pipelines).
+  tiny ones, and tiny random pipelines);
+* ``controlnet``: a ControlNet made from a random U-Net, and its family's ControlNet pipeline.
 
 Public API (all importable from ``fisedit_compiler.models``)::
 

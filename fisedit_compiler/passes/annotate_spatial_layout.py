@@ -291,11 +291,16 @@ def _joint_sequence(node: fx.Node, first: SpatialLayout, shape) -> SpatialLayout
     return SpatialLayout("seq", first.res, first.dims, shape, tokens)
 
 
+def slice_args(node: fx.Node) -> tuple:
+    """(dim, start, end, step) of an `aten.slice.Tensor` node, with the op's defaults filled in."""
+    return tuple((list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4])
+
+
 @layout_rule(ops.SLICE)
 def _slice(node: fx.Node, first: SpatialLayout, inputs: list[fx.Node], shape) -> SpatialLayout | str | None:
     """A slice along a non-pixel dim keeps the layout; along a joint sequence's pixel dim it takes either the image
     tokens (the pixels) or the tokens before or after them (no pixels)."""
-    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    dim, start, end, step = slice_args(node)
     dim = _normalize_dim(dim, len(first.shape))
     if dim == 0:
         return "slice of the batch dim"

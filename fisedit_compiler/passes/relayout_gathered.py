@@ -24,7 +24,7 @@ import torch.fx as fx
 from ..ir import LAYOUT, SPARSE, SpatialLayout
 from ..ir import ops as ir_ops
 from . import ops
-from .annotate_spatial_layout import joint_split_part
+from .annotate_spatial_layout import joint_split_part, slice_args
 
 
 def _joint_slice_bounds(layout: SpatialLayout, start: int | None, end: int | None) -> tuple[int, int]:
@@ -50,7 +50,7 @@ def relayout_gathered(gm: fx.GraphModule) -> int:
         joint = node.args[0].meta[LAYOUT]
         if node.target is ops.SLICE and isinstance(joint, SpatialLayout) and joint.joint:
             if node.args[1] % len(joint.shape) == joint.dims[0]:
-                start, end = (list(node.args[2:4]) + [0, None][len(node.args) - 2:])[:2]
+                _, start, end, _ = slice_args(node)
                 node.args = (node.args[0], node.args[1], *_joint_slice_bounds(joint, start, end))
                 rewrites += 1
             continue
