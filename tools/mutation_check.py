@@ -50,8 +50,8 @@ MUTATIONS = [
     Mutation(
         "joint-text-recorded", "a joint sequence's scatter takes its text tokens from the record, not the call",
         "fisedit_compiler/runtime/ops.py",
-        "    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]\n",
-        "    recorded = None if ref is None else joint_parts(b.recorded(ref), layout)[1]\n"
+        "    recorded = pixels if ref is None else joint_pixels(b.recorded(ref), layout)\n",
+        "    recorded = pixels if ref is None else joint_pixels(b.recorded(ref), layout)\n"
         "    if ref is not None:\n        before, _, after = joint_parts(b.recorded(ref), layout)\n",
         ("tests/test_transformers.py::test_full_mask_equals_the_dense_call_on_new_inputs",),
     ),
