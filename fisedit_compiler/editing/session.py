@@ -380,7 +380,7 @@ class EditSession:
         if self.inpainting:
             raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
                              "then edit(prompt, mask=...)")
-        if (control_image is None) != (not self.companions):
+        if bool(self.companions) != (control_image is not None):
             raise ValueError(f"{type(self.pipe).__name__} " + (
                 "has a ControlNet: pass generate(prompt, control_image=...), the picture it follows"
                 if self.companions else "has no ControlNet: control_image is for ControlNet pipelines"))
@@ -453,11 +453,20 @@ class EditSession:
         self._source = _Run(prompt, prompt, trajectory, result, reference=reference, picture=picture)
         return result
 
-    def _invert(self, image: Any, prompt: str) -> tuple[Image.Image, dict[str, Any], Any, dict[str, PhaseStats]]:
-        """`load_image`'s picture (cropped and resized), pipeline inputs, DDIM inversion and its metered phase."""
+    def _encode(self, image: Any) -> tuple[Image.Image, torch.Tensor]:
+        """`load_image`'s picture (cropped and resized) and its clean latents: the VAE's mean, shifted (SD3, FLUX)
+        and scaled as the pipeline's latents are."""
         pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
         vae = self.pipe.vae
-        clean = (vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor).to(self.unet.dtype)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        clean = ((vae.encode(pixels).latent_dist.mean - shift) * vae.config.scaling_factor).to(self.unet.dtype)
+        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
+                                  .to(torch.uint8).numpy())
+        return picture, clean
+
+    def _invert(self, image: Any, prompt: str) -> tuple[Image.Image, dict[str, Any], Any, dict[str, PhaseStats]]:
+        """`load_image`'s picture (cropped and resized), pipeline inputs, DDIM inversion and its metered phase."""
+        picture, clean = self._encode(image)
         scheduler = self.pipe.scheduler
         scheduler.set_timesteps(self.num_inference_steps, device=self.unet.device)
         timesteps = scheduler.timesteps.clone()
@@ -466,8 +475,6 @@ class EditSession:
                              f"makes {len(timesteps)} for {self.num_inference_steps} steps: use DDIM, DPM-Solver++ "
                              "or UniPC")
         text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
-        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-                                  .to(torch.uint8).numpy())
         inputs = self.inputs_for(picture, None)
         condition = inversion_condition(inputs, self.unet.dtype) if inputs else None
         meter = _Meter(self.unet)
@@ -483,11 +490,7 @@ class EditSession:
         """`_invert` for a rectified-flow pipeline (SD3, FLUX: `inversion.flow_inversion`). The schedule and the
         denoiser's conditioning are the pipeline's own: one step of it with `prompt` is run and its first call's
         inputs kept (the conditional half where it uses classifier-free guidance)."""
-        pixels = image_tensor(image, self.height, self.width).to(self.unet.device, self.pipe.vae.dtype)
-        vae = self.pipe.vae
-        clean = (vae.encode(pixels).latent_dist.mean - (getattr(vae.config, "shift_factor", None) or 0.0)) \
-            * vae.config.scaling_factor
-        clean = clean.to(self.unet.dtype)
+        picture, clean = self._encode(image)
         probed: dict[str, Any] = {}
 
         def keep_inputs(module, args, kwargs):
@@ -508,8 +511,6 @@ class EditSession:
         batch = probed[name].shape[0]
         conditioning = {k: v[-1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1 else v
                         for k, v in probed.items() if k not in (name, "return_dict")}
-        picture = Image.fromarray(((pixels[0].float().cpu().permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255)
-                                  .to(torch.uint8).numpy())
         meter = _Meter(self.unet)
         meter.phase = "inversion"
         try:
