@@ -10,11 +10,15 @@ initial latents for every run, a canny-like control image (the outlines of a few
 pipeline and for the ControlNet pipeline in turn:
 
 - dense: the pipeline generating the edited prompt, eager (what a user without this project runs);
+- DeepCache: the same with `DeepCacheSDHelper` (cache interval `--deepcache-interval`, branch 0) over the eager U-Net,
+  when the `DeepCache` package is installed (the ControlNet still runs at every step: DeepCache caches the U-Net's
+  deep levels only);
 - ours: an `EditSession` generates the source prompt (recorded, paid once per source), then edits it to the edited
   prompt with an ellipse user mask (`keep=False`; an untimed edit first binds the mask's programs). Over the
   ControlNet pipeline the session compiles the ControlNet beside the U-Net (`editing/companions.py`).
 
 Goal (issue 45): the ControlNet edit's speed-up over its dense regeneration within 10 % of the plain edit's.
+Timings of one run each, in the order listed.
 Results: ``<out>/controlnet-edit_<arch>-<size>-<latent>.{json,md}``.
 """
 
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edit_setup import DEEPCACHE_MISSING, add_edit_arguments, deepcache, deepcache_available  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
 import fisedit_compiler as fisedit  # noqa: E402
@@ -56,9 +61,19 @@ def control_image(size: int, seed: int = 0):
 
 def measure(pipe, args, latents, mask, control) -> dict:
     extra = {} if control is None else {"image": control}
-    start = time.perf_counter()
-    pipe(EDITED, latents=latents.clone(), num_inference_steps=args.steps, guidance_scale=7.5, **extra)
-    dense = time.perf_counter() - start
+    eager = {"unet": pipe.unet, "controlnet": getattr(pipe, "controlnet", None)}  # the session compiles them in place
+
+    def regenerate() -> float:
+        start = time.perf_counter()
+        pipe(EDITED, latents=latents.clone(), num_inference_steps=args.steps, guidance_scale=7.5, **extra)
+        return time.perf_counter() - start
+
+    dense = regenerate()
+    if deepcache_available():
+        with deepcache(pipe, args.deepcache_interval):
+            cached = {"seconds": regenerate(), "interval": args.deepcache_interval}
+    else:
+        cached = {"skipped": DEEPCACHE_MISSING}
     session = fisedit.EditSession(pipe, num_inference_steps=args.steps, guidance_scale=7.5)
     start = time.perf_counter()
     session.generate(SOURCE, latents=latents.clone(), **({} if control is None else {"control_image": control}))
@@ -69,19 +84,18 @@ def measure(pipe, args, latents, mask, control) -> dict:
     edit = time.perf_counter() - start
     memory = session.memory_breakdown()
     session.close()
-    return {"dense_seconds": dense, "source_seconds": source, "edit_seconds": edit, "speedup": dense / edit,
+    for name, model in eager.items():
+        if model is not None:
+            setattr(pipe, name, model)
+    return {"dense_seconds": dense, "deepcache": cached, "source_seconds": source, "edit_seconds": edit,
+            "speedup": dense / edit,
             "unet_calls": {k: v.unet_calls for k, v in result.stats.items() if hasattr(v, "unet_calls")},
             "cache_bytes": {k: v for k, v in memory.items()}}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="sd15", choices=("sd15", "sd2"))
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
-    p.add_argument("--latent-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--mask", type=float, default=15.0, help="ellipse mask, percent of the latents")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    add_edit_arguments(p)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     base = random_pipeline(args.arch, latent_size=args.latent_size, size=args.size)
@@ -101,10 +115,13 @@ def main(argv=None) -> dict:
              f"latents, {args.steps} DDIM steps, {data['mask']:.1%} ellipse mask)", "",
              f"{m['date']}, git {m['git']}, {m['cpu']}, {m['threads']} threads, torch {m['torch']}. Produced by "
              "`benchmarks/controlnet_edit.py`.", "",
-             "| pipeline | dense regeneration | source (recorded) | edit | speed-up |", "|---|---:|---:|---:|---:|"]
+             "| pipeline | dense regeneration | DeepCache regeneration | source (recorded) | edit | speed-up over "
+             "dense | over DeepCache |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in (("plain", plain), ("with a ControlNet", with_controlnet)):
-        lines.append(f"| {name} | {r['dense_seconds']:.1f} s | {r['source_seconds']:.1f} s | {r['edit_seconds']:.1f} s "
-                     f"| {r['speedup']:.2f}x |")
+        cached = r["deepcache"].get("seconds")
+        lines.append(f"| {name} | {r['dense_seconds']:.1f} s | " + ("-" if cached is None else f"{cached:.1f} s")
+                     + f" | {r['source_seconds']:.1f} s | {r['edit_seconds']:.1f} s | {r['speedup']:.2f}x | "
+                     + ("-" if cached is None else f"{cached / r['edit_seconds']:.2f}x") + " |")
     lines += ["", f"The ControlNet edit's speed-up is {data['relative']:.0%} of the plain edit's (goal: at least 90 %). "
               f"Cache: {with_controlnet['cache_bytes'].get('controlnet', 0) / 2**30:.2f} GiB of ControlNet records "
               "beside the U-Net's.", ""]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
+from edit_setup import DEEPCACHE_MISSING, add_edit_arguments, deepcache, deepcache_available  # noqa: E402
 from results_io import allocator_note, machine, set_up_allocator, write_results  # noqa: E402
 
 import fisedit_compiler as fisedit  # noqa: E402
@@ -52,19 +53,13 @@ EDITED = "a cabin in the woods at dusk, warm light in the windows, a river in fr
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="sd15", choices=("sd15", "sd2"))
-    p.add_argument("--size", default="full", choices=("full", "tiny"))
-    p.add_argument("--latent-size", type=int, default=64)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--mask", type=float, default=15.0, help="ellipse mask, percent of the latents")
+    add_edit_arguments(p)
     p.add_argument("--reuse", default="1,2,3", help="Policy.deep_reuse_interval values to edit with")
-    p.add_argument("--deepcache-interval", type=int, default=3)
     p.add_argument("--pairs", type=int, default=2,
                    help="DeepCache generations and our edits timed again, alternated (0: none)")
     p.add_argument("--no-torch-compile", dest="torch_compile", action="store_false",
                    help="skip the dense pipeline with its U-Net under torch.compile")
     p.add_argument("--threads", type=int)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     set_up_allocator()
     if args.threads:
@@ -98,21 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
             pipe.unet = eager_unet
         runs["dense_compiled"] = {"seconds": seconds, "first_run_seconds": first,
                                   "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
-    try:
-        from DeepCache import DeepCacheSDHelper
-    except ImportError:
-        runs["deepcache"] = {"skipped": "the DeepCache package is not installed (pip install --no-deps DeepCache)"}
+    if not deepcache_available():
+        runs["deepcache"] = {"skipped": DEEPCACHE_MISSING}
     else:
-        helper = DeepCacheSDHelper(pipe=pipe)
-        helper.set_params(cache_interval=args.deepcache_interval, cache_branch_id=0)
-
         def deepcache_run():
-            helper.enable()
-            try:
-                with torch.no_grad():
-                    return timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
-            finally:
-                helper.disable()
+            with deepcache(pipe, args.deepcache_interval), torch.no_grad():
+                return timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
 
         image, seconds = deepcache_run()
         runs["deepcache"] = {"seconds": seconds, "interval": args.deepcache_interval,

@@ -52,7 +52,10 @@ class CompiledUNet(nn.Module):
     """A drop-in replacement for a model with an adapter (a `UNet2DConditionModel`) with `record()` and
     `sparse(mask)` modes; its calls take the model's arguments and return what the model returns.
 
-    Attributes the pipelines read (`config`, `dtype`, `device`, `add_embedding`, ...) are the wrapped U-Net's.
+    Attributes the pipelines read (`config`, `dtype`, `device`, `add_embedding`, ...) are the wrapped U-Net's, and
+    so are its methods (`set_adapters`, `load_lora_adapter`, ...); `isinstance(compiled, UNet2DConditionModel)` is true
+    (`type(compiled)` stays this class): pipelines and their LoRA loaders branch on it (`pipe.set_adapters`,
+    `pipe.fuse_lora`, a ControlNet pipeline's calls), so the compiled model takes the model's place in a pipeline.
     `cache` holds the recorded source run of `record()` and `sparse()`: `cache.steps`, `cache.nbytes`,
     `cache.clear()`. Its calls run on `executor` (`runtime/executor.py`), which owns the graph variants and programs.
     """
@@ -69,6 +72,10 @@ class CompiledUNet(nn.Module):
         # The run each thread (or asyncio task) is inside, per compiled model.
         self._runs: contextvars.ContextVar[Run | None] = contextvars.ContextVar(f"fisedit_run_{id(self)}",
                                                                                 default=None)
+
+    @property
+    def __class__(self):  # isinstance() consults it where type() does not match
+        return type(self.unet)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -162,7 +169,7 @@ class CompiledUNet(nn.Module):
 
     def variants(self, inputs: dict[str, Any]) -> Variants:
         """The graph variants for these inputs, capturing and compiling them on first use."""
-        return self.executor.variants(inputs)
+        return self.executor.variants(inputs, settings=self.adapter.settings(inputs))
 
     # --- calls ----------------------------------------------------------------------------------------------
 
@@ -174,7 +181,7 @@ class CompiledUNet(nn.Module):
         inputs, return_dict = self.adapter.bind(args, kwargs)
         key = run.next_key(self.adapter.step_timestep(inputs), inputs[self.adapter.latents].shape[0])
         output = self.executor.call(run, key, inputs, latents=self.adapter.latents,
-                                    shape=self.adapter.latent_shape(inputs))
+                                    shape=self.adapter.latent_shape(inputs), settings=self.adapter.settings(inputs))
         return self.adapter.wrap_output(output, return_dict)
 
 

@@ -273,13 +273,13 @@ def test_an_edit_session_runs_a_controlnet_sparse_beside_the_unet():
     assert not torch.equal(edit.latents[..., edit.mask], source.latents[..., edit.mask])
     dense = edit.stats["dense"].unet_calls
     assert modes == ["ControlMode"] * dense + ["SparseMode"] * (6 - dense) and 0 < dense < 6
-    with pytest.raises(NotImplementedError, match="controlnet"):
+    with pytest.raises(NotImplementedError, match="has a ControlNet"):
         session.save("/nonexistent")
 
 
 def test_control_image_is_refused_without_a_controlnet():
     session = fisedit.EditSession(random_pipeline("sd15", latent_size=SIZE), num_inference_steps=2)
-    with pytest.raises(ValueError, match="has no ControlNet"):
+    with pytest.raises(ValueError, match="has no ControlNet or T2I-Adapter"):
         session.generate("a cabin", control_image=torch.zeros(3, 8, 8))
 
 

@@ -258,8 +258,8 @@ def test_inputs_sd3_calls_refuse_are_named():
     _, compiled, inputs, _ = recorded("sd3-patch2")
     with compiled.record(), pytest.raises(NotImplementedError, match="skip_layers"):
         compiled(**inputs, skip_layers=[0])
-    with compiled.record(), pytest.raises(NotImplementedError, match="joint_attention_kwargs"):
-        compiled(**inputs, joint_attention_kwargs={"scale": 0.5})
+    with compiled.record(), pytest.raises(NotImplementedError, match="joint_attention_kwargs.*'ip_adapter_image_embeds'"):
+        compiled(**inputs, joint_attention_kwargs={"ip_adapter_image_embeds": [inputs["pooled_projections"]]})
 
 
 @functools.lru_cache(maxsize=None)

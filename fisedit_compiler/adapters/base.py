@@ -14,10 +14,14 @@ ControlNet, an SD3 or FLUX transformer) is a new adapter, not a change to the pa
 
 `compile()` refuses a model with no adapter, and a model whose `forward` requires an input its adapter does not
 declare; a record or sparse call refuses any undeclared input it is given (both errors name the model and input).
+Dict inputs of per-call options (`options`: `cross_attention_kwargs`) are taken with the keys declared and refused
+with any other. What a call's graph bakes in (its options' values, the model's LoRA and IP-Adapter state) is its
+`settings` (`adapters/settings.py`): a record is only replayed under the settings it was made with.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from fractions import Fraction
@@ -27,6 +31,8 @@ import torch
 from torch import nn
 
 from ..ir import InputLayout, SpatialLayout
+from ..ir.signature import Settings, input_settings
+from .settings import model_settings
 
 
 class UnsupportedModelError(TypeError):
@@ -41,6 +47,14 @@ def _map_layout(value: torch.Tensor, path: str, model: str) -> SpatialLayout:
     return SpatialLayout("map", (value.shape[2], value.shape[3]), (2, 3), tuple(value.shape))
 
 
+def _batched(value: Any, batch: int) -> Any:
+    """A pixel map of batch 1 given with latents of batch `batch` > 1, repeated to that batch: a gather takes each
+    batch item's blocks."""
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 1 and batch > 1:
+        return value.expand(batch, *value.shape[1:]).contiguous()
+    return value
+
+
 class ModelAdapter:
     """Base class of the adapters; see the module docstring. One instance wraps one model."""
 
@@ -50,6 +64,9 @@ class ModelAdapter:
     pixel_maps: ClassVar[frozenset[str]] = frozenset()
     conditions: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[Mapping[str, str]] = {}  # inputs that record and sparse calls refuse when given, and why
+    # dict inputs of options that record and sparse calls take, with the keys they take and their defaults (others
+    # are refused; a default value is dropped): diffusers' `cross_attention_kwargs={"scale": s}`, a LoRA scale
+    options: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     # The module whose output says where a picture's objects are (a U-Net's mid block), which control calls of a
     # word swap take from the source run (`passes/tap_layout_features.py`); None: the layout is never held.
     layout_module: ClassVar[str | None] = None
@@ -64,7 +81,8 @@ class ModelAdapter:
         return type(self.model).__name__
 
     def known(self, name: str) -> bool:
-        return name == self.latents or name in self.pixel_maps or name in self.conditions or name == "return_dict"
+        return (name == self.latents or name in self.pixel_maps or name in self.conditions or name in self.options
+                or name == "return_dict")
 
     def check_signature(self) -> None:
         """Compile time: every input that `forward` requires is declared, and so are the latents."""
@@ -105,6 +123,10 @@ class ModelAdapter:
                     raise NotImplementedError(f"{self.model_name} input {name!r} in record() or sparse() calls: "
                                               f"{self.refused[name]}")
                 continue
+            if name in self.options:
+                value = self.check_options(name, value)
+                if not value:
+                    continue
             if not self.known(name):
                 raise UnsupportedModelError(
                     f"{self.model_name} was called with input {name!r}, which {type(self).__name__} does not "
@@ -115,7 +137,31 @@ class ModelAdapter:
         timestep = inputs.get(self.timestep) if self.timestep is not None else None
         if timestep is not None and not isinstance(timestep, torch.Tensor):
             inputs[self.timestep] = torch.tensor(timestep, device=latents.device)
+        for name in self.pixel_maps & inputs.keys():  # one map for every batch item: as the model broadcasts it
+            inputs[name] = torch.utils._pytree.tree_map(functools.partial(_batched, batch=latents.shape[0]),
+                                                        inputs[name])
         return inputs, return_dict
+
+    def check_options(self, name: str, value: Any) -> dict[str, Any]:
+        """An options input: a dict whose keys are among those the adapter takes (`options[name]`), without the ones
+        at their default value (a call with `{"scale": 1.0}` is a call without: the same graph and record)."""
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{self.model_name} input {name!r} is a dict of options, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(self.options[name]))
+        if unknown:
+            taken = ", ".join(repr(k) for k in sorted(self.options[name]))
+            raise NotImplementedError(
+                f"{self.model_name} input {name!r} with key(s) {', '.join(map(repr, unknown))} in record() or sparse() "
+                f"calls: only {taken} is supported (a LoRA scale); other attention processor arguments (IP-Adapter "
+                "masks, custom processors' options) are not"
+            )
+        defaults = self.options[name]
+        return {key: v for key, v in value.items() if isinstance(v, torch.Tensor) or v != defaults[key]}
+
+    def settings(self, inputs: dict[str, Any]) -> Settings:
+        """What a call's graph bakes in: its non-tensor inputs (option values, flags) and the model's LoRA and
+        IP-Adapter state (`adapters/settings.py`)."""
+        return input_settings(inputs) + model_settings(self.model)
 
     def input_layouts(self, inputs: dict[str, Any]) -> list[InputLayout]:
         """The layout of every flattened input, in `torch.utils._pytree` order (that of the captured graph's

@@ -29,10 +29,7 @@ class ControlNetAdapter(ModelAdapter):
     pixel_maps = frozenset({"controlnet_cond"})
     conditions = frozenset({"timestep", "encoder_hidden_states", "conditioning_scale", "class_labels",
                             "timestep_cond", "attention_mask", "added_cond_kwargs", "guess_mode"})
-    refused = {
-        "cross_attention_kwargs": "attention processor arguments are not supported; fuse LoRA scales into the "
-                                  "weights first",
-    }
+    options = {"cross_attention_kwargs": {"scale": 1.0}}  # a LoRA scale (diffusers' apply_lora_scale)
 
     def call(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         down, mid = self.model(**inputs, return_dict=False)

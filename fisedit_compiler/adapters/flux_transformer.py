@@ -29,11 +29,10 @@ class FluxTransformerAdapter(ModelAdapter):
     timestep = "timestep"
     conditions = frozenset({"timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids",
                             "guidance", "controlnet_blocks_repeat"})
+    options = {"joint_attention_kwargs": {"scale": 1.0}}  # a LoRA scale (diffusers' apply_lora_scale)
     refused = {
         "controlnet_block_samples": "FLUX ControlNet residuals are not supported yet",
         "controlnet_single_block_samples": "FLUX ControlNet residuals are not supported yet",
-        "joint_attention_kwargs": "attention processor arguments (LoRA scales, IP-Adapter embeddings) are not "
-                                  "supported; fuse LoRA scales into the weights first",
     }
 
     def grid(self, inputs: dict[str, Any]) -> tuple[int, int]:

@@ -26,10 +26,9 @@ class SD3TransformerAdapter(ModelAdapter):
     latents = "hidden_states"
     timestep = "timestep"
     conditions = frozenset({"timestep", "encoder_hidden_states", "pooled_projections"})
+    options = {"joint_attention_kwargs": {"scale": 1.0}}  # a LoRA scale (diffusers' apply_lora_scale)
     refused = {
         "block_controlnet_hidden_states": "SD3 ControlNet residuals are not supported yet",
-        "joint_attention_kwargs": "attention processor arguments are not supported; fuse LoRA scales into the "
-                                  "weights first",
         "skip_layers": "skipping layers (skip-layer guidance) is not supported",
     }
 

@@ -29,10 +29,7 @@ class UNet2DConditionAdapter(ModelAdapter):
         "timestep", "encoder_hidden_states", "class_labels", "timestep_cond", "attention_mask", "added_cond_kwargs",
         "encoder_attention_mask",
     })
-    refused = {
-        "cross_attention_kwargs": "attention processor arguments are not supported; fuse LoRA scales into the "
-                                  "weights first",
-    }
+    options = {"cross_attention_kwargs": {"scale": 1.0}}  # a LoRA scale (diffusers' apply_lora_scale)
 
     @property
     def layout_module(self) -> str | None:

@@ -30,15 +30,6 @@ from ..runtime.tiered_store import MemoryBudget, make_store
 COMPANIONS = ("controlnet",)  # the pipeline attributes compiled beside the denoiser
 
 
-class CompiledCompanion(CompiledUNet):
-    """A compiled companion that pipelines still recognise as the model it wraps: `isinstance(c, ControlNetModel)` is
-    true (pipelines branch on it; `type(c)` stays this class), so it can take the model's place in the pipeline."""
-
-    @property
-    def __class__(self):  # isinstance() consults it where type() does not match
-        return type(self.unet)
-
-
 @dataclasses.dataclass
 class Companion:
     """A compiled companion model (`name`: its pipeline attribute), its record cache and the memory budget its
@@ -62,7 +53,7 @@ def compile_companions(pipe, policy: Policy, budget: MemoryBudget) -> list[Compa
         if not isinstance(model, _compilable()):
             raise ValueError(f"{type(pipe).__name__}.{name} is a {type(model).__name__}: an EditSession compiles a "
                              "single ControlNetModel (a MultiControlNet is not supported yet)")
-        compiled = CompiledCompanion(model, policy)
+        compiled = CompiledUNet(model, policy)
         setattr(pipe, name, compiled)
         found.append(Companion(name, compiled, RecordCache(policy.storage_dtype, make_store(policy, budget)), budget))
     return found
@@ -153,8 +144,8 @@ def run_group(unet: CompiledUNet, cache: RecordCache, companions: list[Companion
 
 def check_control_image(old, new, mask, what: str = "control image") -> None:
     """An edit's new control image may differ from the source's only inside the edit's `mask` ((h, w) bool at latent
-    resolution, scaled to the images' size): outside it the ControlNet's records are the source's, which saw the old
-    image. Both are PIL images of one size (or arrays the pipeline takes, compared as they are)."""
+    resolution, scaled to the images' size): outside it the records (the denoiser's, a ControlNet's) are the source's,
+    which saw the old image. Both are PIL images of one size (or arrays the pipeline takes, compared as they are)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -169,5 +160,5 @@ def check_control_image(old, new, mask, what: str = "control image") -> None:
     outside = int((changed & ~inside).sum())
     if outside:
         raise ValueError(f"the edit's {what} differs from the source's at {outside} pixels outside the mask: the "
-                         "ControlNet's records there are the source's, so the edit would not follow it; change it "
-                         "inside the mask only, or generate a new source with it")
+                         "records there are the source's, made with the old one, so the edit would not follow it; "
+                         "change it inside the mask only, or generate a new source with it")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..ir.signature import Settings
 from ..policy import Policy
 from ..runtime.tiered_store import MemoryBudget, make_store
 from ..runtime.cache import RecordCache, StepKey, StepRecord
@@ -83,6 +84,7 @@ def save_session(session, path: str | Path) -> Path:
         "num_inference_steps": session.num_inference_steps, "guidance_scale": session.guidance_scale,
         "height": session.height, "width": session.width, "noise_seed": session.noise_seed,
         "latent_shape": list(cache.latent_shape), "cache_dtype": str(cache.dtype) if cache.dtype else None,
+        "settings": cache.settings.to_json(),  # LoRA state and options: edits of the loaded session must match them
         "trajectory_steps": len(run.trajectory), "reference_steps": len(run.reference or []),
         "loaded_size": list(session._loaded_size) if session._loaded_size else None,
         "steps": steps,
@@ -142,25 +144,11 @@ class SavedSession:
     image: Any
 
 
-def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = None) -> SavedSession:
-    """Read and check the session folder `path` against `pipe`; see the module docstring. The cache read keeps
-    within `memory_budget` if given (shared with other sessions: a service's), else a budget made from the saved
-    policy (`cache.store.budget`, which the loaded session then shares)."""
-    from PIL import Image
-
+def _check_pipeline(manifest: dict[str, Any], pipe) -> None:
+    """The pipeline's denoiser (class, config, weights) and scheduler are those the session was saved with (its LoRA
+    settings are checked by the first edit's calls, as the cache's `settings`)."""
     from ..compiler import CompiledUNet
 
-    folder = Path(path)
-    if not (folder / MANIFEST).is_file():
-        raise SessionFileError(f"{folder / MANIFEST} is missing: {folder} is not a saved session")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise SessionFileError(f"{folder / MANIFEST} is damaged: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}: it was saved "
-                               "by another version of fisedit-compiler, whose recorded tensors this one does not "
-                               "read; generate (or load) the source picture again")
     model = denoiser(pipe)
     unet = model.unet if isinstance(model, CompiledUNet) else model
     saved, current = manifest["unet"], unet_fingerprint(unet)
@@ -176,15 +164,35 @@ def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = No
                                f"{type(pipe.scheduler).__name__}")
     _check_same("scheduler config", scheduler["config"], _jsonable_config(pipe.scheduler.config))
 
+
+def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = None) -> SavedSession:
+    """Read and check the session folder `path` against `pipe`; see the module docstring. The cache read keeps
+    within `memory_budget` if given (shared with other sessions: a service's), else a budget made from the saved
+    policy (`cache.store.budget`, which the loaded session then shares)."""
+    from PIL import Image
+
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        raise SessionFileError(f"{folder / MANIFEST} is missing: {folder} is not a saved session")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise SessionFileError(f"{folder / MANIFEST} is damaged: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise SessionFileError(f"{folder} holds format {manifest.get('format')!r}, expected {FORMAT!r}: it was saved "
+                               "by another version of fisedit-compiler, whose recorded tensors this one does not "
+                               "read; generate (or load) the source picture again")
+    _check_pipeline(manifest, pipe)
     _, latents, _ = _read(folder, LATENTS)
     policy = _saved_policy(folder, manifest["policy"])
     cache = RecordCache(getattr(torch, manifest["cache_dtype"].removeprefix("torch.")) if manifest["cache_dtype"]
                         else None, make_store(policy, memory_budget))
     latent_shape = tuple(manifest["latent_shape"])
+    settings = Settings.from_json(manifest.get("settings", []))
     for step in manifest["steps"]:
         slab, tensors, metadata = _read(folder, step["file"])
         key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
-        record = cache.new_step(key, latent_shape)
+        record = cache.new_step(key, latent_shape, settings)
         record.update(StepRecord.from_tensors(tensors, json.loads(metadata.get("refs", "[]")), cache.dtype))
         record.slab = slab  # read into one allocation: nothing to compact
         cache.step_done(key)  # complete: a store with a budget may move it to disk

@@ -9,11 +9,14 @@ rest of a session does not depend on the model family.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
 DENOISERS = ("unet", "transformer")
+CONTROL_MODELS = {"controlnet": "ControlNet", "adapter": "T2I-Adapter"}  # models of a control image, by attribute
 
 
 def denoiser_name(pipe) -> str:
@@ -30,6 +33,13 @@ def denoiser(pipe) -> nn.Module:
     return getattr(pipe, denoiser_name(pipe))
 
 
+def control_model(pipe) -> str | None:
+    """What follows a control image in `pipe` ("ControlNet", "T2I-Adapter"), which its `image` input is; None for
+    a pipeline without one."""
+    return next((kind for name, kind in CONTROL_MODELS.items() if isinstance(getattr(pipe, name, None), nn.Module)),
+                None)
+
+
 def latent_packing(pipe, height: int, width: int) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(pack, unpack) between the VAE latents map `(B, C, H, W)` that a session keeps (masks, blends, trajectories)
     and the pipeline's `latents` for images of `height` x `width` pixels: FLUX pipelines pack 2x2 latent pixels into
@@ -40,3 +50,26 @@ def latent_packing(pipe, height: int, width: int) -> tuple[Callable[[Tensor], Te
     scale = pipe.vae_scale_factor
     return (lambda z: pack(z, z.shape[0], z.shape[1], z.shape[2], z.shape[3]),
             lambda z: unpack(z, height, width, scale))
+
+
+class Interrupted(Exception):
+    """Raised from a legacy pipeline's callback to end its run early (what `pipe._interrupt` does for the others)."""
+
+
+def step_callbacks(pipe, on_step_end: Callable) -> dict[str, Any]:
+    """The keyword inputs that make `pipe` call `on_step_end(pipe, i, t, {"latents": ...})` after every step, whose
+    returned "latents" replace the pipeline's: `callback_on_step_end`, or for pipelines that predate it (the
+    T2I-Adapter ones) a `callback` that writes the latents in place, and raises `Interrupted` where the step asked
+    the pipeline to stop (`pipe._interrupt`)."""
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+    def callback(i, t, latents):
+        new = on_step_end(pipe, i, t, {"latents": latents}).get("latents")
+        if new is not None:
+            latents.copy_(new)
+        if getattr(pipe, "_interrupt", False):
+            pipe._interrupt = False
+            raise Interrupted
+
+    return {"callback": callback, "callback_steps": 1}

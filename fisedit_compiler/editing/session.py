@@ -49,7 +49,7 @@ from .inversion import (
     require_variance_preserving,
 )
 from .mask_detection import detect_mask, difference_map
-from .pipelines import denoiser, denoiser_name, latent_packing
+from .pipelines import Interrupted, control_model, denoiser, denoiser_name, latent_packing, step_callbacks
 from .schedule import EditSchedule
 from .token_alignment import align_tokens, swaps_words_only, token_ids
 
@@ -345,7 +345,8 @@ class EditSession:
         self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy, self.memory_budget))
         # models the pipeline calls beside the denoiser at every step (a ControlNet), compiled and run in step with it
         self.companions = compile_companions(pipe, self.policy, self.memory_budget)
-        self._control_image = None  # a ControlNet pipeline's control image, given to generate
+        self.control_model = control_model(pipe)  # "ControlNet", "T2I-Adapter" or None: what `control_image` is for
+        self._control_image = None  # a ControlNet or T2I-Adapter pipeline's control image, given to generate
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
@@ -374,16 +375,16 @@ class EditSession:
     def generate(self, prompt: str, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, control_image: Any = None) -> EditResult:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
-        recorded. Starts a new session history. `control_image`: a ControlNet pipeline's control image (a PIL image
-        or what the pipeline's `image` takes), which the edits of this history keep."""
+        recorded. Starts a new session history. `control_image`: a ControlNet or T2I-Adapter pipeline's control image
+        (a PIL image or what the pipeline's `image` takes), which the edits of this history keep."""
         token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
         if self.inpainting:
             raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
                              "then edit(prompt, mask=...)")
-        if bool(self.companions) != (control_image is not None):
+        if (self.control_model is not None) != (control_image is not None):
             raise ValueError(f"{type(self.pipe).__name__} " + (
-                "has a ControlNet: pass generate(prompt, control_image=...), the picture it follows"
-                if self.companions else "has no ControlNet: control_image is for ControlNet pipelines"))
+                f"has a {self.control_model}: pass generate(prompt, control_image=...), the picture it follows"
+                if self.control_model else "has no ControlNet or T2I-Adapter: control_image is for their pipelines"))
         self._control_image = control_image
         if latents is None:
             shape = (1, self.pipe.vae.config.latent_channels, self.height // self.pipe.vae_scale_factor,
@@ -428,8 +429,8 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        if self.companions:
-            raise NotImplementedError("load_image over a ControlNet pipeline is not supported yet")
+        if self.control_model:
+            raise NotImplementedError(f"load_image over a {self.control_model} pipeline is not supported yet")
         picture, inputs, inversion, phases = (self._invert_flow if flow else self._invert)(image, prompt)
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
@@ -533,8 +534,8 @@ class EditSession:
         become the current image (its sparse steps write nothing back, its dense steps are not kept, its decode is
         not recorded), so that the next edit starts from the same image again: several tries at one picture. A
         mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError.
-        `control_image` (a ControlNet pipeline, with a user's `mask`): a new control image that differs from the
-        source's only inside the mask (a ValueError otherwise); kept for later edits with the edit."""
+        `control_image` (a ControlNet or T2I-Adapter pipeline, with a user's `mask`): a new control image that differs
+        from the source's only inside the mask (a ValueError otherwise); kept for later edits with the edit."""
         self._check_edit(prompt, paste_back, keep)
         source = self._source
         if mask is None and self.inpainting:
@@ -550,9 +551,9 @@ class EditSession:
         schedule = EditSchedule.plan(self.policy, self.num_inference_steps, mask is not None, swaps)
         inputs = self.inputs_for(source.pixels, mask)
         if control_image is not None:
-            if not self.companions or mask is None:
+            if not self.control_model or mask is None:
                 raise ValueError("edit(control_image=...) " + ("needs the user's mask it changes the control image "
-                                 "inside" if self.companions else "is for ControlNet pipelines"))
+                                 "inside" if self.control_model else "is for ControlNet and T2I-Adapter pipelines"))
             check_control_image(self._control_image, control_image, mask)
             inputs["image"] = control_image
         edit = _EditRun(self, source, schedule, mask, keep)
@@ -592,9 +593,9 @@ class EditSession:
         (`editing.persistence`). `EditSession.load(path, pipe)` continues it."""
         from .persistence import save_session
 
-        if self.companions:
-            raise NotImplementedError(f"saving a session whose pipeline has a {self.companions[0].name} is not "
-                                      "supported yet: its records would not be saved")
+        if self.control_model:
+            raise NotImplementedError(f"saving a session whose pipeline has a {self.control_model} is not supported "
+                                      "yet: its control image (and a ControlNet's records) would not be saved")
         return save_session(self, path)
 
     @classmethod
@@ -667,8 +668,8 @@ class EditSession:
 
     def inputs_for(self, picture, mask: torch.Tensor | None) -> dict[str, Any]:
         """The pipeline's keyword inputs besides the prompt and latents for a run over `picture` with `mask`: an
-        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), a ControlNet pipeline's
-        control image (the source's, given to `generate`), nothing for others."""
+        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), a ControlNet or T2I-Adapter
+        pipeline's control image (the source's, given to `generate`), nothing for others."""
         inputs = inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
         if self._control_image is not None:
             inputs["image"] = self._control_image
@@ -729,13 +730,15 @@ class EditSession:
         probe) decode with the eager decoder."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
         decoding = history and self.decoding is not None and output_type != "latent"
-        with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
-            output = self.pipe(
-                prompt, latents=self._pack(self._latents.clone()), num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
-                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
-                output_type=output_type, **(inputs or {}),
-            )
+        try:
+            with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
+                output = self.pipe(
+                    prompt, latents=self._pack(self._latents.clone()), num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
+                    output_type=output_type, **step_callbacks(self.pipe, on_step_end), **(inputs or {}),
+                )
+        except Interrupted:  # a legacy pipeline stopped by a step: what the step kept is all there is
+            return []
         return output.images
 
     def _decode_stats(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Literal, Protocol
 import torch
 
 from ..ir import CONTROL_KINDS, CacheRef
+from ..ir.signature import Settings
 
 
 Direction = Literal["generation", "inversion"]
@@ -266,13 +267,16 @@ class RecordCache:
     """Recorded source-run tensors, keyed by step key, then by `CacheRef` (a node's stable key and role), kept
     in a `CacheStore` (default: `MemoryStore`).
 
-    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it. `dtype`:
-    the storage dtype of recorded activations (None: the dtype they were computed in).
+    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it; `settings`
+    what its graphs baked in (`adapters.settings`: LoRA state, option values), which sparse and control calls must
+    match too (`check_settings`). `dtype`: the storage dtype of recorded activations (None: the dtype they were
+    computed in).
     """
 
     def __init__(self, dtype: torch.dtype | None = None, store: CacheStore | None = None) -> None:
         self.store: CacheStore = store if store is not None else MemoryStore()
         self.latent_shape: tuple[int, ...] | None = None
+        self.settings: Settings = Settings()
         self.dtype = dtype
         self.in_use = False  # inside a run (`CompiledUNet.run`), which owns it meanwhile
 
@@ -312,6 +316,7 @@ class RecordCache:
         for key in self.store.keys():
             self.store.evict(key)
         self.latent_shape = None
+        self.settings = Settings()
 
     def close(self) -> None:
         """Let go of every record, and of the store's spill folder (a store with a disk tier); usable again after."""
@@ -319,11 +324,12 @@ class RecordCache:
         if hasattr(self.store, "close"):
             self.store.close()
 
-    def new_step(self, key: StepKey, latent_shape: tuple[int, ...]) -> StepRecord:
-        """Start (or restart) recording `key`. A cache holds one latent shape: a new one clears it first."""
-        if self.latent_shape is not None and self.latent_shape != latent_shape:
+    def new_step(self, key: StepKey, latent_shape: tuple[int, ...], settings: Settings = Settings()) -> StepRecord:
+        """Start (or restart) recording `key`. A cache holds one latent shape and one `settings`: new ones clear it
+        first."""
+        if self.latent_shape is not None and (self.latent_shape, self.settings) != (latent_shape, settings):
             self.clear()
-        self.latent_shape = latent_shape
+        self.latent_shape, self.settings = latent_shape, settings
         record = StepRecord(self.dtype)
         self.store.put(key, record)
         return record
@@ -345,7 +351,9 @@ class RecordCache:
         if self.latent_shape not in (None, other.latent_shape):
             raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
                              f"{self.latent_shape}")
-        self.latent_shape = other.latent_shape
+        if self.latent_shape is not None:
+            self.check_settings(other.settings)
+        self.latent_shape, self.settings = other.latent_shape, other.settings
         first = set(self.steps[:maps_only])
         for key in other.steps:
             step = other.store.get(key)
@@ -361,6 +369,17 @@ class RecordCache:
             other.store.evict(key)  # now this cache's: not held twice (a budget shared by both counts it once)
             self.store.put(key, step)
             self.store.settle(key)  # complete: compacted by a store that keeps it, moved by one with a budget
+
+    def check_settings(self, settings: Settings) -> None:
+        """Refuse to replay this cache under other settings than it was recorded with (another LoRA scale or set of
+        adapters, another option value): outside its region, a sparse call's output would be the recorded model's."""
+        if settings != self.settings:
+            raise SettingsMismatchError(
+                f"the source run was recorded under other settings than this call's ({self.settings.difference(settings)})"
+                ": an edit replays the model it recorded. Restore the recorded settings (pipe.set_adapters, the same "
+                "cross_attention_kwargs), or record the source again under the new ones (EditSession.generate or "
+                "load_image; record())"
+            )
 
     def step(self, key: StepKey) -> StepRecord:
         """The record of `key`. A store with a lower tier (`prefetch`) starts loading the step recorded after it:
@@ -396,6 +415,10 @@ class RecordCache:
 
     def get(self, key: StepKey, ref: CacheRef):
         return self.step(key)[ref]
+
+
+class SettingsMismatchError(ValueError):
+    """A sparse or control call under other settings (LoRA state, option values) than its record was made with."""
 
 
 class StepNotRecordedError(KeyError):

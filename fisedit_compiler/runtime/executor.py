@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import _disable_current_modes, any_torch_dispa
 
 from ..cost_model import CostConstants, load_constants
 from ..ir import CacheRef
-from ..ir.signature import InputSignature
+from ..ir.signature import InputSignature, Settings
 from ..policy import Policy
 from .cache import RecordCache, StepKey, StepNotRecordedError, StepRecord
 from .mask_plan import MaskPlan
@@ -139,7 +139,7 @@ class Executor:
         self.output_downscale = output_downscale
         self.device = device
         self._build = build
-        self._variants: dict[tuple[Any, InputSignature], Variants] = {}
+        self._variants: dict[tuple[Any, InputSignature, Settings], Variants] = {}
         self._constants: dict[torch.device, CostConstants] = {}
 
     def constants(self, device: torch.device) -> CostConstants:
@@ -155,9 +155,10 @@ class Executor:
         mask = mask.to(device) if device is not None else mask
         return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels, self.output_downscale)
 
-    def variants(self, inputs: dict[str, Any], graph: Any = None) -> Variants:
-        """The graph variants for these inputs (of `graph`), built on first use of their signature."""
-        signature = graph, InputSignature.of(inputs)
+    def variants(self, inputs: dict[str, Any], graph: Any = None, settings: Settings = Settings()) -> Variants:
+        """The graph variants for these inputs (of `graph`) under the model's `settings` (which the graphs bake in),
+        built on first use of their signature."""
+        signature = graph, InputSignature.of(inputs), settings
         if signature not in self._variants:
             # Compiling is not the call's work: a MAC counter (a dispatch mode) watching the call must not see it.
             with _disable_current_modes():
@@ -189,19 +190,22 @@ class Executor:
             cache.run_done()
 
     def call(self, run: Run, key: StepKey, inputs: dict[str, Any], latents: str = "sample", graph: Any = None,
-             shape: tuple[int, ...] | None = None) -> tuple:
-        """One call (of `graph`) at step `key` in the run's mode; `inputs[latents]` is the latents, and `shape` the
-        latents' shape as masks see them (default: their own; an adapter's `latent_shape`). Returns the model's
-        outputs."""
+             shape: tuple[int, ...] | None = None, settings: Settings = Settings()) -> tuple:
+        """One call (of `graph`) at step `key` in the run's mode; `inputs[latents]` is the latents, `shape` the
+        latents' shape as masks see them (default: their own; an adapter's `latent_shape`) and `settings` what the
+        call's graph bakes in (an adapter's `settings`: a record is replayed only under its own). Returns the
+        model's outputs."""
         mode = run.mode
         sample = inputs[latents]
         shape = tuple(sample.shape) if shape is None else tuple(shape)
-        variants = self.variants(inputs, graph)
+        if not isinstance(mode, RecordMode):
+            run.cache.check_settings(settings)
+        variants = self.variants(inputs, graph, settings)
         if isinstance(mode, RecordMode):
-            output = self._record(run, mode, key, variants, inputs, shape)
+            output = self._record(run, mode, key, variants, inputs, shape, settings)
         elif isinstance(mode, ControlMode):
             output = variants.run_control(
-                inputs, mode.pending.new_step(key, shape), run.cache.step(key),
+                inputs, mode.pending.new_step(key, shape, settings), run.cache.step(key),
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
                 hold_layout=run.state.calls < mode.hold_layout)
         else:
@@ -212,8 +216,8 @@ class Executor:
 
     @staticmethod
     def _record(run: Run, mode: RecordMode, key: StepKey, variants: Variants, inputs: dict[str, Any],
-                shape: tuple[int, ...]) -> tuple:
-        step = run.cache.new_step(key, shape)
+                shape: tuple[int, ...], settings: Settings) -> tuple:
+        step = run.cache.new_step(key, shape, settings)
         output = variants.run_record(inputs, step, attention_maps=run.state.calls < mode.attention_maps)
         if run.state.calls < mode.maps_only:
             step.keep_maps_only()
