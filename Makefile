@@ -8,7 +8,7 @@ OUT ?= out/demo
 # Test processes (pytest-xdist), one torch thread each: "auto" is one per CPU core.
 TEST_WORKERS ?= auto
 
-.PHONY: demo test mutation-check install clean
+.PHONY: demo app test mutation-check install clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) examples/demo.py --out $(OUT)
+
+# The editing page on http://127.0.0.1:7860 (Gradio: the [app] extra, installed on first use).
+app: install
+	$(PY) -c "import gradio" 2>/dev/null || $(PY) -m pip install --quiet -e ".[app]"
+	$(VENV)/bin/fisedit app --data out/app
 
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal

@@ -33,10 +33,11 @@ from .compiler import CompiledUNet, MaskError, compile  # noqa: E402
 from .editing.session import EditResult, EditSession  # noqa: E402
 from .passes.find_sparse_regions import UnsupportedOpError  # noqa: E402
 from .policy import Policy  # noqa: E402
-from .runtime.cache import StepNotRecordedError  # noqa: E402
+from .runtime.cache import SettingsMismatchError, StepNotRecordedError  # noqa: E402
 
 __all__ = [
     "compile", "CompiledUNet", "Policy", "EditSession", "EditResult", "MaskError", "StepNotRecordedError",
+    "SettingsMismatchError",
     "UnsupportedOpError", "backend", "record", "sparse", "GraphBreakError", "ModelAdapter", "UNet2DConditionAdapter",
     "SD3TransformerAdapter", "FluxTransformerAdapter", "ControlNetAdapter", "UnsupportedModelError", "register_adapter",
 ]

@@ -112,9 +112,11 @@ class Session:
         return plan.recomputed_pixels()
 
     def pixel_inputs(self, inputs: dict[str, Any]) -> dict[int, InputLayout]:
-        """The tensors of a call's bound inputs that carry pixels (the latents among them), by `id`."""
+        """The tensors of a call's bound inputs that carry pixels (the latents among them), and the prompt's
+        embedding, by `id`."""
         leaves = torch.utils._pytree.tree_leaves(inputs)
-        return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs)) if layout.layout}
+        return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs))
+                if layout.layout or layout.text}
 
     @contextlib.contextmanager
     def routed(self, compiled: nn.Module, mode) -> Iterator[Session]:
@@ -164,7 +166,7 @@ class _Call:
         run = session.run
         key = run.next_key(adapter.step_timestep(self.inputs), self.inputs[adapter.latents].shape[0])
         return session.executor.call(run, key, graph.named_inputs(args, found), graph=graph,
-                                     shape=adapter.latent_shape(self.inputs))
+                                     shape=adapter.latent_shape(self.inputs), settings=adapter.settings(self.inputs))
 
     def _split_message(self, graph: FisEditGraph) -> str:
         breaks = [g.break_reason for g in [*self.graphs, graph] if g.break_reason]

@@ -1,4 +1,5 @@
-"""The `fisedit` command line: `edit` (a scripted edit session), `inspect` (graph dumps) and `train-shapes`.
+"""The `fisedit` command line: `edit` (a scripted edit session), `app` (the editing page), `inspect` (graph dumps) and
+`train-shapes`.
 
 The demo (`make demo`) is `examples/demo.py`, built from this module's model arguments and `run_edits`.
 """
@@ -176,6 +177,23 @@ def _train_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _app(args) -> int:
+    from .models import load_pipeline
+
+    try:
+        from .app import launch
+        from .app.page import build_page  # noqa: F401 - Gradio present: say so before loading the model
+    except ImportError as e:
+        raise RuntimeError(f"{e}") from e
+    if args.steps < 1 or args.sessions_in_memory < 1 or args.idle_minutes <= 0:
+        raise ValueError("--steps and --sessions-in-memory are at least 1, --idle-minutes above 0")
+    pipe = load_pipeline(_model_folder(args))
+    print(f"fisedit app: http://{args.host}:{args.port} (data in {args.data}/; Ctrl+C stops)", flush=True)
+    launch(pipe, args.data, host=args.host, port=args.port, steps=args.steps, max_live=args.sessions_in_memory,
+           idle_seconds=60 * args.idle_minutes)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after decoding, keep the current picture's pixels outside the mask (with --image: the "
                       "picture itself), fading into the edit over N pixels")
     edit.add_argument("--out", default="out/edit")
+    app = commands.add_parser("app", help="the editing page in the browser (needs pip install "
+                              "'fisedit-compiler[app]')")
+    app.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
+    app.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--data", default="fisedit-app-data", help="the folder for sessions, downloads and uploads")
+    app.add_argument("--steps", type=int, default=20, help="denoising steps of a new picture (the page can change it)")
+    app.add_argument("--sessions-in-memory", type=int, default=4,
+                     help="sessions kept in memory; the least recently used beyond are saved and dropped")
+    app.add_argument("--idle-minutes", type=float, default=15.0,
+                     help="a session idle this long is saved and dropped from memory (reopened on its next request)")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
         commands.add_parser("train-shapes", help="train the embedded shapes model (88 min on 2 CPU cores)"))
@@ -208,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train-shapes":
             return _train_shapes(args, sys.argv[1:] if argv is None else argv)
+        if args.command == "app":
+            return _app(args)
         from .report import ScriptedEdit
 
         mask = image = None

@@ -4,7 +4,6 @@ and in edit sessions; and the settings a record is only replayed under (`adapter
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -20,7 +19,6 @@ from fisedit_compiler.models.adapters import (
     save_random_lora,
     t2i_adapter_pipeline,
 )
-from fisedit_compiler.runtime.cache import SettingsMismatchError
 from sparse_reference import reference_sparse_call
 
 SIZE = 16
@@ -86,21 +84,21 @@ def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
     with compiled.record():
         recorded = compiled(**_scaled(inputs, 0.5)).sample
     with compiled.sparse(MASK):
-        with pytest.raises(SettingsMismatchError, match=r"\['scale'\]: 0.5 when recorded, none now"):
+        with pytest.raises(fisedit.SettingsMismatchError, match=r"\['scale'\]: 0.5 when recorded, none now"):
             compiled(**inputs)
         assert close(compiled(**_scaled(inputs, 0.5)).sample, recorded)
     unet.set_adapters(["style"], [0.3])
-    with compiled.sparse(MASK), pytest.raises(SettingsMismatchError, match=r"LoRA: 'style' x1 .* 'style' x0.3"):
+    with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match=r"LoRA: 'style' x1 .* 'style' x0.3"):
         compiled(**_scaled(inputs, 0.5))
     with compiled.record():
         assert close(compiled(**inputs).sample, unet(**inputs).sample)  # recaptured at the new weight
     unet.set_adapters(["style"], [1.0])
-    with compiled.sparse(MASK), pytest.raises(SettingsMismatchError, match="x0.3 on .* when recorded"):
+    with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match="x0.3 on .* when recorded"):
         compiled(**inputs)
     with compiled.record():
         recorded = compiled(**inputs).sample
     unet.disable_lora()
-    with compiled.sparse(MASK), pytest.raises(SettingsMismatchError, match="disabled on"):
+    with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match="disabled on"):
         compiled(**inputs)
     unet.enable_lora()
     with compiled.sparse(MASK):
@@ -108,6 +106,28 @@ def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
     with pytest.raises(NotImplementedError, match="'ip_adapter_masks'.* only 'scale'"):
         with compiled.sparse(MASK):
             compiled(**{**inputs, "cross_attention_kwargs": {"ip_adapter_masks": [MASK]}})
+
+
+@torch.no_grad()
+def test_the_backend_runs_lora_layers_and_checks_their_settings(tmp_path_factory):
+    """`torch.compile(unet, backend="fisedit")` over a U-Net with LoRA layers: record and sparse calls at a call
+    scale equal `fisedit.compile`'s, and a sparse call after `set_adapters` changed the weights (dynamo recompiles
+    its graph) is refused as by `fisedit.compile`."""
+    unet = _lora_pipeline(tmp_path_factory).unet
+    inputs, new = _scaled(unet_inputs(unet, size=SIZE), 0.5), _scaled(unet_inputs(unet, size=SIZE, seed=1), 0.5)
+    compiled = fisedit.compile(unet, POLICY)
+    with compiled.record():
+        compiled(**inputs)
+    with compiled.sparse(MASK):
+        expected = compiled(**new).sample
+    dynamo = torch.compile(unet, backend=fisedit.backend(POLICY))
+    with fisedit.record(dynamo):
+        assert close(dynamo(**inputs).sample, unet(**inputs).sample)
+    with fisedit.sparse(dynamo, MASK):
+        assert close(dynamo(**new).sample, expected)
+    unet.set_adapters(["style"], [0.3])
+    with fisedit.sparse(dynamo, MASK), pytest.raises(fisedit.SettingsMismatchError, match="x0.3"):
+        dynamo(**new)
 
 
 @torch.no_grad()
@@ -123,7 +143,7 @@ def test_an_edit_session_over_a_lora_pipeline(tmp_path_factory, tmp_path):
     assert (source.latents - without.latents).abs().max() > 1e-2  # the LoRA is in the source run
     mask = ellipse_mask(SIZE, 0.2, grid_offset=0)
     pipe.set_adapters(["style"], [0.4])
-    with pytest.raises(SettingsMismatchError, match="LoRA"):
+    with pytest.raises(fisedit.SettingsMismatchError, match="LoRA"):
         session.edit("a house in the woods", mask=mask)
     pipe.set_adapters(["style"], [1.0])
     edit = session.edit("a house in the woods", mask=mask)
@@ -133,7 +153,7 @@ def test_an_edit_session_over_a_lora_pipeline(tmp_path_factory, tmp_path):
     session.save(tmp_path / "saved")
     pipe.set_adapters(["style"], [0.5])  # the same weights (the saved fingerprint's), another adapter weight
     reopened = fisedit.EditSession.load(tmp_path / "saved", pipe)
-    with pytest.raises(SettingsMismatchError, match="LoRA: 'style' x1 on .* when recorded, 'style' x0.5"):
+    with pytest.raises(fisedit.SettingsMismatchError, match="LoRA: 'style' x1 on .* when recorded, 'style' x0.5"):
         reopened.edit("a red house in the woods", mask=mask)
 
 
@@ -181,7 +201,7 @@ def test_ip_adapter_image_tokens_keep_the_contract(tmp_path_factory):
     for processor in unet.attn_processors.values():  # what pipe.set_ip_adapter_scale(0.5) does
         if hasattr(processor, "scale"):
             processor.scale = [0.5]
-    with compiled.sparse(MASK), pytest.raises(SettingsMismatchError, match=r"IP-Adapter scales: scale \(1.0,\)"):
+    with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match=r"IP-Adapter scales: scale \(1.0,\)"):
         compiled(**inputs)
 
 
@@ -262,3 +282,29 @@ def test_an_edit_session_over_a_t2i_adapter_pipeline():
     assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])
     with pytest.raises(NotImplementedError, match="has a T2I-Adapter"):
         session.save("/nonexistent")
+
+
+@torch.no_grad()
+def test_an_edit_session_over_an_ip_adapter_pipeline(tmp_path_factory):
+    """A pipeline with an IP-Adapter: `generate` takes the image prompt (here its embedding), which the edits keep;
+    a detected edit's dense steps control the prompt's cross-attention only (the image tokens' attention is not the
+    prompt's: its maps have other columns), and an edit with a new image prompt and a mask keeps the latents outside
+    the mask bit for bit."""
+    pipe = random_pipeline("sd15", latent_size=SIZE)
+    folder = tmp_path_factory.mktemp("ip_session")
+    save_random_ip_adapter(pipe.unet, folder, image_dim=IMAGE_DIM)
+    pipe.load_ip_adapter(folder, subfolder="", weight_name="ip_adapter.safetensors", image_encoder_folder=None)
+    session = fisedit.EditSession(pipe, num_inference_steps=4)
+    with pytest.raises(ValueError, match="has an IP-Adapter loaded: pass generate"):
+        session.generate("a cabin in the woods")
+    g = torch.Generator().manual_seed(3)
+    embeds = [torch.randn(2, 1, IMAGE_DIM, generator=g)]  # (negative, positive): the CFG batch
+    source = session.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0),
+                              ip_adapter_image=embeds)
+    detected = session.edit("a house in the woods", keep=False)  # a word swap: dense steps under control
+    assert detected.stats["dense"].unet_calls > 0
+    mask = ellipse_mask(SIZE, 0.2, grid_offset=0)
+    other = [torch.randn(2, 1, IMAGE_DIM, generator=g)]
+    edit = session.edit("a cabin in the woods", mask=mask, ip_adapter_image=other)
+    assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])

@@ -42,6 +42,35 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "settings-not-keyed", "graphs are keyed by input signature only: a LoRA weight changed after a record runs the "
+        "graph captured with the old one",
+        "fisedit_compiler/runtime/executor.py",
+        "        signature = graph, InputSignature.of(inputs), settings\n",
+        "        signature = graph, InputSignature.of(inputs)\n",
+        ("tests/test_conditioning.py::test_a_record_is_replayed_only_under_its_lora_settings",),
+    ),
+    Mutation(
+        "settings-not-checked", "a sparse call replays a record made under other LoRA settings",
+        "fisedit_compiler/runtime/executor.py",
+        "        if not isinstance(mode, RecordMode):\n            run.cache.check_settings(settings)\n", "",
+        ("tests/test_conditioning.py::test_a_record_is_replayed_only_under_its_lora_settings",
+         "tests/test_conditioning.py::test_an_edit_session_over_a_lora_pipeline"),
+    ),
+    Mutation(
+        "ip-tokens-controlled", "Prompt-to-Prompt control treats an IP-Adapter's image-token attention as the prompt's",
+        "fisedit_compiler/passes/control_cross_attention.py",
+        "    reads_text = _reads(text) if text else (lambda node: True)\n",
+        "    reads_text = lambda node: True  # noqa: E731\n",
+        ("tests/test_conditioning.py::test_an_edit_session_over_an_ip_adapter_pipeline",),
+    ),
+    Mutation(
+        "legacy-pipeline-not-interrupted", "a legacy pipeline (T2I-Adapter) runs every step after an empty detected "
+        "mask",
+        "fisedit_compiler/editing/pipelines.py",
+        "            raise Interrupted\n", "            pass\n",
+        ("tests/test_conditioning.py::test_an_edit_session_over_a_t2i_adapter_pipeline",),
+    ),
+    Mutation(
         "companion-not-switched", "an edit switches the U-Net's mode but leaves the ControlNet's as it was",
         "fisedit_compiler/editing/companions.py",
         "        for run, follower in zip(self.runs, self.followers(mode)):\n            run.switch(follower)\n", "",

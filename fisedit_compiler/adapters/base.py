@@ -62,6 +62,7 @@ class ModelAdapter:
     latents: ClassVar[str] = "sample"
     timestep: ClassVar[str | None] = "timestep"  # None: one call per image (a VAE decoder), keyed as timestep 0
     pixel_maps: ClassVar[frozenset[str]] = frozenset()
+    text: ClassVar[str | None] = None  # the prompt's embedding, whose cross-attention maps control calls inject
     conditions: ClassVar[frozenset[str]] = frozenset()
     refused: ClassVar[Mapping[str, str]] = {}  # inputs that record and sparse calls refuse when given, and why
     # dict inputs of options that record and sparse calls take, with the keys they take and their defaults (others
@@ -171,7 +172,7 @@ class ModelAdapter:
         for path, value in flat:
             name, where = path[0].key, torch.utils._pytree.keystr(path)
             if not isinstance(value, torch.Tensor) or not (name == self.latents or name in self.pixel_maps):
-                result.append(InputLayout(where, None))
+                result.append(InputLayout(where, None, text=name == self.text and isinstance(value, torch.Tensor)))
             else:
                 result.append(InputLayout(where, self.pixel_layout(name, value, where, inputs), name == self.latents))
         return result

@@ -25,6 +25,7 @@ from .base import ModelAdapter, register_adapter
 class ControlNetAdapter(ModelAdapter):
     model_classes = ("ControlNetModel",)
     latents = "sample"
+    text = "encoder_hidden_states"
     timestep = "timestep"
     pixel_maps = frozenset({"controlnet_cond"})
     conditions = frozenset({"timestep", "encoder_hidden_states", "conditioning_scale", "class_labels",

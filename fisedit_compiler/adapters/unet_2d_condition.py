@@ -21,6 +21,7 @@ from .base import ModelAdapter, register_adapter
 class UNet2DConditionAdapter(ModelAdapter):
     model_classes = ("UNet2DConditionModel",)
     latents = "sample"
+    text = "encoder_hidden_states"
     timestep = "timestep"
     pixel_maps = frozenset({
         "down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",

@@ -40,6 +40,22 @@ def control_model(pipe) -> str | None:
                 None)
 
 
+def has_ip_adapter(pipe) -> bool:
+    """Whether the pipeline's denoiser has an IP-Adapter loaded (`pipe.load_ip_adapter`): its calls then need an
+    image prompt."""
+    return getattr(getattr(denoiser(pipe), "config", None), "encoder_hid_dim_type", None) == "ip_image_proj"
+
+
+def ip_adapter_inputs(image: Any) -> dict[str, Any]:
+    """The pipeline inputs of an IP-Adapter's image prompt: `ip_adapter_image_embeds` for embeddings (a tensor or a
+    list of them, one per adapter), `ip_adapter_image` for pictures (the pipeline's image encoder embeds them)."""
+    if isinstance(image, Tensor):
+        return {"ip_adapter_image_embeds": [image]}
+    if isinstance(image, (list, tuple)) and image and all(isinstance(t, Tensor) for t in image):
+        return {"ip_adapter_image_embeds": list(image)}
+    return {"ip_adapter_image": image}
+
+
 def latent_packing(pipe, height: int, width: int) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """(pack, unpack) between the VAE latents map `(B, C, H, W)` that a session keeps (masks, blends, trajectories)
     and the pipeline's `latents` for images of `height` x `width` pixels: FLUX pipelines pack 2x2 latent pixels into

@@ -49,7 +49,16 @@ from .inversion import (
     require_variance_preserving,
 )
 from .mask_detection import detect_mask, difference_map
-from .pipelines import Interrupted, control_model, denoiser, denoiser_name, latent_packing, step_callbacks
+from .pipelines import (
+    Interrupted,
+    control_model,
+    denoiser,
+    denoiser_name,
+    has_ip_adapter,
+    ip_adapter_inputs,
+    latent_packing,
+    step_callbacks,
+)
 from .schedule import EditSchedule
 from .token_alignment import align_tokens, swaps_words_only, token_ids
 
@@ -347,6 +356,7 @@ class EditSession:
         self.companions = compile_companions(pipe, self.policy, self.memory_budget)
         self.control_model = control_model(pipe)  # "ControlNet", "T2I-Adapter" or None: what `control_image` is for
         self._control_image = None  # a ControlNet or T2I-Adapter pipeline's control image, given to generate
+        self._ip_adapter_image = None  # the image prompt of a pipeline with an IP-Adapter, given to generate
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
         self.num_inference_steps = num_inference_steps
@@ -373,10 +383,13 @@ class EditSession:
     # --- public API -------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, control_image: Any = None) -> EditResult:
+                 latents: torch.Tensor | None = None, control_image: Any = None,
+                 ip_adapter_image: Any = None) -> EditResult:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
         recorded. Starts a new session history. `control_image`: a ControlNet or T2I-Adapter pipeline's control image
-        (a PIL image or what the pipeline's `image` takes), which the edits of this history keep."""
+        (a PIL image or what the pipeline's `image` takes); `ip_adapter_image`: the image prompt of a pipeline with an
+        IP-Adapter loaded (a picture, embedded by the pipeline's image encoder, or its embeddings: a tensor or a list,
+        as `ip_adapter_image_embeds`). The edits of this history keep both."""
         token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
         if self.inpainting:
             raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
@@ -385,7 +398,8 @@ class EditSession:
             raise ValueError(f"{type(self.pipe).__name__} " + (
                 f"has a {self.control_model}: pass generate(prompt, control_image=...), the picture it follows"
                 if self.control_model else "has no ControlNet or T2I-Adapter: control_image is for their pipelines"))
-        self._control_image = control_image
+        self._check_ip_adapter_image(ip_adapter_image, "generate(prompt, ip_adapter_image=...)", required=True)
+        self._control_image, self._ip_adapter_image = control_image, ip_adapter_image
         if latents is None:
             shape = (1, self.pipe.vae.config.latent_channels, self.height // self.pipe.vae_scale_factor,
                      self.width // self.pipe.vae_scale_factor)
@@ -429,8 +443,9 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        if self.control_model:
-            raise NotImplementedError(f"load_image over a {self.control_model} pipeline is not supported yet")
+        if self.control_model or has_ip_adapter(self.pipe):
+            raise NotImplementedError(f"load_image over a pipeline with a {self.control_model or 'IP-Adapter'} is not "
+                                      "supported yet")
         picture, inputs, inversion, phases = (self._invert_flow if flow else self._invert)(image, prompt)
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
@@ -523,7 +538,7 @@ class EditSession:
         return picture, self.inputs_for(picture, None), inversion, phases
 
     def edit(self, prompt: str, mask: Any = None, paste_back: int | None = None, keep: bool = True,
-             control_image: Any = None) -> EditResult:
+             control_image: Any = None, ip_adapter_image: Any = None) -> EditResult:
         """Edit the current image (the last generation or edit) to `prompt`. Without `mask`, the affected region is
         detected; with one, that region is recomputed: a bool or 0/1 tensor or NumPy array at latent resolution
         (H, W), or a PIL image at latent or image resolution (white = edit; after `load_image`, also the size of
@@ -535,7 +550,9 @@ class EditSession:
         not recorded), so that the next edit starts from the same image again: several tries at one picture. A
         mask of another type, shape or values raises `MaskError`, a prompt that is not a str a TypeError.
         `control_image` (a ControlNet or T2I-Adapter pipeline, with a user's `mask`): a new control image that differs
-        from the source's only inside the mask (a ValueError otherwise); kept for later edits with the edit."""
+        from the source's only inside the mask (a ValueError otherwise); kept for later edits with the edit.
+        `ip_adapter_image` (a pipeline with an IP-Adapter): a new image prompt, which acts inside the mask like a new
+        text prompt; kept for later edits with the edit."""
         self._check_edit(prompt, paste_back, keep)
         source = self._source
         if mask is None and self.inpainting:
@@ -556,6 +573,9 @@ class EditSession:
                                  "inside" if self.control_model else "is for ControlNet and T2I-Adapter pipelines"))
             check_control_image(self._control_image, control_image, mask)
             inputs["image"] = control_image
+        if ip_adapter_image is not None:
+            self._check_ip_adapter_image(ip_adapter_image, "edit(prompt, ip_adapter_image=...)")
+            inputs.update(ip_adapter_inputs(ip_adapter_image))
         edit = _EditRun(self, source, schedule, mask, keep)
         images = edit.execute(prompt, inputs)
         detected = edit.mask if mask is None else None
@@ -572,7 +592,18 @@ class EditSession:
                                 edit.reference())
             if control_image is not None:
                 self._control_image = control_image
+            if ip_adapter_image is not None:
+                self._ip_adapter_image = ip_adapter_image
         return result
+
+    def _check_ip_adapter_image(self, image: Any, call: str, required: bool = False) -> None:
+        """An image prompt is given where the pipeline has an IP-Adapter loaded (always, if `required`)."""
+        loaded = has_ip_adapter(self.pipe)
+        if image is not None and not loaded:
+            raise ValueError(f"{call}: {type(self.pipe).__name__} has no IP-Adapter loaded (pipe.load_ip_adapter)")
+        if required and loaded and image is None:
+            raise ValueError(f"{type(self.pipe).__name__} has an IP-Adapter loaded: pass {call}, the image prompt "
+                             "(a picture, or its embeddings)")
 
     def _check_edit(self, prompt: str, paste_back: int | None, keep: bool) -> None:
         """Refuse an edit's arguments before anything runs."""
@@ -669,10 +700,12 @@ class EditSession:
     def inputs_for(self, picture, mask: torch.Tensor | None) -> dict[str, Any]:
         """The pipeline's keyword inputs besides the prompt and latents for a run over `picture` with `mask`: an
         inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), a ControlNet or T2I-Adapter
-        pipeline's control image (the source's, given to `generate`), nothing for others."""
+        pipeline's control image (the source's, given to `generate`), an IP-Adapter's image prompt."""
         inputs = inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
         if self._control_image is not None:
             inputs["image"] = self._control_image
+        if self._ip_adapter_image is not None:
+            inputs.update(ip_adapter_inputs(self._ip_adapter_image))
         return inputs
 
     @property

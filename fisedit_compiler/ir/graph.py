@@ -142,12 +142,15 @@ def cache_key(node: torch.fx.Node) -> str:
 @dataclasses.dataclass(frozen=True)
 class InputLayout:
     """One flattened input of a model call (a pytree leaf, in flattening order, which is the captured graph's
-    placeholder order): its path, its pixel layout (None for inputs without pixels), and whether it is the latents.
-    Model adapters make these; `capture` puts them on the placeholders."""
+    placeholder order): its path, its pixel layout (None for inputs without pixels), whether it is the latents, and
+    whether it is the prompt's embedding (`text`: the keys of the cross-attentions whose maps Prompt-to-Prompt
+    control records and injects; an IP-Adapter's image tokens are not). Model adapters make these; `capture` puts
+    them on the placeholders."""
 
     path: str
     layout: SpatialLayout | None
     latents: bool = False
+    text: bool = False
 
 
 def latent_input(gm: torch.fx.GraphModule) -> torch.fx.Node:

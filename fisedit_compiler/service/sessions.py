@@ -92,8 +92,13 @@ class SessionService:
 
     def history(self, sid: str) -> list[str]:
         """The prompts of the session's states, oldest first (the last is the current image's)."""
+        return [prompt for prompt, _ in self.states(sid)]
+
+    def states(self, sid: str) -> list[tuple[str, Path]]:
+        """(prompt, picture file) of each of the session's states, oldest first (the last is the current image)."""
         with self._lock:  # not while a state is being saved or dropped
-            return [json.loads((state / MANIFEST).read_text())["prompt"] for state in self._states(sid)]
+            return [(json.loads((state / MANIFEST).read_text())["prompt"], state / "image.png")
+                    for state in self._states(sid)]
 
     def current(self, sid: str) -> EditResult:
         """The session's current image."""
@@ -102,14 +107,15 @@ class SessionService:
 
     # --- work ----------------------------------------------------------------------------------------------------
 
-    def generate(self, sid: str, prompt: str, seed: int = 0) -> EditResult:
-        """Generate the session's source image (a new history: earlier states are dropped)."""
+    def generate(self, sid: str, prompt: str, seed: int = 0, steps: int | None = None) -> EditResult:
+        """Generate the session's source image (a new history: earlier states are dropped) in `steps` denoising
+        steps (default: the service's), which its edits keep."""
         return self._start(sid, lambda session: session.generate(
-            prompt, generator=torch.Generator().manual_seed(seed)))
+            prompt, generator=torch.Generator().manual_seed(seed)), steps)
 
-    def upload(self, sid: str, image: Any, prompt: str) -> EditResult:
+    def upload(self, sid: str, image: Any, prompt: str, steps: int | None = None) -> EditResult:
         """Start the session's history from a picture described by `prompt` (`EditSession.load_image`)."""
-        return self._start(sid, lambda session: session.load_image(image, prompt))
+        return self._start(sid, lambda session: session.load_image(image, prompt), steps)
 
     def edit(self, sid: str, prompt: str, mask: Any = None, keep: bool = True) -> EditResult:
         """Edit the current image (`EditSession.edit`: the mask detected, or a user's); the edit becomes a state
@@ -195,10 +201,15 @@ class SessionService:
         folder = self._folder(sid) / "states"
         return sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 
-    def _session(self, sid: str, fresh: bool = False) -> EditSession:
-        """The session's `EditSession`: live, or reopened from its last state (a new one for `fresh` or none)."""
+    def _session(self, sid: str, fresh: bool = False, steps: int | None = None) -> EditSession:
+        """The session's `EditSession`: live, or reopened from its last state (a new one for `fresh` or none, with
+        `steps` denoising steps: default the service's)."""
         self._folder(sid)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ServiceError(f"steps is the number of denoising steps, an int >= 1; got {steps!r}")
         self._used[sid] = time.monotonic()
+        if fresh and steps is not None:
+            self._close(sid)  # a new history with its own step count
         if sid in self._live:
             self._live.move_to_end(sid)
             return self._live[sid]
@@ -206,26 +217,26 @@ class SessionService:
         if states and not fresh:
             session = EditSession.load(states[-1], self.pipe, memory_budget=self.memory_budget)
         else:
-            session = EditSession(self.pipe, self.policy, num_inference_steps=self.num_inference_steps,
+            session = EditSession(self.pipe, self.policy, num_inference_steps=steps or self.num_inference_steps,
                                   guidance_scale=self.guidance_scale, memory_budget=self.memory_budget)
         self._keep_live(sid, session)
         return session
 
     @contextlib.contextmanager
-    def _request(self, sid: str, fresh: bool = False) -> Iterator[EditSession]:
+    def _request(self, sid: str, fresh: bool = False, steps: int | None = None) -> Iterator[EditSession]:
         """The session's `EditSession` for one request, under the pipeline's lock. If the request fails, the live
         session is let go (a run that failed may have changed its records): the next request reopens its last
         saved state."""
         with self._lock:
             try:
-                yield self._session(sid, fresh)
+                yield self._session(sid, fresh, steps)
             except BaseException:
                 self._close(sid)
                 raise
 
-    def _start(self, sid: str, begin: Callable[[EditSession], EditResult]) -> EditResult:
+    def _start(self, sid: str, begin: Callable[[EditSession], EditResult], steps: int | None = None) -> EditResult:
         """A new history: `begin` makes the session's first image, which replaces every earlier state."""
-        with self._request(sid, fresh=True) as session:
+        with self._request(sid, fresh=True, steps=steps) as session:
             result = begin(session)
             self._drop_states(sid)
             self._save_state(sid, session)
