@@ -112,8 +112,7 @@ class Session:
         return plan.recomputed_pixels()
 
     def pixel_inputs(self, inputs: dict[str, Any]) -> dict[int, InputLayout]:
-        """The tensors of a call's bound inputs that carry pixels (the latents among them), and the prompt's
-        embedding, by `id`."""
+        """The tensors of a call's bound inputs that carry pixels (the latents among them) or the prompt, by `id`."""
         leaves = torch.utils._pytree.tree_leaves(inputs)
         return {id(t): layout for t, layout in zip(leaves, self.adapter.input_layouts(inputs))
                 if layout.layout or layout.text}

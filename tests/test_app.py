@@ -152,53 +152,33 @@ def test_the_page_builds_with_its_controls(app):
     assert {"generate", "apply", "undo", "current", "after", "summary"} <= ids
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_page_in_a_headless_browser(tmp_path, pipe):
-    """The real page in headless Chromium: generate, paint a mask on the current picture, type an edit, apply, and
-    read the savings from the page; a screenshot is written to the test's folder."""
-    import shutil
+    """The real page in headless Chromium (`tools/app_screenshot.drive`): generate, paint a mask on the current
+    picture, type an edit, apply, and read the savings from the page; a screenshot is written to the test's folder."""
+    import sys
+    from pathlib import Path
 
     pytest.importorskip("gradio", reason="the page needs the [app] extra (gradio)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test drives Chromium with Selenium")
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.skip("no Chromium here: apt-get install chromium chromium-driver (.ci/run installs them)")
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import WebDriverWait
+    pytest.importorskip("selenium.webdriver", reason="the browser test drives Chromium with Selenium")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import app_screenshot
 
+    if app_screenshot.chromium() is None:
+        pytest.skip("no Chromium here: apt-get install chromium chromium-driver (.ci/run installs them)")
     from fisedit_compiler.app import launch
 
-    port = _free_port()
+    port = app_screenshot.free_port()
     page = launch(pipe, tmp_path, port=port, steps=STEPS, block=False)
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
-        options.add_argument(argument)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
     try:
-        browser.get(f"http://127.0.0.1:{port}")
-        wait = WebDriverWait(browser, 120)
-        wait.until(ready.element_to_be_clickable((By.ID, "generate"))).click()
-        canvas = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#current canvas")))
-        wait.until(lambda b: "Generated in" in b.find_element(By.ID, "summary").text)
-        ActionChains(browser).move_to_element(canvas).click_and_hold().move_by_offset(30, 0).move_by_offset(0, 30) \
-            .release().perform()  # a stroke over the middle of the picture
-        prompt = browser.find_element(By.CSS_SELECTOR, "#edited-prompt textarea")
-        prompt.send_keys("a red cabin in the woods")
-        browser.find_element(By.ID, "apply").click()
-        wait.until(lambda b: "of the MACs" in b.find_element(By.ID, "summary").text)
-        summary = browser.find_element(By.ID, "summary").text
-        assert "The edit saved" in summary and "recomputed" in summary
-        browser.save_screenshot(str(tmp_path / "app.png"))
+        summary = app_screenshot.drive(f"http://127.0.0.1:{port}", tmp_path / "app.png", timeout=120)
     finally:
-        browser.quit()
         page.close()
+    assert "The edit saved" in summary and "recomputed" in summary
+    assert (tmp_path / "app.png").is_file()
+
+
+def test_the_command_refuses_bad_settings_before_loading_anything(capsys):
+    from fisedit_compiler.cli import main
+
+    assert main(["app", "--steps", "0"]) == 2
+    assert "--steps and --sessions-in-memory are at least 1" in capsys.readouterr().err

@@ -29,6 +29,7 @@ def launch(pipe, data: str | Path, host: str = "127.0.0.1", port: int = 7860, st
     pipe.set_progress_bar_config(disable=False)  # the page's progress bar follows the pipeline's steps
     app = EditApp(SessionService(pipe, data / "sessions", num_inference_steps=steps, max_live=max_live), data,
                   idle_seconds=idle_seconds)
+    app.warm_up()
     app.start_idle_eviction()
     page = build_page(app)
     page.queue(default_concurrency_limit=1)  # one pipeline: one request at a time, the others wait in the queue
