@@ -71,3 +71,10 @@ def reread() -> Environment:
     global _current
     _current = read()
     return _current
+
+
+def default_for_libraries(**variables: str) -> None:
+    """Set other libraries' environment variables that are not set yet (the editing app's for Gradio: its upload
+    folder, no analytics), before those libraries are imported; variables already set are the user's and stay."""
+    for name, value in variables.items():
+        os.environ.setdefault(name, value)

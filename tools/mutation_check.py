@@ -42,6 +42,26 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "painted-mask-ignored", "the page drops the mask a user painted and detects one instead",
+        "fisedit_compiler/app/controller.py",
+        "    return Image.fromarray(alpha.astype(np.uint8) * 255, \"L\")\n", "    return None\n",
+        ("tests/test_app.py::test_generate_edit_undo_download_and_reopen",
+         "tests/test_app.py::test_an_empty_painting_means_a_detected_mask"),
+    ),
+    Mutation(
+        "app-errors-unexplained", "the page passes the service's refusals on as raw exceptions (a stack trace)",
+        "fisedit_compiler/app/controller.py",
+        "            raise AppError(str(error)) from error\n", "            pass\n",
+        ("tests/test_app.py::test_bad_input_gets_a_message_and_loses_nothing",),
+    ),
+    Mutation(
+        "pixel-map-not-batched", "a T2I-Adapter residual of batch 1 is gathered as is beside latents of batch 2",
+        "fisedit_compiler/adapters/base.py",
+        "    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[0] == 1 and batch > 1:\n",
+        "    if False:\n",
+        ("tests/test_conditioning.py::test_t2i_adapter_residuals_are_pixel_inputs_of_sparse_calls",),
+    ),
+    Mutation(
         "settings-not-keyed", "graphs are keyed by input signature only: a LoRA weight changed after a record runs the "
         "graph captured with the old one",
         "fisedit_compiler/runtime/executor.py",

@@ -6,9 +6,9 @@ with Gradio, an optional extra (``pip install fisedit-compiler[app]``); `launch`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..environment import default_for_libraries
 from .controller import AppError, EditApp, View
 
 __all__ = ["AppError", "EditApp", "View", "launch"]
@@ -22,8 +22,8 @@ def launch(pipe, data: str | Path, host: str = "127.0.0.1", port: int = 7860, st
     from ..service import SessionService
 
     data = Path(data).resolve()
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(data / "gradio"))  # Gradio's upload and cache folder, read at import
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    # Gradio's upload and cache folder (read when Gradio is imported), and nothing leaves the machine
+    default_for_libraries(GRADIO_TEMP_DIR=str(data / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     from .page import build_page
 
     pipe.set_progress_bar_config(disable=False)  # the page's progress bar follows the pipeline's steps
