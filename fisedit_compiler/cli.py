@@ -194,6 +194,31 @@ def _app(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    if args.replicas < 1 or args.steps < 1:
+        raise ValueError("--replicas and --steps are at least 1")
+    try:
+        import ray
+        from ray import serve
+
+        from .serve.ray_app import build_app
+    except ImportError as e:
+        raise RuntimeError(f"{e}") from e
+    import time
+
+    ray.init(address=args.address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(args.model, args.data, args.replicas, args.steps), route_prefix="/")
+    print(f"fisedit serve: http://{args.host}:{args.port}/docs ({args.replicas} replicas, data in {args.data}/; "
+          "Ctrl+C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sessions kept in memory; the least recently used beyond are saved and dropped")
     app.add_argument("--idle-minutes", type=float, default=15.0,
                      help="a session idle this long is saved and dropped from memory (reopened on its next request)")
+    serve = commands.add_parser("serve", help="the HTTP API on Ray Serve (needs pip install "
+                                "'fisedit-compiler[serve]' 'ray[serve]')")
+    serve.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
+    serve.add_argument("--replicas", type=int, default=1, help="edit engine replicas (each holds the pipeline)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data", default="fisedit-serve-data", help="the folder for sessions (shared by replicas)")
+    serve.add_argument("--steps", type=int, default=20, help="denoising steps of a new session by default")
+    serve.add_argument("--address", help="a running Ray cluster to join (default: start a local Ray instance)")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(
         commands.add_parser("train-shapes", help="train the embedded shapes model (88 min on 2 CPU cores)"))
@@ -239,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train_shapes(args, sys.argv[1:] if argv is None else argv)
         if args.command == "app":
             return _app(args)
+        if args.command == "serve":
+            return _serve(args)
         from .report import ScriptedEdit
 
         mask = image = None

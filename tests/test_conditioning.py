@@ -90,8 +90,8 @@ def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
     unet.set_adapters(["style"], [0.3])
     with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match=r"LoRA: 'style' x1 .* 'style' x0.3"):
         compiled(**_scaled(inputs, 0.5))
-    with compiled.record():
-        assert close(compiled(**inputs).sample, unet(**inputs).sample)  # recaptured at the new weight
+    with compiled.record():  # the same input signature as the first record: recaptured for the new weight
+        assert close(compiled(**_scaled(inputs, 0.5)).sample, unet(**_scaled(inputs, 0.5)).sample)
     unet.set_adapters(["style"], [1.0])
     with compiled.sparse(MASK), pytest.raises(fisedit.SettingsMismatchError, match="x0.3 on .* when recorded"):
         compiled(**inputs)

@@ -142,3 +142,40 @@ def test_the_server_answers_other_requests_while_one_generates(api, monkeypatch)
 
     served_meanwhile, schema, made = asyncio.run(scenario())
     assert served_meanwhile and schema == 200 and made == 200
+
+
+@torch.no_grad()
+def test_the_stateless_edit_loads_edits_and_forgets(api):
+    """`POST /v1/images/edits` as OpenAI-compatible image servers take it: a picture and a mask (transparent = edit,
+    theirs; or white = edit) and the edited prompt; the answer is the edited picture, the same outside the mask as
+    editing the loaded picture in a session, and no session remains."""
+    client, service = api
+    photo = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    transparent = np.full((128, 128, 4), 255, dtype=np.uint8)
+    transparent[32:80, 40:96, 3] = 0  # the region to edit
+    white = np.zeros((128, 128), dtype=np.uint8)
+    white[32:80, 40:96] = 255
+    answers = []
+    for mask in (transparent, white):
+        reply = client.post("/v1/images/edits", data={"prompt": "a cabin in the woods", "source_prompt": "noise"},
+                            files={"image": ("photo.png", png_file(photo), "image/png"),
+                                   "mask": ("mask.png", png_file(mask), "image/png")})
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json())
+    assert answers[0]["data"][0]["b64_json"] == answers[1]["data"][0]["b64_json"]  # the two conventions agree
+    assert answers[0]["fisedit"]["phases"] and answers[0]["fisedit"]["region"] is not None
+    assert service.sessions() == []  # stateless: nothing kept
+
+    made = client.post("/v1/sessions", data={"prompt": "noise", "steps": STEPS},
+                       files={"image": ("photo.png", png_file(photo), "image/png")}).json()
+    edited = client.post(f"/v1/sessions/{made['id']}/edits", data={"prompt": "a cabin in the woods"},
+                         files={"mask": ("mask.png", png_file(white), "image/png")}).json()
+    assert edited["image"] == answers[0]["data"][0]["b64_json"]  # what a session makes of the same request
+
+    refused = client.post("/v1/images/edits", data={"prompt": "a cabin", "n": 2},
+                          files={"image": ("photo.png", png_file(photo), "image/png")})
+    assert refused.status_code == 400 and "n=1" in refused.json()["detail"]
+    small = client.post("/v1/images/edits", data={"prompt": "a cabin"},
+                        files={"image": ("photo.png", png_file(photo), "image/png"),
+                               "mask": ("mask.png", png_file(np.zeros((5, 7), dtype=np.uint8)), "image/png")})
+    assert small.status_code == 400 and service.sessions() == [made["id"]]

@@ -2,12 +2,13 @@
 
     app = create_app(SessionService(pipe, root="data/sessions"))   # e.g. uvicorn, or under Ray Serve's ingress
 
-    POST   /v1/sessions                 form: prompt, seed, [image]   → a new session: generated, or the picture
+    POST   /v1/sessions                 form: prompt, seed, [steps], [image] → a new session: generated, or the picture
     GET    /v1/sessions/{id}            → its history (the prompts of its states)
     GET    /v1/sessions/{id}/image      → the current image, PNG
     POST   /v1/sessions/{id}/edits      form: prompt, [mask PNG], [keep] → the edited image, mask, region, phases
     POST   /v1/sessions/{id}/undo       → the state before the last edit
     DELETE /v1/sessions/{id}
+    POST   /v1/images/edits             form: image, prompt, [mask], [source_prompt] → the edited image (stateless)
 
 Routes that read an upload are `async`; every service call (which may wait for the service's lock while another
 request generates or edits) runs in the server's thread pool, never on its event loop, so the server keeps
@@ -16,6 +17,12 @@ as PNG: base64 in JSON responses, files in multipart requests. A mask is a PNG, 
 latent or image resolution (`inputs.as_mask`). Requests the service cannot serve get a 4xx whose `detail` says why:
 404 an unknown session, 400 a malformed id, mask or prompt, 409 an edit before any image. Optional: install with
 ``pip install fisedit-compiler[serve]``.
+
+`/v1/images/edits` is the stateless form OpenAI-compatible image servers take: a multipart picture, an optional mask
+(as theirs: a picture with an alpha channel is edited where it is fully transparent; one without, where it is white;
+no mask: the region is detected) and the edited prompt, answered as ``{"created", "data": [{"b64_json"}]}`` plus
+what fisedit did (``"fisedit"``: region, phases). The picture is inverted conditioned on `source_prompt` (what it
+shows; default empty, the unconditional inversion) in a session that is deleted when the request ends.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import time
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -88,16 +97,17 @@ def create_app(service: SessionService) -> FastAPI:
     _add_error_handlers(app)
 
     @app.post("/v1/sessions")
-    async def create(prompt: str = Form(...), seed: int = Form(0), image: UploadFile | None = File(None)):
+    async def create(prompt: str = Form(...), seed: int = Form(0), steps: int | None = Form(None),
+                     image: UploadFile | None = File(None)):
         picture = await _image(image, "image")
 
         def start() -> dict[str, Any]:
             sid = service.create()
             try:
                 if picture is None:
-                    result = service.generate(sid, prompt, seed)
+                    result = service.generate(sid, prompt, seed, steps=steps)
                 else:
-                    result = service.upload(sid, picture.convert("RGB"), prompt)
+                    result = service.upload(sid, picture.convert("RGB"), prompt, steps=steps)
             except BaseException:
                 service.delete(sid)  # a session that never had an image is not kept
                 raise
@@ -131,7 +141,39 @@ def create_app(service: SessionService) -> FastAPI:
         service.delete(sid)
         return Response(status_code=204)
 
+    @app.post("/v1/images/edits")
+    async def edit_image(image: UploadFile = File(...), prompt: str = Form(...), mask: UploadFile | None = File(None),
+                         source_prompt: str = Form(""), n: int = Form(1), response_format: str = Form("b64_json")):
+        if n != 1 or response_format != "b64_json":
+            raise HTTPException(400, "this server returns one edited image as b64_json (n=1, "
+                                     "response_format=b64_json)")
+        picture, drawn = await _image(image, "image"), openai_mask(await _image(mask, "mask"))
+        return await run_in_threadpool(lambda: stateless_edit(service, picture, prompt, drawn, source_prompt))
+
     return app
+
+
+def openai_mask(mask: Image.Image | None) -> Image.Image | None:
+    """An OpenAI-style mask as fisedit's (white = edit): with an alpha channel, the fully transparent pixels; without
+    one, the mask as it is."""
+    if mask is None or "A" not in mask.getbands():
+        return mask
+    return Image.fromarray((np.asarray(mask.getchannel("A")) == 0).astype(np.uint8) * 255, "L")
+
+
+def stateless_edit(service: SessionService, picture: Image.Image, prompt: str, mask: Image.Image | None,
+                   source_prompt: str) -> dict[str, Any]:
+    """Load `picture`, edit it to `prompt` in a session of its own, delete the session; the OpenAI-style answer."""
+    sid = service.create()
+    try:
+        service.upload(sid, picture.convert("RGB"), source_prompt)
+        result = service.edit(sid, prompt, mask=mask)
+        answer = result_json(sid, result, service.history(sid))
+    finally:
+        service.delete(sid)
+    image = answer.pop("image")
+    del answer["id"], answer["history"]
+    return {"created": int(time.time()), "data": [{"b64_json": image}], "fisedit": answer}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
