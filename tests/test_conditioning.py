@@ -28,12 +28,15 @@ MASK = torch.zeros(SIZE, SIZE, dtype=torch.bool)
 MASK[3:9, 8:14] = True
 
 
-def _lora_pipeline(tmp_path_factory, adapter_name: str = "style"):
-    """A tiny SD 1.5 pipeline with a random LoRA (attention, feed-forward and ResNet convolutions) loaded from a file
-    by `pipe.load_lora_weights`, as a user loads one."""
+FEW_TARGETS = ("to_q", "to_v", "conv1")  # a lighter LoRA (linear and convolution layers) for the tests that capture often
+
+
+def _lora_pipeline(tmp_path_factory, adapter_name: str = "style", targets: tuple[str, ...] | None = None):
+    """A tiny SD 1.5 pipeline with a random LoRA (by default on attention, feed-forward and ResNet convolutions;
+    `targets`: on those layers) loaded from a file by `pipe.load_lora_weights`, as a user loads one."""
     pipe = random_pipeline("sd15", latent_size=SIZE)
     folder = tmp_path_factory.mktemp("lora")
-    save_random_lora(pipe.unet, folder)
+    save_random_lora(pipe.unet, folder, **({} if targets is None else {"targets": targets}))
     pipe.load_lora_weights(folder, adapter_name=adapter_name)
     return pipe
 
@@ -78,7 +81,7 @@ def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
     """Another call scale, other adapter weights (`set_adapters`), disabled or fused adapters: each is refused by a
     sparse call with what differs; back to the recorded settings, sparse calls run again. A record under new settings
     captures the graph again (the scales are constants of a captured graph): it equals the eager U-Net."""
-    unet = _lora_pipeline(tmp_path_factory).unet
+    unet = _lora_pipeline(tmp_path_factory, targets=FEW_TARGETS).unet
     inputs = unet_inputs(unet, size=SIZE)
     compiled = fisedit.compile(unet, POLICY)
     with compiled.record():
@@ -113,7 +116,7 @@ def test_the_backend_runs_lora_layers_and_checks_their_settings(tmp_path_factory
     """`torch.compile(unet, backend="fisedit")` over a U-Net with LoRA layers: record and sparse calls at a call
     scale equal `fisedit.compile`'s, and a sparse call after `set_adapters` changed the weights (dynamo recompiles
     its graph) is refused as by `fisedit.compile`."""
-    unet = _lora_pipeline(tmp_path_factory).unet
+    unet = _lora_pipeline(tmp_path_factory, targets=("to_q", "to_v")).unet
     inputs, new = _scaled(unet_inputs(unet, size=SIZE), 0.5), _scaled(unet_inputs(unet, size=SIZE, seed=1), 0.5)
     compiled = fisedit.compile(unet, POLICY)
     with compiled.record():
