@@ -133,3 +133,19 @@ def test_requests_it_cannot_serve_say_why(service, tmp_path):
         service.open_saved(tmp_path)
     with pytest.raises(ValueError, match="max_live"):
         SessionService(service.pipe, tmp_path / "other", max_live=0)
+
+
+@torch.no_grad()
+def test_idle_sessions_leave_memory_on_their_own_and_reopen(service):
+    """`start_idle_eviction`: a thread drops sessions idle past the timeout (the app's and each Ray replica's); the
+    next request reopens the session from its saved state."""
+    import time
+
+    sid = service.create()
+    source = service.generate(sid, PROMPT, seed=0)
+    service.start_idle_eviction(0.2, every=0.05)
+    deadline = time.monotonic() + 10
+    while sid in service._live and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sid not in service._live
+    assert torch.equal(service.current(sid).latents, source.latents)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ class EditApp:
         self.data = Path(data)
         self.idle_seconds = idle_seconds
         self._regeneration: dict[str, _Cost] = {}  # per session: its source run's denoiser work (a regeneration's)
-        self._stop = threading.Event()
 
     # --- requests ------------------------------------------------------------------------------------------------
 
@@ -158,14 +156,9 @@ class EditApp:
 
     def start_idle_eviction(self, every: float = 60.0) -> None:
         """Evict idle sessions every `every` seconds, on a daemon thread, until `stop`."""
-        def loop():
-            while not self._stop.wait(every):
-                self.evict_idle()
-
-        threading.Thread(target=loop, name="fisedit-idle-eviction", daemon=True).start()
+        self.service.start_idle_eviction(self.idle_seconds, every)
 
     def stop(self) -> None:
-        self._stop.set()
         self.service.close()
 
     # --- views ---------------------------------------------------------------------------------------------------

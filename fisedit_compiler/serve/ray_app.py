@@ -42,15 +42,17 @@ RETRY_SECONDS = 60.0  # how long the gateway retries a call whose replica died
 @serve.deployment
 class EditEngine:
     """One replica: the pipeline (`model`: a local diffusers folder, None for the embedded shapes model) and a
-    `SessionService` over `data`/sessions, shared with the other replicas through the file system."""
+    `SessionService` over `data`/sessions, shared with the other replicas through the file system; sessions idle for
+    `idle_seconds` leave its memory (their next request reopens them, here or elsewhere)."""
 
-    def __init__(self, model: str | None, data: str, steps: int = 20):
+    def __init__(self, model: str | None, data: str, steps: int = 20, idle_seconds: float = 900.0):
         from ..models import load_pipeline
         from ..training.quality import SHAPES_MODEL
 
         pipe = load_pipeline(model or str(SHAPES_MODEL))
         self.service = SessionService(pipe, Path(data) / "sessions", num_inference_steps=steps,
                                       max_live=SESSIONS_PER_REPLICA)
+        self.service.start_idle_eviction(idle_seconds)  # an idle session is saved already: dropped from memory
 
     @serve.multiplexed(max_num_models_per_replica=SESSIONS_PER_REPLICA)
     async def _session(self, sid: str) -> str:
@@ -117,7 +119,7 @@ class Gateway:
         return create_app(self.service)
 
 
-def build_app(model: str | None, data: str | Path, replicas: int = 1, steps: int = 20):
+def build_app(model: str | None, data: str | Path, replicas: int = 1, steps: int = 20, idle_seconds: float = 900.0):
     """The Serve application: a gateway over `replicas` engine replicas sharing the data folder `data`."""
-    engine = EditEngine.options(num_replicas=replicas).bind(model, str(Path(data).resolve()), steps)
+    engine = EditEngine.options(num_replicas=replicas).bind(model, str(Path(data).resolve()), steps, idle_seconds)
     return Gateway.bind(engine)

@@ -75,6 +75,7 @@ class SessionService:
         self._live: collections.OrderedDict[str, EditSession] = collections.OrderedDict()  # least recent first
         self._used: dict[str, float] = {}  # session id -> time of its last request
         self._lock = threading.RLock()
+        self._closed = threading.Event()  # set by close: ends the idle-eviction thread
 
     # --- sessions ----------------------------------------------------------------------------------------------
 
@@ -156,6 +157,14 @@ class SessionService:
                 self._close(sid)
             return idle
 
+    def start_idle_eviction(self, seconds: float, every: float = 60.0) -> None:
+        """Evict the sessions idle for `seconds`, every `every` seconds, on a daemon thread, until `close`."""
+        def loop():
+            while not self._closed.wait(every):
+                self.evict_idle(seconds)
+
+        threading.Thread(target=loop, name="fisedit-idle-eviction", daemon=True).start()
+
     def download(self, sid: str) -> Path:
         """The folder of the session's current state: a saved session (`EditSession.load` opens it)."""
         with self._lock:
@@ -182,7 +191,8 @@ class SessionService:
             shutil.rmtree(folder)
 
     def close(self) -> None:
-        """Let go of every live session (their states stay on disk)."""
+        """Let go of every live session (their states stay on disk), and stop evicting idle ones."""
+        self._closed.set()
         with self._lock:
             for sid in list(self._live):
                 self._close(sid)
