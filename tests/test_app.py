@@ -182,3 +182,13 @@ def test_the_command_refuses_bad_settings_before_loading_anything(capsys):
 
     assert main(["app", "--steps", "0"]) == 2
     assert "--steps and --sessions-in-memory are at least 1" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_requests_report_their_denoising_steps(app):
+    """The page's progress bar: inside `reporting`, a generation reports each of its steps, up to all of them."""
+    reports = []
+    with app.reporting(lambda done, total: reports.append((done, total))):
+        app.generate(None, PROMPT, seed=0, steps=STEPS)
+    assert reports[0] == (0, STEPS) and reports[-1] == (STEPS, STEPS) and len(reports) >= STEPS + 1
+    assert "progress_bar" not in vars(app.service.pipe)  # the pipeline's own again

@@ -26,7 +26,6 @@ def launch(pipe, data: str | Path, host: str = "127.0.0.1", port: int = 7860, st
     default_for_libraries(GRADIO_TEMP_DIR=str(data / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     from .page import build_page
 
-    pipe.set_progress_bar_config(disable=False)  # the page's progress bar follows the pipeline's steps
     app = EditApp(SessionService(pipe, data / "sessions", num_inference_steps=steps, max_live=max_live), data,
                   idle_seconds=idle_seconds)
     app.warm_up()

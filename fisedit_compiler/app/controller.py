@@ -15,9 +15,11 @@ nothing of a session is lost by one (the service reopens its last saved state).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,23 @@ class EditApp:
         finally:
             self.service.delete(sid)
 
+    @contextlib.contextmanager
+    def reporting(self, report: Callable[[int, int], None]) -> Iterator[None]:
+        """Inside, every denoising loop of the shared pipeline reports `report(steps done, steps)` as it goes (its
+        `progress_bar`, which diffusers pipelines step, is wrapped): the page's progress bar."""
+        pipe = self.service.pipe
+        original = pipe.progress_bar
+
+        def progress_bar(iterable=None, total=None):
+            return _Reported(original(iterable=iterable, total=total), report,
+                             total if total is not None else len(iterable))
+
+        pipe.progress_bar = progress_bar  # an instance attribute, over the method, until the request ends
+        try:
+            yield
+        finally:
+            del pipe.progress_bar
+
     # --- idle sessions -------------------------------------------------------------------------------------------
 
     def evict_idle(self) -> list[str]:
@@ -185,6 +204,36 @@ class EditApp:
                          f"{dense.macs / 1e9:.1f} GMACs, {dense.seconds:.1f} s. The edit saved "
                          f"**{1 - edit.macs / dense.macs:.0%} of the MACs** and {time}.")
         return "\n\n".join(lines)
+
+
+class _Reported:
+    """A pipeline's progress bar that also reports each step: used as a context manager with `update()`, or
+    iterated."""
+
+    def __init__(self, bar, report: Callable[[int, int], None], total: int):
+        self.bar, self.report, self.total, self.done = bar, report, total, 0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.report(0, self.total)
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.report(self.done, self.total)
+
+    def __iter__(self):
+        for item in self.bar:
+            yield item
+            self.done += 1
+            self.report(self.done, self.total)
+
+    def __getattr__(self, name: str):
+        return getattr(self.bar, name)
 
 
 def painted_mask(painted: Any, size: tuple[int, int]) -> Image.Image | None:

@@ -32,12 +32,12 @@ def build_page(app: EditApp) -> gr.Blocks:
     with gr.Blocks(title="fisedit", analytics_enabled=False) as page:
         c = _layout(app)
         shown = [c.sid, c.current, c.before, c.after, c.region, c.summary, c.history]
-        c.generate.click(_event(app.generate), [c.sid, c.prompt, c.seed, c.steps], shown)
-        c.upload.click(_event(app.upload), [c.sid, c.picture, c.description, c.steps], shown)
-        c.open_saved.click(_event(app.open_saved), [c.saved], shown)
-        c.apply.click(_event(app.edit), [c.sid, c.edited_prompt, c.current], shown)
-        c.edited_prompt.submit(_event(app.edit), [c.sid, c.edited_prompt, c.current], shown)
-        c.undo.click(_event(app.undo), [c.sid], shown)
+        c.generate.click(_event(app, app.generate), [c.sid, c.prompt, c.seed, c.steps], shown)
+        c.upload.click(_event(app, app.upload), [c.sid, c.picture, c.description, c.steps], shown)
+        c.open_saved.click(_event(app, app.open_saved), [c.saved], shown)
+        c.apply.click(_event(app, app.edit), [c.sid, c.edited_prompt, c.current], shown)
+        c.edited_prompt.submit(_event(app, app.edit), [c.sid, c.edited_prompt, c.current], shown)
+        c.undo.click(_event(app, app.undo), [c.sid], shown)
 
         def fetch(session):
             try:
@@ -90,11 +90,13 @@ def _layout(app: EditApp) -> SimpleNamespace:
     return c
 
 
-def _event(fn):
-    """An event handler calling `fn` (an `EditApp` request) and showing its `View`; a failure shows as a message."""
-    def run(*args, progress=gr.Progress(track_tqdm=True)):
+def _event(app: EditApp, fn):
+    """An event handler calling `fn` (an `EditApp` request) with a progress bar over its denoising steps and showing
+    its `View`; a failure shows as a message."""
+    def run(*args, progress=gr.Progress()):
         try:
-            session, view = fn(*args)
+            with app.reporting(lambda done, total: progress((done, total), desc="denoising", unit="steps")):
+                session, view = fn(*args)
         except AppError as e:
             raise gr.Error(str(e)) from e
         except Exception as e:  # never a stack trace on the page: what went wrong, in one line
