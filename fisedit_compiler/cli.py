@@ -208,7 +208,8 @@ def _serve(args) -> int:
 
     ray.init(address=args.address, include_dashboard=False)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args.model, args.data, args.replicas, args.steps, 60 * args.idle_minutes), route_prefix="/")
+    serve.run(build_app(args.model, args.data, args.replicas, args.steps, 60 * args.idle_minutes,
+                        args.gpus_per_replica), route_prefix="/")
     print(f"fisedit serve: http://{args.host}:{args.port}/docs ({args.replicas} replicas, data in {args.data}/; "
           "Ctrl+C stops)", flush=True)
     try:
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--steps", type=int, default=20, help="denoising steps of a new session by default")
     serve.add_argument("--idle-minutes", type=float, default=15.0,
                        help="a session idle this long leaves its replica's memory (reopened on its next request)")
+    serve.add_argument("--gpus-per-replica", type=float, default=0,
+                       help="GPUs each replica asks Ray for (its pipeline then runs on one; default: CPU)")
     serve.add_argument("--address", help="a running Ray cluster to join (default: start a local Ray instance)")
     inspect_cmd.add_arguments(commands.add_parser("inspect", help="graph dumps, per-layer MACs and mask levels"))
     _train_shapes_arguments(

@@ -50,6 +50,10 @@ class EditEngine:
         from ..training.quality import SHAPES_MODEL
 
         pipe = load_pipeline(model or str(SHAPES_MODEL))
+        import torch
+
+        if torch.cuda.is_available():  # a replica given a GPU (Ray sets which one it sees)
+            pipe.to("cuda")
         self.service = SessionService(pipe, Path(data) / "sessions", num_inference_steps=steps,
                                       max_live=SESSIONS_PER_REPLICA)
         self.service.start_idle_eviction(idle_seconds)  # an idle session is saved already: dropped from memory
@@ -119,7 +123,10 @@ class Gateway:
         return create_app(self.service)
 
 
-def build_app(model: str | None, data: str | Path, replicas: int = 1, steps: int = 20, idle_seconds: float = 900.0):
-    """The Serve application: a gateway over `replicas` engine replicas sharing the data folder `data`."""
-    engine = EditEngine.options(num_replicas=replicas).bind(model, str(Path(data).resolve()), steps, idle_seconds)
+def build_app(model: str | None, data: str | Path, replicas: int = 1, steps: int = 20, idle_seconds: float = 900.0,
+              gpus_per_replica: float = 0):
+    """The Serve application: a gateway over `replicas` engine replicas sharing the data folder `data`, each given
+    `gpus_per_replica` GPUs (its pipeline then runs on one)."""
+    engine = EditEngine.options(num_replicas=replicas, ray_actor_options={"num_gpus": gpus_per_replica}).bind(
+        model, str(Path(data).resolve()), steps, idle_seconds)
     return Gateway.bind(engine)
