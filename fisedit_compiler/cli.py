@@ -220,6 +220,17 @@ def _serve(args) -> int:
     return 0
 
 
+def _server_arguments(parser: argparse.ArgumentParser, port: int, data: str, data_help: str) -> None:
+    """The arguments `app` and `serve` share: the model, where to listen, the data folder, steps, idle timeout."""
+    parser.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
+    parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--data", default=data, help=f"the folder for {data_help}")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of a new picture by default")
+    parser.add_argument("--idle-minutes", type=float, default=15.0,
+                        help="a session idle this long leaves memory (its saved state reopens on its next request)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fisedit", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,25 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit")
     app = commands.add_parser("app", help="the editing page in the browser (needs pip install "
                               "'fisedit-compiler[app]')")
-    app.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
-    app.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
-    app.add_argument("--port", type=int, default=7860)
-    app.add_argument("--data", default="fisedit-app-data", help="the folder for sessions, downloads and uploads")
-    app.add_argument("--steps", type=int, default=20, help="denoising steps of a new picture (the page can change it)")
+    _server_arguments(app, port=7860, data="fisedit-app-data", data_help="sessions, downloads and uploads")
     app.add_argument("--sessions-in-memory", type=int, default=4,
                      help="sessions kept in memory; the least recently used beyond are saved and dropped")
-    app.add_argument("--idle-minutes", type=float, default=15.0,
-                     help="a session idle this long is saved and dropped from memory (reopened on its next request)")
     serve = commands.add_parser("serve", help="the HTTP API on Ray Serve (needs pip install "
                                 "'fisedit-compiler[serve]' 'ray[serve]')")
-    serve.add_argument("--model", help="a local diffusers pipeline folder (default: the embedded shapes model)")
+    _server_arguments(serve, port=8000, data="fisedit-serve-data", data_help="sessions, shared by the replicas")
     serve.add_argument("--replicas", type=int, default=1, help="edit engine replicas (each holds the pipeline)")
-    serve.add_argument("--host", default="127.0.0.1", help="the address to serve on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data", default="fisedit-serve-data", help="the folder for sessions (shared by replicas)")
-    serve.add_argument("--steps", type=int, default=20, help="denoising steps of a new session by default")
-    serve.add_argument("--idle-minutes", type=float, default=15.0,
-                       help="a session idle this long leaves its replica's memory (reopened on its next request)")
     serve.add_argument("--gpus-per-replica", type=float, default=0,
                        help="GPUs each replica asks Ray for (its pipeline then runs on one; default: CPU)")
     serve.add_argument("--address", help="a running Ray cluster to join (default: start a local Ray instance)")

@@ -50,6 +50,24 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
     return (a - b).abs().max().item() <= rtol * max(1.0, b.abs().max().item())
 
 
+def backend_matches_compile(unet, inputs: dict, new: dict, mask: torch.Tensor, policy):
+    """Assert that `torch.compile(unet, backend="fisedit")` records `inputs` as the eager U-Net computes them and
+    replays `new` sparsely over `mask` as `fisedit.compile` does; returns the dynamo-compiled U-Net."""
+    import fisedit_compiler as fisedit
+
+    compiled = fisedit.compile(unet, policy)
+    with compiled.record():
+        compiled(**inputs)
+    with compiled.sparse(mask):
+        expected = compiled(**new).sample
+    dynamo = torch.compile(unet, backend=fisedit.backend(policy))
+    with fisedit.record(dynamo):
+        assert close(dynamo(**inputs).sample, unet(**inputs).sample)
+    with fisedit.sparse(dynamo, mask):
+        assert close(dynamo(**new).sample, expected)
+    return dynamo
+
+
 @pytest.fixture(params=["sd15", "sd2", "sdxl"])
 def arch(request) -> str:
     return request.param

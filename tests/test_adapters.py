@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fisedit_compiler as fisedit
-from conftest import close, tiny_unet, unet_inputs
+from conftest import backend_matches_compile, close, tiny_unet, unet_inputs
 from fisedit_compiler.capture import capture
 from fisedit_compiler.ir import LAYOUT, SpatialLayout, latent_input
 from fisedit_compiler.models import random_pipeline
@@ -170,16 +170,7 @@ def test_backend_finds_residuals_among_the_graph_inputs():
     new_inputs = _with_residuals(controlnet, unet_inputs(unet, size=SIZE, seed=1), seed=1)
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[4:12, 18:27] = True
-    compiled = fisedit.compile(unet, POLICY)
-    with compiled.record():
-        compiled(**inputs)
-    with compiled.sparse(mask):
-        expected = compiled(**new_inputs).sample
-    dynamo = torch.compile(unet, backend=fisedit.backend(POLICY))
-    with fisedit.record(dynamo):
-        assert close(dynamo(**inputs).sample, unet(**inputs).sample)
-    with fisedit.sparse(dynamo, mask):
-        assert close(dynamo(**new_inputs).sample, expected)
+    backend_matches_compile(unet, inputs, new_inputs, mask, POLICY)
 
 
 def _controlnet_inputs(unet, seed: int) -> dict:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fisedit_compiler as fisedit
-from conftest import close, unet_inputs
+from conftest import backend_matches_compile, close, unet_inputs
 from fisedit_compiler.editing.masks import ellipse_mask
 from fisedit_compiler.models import random_pipeline
 from fisedit_compiler.models.adapters import (
@@ -118,16 +118,7 @@ def test_the_backend_runs_lora_layers_and_checks_their_settings(tmp_path_factory
     its graph) is refused as by `fisedit.compile`."""
     unet = _lora_pipeline(tmp_path_factory, targets=("to_q", "to_v")).unet
     inputs, new = _scaled(unet_inputs(unet, size=SIZE), 0.5), _scaled(unet_inputs(unet, size=SIZE, seed=1), 0.5)
-    compiled = fisedit.compile(unet, POLICY)
-    with compiled.record():
-        compiled(**inputs)
-    with compiled.sparse(MASK):
-        expected = compiled(**new).sample
-    dynamo = torch.compile(unet, backend=fisedit.backend(POLICY))
-    with fisedit.record(dynamo):
-        assert close(dynamo(**inputs).sample, unet(**inputs).sample)
-    with fisedit.sparse(dynamo, MASK):
-        assert close(dynamo(**new).sample, expected)
+    dynamo = backend_matches_compile(unet, inputs, new, MASK, POLICY)
     unet.set_adapters(["style"], [0.3])
     with fisedit.sparse(dynamo, MASK), pytest.raises(fisedit.SettingsMismatchError, match="x0.3"):
         dynamo(**new)

@@ -79,8 +79,8 @@ MUTATIONS = [
     Mutation(
         "ip-tokens-controlled", "Prompt-to-Prompt control treats an IP-Adapter's image-token attention as the prompt's",
         "fisedit_compiler/passes/control_cross_attention.py",
-        "    reads_text = _reads(text) if text else (lambda node: True)\n",
-        "    reads_text = lambda node: True  # noqa: E731\n",
+        "                or (marked and not reads_input(node.args[1], lambda i: i.text)):\n",
+        "                or False:\n",
         ("tests/test_conditioning.py::test_an_edit_session_over_an_ip_adapter_pipeline",),
     ),
     Mutation(

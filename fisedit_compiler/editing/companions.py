@@ -142,7 +142,7 @@ def run_group(unet: CompiledUNet, cache: RecordCache, companions: list[Companion
         yield group
 
 
-def check_control_image(old, new, mask, what: str = "control image") -> None:
+def check_control_image(old, new, mask) -> None:
     """An edit's new control image may differ from the source's only inside the edit's `mask` ((h, w) bool at latent
     resolution, scaled to the images' size): outside it the records (the denoiser's, a ControlNet's) are the source's,
     which saw the old image. Both are PIL images of one size (or arrays the pipeline takes, compared as they are)."""
@@ -153,12 +153,12 @@ def check_control_image(old, new, mask, what: str = "control image") -> None:
     as_array = (lambda im: np.asarray(im.convert("RGB"))) if isinstance(old, Image.Image) else np.asarray
     before, after = as_array(old), as_array(new)
     if before.shape != after.shape:
-        raise ValueError(f"the edit's {what} has shape {after.shape}, the source's {before.shape}: give one of the "
+        raise ValueError(f"the edit's control image has shape {after.shape}, the source's {before.shape}: give one of the "
                          "same size that differs from it only inside the mask")
     changed = torch.from_numpy((before != after).reshape(*before.shape[:2], -1).any(-1))
     inside = torch.nn.functional.interpolate(mask[None, None].float(), size=changed.shape, mode="nearest")[0, 0] > 0
     outside = int((changed & ~inside).sum())
     if outside:
-        raise ValueError(f"the edit's {what} differs from the source's at {outside} pixels outside the mask: the "
+        raise ValueError(f"the edit's control image differs from the source's at {outside} pixels outside the mask: the "
                          "records there are the source's, made with the old one, so the edit would not follow it; "
                          "change it inside the mask only, or generate a new source with it")

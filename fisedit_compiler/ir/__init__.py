@@ -28,6 +28,7 @@ from .graph import (
     concatenated,
     graph_constant,
     latent_input,
+    reads_input,
     tensor_meta,
 )
 from .index import (
@@ -73,5 +74,6 @@ __all__ = [
     "graph_constant",
     "latent_input",
     "ops",
+    "reads_input",
     "tensor_meta",
 ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -151,6 +151,21 @@ class InputLayout:
     layout: SpatialLayout | None
     latents: bool = False
     text: bool = False
+
+
+def reads_input(node: torch.fx.Node, which: Callable[[InputLayout], bool]) -> bool:
+    """Whether `node`'s value depends on a model input whose `InputLayout` satisfies `which` (inputs with pixels,
+    the prompt's embedding, ...)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n.op == "placeholder" and n.meta.get(INPUT) is not None and which(n.meta[INPUT]):
+            return True
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return False
 
 
 def latent_input(gm: torch.fx.GraphModule) -> torch.fx.Node:

@@ -11,7 +11,8 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class InputSignature:
-    """What a captured graph is specialised to: the shape and dtype of every tensor input, by name."""
+    """What a captured graph is specialised to: the shape, dtype and device type of every tensor input, by name,
+    and the value (its repr, no dtype) of every other input."""
 
     tensors: tuple[tuple[str, tuple[int, ...], torch.dtype, str], ...]
 
@@ -59,7 +60,7 @@ class Settings:
 
 
 def input_settings(inputs: dict[str, Any]) -> Settings:
-    """The call's non-tensor inputs (options, flags, scales), by their flattened path."""
-    flat, _ = torch.utils._pytree.tree_flatten_with_path(inputs)
-    return Settings(tuple((f"inputs{torch.utils._pytree.keystr(path)}", repr(value))
-                          for path, value in flat if not isinstance(value, torch.Tensor)))
+    """The call's non-tensor inputs (options, flags, scales), by their flattened path: the entries without a dtype
+    of its `InputSignature`, which holds their values."""
+    return Settings(tuple((f"inputs{name}", value) for name, _, dtype, value in InputSignature.of(inputs).tensors
+                          if dtype is None))

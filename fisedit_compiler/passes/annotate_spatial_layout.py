@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Container
 
 import torch.fx as fx
 
-from ..ir import INPUT, LAYOUT, SpatialLayout, latent_input, tensor_meta
+from ..ir import INPUT, LAYOUT, SpatialLayout, latent_input, reads_input, tensor_meta
 from . import ops
 
 
@@ -110,21 +110,6 @@ def _broadcast_layout(layouts: list[SpatialLayout], shape: tuple[int, ...]) -> S
     return SpatialLayout(kind, res, dims, shape, tokens)
 
 
-def _depends_on_pixels(node: fx.Node) -> bool:
-    """Whether `node`'s value depends on a model input with pixels (else it is computed from parameters, buffers and
-    inputs without pixels: the same for a call whatever its latents)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n.op == "placeholder" and getattr(n.meta.get(INPUT), "layout", None) is not None:
-            return True
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    return False
-
-
 def _pixel_constant(operand: fx.Node, layout: SpatialLayout) -> str | None:
     """An operand without pixels of an elementwise op with `layout` that varies along the pixel dims: a constant
     per pixel (a learned positional embedding, rotary embeddings computed from token ids), which then takes the
@@ -136,7 +121,7 @@ def _pixel_constant(operand: fx.Node, layout: SpatialLayout) -> str | None:
     if meta.dim() != len(layout.shape) or meta.shape[0] != 1 or any(meta.shape[d] != layout.shape[d]
                                                                      for d in layout.dims):
         return f"operand {operand.name} without pixels varies along the pixel dims"
-    if _depends_on_pixels(operand):
+    if reads_input(operand, lambda i: i.layout is not None):  # else: from parameters and inputs without pixels
         return f"operand {operand.name} varies along the pixel dims, but no rule gives it pixels"
     operand.meta[LAYOUT] = dataclasses.replace(layout, shape=tuple(meta.shape))
     return None

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch.fx as fx
 
-from ..ir import INPUT, LAYOUT, CacheRef
+from ..ir import INPUT, LAYOUT, CacheRef, reads_input
 from ..ir import ops as ir_ops
 from . import ops
 
@@ -26,37 +26,15 @@ def cross_attention_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, tuple]]
     its maps are over other tokens than the prompt's.
 
     Attention masks, dropout and causal attention do not occur in U-Net cross-attention and are left alone."""
-    text = {n for n in gm.graph.nodes if n.op == "placeholder" and getattr(n.meta.get(INPUT), "text", False)}
-    reads_text = _reads(text) if text else (lambda node: True)
+    marked = any(n.op == "placeholder" and getattr(n.meta.get(INPUT), "text", False) for n in gm.graph.nodes)
     for node in list(gm.graph.nodes):
-        if node.target is not ops.SDPA or node.args[1].meta.get(LAYOUT) is not None or not reads_text(node.args[1]):
+        if node.target is not ops.SDPA or node.args[1].meta.get(LAYOUT) is not None \
+                or (marked and not reads_input(node.args[1], lambda i: i.text)):
             continue
         extra = dict(zip(["attn_mask", "dropout_p", "is_causal", "scale"], node.args[3:]), **node.kwargs)
         if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0) or extra.get("is_causal", False):
             continue
         yield node, (*node.args[:3], extra.get("scale"))
-
-
-def _reads(sources: set[fx.Node]):
-    """node -> whether it depends on one of `sources` (memoised over the graph)."""
-    memo: dict[fx.Node, bool] = {}
-
-    def reads(node: fx.Node) -> bool:
-        stack = [node]
-        while stack:
-            n = stack[-1]
-            if n in memo:
-                stack.pop()
-                continue
-            pending = [a for a in n.all_input_nodes if a not in memo]
-            if pending:
-                stack.extend(pending)
-                continue
-            memo[n] = n in sources or any(memo[a] for a in n.all_input_nodes)
-            stack.pop()
-        return memo[node]
-
-    return reads
 
 
 def rewrite_cross_attention(gm: fx.GraphModule, target) -> int:

@@ -84,7 +84,6 @@ class RemoteService:
 
     def __init__(self, engine):
         self.engine = engine
-        self.num_inference_steps = None  # unknown here; the engines have it
 
     def _call(self, method: str, sid: str | None, *args: Any, **kwargs: Any) -> Any:
         handle = self.engine if sid is None else self.engine.options(multiplexed_model_id=sid)
