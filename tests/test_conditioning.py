@@ -302,3 +302,5 @@ def test_an_edit_session_over_an_ip_adapter_pipeline(tmp_path_factory):
     edit = session.edit("a cabin in the woods", mask=mask, ip_adapter_image=other)
     assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
     assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])
+    with pytest.raises(NotImplementedError, match="has an IP-Adapter is not supported yet: its image prompt"):
+        session.save("/nonexistent")  # a reopened session would call the pipeline without it

@@ -624,9 +624,11 @@ class EditSession:
         (`editing.persistence`). `EditSession.load(path, pipe)` continues it."""
         from .persistence import save_session
 
-        if self.control_model:
-            raise NotImplementedError(f"saving a session whose pipeline has a {self.control_model} is not supported "
-                                      "yet: its control image (and a ControlNet's records) would not be saved")
+        if self.control_model or self._ip_adapter_image is not None:
+            kind, what = (f"a {self.control_model}", "control image (and a ControlNet's records)") \
+                if self.control_model else ("an IP-Adapter", "image prompt")
+            raise NotImplementedError(f"saving a session whose pipeline has {kind} is not supported yet: its {what} "
+                                      "would not be saved")
         return save_session(self, path)
 
     @classmethod
