@@ -39,7 +39,7 @@ def dense_regeneration(session: EditSession, prompt: str, inputs: dict | None = 
     """Regenerate `prompt` densely with the eager U-Net (same latents, steps and scheduler; `inputs`: an inpainting
     pipeline's picture and mask, `EditSession.inputs_for`), metered the same way: what a user without FISEdit
     would run."""
-    meter = _Meter(session.unet)  # outside record()/sparse() the compiled U-Net runs the eager one
+    meter = _Meter(session.unet, session.call_macs)  # outside record()/sparse() the compiled U-Net runs the eager one
     try:
         images = session._call_pipeline(prompt, lambda pipe, i, t, kwargs: {}, inputs=inputs)
     finally:

@@ -637,6 +637,27 @@ def test_session_macs_are_every_call_s_macs():
 
 
 @torch.no_grad()
+def test_the_meter_counts_each_kind_of_call_once_per_session(monkeypatch):
+    """MAC counting slows the call it watches several-fold, so a session counts each kind of call (variant, mask,
+    input shapes) once: a second edit with the same mask runs no counter and reports the same MACs; another mask
+    is counted anew."""
+    s = session()
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    counters = []
+    real = session_module.flop_counter.FlopCounterMode
+    monkeypatch.setattr(session_module.flop_counter, "FlopCounterMode",
+                        lambda **kwargs: counters.append(real(**kwargs)) or counters[-1])
+    mask = box_mask(slice(3, 7), slice(2, 9))
+    first = s.edit("a red cabin in the woods", mask=mask, keep=False)
+    counted = len(counters)
+    second = s.edit("a red cabin in the woods", mask=mask, keep=False)
+    assert counted >= 1 and len(counters) == counted  # counted by the first edit only
+    assert second.stats["sparse"].macs == first.stats["sparse"].macs > 0
+    s.edit("a red cabin in the woods", mask=box_mask(slice(0, 8), slice(0, 16)), keep=False)
+    assert len(counters) == counted + 1  # the sparse calls of another mask
+
+
+@torch.no_grad()
 def test_runs_are_owned_not_shared_state():
     """A run belongs to the thread that entered it: runs do not nest, another thread's calls meanwhile are eager
     (no mode leaks across threads), two sessions on one compiled U-Net keep their own caches, and a cache in use

@@ -17,6 +17,7 @@ REGISTRIES = {
     ("passes/annotate_spatial_layout.py", "LAYOUT_RULES"),  # @layout_rule
     ("passes/annotate_spatial_layout.py", "FAMILY_RULES"),
     ("adapters/base.py", "_ADAPTERS"),  # register_adapter
+    ("kernels/registry.py", "DIRECT_CALLS"),  # custom_op
 }
 # Module-level variables that functions rebind (`global`), each with why it is process state.
 PROCESS_STATE = {

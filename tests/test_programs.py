@@ -237,6 +237,34 @@ def test_inline_kernels_compute_what_the_registered_operators_do(write_back):
             torch.testing.assert_close(got_step[ref], want_step[ref], rtol=0, atol=0)
 
 
+@torch.no_grad()
+def test_eager_calls_run_the_kernels_directly_with_the_operators_values():
+    """An eager call outside any dispatch mode runs `Program.direct`: the registered kernels called as the Python
+    functions behind them (no operator dispatch), with the operators' values, bit for bit; a MAC counter still
+    sees the operators (their flop formulas)."""
+    from fisedit_compiler.kernels.registry import DIRECT_CALLS
+
+    compiled, inputs, variants, step = recorded_unet()
+    plan = MaskPlan(box(5, 6), POLICY)
+    program = bind(variants.sparse, plan, write_back=True)
+    targets = {n.target for n in program.gm.graph.nodes}
+    direct_targets = {n.target for n in program.direct().graph.nodes}
+    assert {torch.ops.fisedit.gather_pixels.default, torch.ops.fisedit.active_query_attention.default} <= targets
+    assert not direct_targets & set(DIRECT_CALLS) and set(DIRECT_CALLS.values()) & direct_targets
+    results = []
+    for runner in (program.gm, program.direct()):
+        own = type(step)()
+        own.update({k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()) for k, v in step.items()})
+        results.append((program(inputs, own, plan, runner=runner), own))
+    (want, want_step), (got, got_step) = results
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for ref in want_step:  # the write-back (an in-place kernel) lands in the record both ways
+        torch.testing.assert_close(got_step[ref], want_step[ref], rtol=0, atol=0)
+    assert variants.runner(program) is program.direct()
+    with macs.flop_counter.FlopCounterMode(display=False):
+        assert variants.runner(program) is program.gm
+
+
 def test_program_backend_must_be_a_torch_compile_backend():
     with pytest.raises(ValueError, match="not a torch.compile backend"):
         fisedit.Policy(program_backend="inductr")

@@ -126,44 +126,48 @@ class _Run:
 class _Meter:
     """Counts U-Net calls, MACs and seconds into the current phase, via forward hooks on the U-Net.
 
-    A call's MACs depend only on its graph variant and mask, so they are counted (with `FlopCounterMode`, which
-    slows the call it watches several-fold) on the first call of each kind (mode object, and whether it records
-    cross-attention maps) and reused for the others. The counted call's seconds are not the U-Net's: the phase
-    gets the mean seconds of its uncounted calls of that kind instead (the counted call's own seconds only where
-    it was the only one). On CUDA the clock is read after `torch.cuda.synchronize`, so that a call's seconds are
-    its kernels', not their launches'.
+    A call's MACs depend only on its kind (graph variant), its mask and its input shapes, so they are counted (with
+    `FlopCounterMode`, which slows the call it watches several-fold) on the first call of each and reused for the
+    others, of this run and, through `macs` (a session's memo, kept across its runs), of later ones. The counted
+    call's seconds are not the U-Net's: the phase gets the mean seconds of its uncounted calls of that kind instead
+    (the counted call's own seconds only where it was the only one). On CUDA the clock is read after
+    `torch.cuda.synchronize`, so that a call's seconds are its kernels', not their launches'.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, macs: dict[tuple, int] | None = None):
         self.phases: dict[str, PhaseStats] = {}
         self.phase = "dense"
-        self._macs: dict[tuple, int] = {}
+        self._macs: dict[tuple, int] = {} if macs is None else macs
         self._timed: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of uncounted calls
         self._counted: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of counted calls
         self._counter = None
         self._kind: tuple = ()
-        self._modes: dict[int, object] = {}
         self._start = 0.0
+        device = getattr(unet, "device", None)  # (once: a diffusers model's `device` walks its offloading hooks)
+        self._cuda = device if isinstance(device, torch.device) and device.type == "cuda" else None
         self._handles = [unet.register_forward_pre_hook(self._before), unet.register_forward_hook(self._after)]
 
-    def _call_kind(self, module) -> tuple:
+    @staticmethod
+    def _call_kind(module, args) -> tuple:
         run = getattr(module, "current_run", None)
-        if run is None:
-            return ("eager",)
-        self._modes[id(run.mode)] = run.mode  # kept alive, so that no later mode reuses its id
-        return run.next_call_kind()
+        kind = ("eager", "") if run is None else run.next_call_kind()
+        return (*kind, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+
+    def _synchronize(self) -> None:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
 
     def _before(self, module, args):
-        self._kind = self._call_kind(module)
+        self._kind = self._call_kind(module, args)
         self._counter = None
         if self._kind not in self._macs:
             self._counter = flop_counter.FlopCounterMode(display=False)
             self._counter.__enter__()
-        _synchronize(module)
+        self._synchronize()
         self._start = time.perf_counter()
 
     def _after(self, module, args, output):
-        _synchronize(module)
+        self._synchronize()
         seconds = time.perf_counter() - self._start
         key = (self.phase, self._kind)
         if self._counter is not None:
@@ -217,7 +221,7 @@ class _EditRun:
         """Run the edit; its dense steps' records replace the cache's (if kept). Returns the pipeline's images."""
         session, schedule = self.session, self.schedule
         pending = RecordCache(session.cache.dtype, make_store(session.policy, session.memory_budget))
-        self._meter = _Meter(session.unet)
+        self._meter = _Meter(session.unet, session.call_macs)
         try:
             with session._runs(None) as self._run:
                 if schedule.dense_steps == 0:  # sparse from the first step: the latents are the source's as they are
@@ -305,13 +309,6 @@ class _EditRun:
                 for i, z in enumerate(self.trajectory[:len(self.source.reference)])]
 
 
-def _synchronize(module: torch.nn.Module) -> None:
-    """Wait for the kernels queued on the module's CUDA device (no-op elsewhere)."""
-    device = getattr(module, "device", None)
-    if isinstance(device, torch.device) and device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class EditSession:
     """An editing session over a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL, or any whose `__call__`
     takes `latents` and `callback_on_step_end`). The pipeline's U-Net is compiled with `policy` (a `CompiledUNet`
@@ -379,6 +376,7 @@ class EditSession:
         self._source: _Run | None = None
         self._latents: torch.Tensor | None = None
         self._loaded_size: tuple[int, int] | None = None  # (w, h) of the picture given to load_image
+        self.call_macs: dict[tuple, int] = {}  # MACs per kind of U-Net call, counted once (`_Meter`)
 
     # --- public API -------------------------------------------------------------------------------------------
 
@@ -493,7 +491,7 @@ class EditSession:
         text, _ = self.pipe.encode_prompt(prompt, self.unet.device, 1, False)
         inputs = self.inputs_for(picture, None)
         condition = inversion_condition(inputs, self.unet.dtype) if inputs else None
-        meter = _Meter(self.unet)
+        meter = _Meter(self.unet, self.call_macs)
         meter.phase = "inversion"
         try:
             inversion = ddim_inversion(self.unet, scheduler, clean, text.to(self.unet.dtype), timesteps,
@@ -527,7 +525,7 @@ class EditSession:
         batch = probed[name].shape[0]
         conditioning = {k: v[-1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1 else v
                         for k, v in probed.items() if k not in (name, "return_dict")}
-        meter = _Meter(self.unet)
+        meter = _Meter(self.unet, self.call_macs)
         meter.phase = "inversion"
         try:
             inversion = flow_inversion(self.unet, conditioning, name, self._pack(clean),
@@ -782,7 +780,7 @@ class EditSession:
         return {} if last is None else {"decode": last}
 
     def _run(self, prompt: str, on_step_end, inputs: dict[str, Any] | None = None) -> tuple[list, dict[str, Any]]:
-        meter = _Meter(self.unet)
+        meter = _Meter(self.unet, self.call_macs)
         try:
             images = self._call_pipeline(prompt, on_step_end, inputs=inputs, history=True)
         finally:

@@ -17,6 +17,7 @@ as in the dense graph.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -64,16 +65,17 @@ class SpatialLayout:
         """A joint sequence: pixels and tokens without pixels in the pixel dim (see the module docstring)."""
         return self.tokens != (0, 0)
 
-    @property
+    # (cached: kernels read them several times per call; a frozen dataclass's fields never change)
+    @functools.cached_property
     def rest_dims(self) -> tuple[int, ...]:
         """The dims that are neither batch nor pixels, in order."""
         return tuple(d for d in range(1, len(self.shape)) if d not in self.dims)
 
-    @property
+    @functools.cached_property
     def rest_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[d] for d in self.rest_dims)
 
-    @property
+    @functools.cached_property
     def rest_numel(self) -> int:
         return math.prod(self.rest_shape)
 

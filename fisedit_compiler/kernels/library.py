@@ -16,6 +16,7 @@ exactly the reference's, and every implementation returns the same strides.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from torch.utils import flop_counter
 
 from ..ir import GatherIndex, SpatialLayout, WindowCoords
 from . import reference
+from .registry import custom_op
 
 # --- packing the IR's constants into op arguments --------------------------------------------------------------
 
@@ -33,7 +35,17 @@ def layout_args(layout: SpatialLayout) -> tuple[str, list[int], list[int], list[
 
 
 def _layout(kind: str, res: list[int], dims: list[int], shape: list[int]) -> SpatialLayout:
-    return SpatialLayout(kind, tuple(res), tuple(dims), tuple(shape))  # type: ignore[arg-type]
+    args = kind, tuple(res), tuple(dims), tuple(shape)
+    try:
+        return _layout_of(*args)
+    except TypeError:  # symbolic sizes (a trace) are not hashable
+        return SpatialLayout(*args)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_of(kind: str, res: tuple[int, ...], dims: tuple[int, ...], shape: tuple[int, ...]) -> SpatialLayout:
+    """One `SpatialLayout` per argument tuple: its cached properties last across a program's calls."""
+    return SpatialLayout(kind, res, dims, shape)  # type: ignore[arg-type]
 
 
 INDEX_FIELDS = ("from_fresh", "fresh_index", "recorded_index", "inside", "fresh_at", "fresh_from", "source_recorded",
@@ -58,14 +70,16 @@ def _dispatched(name: str):
 # --- gathers -----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fisedit::gather_pixels", mutates_args=())
-def gather_pixels(
+def _gather_pixels(
     fresh: Optional[Tensor], recorded: Tensor, index: list[Optional[Tensor]], windows: list[int], all_inside: bool,
     kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int,
 ) -> Tensor:
     """`reference.gather_pixels`: the windows of a gather geometry, read from the fresh (gathered) tensor and the
     recorded (full-size) one; `index` holds the `GatherIndex` tensors in `INDEX_FIELDS` order."""
     return _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows)
+
+
+gather_pixels = custom_op("gather_pixels", _gather_pixels)
 
 
 def _gather(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, *epilogue,
@@ -86,8 +100,7 @@ def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh
                                    _layout(kind, res, dims, shape), fresh_windows)
 
 
-@torch.library.custom_op("fisedit::gather_pixels_affine_silu", mutates_args=())
-def gather_pixels_affine_silu(
+def _gather_pixels_affine_silu(
     fresh: list[Optional[Tensor]], recorded: list[Tensor], index: list[Optional[Tensor]], windows: list[int],
     all_inside: bool, kind: str, res: list[int], dims: list[int], shape: list[int], fresh_windows: int,
     scale: Tensor, shift: Tensor,
@@ -99,6 +112,9 @@ def gather_pixels_affine_silu(
                    name="gather_pixels_affine_silu")
 
 
+gather_pixels_affine_silu = custom_op("gather_pixels_affine_silu", _gather_pixels_affine_silu)
+
+
 @gather_pixels_affine_silu.register_fake
 def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh_windows, scale, shift):
     return reference.gather_pixels_affine_silu(fresh, recorded, _index(index, windows, all_inside),
@@ -108,8 +124,7 @@ def _(fresh, recorded, index, windows, all_inside, kind, res, dims, shape, fresh
 # --- write-back ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fisedit::scatter_pixels_", mutates_args=("recorded",))
-def scatter_pixels_(
+def _scatter_pixels_(
     recorded: Tensor, fresh: Tensor, kind: str, res: list[int], dims: list[int], shape: list[int],
     positions: Tensor, fresh_windows: int,
 ) -> None:
@@ -117,6 +132,9 @@ def scatter_pixels_(
     updated = reference.scatter_pixels_(recorded, fresh, _layout(kind, res, dims, shape), positions, fresh_windows)
     if updated is not recorded:  # a non-contiguous map was updated in a contiguous copy
         recorded.copy_(updated)
+
+
+scatter_pixels_ = custom_op("scatter_pixels_", _scatter_pixels_, mutates_args=("recorded",))
 
 
 @scatter_pixels_.register_fake
@@ -127,13 +145,15 @@ def _(recorded, fresh, kind, res, dims, shape, positions, fresh_windows):
 # --- attention -----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fisedit::active_query_attention", mutates_args=())
-def active_query_attention(
+def _active_query_attention(
     query: Tensor, key_fresh: Tensor, value_fresh: Tensor, key_recorded: Tensor, value_recorded: Tensor,
     positions: Tensor, scale: Optional[float],
 ) -> Tensor:
     """`reference.active_query_attention`, contiguous ``(B, heads, queries, head_dim)``."""
     return _dispatched("active_query_attention")(query, key_fresh, value_fresh, key_recorded, value_recorded, positions, scale).contiguous()
+
+
+active_query_attention = custom_op("active_query_attention", _active_query_attention)
 
 
 @active_query_attention.register_fake

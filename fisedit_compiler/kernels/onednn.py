@@ -15,11 +15,15 @@ import torch
 from torch import Tensor
 from torch.utils import flop_counter
 
+from .registry import custom_op
 
-@torch.library.custom_op("fisedit::onednn_linear", mutates_args=())
-def onednn_linear(rows: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
+
+def _onednn_linear(rows: Tensor, kernel: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``rows @ kernel.T + bias`` for (..., k) `rows` and an (out, k) `kernel`, by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(rows, kernel, bias, "none", [], "")
+
+
+onednn_linear = custom_op("onednn_linear", _onednn_linear)
 
 
 @onednn_linear.register_fake

@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from ..cost_model import CostConstants, load_constants
 from ..ir import CacheRef, GatherIndex, WindowCoords, WindowSpec
 from ..kernels.library import INDEX_FIELDS
+from ..kernels.registry import DIRECT_CALLS
 from .cache import StepNotRecordedError, StepRecord
 from .mask_plan import MaskPlan
 from .ops import LOWERINGS
@@ -322,6 +323,20 @@ class Program:
     writes: list[Recorded]
     structure: tuple[tuple[tuple, Any], ...]  # (key, value) of `plan_fact`
     _compiled: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
+    _direct: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+
+    def direct(self) -> fx.GraphModule:
+        """`gm` calling the Python functions behind its registered kernels instead of the operators
+        (`kernels.registry.DIRECT_CALLS`): the same values without the operator dispatch, for eager calls that no
+        dispatch mode watches (a MAC counter needs the operators: their flop formulas count them)."""
+        if self._direct is None:
+            graph = fx.Graph()
+            graph.output(graph.graph_copy(self.gm.graph, {}))
+            for node in graph.nodes:
+                if node.op == "call_function" and node.target in DIRECT_CALLS:
+                    node.target = DIRECT_CALLS[node.target]
+            self._direct = fx.GraphModule(self.gm, graph)
+        return self._direct
 
     def compiled(self, backend: str | None) -> Callable[..., Any] | None:
         """`torch.compile(gm, backend=backend, fullgraph=True)`, made once per backend (None: None, run eagerly).

@@ -11,6 +11,7 @@ between runs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Literal
@@ -80,6 +81,12 @@ class ModeState:
     calls: int = 0
     plan: MaskPlan | None = None
     reused: dict[CacheRef, torch.Tensor] | None = None
+    mask_digest: str = ""  # sparse modes: of the mask's shape and bits (`next_call_kind`)
+
+
+def _digest(mask: torch.Tensor) -> str:
+    bits = mask.detach().to("cpu", torch.bool).contiguous()
+    return f"{tuple(bits.shape)}:{hashlib.blake2b(bits.numpy().tobytes(), digest_size=16).hexdigest()}"
 
 
 class Run:
@@ -121,6 +128,7 @@ class Run:
             if isinstance(mode, SparseMode):
                 require_recorded(self.cache)
                 state.plan = self._planner(mode.mask)
+                state.mask_digest = _digest(mode.mask)
             self._states[id(mode)] = (mode, state)
         self._mode = mode
 
@@ -140,16 +148,15 @@ class Run:
         state = self.state
         return self.reuse_interval > 1 and state.calls % self.reuse_interval != 0 and bool(state.reused)
 
-    def next_call_kind(self) -> tuple[CallKind, int]:
-        """What the next call does, and which mode (by id) it runs in: calls of one kind and mode do the same work
-        (a meter counts their MACs once)."""
+    def next_call_kind(self) -> tuple[CallKind, str]:
+        """What the next call does, and over which mask (a digest of a sparse mode's mask; "" otherwise): calls of
+        one model with the same kind, mask and input shapes do the same work, in this run or another (a meter
+        counts their MACs once)."""
         mode = self._mode
         if mode is None:
-            return "eager", 0
+            return "eager", ""
         if isinstance(mode, RecordMode):
-            kind = "record_maps" if self.state.calls < mode.attention_maps else "record"
-        elif isinstance(mode, ControlMode):
-            kind = "control"
-        else:
-            kind = "sparse_reuse" if self.next_call_reuses() else "sparse"
-        return kind, id(mode)
+            return ("record_maps" if self.state.calls < mode.attention_maps else "record"), ""
+        if isinstance(mode, ControlMode):
+            return "control", ""
+        return ("sparse_reuse" if self.next_call_reuses() else "sparse"), self.state.mask_digest
