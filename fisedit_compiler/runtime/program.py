@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -324,6 +325,7 @@ class Program:
     structure: tuple[tuple[tuple, Any], ...]  # (key, value) of `plan_fact`
     _compiled: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
     _direct: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
+    _fitted: weakref.ref | None = dataclasses.field(default=None, repr=False)  # the last plan `fits` accepted
 
     def direct(self) -> fx.GraphModule:
         """`gm` calling the Python functions behind its registered kernels instead of the operators
@@ -348,8 +350,14 @@ class Program:
         return self._compiled[backend]
 
     def fits(self, plan: MaskPlan | None) -> bool:
-        """Whether this program computes `plan`'s call: the plan has the structure it was bound to."""
-        return all(plan_fact(plan, key) == value for key, value in self.structure)
+        """Whether this program computes `plan`'s call: the plan has the structure it was bound to. (The last plan
+        that fitted is remembered by a weak reference: an edit asks once per sparse step with the same plan.)"""
+        if self._fitted is not None and self._fitted() is plan is not None:
+            return True
+        fits = all(plan_fact(plan, key) == value for key, value in self.structure)
+        if fits and plan is not None:
+            self._fitted = weakref.ref(plan)
+        return fits
 
     def by_ir_node(self, values: dict[str, Any]) -> dict[str, Any]:
         """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node, which each program node
