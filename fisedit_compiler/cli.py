@@ -187,10 +187,13 @@ def _app(args) -> int:
         raise RuntimeError(f"{e}") from e
     if args.steps < 1 or args.sessions_in_memory < 1 or args.idle_minutes <= 0:
         raise ValueError("--steps and --sessions-in-memory are at least 1, --idle-minutes above 0")
-    pipe = load_pipeline(_model_folder(args))
+    from .service import ComputeThread
+
+    compute = ComputeThread()  # the model loaded and run on one thread (`service.compute`)
+    pipe = compute.call(load_pipeline, _model_folder(args))
     print(f"fisedit app: http://{args.host}:{args.port} (data in {args.data}/; Ctrl+C stops)", flush=True)
     launch(pipe, args.data, host=args.host, port=args.port, steps=args.steps, max_live=args.sessions_in_memory,
-           idle_seconds=60 * args.idle_minutes)
+           idle_seconds=60 * args.idle_minutes, compute=compute)
     return 0
 
 

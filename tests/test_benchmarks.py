@@ -258,3 +258,20 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
     assert data["summary"]["colour"]["cases"] == len(data["cases"])
     assert (tmp_path / "pictures" / "colour.png").is_file() and data["cases"][0]["picture"] == "colour.png"
     assert (tmp_path / "pictures" / "edits.png").is_file()
+
+
+def test_the_serving_load_benchmark_serves_both_contenders_on_loopback(tmp_path):
+    """Two users against each server (fisedit's sessions, dense regenerations): every request answered, the fisedit
+    server's sessions evicted and reopened (one in memory), its memory sampled, the comparison computed."""
+    pytest.importorskip("fastapi", reason="the HTTP API is an optional extra: pip install 'fisedit-compiler[serve]'")
+    data = _run_benchmark("serve_load", ["--users", "2", "--edits", "2", "--steps", "2", "--max-live", "1",
+                                         "--out", str(tmp_path)])
+    assert (tmp_path / "serve-load_shapes-2u.md").is_file()
+    for kind, r in data["contenders"].items():
+        assert r["edits"] == 4 and r["generates"] == 2 and not r["failed"] and not r["cut"], kind
+        assert r["edit_p50"] <= r["edit_p95"] and r["rss_peak"] > 0
+    service = data["contenders"]["fisedit"]["service"]
+    assert service["evicted"] > 0 and service["reopened"] > 0 and service["sessions"] == 3  # the warm-up's too
+    c = data["comparison"]
+    assert c["throughput_ratio"] == pytest.approx(
+        data["contenders"]["fisedit"]["edits_per_minute"] / data["contenders"]["dense"]["edits_per_minute"])

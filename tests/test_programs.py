@@ -239,9 +239,8 @@ def test_inline_kernels_compute_what_the_registered_operators_do(write_back):
 
 @torch.no_grad()
 def test_eager_calls_run_the_kernels_directly_with_the_operators_values():
-    """An eager call outside any dispatch mode runs `Program.direct`: the registered kernels called as the Python
-    functions behind them (no operator dispatch), with the operators' values, bit for bit; a MAC counter still
-    sees the operators (their flop formulas)."""
+    """An eager call runs `Program.direct`: the registered kernels called as the Python functions behind them (no
+    operator dispatch), with the operators' values, bit for bit, and the MACs a counter finds in the operators."""
     from fisedit_compiler.kernels.registry import DIRECT_CALLS
 
     compiled, inputs, variants, step = recorded_unet()
@@ -261,8 +260,14 @@ def test_eager_calls_run_the_kernels_directly_with_the_operators_values():
     for ref in want_step:  # the write-back (an in-place kernel) lands in the record both ways
         torch.testing.assert_close(got_step[ref], want_step[ref], rtol=0, atol=0)
     assert variants.runner(program) is program.direct()
-    with macs.flop_counter.FlopCounterMode(display=False):
-        assert variants.runner(program) is program.gm
+    counts = []
+    for runner in (program.gm, program.direct()):  # a MAC counter counts the direct calls as the operators
+        own = type(step)()
+        own.update({k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone()) for k, v in step.items()})
+        with macs.flop_counter.FlopCounterMode(display=False) as counter:
+            program(inputs, own, plan, runner=runner)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0
 
 
 def test_program_backend_must_be_a_torch_compile_backend():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,8 @@ def test_generate_edit_undo_delete(api):
     undone = client.post(f"/v1/sessions/{sid}/undo")
     assert undone.status_code == 200 and undone.json()["history"] == [PROMPT]
     assert undone.json()["image"] == made.json()["image"]
+    assert client.get("/v1/service").json() == {"pid": os.getpid(), "sessions": 1, "live": 1, "evicted": 0,
+                                                 "reopened": 1, "replayed": 0}  # undo reopens the state before
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
     assert client.get(f"/v1/sessions/{sid}").status_code == 404
 

@@ -3,11 +3,14 @@ eviction and reopening, one memory budget, and clear errors for requests it cann
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
 import fisedit_compiler as fisedit
-from fisedit_compiler.editing.persistence import SessionFileError
+from fisedit_compiler.editing.persistence import MANIFEST, SessionFileError
 from fisedit_compiler.models import random_pipeline
 from fisedit_compiler.service import ServiceError, SessionService
 
@@ -72,6 +75,34 @@ def test_an_evicted_session_reopens_from_disk_and_edits_as_if_it_had_stayed(serv
         expected = alone.edit("a red cabin in the woods", mask=mask)
     assert torch.equal(reopened.latents, expected.latents)
     assert service.evict_idle(0.0) == [a] and not service._live
+    assert service.stats() == {"pid": os.getpid(), "sessions": 2, "live": 0, "evicted": 3, "reopened": 1,
+                               "replayed": 0}
+
+
+@torch.no_grad()
+def test_edits_are_journaled_and_another_process_replays_them(service):
+    """An edit's state is its prompt and user mask (kilobytes), not a copy of the session's records; a service in
+    another process (a replica taking over from one that died) reopens the session by replaying them onto the
+    last snapshot, bit for bit; leaving memory saves the last state whole, so it reopens without replaying."""
+    sid = service.create()
+    service.generate(sid, PROMPT, seed=0)
+    service.edit(sid, "a red cabin in the woods", mask=box(slice(2, 8), slice(2, 8)))
+    detected = service.edit(sid, "a red cabin in the woods at night")
+    states = service._states(sid)
+    assert [(state / MANIFEST).is_file() for state in states] == [True, False, False]
+    assert (states[1] / "mask.png").is_file() and json.loads((states[2] / "edit.json").read_text())["mask"] is None
+    size = lambda folder: sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())  # noqa: E731
+    assert size(states[1]) * 20 < size(states[0])
+    other = SessionService(service.pipe, service.root, fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+    try:
+        assert torch.equal(other.current(sid).latents, detected.latents)
+        assert other.stats()["replayed"] == 2 and other.history(sid) == service.history(sid)
+        other.evict(sid)
+        assert (other._states(sid)[-1] / MANIFEST).is_file()
+        assert torch.equal(other.current(sid).latents, detected.latents) and other.stats()["replayed"] == 2
+        assert other.undo(sid).prompt == "a red cabin in the woods"  # the state before, replayed again
+    finally:
+        other.close()
 
 
 @torch.no_grad()

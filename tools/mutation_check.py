@@ -49,6 +49,18 @@ MUTATIONS = [
          "tests/test_app.py::test_an_empty_painting_means_a_detected_mask"),
     ),
     Mutation(
+        "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
+        "fisedit_compiler/service/sessions.py",
+        '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',
+        ("tests/test_service.py::test_edits_are_journaled_and_another_process_replays_them",),
+    ),
+    Mutation(
+        "eager-programs-dispatched", "eager programs call the registered operators, not the functions behind them",
+        "fisedit_compiler/runtime/executor.py",
+        "            return program.direct()\n", "            return program.gm\n",
+        ("tests/test_programs.py::test_eager_calls_run_the_kernels_directly_with_the_operators_values",),
+    ),
+    Mutation(
         "app-errors-unexplained", "the page passes the service's refusals on as raw exceptions (a stack trace)",
         "fisedit_compiler/app/controller.py",
         "            raise AppError(str(error)) from error\n", "            pass\n",

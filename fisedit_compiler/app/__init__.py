@@ -15,10 +15,11 @@ __all__ = ["AppError", "EditApp", "View", "launch"]
 
 
 def launch(pipe, data: str | Path, host: str = "127.0.0.1", port: int = 7860, steps: int = 20,
-           max_live: int = 4, idle_seconds: float = 900.0, block: bool = True):
+           max_live: int = 4, idle_seconds: float = 900.0, block: bool = True, compute=None):
     """Serve the editing page over `pipe` on `host:port` (127.0.0.1 unless asked otherwise); every file it writes
-    (sessions, downloads, Gradio's uploads) is under `data`. Returns the Gradio app (running; with `block` this
-    returns only when the server stops)."""
+    (sessions, downloads, Gradio's uploads) is under `data`. `compute`: the `service.ComputeThread` that loaded
+    `pipe`, which every request's work then runs on (None: Gradio's request threads). Returns the Gradio app
+    (running; with `block` this returns only when the server stops)."""
     from ..service import SessionService
 
     data = Path(data).resolve()
@@ -26,8 +27,8 @@ def launch(pipe, data: str | Path, host: str = "127.0.0.1", port: int = 7860, st
     default_for_libraries(GRADIO_TEMP_DIR=str(data / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
     from .page import build_page
 
-    app = EditApp(SessionService(pipe, data / "sessions", num_inference_steps=steps, max_live=max_live), data,
-                  idle_seconds=idle_seconds)
+    app = EditApp(SessionService(pipe, data / "sessions", num_inference_steps=steps, max_live=max_live,
+                                 compute=compute), data, idle_seconds=idle_seconds)
     app.warm_up()
     app.start_idle_eviction()
     page = build_page(app)

@@ -31,7 +31,8 @@ def _(rows, kernel, bias):
     return rows.new_empty((*rows.shape[:-1], kernel.shape[0]))
 
 
-@flop_counter.register_flop_formula(torch.ops.fisedit.onednn_linear)
+@flop_counter.register_flop_formula([torch.ops.fisedit.onednn_linear, torch.ops.mkldnn._linear_pointwise])
 def _(rows_shape, kernel_shape, *args, out_shape=None, **kwargs) -> int:
-    """A matrix product: `FlopCounterMode` (and so `macs`) counts it like the `F.linear` it replaces."""
+    """A matrix product: `FlopCounterMode` (and so `macs`) counts it like the `F.linear` it replaces, as the
+    operator and as the primitive it calls (what an eager program's direct call runs, `Program.direct`)."""
     return 2 * math.prod(rows_shape) * kernel_shape[0]

@@ -79,14 +79,11 @@ class Variants:
         return program
 
     def runner(self, program: Program):
-        """What runs `program`: its `torch.compile` with the programs' backend, or (None) the eager program calling
-        its kernels directly (`Program.direct`). A call watched by a dispatch mode (a MAC counter,
-        `macs.count_macs`) runs the eager program with its registered operators instead: dynamo does not trace
-        under such a mode, the operators' flop formulas count them, and it runs the same ops (up to the compiler's
-        fusions and rounding)."""
-        if any_torch_dispatch_mode_on_stack():
-            return program.gm
-        if self.backend is None:
+        """What runs `program`: its `torch.compile` with the programs' backend, or the eager program calling its
+        kernels directly (`Program.direct`), which a call watched by a dispatch mode (a MAC counter,
+        `macs.count_macs`) runs too: dynamo does not trace under such a mode, and the eager program runs the same
+        ops (up to the compiler's fusions and rounding)."""
+        if self.backend is None or any_torch_dispatch_mode_on_stack():
             return program.direct()
         return program.compiled(self.backend)
 

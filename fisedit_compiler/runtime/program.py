@@ -215,8 +215,8 @@ class Binding:
 
     # --- lowering -----------------------------------------------------------------------------------------------
 
-    def lower(self) -> tuple[fx.GraphModule, int]:
-        """The program's graph module, and how many of its outputs are the model's."""
+    def lower(self) -> tuple[dict[str, Any], fx.Graph, int]:
+        """The program's root (`_flat_attributes`) and graph, and how many of its outputs are the model's."""
         env: dict[fx.Node, Any] = {}
         graph = self.graph
         num_outputs = None
@@ -235,7 +235,7 @@ class Binding:
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
                 env[node].meta[LOWERED_FROM] = node.name
-        return fx.GraphModule(self._flat_attributes(), graph), num_outputs
+        return self._flat_attributes(), graph, num_outputs
 
     def _flat_attributes(self) -> dict[str, Any]:
         """The program's root: the IR's parameters, buffers and constants that the graph reads, under flat names
@@ -318,27 +318,36 @@ class Program:
     """A variant bound to a call state; see the module docstring. `gm(*inputs, *slots)` returns the model's
     `num_outputs` outputs, then the `writes`."""
 
-    gm: fx.GraphModule
+    root: dict[str, Any]  # the parameters and modules the graph reads, by flat name
+    graph: fx.Graph
     num_outputs: int
     slots: list[Slot]
     writes: list[Recorded]
     structure: tuple[tuple[tuple, Any], ...]  # (key, value) of `plan_fact`
     _compiled: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
-    _direct: fx.GraphModule | None = dataclasses.field(default=None, repr=False)
     _fitted: weakref.ref | None = dataclasses.field(default=None, repr=False)  # the last plan `fits` accepted
 
+    @functools.cached_property
+    def gm(self) -> fx.GraphModule:
+        """The program as a graph module calling the registered kernels (`torch.ops.fisedit.*`): what
+        `torch.compile` and `torch.export` trace (made at first use: Python code generation takes a tenth of a
+        second for a small U-Net's sparse program, and eager calls run `direct`)."""
+        return fx.GraphModule(self.root, self.graph)
+
     def direct(self) -> fx.GraphModule:
-        """`gm` calling the Python functions behind its registered kernels instead of the operators
-        (`kernels.registry.DIRECT_CALLS`): the same values without the operator dispatch, for eager calls that no
-        dispatch mode watches (a MAC counter needs the operators: their flop formulas count them)."""
-        if self._direct is None:
-            graph = fx.Graph()
-            graph.output(graph.graph_copy(self.gm.graph, {}))
-            for node in graph.nodes:
-                if node.op == "call_function" and node.target in DIRECT_CALLS:
-                    node.target = DIRECT_CALLS[node.target]
-            self._direct = fx.GraphModule(self.gm, graph)
+        """The program calling the Python functions behind its registered kernels instead of the operators
+        (`kernels.registry.DIRECT_CALLS`): the same values and MACs without the operator dispatch, which is what
+        eager calls run."""
         return self._direct
+
+    @functools.cached_property
+    def _direct(self) -> fx.GraphModule:
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in DIRECT_CALLS:
+                node.target = DIRECT_CALLS[node.target]
+        return fx.GraphModule(self.root, graph)
 
     def compiled(self, backend: str | None) -> Callable[..., Any] | None:
         """`torch.compile(gm, backend=backend, fullgraph=True)`, made once per backend (None: None, run eagerly).
@@ -363,7 +372,7 @@ class Program:
         """Per-node values of a program run (e.g. `macs.node_macs`) summed per IR node, which each program node
         names in `meta[LOWERED_FROM]`."""
         folded: dict[str, Any] = {}
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             if node.name in values:
                 name = node.meta.get(LOWERED_FROM, node.name)
                 folded[name] = folded.get(name, 0) + values[node.name]
@@ -431,5 +440,5 @@ def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps
     operators (the same values). `constants`: the cost constants a dense program (no plan) chooses libraries with
     (default: the device's, loaded at first use)."""
     binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout, constants)
-    gm, num_outputs = binding.lower()
-    return Program(gm, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))
+    root, graph, num_outputs = binding.lower()
+    return Program(root, graph, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))

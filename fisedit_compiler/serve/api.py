@@ -8,6 +8,7 @@
     POST   /v1/sessions/{id}/edits      form: prompt, [mask PNG], [keep] → the edited image, mask, region, phases
     POST   /v1/sessions/{id}/undo       → the state before the last edit
     DELETE /v1/sessions/{id}
+    GET    /v1/service                  → sessions on disk and in memory, evictions and reopenings (one replica's)
     POST   /v1/images/edits             form: image, prompt, [mask], [source_prompt] → the edited image (stateless)
 
 Routes that read an upload are `async`; every service call (which may wait for the service's lock while another
@@ -141,6 +142,17 @@ def create_app(service: SessionService) -> FastAPI:
         service.delete(sid)
         return Response(status_code=204)
 
+    @app.get("/v1/service")
+    def stats():
+        return service.stats()
+
+    _add_stateless_edit(app, service)
+    return app
+
+
+def _add_stateless_edit(app: FastAPI, service: SessionService) -> None:
+    """`POST /v1/images/edits`, the OpenAI-compatible form (`stateless_edit`)."""
+
     @app.post("/v1/images/edits")
     async def edit_image(image: UploadFile = File(...), prompt: str = Form(...), mask: UploadFile | None = File(None),
                          source_prompt: str = Form(""), n: int = Form(1), response_format: str = Form("b64_json")):
@@ -149,8 +161,6 @@ def create_app(service: SessionService) -> FastAPI:
                                      "response_format=b64_json)")
         picture, drawn = await _image(image, "image"), openai_mask(await _image(mask, "mask"))
         return await run_in_threadpool(lambda: stateless_edit(service, picture, prompt, drawn, source_prompt))
-
-    return app
 
 
 def openai_mask(mask: Image.Image | None) -> Image.Image | None:

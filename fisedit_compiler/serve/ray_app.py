@@ -47,15 +47,20 @@ class EditEngine:
 
     def __init__(self, model: str | None, data: str, steps: int = 20, idle_seconds: float = 900.0):
         from ..models import load_pipeline
+        from ..service import ComputeThread
         from ..training.quality import SHAPES_MODEL
 
-        pipe = load_pipeline(model or str(SHAPES_MODEL))
-        import torch
+        def load():
+            import torch
 
-        if torch.cuda.is_available():  # a replica given a GPU (Ray sets which one it sees)
-            pipe.to("cuda")
-        self.service = SessionService(pipe, Path(data) / "sessions", num_inference_steps=steps,
-                                      max_live=SESSIONS_PER_REPLICA)
+            pipe = load_pipeline(model or str(SHAPES_MODEL))
+            if torch.cuda.is_available():  # a replica given a GPU (Ray sets which one it sees)
+                pipe.to("cuda")
+            return pipe
+
+        compute = ComputeThread()  # the model loaded and run on one thread (`service.compute`)
+        self.service = SessionService(compute.call(load), Path(data) / "sessions", num_inference_steps=steps,
+                                      max_live=SESSIONS_PER_REPLICA, compute=compute)
         self.service.start_idle_eviction(idle_seconds)  # an idle session is saved already: dropped from memory
 
     @serve.multiplexed(max_num_models_per_replica=SESSIONS_PER_REPLICA)
@@ -101,6 +106,10 @@ class RemoteService:
 
     def create(self) -> str:
         return self._call("create", None)
+
+    def stats(self) -> dict[str, int]:
+        """The stats of one replica (any: `pid` says which)."""
+        return self._call("stats", None)
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
