@@ -23,7 +23,7 @@ the first and of the last quarter of the load, which show any growth), the servi
 (`GET /v1/service`), and requests that failed. The load is bounded: `--users` threads, `--edits` edits each, and
 `--time-limit` seconds, after which users stop where they are (reported).
 
-Results: ``<out>/serve-load_<model>-<users>u.{json,md}``. The goal printed is issue 44's: at least 2x the edits per
+Results: ``<out>/serve-load_<model>-<users>u-<max live>live.{json,md}``. The goal printed is issue 44's: at least 2x the edits per
 minute of dense serving at the same p95, memory within the budget, nothing lost.
 """
 
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data["args"]["model"] = args.model
     text = report(data)
     model = Path(args.model).name if args.model else "shapes"
-    write_results(args.out, f"serve-load_{model}-{args.users}u", data, text)
+    write_results(args.out, f"serve-load_{model}-{args.users}u-{args.max_live}live", data, text)
     print(text)
     return data
 

@@ -266,7 +266,7 @@ def test_the_serving_load_benchmark_serves_both_contenders_on_loopback(tmp_path)
     pytest.importorskip("fastapi", reason="the HTTP API is an optional extra: pip install 'fisedit-compiler[serve]'")
     data = _run_benchmark("serve_load", ["--users", "2", "--edits", "2", "--steps", "2", "--max-live", "1",
                                          "--out", str(tmp_path)])
-    assert (tmp_path / "serve-load_shapes-2u.md").is_file()
+    assert (tmp_path / "serve-load_shapes-2u-1live.md").is_file()
     for kind, r in data["contenders"].items():
         assert r["edits"] == 4 and r["generates"] == 2 and not r["failed"] and not r["cut"], kind
         assert r["edit_p50"] <= r["edit_p95"] and r["rss_peak"] > 0
