@@ -319,7 +319,7 @@ class Program:
     `num_outputs` outputs, then the `writes`."""
 
     root: dict[str, Any]  # the parameters and modules the graph reads, by flat name
-    graph: fx.Graph
+    graph: fx.Graph  # calling the functions behind the registered kernels (`direct`)
     num_outputs: int
     slots: list[Slot]
     writes: list[Recorded]
@@ -329,10 +329,17 @@ class Program:
 
     @functools.cached_property
     def gm(self) -> fx.GraphModule:
-        """The program as a graph module calling the registered kernels (`torch.ops.fisedit.*`): what
-        `torch.compile` and `torch.export` trace (made at first use: Python code generation takes a tenth of a
-        second for a small U-Net's sparse program, and eager calls run `direct`)."""
-        return fx.GraphModule(self.root, self.graph)
+        """The program as a graph module calling the registered kernels (`torch.ops.fisedit.*`), one opaque node
+        each: what `torch.compile` and `torch.export` trace. Made at first use (a copy of `graph` with the
+        operators for the functions): eager calls run `direct`, and Python code generation takes a tenth of a
+        second for a small U-Net's sparse program, which a new mask's first call would pay twice."""
+        operators = {function: op for op, function in DIRECT_CALLS.items()}
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.graph, {}))
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in operators:
+                node.target = operators[node.target]
+        return fx.GraphModule(self.root, graph)
 
     def direct(self) -> fx.GraphModule:
         """The program calling the Python functions behind its registered kernels instead of the operators
@@ -342,12 +349,7 @@ class Program:
 
     @functools.cached_property
     def _direct(self) -> fx.GraphModule:
-        graph = fx.Graph()
-        graph.output(graph.graph_copy(self.graph, {}))
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target in DIRECT_CALLS:
-                node.target = DIRECT_CALLS[node.target]
-        return fx.GraphModule(self.root, graph)
+        return fx.GraphModule(self.root, self.graph)
 
     def compiled(self, backend: str | None) -> Callable[..., Any] | None:
         """`torch.compile(gm, backend=backend, fullgraph=True)`, made once per backend (None: None, run eagerly).
@@ -441,4 +443,7 @@ def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps
     (default: the device's, loaded at first use)."""
     binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout, constants)
     root, graph, num_outputs = binding.lower()
+    for node in graph.nodes:  # the functions behind the registered kernels (`Program.gm` has the operators)
+        if node.op == "call_function" and node.target in DIRECT_CALLS:
+            node.target = DIRECT_CALLS[node.target]
     return Program(root, graph, num_outputs, binding.slots, binding.writes, tuple(binding.structure.items()))
