@@ -180,3 +180,62 @@ def test_idle_sessions_leave_memory_on_their_own_and_reopen(service):
         time.sleep(0.05)
     assert sid not in service._live
     assert torch.equal(service.current(sid).latents, source.latents)
+
+
+def test_a_compute_thread_runs_every_call_on_itself_in_order():
+    """`ComputeThread.call` runs the function on its one thread, whichever thread calls, returns its result and
+    raises its exception in the caller; a call made on the thread runs at once (no deadlock); closed, it refuses."""
+    import threading
+
+    from fisedit_compiler.service import ComputeThread
+
+    compute = ComputeThread()
+    seen, order = set(), []
+
+    def work(n):
+        seen.add(threading.get_ident())
+        order.append(n)
+        return compute.call(lambda: n * 2)  # nested: runs inline on the compute thread
+
+    callers = [threading.Thread(target=compute.call, args=(work, n)) for n in range(8)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert compute.call(work, 21) == 42
+    assert len(seen) == 1 and threading.get_ident() not in seen and sorted(order) == [*range(8), 21]
+    with pytest.raises(ZeroDivisionError):
+        compute.call(lambda: 1 / 0)
+    compute.close()
+    with pytest.raises(RuntimeError, match="was closed"):
+        compute.call(work, 1)
+
+
+@torch.no_grad()
+def test_a_service_with_a_compute_thread_computes_only_there(pipe, tmp_path, monkeypatch):
+    """Every session call of a service given a `ComputeThread` runs on it (a server's request threads only wait),
+    with the results of a service without one."""
+    import threading
+
+    from fisedit_compiler.service import ComputeThread
+
+    compute = ComputeThread()
+    threads = set()
+    real = fisedit.EditSession._call_pipeline
+    monkeypatch.setattr(fisedit.EditSession, "_call_pipeline",
+                        lambda self, *a, **k: threads.add(threading.current_thread().name) or real(self, *a, **k))
+    served = SessionService(pipe, tmp_path / "a", fisedit.Policy(block_size=2), num_inference_steps=STEPS,
+                            compute=compute)
+    plain = SessionService(pipe, tmp_path / "b", fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+    try:
+        results = []
+        for service in (served, plain):
+            sid = service.create()
+            service.generate(sid, PROMPT, seed=0)
+            results.append(service.edit(sid, "a red cabin in the woods", mask=box(slice(2, 8), slice(2, 8))))
+        assert torch.equal(results[0].latents, results[1].latents)
+        assert threads == {"fisedit-compute", threading.current_thread().name}
+    finally:
+        served.close()
+        plain.close()
+        compute.close()

@@ -49,6 +49,13 @@ MUTATIONS = [
          "tests/test_app.py::test_an_empty_painting_means_a_detected_mask"),
     ),
     Mutation(
+        "compute-thread-bypassed", "a service given a compute thread computes on the caller's thread",
+        "fisedit_compiler/service/sessions.py",
+        "        if self.compute is None:\n            return method(self, *args, **kwargs)\n",
+        "        if True:\n            return method(self, *args, **kwargs)\n",
+        ("tests/test_service.py::test_a_service_with_a_compute_thread_computes_only_there",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',
