@@ -71,6 +71,7 @@ def drive(url: str, screenshot: Path, source: str | None = None, edit: str = "a 
 def main(argv: list[str]) -> int:
     from fisedit_compiler.app import launch
     from fisedit_compiler.models import load_pipeline
+    from fisedit_compiler.service import ComputeThread
     from fisedit_compiler.training.quality import SHAPES_MODEL
 
     if chromium() is None:
@@ -79,7 +80,8 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0] if argv else "docs/images/app.png")
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
-        page = launch(load_pipeline(str(SHAPES_MODEL)), data, port=port, block=False)
+        compute = ComputeThread()  # as `fisedit app` runs
+        page = launch(compute.call(load_pipeline, str(SHAPES_MODEL)), data, port=port, block=False, compute=compute)
         try:
             print(drive(f"http://127.0.0.1:{port}", out, source="a red circle and a blue square on a gray background",
                         edit="a red square and a blue square on a gray background", paint=False))
