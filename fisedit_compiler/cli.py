@@ -209,7 +209,15 @@ def _serve(args) -> int:
         raise RuntimeError(f"{e}") from e
     import time
 
-    ray.init(address=args.address, include_dashboard=False)
+    options = {}
+    if args.address is None:  # a local Ray instance: its session files under --data where its socket paths allow
+        temp = ray_temp_dir(args.data)
+        if temp is None:
+            print(f"note: Ray keeps its session files in its default folder (/tmp/ray): {args.data}/ray is too long a "
+                  "path for its sockets", flush=True)
+        else:
+            options["_temp_dir"] = temp
+    ray.init(address=args.address, include_dashboard=False, **options)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(args.model, args.data, args.replicas, args.steps, 60 * args.idle_minutes,
                         args.gpus_per_replica), route_prefix="/")
@@ -221,6 +229,16 @@ def _serve(args) -> int:
     except KeyboardInterrupt:
         serve.shutdown()
     return 0
+
+
+RAY_TEMP_MAX = 38  # characters: Ray's sockets live at <temp>/session_<date>_<pid>/sockets/..., at most 107 in all
+
+
+def ray_temp_dir(data: str | Path) -> str | None:
+    """Where a local Ray instance started by `fisedit serve` keeps its session files: ``<data>/ray`` (absolute), or
+    None where that path is too long for the Unix sockets Ray makes inside it."""
+    temp = str(Path(data).resolve() / "ray")
+    return temp if len(temp) <= RAY_TEMP_MAX else None
 
 
 def _server_arguments(parser: argparse.ArgumentParser, port: int, data: str, data_help: str) -> None:

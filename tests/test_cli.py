@@ -178,3 +178,13 @@ def test_a_command_prints_no_notice_about_image_processors(tmp_path):
     assert done.returncode == 2 and "tokens long" in done.stderr  # it got as far as the pipeline's tokenizer
     assert "torchvision" not in done.stderr, done.stderr
     assert "Token indices sequence length" not in done.stderr  # the tokenizer's warning before our error
+
+
+def test_a_local_ray_instance_keeps_its_files_under_the_data_folder_where_its_sockets_allow(tmp_path, monkeypatch):
+    from fisedit_compiler.cli import RAY_TEMP_MAX, ray_temp_dir
+
+    monkeypatch.chdir(tmp_path)  # a relative --data: the absolute path Ray needs
+    expected = str(tmp_path / "d" / "ray")
+    assert ray_temp_dir("d") == (expected if len(expected) <= RAY_TEMP_MAX else None)
+    assert ray_temp_dir("/srv/fisedit") == "/srv/fisedit/ray"
+    assert ray_temp_dir("/" + "x" * 40) is None  # Ray's socket paths would pass 107 characters
