@@ -32,7 +32,9 @@ def _(rows, kernel, bias):
 
 
 @flop_counter.register_flop_formula([torch.ops.fisedit.onednn_linear, torch.ops.mkldnn._linear_pointwise])
-def _(rows_shape, kernel_shape, *args, out_shape=None, **kwargs) -> int:
+def _(rows_shape, *args, out_shape=None, **kwargs) -> int:
     """A matrix product: `FlopCounterMode` (and so `macs`) counts it like the `F.linear` it replaces, as the
-    operator and as the primitive it calls (what an eager program's direct call runs, `Program.direct`)."""
-    return 2 * math.prod(rows_shape) * kernel_shape[0]
+    operator and as the primitive it calls (what an eager program's direct call runs, `Program.direct`): every
+    row's elements times the output's features (from the output's shape: the primitive's binary overload takes
+    another operand before the weight)."""
+    return 2 * math.prod(rows_shape) * out_shape[-1]
