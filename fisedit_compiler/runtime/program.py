@@ -391,10 +391,10 @@ class Program:
     def __call__(self, inputs: dict[str, Any], step: StepRecord | None = None, plan: MaskPlan | None = None,
                  source: StepRecord | None = None, token_alignment: torch.Tensor | None = None,
                  runner: Callable[..., Any] | None = None) -> tuple[torch.Tensor, ...]:
-        """Run the program (with `runner`, e.g. a `torch.compile` of `gm`, if given) and store what it records
-        into `step`; returns the model's outputs."""
+        """Run the program (with `runner`, e.g. a `torch.compile` of `gm`, if given; else eagerly, `direct`) and
+        store what it records into `step`; returns the model's outputs."""
         args = self.arguments(inputs, step, plan, source, token_alignment)
-        result = (self.gm if runner is None else runner)(*args)
+        result = (self.direct() if runner is None else runner)(*args)
         outputs, written = result[:self.num_outputs], result[self.num_outputs:]
         if self.writes:
             # a recorded tensor that is also an output (the model's last layer) is stored as a copy: write-back
