@@ -216,7 +216,8 @@ class SessionService:
             states = self._states(sid)
             if not states:
                 raise ServiceError("the session has no image yet: generate or upload one first", "conflict")
-            self._snapshot(sid, self._session(sid))
+            if not _is_snapshot(states[-1]):  # (a session saved whole is not opened just to be saved again)
+                self._snapshot(sid, self._session(sid))
             return states[-1]
 
     @_computes
@@ -259,7 +260,7 @@ class SessionService:
     def _states(self, sid: str) -> list[Path]:
         folder = self._folder(sid) / "states"
         states = (p for p in folder.iterdir()
-                  if p.name.isdigit() and ((p / MANIFEST).is_file() or (p / JOURNAL).is_file()))
+                  if p.name.isdigit() and (_is_snapshot(p) or (p / JOURNAL).is_file()))
         return sorted(states, key=lambda p: int(p.name))
 
     def _session(self, sid: str, fresh: bool = False, steps: int | None = None) -> EditSession:
@@ -320,7 +321,7 @@ class SessionService:
 
     def _reopen(self, states: list[Path]) -> EditSession:
         """The session of `states`: its last snapshot loaded, the journaled edits after it replayed."""
-        base = max(i for i, state in enumerate(states) if (state / MANIFEST).is_file())
+        base = max(i for i, state in enumerate(states) if _is_snapshot(state))
         session = EditSession.load(states[base], self.pipe, memory_budget=self.memory_budget)
         try:
             for state in states[base + 1:]:
@@ -350,7 +351,7 @@ class SessionService:
     def _snapshot(self, sid: str, session: EditSession) -> None:
         """Save the session into its last state's folder if that state is journaled (the session is that state)."""
         states = self._states(sid)
-        if states and not (states[-1] / MANIFEST).is_file():
+        if states and not _is_snapshot(states[-1]):
             session.save(states[-1])  # (its manifest is written after the records: a half-written one is no snapshot)
 
     def _close(self, sid: str) -> None:
@@ -370,9 +371,13 @@ class SessionService:
             shutil.rmtree(state)
 
 
+def _is_snapshot(state: Path) -> bool:
+    """Whether a state folder holds a whole saved session (else a journaled edit); its manifest is written last."""
+    return (state / MANIFEST).is_file()
+
+
 def _state_record(state: Path) -> dict[str, Any]:
     """A state's prompt (and, journaled, its mask): a snapshot's manifest, else its journal entry."""
-    snapshot = state / MANIFEST
-    if snapshot.is_file():
-        return {"prompt": json.loads(snapshot.read_text())["prompt"], "mask": None}
+    if _is_snapshot(state):
+        return {"prompt": json.loads((state / MANIFEST).read_text())["prompt"], "mask": None}
     return json.loads((state / JOURNAL).read_text())
