@@ -11,9 +11,10 @@ pending records and the decoder's record), CFG 7.5: `generate`, an edit with a 1
 then `--edits` more edits with masks of 5-30%, each after a `keep=False` try; then `close()`. Per phase: seconds,
 the process's peak and final resident memory (VmHWM, reset per phase; VmRSS), the most bytes of records the budget
 held, bytes on disk in the spill folders. Resident memory is sampled every 0.5 s over the whole run (a CSV and an
-SVG plot beside the results). The bound checked: the process's peak stays under its resident memory when the
-session was made + the cache budget + the largest growth of one call beyond its record (a call's transients,
-measured on the first dense call), and the edits' peaks do not grow from one to the next. Results go to
+SVG plot beside the results). The bound checked is the one the session states when it is made
+(`session.memory_budget.bound`, `MemoryBound`: the process's anonymous memory then + the cache budget + what is
+left for a call's transients beside 10% of the memory available for the system), and the edits' peaks do not grow
+from one to the next. Results go to
 ``<out>/memory-soak_<arch>-<latent>-<steps>.{json,md,csv,svg}``.
 """
 
@@ -36,7 +37,7 @@ import fisedit_compiler as fisedit  # noqa: E402
 from cache_tiers import phase_peak  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
 from fisedit_compiler.models import random_pipeline  # noqa: E402
-from fisedit_compiler.runtime.tiered_store import SPILL_PREFIX, available_memory  # noqa: E402
+from fisedit_compiler.runtime.tiered_store import SPILL_PREFIX  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -136,7 +137,6 @@ def main(argv=None) -> dict:
     pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size=args.size)
     pipe.set_progress_bar_config(disable=True)
     phase_peak()
-    available = available_memory()
     start_rss, start_anon = resident(), anonymous()
     session = fisedit.EditSession(pipe, fisedit.Policy(cache_dir=str(parent)), num_inference_steps=args.steps)
     budget = session.memory_budget
@@ -175,17 +175,20 @@ def main(argv=None) -> dict:
     left = disk_bytes(parent)
 
     # the bound, on anonymous memory (what the kernel cannot reclaim: file pages of spilled steps read back are
-    # page cache, dropped before anything is killed): anonymous when the session was made + the cache budget + a
-    # call's transients (the generate phase's peak growth beyond the records it held)
-    generate = phases[0]
-    transients = max(0, generate["peak_anon"] - start_anon - generate["records_peak"])
-    bound = start_anon + budget.nbytes + transients
+    # page cache, dropped before anything is killed): the session's (`MemoryBound`), stated when it was made
+    stated = budget.bound
+    bound = stated.total
+    for p in phases:  # each phase's most memory beyond the records held and the base: its calls' transients
+        p["transients"] = max(0, p["peak_anon"] - stated.base - p["records_peak"])
+    transients = max(p["transients"] for p in phases)
     peak = max(p["peak_rss"] for p in phases)
     peak_anon = max(p["peak_anon"] for p in phases)
     edit_peaks = [p["peak_anon"] for p in phases if p["phase"].startswith("edit ")]
     data = {"machine": machine(), "arch": args.arch, "latent_size": latent, "size": args.size, "steps": args.steps,
-            "available_at_start": available, "rss_at_session_start": start_rss, "anon_at_session_start": start_anon,
-            "budget_bytes": budget.nbytes, "transients_bytes": transients, "bound_bytes": bound, "peak_rss": peak,
+            "available_at_start": stated.available, "rss_at_session_start": start_rss,
+            "anon_at_session_start": start_anon,
+            "budget_bytes": budget.nbytes, "bound_base_bytes": stated.base, "calls_bytes": stated.calls,
+            "headroom_bytes": stated.headroom, "transients_bytes": transients, "bound_bytes": bound, "peak_rss": peak,
             "peak_anon": peak_anon, "within_bound": peak_anon <= bound,
             "edit_peak_growth": (edit_peaks[-1] - edit_peaks[0]) if len(edit_peaks) > 1 else 0,
             "disk_bytes_after_close": left, "phases": phases}
@@ -208,17 +211,21 @@ def markdown(d: dict) -> str:
              f"Machine: {d['machine']['cpu']}, git {d['machine']['git']}, {d['machine']['date']}", "",
              f"Available when the session was made: {gib(d['available_at_start'])}; resident then "
              f"{gib(d['rss_at_session_start'])} (anonymous {gib(d['anon_at_session_start'])}); cache budget "
-             f"{gib(d['budget_bytes'])}; a call's transients {gib(d['transients_bytes'])}; bound on anonymous "
-             f"memory {gib(d['bound_bytes'])}. Peak anonymous {gib(d['peak_anon'])} (sampled every 0.5 s): "
+             f"{gib(d['budget_bytes'])}. The session's bound on anonymous memory (`MemoryBound`): "
+             f"{gib(d['bound_base_bytes'])} held when its budget was made + the cache budget + "
+             f"{gib(d['calls_bytes'])} for a call's transients = {gib(d['bound_bytes'])}, leaving "
+             f"{gib(d['headroom_bytes'])} of the memory available to the system. The largest transients measured "
+             f"(a phase's peak beyond the base and the records it held): {gib(d['transients_bytes'])}. Peak "
+             f"anonymous {gib(d['peak_anon'])} (sampled every 0.5 s): "
              f"{'within' if d['within_bound'] else 'OVER'} the bound; peak resident, file pages included, "
              f"{gib(d['peak_rss'])}. Edit peaks grew by {gib(d['edit_peak_growth'])} from the first edit to the "
              f"last; spill files left after close: {gib(d['disk_bytes_after_close'])}.", "",
              "| phase | seconds | peak RSS | peak anonymous | RSS after | anonymous after | records held (peak) | "
-             "on disk |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "transients | on disk |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for p in d["phases"]:
         lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {gib(p['peak_rss'])} | {gib(p['peak_anon'])} | "
                      f"{gib(p['rss_after'])} | {gib(p['anon_after'])} | {gib(p['records_peak'])} | "
-                     f"{gib(p['disk_bytes'])} |")
+                     f"{gib(p['transients'])} | {gib(p['disk_bytes'])} |")
     return "\n".join(lines) + "\n"
 
 

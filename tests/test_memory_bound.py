@@ -161,3 +161,49 @@ def test_a_store_removes_its_spill_folder_when_closed_or_collected(tmp_path):
     spilled_store()  # dropped at once
     gc.collect()
     assert not _spill_folders(tmp_path)
+
+
+def test_a_session_states_its_memory_bound_from_the_memory_available():
+    """Where the memory available is known (Linux), the budget carries the process's bound: the anonymous memory
+    held when it was made, the cache's share of what was available, 10% left to the system, the rest for a call's
+    transients."""
+    from fisedit_compiler.runtime.tiered_store import anonymous_memory, available_memory
+
+    if available_memory() is None or anonymous_memory() is None:
+        pytest.skip("the memory available and the process's anonymous memory are read from Linux's /proc")
+    bound = _session().memory_budget.bound
+    assert bound is not None and bound.base > 0
+    assert bound.cache == int(0.5 * bound.available)
+    assert bound.headroom == int(0.1 * bound.available)
+    assert bound.cache + bound.calls + bound.headroom == bound.available
+    assert bound.total == bound.base + bound.cache + bound.calls
+    fixed = _session(cache_budget=1 << 20).memory_budget.bound
+    assert fixed.cache == 1 << 20 and fixed.calls == fixed.available - (1 << 20) - fixed.headroom
+
+
+@torch.no_grad()
+def test_an_edit_drops_what_its_plan_made_for_the_programs_before_the_decode(monkeypatch):
+    """The flattened kernels and index tensors of a sparse run's plan (2 GiB at SD 1.5's size) are let go when the
+    last denoising step ends, so that the VAE's decode reuses their memory instead of adding its own."""
+    from fisedit_compiler.runtime.mask_plan import MaskPlan
+
+    events = []
+    release = MaskPlan.release_values
+
+    def recorded_release(plan):
+        events.append(("release", len(plan._values)))
+        release(plan)
+
+    monkeypatch.setattr(MaskPlan, "release_values", recorded_release)
+    s = _session(cache_budget="unbounded")
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    decode = s.pipe.vae.decode
+
+    def recorded_decode(*args, **kwargs):
+        events.append(("decode", 0))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(s.pipe.vae, "decode", recorded_decode)
+    s.edit("a red cabin in the woods", mask=_box(3, 4, 5))
+    assert [kind for kind, _ in events] == ["release", "decode"]
+    assert events[0][1] > 0  # it held index tensors (and, for pixel-wise blocks, flattened kernels)

@@ -56,6 +56,18 @@ MUTATIONS = [
         ("tests/test_service.py::test_a_service_with_a_compute_thread_computes_only_there",),
     ),
     Mutation(
+        "plan-kept-through-decode", "an edit keeps its plan's flattened kernels and indices through the decode",
+        "fisedit_compiler/editing/session.py",
+        "            self._run.release_memory()  # the denoising is over", "            pass  # the denoising is over",
+        ("tests/test_memory_bound.py::test_an_edit_drops_what_its_plan_made_for_the_programs_before_the_decode",),
+    ),
+    Mutation(
+        "bound-without-headroom", "the stated memory bound leaves nothing to the system",
+        "fisedit_compiler/runtime/tiered_store.py",
+        "    calls = max(0, available - budget - headroom)\n", "    calls = max(0, available - budget)\n",
+        ("tests/test_memory_bound.py::test_a_session_states_its_memory_bound_from_the_memory_available",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',

@@ -102,6 +102,10 @@ class RunGroup:
         for run, follower in zip(self.runs, self.followers(mode)):
             run.switch(follower)
 
+    def release_memory(self) -> None:
+        for run in (self.primary, *self.runs):
+            run.release_memory()
+
     def replace_steps(self, pending: RecordCache, **kwargs) -> None:
         """The companions' counterpart of ``session.cache.replace_steps(pending, ...)``: their pending records of
         the control mode that wrote into `pending` replace their caches' steps."""

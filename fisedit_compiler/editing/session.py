@@ -33,7 +33,7 @@ from PIL import Image
 from ..compiler import ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
-from ..runtime.cache import RecordCache
+from ..runtime.cache import RecordCache, return_free_heap
 from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
 from .companions import check_control_image, compile_companions, run_group
@@ -241,11 +241,14 @@ class _EditRun:
             pending.close()
             if self._run is not None:
                 self._run.close()
+            return_free_heap()  # the steps the edit replaced, freed after its run's end
         return images
 
     def on_step_end(self, pipe, i, t, kwargs):
         latents = self.session._unpack(kwargs["latents"])
         self.trajectory.append(latents.clone())
+        if i + 1 == getattr(pipe, "num_timesteps", self.session.num_inference_steps):
+            self._run.release_memory()  # the denoising is over: the decode reuses what the plan made for it
         if self.schedule.decides_mask_after(i) and not self._decide_mask(pipe):
             return {"latents": self.session._pack(self.source.trajectory[-1].clone())}
         if self.blend is None:  # a detected mask's control steps: their drift is what detects it

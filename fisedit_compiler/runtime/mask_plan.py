@@ -132,6 +132,11 @@ class MaskPlan:
             self._values[key] = make(self)
         return self._values[key]
 
+    def release_values(self) -> None:
+        """Drop what `value` made (at SD 1.5's size the flattened kernels alone are 2 GiB): a run whose calls are
+        over lets the picture's decode reuse that memory. A later call makes them again."""
+        self._values.clear()
+
     @property
     def gather_indices_built(self) -> int:
         """How many gather indices this plan has built so far."""

@@ -132,6 +132,15 @@ class Run:
             self._states[id(mode)] = (mode, state)
         self._mode = mode
 
+    def release_memory(self) -> None:
+        """The run's calls are over for now (its last denoising step has ended): its mask plans drop what they made
+        for the programs (`MaskPlan.release_values`) and temporal reuse forgets its deep-level outputs, so that what
+        follows (the VAE's decode) reuses that memory. A later call makes them again (a full call first)."""
+        for _, state in self._states.values():
+            if state.plan is not None:
+                state.plan.release_values()
+            state.reused = None
+
     def next_key(self, timestep: torch.Tensor, batch: int) -> StepKey:
         """The step key of the next call at `timestep` with `batch` items: its occurrence counts the run's calls at
         that timestep (a replay cycles through the recorded ones)."""

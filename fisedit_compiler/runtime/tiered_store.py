@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import os
@@ -51,15 +52,47 @@ class CacheBudgetError(MemoryError):
     """The memory budget of the record cache cannot be kept: one step's record is larger than the whole budget."""
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryBound:
+    """What a session may hold in memory, in bytes, derived from the memory available when its budget was made
+    (`available`, Linux's MemAvailable) on top of what the process held then (`base`: anonymous memory, the
+    weights and everything else already loaded). The process's anonymous memory stays under `total`:
+
+    - `cache`: step records (`MemoryBudget`: the cache, an edit's pending records, the decoder's record; the
+      steps being read ahead and written behind are among them), `Policy.cache_budget` of `available`;
+    - `calls`: what one call makes and frees again (its activations; a sparse call's plan also holds its convolution
+      kernels flattened for its GEMMs, 2.0 GiB at SD 1.5's size, made once per edit and dropped before the decode;
+      the VAE's decode), and the free memory the C allocator keeps for reuse (`Policy.retain_freed_memory`) until
+      the run ends: what is left of `available` beside the cache and `headroom`;
+    - `headroom`: `HEADROOM` of `available`, for the system (the page cache that spilled steps are read back
+      through, other processes).
+    """
+
+    base: int
+    available: int
+    cache: int
+    calls: int
+    headroom: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.cache + self.calls
+
+
+HEADROOM = 0.1  # of the memory available: what a session's bound leaves to the system
+
+
 class MemoryBudget:
     """Bytes of step records that the stores sharing it (an edit session's cache, its edit runs' pending records
     and its decoder's record) may hold in memory together: a store that needs room lets its own records go first,
-    then the other stores' (those needed last by each). Stores sharing a budget are used from one thread."""
+    then the other stores' (those needed last by each). Stores sharing a budget are used from one thread.
+    `bound`: the process's memory bound it is part of (`MemoryBound`), where the memory available was known."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, bound: MemoryBound | None = None):
         if nbytes < 0:
             raise ValueError(f"the cache budget must be >= 0 bytes, got {nbytes}")
         self.nbytes = nbytes
+        self.bound = bound
         self.stores: weakref.WeakSet[TieredStore] = weakref.WeakSet()
         self.peak = 0  # the most bytes held at once, as measured after every change of what is held
 
@@ -69,6 +102,18 @@ class MemoryBudget:
 
     def note(self) -> None:
         self.peak = max(self.peak, self.held())
+
+
+def anonymous_memory() -> int | None:
+    """This process's anonymous resident bytes (Linux `RssAnon`: what the kernel cannot drop and would kill the
+    process for), or None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def available_memory() -> int | None:
@@ -485,21 +530,27 @@ def reclaim_spill_folders(parent: str | Path) -> list[Path]:
 
 def make_budget(policy: Policy) -> MemoryBudget | None:
     """The memory budget `policy.cache_budget` asks for: that many bytes, or that fraction of the memory available
-    now; None for "unbounded"."""
+    now; None for "unbounded". Where the memory available is known, the budget carries the process's bound
+    (`MemoryBound`)."""
     budget = policy.cache_budget
     if budget == "unbounded":
         return None
+    # memory freed before (kept for reuse where `Policy.retain_freed_memory` is on) is available too
+    return_free_heap()
+    available = available_memory()
     if isinstance(budget, float):
-        # memory freed before (kept for reuse where `Policy.retain_freed_memory` is on) is available too
-        return_free_heap()
-        available = available_memory()
         if available is None:
             raise RuntimeError(
                 "cannot tell how much memory is available on this system to size the record cache: give "
                 "Policy(cache_budget=<bytes>) or Policy(cache_budget='unbounded')"
             )
         budget = int(budget * available)
-    return MemoryBudget(budget)
+    base = anonymous_memory()
+    if available is None or base is None:
+        return MemoryBudget(budget)
+    headroom = int(HEADROOM * available)
+    calls = max(0, available - budget - headroom)
+    return MemoryBudget(budget, MemoryBound(base, available, budget, calls, headroom))
 
 
 def make_store(policy: Policy, budget: MemoryBudget | None = None) -> MemoryStore | TieredStore:
