@@ -27,6 +27,7 @@ counted. Writes `edit-quality.json` and `.md`.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 import time
@@ -76,11 +77,17 @@ def rgb(image) -> np.ndarray:
 
 
 class Runner:
-    def __init__(self, pipe, steps: int, guidance: float, deepcache_interval: int = 3):
+    def __init__(self, pipe, steps: int, guidance: float, deepcache_interval: int = 3,
+                 overrides: dict | None = None):
         self.pipe, self.steps, self.guidance = pipe, steps, guidance
+        self.overrides = dict(overrides or {})  # policy fields set for our edits and P2P dense (`--set`)
         self.deepcache_interval = deepcache_interval
         self.eager = pipe.unet
         self.unets: dict[Policy, torch.nn.Module] = {}
+
+    def policy(self, **fields) -> Policy:
+        """The policy of a contender: `fields`, then the `--set` overrides."""
+        return Policy(**{**fields, **self.overrides})
 
     def session(self, policy: Policy) -> EditSession:
         if policy not in self.unets:
@@ -146,7 +153,7 @@ def unet_cost(stats: dict) -> tuple[float, int]:
 def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Path | None = None) -> dict | None:
     """The case's row (None if the source misses an object); with `picture`, source | ours (detected) | its region
     | dense regeneration saved there."""
-    session = runner.session(Policy())
+    session = runner.session(runner.policy())
     source = session.generate(case.source_prompt, latents=runner.initial(case.seed))
     source_image = rgb(source.images[0])
     objects = edit_suite.source_objects(case, source_image)
@@ -167,7 +174,7 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Pa
             user = latent_mask(objects[0].mask, factor)
         gt = session.edit(case.edited_prompt, mask=user, keep=False)
         results["ours_gt"] = (gt.images[0], gt, unet_cost(gt.stats))
-    p2p_session = runner.session(Policy(dense_steps=1.0, detect_from=0.1, detect_to=0.2))
+    p2p_session = runner.session(runner.policy(dense_steps=1.0, detect_from=0.1, detect_to=0.2))
     p2p_session.generate(case.source_prompt, latents=runner.initial(case.seed))
     p2p = p2p_session.edit(case.edited_prompt, keep=False)
     results["p2p_dense"] = (p2p.images[0], p2p, unet_cost(p2p.stats))
@@ -236,7 +243,9 @@ def markdown(data: dict) -> str:
     lines = [f"# Edit quality on the embedded shapes model ({data['steps']} DDIM steps, CFG {data['guidance']})", "",
              f"Machine: {data['machine']['cpu']}, git {data['machine']['git']}, {data['machine']['date']}", "",
              f"{data['per_type']} cases drawn per type (seed {data['seed']}); cases whose source picture misses "
-             f"a named object are left out ({data['skipped']} of {data['drawn']}).", "",
+             f"a named object are left out ({data['skipped']} of {data['drawn']})."
+             + (f" Policy fields set for ours and P2P dense: {data['policy_overrides']}."
+                if data.get("policy_overrides") else ""), "",
              "Success rate (IoU of the edited object with the source object; U-Net seconds / MACs against the "
              "dense regeneration):", "",
              "| type | cases | " + " | ".join(CONTENDERS) + " | ours (detected) where P2P succeeds |",
@@ -279,6 +288,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--deepcache-interval", type=int, default=3)
     parser.add_argument("--types", default=",".join(edit_suite.EDIT_TYPES))
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a policy field for our edits and P2P dense (e.g. mask_dilation=2); repeatable; the "
+                        "results are named by it")
     parser.add_argument("--pictures", help="folder for one picture per type: its first case whose source shows "
                         "the objects (source | ours, detected | region | dense regeneration)")
     args = parser.parse_args(argv)
@@ -286,7 +298,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     pipe = load_shapes_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    runner = Runner(pipe, args.steps, args.guidance, args.deepcache_interval)
+    overrides = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    runner = Runner(pipe, args.steps, args.guidance, args.deepcache_interval, overrides)
     cases = edit_suite.edit_cases(args.per_type, args.seed, tuple(args.types.split(",")))
     rows, skipped, start = [], 0, time.perf_counter()
     for n, case in enumerate(cases):
@@ -307,8 +320,10 @@ def main(argv=None) -> dict:
                  if row else "source misses an object"), f"({time.perf_counter() - start:.0f} s)", flush=True)
     data = {"machine": machine(), "steps": args.steps, "guidance": args.guidance, "per_type": args.per_type,
             "deepcache_interval": args.deepcache_interval,
-            "seed": args.seed, "drawn": len(cases), "skipped": skipped, "summary": summarise(rows), "cases": rows}
-    write_results(args.out, "edit-quality", data, markdown(data))
+            "seed": args.seed, "drawn": len(cases), "skipped": skipped, "policy_overrides": overrides,
+            "summary": summarise(rows), "cases": rows}
+    name = "_".join(["edit-quality", *(f"{k}-{v}" for k, v in overrides.items())])
+    write_results(args.out, name, data, markdown(data))
     if args.pictures and pictured:
         short = lambda prompt: prompt.removesuffix(" on a gray background")  # noqa: E731
         strips = [(Path(args.pictures) / row["picture"],

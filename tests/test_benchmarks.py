@@ -245,8 +245,10 @@ def test_the_source_run_benchmark_runs_on_a_tiny_pipeline(tmp_path):
 
 def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model(tmp_path):
     data = _run_benchmark("edit_quality", ["--per-type", "2", "--steps", "4", "--types", "colour",
+                                           "--set", "mask_dilation=1",  # (the default: results named by it)
                                            "--out", str(tmp_path), "--pictures", str(tmp_path / "pictures")])
-    assert (tmp_path / "edit-quality.md").is_file() and data["drawn"] == 2
+    assert (tmp_path / "edit-quality_mask_dilation-1.md").is_file() and data["drawn"] == 2
+    assert data["policy_overrides"] == {"mask_dilation": 1}
     assert data["skipped"] + len(data["cases"]) == 2 and data["cases"]  # seed 0: the first source shows its object
     deepcache = importlib.util.find_spec("DeepCache") is not None
     for row in data["cases"]:
@@ -275,3 +277,26 @@ def test_the_serving_load_benchmark_serves_both_contenders_on_loopback(tmp_path)
     c = data["comparison"]
     assert c["throughput_ratio"] == pytest.approx(
         data["contenders"]["fisedit"]["edits_per_minute"] / data["contenders"]["dense"]["edits_per_minute"])
+
+
+def test_the_memory_soak_keeps_a_tiny_session_within_its_stated_bound(tmp_path):
+    """The soak's sequence on a tiny pipeline: every phase measured, the bound the session stated kept (its
+    headroom is far above a tiny model's needs, so this checks the accounting, not the margin), no spill file left."""
+    data = _run_benchmark("memory_soak", ["--arch", "sd15", "--latent-size", "16", "--size", "tiny", "--steps", "4",
+                                          "--edits", "1", "--cache-dir", str(tmp_path / "spill"),
+                                          "--out", str(tmp_path)])
+    assert (tmp_path / "memory-soak_sd15-16-4.md").is_file() and (tmp_path / "memory-soak_sd15-16-4.svg").is_file()
+    assert [p["phase"] for p in data["phases"]][:3] == ["generate", "edit (15% mask)", "edit (detected)"]
+    assert data["bound_bytes"] == data["bound_base_bytes"] + data["budget_bytes"] + data["calls_bytes"]
+    assert data["within_bound"] and data["disk_bytes_after_close"] == 0
+    assert all(p["transients"] >= 0 for p in data["phases"])
+
+
+def test_the_call_memory_benchmark_measures_each_call_kind(tmp_path):
+    data = _run_benchmark("call_memory", ["--size", "tiny", "--latent-size", "16", "--steps", "2",
+                                          "--out", str(tmp_path)])
+    assert (tmp_path / "call-memory_sd15-16.md").is_file()
+    peaks = data["call_peak_bytes"]
+    assert set(peaks) >= {"record_maps", "sparse"} and all(n > 0 for n in peaks.values())
+    assert peaks["sparse"] < peaks["record_maps"]  # a 15% mask's activations
+    assert data["sparse_plan_bytes"] > 0 and data["step_record_bytes"] > 0
