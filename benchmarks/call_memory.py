@@ -93,6 +93,8 @@ def main(argv=None) -> dict:
             interpreter = LiveBytes(program.direct())
             out = interpreter.run(*call_args)
             kind = state["kind"]
+            if kind == "VAE decoder":  # (its mode is set by a hook that runs after this one's)
+                kind += ", " + ("sparse" if program.structure else "record" if program.writes else "eager")
             if interpreter.peak > peaks[kind]:
                 peaks[kind], where[kind] = interpreter.peak, interpreter.peak_node
             return out
@@ -113,6 +115,8 @@ def main(argv=None) -> dict:
         state["kind"] = "eager" if run is None else run.next_call_kind()[0]
 
     session.unet.register_forward_pre_hook(note_kind)
+    if session.decoding is not None:
+        session.decoding.decoder.register_forward_pre_hook(lambda module, call_args: state.update(kind="VAE decoder"))
     executor.Variants.runner, executor.Executor.mask_plan = live_runner, kept_planner
     plan_bytes = 0
     release = MaskPlan.release_values
@@ -133,8 +137,9 @@ def main(argv=None) -> dict:
     breakdown = session.cache.breakdown()
     step = max(sum(kinds.values()) for name, kinds in breakdown.items() if name != "total")
     weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    decoder = session.decoding.cache.nbytes if session.decoding is not None else 0
     data = {"machine": machine(), "arch": args.arch, "latent_size": args.latent_size, "size": args.size,
-            "mask": args.mask, "unet_weight_bytes": weights, "step_record_bytes": step,
+            "mask": args.mask, "unet_weight_bytes": weights, "step_record_bytes": step, "decoder_record_bytes": decoder,
             "call_peak_bytes": dict(peaks), "call_peak_node": where, "sparse_plan_bytes": plan_bytes}
     session.close()
     name = f"call-memory_{args.arch}-{args.latent_size}"
@@ -148,6 +153,7 @@ def markdown(d: dict) -> str:
              f"{d['mask']:.0%} mask, CFG batch 2", "",
              f"Machine: {d['machine']['cpu']}, git {d['machine']['git']}, {d['machine']['date']}", "",
              f"U-Net weights {mib(d['unet_weight_bytes'])}; one recorded step {mib(d['step_record_bytes'])}; the "
+             f"decoder's record (sparse decode) {mib(d['decoder_record_bytes'])}; the "
              f"sparse calls' mask plan (index tensors, kernels flattened for pixel-wise blocks, made once per edit "
              f"and let go before the decode) {mib(d['sparse_plan_bytes'])}.", "",
              "| call | most bytes alive that the call made (activations) | at node |", "|---|---:|---|"]
