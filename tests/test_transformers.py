@@ -432,3 +432,25 @@ def test_a_photo_loads_into_a_transformer_session_by_flow_inversion(family):
     edit = session.edit("a photo of a dog", mask=mask)
     assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
     assert not torch.equal(edit.latents[..., mask], source.latents[..., mask])
+
+
+@torch.no_grad()
+def test_the_torch_compile_backend_runs_a_transformer_as_fisedit_compile_does(model_name):
+    """`torch.compile(transformer, backend="fisedit")`: the same record, and a sparse call on new inputs equal to
+    `fisedit.compile`'s, bit for bit (one capture, passes and runtime behind both entry points)."""
+    build, make_inputs, _ = MODELS[model_name]
+    model = build()
+    compiled = fisedit.compile(model, POLICIES["b2"])
+    backend = torch.compile(model, backend=fisedit.backend(POLICIES["b2"]))
+    inputs, new, mask = make_inputs(0), make_inputs(1), masks()["blobs"]
+    with compiled.record():
+        want_record = compiled(**inputs).sample
+    with compiled.sparse(mask):
+        want_sparse = compiled(**new).sample
+    with fisedit.record(backend):
+        got_record = backend(**inputs).sample
+    with fisedit.sparse(backend, mask) as session:
+        got_sparse = backend(**new).sample
+        assert session.active_pixels().any() and not session.active_pixels().all()
+    assert torch.equal(got_record, want_record) and torch.equal(got_sparse, want_sparse)
+    assert not torch.equal(got_sparse, want_record)
