@@ -454,3 +454,31 @@ def test_the_torch_compile_backend_runs_a_transformer_as_fisedit_compile_does(mo
         assert session.active_pixels().any() and not session.active_pixels().all()
     assert torch.equal(got_record, want_record) and torch.equal(got_sparse, want_sparse)
     assert not torch.equal(got_sparse, want_record)
+
+
+@torch.no_grad()
+def test_lora_layers_of_a_transformer_keep_the_contract_and_are_replayed_only_under_their_scale(model_name):
+    """PEFT LoRA layers on a transformer's attention (`add_adapter`, as diffusers' LoRA loaders make them), called
+    with `joint_attention_kwargs={"scale": 0.5}`: record equals eager, a sparse call on the recorded inputs returns
+    the recorded output, a full mask on new inputs equals the dense call; a record is not replayed at another scale."""
+    from peft import LoraConfig
+
+    build, make_inputs, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    scaled = lambda inputs: {**inputs, "joint_attention_kwargs": {"scale": 0.5}}  # noqa: E731
+    inputs, new = scaled(make_inputs(0)), scaled(make_inputs(1))
+    eager = model(**inputs).sample
+    assert (eager - model(**make_inputs(0)).sample).abs().max() > 1e-3  # the LoRA and its scale matter
+    compiled = fisedit.compile(model, POLICIES["b2"])
+    with compiled.record():
+        recorded = compiled(**inputs).sample
+    assert close(recorded, eager)
+    with compiled.sparse(masks()["blobs"]):
+        assert close(compiled(**inputs).sample, recorded)
+    with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        assert close(compiled(**new).sample, model(**new).sample)
+    with compiled.sparse(masks()["blobs"]), pytest.raises(fisedit.SettingsMismatchError, match="0.5"):
+        compiled(**make_inputs(1))
