@@ -207,3 +207,21 @@ def test_an_edit_drops_what_its_plan_made_for_the_programs_before_the_decode(mon
     s.edit("a red cabin in the woods", mask=_box(3, 4, 5))
     assert [kind for kind, _ in events] == ["release", "decode"]
     assert events[0][1] > 0  # it held index tensors (and, for pixel-wise blocks, flattened kernels)
+
+
+def test_a_session_whose_calls_cannot_fit_its_bound_is_refused_before_any_run(monkeypatch):
+    """The kernels an edit's sparse calls flatten (one copy of each convolution's weight, for the edit's steps) must
+    fit what the bound leaves for a call: a session is refused when they do not, naming the sizes and the setting."""
+    from fisedit_compiler.runtime import tiered_store
+    from fisedit_compiler.runtime.mask_plan import flattened_kernel_bytes
+
+    pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)
+    flat = max(flattened_kernel_bytes(pipe.unet), flattened_kernel_bytes(pipe.vae.decoder))
+    assert flat > 0
+    monkeypatch.setattr(tiered_store, "available_memory", lambda: 64 * flat)
+    monkeypatch.setattr(tiered_store, "anonymous_memory", lambda: 1 << 30)
+    session = fisedit.EditSession(pipe, fisedit.Policy(block_size=2), num_inference_steps=STEPS)  # calls: 25.6x
+    assert session.memory_budget.bound.calls > flat
+    with pytest.raises(CacheBudgetError, match=r"convolution kernels .* take up to .*Policy\(cache_budget"):
+        fisedit.EditSession(random_pipeline("sd2", latent_size=LATENT, seed=0),
+                            fisedit.Policy(block_size=2, cache_budget=0.89), num_inference_steps=STEPS)

@@ -68,6 +68,12 @@ MUTATIONS = [
         ("tests/test_memory_bound.py::test_a_session_states_its_memory_bound_from_the_memory_available",),
     ),
     Mutation(
+        "call-room-unchecked", "a session whose flattened kernels exceed the bound's room for a call is not refused",
+        "fisedit_compiler/runtime/tiered_store.py",
+        "        if nbytes > self.calls:\n", "        if nbytes > self.calls + self.available:\n",
+        ("tests/test_memory_bound.py::test_a_session_whose_calls_cannot_fit_its_bound_is_refused_before_any_run",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',

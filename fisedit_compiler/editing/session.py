@@ -34,6 +34,7 @@ from ..compiler import ControlMode, RecordMode, SparseMode, compile
 from ..macs import flop_counter
 from ..policy import Policy
 from ..runtime.cache import RecordCache, return_free_heap
+from ..runtime.mask_plan import flattened_kernel_bytes
 from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
 from .companions import check_control_image, compile_companions, run_group
@@ -359,6 +360,10 @@ class EditSession:
         self._ip_adapter_image = None  # the image prompt of a pipeline with an IP-Adapter, given to generate
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
+        if self.memory_budget is not None and self.memory_budget.bound is not None:
+            models = [self.unet.unet, *([pipe.vae.decoder.unet] if sparse_decode else [])]
+            self.memory_budget.bound.check_calls(max(map(flattened_kernel_bytes, models)),
+                                                 "the convolution kernels an edit's sparse calls flatten")
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         # the default picture: the model's sample size (FLUX's config has none: its pipeline's default)

@@ -177,3 +177,12 @@ def _sources(flat: torch.Tensor, reads_recorded: torch.Tensor, fresh_position: t
         rows = torch.where(fresh_position >= 0, fresh_position, rows)
     rows[reads_recorded] = fresh_pixels + inverse
     return source_recorded, rows
+
+
+def flattened_kernel_bytes(model: torch.nn.Module) -> int:
+    """The most bytes a mask plan of `model` makes in flattened convolution kernels (`MaskPlan.value`: one copy of
+    each plain convolution's weight larger than 1x1 that runs as one GEMM over pixel-wise blocks), which live for
+    an edit's denoising steps: 2.0 GiB for SD 1.5's and SD 2's U-Nets, 1.2 GiB for SDXL's."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+               if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and m.dilation == (1, 1)
+               and m.kernel_size != (1, 1))

@@ -78,6 +78,15 @@ class MemoryBound:
     def total(self) -> int:
         return self.base + self.cache + self.calls
 
+    def check_calls(self, nbytes: int, what: str) -> None:
+        """Refuse, before any run, a session whose calls are known to need more than `calls`: `nbytes` of `what`."""
+        if nbytes > self.calls:
+            raise CacheBudgetError(
+                f"{what} take up to {_gib(nbytes)}, more than the {_gib(self.calls)} that the memory bound leaves "
+                f"for a call beside the cache budget ({_gib(self.cache)}) and the system's share "
+                f"({_gib(self.headroom)}) of the {_gib(self.available)} available: give a smaller "
+                "Policy(cache_budget=...), or free memory")
+
 
 HEADROOM = 0.1  # of the memory available: what a session's bound leaves to the system
 
