@@ -8,8 +8,9 @@
 An `EditSession` over a pipeline with seeded random weights (`random_pipeline`), default `Policy()` (the cache's
 budget: `cache_budget` = 0.5 of the memory available when the session is made, shared by the cache, an edit's
 pending records and the decoder's record), CFG 7.5: `generate`, an edit with a 15% ellipse mask, a detected edit,
-then `--edits` more edits with masks of 5-30%, each after a `keep=False` try; then `close()`. Per phase: seconds,
-the process's peak and final resident memory (VmHWM, reset per phase; VmRSS), the most bytes of records the budget
+then `--edits` more edits with masks of 5-30%, each after a `keep=False` try; then `close()`. A phase that raises
+(a disk too small for the records, say) is reported with its error, and the session goes on with the next. Per
+phase: seconds, the process's peak and final resident memory (VmHWM, reset per phase; VmRSS), the most bytes of records the budget
 held, bytes on disk in the spill folders. Resident memory is sampled every 0.5 s over the whole run (a CSV and an
 SVG plot beside the results). The bound checked is the one the session states when it is made
 (`session.memory_budget.bound`, `MemoryBound`: the process's anonymous memory then + the cache budget + what is
@@ -145,15 +146,21 @@ def main(argv=None) -> dict:
     def phase(name: str, action) -> None:
         sampler.phase = name
         budget.peak = budget.held()
-        start = time.perf_counter()
-        with torch.no_grad():
-            result = action()
+        start, result, error = time.perf_counter(), None, None
+        try:
+            with torch.no_grad():
+                result = action()
+        except (MemoryError, OSError, RuntimeError) as e:  # e.g. a disk too small: the session must stay usable
+            error = f"{type(e).__name__}: {e}"
         row = {"phase": name, "seconds": time.perf_counter() - start, "peak_rss": phase_peak(),
                "rss_after": resident(), "peak_anon": max(sampler.peak_anonymous(name), anonymous()),
                "anon_after": anonymous(), "records_peak": budget.peak, "records_after": budget.held(),
                "disk_bytes": disk_bytes(parent)}
         if result is not None and getattr(result, "mask", None) is not None:
             row["mask_fraction"] = float(result.mask.float().mean())
+        if error is not None:
+            row["error"] = error
+            print(f"{name}: {error}", flush=True)
         phases.append(row)
         print(f"{name}: {row['seconds']:.0f} s, peak {row['peak_rss'] / 2**30:.2f} GiB (anonymous "
               f"{row['peak_anon'] / 2**30:.2f} GiB), after "
@@ -226,6 +233,9 @@ def markdown(d: dict) -> str:
         lines.append(f"| {p['phase']} | {p['seconds']:.1f} | {gib(p['peak_rss'])} | {gib(p['peak_anon'])} | "
                      f"{gib(p['rss_after'])} | {gib(p['anon_after'])} | {gib(p['records_peak'])} | "
                      f"{gib(p['transients'])} | {gib(p['disk_bytes'])} |")
+    for p in d["phases"]:
+        if "error" in p:
+            lines.append(f"\n{p['phase']} raised (the session went on with the next phase): `{p['error']}`")
     return "\n".join(lines) + "\n"
 
 
