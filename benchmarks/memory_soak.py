@@ -11,8 +11,8 @@ pending records and the decoder's record), CFG 7.5: `generate`, an edit with a 1
 then `--edits` more edits with masks of 5-30%, each after a `keep=False` try; then `close()`. A phase that raises
 (a disk too small for the records, say) is reported with its error, and the session goes on with the next. Per
 phase: seconds, the process's peak and final resident memory (VmHWM, reset per phase; VmRSS), the most bytes of
-records the budget held, bytes on disk in the spill folders. Resident memory is sampled every 0.5 s over the whole run (a CSV and an
-SVG plot beside the results). The bound checked is the one the session states when it is made
+records the budget held, bytes on disk in the spill folders. Resident memory is sampled every 0.5 s over the
+whole run (a CSV and an SVG plot beside the results). The bound checked is the one the session states when it is made
 (`session.memory_budget.bound`, `MemoryBound`: the process's anonymous memory then + the cache budget + what is
 left for a call's transients beside 10% of the memory available for the system), and the edits' peaks do not grow
 from one to the next. Results go to
