@@ -8,7 +8,7 @@ Writes into ``--out``:
     graphs/index.html       graph dumps of every pass of every variant (docs/dumps.md)
     layers.md, layers.csv   per layer (every node with multiply-accumulates: convolutions, linears, attention):
                             resolution, sparse or dense, block size, active fraction, and the MACs of the captured
-                            (dense) graph and of the sparse call, counted per node with FlopCounterMode
+                            (dense) graph and of the sparse call, counted per node (macs.NodeMacCounter)
     mask_levels.png         the mask as every resolution of the graph sees it, after pooling and dilation, with the
                             active blocks that sparse layers compute
     summary.json            settings, totals, and the sparse call's deviation from the recorded output

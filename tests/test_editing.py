@@ -638,15 +638,14 @@ def test_session_macs_are_every_call_s_macs():
 
 @torch.no_grad()
 def test_the_meter_counts_each_kind_of_call_once_per_session(monkeypatch):
-    """MAC counting slows the call it watches several-fold, so a session counts each kind of call (variant, mask,
-    input shapes) once: a second edit with the same mask runs no counter and reports the same MACs; another mask
-    is counted anew."""
+    """MAC counting slows the call it watches, so a session counts each kind of call (variant, mask, input shapes)
+    once: a second edit with the same mask runs no counter and reports the same MACs; another mask is counted
+    anew."""
     s = session()
     s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
     counters = []
-    real = session_module.flop_counter.FlopCounterMode
-    monkeypatch.setattr(session_module.flop_counter, "FlopCounterMode",
-                        lambda **kwargs: counters.append(real(**kwargs)) or counters[-1])
+    real = session_module.MacCounter
+    monkeypatch.setattr(session_module, "MacCounter", lambda: counters.append(real()) or counters[-1])
     mask = box_mask(slice(3, 7), slice(2, 9))
     first = s.edit("a red cabin in the woods", mask=mask, keep=False)
     counted = len(counters)

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from ..compiler import ControlMode, RecordMode, SparseMode, compile
-from ..macs import flop_counter
+from ..macs import MacCounter
 from ..policy import Policy
 from ..runtime.cache import RecordCache, return_free_heap
 from ..runtime.mask_plan import flattened_kernel_bytes
@@ -128,7 +128,7 @@ class _Meter:
     """Counts U-Net calls, MACs and seconds into the current phase, via forward hooks on the U-Net.
 
     A call's MACs depend only on its kind (graph variant), its mask and its input shapes, so they are counted (with
-    `FlopCounterMode`, which slows the call it watches several-fold) on the first call of each and reused for the
+    `macs.MacCounter`, which slows the call it watches a little) on the first call of each and reused for the
     others, of this run and, through `macs` (a session's memo, kept across its runs), of later ones. The counted
     call's seconds are not the U-Net's: the phase gets the mean seconds of its uncounted calls of that kind instead
     (the counted call's own seconds only where it was the only one). On CUDA the clock is read after
@@ -141,7 +141,7 @@ class _Meter:
         self._macs: dict[tuple, int] = {} if macs is None else macs
         self._timed: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of uncounted calls
         self._counted: dict[tuple, list[float]] = {}  # (phase, kind) -> seconds of counted calls
-        self._counter = None
+        self._counter: MacCounter | None = None
         self._kind: tuple = ()
         self._start = 0.0
         device = getattr(unet, "device", None)  # (once: a diffusers model's `device` walks its offloading hooks)
@@ -162,7 +162,7 @@ class _Meter:
         self._kind = self._call_kind(module, args)
         self._counter = None
         if self._kind not in self._macs:
-            self._counter = flop_counter.FlopCounterMode(display=False)
+            self._counter = MacCounter()
             self._counter.__enter__()
         self._synchronize()
         self._start = time.perf_counter()
@@ -174,7 +174,7 @@ class _Meter:
         if self._counter is not None:
             counter, self._counter = self._counter, None
             counter.__exit__(None, None, None)
-            self._macs[self._kind] = counter.get_total_flops() // 2
+            self._macs[self._kind] = counter.macs
             self._counted.setdefault(key, []).append(seconds)
         else:
             self._timed.setdefault(key, []).append(seconds)

@@ -3,7 +3,8 @@
 
 Registered so that a program holds it as one opaque node: Inductor's own lowering of the raw primitive
 (`torch.ops.mkldnn._linear_pointwise`) assumes weights frozen into the graph as constants, and a program's kernels
-are inputs. A flop formula makes `FlopCounterMode` (and so `macs`) count it as the matrix product it is.
+are inputs. A flop formula makes PyTorch's counters (`FlopCounterMode`, `macs.MacCounter`) count it as the matrix
+product it is.
 """
 
 from __future__ import annotations
