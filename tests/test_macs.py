@@ -60,7 +60,7 @@ def test_sparse_macs_fall_with_the_mask():
 def test_the_counter_finds_what_flop_counter_mode_finds_in_every_kind_of_call():
     """Dense, record, sparse and control calls of a tiny SD 2 U-Net (convolutions, linear layers in oneDNN and BLAS,
     attention, gathers): `MacCounter` counts what `FlopCounterMode` counts, without its per-op decomposition and
-    module tracking (which made a counted call of the shapes model ~50x slower)."""
+    module tracking."""
     unet = tiny_unet("sd2")
     size = 32
     compiled = fisedit.compile(unet)
