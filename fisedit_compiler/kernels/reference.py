@@ -306,7 +306,13 @@ def group_norm_affine(
     """GroupNorm with given (batch, groups) statistics: a per-(batch item, channel) affine map, for `ndim`-D NCHW
     tensors whose batch dim holds ``batch * windows`` rows (gathered blocks or windows of each batch item in turn).
     (Shapes come from the arguments only, so that it traces with FX proxies.)"""
-    scale, shift = _per_channel_affine(weight, bias, mean.type_as(x), rstd.type_as(x), num_groups, channels)
+    scale = rstd.type_as(x).repeat_interleave(channels // num_groups, dim=1)
+    shift = -mean.type_as(x).repeat_interleave(channels // num_groups, dim=1) * scale
+    if weight is not None:
+        scale = scale * weight
+        shift = shift * weight
+    if bias is not None:
+        shift = shift + bias
     view = (batch, 1, channels) + (1,) * (ndim - 2)
     # one pass, one output: on windows (e.g. 9 per pixel for pixel-wise blocks) this map is the sparse call's
     # largest elementwise op
@@ -359,26 +365,15 @@ def group_norm_scale_shift(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A GroupNorm with given (B, groups) statistics as a per-(batch item, channel) affine map
     ``x * scale + shift``; returns float32 `scale` and `shift` of shape (B, channels)."""
-    return _per_channel_affine(None if weight is None else weight.float(), None if bias is None else bias.float(),
-                               mean.float(), rstd.float(), num_groups, channels)
-
-
-def _per_channel_affine(weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
-                        rstd: torch.Tensor, num_groups: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm's map ``x * scale + shift`` per (batch item, channel) from (B, groups) statistics: computed per
-    (batch item, group, channel of the group) by broadcasting, the same products in the same order as on
-    statistics repeated per channel, in a few small ops (a sparse call builds one per GroupNorm)."""
-    batch, per_group = rstd.shape[0], channels // num_groups
-    scale = rstd[:, :, None]
-    shift = -mean[:, :, None] * scale
+    per_group = channels // num_groups
+    scale = rstd.float().repeat_interleave(per_group, dim=1)
+    shift = -mean.float().repeat_interleave(per_group, dim=1) * scale
     if weight is not None:
-        grouped = weight.reshape(num_groups, per_group)
-        scale = scale * grouped
-        shift = shift * grouped
+        scale = scale * weight.float()
+        shift = shift * weight.float()
     if bias is not None:
-        shift = shift + bias.reshape(num_groups, per_group)
-    size = (batch, num_groups, per_group)
-    return scale.expand(size).reshape(batch, channels), shift.expand(size).reshape(batch, channels)
+        shift = shift + bias.float()
+    return scale, shift
 
 
 def gather_pixels_affine_silu(
