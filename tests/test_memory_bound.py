@@ -115,6 +115,12 @@ def test_a_disk_too_small_for_a_step_is_an_error_that_names_the_folder_and_the_s
     s = _session(cache_budget=2 * step, cache_dir=str(tmp_path))
     with pytest.raises(CacheIOError, match=rf"no room for the recorded .*{tmp_path}.*cache_dir"):
         s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    # room for a few steps, but not beside what the store leaves to the system (2% of the disk, at least 1 GiB)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=(1 << 30) + 3 * step,
+                                                                                 total=100 << 30))
+    s = _session(cache_budget=2 * step, cache_dir=str(tmp_path))
+    with pytest.raises(CacheIOError, match=r"beyond the 2.00 GiB left to the system"):
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
 
 
 def test_spill_folders_of_processes_that_are_gone_are_reclaimed_and_no_other(tmp_path):

@@ -89,6 +89,7 @@ class MemoryBound:
 
 
 HEADROOM = 0.1  # of the memory available: what a session's bound leaves to the system
+DISK_RESERVE = 0.02  # of the disk tier's file system (at least 1 GiB): what spilled steps never take
 
 
 class MemoryBudget:
@@ -363,12 +364,15 @@ class TieredStore:
         # and a rewrite must not replace a file that a read or a mapped record may still use
         folder = self._folder_path()
         nbytes = self._resident[key].nbytes
-        free = shutil.disk_usage(folder).free - sum(self._resident[k].nbytes for k in self._writing)
+        usage = shutil.disk_usage(folder)
+        reserve = max(int(DISK_RESERVE * usage.total), 1 << 30)
+        free = usage.free - reserve - sum(self._resident[k].nbytes for k in self._writing)
         if nbytes > free:
             raise CacheIOError(
                 f"the disk tier has no room for the recorded {key.describe()} ({_gib(nbytes)}): {folder} has "
-                f"{_gib(max(free, 0))} free. Free space there, point Policy(cache_dir=...) at a larger disk, or give "
-                "the cache more memory (Policy(cache_budget=...)) or smaller records (cache_dtype='float16')")
+                f"{_gib(max(free, 0))} free beyond the {_gib(reserve)} left to the system. Free space there, point "
+                "Policy(cache_dir=...) at a larger disk, or give the cache more memory (Policy(cache_budget=...)) or "
+                "smaller records (cache_dtype='float16')")
         path = folder / f"step-{self._files_made:06d}.safetensors"
         self._files_made += 1
         self._writing[key] = self._pool.submit(self._spill, key, self._resident[key], path)
