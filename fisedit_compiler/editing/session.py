@@ -670,6 +670,7 @@ class EditSession:
         if self.decoding is not None:
             self.decoding.close()
         self._source = None
+        return_free_heap()  # what the records held goes back to the system, not only to this process's heap
 
     def __enter__(self) -> EditSession:
         return self
