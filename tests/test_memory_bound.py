@@ -231,3 +231,19 @@ def test_a_session_whose_calls_cannot_fit_its_bound_is_refused_before_any_run(mo
     with pytest.raises(CacheBudgetError, match=r"convolution kernels .* take up to .*Policy\(cache_budget"):
         fisedit.EditSession(random_pipeline("sd2", latent_size=LATENT, seed=0),
                             fisedit.Policy(block_size=2, cache_budget=0.89), num_inference_steps=STEPS)
+
+
+@torch.no_grad()
+def test_a_decoder_record_larger_than_the_budget_falls_back_to_eager_decodes_with_a_warning(tmp_path):
+    """A budget that holds a U-Net step but not the decoder's record (as SDXL's 7 GiB record at 1024² against a
+    24 GiB machine's budget): the session is not lost at its first decode; that decode and the next ones run the
+    eager decoder, with a warning, and nothing of the oversized record stays in memory."""
+    want, step = _unbounded()
+    s = _session(cache_budget=step + step // 8, cache_dir=str(tmp_path))  # the decoder's record is ~1.3 steps
+    with pytest.warns(UserWarning, match="decoding densely .* does not fit"):
+        first = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first.latents, want[0]) and s.decoding.refused and s.decoding.cache.nbytes == 0
+    assert first.stats["decode"].mode == "dense"
+    edited = s.edit("a red cabin in the woods", mask=_box(3, 4, 5))
+    assert torch.equal(edited.latents, want[1]) and edited.stats["decode"].mode == "dense"
+    s.close()

@@ -74,6 +74,14 @@ MUTATIONS = [
         ("tests/test_memory_bound.py::test_a_session_whose_calls_cannot_fit_its_bound_is_refused_before_any_run",),
     ),
     Mutation(
+        "oversized-decoder-record-fatal",
+        "a decoder record larger than the budget fails the run instead of decoding eagerly",
+        "fisedit_compiler/editing/decoding.py",
+        "            except CacheBudgetError as error:", "            except ZeroDivisionError as error:",
+        ("tests/test_memory_bound.py::"
+         "test_a_decoder_record_larger_than_the_budget_falls_back_to_eager_decodes_with_a_warning",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',

@@ -13,7 +13,9 @@ the current image's decode, for continuous edits):
 Outside the recomputed region (the changed latents dilated by the policy's halo and rounded up to blocks, at every
 resolution of the decoder, up to the image's) the image is the recorded one, bit for bit; inside it the policy's
 approximations are those of a sparse U-Net call (recorded GroupNorm statistics, context from the recorded decode).
-A decode whose region would cover the whole image, or of latents of another shape, runs dense and records.
+A decode whose region would cover the whole image, or of latents of another shape, runs dense and records. A record
+larger than the whole memory budget (SDXL's at 1024² is about 7 GiB in fp32) is not kept: that decode and every
+later one run the eager decoder, with a warning that says why (`SparseDecoder.refused`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +32,7 @@ import torch
 from ..compiler import RecordMode, SparseMode, compile
 from ..policy import Policy
 from ..runtime.cache import RecordCache
-from ..runtime.tiered_store import MemoryBudget, make_store
+from ..runtime.tiered_store import CacheBudgetError, MemoryBudget, make_store
 
 
 @dataclasses.dataclass
@@ -66,6 +69,26 @@ class SparseDecoder:
         self._started = 0.0
         self._keep = True
         self.last: DecodeStats | None = None
+        self.refused: str | None = None  # why decodes run eager: the record did not fit the memory budget
+        compiled_forward = self.decoder.forward
+
+        def forward(*args, **kwargs):
+            try:
+                return compiled_forward(*args, **kwargs)
+            except CacheBudgetError as error:  # the record, complete, is larger than the whole budget
+                self._refuse(error)
+                return compiled_forward(*args, **kwargs)  # the run's mode is now None: the eager decoder
+
+        self.decoder.forward = forward
+
+    def _refuse(self, error: CacheBudgetError) -> None:
+        """Stop recording decodes: drop the record that did not fit, and run this decode and the next ones eager."""
+        self.refused = str(error)
+        self.cache.clear()
+        self._recorded_input = None
+        self.decoder.current_run.switch(None)
+        warnings.warn(f"decoding densely from now on: the VAE decoder's record does not fit the memory budget "
+                      f"({error})", stacklevel=2)
 
     def close(self) -> None:
         """Let go of the recorded decode (the next decode records again)."""
@@ -91,7 +114,7 @@ class SparseDecoder:
         sample = args[0] if args else kwargs["sample"]
         run = self.decoder.current_run
         recorded = self._recorded_input
-        dense = RecordMode() if self._keep else None  # None: the eager decoder
+        dense = RecordMode() if self._keep and self.refused is None else None  # None: the eager decoder
         if recorded is None or recorded.shape != sample.shape:
             run.switch(dense)
         else:
