@@ -205,3 +205,33 @@ def test_a_latent_pixel_counts_as_changed_when_any_of_its_channels_changed():
     inside = torch.kron(pixel, torch.ones(8, 8, dtype=torch.bool))
     assert decoder.last.region[inside].all()
     assert (sparse - recorded)[..., inside].abs().amax() > 1e-3
+
+
+@torch.no_grad()
+def test_a_recording_decode_lets_the_old_record_go_before_it_records(tmp_path):
+    """A decode that records anew (a new generation) never holds the old record beside the one it is making: when
+    the new record is started, the decoder's store holds nothing."""
+    import fisedit_compiler as fisedit
+    from fisedit_compiler.models import random_pipeline
+    from fisedit_compiler.runtime.cache import RecordCache
+
+    pipe = random_pipeline("sd2", latent_size=16, seed=0)
+    s = fisedit.EditSession(pipe, fisedit.Policy(block_size=2, cache_budget=1 << 30, cache_dir=str(tmp_path)),
+                            num_inference_steps=3)
+    s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+    cache = s.decoding.cache
+    assert cache.store.resident_nbytes > 0
+    held = []
+    new_step = RecordCache.new_step
+
+    def spied(self, *args, **kwargs):
+        if self is cache:
+            held.append(self.store.resident_nbytes)
+        return new_step(self, *args, **kwargs)
+
+    RecordCache.new_step = spied
+    try:
+        s.generate("a red cabin in the snowy woods", generator=torch.Generator().manual_seed(1))
+    finally:
+        RecordCache.new_step = new_step
+    assert held == [0] and cache.store.resident_nbytes > 0

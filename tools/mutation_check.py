@@ -82,6 +82,12 @@ MUTATIONS = [
          "test_a_decoder_record_larger_than_the_budget_falls_back_to_eager_decodes_with_a_warning",),
     ),
     Mutation(
+        "old-decoder-record-kept", "a recording decode keeps the old record beside the one it is making",
+        "fisedit_compiler/editing/decoding.py",
+        "            self.cache.clear()  # go first", "            pass  # go first",
+        ("tests/test_sparse_decode.py::test_a_recording_decode_lets_the_old_record_go_before_it_records",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',

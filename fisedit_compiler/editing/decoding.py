@@ -124,6 +124,8 @@ class SparseDecoder:
                 run.switch(dense)
         if self._keep:  # the record changes: until this decode completes, no input is known to match it
             self._recorded_input = None
+        if isinstance(run.mode, RecordMode):  # a new record replaces the old, which nothing reads meanwhile: let it
+            self.cache.clear()  # go first (at 768² both at once would be 8.4 GiB)
         _synchronize(sample)
         self._started = time.perf_counter()
 
