@@ -38,7 +38,7 @@ import fisedit_compiler as fisedit  # noqa: E402
 from cache_tiers import phase_peak  # noqa: E402
 from fisedit_compiler.editing.masks import ellipse_mask  # noqa: E402
 from fisedit_compiler.models import random_pipeline  # noqa: E402
-from fisedit_compiler.runtime.tiered_store import SPILL_PREFIX  # noqa: E402
+from fisedit_compiler.runtime.tiered_store import SPILL_PREFIX, anonymous_memory  # noqa: E402
 from results_io import machine, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,11 +65,6 @@ def status(*fields: str) -> tuple[int, ...]:
 def resident() -> int:
     """The process's resident bytes now (VmRSS)."""
     return status("VmRSS")[0]
-
-
-def anonymous() -> int:
-    """The process's anonymous resident bytes now (RssAnon)."""
-    return status("RssAnon")[0]
 
 
 class Sampler(threading.Thread):
@@ -138,7 +133,7 @@ def main(argv=None) -> dict:
     pipe = random_pipeline(args.arch, latent_size=args.latent_size, seed=0, size=args.size)
     pipe.set_progress_bar_config(disable=True)
     phase_peak()
-    start_rss, start_anon = resident(), anonymous()
+    start_rss, start_anon = resident(), anonymous_memory()
     session = fisedit.EditSession(pipe, fisedit.Policy(cache_dir=str(parent)), num_inference_steps=args.steps)
     budget = session.memory_budget
     phases: list[dict] = []
@@ -153,8 +148,8 @@ def main(argv=None) -> dict:
         except (MemoryError, OSError, RuntimeError) as e:  # e.g. a disk too small: the session must stay usable
             error = f"{type(e).__name__}: {e}"
         row = {"phase": name, "seconds": time.perf_counter() - start, "peak_rss": phase_peak(),
-               "rss_after": resident(), "peak_anon": max(sampler.peak_anonymous(name), anonymous()),
-               "anon_after": anonymous(), "records_peak": budget.peak, "records_after": budget.held(),
+               "rss_after": resident(), "peak_anon": max(sampler.peak_anonymous(name), anonymous_memory()),
+               "anon_after": anonymous_memory(), "records_peak": budget.peak, "records_after": budget.held(),
                "disk_bytes": disk_bytes(parent)}
         if result is not None and getattr(result, "mask", None) is not None:
             row["mask_fraction"] = float(result.mask.float().mean())

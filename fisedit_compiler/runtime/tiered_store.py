@@ -117,20 +117,19 @@ class MemoryBudget:
 def anonymous_memory() -> int | None:
     """This process's anonymous resident bytes (Linux `RssAnon`: what the kernel cannot drop and would kill the
     process for), or None where unknown."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_bytes("/proc/self/status", "RssAnon")
 
 
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations (Linux `MemAvailable`), or None where unknown."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A "<field>: <n> kB" line of a Linux /proc file, in bytes; None where the file or the field is missing."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
