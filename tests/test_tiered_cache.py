@@ -188,15 +188,15 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
     for ref, value in values.items():
         record[ref] = value
     record.compact()
-    slab = record.slab
-    assert slab is not None and record.nbytes <= slab.numel()
+    slab, = record.slabs  # smaller than a piece (`SLAB_PIECE`)
+    assert record.nbytes <= slab.numel()
     for ref, value in values.items():
         got = record[ref]
         for g, v in zip(got if isinstance(got, tuple) else (got,), value if isinstance(value, tuple) else (value,)):
             assert torch.equal(g, v) and g.dtype == v.dtype
             assert g.untyped_storage().data_ptr() == slab.untyped_storage().data_ptr()
     record.compact()  # idempotent
-    assert record.slab is slab
+    assert len(record.slabs) == 1 and record.slabs[0] is slab
 
     def roundtrip(path):
         from safetensors import safe_open
@@ -223,6 +223,43 @@ def test_a_record_is_compacted_into_one_allocation_and_read_back_into_one():
             read_safetensors(path)
         with pytest.raises(ValueError, match="truncated"):
             map_safetensors(path)
+
+
+def test_a_large_record_is_compacted_piece_by_piece(monkeypatch):
+    """A record larger than `SLAB_PIECE` goes into several allocations, in its order, and each piece's original
+    tensors are let go as soon as it is copied (one allocation for all had the record twice in memory at once: 8.4
+    GiB for the VAE decoder's at 768²)."""
+    import weakref
+
+    from fisedit_compiler.ir import CacheRef
+    from fisedit_compiler.runtime import cache
+    from fisedit_compiler.runtime.cache import StepRecord
+
+    monkeypatch.setattr(cache, "SLAB_PIECE", 1024)
+    record = StepRecord()
+    originals = [torch.randn(100) for _ in range(6)]  # 400 bytes each: pieces of 3 (1200 bytes)
+    expected = [t.clone() for t in originals]
+    for i, t in enumerate(originals):
+        record[CacheRef(f"n{i}", "output")] = t
+    record[CacheRef("gn", "group_norm_stats")] = (torch.zeros(2), torch.ones(2))
+    alive = [weakref.ref(t) for t in originals]
+    copied = []
+    real_into_slab = cache._into_slab
+
+    def into_slab(tensors):  # how many originals are still alive when each piece is made
+        copied.append(sum(ref() is not None for ref in alive))
+        return real_into_slab(tensors)
+
+    monkeypatch.setattr(cache, "_into_slab", into_slab)
+    del originals, t
+    record.compact()
+    assert copied == [6, 3, 0]
+    assert all(ref() is None for ref in alive)
+    assert len(record.slabs) == 3
+    for i, t in enumerate(expected):
+        got = record[CacheRef(f"n{i}", "output")]
+        assert torch.equal(got, t) and got.untyped_storage().data_ptr() == record.slabs[i // 3].data_ptr()
+    assert torch.equal(record[CacheRef("gn", "group_norm_stats")][1], torch.ones(2))
 
 
 def test_a_mapped_step_file_is_copy_on_write_and_survives_its_file_being_replaced(tmp_path):
@@ -395,12 +432,13 @@ def test_the_tiered_store_compacts_a_settled_record_and_a_maps_only_step_keeps_o
     record[CacheRef("m", "attention_map")] = attention_map
     store.settle(key)
     settled = store.get(key)
-    assert settled.slab is not None
-    assert settled[CacheRef("a", "output")].untyped_storage().data_ptr() == settled.slab.data_ptr()
+    slab, = settled.slabs
+    assert settled[CacheRef("a", "output")].untyped_storage().data_ptr() == slab.data_ptr()
     settled.keep_maps_only()
     assert settled.maps_only and torch.equal(settled[CacheRef("m", "attention_map")], attention_map)
-    assert settled.slab is not None and settled.slab.numel() < output.numel() * 4
-    assert settled[CacheRef("m", "attention_map")].untyped_storage().data_ptr() == settled.slab.data_ptr()
+    slab, = settled.slabs
+    assert slab.numel() < output.numel() * 4
+    assert settled[CacheRef("m", "attention_map")].untyped_storage().data_ptr() == slab.data_ptr()
     store.close()
 
 

@@ -88,6 +88,12 @@ MUTATIONS = [
         ("tests/test_sparse_decode.py::test_a_recording_decode_lets_the_old_record_go_before_it_records",),
     ),
     Mutation(
+        "record-compacted-at-once", "a record is copied into one allocation before any original goes (twice at once)",
+        "fisedit_compiler/runtime/cache.py",
+        "            if size >= SLAB_PIECE:\n", "            if False:\n",
+        ("tests/test_tiered_cache.py::test_a_large_record_is_compacted_piece_by_piece",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',

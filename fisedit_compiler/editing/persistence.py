@@ -194,7 +194,7 @@ def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = No
         key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
         record = cache.new_step(key, latent_shape, settings)
         record.update(StepRecord.from_tensors(tensors, json.loads(metadata.get("refs", "[]")), cache.dtype))
-        record.slab = slab  # read into one allocation: nothing to compact
+        record.slabs = [slab]  # read into one allocation: nothing to compact
         cache.step_done(key)  # complete: a store with a budget may move it to disk
     initial = latents["initial"]
     if tuple(initial.shape[-2:]) != latent_shape[-2:]:

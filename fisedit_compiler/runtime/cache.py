@@ -56,7 +56,7 @@ class StepRecord(dict):
     def __init__(self, dtype: torch.dtype | None = None):
         super().__init__()
         self.dtype = dtype
-        self.slab: torch.Tensor | None = None  # the one allocation the tensors are views of, once compacted
+        self.slabs: list[torch.Tensor] | None = None  # the allocations the tensors are views of, once compacted
         self._nbytes: int | None = None  # `nbytes`, until the record changes
         self.on_grow = None  # called with the bytes of each tensor set, while a store with a budget fills it
 
@@ -65,8 +65,8 @@ class StepRecord(dict):
         reads (`Policy.cache_dense_steps`)."""
         for ref in [ref for ref in self if ref.kind not in CONTROL_KINDS]:
             del self[ref]
-        if self.slab is not None:  # the maps are views of the whole record's allocation: copy them out of it
-            self.slab = None
+        if self.slabs is not None:  # the maps are views of the whole record's allocations: copy them out of them
+            self.slabs = None
             self.compact()
 
     @property
@@ -121,27 +121,43 @@ class StepRecord(dict):
         return self._nbytes
 
     def compact(self) -> None:
-        """Move the record's CPU tensors into one allocation of their own and keep views of it. A record outlives
-        the call that computed it, whose short-lived tensors share the allocator's heap with it: records freed
-        later leave holes the process keeps (measured on SD 2 at 96x96 latents: 4 GiB of resident memory above
-        what the cache and the U-Net hold), and records kept leave the next call's tensors only fresh memory (a
-        source run of SD 1.5 at 64x64 latents, 6 steps: record calls 72% slower than dense ones uncompacted, 32%
-        compacted, on this project's VM where fresh memory is dear). One large allocation is its own memory map,
-        returned when freed; the originals go back to the heap, which the next call reuses (the heap is not
-        trimmed here: trimming it made every call fault its working set in again; stores trim at a run's end).
-        Idempotent; records on other devices (whose caching allocators reuse blocks) are left as they are."""
-        if self.slab is not None:
+        """Move the record's CPU tensors into allocations of their own (pieces of up to `SLAB_PIECE` bytes, in
+        the record's order) and keep views of them. A record outlives the call that computed it, whose short-lived
+        tensors share the allocator's heap with it: records freed later leave holes the process keeps (measured on
+        SD 2 at 96x96 latents: 4 GiB of resident memory above what the cache and the U-Net hold), and records kept
+        leave the next call's tensors only fresh memory (a source run of SD 1.5 at 64x64 latents, 6 steps: record
+        calls 72% slower than dense ones uncompacted, 32% compacted, on this project's VM where fresh memory is
+        dear). Each piece's originals are let go once it is copied, so the next piece can take the memory they and
+        the call's freed tensors leave: one allocation for the whole record had to be new memory, the record twice
+        at once (8.4 GiB for the VAE decoder's at 768²). The heap is not trimmed here: trimming it made every call
+        fault its working set in again; stores trim at a run's end. Idempotent; records on other devices (whose
+        caching allocators reuse blocks) are left as they are."""
+        if self.slabs is not None:
             return
         tensors = list(_tensors(self.values()))
         if not tensors or any(t.device.type != "cpu" for t in tensors):
             return
-        self.slab, views = _into_slab(tensors)
-        moved = {id(t): view for t, view in zip(tensors, views)}
-        del tensors, views
-        for ref, value in list(self.items()):
-            dict.__setitem__(self, ref, moved[id(value)] if isinstance(value, torch.Tensor)
-                             else tuple(moved[id(v)] for v in value))
-        del moved, value  # the last references to the originals
+        del tensors
+        self.slabs, piece, size = [], [], 0
+        for ref in list(self):
+            piece.append(ref)
+            size += sum(_aligned(t) for t in _tensors([self[ref]]))
+            if size >= SLAB_PIECE:
+                self.slabs.append(self._move_into_slab(piece))
+                piece, size = [], 0
+        if piece:
+            self.slabs.append(self._move_into_slab(piece))
+
+    def _move_into_slab(self, refs: list[CacheRef]) -> torch.Tensor:
+        """Copy the tensors of `refs` into one allocation, set their views in their place (the originals go), and
+        return the allocation."""
+        slab, views = _into_slab([t for ref in refs for t in _tensors([self[ref]])])
+        copies = iter(views)
+        for ref in refs:
+            value = self[ref]
+            dict.__setitem__(self, ref, next(copies) if isinstance(value, torch.Tensor)
+                             else tuple(next(copies) for _ in value))
+        return slab
 
     def to_tensors(self, contiguous: bool = True) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
         """The record as flat named CPU tensors (made contiguous unless `contiguous` is False: a writer that
@@ -170,6 +186,7 @@ class StepRecord(dict):
 
 
 _ALIGN = 64  # bytes: each tensor of a compacted record starts at a multiple of this in its slab
+SLAB_PIECE = 256 << 20  # bytes: a compacted record's allocations hold this much or one tensor more
 
 
 @functools.cache
@@ -188,12 +205,17 @@ def return_free_heap() -> None:
         trim(0)
 
 
+def _aligned(tensor: torch.Tensor) -> int:
+    """The bytes `tensor` takes in a slab: its own, rounded up to a multiple of `_ALIGN`."""
+    return -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+
+
 def _into_slab(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One uint8 allocation holding copies of `tensors` (each at a multiple of `_ALIGN` bytes), and the copies."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + -(-size // _ALIGN) * _ALIGN)
+    for tensor in tensors:
+        offsets.append(offsets[-1] + _aligned(tensor))
     slab = torch.empty(offsets[-1], dtype=torch.uint8)
     views = []
     for t, offset, size in zip(tensors, offsets, sizes):

@@ -477,7 +477,7 @@ class TieredStore:
                 tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
                 slab = None
             record = StepRecord.from_tensors(tensors, names, self.dtype)
-            record.slab = slab
+            record.slabs = None if slab is None else [slab]
             return record
         except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise CacheIOError(f"reading the recorded {key.describe()} from {path} failed: {e}") from e
