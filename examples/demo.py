@@ -32,7 +32,6 @@ SHAPES_NOTE = (
     "dense regeneration of each edited prompt shows what a user would get without FISEdit."
 )
 SHAPES_STEPS = 20
-SHAPES_GUIDANCE = 5.0
 
 
 def drawn_box_mask(colour: str, shape: str, latent: int, scale_factor: int, pad: int = 1):
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         # the shapes model's note explains the choice of scene
         note = SHAPES_NOTE if not args.model else None
         return cli.run_edits(args, prompt, edits, note=note, seed=seed, steps=args.steps or SHAPES_STEPS,
-                             guidance_scale=args.guidance_scale or (None if args.random else SHAPES_GUIDANCE),
+                             guidance_scale=args.guidance_scale,
                              pipe=pipe)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"demo: error: {e}", file=sys.stderr)

@@ -188,3 +188,20 @@ def test_a_local_ray_instance_keeps_its_files_under_the_data_folder_where_its_so
     assert ray_temp_dir("d") == (expected if len(expected) <= RAY_TEMP_MAX else None)
     assert ray_temp_dir("/srv/fisedit") == "/srv/fisedit/ray"
     assert ray_temp_dir("/" + "x" * 40) is None  # Ray's socket paths would pass 107 characters
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_first_colour_swap_a_newcomer_types_keeps_a_recoloured_object_in_place(tmp_path):
+    """`fisedit edit --prompt "a red circle on a gray background" --edit "a blue circle ..."` with every default
+    (the embedded shapes model, seed 0): at the guidance of 5 the CLI used to default to for this model, the edit
+    erased the circle (the picture was the background); at the session's 7.5 the circle turns blue where it was."""
+    from fisedit_compiler.training.evaluator import find_objects
+
+    out = tmp_path / "out"
+    assert main(["edit", "--quiet", "--prompt", "a red circle on a gray background",
+                 "--edit", "a blue circle on a gray background", "--out", str(out)]) == 0
+    red = [o for o in find_objects(Image.open(out / "source.png").convert("RGB"), "gray") if o.colour == "red"]
+    blue = [o for o in find_objects(Image.open(out / "edited_1.png").convert("RGB"), "gray") if o.colour == "blue"]
+    assert red and blue, (red, blue)
+    centre = lambda o: np.argwhere(o.mask).mean(0)  # noqa: E731
+    assert min(np.linalg.norm(centre(b) - centre(red[0])) for b in blue) <= 10

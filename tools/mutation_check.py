@@ -94,6 +94,13 @@ MUTATIONS = [
         ("tests/test_tiered_cache.py::test_a_large_record_is_compacted_piece_by_piece",),
     ),
     Mutation(
+        "cli-guidance-5", "the CLI runs the shapes model at guidance 5, where a colour swap erased its object",
+        "fisedit_compiler/cli.py",
+        "    guidance = guidance_scale or args.guidance_scale or 7.5\n",
+        "    guidance = guidance_scale or args.guidance_scale or 5.0\n",
+        ("tests/test_cli.py::test_the_first_colour_swap_a_newcomer_types_keeps_a_recoloured_object_in_place",),
+    ),
+    Mutation(
         "journal-mask-dropped", "a journaled edit's user mask is not replayed (the edit reopens as a detected one)",
         "fisedit_compiler/service/sessions.py",
         '                session.edit(edit["prompt"], mask=mask)\n', '                session.edit(edit["prompt"])\n',
