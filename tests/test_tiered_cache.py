@@ -237,7 +237,7 @@ def test_a_large_record_is_compacted_piece_by_piece(monkeypatch):
 
     monkeypatch.setattr(cache, "SLAB_PIECE", 1024)
     record = StepRecord()
-    originals = [torch.randn(100) for _ in range(6)]  # 400 bytes each: pieces of 3 (1200 bytes)
+    originals = [torch.randn(100) for _ in range(6)]  # 448 bytes each in a slab: 3 reach a piece (1344 bytes)
     expected = [t.clone() for t in originals]
     for i, t in enumerate(originals):
         record[CacheRef(f"n{i}", "output")] = t

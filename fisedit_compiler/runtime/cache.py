@@ -137,7 +137,7 @@ class StepRecord(dict):
         tensors = list(_tensors(self.values()))
         if not tensors or any(t.device.type != "cpu" for t in tensors):
             return
-        del tensors
+        del tensors  # (kept, it would hold every original until the last piece is copied)
         self.slabs, piece, size = [], [], 0
         for ref in list(self):
             piece.append(ref)
