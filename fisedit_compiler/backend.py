@@ -165,7 +165,7 @@ class _Call:
         run = session.run
         key = run.next_key(adapter.step_timestep(self.inputs), self.inputs[adapter.latents].shape[0])
         return session.executor.call(run, key, graph.named_inputs(args, found), graph=graph,
-                                     shape=adapter.latent_shape(self.inputs), settings=adapter.settings(self.inputs))
+                                     **adapter.call_terms(self.inputs))
 
     def _split_message(self, graph: FisEditGraph) -> str:
         breaks = [g.break_reason for g in [*self.graphs, graph] if g.break_reason]

@@ -180,8 +180,7 @@ class CompiledUNet(nn.Module):
             return self.unet(*args, **kwargs)
         inputs, return_dict = self.adapter.bind(args, kwargs)
         key = run.next_key(self.adapter.step_timestep(inputs), inputs[self.adapter.latents].shape[0])
-        output = self.executor.call(run, key, inputs, latents=self.adapter.latents,
-                                    shape=self.adapter.latent_shape(inputs), settings=self.adapter.settings(inputs))
+        output = self.executor.call(run, key, inputs, latents=self.adapter.latents, **self.adapter.call_terms(inputs))
         return self.adapter.wrap_output(output, return_dict)
 
 

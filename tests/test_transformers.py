@@ -7,6 +7,7 @@ import functools
 
 import pytest
 import torch
+from PIL import Image
 
 import fisedit_compiler as fisedit
 from conftest import close
@@ -482,3 +483,86 @@ def test_lora_layers_of_a_transformer_keep_the_contract_and_are_replayed_only_un
         assert close(compiled(**new).sample, model(**new).sample)
     with compiled.sparse(masks()["blobs"]), pytest.raises(fisedit.SettingsMismatchError, match="0.5"):
         compiled(**make_inputs(1))
+
+
+def kontext_inputs(seed: int, reference_rows: int = SIZE // 2, reference_cols: int = SIZE // 2) -> dict:
+    """FLUX Kontext's call: the latents' tokens, then a reference picture's (`img_ids[:, 0]` = 1, its own grid);
+    the reference is the same for every seed."""
+    inputs = flux_inputs(seed)
+    g = torch.Generator().manual_seed(7)
+    reference = torch.randn(1, reference_rows * reference_cols, 16, generator=g)
+    ids = torch.zeros(reference_rows, reference_cols, 3)
+    ids[..., 0] = 1
+    ids[..., 1], ids[..., 2] = torch.arange(reference_rows)[:, None], torch.arange(reference_cols)[None]
+    return {**inputs, "hidden_states": torch.cat([inputs["hidden_states"], reference], dim=1),
+            "img_ids": torch.cat([inputs["img_ids"], ids.reshape(-1, 3)])}
+
+
+@torch.no_grad()
+def test_flux_kontext_reference_tokens_are_stacked_below_the_picture_and_never_recomputed():
+    """FLUX Kontext appends a reference picture's tokens to the latents'. They get rows of the layout's grid below
+    the picture's, which masks never reach: a sparse call reads their recorded keys and values (as it does the
+    picture's inactive tokens) and returns their recorded outputs; the picture's tokens inside the mask are what the
+    model computes with the reference tokens recorded."""
+    model = tiny_flux()
+    compiled = fisedit.compile(model, POLICIES["b2"])
+    inputs = kontext_inputs(0)
+    with compiled.record():
+        output = compiled(**inputs).sample
+    assert close(output, model(**inputs).sample)
+    assert compiled.adapter.latent_shape(inputs) == (1, 4, SIZE, SIZE)  # masks are the picture's
+    assert compiled.adapter.mask_extent(inputs) == (2 * SIZE, SIZE) == compiled.cache.extent
+    for mask in (masks()["border"], torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        with compiled.sparse(mask):
+            assert close(compiled(**inputs).sample, output)
+    new = {**kontext_inputs(1), "pooled_projections": inputs["pooled_projections"]}
+    for mask in (masks()["blobs"], torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        with compiled.sparse(mask):
+            edited = compiled(**new).sample
+            active = compiled.active_pixels()
+        assert active.shape == (SIZE, SIZE)
+        picture = tokens_of("flux", edited, active)[1]
+        tokens = torch.cat([picture, torch.zeros_like(picture)])  # the reference's: never active
+        assert torch.equal(edited[:, ~tokens], output[:, ~tokens])
+        assert close(edited, _masked_dense_reference(model, inputs, new, tokens))
+    assert not close(edited, model(**new).sample, rtol=1e-4)  # a dense call recomputes the reference tokens
+
+
+def test_flux_kontext_references_of_another_form_are_refused_by_name():
+    compiled = fisedit.compile(tiny_flux(), POLICIES["b2"])
+    with compiled.record(), pytest.raises(fisedit.UnsupportedModelError, match="as wide"):
+        compiled(**kontext_inputs(0, reference_cols=SIZE // 4, reference_rows=SIZE))
+    third = kontext_inputs(0)
+    third["img_ids"][-4:, 0] = 2
+    with compiled.record(), pytest.raises(fisedit.UnsupportedModelError, match="one reference image"):
+        compiled(**third)
+    with torch.no_grad(), compiled.record():
+        compiled(**kontext_inputs(0))
+    shorter = kontext_inputs(1, reference_rows=SIZE // 4)
+    with torch.no_grad(), compiled.sparse(masks()["blobs"]), pytest.raises(ValueError, match="reference image"):
+        compiled(**shorter)
+
+
+@torch.no_grad()
+def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_only():
+    """`EditSession` over `FluxKontextPipeline`: the source run follows a picture (`control_image`, resized to the
+    session's size) and its prompt (an instruction); an edit with a user's mask keeps the latents outside it; a
+    detected edit finds its region in its first steps, as for prompt edits."""
+    from skimage import data
+
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models.flux import random_flux_pipeline
+
+    pipe = random_flux_pipeline(latent_size=SIZE, kontext=True)
+    session = fisedit.EditSession(pipe, num_inference_steps=4, guidance_scale=3.5, height=8 * SIZE, width=8 * SIZE)
+    with pytest.raises(ValueError, match="FLUX Kontext reference picture: pass generate"):
+        session.generate("keep the cat")
+    photo = Image.fromarray(data.chelsea())  # 451 x 300: cropped and resized to the session's 256 x 256
+    source = session.generate("keep the cat", generator=torch.Generator().manual_seed(0), control_image=photo)
+    assert session.cache.extent == (2 * SIZE, SIZE)  # the reference's tokens below the picture's
+    edit = session.edit("give the cat a hat", mask=ellipse_mask(SIZE, 0.15, center=(0.4, 0.5), grid_offset=0))
+    assert torch.equal(edit.latents[..., ~edit.mask], source.latents[..., ~edit.mask])
+    assert not torch.equal(edit.latents[..., edit.mask], source.latents[..., edit.mask])
+    assert edit.stats["sparse"].unet_calls == 4
+    detected = session.edit("make the cat black", keep=False)
+    assert detected.detected is not None and detected.detected.shape == (SIZE, SIZE)

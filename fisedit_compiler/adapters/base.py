@@ -199,6 +199,17 @@ class ModelAdapter:
         """The shape of the latents as masks see them, (B, C, H, W): a record run's, which sparse calls must match."""
         return tuple(inputs[self.latents].shape)
 
+    def mask_extent(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The (H, W) at latent resolution that the pixel layouts span, of which masks cover the top-left
+        `latent_shape(inputs)[-2:]`; the rest (another picture's pixels that the model reads, such as FLUX Kontext's
+        reference tokens) is never active. Default: the masks' own."""
+        return tuple(self.latent_shape(inputs)[-2:])  # type: ignore[return-value]
+
+    def call_terms(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What a call's record is made and checked under (`Executor.call`'s `shape`, `extent` and `settings`)."""
+        return {"shape": self.latent_shape(inputs), "extent": self.mask_extent(inputs),
+                "settings": self.settings(inputs)}
+
     def output_downscale(self) -> int:
         """The downscale of the map whose active blocks the output recomputes: 1 for a model whose last layers run
         at latent resolution (a U-Net), the patch size for a transformer's tokens."""

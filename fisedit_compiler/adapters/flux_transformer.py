@@ -7,6 +7,11 @@ resolution (twice the grid: `output_downscale` 2). Everything else has no pixels
 timestep and guidance, and the ids themselves. The rotary embeddings computed from the ids vary along the tokens, so
 `annotate_spatial_layout` gives them the tokens' layout (constants with pixels, gathered where a region reads them);
 the double blocks' joint attention and the single blocks' joint sequences (text tokens first) are joint sequences.
+
+FLUX Kontext appends the reference image's tokens to the latents' (`img_ids[:, 0]` = 1, the same grid again when
+the reference is as large as the picture). The adapter stacks them below the picture: the layout's grid is the
+picture's rows, then the reference's, and masks cover the picture's part (`mask_extent`), so the reference tokens
+are never active: sparse calls read their recorded activations, as they do the picture's inactive tokens.
 """
 
 from __future__ import annotations
@@ -35,33 +40,50 @@ class FluxTransformerAdapter(ModelAdapter):
         "controlnet_single_block_samples": "FLUX ControlNet residuals are not supported yet",
     }
 
-    def grid(self, inputs: dict[str, Any]) -> tuple[int, int]:
-        """The token grid that `img_ids` spells out; an error unless it is the row-major grid FluxPipeline makes."""
+    def grids(self, inputs: dict[str, Any]) -> tuple[tuple[int, int], int]:
+        """The picture's token grid (rows, columns) that `img_ids` spells out, and the rows of reference tokens
+        (FLUX Kontext's, ids[:, 0] = 1) that follow it, as wide as the picture; an error for ids of another form."""
         ids = inputs.get("img_ids")
         tokens = inputs[self.latents].shape[1]
         if ids is None:
             raise UnsupportedModelError(f"{self.model_name} needs img_ids: they say where each token is")
-        ids = ids[0] if ids.dim() == 3 else ids
-        rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-        expected = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
-        if rows * cols != tokens or not torch.equal(ids[:, 1:].round().long().cpu(), expected) or ids[:, 0].any():
+        ids = (ids[0] if ids.dim() == 3 else ids).round().long().cpu()
+        if ids.shape[0] != tokens:
+            raise UnsupportedModelError(f"{self.model_name}: {ids.shape[0]} img_ids for {tokens} image tokens")
+        picture = int((ids[:, 0] == 0).sum())
+        rows, cols = _row_major(ids[:picture], self.model_name, "the picture's")
+        if picture == tokens:
+            return (rows, cols), 0
+        if not (ids[picture:, 0] == 1).all():
             raise UnsupportedModelError(
-                f"{self.model_name}: img_ids do not spell out a row-major grid of the {tokens} image tokens (as "
-                "FluxPipeline makes them); tokens of another image (FLUX Kontext's reference) are not supported yet")
-        return rows, cols
+                f"{self.model_name}: img_ids put {tokens - picture} tokens after the picture's that are not one "
+                "reference image's (ids[:, 0] = 1, as FluxKontextPipeline makes them)")
+        ref_rows, ref_cols = _row_major(ids[picture:], self.model_name, "the reference image's")
+        if ref_cols != cols:
+            raise UnsupportedModelError(
+                f"{self.model_name}: the reference image is {ref_cols} tokens wide and the picture {cols}: sparse "
+                "calls stack the reference's tokens below the picture's, so both must be as wide. Give "
+                "FluxKontextPipeline the reference image's own height and width (and _auto_resize=False)")
+        return (rows, cols), ref_rows
 
     def pixel_layout(self, name: str, value: torch.Tensor, path: str, inputs: dict[str, Any]) -> SpatialLayout:
-        """The packed latents: a token sequence over the grid of `img_ids`."""
+        """The packed latents: a token sequence over the grid of `img_ids` (reference rows below the picture's)."""
         if value.dim() != 3:
             raise UnsupportedModelError(f"{self.model_name} takes packed latents (B, tokens, C); got shape "
                                         f"{tuple(value.shape)}")
-        return SpatialLayout("seq", self.grid(inputs), (1,), tuple(value.shape))
+        (rows, cols), ref_rows = self.grids(inputs)
+        return SpatialLayout("seq", (rows + ref_rows, cols), (1,), tuple(value.shape))
 
     def latent_shape(self, inputs: dict[str, Any]) -> tuple[int, ...]:
-        """The VAE latents' shape (B, C, H, W), which masks are drawn over: the packed tokens unpacked."""
+        """The VAE latents' shape (B, C, H, W), which masks are drawn over: the picture's tokens unpacked."""
         batch, _, channels = inputs[self.latents].shape
-        rows, cols = self.grid(inputs)
+        (rows, cols), _ = self.grids(inputs)
         return batch, channels // PACKING ** 2, rows * PACKING, cols * PACKING
+
+    def mask_extent(self, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The picture's latents and the reference's below them, at latent resolution."""
+        (rows, cols), ref_rows = self.grids(inputs)
+        return (rows + ref_rows) * PACKING, cols * PACKING
 
     def output_downscale(self) -> int:
         return PACKING
@@ -76,3 +98,14 @@ class FluxTransformerAdapter(ModelAdapter):
     def channels(self) -> dict[Fraction, int]:
         config = self.model.config
         return {Fraction(PACKING): int(config.num_attention_heads) * int(config.attention_head_dim)}
+
+
+def _row_major(ids: torch.Tensor, model: str, whose: str) -> tuple[int, int]:
+    """(rows, columns) of the grid that the (row, column) ids in `ids[:, 1:]` spell out, row-major from (0, 0) as
+    FluxPipeline makes them; an error otherwise."""
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    expected = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    if rows * cols != ids.shape[0] or not torch.equal(ids[:, 1:], expected):
+        raise UnsupportedModelError(f"{model}: img_ids do not spell out a row-major grid of {whose} "
+                                    f"{ids.shape[0]} tokens (as FluxPipeline makes them)")
+    return rows, cols

@@ -83,7 +83,8 @@ def save_session(session, path: str | Path) -> Path:
         "scheduler": {"class": type(scheduler).__name__, "config": _jsonable_config(scheduler.config)},
         "num_inference_steps": session.num_inference_steps, "guidance_scale": session.guidance_scale,
         "height": session.height, "width": session.width, "noise_seed": session.noise_seed,
-        "latent_shape": list(cache.latent_shape), "cache_dtype": str(cache.dtype) if cache.dtype else None,
+        "latent_shape": list(cache.latent_shape), "extent": list(cache.extent),
+        "cache_dtype": str(cache.dtype) if cache.dtype else None,
         "settings": cache.settings.to_json(),  # LoRA state and options: edits of the loaded session must match them
         "trajectory_steps": len(run.trajectory), "reference_steps": len(run.reference or []),
         "loaded_size": list(session._loaded_size) if session._loaded_size else None,
@@ -192,7 +193,7 @@ def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = No
     for step in manifest["steps"]:
         slab, tensors, metadata = _read(folder, step["file"])
         key = StepKey(tuple(step["timesteps"]), step["batch"], step["occurrence"], step["direction"])
-        record = cache.new_step(key, latent_shape, settings)
+        record = cache.new_step(key, latent_shape, settings, manifest.get("extent"))
         record.update(StepRecord.from_tensors(tensors, json.loads(metadata.get("refs", "[]")), cache.dtype))
         record.slabs = [slab]  # read into one allocation: nothing to compact
         cache.step_done(key)  # complete: a store with a budget may move it to disk

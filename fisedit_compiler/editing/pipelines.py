@@ -15,8 +15,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .inversion import image_tensor
+
 DENOISERS = ("unet", "transformer")
 CONTROL_MODELS = {"controlnet": "ControlNet", "adapter": "T2I-Adapter"}  # models of a control image, by attribute
+# pipelines whose `image` is a picture the denoiser reads beside the latents (its tokens appended to theirs)
+REFERENCE_PIPELINES = {"FluxKontextPipeline": "FLUX Kontext reference picture"}
 
 
 def denoiser_name(pipe) -> str:
@@ -34,10 +38,23 @@ def denoiser(pipe) -> nn.Module:
 
 
 def control_model(pipe) -> str | None:
-    """What follows a control image in `pipe` ("ControlNet", "T2I-Adapter"), which its `image` input is; None for
-    a pipeline without one."""
-    return next((kind for name, kind in CONTROL_MODELS.items() if isinstance(getattr(pipe, name, None), nn.Module)),
-                None)
+    """What follows a control image in `pipe` ("ControlNet", "T2I-Adapter", or a FLUX Kontext pipeline's reference
+    picture), which its `image` input is; None for a pipeline without one."""
+    reference = next((REFERENCE_PIPELINES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFERENCE_PIPELINES),
+                     None)
+    return reference or next((kind for name, kind in CONTROL_MODELS.items()
+                              if isinstance(getattr(pipe, name, None), nn.Module)), None)
+
+
+def control_inputs(pipe, image: Any, height: int, width: int) -> dict[str, Any]:
+    """The pipeline inputs of a control image for pictures of `height` x `width` pixels: its `image`. A FLUX Kontext
+    pipeline would pick its own size for the picture and its reference (one of the sizes Kontext was trained at, or
+    1024² pixels): its reference is centre-cropped and resized to the session's size, and the pipeline told to keep
+    that size (so that the reference's tokens are a grid as large as the latents', which sparse calls stack)."""
+    if control_model(pipe) not in REFERENCE_PIPELINES.values():
+        return {"image": image}
+    pixels = (image_tensor(image, height, width) + 1) / 2  # the pipeline's image processor takes [0, 1]
+    return {"image": pixels, "max_area": height * width, "_auto_resize": False}
 
 
 def has_ip_adapter(pipe) -> bool:

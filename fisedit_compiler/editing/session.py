@@ -52,6 +52,7 @@ from .inversion import (
 from .mask_detection import detect_mask, difference_map
 from .pipelines import (
     Interrupted,
+    control_inputs,
     control_model,
     denoiser,
     denoiser_name,
@@ -355,8 +356,9 @@ class EditSession:
         self.cache = RecordCache(self.policy.storage_dtype, make_store(self.policy, self.memory_budget))
         # models the pipeline calls beside the denoiser at every step (a ControlNet), compiled and run in step with it
         self.companions = compile_companions(pipe, self.policy, self.memory_budget)
-        self.control_model = control_model(pipe)  # "ControlNet", "T2I-Adapter" or None: what `control_image` is for
-        self._control_image = None  # a ControlNet or T2I-Adapter pipeline's control image, given to generate
+        # "ControlNet", "T2I-Adapter", FLUX Kontext's reference picture, or None: what `control_image` is for
+        self.control_model = control_model(pipe)
+        self._control_image = None  # the control image (or Kontext's reference picture), given to generate
         self._ip_adapter_image = None  # the image prompt of a pipeline with an IP-Adapter, given to generate
         # The VAE decoder, compiled too: an edit's image is decoded around the latents that changed.
         self.decoding = SparseDecoder(pipe.vae, self.policy, self.memory_budget) if sparse_decode else None
@@ -393,9 +395,10 @@ class EditSession:
                  ip_adapter_image: Any = None) -> EditResult:
         """The source run: a dense generation whose activations (and first steps' cross-attention maps) are
         recorded. Starts a new session history. `control_image`: a ControlNet or T2I-Adapter pipeline's control image
-        (a PIL image or what the pipeline's `image` takes); `ip_adapter_image`: the image prompt of a pipeline with an
-        IP-Adapter loaded (a picture, embedded by the pipeline's image encoder, or its embeddings: a tensor or a list,
-        as `ip_adapter_image_embeds`). The edits of this history keep both."""
+        (a PIL image or what the pipeline's `image` takes), or the picture a FLUX Kontext pipeline edits by its prompt
+        (an instruction; the picture is centre-cropped and resized to the session's size); `ip_adapter_image`: the
+        image prompt of a pipeline with an IP-Adapter loaded (a picture, embedded by the pipeline's image encoder, or
+        its embeddings: a tensor or a list, as `ip_adapter_image_embeds`). The edits of this history keep both."""
         token_ids(self.pipe.tokenizer, check_prompt(prompt))  # clear errors for a non-str or over-long prompt
         if self.inpainting:
             raise ValueError("an inpainting pipeline edits a picture it is given: call load_image(image, prompt), "
@@ -578,7 +581,7 @@ class EditSession:
                 raise ValueError("edit(control_image=...) " + ("needs the user's mask it changes the control image "
                                  "inside" if self.control_model else "is for ControlNet and T2I-Adapter pipelines"))
             check_control_image(self._control_image, control_image, mask)
-            inputs["image"] = control_image
+            inputs.update(control_inputs(self.pipe, control_image, self.height, self.width))
         if ip_adapter_image is not None:
             self._check_ip_adapter_image(ip_adapter_image, "edit(prompt, ip_adapter_image=...)")
             inputs.update(ip_adapter_inputs(ip_adapter_image))
@@ -712,7 +715,7 @@ class EditSession:
         pipeline's control image (the source's, given to `generate`), an IP-Adapter's image prompt."""
         inputs = inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
         if self._control_image is not None:
-            inputs["image"] = self._control_image
+            inputs.update(control_inputs(self.pipe, self._control_image, self.height, self.width))
         if self._ip_adapter_image is not None:
             inputs.update(ip_adapter_inputs(self._ip_adapter_image))
         return inputs
@@ -775,8 +778,9 @@ class EditSession:
         try:
             with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
                 output = self.pipe(
-                    prompt, latents=self._pack(self._latents.clone()), num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale, height=self.height, width=self.width, generator=generator,
+                    prompt=prompt, latents=self._pack(self._latents.clone()),
+                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    height=self.height, width=self.width, generator=generator,
                     output_type=output_type, **step_callbacks(self.pipe, on_step_end), **(inputs or {}),
                 )
         except Interrupted:  # a legacy pipeline stopped by a step: what the step kept is all there is

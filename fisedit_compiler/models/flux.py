@@ -2,6 +2,7 @@
 
     transformer = random_flux_transformer("tiny")          # FLUX's double and single blocks, tiny widths
     pipe = random_flux_pipeline(latent_size=32)            # CLIP + a tiny T5 encoder, the generated tokenizer
+    kontext = random_flux_pipeline(latent_size=32, kontext=True)  # the same, as a FluxKontextPipeline
 
 "full" is FLUX.1-dev's transformer (19 double and 38 single blocks, 3072 wide, guidance embedding). The tiny
 pipeline's T5 encoder reads the generated CLIP tokenizer's ids (`tokenizer_2`: FluxPipeline only calls it), so it
@@ -14,7 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline,
+                       FluxTransformer2DModel)
 from transformers import T5Config, T5EncoderModel
 
 from .configs import Size, check_arch_size, text_encoder_configs, vae_config
@@ -48,9 +50,11 @@ def random_flux_transformer(size: Size = "tiny", seed: int = 0, dtype: torch.dty
 
 
 def random_flux_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtype = torch.float32,
-                         device: torch.device | str | None = None) -> FluxPipeline:
+                         device: torch.device | str | None = None, kontext: bool = False) -> FluxPipeline:
     """A tiny random-weight `FluxPipeline` (flow matching, Euler, guidance embedding); `latent_size` is the VAE
-    latents' side (the transformer sees half as many tokens per side), the image `8 * latent_size` pixels wide."""
+    latents' side (the transformer sees half as many tokens per side), the image `8 * latent_size` pixels wide.
+    `kontext`: a `FluxKontextPipeline` of the same components (it edits a picture it is given, whose tokens the
+    transformer reads beside the latents')."""
     placement: dict[str, Any] = {"dtype": dtype, "device": device}
     transformer = random_flux_transformer("tiny", seed, **placement)
     latent_channels = transformer.config.in_channels // 4
@@ -63,7 +67,7 @@ def random_flux_pipeline(latent_size: int = 32, seed: int = 0, dtype: torch.dtyp
         vocab_size=len(tokenizer_2), d_model=transformer.config.joint_attention_dim, d_ff=64, d_kv=8, num_layers=2,
         num_heads=4, pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id)),
         seed, "text_encoder_2", **placement)
-    pipe = FluxPipeline(
+    pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
         text_encoder=random_text_encoder(clip, tokenizer, seed, **placement), tokenizer=tokenizer,
         text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer,

@@ -289,7 +289,9 @@ class RecordCache:
     """Recorded source-run tensors, keyed by step key, then by `CacheRef` (a node's stable key and role), kept
     in a `CacheStore` (default: `MemoryStore`).
 
-    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it; `settings`
+    `latent_shape` is the shape of the latents the run was recorded with: sparse calls must match it; `extent` the
+    (H, W) at latent resolution that its pixel layouts span, of which masks cover the top-left `latent_shape[-2:]`
+    (larger where a model's pixels include another picture's: FLUX Kontext's reference tokens); `settings`
     what its graphs baked in (`adapters.settings`: LoRA state, option values), which sparse and control calls must
     match too (`check_settings`). `dtype`: the storage dtype of recorded activations (None: the dtype they were
     computed in).
@@ -298,6 +300,7 @@ class RecordCache:
     def __init__(self, dtype: torch.dtype | None = None, store: CacheStore | None = None) -> None:
         self.store: CacheStore = store if store is not None else MemoryStore()
         self.latent_shape: tuple[int, ...] | None = None
+        self.extent: tuple[int, int] | None = None
         self.settings: Settings = Settings()
         self.dtype = dtype
         self.in_use = False  # inside a run (`CompiledUNet.run`), which owns it meanwhile
@@ -337,7 +340,7 @@ class RecordCache:
     def clear(self) -> None:
         for key in self.store.keys():
             self.store.evict(key)
-        self.latent_shape = None
+        self.latent_shape = self.extent = None
         self.settings = Settings()
 
     def close(self) -> None:
@@ -346,12 +349,15 @@ class RecordCache:
         if hasattr(self.store, "close"):
             self.store.close()
 
-    def new_step(self, key: StepKey, latent_shape: tuple[int, ...], settings: Settings = Settings()) -> StepRecord:
-        """Start (or restart) recording `key`. A cache holds one latent shape and one `settings`: new ones clear it
-        first."""
-        if self.latent_shape is not None and (self.latent_shape, self.settings) != (latent_shape, settings):
+    def new_step(self, key: StepKey, latent_shape: tuple[int, ...], settings: Settings = Settings(),
+                 extent: tuple[int, int] | None = None) -> StepRecord:
+        """Start (or restart) recording `key`. A cache holds one latent shape, extent and `settings`: new ones clear
+        it first. `extent` defaults to the latents' own (H, W)."""
+        extent = tuple(extent) if extent is not None else tuple(latent_shape[-2:])
+        if self.latent_shape is not None and (self.latent_shape, self.extent, self.settings) != (
+                latent_shape, extent, settings):
             self.clear()
-        self.latent_shape, self.settings = latent_shape, settings
+        self.latent_shape, self.extent, self.settings = latent_shape, extent, settings
         record = StepRecord(self.dtype)
         self.store.put(key, record)
         return record
@@ -370,12 +376,12 @@ class RecordCache:
         `maps_only`: of the steps taken, those among the first `maps_only` recorded here keep their maps only."""
         if not len(other):
             return
-        if self.latent_shape not in (None, other.latent_shape):
+        if self.latent_shape not in (None, other.latent_shape) or self.extent not in (None, other.extent):
             raise ValueError(f"cannot merge steps recorded with latents {other.latent_shape} into a cache of "
                              f"{self.latent_shape}")
         if self.latent_shape is not None:
             self.check_settings(other.settings)
-        self.latent_shape, self.settings = other.latent_shape, other.settings
+        self.latent_shape, self.extent, self.settings = other.latent_shape, other.extent, other.settings
         first = set(self.steps[:maps_only])
         for key in other.steps:
             step = other.store.get(key)

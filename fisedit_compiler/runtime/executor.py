@@ -149,12 +149,12 @@ class Executor:
             self._constants[device] = load_constants(device)
         return self._constants[device]
 
-    def mask_plan(self, mask: torch.Tensor) -> MaskPlan:
-        """The index plan of `mask` (active blocks per resolution, gather indices) on the model's device, with block
-        sizes chosen for the model's channel widths."""
+    def mask_plan(self, mask: torch.Tensor, extent: tuple[int, int] | None = None) -> MaskPlan:
+        """The index plan of `mask` (active blocks per resolution, gather indices) over `extent` (default: the
+        mask's size) on the model's device, with block sizes chosen for the model's channel widths."""
         device = self.device()
         mask = mask.to(device) if device is not None else mask
-        return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels, self.output_downscale)
+        return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels, self.output_downscale, extent)
 
     def variants(self, inputs: dict[str, Any], graph: Any = None, settings: Settings = Settings()) -> Variants:
         """The graph variants for these inputs (of `graph`) under the model's `settings` (which the graphs bake in),
@@ -191,11 +191,12 @@ class Executor:
             cache.run_done()
 
     def call(self, run: Run, key: StepKey, inputs: dict[str, Any], latents: str = "sample", graph: Any = None,
-             shape: tuple[int, ...] | None = None, settings: Settings = Settings()) -> tuple:
+             shape: tuple[int, ...] | None = None, settings: Settings = Settings(),
+             extent: tuple[int, int] | None = None) -> tuple:
         """One call (of `graph`) at step `key` in the run's mode; `inputs[latents]` is the latents, `shape` the
-        latents' shape as masks see them (default: their own; an adapter's `latent_shape`) and `settings` what the
-        call's graph bakes in (an adapter's `settings`: a record is replayed only under its own). Returns the
-        model's outputs."""
+        latents' shape as masks see them (default: their own; an adapter's `latent_shape`), `extent` what the pixel
+        layouts span (an adapter's `mask_extent`) and `settings` what the call's graph bakes in (an adapter's
+        `settings`: a record is replayed only under its own). Returns the model's outputs."""
         mode = run.mode
         sample = inputs[latents]
         shape = tuple(sample.shape) if shape is None else tuple(shape)
@@ -203,35 +204,39 @@ class Executor:
             run.cache.check_settings(settings)
         variants = self.variants(inputs, graph, settings)
         if isinstance(mode, RecordMode):
-            output = self._record(run, mode, key, variants, inputs, shape, settings)
+            output = self._record(run, mode, key, variants, inputs, shape, settings, extent)
         elif isinstance(mode, ControlMode):
             output = variants.run_control(
-                inputs, mode.pending.new_step(key, shape, settings), run.cache.step(key),
+                inputs, mode.pending.new_step(key, shape, settings, extent), run.cache.step(key),
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
                 hold_layout=run.state.calls < mode.hold_layout)
         else:
-            output = self._sparse(run, mode, key, variants, inputs, shape)
+            output = self._sparse(run, mode, key, variants, inputs, shape, extent or shape[-2:])
         run.state.calls += 1
         run.cache.step_done(key)
         return tuple(output)
 
     @staticmethod
     def _record(run: Run, mode: RecordMode, key: StepKey, variants: Variants, inputs: dict[str, Any],
-                shape: tuple[int, ...], settings: Settings) -> tuple:
-        step = run.cache.new_step(key, shape, settings)
+                shape: tuple[int, ...], settings: Settings, extent: tuple[int, int] | None) -> tuple:
+        step = run.cache.new_step(key, shape, settings, extent)
         output = variants.run_record(inputs, step, attention_maps=run.state.calls < mode.attention_maps)
         if run.state.calls < mode.maps_only:
             step.keep_maps_only()
         return output
 
     def _sparse(self, run: Run, mode: SparseMode, key: StepKey, variants: Variants, inputs: dict[str, Any],
-                shape: tuple[int, ...]) -> tuple:
+                shape: tuple[int, ...], extent: tuple[int, int]) -> tuple:
         cache, state = run.cache, run.state
         if cache.latent_shape != shape:
             raise ValueError(
                 f"the latents have shape {shape} but the source run was recorded with {cache.latent_shape}: a sparse "
                 "call must use the batch size and latent size of the record run"
             )
+        if cache.extent != tuple(extent):
+            raise ValueError(
+                f"the call's pixels span {tuple(extent)} at latent resolution, the record run's {cache.extent} (a "
+                "reference image of another size?): a sparse call must take the record run's reference image size")
         step = cache.step(key)
         if step.maps_only:
             raise StepNotRecordedError(

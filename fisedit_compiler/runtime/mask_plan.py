@@ -25,14 +25,17 @@ class MaskPlan:
 
     `mask` is a bool tensor at latent resolution, `(H, W)` or `(B, 1, H, W)`. Compute runs on the union of the
     batch items' masks, so that every batch item (e.g. CFG's unconditional and conditional halves) gathers the
-    same blocks.
+    same blocks. `extent`: the (H', W') at latent resolution that the model's pixel layouts span, when larger than
+    the mask (FLUX Kontext's reference tokens, stacked below the picture's): the mask covers its top-left, the rest
+    is never active.
 
     Each plan memoises what it builds in dicts of its own (not in a class-level cache), so that a dropped plan
     frees its index tensors and weight copies.
     """
 
     def __init__(self, mask: torch.Tensor, policy: Policy, constants: CostConstants | None = None,
-                 channels: Mapping[Fraction, int] | None = None, output_downscale: int = 1):
+                 channels: Mapping[Fraction, int] | None = None, output_downscale: int = 1,
+                 extent: tuple[int, int] | None = None):
         self.policy = policy
         # the downscale of the map whose active blocks the model's output recomputes (a transformer's patch size)
         self.output_downscale = output_downscale
@@ -45,6 +48,11 @@ class MaskPlan:
         self.device = mask.device
         # (1, 1, H, W) float union over the batch, for max-pooling to every resolution.
         union = mask.reshape(-1, *mask.shape[-2:]).any(dim=0)
+        self.mask_res = tuple(union.shape)
+        extent = tuple(extent) if extent is not None else self.mask_res
+        if extent[0] < self.mask_res[0] or extent[1] < self.mask_res[1]:
+            raise ValueError(f"a mask plan's extent {extent} must hold its mask {self.mask_res}")
+        union = F.pad(union, (0, extent[1] - self.mask_res[1], 0, extent[0] - self.mask_res[0]))
         self._union = union[None, None].float()
         self._active_maps: dict[Resolution, torch.Tensor] = {}
         self._layouts: dict[Resolution, BlockLayout] = {}
@@ -52,6 +60,7 @@ class MaskPlan:
 
     @property
     def latent_res(self) -> Resolution:
+        """The (H, W) at latent resolution that the plan spans: its extent."""
         return tuple(self._union.shape[-2:])  # type: ignore[return-value]
 
     def active_map(self, res: Resolution) -> torch.Tensor:
@@ -66,11 +75,17 @@ class MaskPlan:
         h = self.policy.halo
         if self.policy.halo_unit == "latent_pixels":
             grown = F.max_pool2d(self._union, kernel_size=2 * h + 1, stride=1, padding=h) if h else self._union
-            return F.adaptive_max_pool2d(grown, res)[0, 0] > 0
-        pooled = F.adaptive_max_pool2d(self._union, res)
-        if h:
-            pooled = F.max_pool2d(pooled, kernel_size=2 * h + 1, stride=1, padding=h)
-        return pooled[0, 0] > 0
+            active = F.adaptive_max_pool2d(grown, res)[0, 0] > 0
+        else:
+            pooled = F.adaptive_max_pool2d(self._union, res)
+            if h:
+                pooled = F.max_pool2d(pooled, kernel_size=2 * h + 1, stride=1, padding=h)
+            active = pooled[0, 0] > 0
+        if self.latent_res != self.mask_res:  # the halo stops at the mask's edge: beyond it are another picture's
+            (h, w), (eh, ew) = self.mask_res, self.latent_res
+            picture = F.pad(torch.ones(h, w, device=self.device), (0, ew - w, 0, eh - h))
+            active &= F.adaptive_max_pool2d(picture[None, None], res)[0, 0] > 0
+        return active
 
     def active_pixels(self, res: Resolution) -> torch.Tensor:
         """The (H, W) bool map of the pixels that sparse layers at `res` compute: their active blocks."""
@@ -80,12 +95,14 @@ class MaskPlan:
         return computed.reshape(res)
 
     def recomputed_pixels(self) -> torch.Tensor:
-        """The (H, W) bool map of latent pixels that a sparse call recomputes: the active blocks of the output's
-        map (the latents', or a transformer's patches), each cell spread over the latent pixels it covers."""
+        """The (H, W) bool map (the mask's size) of latent pixels that a sparse call recomputes: the active blocks
+        of the output's map (the latents', or a transformer's patches), each cell spread over the latent pixels it
+        covers."""
         f = self.output_downscale
         h, w = self.latent_res
         computed = self.active_pixels((h // f, w // f))
-        return computed.repeat_interleave(f, 0).repeat_interleave(f, 1) if f > 1 else computed
+        computed = computed.repeat_interleave(f, 0).repeat_interleave(f, 1) if f > 1 else computed
+        return computed[:self.mask_res[0], :self.mask_res[1]]
 
     def constants_at(self, res: Resolution) -> CostConstants:
         """The cost constants for the map at `res`: those measured on a region of about its active pixels'

@@ -93,7 +93,8 @@ class Run:
     """One run of a compiled model. `planner` builds a sparse mode's mask plan (the executor's, with the model's
     block sizes and cost constants); `reuse_interval` is `Policy.deep_reuse_interval`."""
 
-    def __init__(self, mode: Mode | None, cache: RecordCache, planner: Callable[[torch.Tensor], MaskPlan],
+    def __init__(self, mode: Mode | None, cache: RecordCache,
+                 planner: Callable[[torch.Tensor, tuple[int, int] | None], MaskPlan],
                  reuse_interval: int = 1):
         self.cache = cache
         self.calls_per_timestep: Counter[StepKey] = Counter()
@@ -127,7 +128,7 @@ class Run:
             state = ModeState()
             if isinstance(mode, SparseMode):
                 require_recorded(self.cache)
-                state.plan = self._planner(mode.mask)
+                state.plan = self._planner(mode.mask, self.cache.extent)
                 state.mask_digest = _digest(mode.mask)
             self._states[id(mode)] = (mode, state)
         self._mode = mode
