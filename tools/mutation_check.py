@@ -42,6 +42,19 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "halo-into-reference", "the halo grows past the picture's edge into FLUX Kontext's reference tokens",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "        if self.latent_res != self.mask_res:  # the halo stops", "        if False:  # the halo stops",
+        ("tests/test_transformers.py::test_flux_kontext_reference_tokens_are_stacked_below_the_picture_and_never_recomputed",),
+    ),
+    Mutation(
+        "reference-rows-dropped", "the layout of FLUX Kontext's tokens forgets the reference's rows",
+        "fisedit_compiler/adapters/flux_transformer.py",
+        "        return (rows + ref_rows) * PACKING, cols * PACKING\n", "        return rows * PACKING, cols * PACKING\n",
+        ("tests/test_transformers.py::test_flux_kontext_reference_tokens_are_stacked_below_the_picture_and_never_recomputed",
+         "tests/test_transformers.py::test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_only"),
+    ),
+    Mutation(
         "painted-mask-ignored", "the page drops the mask a user painted and detects one instead",
         "fisedit_compiler/app/controller.py",
         "    return Image.fromarray(alpha.astype(np.uint8) * 255, \"L\")\n", "    return None\n",
