@@ -47,3 +47,24 @@ def deepcache(pipe, interval: int) -> Iterator[None]:
         yield
     finally:
         helper.disable()
+
+
+@contextlib.contextmanager
+def onednn_linears(model) -> Iterator[None]:
+    """Inside, every `nn.Linear` of `model` multiplies through oneDNN's linear primitive, as the compiled programs'
+    GEMMs do on a CPU (`kernels.onednn`), instead of stock PyTorch's BLAS: a dense contender with the programs' GEMM
+    library, like for like. (PyTorch's CPU convolutions run in oneDNN already.)"""
+    import torch
+    from torch import nn
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    linears = [m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+    for m in linears:
+        m.forward = forward.__get__(m)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward

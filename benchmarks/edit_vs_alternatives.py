@@ -12,6 +12,8 @@ same initial latents for every run:
   twice: the first run compiles (reported), the second is the figure;
 - DeepCache: the same with `DeepCacheSDHelper` (cache interval `--deepcache-interval`, branch 0), when the
   `DeepCache` package is installed;
+- like for like: dense and DeepCache again with the U-Net's linear layers through oneDNN, the GEMM library our
+  programs use on a CPU (`edit_setup.onednn_linears`; stock PyTorch multiplies them with MKL's BLAS), on a CPU;
 - ours: an `EditSession` generates the source prompt (recorded: reported, paid once per source), then edits it
   to the edited prompt with an ellipse user mask, once per `--reuse` interval (`Policy.deep_reuse_interval`), each
   a try of the same source (`edit(keep=False)`), the image decoded sparse;
@@ -29,6 +31,7 @@ against the interval-1 edit decoded densely (ours), and of DeepCache's against t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -39,7 +42,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling results_io, also when a test imports this file
-from edit_setup import DEEPCACHE_MISSING, add_edit_arguments, deepcache, deepcache_available  # noqa: E402
+from edit_setup import (DEEPCACHE_MISSING, add_edit_arguments, deepcache, deepcache_available,  # noqa: E402
+                        onednn_linears)
 from results_io import allocator_note, machine, set_up_allocator, write_results  # noqa: E402
 
 import fisedit_compiler as fisedit  # noqa: E402
@@ -104,6 +108,15 @@ def main(argv: list[str] | None = None) -> dict:
         runs["deepcache"] = {"seconds": seconds, "interval": args.deepcache_interval,
                              "psnr_in_mask_vs_dense": psnr(np.asarray(image), dense, pixels),
                              "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
+    if pipe.device.type == "cpu":  # like for like: the programs' GEMM library
+        with onednn_linears(pipe.unet), torch.no_grad():
+            image, seconds = timed(lambda: pipe(EDITED, latents=latents.clone(), **common).images[0])
+            runs["dense_onednn"] = {"seconds": seconds,
+                                    "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
+            if "seconds" in runs["deepcache"]:
+                image, seconds = deepcache_run()
+                runs["deepcache_onednn"] = {"seconds": seconds, "interval": args.deepcache_interval,
+                                            "psnr_vs_dense": psnr(np.asarray(image), dense, np.ones_like(pixels))}
 
     policy = fisedit.Policy(deep_reuse_interval=max(intervals))
     session = fisedit.EditSession(pipe, policy, num_inference_steps=args.steps, guidance_scale=7.5,
@@ -137,10 +150,13 @@ def main(argv: list[str] | None = None) -> dict:
         runs["head_to_head"] = head_to_head(args.pairs, deepcache_run, session, mask,
                                             dataclasses.replace(policy, deep_reuse_interval=intervals[0]))
     session.unet.policy = policy
-    fastest = min(runs[k]["seconds"] for k in ("dense", "dense_compiled", "deepcache") if "seconds" in runs.get(k, {}))
+    stock = ("dense", "dense_compiled", "deepcache")
+    fastest = min(runs[k]["seconds"] for k in stock if "seconds" in runs.get(k, {}))
+    like = [runs[k]["seconds"] for k in (*stock, "dense_onednn", "deepcache_onednn") if "seconds" in runs.get(k, {})]
     for key, run in runs.items():
         if key.startswith("ours"):
             run["speedup_vs_fastest_alternative"] = fastest / run["seconds"]
+            run["speedup_vs_fastest_like_for_like"] = min(like) / run["seconds"]
     data = {"machine": machine(), "arch": args.arch, "size": args.size, "latent_size": n, "steps": args.steps,
             "mask_percent": args.mask, "source_prompt": SOURCE, "edited_prompt": EDITED, "runs": runs}
     write_results(args.out, f"edit-vs-alternatives_{args.arch}-{args.size}-{n}", data, _format(data))
@@ -164,32 +180,39 @@ def _tier_text(tier: dict) -> str:
 
 
 def head_to_head(pairs: int, deepcache_run, session, mask, policy) -> dict:
-    """DeepCache generations and our edits (at `policy`) alternated, ABBA: seconds of each, and the median of the
-    per-pair ratios DeepCache / ours. The pipeline runs DeepCache on the eager U-Net, our edit on the session's."""
+    """DeepCache generations (stock, and with the U-Net's linear layers through oneDNN on a CPU) and our edits (at
+    `policy`) alternated, in one order and then the reverse: seconds of each, and the medians of the per-round
+    ratios DeepCache / ours. The pipeline runs DeepCache on the eager U-Net, our edit on the session's."""
     pipe, compiled = session.pipe, session.unet
     eager_unet = compiled.unet
-    deepcache, ours = [], []
+    names = ["deepcache", *(["deepcache_onednn"] if compiled.device.type == "cpu" else []), "ours"]
+    seconds: dict[str, list[float]] = {name: [] for name in names}
 
-    def run_deepcache():
+    def run(name):
+        if name == "ours":
+            compiled.policy = policy
+            start = time.perf_counter()
+            session.edit(EDITED, mask=mask, keep=False)
+            seconds["ours"].append(time.perf_counter() - start)
+            return
         pipe.unet = eager_unet
         try:
-            deepcache.append(deepcache_run()[1])
+            with onednn_linears(eager_unet) if name == "deepcache_onednn" else contextlib.nullcontext():
+                seconds[name].append(deepcache_run()[1])
         finally:
             pipe.unet = compiled
 
-    def run_ours():
-        compiled.policy = policy
-        start = time.perf_counter()
-        session.edit(EDITED, mask=mask, keep=False)
-        ours.append(time.perf_counter() - start)
-
     for i in range(pairs):
-        for run in ((run_deepcache, run_ours) if i % 2 == 0 else (run_ours, run_deepcache)):
-            run()
-    ratios = [d / o for d, o in zip(deepcache, ours)]
-    return {"pairs": pairs, "reuse_interval": policy.deep_reuse_interval, "deepcache_seconds": deepcache,
-            "ours_seconds": ours, "speedup_vs_deepcache_pairs": ratios,
-            "speedup_vs_deepcache": statistics.median(ratios)}
+        for name in (names if i % 2 == 0 else names[::-1]):
+            run(name)
+    result = {"pairs": pairs, "reuse_interval": policy.deep_reuse_interval,
+              **{f"{name}_seconds": values for name, values in seconds.items()}}
+    for name in names[:-1]:
+        ratios = [d / o for d, o in zip(seconds[name], seconds["ours"])]
+        suffix = name.removeprefix("deepcache")
+        result[f"speedup_vs_deepcache{suffix}_pairs"] = ratios
+        result[f"speedup_vs_deepcache{suffix}"] = statistics.median(ratios)
+    return result
 
 
 def _format(data: dict) -> str:
@@ -219,13 +242,19 @@ def _format(data: dict) -> str:
         lines.append(f"| DeepCache (interval {deepcache['interval']}) | {deepcache['seconds']:.1f} | | "
                      f"{deepcache['psnr_in_mask_vs_dense']:.1f} vs dense | whole image "
                      f"{deepcache['psnr_vs_dense']:.1f} dB vs dense |")
+    for key, what in (("dense_onednn", "dense generation"), ("deepcache_onednn", "DeepCache")):
+        if key in runs:
+            lines.append(f"| {what}, linear layers through oneDNN (like for like) | {runs[key]['seconds']:.1f} | | | "
+                         f"whole image {runs[key]['psnr_vs_dense']:.1f} dB vs dense |")
     for key, run in runs.items():
         if not key.startswith("ours"):
             continue
         decode = (f"decode {run['decode_mode']} {run['decode_seconds']:.1f} s"
                   + (f" ({100 * run['decode_recomputed']:.0f}% of pixels)" if run["decode_mode"] == "sparse" else ""))
+        like = run["speedup_vs_fastest_like_for_like"]
         lines.append(f"| our edit, deep reuse every {run['interval']} | {run['seconds']:.1f} | "
-                     f"{run['speedup_vs_fastest_alternative']:.2f}x | {run['psnr_in_mask_vs_reference']:.1f} vs "
+                     f"{run['speedup_vs_fastest_alternative']:.2f}x (like for like {like:.2f}x) | "
+                     f"{run['psnr_in_mask_vs_reference']:.1f} vs "
                      f"reuse 1 decoded dense | U-Net {run['unet_seconds']:.1f} s, {decode}; "
                      f"{_tier_text(run['cache_tier'])} |")
     if "head_to_head" in runs:
@@ -236,6 +265,10 @@ def _format(data: dict) -> str:
                   + f" s: **{h['speedup_vs_deepcache']:.2f}x** faster than DeepCache (median of the per-pair "
                   "ratios; the single runs above are minutes apart, and this host's speed drifts by 10-20 % over "
                   "minutes)."]
+        if "deepcache_onednn_seconds" in h:
+            lines[-1] += (" DeepCache with the linear layers through oneDNN in the same rounds: "
+                          + ", ".join(f"{v:.1f}" for v in h["deepcache_onednn_seconds"])
+                          + f" s: our edit **{h['speedup_vs_deepcache_onednn']:.2f}x** faster, like for like.")
     source = runs["source_run"]
     lines += ["", f"The source run (recorded, once per source picture): {source['seconds']:.1f} s, cache "
               f"{source['cache_bytes'] / 2**30:.2f} GiB ({_tier_text(source['cache_tier'])}). A first, untimed edit "

@@ -216,6 +216,11 @@ def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     assert runs["dense"]["seconds"] > 0 and runs["source_run"]["cache_bytes"] > 0
     assert "seconds" in runs["deepcache"] or "not installed" in runs["deepcache"]["skipped"]
     assert runs["ours_reuse1"]["decode_mode"] == "sparse"
+    assert runs["dense_onednn"]["psnr_vs_dense"] > 60  # like for like: the same pipeline, another GEMM library
+    contenders = [runs[k]["seconds"] for k in ("dense", "deepcache", "dense_onednn", "deepcache_onednn")
+                  if "seconds" in runs.get(k, {})]
+    assert runs["ours_reuse1"]["speedup_vs_fastest_like_for_like"] == pytest.approx(
+        min(contenders) / runs["ours_reuse1"]["seconds"])
     assert runs["ours_reuse2"]["unet_macs"] < runs["ours_reuse1"]["unet_macs"]
     assert math.isfinite(runs["ours_reuse2"]["psnr_in_mask_vs_reference"])
     for run in (runs["source_run"], runs["ours_reuse1"]):  # where the cache lives: a budget, what went to disk
@@ -223,6 +228,7 @@ def test_the_edit_comparison_benchmark_runs_on_a_tiny_pipeline(tmp_path):
     if "seconds" in runs["deepcache"]:  # DeepCache and our edit timed again, alternated
         h = runs["head_to_head"]
         assert len(h["deepcache_seconds"]) == len(h["ours_seconds"]) == 2 and h["reuse_interval"] == 1
+        assert len(h["deepcache_onednn_seconds"]) == 2 and h["speedup_vs_deepcache_onednn"] > 0
         assert h["speedup_vs_deepcache"] == pytest.approx(
             statistics.median(d / o for d, o in zip(h["deepcache_seconds"], h["ours_seconds"])))
         assert "Head to head, 2 pairs" in (tmp_path / "edit-vs-alternatives_sd15-tiny-16.md").read_text()
