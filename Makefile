@@ -8,7 +8,7 @@ OUT ?= out/demo
 # Test processes (pytest-xdist), one torch thread each: "auto" is one per CPU core.
 TEST_WORKERS ?= auto
 
-.PHONY: demo app test mutation-check install clean
+.PHONY: demo app test compile-test mutation-check install clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ app: install
 
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# The tests that compile programs with Inductor (minutes on a CPU; left out of `make test`).
+compile-test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m compiles
 
 # Break the code on purpose, one way at a time, and check that the tests guarding it fail (tools/mutation_check.py).
 mutation-check: install

@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from . import inspect_cmd
+from .editing import GUIDANCE_SCALE
 from .editing.mask_image import load_mask_image
 from .editing.pipelines import DENOISERS
 from .editing.token_alignment import PromptTooLongError
@@ -96,7 +97,7 @@ def run_edits(args, prompt: str | None, edits: list, image=None, note: str | Non
         print(f"note: {note}\n")
     seed = seed if seed is not None else (0 if args.seed is None else args.seed)
     steps = steps or args.steps or 20
-    guidance = guidance_scale or args.guidance_scale or 7.5
+    guidance = guidance_scale or args.guidance_scale or GUIDANCE_SCALE
     session = getattr(args, "session", None)
     data = run_session(pipe, prompt, edits, Path(args.out), steps, seed, _policy(args),
                        log=(lambda *a: None) if args.quiet else print, note=note, guidance_scale=guidance,
@@ -118,8 +119,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, latent_size: int) -> No
     parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "pndm", "euler"],
                         help="random model scheduler")
     parser.add_argument("--steps", type=int, help="denoising steps (default: 20)")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: 7.5, as "
-                        "EditSession's; on the shapes model a colour swap erased its object twice as often at 5)")
+    parser.add_argument("--guidance-scale", type=float,
+                        help=f"classifier-free guidance (default: {GUIDANCE_SCALE}, as EditSession's; on the shapes "
+                        "model a colour swap erased its object twice as often at 5)")
     parser.add_argument("--seed", type=int, help="the source run's noise (and a random model's weights); default 0, "
                         "the demo's shapes session: its own")
     parser.add_argument("--block-size", type=int, default=Policy.block_size)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .editing import GUIDANCE_SCALE
 from .editing.session import EditResult, EditSession, PhaseStats, _Meter
 from .editing.token_alignment import token_ids
 from .policy import Policy
@@ -167,7 +168,7 @@ class ScriptedEdit:
 
 
 def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, steps: int, seed: int, policy: Policy,
-                log=print, note: str | None = None, guidance_scale: float = 7.5,
+                log=print, note: str | None = None, guidance_scale: float = GUIDANCE_SCALE,
                 session_dir: Path | None = None, image: Any = None) -> dict:
     """Generate `prompt` (or load `image`, described by `prompt`), apply `edits` in turn (continuous: each edits
     the previous result), and write per edit a side-by-side picture (`edit_<n>.png`) with the dense regeneration

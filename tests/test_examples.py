@@ -89,7 +89,7 @@ def test_the_dumps_example_writes_an_index_per_signature(tmp_path, capsys):
     assert (signatures[0] / "00_captured.dot").is_file() and list((signatures[0] / "sparse").glob("*.dot"))
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "kontext"])
 def test_the_transformer_example_edits_inside_its_mask(tmp_path, capsys, family):
     assert example("transformer_edit").main(["--family", family, "--size", "128", "--steps", "4",
                                               "--out", str(tmp_path)]) == 0

@@ -109,7 +109,7 @@ MUTATIONS = [
     Mutation(
         "cli-guidance-5", "the CLI runs the shapes model at guidance 5, where a colour swap erased its object",
         "fisedit_compiler/cli.py",
-        "    guidance = guidance_scale or args.guidance_scale or 7.5\n",
+        "    guidance = guidance_scale or args.guidance_scale or GUIDANCE_SCALE\n",
         "    guidance = guidance_scale or args.guidance_scale or 5.0\n",
         ("tests/test_cli.py::test_the_first_colour_swap_a_newcomer_types_keeps_a_recoloured_object_in_place",),
     ),

@@ -37,6 +37,7 @@ from ..runtime.cache import RecordCache, return_free_heap
 from ..runtime.mask_plan import flattened_kernel_bytes
 from ..runtime.tiered_store import MemoryBudget, make_budget, make_store
 from ..inputs import as_mask, check_prompt
+from . import GUIDANCE_SCALE
 from .companions import check_control_image, compile_companions, run_group
 from .compositing import paste_outside
 from .decoding import SparseDecoder
@@ -335,7 +336,7 @@ class EditSession:
         pipe,
         policy: Policy | None = None,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = GUIDANCE_SCALE,
         height: int | None = None,
         width: int | None = None,
         noise_seed: int | None = None,

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..editing import GUIDANCE_SCALE
 from ..editing.persistence import MANIFEST
 from ..editing.session import EditResult, EditSession
 from ..policy import Policy
@@ -85,7 +86,7 @@ class SessionService:
     makes it (a server's: `service.compute`); None: the caller's."""
 
     def __init__(self, pipe, root: str | Path, policy: Policy | None = None, num_inference_steps: int = 20,
-                 guidance_scale: float = 7.5, memory_budget: MemoryBudget | None = None, max_live: int = 4,
+                 guidance_scale: float = GUIDANCE_SCALE, memory_budget: MemoryBudget | None = None, max_live: int = 4,
                  compute: ComputeThread | None = None):
         if max_live < 1:
             raise ValueError(f"max_live is the number of sessions kept in memory, at least 1; got {max_live}")
