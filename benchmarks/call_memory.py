@@ -100,8 +100,8 @@ def main(argv=None) -> dict:
             return out
         return run
 
-    def kept_planner(self, mask):
-        plans.append(planner(self, mask))
+    def kept_planner(self, mask, extent=None):
+        plans.append(planner(self, mask, extent))
         return plans[-1]
 
     state = {"kind": "eager"}
