@@ -30,7 +30,8 @@ app: install
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-# The tests that compile programs with Inductor (minutes on a CPU; left out of `make test`).
+# The tests whose torch.compile traces take minutes on a CPU (Inductor programs, dynamo over LoRA layers; left out of
+# `make test`).
 compile-test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m compiles
 
