@@ -558,6 +558,8 @@ def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_onl
     with pytest.raises(ValueError, match="FLUX Kontext reference picture: pass generate"):
         session.generate("keep the cat")
     photo = Image.fromarray(data.chelsea())  # 451 x 300: cropped and resized to the session's 256 x 256
+    with pytest.raises(ValueError, match=r"generate\(instruction, control_image=picture\)"):
+        session.load_image(photo, "a cat")
     source = session.generate("keep the cat", generator=torch.Generator().manual_seed(0), control_image=photo)
     assert session.cache.extent == (2 * SIZE, SIZE)  # the reference's tokens below the picture's
     edit = session.edit("give the cat a hat", mask=ellipse_mask(SIZE, 0.15, center=(0.4, 0.5), grid_offset=0))

@@ -52,6 +52,7 @@ from .inversion import (
 )
 from .mask_detection import detect_mask, difference_map
 from .pipelines import (
+    REFERENCE_PIPELINES,
     Interrupted,
     control_inputs,
     control_model,
@@ -453,6 +454,9 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
+        if self.control_model in REFERENCE_PIPELINES.values():
+            raise ValueError(f"{type(self.pipe).__name__} edits the picture it is given: start with "
+                             "generate(instruction, control_image=picture), then edit(instruction)")
         if self.control_model or has_ip_adapter(self.pipe):
             raise NotImplementedError(f"load_image over a pipeline with a {self.control_model or 'IP-Adapter'} is not "
                                       "supported yet")
