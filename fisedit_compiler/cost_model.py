@@ -192,8 +192,9 @@ def cost(active: torch.Tensor, block: int, constants: CostConstants = DEFAULT, c
     if block >= max(h, w):
         return float(h * w)
     # At least the dense cost per pixel: a sparse resolution's other layers (attention, linear layers, region
-    # entries and exits) gain nothing from blocking, so full coverage never beats dense.
-    per_pixel = max(1.0, constants.for_active(int(active.sum())).for_channels(channels)[block])
+    # entries and exits) gain nothing from blocking, so full coverage never beats dense. Blocks larger than any
+    # measured (a non-square map's largest, its sides' common divisor: 64 for 128x64 latents) run at the dense rate.
+    per_pixel = max(1.0, constants.for_active(int(active.sum())).for_channels(channels).get(block, 1.0))
     return block_grid_count(active, block) * block * block * per_pixel
 
 

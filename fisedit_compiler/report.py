@@ -191,7 +191,10 @@ def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, 
         session = EditSession(pipe, policy=policy, num_inference_steps=steps, guidance_scale=guidance_scale)
         if session.inpainting and any(edit.mask is None for edit in edits):  # fail before the inversion
             raise ValueError("an inpainting model repaints the mask it is given: give every edit a mask (--mask)")
-        if image is not None:
+        if image is not None and session.edits_its_picture:  # FLUX Kontext: the picture is the one it edits
+            source = session.generate(prompt, generator=torch.Generator().manual_seed(seed), control_image=image)
+            log(f"source: the picture, regenerated under {prompt!r} ({time.perf_counter() - start:.1f}s)")
+        elif image is not None:
             source = session.load_image(image, prompt)
             log(f"source: the picture, described as {prompt!r}, inverted and recorded "
                 f"({time.perf_counter() - start:.1f}s)")

@@ -179,3 +179,13 @@ def test_the_cpu_measured_convolution_algorithms_are_not_applied_to_other_device
     other = cost_model.load_constants(torch.device("meta"))  # an uncalibrated device that is not the CPU
     assert other.layer == cost_model.DEFAULT.layer and other.conv_algorithm(320, 4) == "nchw"
     assert cost_model.load_constants(torch.device("cpu")).conv_algorithm(320, 4) == cost_model.DEFAULT.conv[320][4]
+
+
+def test_a_non_square_maps_largest_block_is_priced_at_the_dense_rate():
+    """A non-square map's largest block is its sides' common divisor (64 for SD's 1024x512 latents, 128x64), larger
+    than any measured block size: it is priced as dense pixels, not looked up (a KeyError before)."""
+    active = torch.zeros(128, 64, dtype=torch.bool)
+    active[:10, :10] = True
+    assert cost_model.cost(active, 64) == 64 * 64  # the one block it touches, at the dense rate
+    assert cost_model.choose_block_size(active) < 64
+    assert cost_model.choose_block_size(torch.ones(128, 64, dtype=torch.bool)) == 64  # all active: dense

@@ -568,3 +568,28 @@ def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_onl
     assert edit.stats["sparse"].unet_calls == 4
     detected = session.edit("make the cat black", keep=False)
     assert detected.detected is not None and detected.detected.shape == (SIZE, SIZE)
+
+
+
+@torch.no_grad()
+def test_the_cli_session_regenerates_the_picture_flux_kontext_edits_and_takes_masks_at_its_size(tmp_path):
+    """`fisedit edit --image photo --prompt ... --edit ... --mask m.png` over a Kontext model (`report.run_session`,
+    what the CLI runs): the picture is the one Kontext edits (generated under the prompt, not inverted), and a mask
+    drawn on the photo is cropped and resized the way the photo was."""
+    from PIL import ImageDraw
+    from skimage import data
+
+    from fisedit_compiler.models.flux import random_flux_pipeline
+    from fisedit_compiler.report import ScriptedEdit, run_session
+
+    photo = Image.fromarray(data.chelsea())  # 451 x 300: its centre 300 x 300 (x from 75) is the session's picture
+    drawn = Image.new("L", photo.size)
+    ImageDraw.Draw(drawn).rectangle((75, 0, 374, 149), fill=255)  # the top half of that centre
+    logged = []
+    pipe = random_flux_pipeline(latent_size=SIZE, kontext=True)
+    pipe.default_sample_size = SIZE  # the session's picture: 8 * SIZE pixels (FLUX's default is 1024)
+    result = run_session(pipe, "keep the cat",
+                         [ScriptedEdit("give the cat a hat", mask=drawn)], tmp_path, steps=3, seed=0,
+                         policy=fisedit.Policy(), log=logged.append, image=photo)
+    assert "regenerated" in logged[0]
+    assert result["edits"][0]["mask_fraction"] == pytest.approx(0.5, abs=1 / SIZE)

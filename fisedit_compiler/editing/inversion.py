@@ -121,6 +121,11 @@ def ddim_inversion(unet, scheduler, clean: torch.Tensor, text: torch.Tensor, tim
     return Inversion(latents[::-1], calls)
 
 
+def picture_size(image: Any) -> tuple[int, int]:
+    """(width, height) of a picture `image_tensor` takes: a PIL image or an image tensor (..., H, W)."""
+    return (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+
+
 def crop_mask_like_image(mask: Any, original_size: tuple[int, int] | None, height: int, width: int) -> Any:
     """A PIL mask the size of the original picture given to `load_image`, cropped and resized (nearest) the way
     the picture was; any other mask unchanged."""

@@ -48,6 +48,7 @@ from .inversion import (
     flow_inversion,
     image_tensor,
     is_flow_matching,
+    picture_size,
     require_variance_preserving,
 )
 from .mask_detection import detect_mask, difference_map
@@ -411,12 +412,13 @@ class EditSession:
                 if self.control_model else "has no ControlNet or T2I-Adapter: control_image is for their pipelines"))
         self._check_ip_adapter_image(ip_adapter_image, "generate(prompt, ip_adapter_image=...)", required=True)
         self._control_image, self._ip_adapter_image = control_image, ip_adapter_image
+        # masks the size of a picture Kontext edits are cropped like it (as a loaded picture's)
+        self._loaded_size = picture_size(control_image) if self.edits_its_picture else None
         if latents is None:
             shape = (1, self.pipe.vae.config.latent_channels, self.height // self.pipe.vae_scale_factor,
                      self.width // self.pipe.vae_scale_factor)
             latents = torch.randn(shape, generator=generator, dtype=self.unet.dtype).to(self.unet.device)
         self._latents = latents
-        self._loaded_size = None
         self._clear_caches()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
         maps = self.policy.maps_schedule(self.num_inference_steps)  # the steps whose maps control calls read
@@ -454,7 +456,7 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        if self.control_model in REFERENCE_PIPELINES.values():
+        if self.edits_its_picture:
             raise ValueError(f"{type(self.pipe).__name__} edits the picture it is given: start with "
                              "generate(instruction, control_image=picture), then edit(instruction)")
         if self.control_model or has_ip_adapter(self.pipe):
@@ -464,7 +466,7 @@ class EditSession:
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
         self._latents = inversion.latents[0]
-        self._loaded_size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+        self._loaded_size = picture_size(image)
         self._clear_caches()
         self._source = None  # until this run completes: a run that fails leaves no source to edit
         k, _, _ = self.policy.edit_schedule(self.num_inference_steps)
@@ -705,6 +707,12 @@ class EditSession:
         if self._source is None:
             raise RuntimeError("no image yet: call generate(prompt) first")
         return self._source.result
+
+    @property
+    def edits_its_picture(self) -> bool:
+        """Whether the pipeline edits a picture it is given by an instruction (FLUX Kontext's `image`, which
+        `generate` takes as `control_image`)."""
+        return self.control_model in REFERENCE_PIPELINES.values()
 
     @property
     def picture(self):
