@@ -8,7 +8,7 @@ OUT ?= out/demo
 # Test processes (pytest-xdist), one torch thread each: "auto" is one per CPU core.
 TEST_WORKERS ?= auto
 
-.PHONY: demo app test compile-test mutation-check install clean
+.PHONY: demo app test slow-test mutation-check install clean
 
 install: $(VENV)/.installed
 
@@ -30,10 +30,10 @@ app: install
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-# The tests whose torch.compile traces take minutes on a CPU (Inductor programs, dynamo over LoRA layers; left out of
-# `make test`).
-compile-test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m compiles
+# The tests whose set-up takes most of a minute or more on a CPU (Inductor programs, dynamo over LoRA layers, a real
+# Ray cluster, the serving benchmark's servers): left out of `make test`, run by CI after it.
+slow-test: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 
 # Break the code on purpose, one way at a time, and check that the tests guarding it fail (tools/mutation_check.py).
 mutation-check: install

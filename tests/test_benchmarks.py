@@ -268,6 +268,7 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
     assert (tmp_path / "pictures" / "edits.png").is_file()
 
 
+@pytest.mark.slow  # two servers loading the shapes model, a warm-up each: twenty seconds
 def test_the_serving_load_benchmark_serves_both_contenders_on_loopback(tmp_path):
     """Two users against each server (fisedit's sessions, dense regenerations): every request answered, the fisedit
     server's sessions evicted and reopened (one in memory), its memory sampled, the comparison computed."""

@@ -111,7 +111,7 @@ def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
             compiled(**{**inputs, "cross_attention_kwargs": {"ip_adapter_masks": [MASK]}})
 
 
-@pytest.mark.compiles  # dynamo traces a U-Net with PEFT layers twice: most of a minute on a CPU
+@pytest.mark.slow  # dynamo traces a U-Net with PEFT layers twice: most of a minute on a CPU
 @torch.no_grad()
 def test_the_backend_runs_lora_layers_and_checks_their_settings(tmp_path_factory):
     """`torch.compile(unet, backend="fisedit")` over a U-Net with LoRA layers: record and sparse calls at a call

@@ -1,8 +1,8 @@
 """Programs compiled by Inductor (`Policy.program_backend="inductor"`) compute what the eager programs compute, up
 to float rounding, on the record, control and sparse variants of a tiny SD-2-shaped U-Net and two mask structures.
 
-Inductor takes minutes to compile these programs on a 2-core CPU, so the tests are marked `compiles` and left out
-of `make test`; `make compile-test` runs them (CI does, after the suite).
+Inductor takes minutes to compile these programs on a 2-core CPU, so the tests are marked `slow` and left out of
+`make test`; `make slow-test` runs them (CI does, after the suite).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from conftest import ellipse_mask, tiny_unet, unet_inputs
 from fisedit_compiler.runtime.cache import RecordCache
 from fisedit_compiler.runtime.run import ControlMode
 
-pytestmark = pytest.mark.compiles
+pytestmark = pytest.mark.slow
 
 SIZE = 16
 POLICY = fisedit.Policy(block_size=2, halo=1)

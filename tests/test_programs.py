@@ -275,7 +275,7 @@ def test_program_backend_must_be_a_torch_compile_backend():
         fisedit.Policy(program_backend="inductr")
 
 
-@pytest.mark.compiles  # AOTAutograd traces two programs: half a minute on a CPU
+@pytest.mark.slow  # AOTAutograd traces two programs: half a minute on a CPU
 @torch.no_grad()
 def test_a_compiled_model_runs_its_programs_with_the_policys_backend():
     """`Policy.program_backend`: record and sparse calls run compiled programs (one graph each), with the results of

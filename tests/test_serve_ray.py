@@ -1,6 +1,6 @@
 """The HTTP API on Ray Serve (`serve.ray_app`): a real local Serve application with two engine replicas on loopback.
 Sessions stick to the replica that holds them (model multiplexing by session id), and killing that replica lets the
-session go on, on another one, from its last saved state."""
+session go on, on another one, from its last saved state. Marked `slow` (`make slow-test`, which CI runs)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from PIL import Image
 ray = pytest.importorskip("ray", reason="serving on Ray is an optional extra: pip install 'ray[serve]'")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
+
+pytestmark = pytest.mark.slow  # a Ray cluster and two replicas start: half a minute (`make slow-test`)
 
 STEPS = 4
 PROMPT = "a red circle and a blue square on a gray background"

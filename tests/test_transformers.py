@@ -544,13 +544,14 @@ def test_flux_kontext_references_of_another_form_are_refused_by_name():
 
 
 @torch.no_grad()
-def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_only():
+def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_only(tmp_path):
     """`EditSession` over `FluxKontextPipeline`: the source run follows a picture (`control_image`, resized to the
     session's size) and its prompt (an instruction); an edit with a user's mask keeps the latents outside it; a
-    detected edit finds its region in its first steps, as for prompt edits."""
+    detected edit finds its region in its first steps, as for prompt edits; a saved session keeps its picture."""
     from skimage import data
 
     from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.editing.persistence import SessionFileError
     from fisedit_compiler.models.flux import random_flux_pipeline
 
     pipe = random_flux_pipeline(latent_size=SIZE, kontext=True)
@@ -568,6 +569,14 @@ def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_onl
     assert edit.stats["sparse"].unet_calls == 4
     detected = session.edit("make the cat black", keep=False)
     assert detected.detected is not None and detected.detected.shape == (SIZE, SIZE)
+
+    # saved with its picture; continued over the same pipeline, refused over FLUX without Kontext
+    session.save(tmp_path / "saved")
+    reopened = fisedit.EditSession.load(tmp_path / "saved", pipe)
+    again = reopened.edit("give the cat a hat", mask=edit.mask)
+    assert torch.equal(again.latents[..., ~edit.mask], edit.latents[..., ~edit.mask])
+    with pytest.raises(SessionFileError, match="FLUX Kontext"):
+        fisedit.EditSession.load(tmp_path / "saved", random_flux_pipeline(latent_size=SIZE))
 
 
 

@@ -29,6 +29,7 @@ from ..runtime.cache import RecordCache, StepKey, StepRecord
 from ..runtime.safetensors_io import read_safetensors, write_safetensors
 from .pipelines import denoiser
 
+PICTURE = "picture.png"  # the picture a FLUX Kontext session edits
 FORMAT = "fisedit-session/2"  # 2: residual sums are recorded instead of their terms (passes/windows.py)
 MANIFEST = "session.json"
 LATENTS = "latents.safetensors"
@@ -74,6 +75,11 @@ def save_session(session, path: str | Path) -> Path:
     for name in ("mask", "region"):
         if getattr(run.result, name) is not None:
             latents[name] = getattr(run.result, name).to(torch.uint8)
+    picture = session._control_image if session.edits_its_picture else None  # the picture FLUX Kontext edits
+    if isinstance(picture, torch.Tensor):
+        latents["picture"] = picture
+    elif picture is not None:
+        picture.save(folder / PICTURE)
     write_safetensors(folder / LATENTS, {k: v.detach().cpu() for k, v in latents.items()}, {})
     scheduler = session.pipe.scheduler
     manifest = {
@@ -88,6 +94,7 @@ def save_session(session, path: str | Path) -> Path:
         "settings": cache.settings.to_json(),  # LoRA state and options: edits of the loaded session must match them
         "trajectory_steps": len(run.trajectory), "reference_steps": len(run.reference or []),
         "loaded_size": list(session._loaded_size) if session._loaded_size else None,
+        "picture": picture is not None,
         "steps": steps,
         "unet": unet_fingerprint(session.unet.unet),
     }
@@ -143,6 +150,7 @@ class SavedSession:
     mask: torch.Tensor | None
     region: torch.Tensor | None
     image: Any
+    picture: Any = None  # the picture a FLUX Kontext session edits (its pipeline's `image`)
 
 
 def _check_pipeline(manifest: dict[str, Any], pipe) -> None:
@@ -210,4 +218,6 @@ def read_session(path: str | Path, pipe, memory_budget: MemoryBudget | None = No
         mask=latents["mask"].bool() if "mask" in latents else None,
         region=latents["region"].bool() if "region" in latents else None,
         image=Image.open(folder / "image.png").convert("RGB"),
+        picture=(latents["picture"] if "picture" in latents else Image.open(folder / PICTURE).convert("RGB"))
+        if manifest.get("picture") else None,
     )

@@ -640,7 +640,7 @@ class EditSession:
         (`editing.persistence`). `EditSession.load(path, pipe)` continues it."""
         from .persistence import save_session
 
-        if self.control_model or self._ip_adapter_image is not None:
+        if (self.control_model and not self.edits_its_picture) or self._ip_adapter_image is not None:
             kind, what = (f"a {self.control_model}", "control image (and a ControlNet's records)") \
                 if self.control_model else ("an IP-Adapter", "image prompt")
             raise NotImplementedError(f"saving a session whose pipeline has {kind} is not supported yet: its {what} "
@@ -668,6 +668,14 @@ class EditSession:
         reference = [z.to(session._latents.device) for z in saved.reference] if saved.reference else None
         session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result, reference=reference)
         session._loaded_size = saved.loaded_size
+        if (saved.picture is not None) != session.edits_its_picture:
+            from .persistence import SessionFileError
+
+            saved_over = "one that edits" if saved.picture is not None else "one that does not edit"
+            raise SessionFileError(f"{path} was saved over a pipeline {saved_over} a picture it is given (FLUX "
+                                   f"Kontext); {type(pipe).__name__} is not such a pipeline: load it over the kind "
+                                   "it was saved with")
+        session._control_image = saved.picture
         return session
 
     def close(self) -> None:
