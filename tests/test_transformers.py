@@ -559,8 +559,6 @@ def test_an_edit_session_over_flux_kontext_edits_its_picture_inside_the_mask_onl
     with pytest.raises(ValueError, match="FLUX Kontext reference picture: pass generate"):
         session.generate("keep the cat")
     photo = Image.fromarray(data.chelsea())  # 451 x 300: cropped and resized to the session's 256 x 256
-    with pytest.raises(ValueError, match=r"generate\(instruction, control_image=picture\)"):
-        session.load_image(photo, "a cat")
     source = session.generate("keep the cat", generator=torch.Generator().manual_seed(0), control_image=photo)
     assert session.cache.extent == (2 * SIZE, SIZE)  # the reference's tokens below the picture's
     edit = session.edit("give the cat a hat", mask=ellipse_mask(SIZE, 0.15, center=(0.4, 0.5), grid_offset=0))
@@ -602,3 +600,25 @@ def test_the_cli_session_regenerates_the_picture_flux_kontext_edits_and_takes_ma
                          policy=fisedit.Policy(), log=logged.append, image=photo)
     assert "regenerated" in logged[0]
     assert result["edits"][0]["mask_fraction"] == pytest.approx(0.5, abs=1 / SIZE)
+
+
+@torch.no_grad()
+def test_a_photo_loaded_into_a_flux_kontext_session_is_kept_exactly_outside_an_edit():
+    """`load_image` over `FluxKontextPipeline` (EEdit's setting on Kontext): the photo is inverted up the flow with
+    itself as the picture the transformer reads beside the latents, the source run recorded on that trajectory ends
+    at the encoded photo exactly, and an instruction edit keeps it outside the user's mask."""
+    from skimage import data
+
+    from fisedit_compiler.editing.masks import ellipse_mask
+    from fisedit_compiler.models.flux import random_flux_pipeline
+
+    session = fisedit.EditSession(random_flux_pipeline(latent_size=SIZE, kontext=True), num_inference_steps=4,
+                                  guidance_scale=3.5, height=8 * SIZE, width=8 * SIZE)
+    photo = Image.fromarray(data.coffee())
+    loaded = session.load_image(photo, "a cup of coffee")
+    assert loaded.stats["inversion"].unet_calls == 4 and session.cache.extent == (2 * SIZE, SIZE)
+    assert torch.equal(loaded.latents, session._encode(photo)[1])
+    mask = ellipse_mask(SIZE, 0.15, center=(0.5, 0.5), grid_offset=0)
+    edit = session.edit("make the cup red", mask=mask)
+    assert torch.equal(edit.latents[..., ~mask], loaded.latents[..., ~mask])
+    assert not torch.equal(edit.latents[..., mask], loaded.latents[..., mask])

@@ -145,12 +145,14 @@ def is_flow_matching(scheduler) -> bool:
 
 @torch.no_grad()
 def flow_inversion(model, inputs: dict[str, Any], latents_name: str, clean: torch.Tensor, sigmas: torch.Tensor,
-                   skip: int = 1) -> Inversion:
+                   skip: int = 1, appended: torch.Tensor | None = None) -> Inversion:
     """Euler inversion of a rectified flow: from `clean` latents (sigma 0) up the pipeline's `sigmas` (descending,
     ending at 0), each step ``z += (sigma_next - sigma) * v(z, sigma)`` with the model's velocity at the lower noise
     level, calling it at every `skip`-th step only (EEdit's inversion step skipping). `inputs` are the keyword
     inputs of the pipeline's own first call of `model` (its conditioning), whose `timestep` is scaled to each sigma
-    (it is proportional to sigma: SD3 passes 1000 sigma, FLUX sigma) and whose `latents_name` input is replaced."""
+    (it is proportional to sigma: SD3 passes 1000 sigma, FLUX sigma) and whose `latents_name` input is replaced.
+    `appended`: tokens the pipeline appends to the latents' in that input (FLUX Kontext's reference picture's), kept
+    as they are; the velocity is the latents' part of the model's output."""
     if skip < 1:
         raise ValueError(f"inversion step skipping must be >= 1 (1: none), got {skip}")
     first, timestep = float(sigmas[0]), inputs["timestep"]
@@ -159,8 +161,9 @@ def flow_inversion(model, inputs: dict[str, Any], latents_name: str, clean: torc
     for n, i in enumerate(reversed(range(steps))):  # from the clean end (sigmas[steps] = 0) to the noisy one
         sigma, target = float(sigmas[i + 1]), float(sigmas[i])
         if n % skip == 0:
-            call = {**inputs, latents_name: z, "timestep": timestep * (sigma / first), "return_dict": False}
-            velocity = model(**call)[0]
+            x = z if appended is None else torch.cat([z, appended], dim=1)
+            call = {**inputs, latents_name: x, "timestep": timestep * (sigma / first), "return_dict": False}
+            velocity = model(**call)[0][:, :z.shape[1]]
             calls += 1
         z = z + (target - sigma) * velocity
         latents.append(z)

@@ -456,12 +456,11 @@ class EditSession:
         if getattr(self.unet.config, "addition_embed_type", None) is not None:
             raise ValueError("load_image supports U-Nets conditioned on the text embedding alone (SD 1.x/2.x); this "
                              f"one also takes {self.unet.config.addition_embed_type!r} embeddings (SDXL-style)")
-        if self.edits_its_picture:
-            raise ValueError(f"{type(self.pipe).__name__} edits the picture it is given: start with "
-                             "generate(instruction, control_image=picture), then edit(instruction)")
-        if self.control_model or has_ip_adapter(self.pipe):
+        if self.control_model and not self.edits_its_picture or has_ip_adapter(self.pipe):
             raise NotImplementedError(f"load_image over a pipeline with a {self.control_model or 'IP-Adapter'} is not "
                                       "supported yet")
+        # FLUX Kontext: the photo is also the picture the pipeline reads beside the latents (its reference)
+        self._control_image = image if self.edits_its_picture else None
         picture, inputs, inversion, phases = (self._invert_flow if flow else self._invert)(image, prompt)
         # The source run, recorded on the inversion trajectory (each step's latents replaced by the inverted ones).
         trajectory = inversion.latents[1:]
@@ -539,6 +538,8 @@ class EditSession:
             self._call_pipeline(prompt, first_step_only, output_type="latent")
         finally:
             handle.remove()
+        packed = self._pack(clean)
+        appended = probed[self.unet.adapter.latents][-1:, packed.shape[1]:]  # tokens after the latents' (Kontext)
         name = self.unet.adapter.latents
         batch = probed[name].shape[0]
         conditioning = {k: v[-1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1 else v
@@ -546,8 +547,8 @@ class EditSession:
         meter = _Meter(self.unet, self.call_macs)
         meter.phase = "inversion"
         try:
-            inversion = flow_inversion(self.unet, conditioning, name, self._pack(clean),
-                                       self.pipe.scheduler.sigmas.to(clean.device), self.policy.inversion_skip)
+            inversion = flow_inversion(self.unet, conditioning, name, packed, self.pipe.scheduler.sigmas.to(
+                clean.device), self.policy.inversion_skip, appended if appended.shape[1] else None)
         finally:
             phases = meter.close()
         inversion.latents = [self._unpack(z) for z in inversion.latents]
@@ -732,9 +733,14 @@ class EditSession:
 
     def inputs_for(self, picture, mask: torch.Tensor | None) -> dict[str, Any]:
         """The pipeline's keyword inputs besides the prompt and latents for a run over `picture` with `mask`: an
-        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), a ControlNet or T2I-Adapter
-        pipeline's control image (the source's, given to `generate`), an IP-Adapter's image prompt."""
+        inpainting pipeline's picture and mask (`editing.inpainting.inpaint_inputs`), and `image_inputs`."""
         inputs = inpaint_inputs(self.pipe, picture, mask) if self.inpainting else {}
+        return {**inputs, **self.image_inputs()}
+
+    def image_inputs(self) -> dict[str, Any]:
+        """The pipeline's keyword inputs of the pictures a run follows: a ControlNet or T2I-Adapter pipeline's
+        control image or FLUX Kontext's picture (the source's, given to `generate`), an IP-Adapter's image prompt."""
+        inputs: dict[str, Any] = {}
         if self._control_image is not None:
             inputs.update(control_inputs(self.pipe, self._control_image, self.height, self.width))
         if self._ip_adapter_image is not None:
@@ -795,6 +801,7 @@ class EditSession:
         replaces it (unless not `keep`: an edit that does not become the current image); other runs (a comparison, a
         probe) decode with the eager decoder."""
         generator = torch.Generator().manual_seed(self.noise_seed) if self.noise_seed is not None else None
+        inputs = inputs if inputs is not None else self.image_inputs()  # a probe's or a comparison's: the pictures
         decoding = history and self.decoding is not None and output_type != "latent"
         try:
             with self.decoding.steering(keep) if decoding else contextlib.nullcontext():
