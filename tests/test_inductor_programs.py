@@ -24,9 +24,10 @@ POLICY = fisedit.Policy(block_size=2, halo=1)
 
 
 def assert_rounding_close(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal within float rounding of the output's scale: Inductor fuses and reorders sums."""
+    """Equal within float rounding of the output's scale: Inductor fuses and reorders sums (measured: at most
+    2.4e-6 of the scale on these calls)."""
     scale = max(1.0, want.abs().max().item())
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
 
 
 def run_variants(compiled: fisedit.CompiledUNet, inputs: dict, new: dict, masks: list[torch.Tensor]) -> dict:

@@ -37,13 +37,18 @@ def denoiser(pipe) -> nn.Module:
     return getattr(pipe, denoiser_name(pipe))
 
 
+def reference_picture(pipe) -> str | None:
+    """What `pipe`'s `image` is where it is a picture the denoiser reads beside the latents (FLUX Kontext's, found
+    by class along the MRO), else None."""
+    return next((REFERENCE_PIPELINES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFERENCE_PIPELINES),
+                None)
+
+
 def control_model(pipe) -> str | None:
     """What follows a control image in `pipe` ("ControlNet", "T2I-Adapter", or a FLUX Kontext pipeline's reference
     picture), which its `image` input is; None for a pipeline without one."""
-    reference = next((REFERENCE_PIPELINES[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFERENCE_PIPELINES),
-                     None)
-    return reference or next((kind for name, kind in CONTROL_MODELS.items()
-                              if isinstance(getattr(pipe, name, None), nn.Module)), None)
+    return reference_picture(pipe) or next((kind for name, kind in CONTROL_MODELS.items()
+                                            if isinstance(getattr(pipe, name, None), nn.Module)), None)
 
 
 def control_inputs(pipe, image: Any, height: int, width: int) -> dict[str, Any]:
@@ -51,7 +56,7 @@ def control_inputs(pipe, image: Any, height: int, width: int) -> dict[str, Any]:
     pipeline would pick its own size for the picture and its reference (one of the sizes Kontext was trained at, or
     1024² pixels): its reference is centre-cropped and resized to the session's size, and the pipeline told to keep
     that size (so that the reference's tokens are a grid as large as the latents', which sparse calls stack)."""
-    if control_model(pipe) not in REFERENCE_PIPELINES.values():
+    if reference_picture(pipe) is None:
         return {"image": image}
     pixels = (image_tensor(image, height, width) + 1) / 2  # the pipeline's image processor takes [0, 1]
     return {"image": pixels, "max_area": height * width, "_auto_resize": False}

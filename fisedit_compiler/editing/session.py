@@ -53,7 +53,6 @@ from .inversion import (
 )
 from .mask_detection import detect_mask, difference_map
 from .pipelines import (
-    REFERENCE_PIPELINES,
     Interrupted,
     control_inputs,
     control_model,
@@ -62,6 +61,7 @@ from .pipelines import (
     has_ip_adapter,
     ip_adapter_inputs,
     latent_packing,
+    reference_picture,
     step_callbacks,
 )
 from .schedule import EditSchedule
@@ -538,17 +538,18 @@ class EditSession:
             self._call_pipeline(prompt, first_step_only, output_type="latent")
         finally:
             handle.remove()
-        packed = self._pack(clean)
-        appended = probed[self.unet.adapter.latents][-1:, packed.shape[1]:]  # tokens after the latents' (Kontext)
         name = self.unet.adapter.latents
-        batch = probed[name].shape[0]
+        packed, probe = self._pack(clean), probed[name]
+        # tokens the pipeline appends to the latents' (FLUX Kontext's picture), kept as they are through the inversion
+        appended = probe[-1:, packed.shape[1]:] if probe.shape[1:] != packed.shape[1:] else None
+        batch = probe.shape[0]
         conditioning = {k: v[-1:] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch > 1 else v
                         for k, v in probed.items() if k not in (name, "return_dict")}
         meter = _Meter(self.unet, self.call_macs)
         meter.phase = "inversion"
         try:
             inversion = flow_inversion(self.unet, conditioning, name, packed, self.pipe.scheduler.sigmas.to(
-                clean.device), self.policy.inversion_skip, appended if appended.shape[1] else None)
+                clean.device), self.policy.inversion_skip, appended)
         finally:
             phases = meter.close()
         inversion.latents = [self._unpack(z) for z in inversion.latents]
@@ -653,7 +654,7 @@ class EditSession:
         """The session saved in `path`, over `pipe` (the same U-Net weights, scheduler and latent size, checked:
         a mismatch or a damaged file raises `editing.persistence.SessionFileError`, naming it). `memory_budget`:
         one shared with other sessions (a service's), else one made from the saved policy."""
-        from .persistence import read_session
+        from .persistence import SessionFileError, read_session
 
         saved = read_session(path, pipe, memory_budget)
         session = cls(pipe, policy=saved.policy, num_inference_steps=saved.num_inference_steps,
@@ -670,8 +671,6 @@ class EditSession:
         session._source = _Run(saved.prompt, saved.maps_prompt, trajectory, result, reference=reference)
         session._loaded_size = saved.loaded_size
         if (saved.picture is not None) != session.edits_its_picture:
-            from .persistence import SessionFileError
-
             saved_over = "one that edits" if saved.picture is not None else "one that does not edit"
             raise SessionFileError(f"{path} was saved over a pipeline {saved_over} a picture it is given (FLUX "
                                    f"Kontext); {type(pipe).__name__} is not such a pipeline: load it over the kind "
@@ -721,7 +720,7 @@ class EditSession:
     def edits_its_picture(self) -> bool:
         """Whether the pipeline edits a picture it is given by an instruction (FLUX Kontext's `image`, which
         `generate` takes as `control_image`)."""
-        return self.control_model in REFERENCE_PIPELINES.values()
+        return reference_picture(self.pipe) is not None
 
     @property
     def picture(self):
@@ -809,7 +808,7 @@ class EditSession:
                     prompt=prompt, latents=self._pack(self._latents.clone()),
                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                     height=self.height, width=self.width, generator=generator,
-                    output_type=output_type, **step_callbacks(self.pipe, on_step_end), **(inputs or {}),
+                    output_type=output_type, **step_callbacks(self.pipe, on_step_end), **inputs,
                 )
         except Interrupted:  # a legacy pipeline stopped by a step: what the step kept is all there is
             return []

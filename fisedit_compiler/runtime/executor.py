@@ -200,6 +200,7 @@ class Executor:
         mode = run.mode
         sample = inputs[latents]
         shape = tuple(sample.shape) if shape is None else tuple(shape)
+        extent = tuple(shape[-2:]) if extent is None else tuple(extent)
         if not isinstance(mode, RecordMode):
             run.cache.check_settings(settings)
         variants = self.variants(inputs, graph, settings)
@@ -211,14 +212,14 @@ class Executor:
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
                 hold_layout=run.state.calls < mode.hold_layout)
         else:
-            output = self._sparse(run, mode, key, variants, inputs, shape, extent or shape[-2:])
+            output = self._sparse(run, mode, key, variants, inputs, shape, extent)
         run.state.calls += 1
         run.cache.step_done(key)
         return tuple(output)
 
     @staticmethod
     def _record(run: Run, mode: RecordMode, key: StepKey, variants: Variants, inputs: dict[str, Any],
-                shape: tuple[int, ...], settings: Settings, extent: tuple[int, int] | None) -> tuple:
+                shape: tuple[int, ...], settings: Settings, extent: tuple[int, int]) -> tuple:
         step = run.cache.new_step(key, shape, settings, extent)
         output = variants.run_record(inputs, step, attention_maps=run.state.calls < mode.attention_maps)
         if run.state.calls < mode.maps_only:
@@ -233,9 +234,9 @@ class Executor:
                 f"the latents have shape {shape} but the source run was recorded with {cache.latent_shape}: a sparse "
                 "call must use the batch size and latent size of the record run"
             )
-        if cache.extent != tuple(extent):
+        if cache.extent != extent:
             raise ValueError(
-                f"the call's pixels span {tuple(extent)} at latent resolution, the record run's {cache.extent} (a "
+                f"the call's pixels span {extent} at latent resolution, the record run's {cache.extent} (a "
                 "reference image of another size?): a sparse call must take the record run's reference image size")
         step = cache.step(key)
         if step.maps_only:
