@@ -89,3 +89,24 @@ def test_a_background_edit_keeps_the_objects():
     # the model rarely draws another background even when regenerating (benchmark: ~10%): the objects must stay
     verdicts = judged("background")
     assert all(v["outside_exact"] and v["others_kept"] for v in verdicts), verdicts
+
+
+def _cross(image: np.ndarray, top: int, left: int, arm: int, width: int, colour) -> None:
+    middle = (arm - width) // 2
+    image[top + middle: top + middle + width, left: left + arm] = colour
+    image[top: top + arm, left + middle: left + middle + width] = colour
+
+
+def test_a_source_shows_an_object_only_where_more_than_a_fragment_of_it_is_drawn():
+    # the model sometimes draws "an orange cross" mostly yellow with an orange rim: the rim, smaller than any object
+    # the scene generator draws, is not the source's orange cross (judging an edit against it measured an IoU of 0.08)
+    case = edit_suite.EditCase("colour", (edit_suite.SceneObjectSpec("orange", "cross"),),
+                               edit_suite.SceneObjectSpec("yellow", "cross"), "gray", "gray", seed=0)
+    picture = np.full((128, 128, 3), 128, np.uint8)
+    _cross(picture, 10, 10, 13, 5, (250, 130, 20))  # 105 pixels
+    [fragment] = edit_suite.find_objects(picture, "gray")
+    assert (fragment.colour, fragment.shape) == ("orange", "cross")
+    assert edit_suite.source_objects(case, picture) is None
+    _cross(picture, 50, 50, 40, 14, (250, 130, 20))
+    found = edit_suite.source_objects(case, picture)
+    assert found is not None and found[0].pixels > edit_suite.MIN_OBJECT_PIXELS

@@ -24,6 +24,9 @@ from .shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, with_article
 EDIT_TYPES = ("colour", "shape", "size", "add", "remove", "background")
 PLACE_TOLERANCE = 6.0  # pixels (of 128) an unchanged object's centre may move
 SIZE_SLACK = 4  # pixels of bounding-box side beyond a size word's range that still read as that size
+# Fewer pixels than the smallest object the scene generator draws (a small triangle, about 150): a fragment, e.g. the
+# orange rim of a cross the model drew mostly yellow, not the object a caption names.
+MIN_OBJECT_PIXELS = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +128,13 @@ def _side(obj: FoundObject) -> int:
 
 def source_objects(case: EditCase, image) -> dict[int, FoundObject] | None:
     """The source picture's objects by index into `case.objects` (largest found with that colour and shape), or
-    None when one is missing: the model did not draw the source, and the case says nothing about editing."""
+    None when one is missing (or only a fragment of it, under `MIN_OBJECT_PIXELS`, is there): the model did not
+    draw the source, and the case says nothing about editing."""
     found = find_objects(image, case.background)
     chosen: dict[int, FoundObject] = {}
     for i, spec in enumerate(case.objects):
-        match = next((o for o in found if (o.colour, o.shape) == (spec.colour, spec.shape)), None)
+        match = next((o for o in found if (o.colour, o.shape) == (spec.colour, spec.shape)
+                      and o.pixels >= MIN_OBJECT_PIXELS), None)
         if match is None:
             return None
         chosen[i] = match
