@@ -57,6 +57,13 @@ class SparsityConfig:
     """The side of the square blocks sparse layers compute. None: the cost model picks it per resolution and mask
     from {1, 2, 4, 8, 16, 32} or dense. A number: at each resolution the largest divisor of the map size not
     above it."""
+    block_count_steps: int = 0
+    """0: every mask its own block counts. N: a resolution's count of active blocks is rounded up to one of N sizes
+    per doubling (N = 8: 25 blocks -> 26, 285 -> 288), the added blocks repeating its last one, so that masks of
+    about the same size share their programs (bound once, and compiled once with `program_backend`), at the price
+    of up to 1/N more blocks computed. Off by default: with eager programs, binding a mask's program (about 0.3 s
+    on the shapes model) costs less than the repeated blocks over an edit's calls, and masks of different objects
+    rarely share a program (`benchmarks/results/program-reuse.md`)."""
     attention: AttentionMode = "active_queries"
     """Self-attention at sparse resolutions. "active_queries": active tokens' queries against all keys and values
     (fresh for active tokens, recorded for the rest). "masked_only": active tokens attend to active tokens only (the
@@ -79,6 +86,7 @@ class SparsityConfig:
             raise ValueError(f"max_sparse_downscale must be >= 1, got {self.max_sparse_downscale}")
         if self.halo < 0:
             raise ValueError(f"halo must be >= 0, got {self.halo}")
+        _check_int("block_count_steps", self.block_count_steps, 0, " (0: exact block counts)")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.attention not in ("active_queries", "masked_only", "dense"):

@@ -23,7 +23,7 @@ from fisedit_compiler.policy import (
 # The 24 fields of the flat Policy before the groups, with their defaults: flat reads and the flat constructor
 # keep them.
 OLD_FLAT_DEFAULTS = {
-    "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None,
+    "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None, "block_count_steps": 0,
     "attention": "active_queries", "norm_stats": "recorded", "dense_steps": 0.2, "detect_from": 0.1, "detect_to": 0.2,
     "mask_dilation": 1, "user_mask_dense_steps": 0.0, "hold_layout_steps": 0.3, "inversion_skip": 1,
     "refresh_every": None, "deep_reuse_interval": 1, "deep_reuse_downscale": 2, "cache_dtype": None,

@@ -162,6 +162,27 @@ def test_one_program_serves_masks_of_the_same_structure():
     torch.testing.assert_close(program(inputs, step, shifted), fresh(inputs, step, shifted), rtol=0, atol=0)
 
 
+def test_masks_of_about_the_same_size_share_a_program_through_repeated_blocks():
+    compiled, inputs, variants, step = recorded_unet()
+    policy = fisedit.Policy(block_size=1, halo=1, block_count_steps=4)  # pixel-wise: 49 blocks at 16x16 become 56
+    padded, other = MaskPlan(box(4, 4, 5, 5), policy), MaskPlan(box(3, 3, 5, 6), policy)
+    layouts = [[plan.layout((r, r)) for r in (16, 8, 4)] for plan in (padded, other)]
+    assert [layout.num_blocks for layout in layouts[0]] == [layout.num_blocks for layout in layouts[1]]
+    assert layouts[0][0].repeated == 7 and layouts[1][0].repeated == 0
+    assert layouts[0][0].active_fraction == 49 / 256
+    program = variants.sparse_program(padded)
+    assert variants.sparse_program(other) is program
+    # the repeated blocks change nothing: a call on new latents equals one bound for the exact block count
+    exact = MaskPlan(box(4, 4, 5, 5), dataclasses.replace(policy, block_count_steps=0))
+    assert not program.fits(exact) and exact.layout((16, 16)).num_blocks == 49
+    new = dict(inputs, sample=inputs["sample"] + box(4, 4, 5, 5) * torch.randn(inputs["sample"].shape,
+                                                                         generator=torch.Generator().manual_seed(1)))
+    outputs = program(new, step, padded)
+    torch.testing.assert_close(outputs, bind(variants.sparse, exact)(new, step, exact))
+    assert not torch.allclose(outputs[0], program(inputs, step, padded)[0])
+    assert torch.equal(padded.recomputed_pixels(), exact.recomputed_pixels())
+
+
 def test_a_program_keeps_no_plan_alive():
     _, _, variants, _ = recorded_unet()
     plan = MaskPlan(box(6, 6, 6, 2), POLICY)

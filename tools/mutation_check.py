@@ -42,6 +42,12 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "repeat-another-block", "the blocks that round a block count up repeat a neighbour instead of the last block",
+        "fisedit_compiler/runtime/mask_plan.py",
+        "blocks = torch.cat([blocks, blocks[-1:].expand(", "blocks = torch.cat([blocks, (blocks[-1:] + 1).expand(",
+        ("tests/test_programs.py::test_masks_of_about_the_same_size_share_a_program_through_repeated_blocks",),
+    ),
+    Mutation(
         "halo-into-reference", "the halo grows past the picture's edge into FLUX Kontext's reference tokens",
         "fisedit_compiler/runtime/mask_plan.py",
         "        if self.latent_res != self.mask_res:  # the halo stops", "        if False:  # the halo stops",

@@ -34,6 +34,7 @@ class BlockLayout:
     block: int
     blocks: torch.Tensor  # (num_blocks, 2) block-grid coordinates (row, col), row-major order
     pixel_to_gathered: torch.Tensor  # (H*W,) position of each pixel among the gathered ones, -1 if inactive
+    repeated: int = 0  # trailing blocks that repeat the last one (`Policy.block_count_steps`), in `num_blocks`
 
     @property
     def num_blocks(self) -> int:
@@ -45,8 +46,9 @@ class BlockLayout:
 
     @property
     def active_fraction(self) -> float:
+        """The share of the map's pixels that the blocks cover (repeated blocks counted once)."""
         h, w = self.res
-        return self.num_pixels / (h * w)
+        return (self.num_blocks - self.repeated) * self.block * self.block / (h * w)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,7 +133,10 @@ class MaskPlan:
         pixel_to_gathered[windows.rows * res[1] + windows.cols] = torch.arange(
             windows.rows.numel(), device=self.device
         )
-        return BlockLayout(res, b, blocks, pixel_to_gathered)
+        count = bucketed_count(len(blocks), self.policy.block_count_steps)
+        if count > len(blocks):  # repeats of the last block: computed like it, written where it is (same values)
+            blocks = torch.cat([blocks, blocks[-1:].expand(count - len(blocks), 2)])
+        return BlockLayout(res, b, blocks, pixel_to_gathered, repeated=count - len(grid.nonzero()))
 
     def gather_index(self, spec: WindowSpec, from_gathered: bool) -> GatherIndex:
         """Indices for reading `spec` from a gathered tensor (plus its recorded full value) or from a full one."""
@@ -181,6 +184,14 @@ class MaskPlan:
                                                 layout.num_pixels)
         return GatherIndex(c, from_fresh, position.clamp(min=0), flat, c.inside, all_inside, identity,
                            fresh_at, position[fresh_at], source_recorded, source_rows)
+
+
+def bucketed_count(count: int, steps: int) -> int:
+    """`count` rounded up to one of `steps` sizes per doubling (`Policy.block_count_steps`; 0: `count`)."""
+    if steps == 0 or count <= steps:
+        return count
+    step = 2 ** (count.bit_length() - 1) // steps  # count lies in [2^e, 2^(e+1)): `steps` sizes of 2^e / steps
+    return -(-count // step) * step
 
 
 def _sources(flat: torch.Tensor, reads_recorded: torch.Tensor, fresh_position: torch.Tensor | None,
