@@ -152,6 +152,7 @@ def test_the_page_builds_with_its_controls(app):
     assert {"generate", "apply", "undo", "current", "after", "summary"} <= ids
 
 
+@pytest.mark.slow  # a browser and a server: fifteen seconds
 def test_the_page_in_a_headless_browser(tmp_path, pipe):
     """The real page in headless Chromium (`tools/app_screenshot.drive`): generate, paint a mask on the current
     picture, type an edit, apply, and read the savings from the page; a screenshot is written to the test's folder."""

@@ -143,6 +143,7 @@ def test_the_mask_image_at_image_resolution_follows_the_vae_scale_factor(tmp_pat
         load_mask_image(tmp_path / "mask.png", (LATENT, LATENT))  # SD's factor 8: 64x64 is neither size
 
 
+@pytest.mark.slow  # two CLI processes, each loading a pipeline: fifteen seconds
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_edit_continues_a_saved_session(tmp_path):
     session = tmp_path / "session"

@@ -125,6 +125,7 @@ def test_the_backend_runs_lora_layers_and_checks_their_settings(tmp_path_factory
         dynamo(**new)
 
 
+@pytest.mark.slow  # a LoRA pipeline's session, a save and a load: most of twenty seconds
 @torch.no_grad()
 def test_an_edit_session_over_a_lora_pipeline(tmp_path_factory, tmp_path):
     """`pipe.load_lora_weights` before the session: the source run records the LoRA's model, an edit keeps the
@@ -279,6 +280,7 @@ def test_an_edit_session_over_a_t2i_adapter_pipeline():
         session.save("/nonexistent")
 
 
+@pytest.mark.slow  # an IP-Adapter pipeline's session: most of twenty seconds
 @torch.no_grad()
 def test_an_edit_session_over_an_ip_adapter_pipeline(tmp_path_factory):
     """A pipeline with an IP-Adapter: `generate` takes the image prompt (here its embedding), which the edits keep;

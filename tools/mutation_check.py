@@ -405,7 +405,8 @@ def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
     """Run `tests` in `root` with this interpreter (the copy's package shadows the installed one: `-m` puts the
     working directory first on sys.path). Returns pytest's exit code (0 passed, 1 tests failed) and its last line."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # (-m: a mutation's tests run whether marked slow or not; pyproject's addopts deselect slow ones)
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "slow or not slow", *tests]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     return done.returncode, lines[-1] if lines else done.stderr.strip()[-200:]
