@@ -161,6 +161,7 @@ def test_controlnet_residuals_are_pixel_inputs_of_sparse_calls():
         assert close(fresh(**new_inputs).sample, unet(**new_inputs).sample)
 
 
+@pytest.mark.slow  # dynamo traces a U-Net with ControlNet residuals: fifteen seconds
 @torch.no_grad()
 def test_backend_finds_residuals_among_the_graph_inputs():
     """torch.compile(backend="fisedit"): the graph inputs that are the call's residual tensors get their layouts,

@@ -43,6 +43,7 @@ def run(pipe, prompt, latents):
     return run_pipeline(pipe, prompt, latents, steps=2)
 
 
+@pytest.mark.slow  # dynamo traces in a pipeline run: fifteen seconds
 @torch.no_grad()
 def test_pipeline_with_compiled_unet_matches_fisedit_compile():
     pipe = random_pipeline("sd2", latent_size=LATENT, seed=0)

@@ -76,6 +76,7 @@ def test_lora_layers_keep_the_contract_at_a_call_scale(lora_unet):
         assert close(fresh(**new).sample, unet(**new).sample)
 
 
+@pytest.mark.slow  # a LoRA U-Net compiled and recorded under three settings: twenty seconds
 @torch.no_grad()
 def test_a_record_is_replayed_only_under_its_lora_settings(tmp_path_factory):
     """Another call scale, other adapter weights (`set_adapters`), disabled or fused adapters: each is refused by a
@@ -168,6 +169,7 @@ def _with_image_embeds(inputs: dict, seed: int) -> dict:
     return {**inputs, "added_cond_kwargs": {"image_embeds": [embeds]}}
 
 
+@pytest.mark.slow  # fifteen seconds
 @torch.no_grad()
 def test_ip_adapter_image_tokens_keep_the_contract(tmp_path_factory):
     """An IP-Adapter's image tokens (the U-Net's image projection, a second cross-attention per layer) carry no

@@ -69,7 +69,7 @@ def test_the_default_demo_runs_on_the_embedded_shapes_model(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.parametrize("name", ["pipeline_edit", "backend"])
+@pytest.mark.parametrize("name", ["pipeline_edit", pytest.param("backend", marks=pytest.mark.slow)])  # dynamo: 17 s
 def test_the_pipeline_examples_edit_only_the_right_half(tmp_path, capsys, name):
     """fisedit.compile and the torch.compile backend inside an unchanged pipeline: outside the recomputed region the
     edited latents are the source's, and the picture changed."""
