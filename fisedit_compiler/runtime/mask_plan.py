@@ -133,10 +133,10 @@ class MaskPlan:
         pixel_to_gathered[windows.rows * res[1] + windows.cols] = torch.arange(
             windows.rows.numel(), device=self.device
         )
-        count = bucketed_count(len(blocks), self.policy.block_count_steps)
-        if count > len(blocks):  # repeats of the last block: computed like it, written where it is (same values)
-            blocks = torch.cat([blocks, blocks[-1:].expand(count - len(blocks), 2)])
-        return BlockLayout(res, b, blocks, pixel_to_gathered, repeated=count - len(grid.nonzero()))
+        repeated = bucketed_count(len(blocks), self.policy.block_count_steps) - len(blocks)
+        if repeated:  # repeats of the last block: computed like it, written where it is (the same values)
+            blocks = torch.cat([blocks, blocks[-1:].expand(repeated, 2)])
+        return BlockLayout(res, b, blocks, pixel_to_gathered, repeated)
 
     def gather_index(self, spec: WindowSpec, from_gathered: bool) -> GatherIndex:
         """Indices for reading `spec` from a gathered tensor (plus its recorded full value) or from a full one."""
