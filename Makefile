@@ -30,8 +30,8 @@ app: install
 test: install
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
-# The tests whose set-up takes most of a minute or more on a CPU (Inductor programs, dynamo over LoRA layers, a real
-# Ray cluster, the serving benchmark's servers): left out of `make test`, run by CI after it.
+# The slowest tests on a CPU, from fifteen seconds to minutes each (Inductor programs, dynamo traces, a real Ray
+# cluster, the serving benchmark's servers, whole LoRA and IP-Adapter sessions): left out of `make test`, run by CI.
 slow-test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow
 

@@ -178,9 +178,9 @@ def run_case(runner: Runner, case: edit_suite.EditCase, factor: int, picture: Pa
         gt = session.edit(case.edited_prompt, mask=user, keep=False)
         results["ours_gt"] = (gt.images[0], gt, unet_cost(gt.stats))
     # (after the edits of `session`: a runner's session sets the pipeline's U-Net to its policy's)
-    unaccelerated = runner.session(runner.policy(refresh_every=1))  # every step after the control steps dense
-    unaccelerated.generate(case.source_prompt, latents=runner.initial(case.seed))
-    unaccelerated = unaccelerated.edit(case.edited_prompt)  # (a refresh records: keep=True)
+    unaccelerated_session = runner.session(runner.policy(refresh_every=1))  # every step after the control steps dense
+    unaccelerated_session.generate(case.source_prompt, latents=runner.initial(case.seed))
+    unaccelerated = unaccelerated_session.edit(case.edited_prompt)  # (a refresh records: keep=True)
     p2p_session = runner.session(runner.policy(dense_steps=1.0, detect_from=0.1, detect_to=0.2))
     p2p_session.generate(case.source_prompt, latents=runner.initial(case.seed))
     p2p = p2p_session.edit(case.edited_prompt, keep=False)

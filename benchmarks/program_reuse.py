@@ -44,7 +44,8 @@ def masks(kind: str, count: int, size: int, seed: int) -> list[torch.Tensor]:
 def repeated_share(plan: MaskPlan, resolutions: list[tuple[int, int]]) -> float:
     """Of the pixels the plan's blocks gather at `resolutions`, the share in repeated blocks."""
     layouts = [plan.layout(res) for res in resolutions]
-    return sum(l.repeated * l.block ** 2 for l in layouts) / max(1, sum(l.num_pixels for l in layouts))
+    repeated = sum(layout.repeated * layout.block ** 2 for layout in layouts)
+    return repeated / max(1, sum(layout.num_pixels for layout in layouts))
 
 
 def run_setting(unet, steps: int, mask_list: list[torch.Tensor], inputs: dict, backend: str | None) -> dict:

@@ -262,7 +262,7 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
         assert ("deepcache" in row) == deepcache
         assert row["ours_detected"]["latents_outside_identical"] and row["ours_gt"]["latents_outside_identical"]
         assert row["ours_detected"]["mask_as_unaccelerated"]  # the same control steps detect the same mask
-        assert row["ours_detected"]["psnr_vs_unaccelerated_in_region"] > 15
+        assert row["ours_detected"]["psnr_vs_unaccelerated_in_region"] > 25  # (measured 29.4 dB)
         assert 0 < row["ours_gt"]["macs"] < row["dense"]["macs"]  # (0: its calls ran another U-Net than its own)
         assert 0 < row["ours_gt"]["ssim_outside"] <= 1 and 0 < row["dense"]["ssim_outside"] <= 1
     assert data["summary"]["colour"]["cases"] == len(data["cases"])

@@ -20,8 +20,8 @@ from fisedit_compiler.policy import (
     SparsityConfig,
 )
 
-# The 24 fields of the flat Policy before the groups, with their defaults: flat reads and the flat constructor
-# keep them.
+# The fields of the flat Policy with their defaults (the 24 from before the groups, and those added since): flat
+# reads and the flat constructor keep them.
 OLD_FLAT_DEFAULTS = {
     "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None, "block_count_steps": 0,
     "attention": "active_queries", "norm_stats": "recorded", "dense_steps": 0.2, "detect_from": 0.1, "detect_to": 0.2,
