@@ -123,7 +123,8 @@ def main(argv=None) -> dict:
 
     def measured_release(plan):  # what the plan made, measured when the edit lets it go
         nonlocal plan_bytes
-        plan_bytes = max(plan_bytes, sum(v.untyped_storage().nbytes() for v in plan._values.values()))
+        plan_bytes = max(plan_bytes, sum(v.untyped_storage().nbytes() for v in plan._values.values()
+                                         if isinstance(v, torch.Tensor)))
         release(plan)
 
     MaskPlan.release_values = measured_release

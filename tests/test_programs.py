@@ -21,7 +21,7 @@ from fisedit_compiler.kernels.library import INDEX_FIELDS, layout_args
 from fisedit_compiler.runtime.cache import RecordCache, StepKey
 from fisedit_compiler.runtime.mask_plan import MaskPlan
 from fisedit_compiler.runtime.ops import LOWERINGS, register_lowering
-from fisedit_compiler.runtime.program import LOWERED_FROM, Recorded, bind
+from fisedit_compiler.runtime.program import LOWERED_FROM, Recorded, bind, plan_fact
 
 SIZE = 16
 POLICY = fisedit.Policy(block_size=2, halo=1)
@@ -151,14 +151,15 @@ def test_aot_autograd_traces_record_and_control_programs():
 
 
 @torch.no_grad()
-def test_one_program_serves_masks_of_the_same_structure():
+def test_a_compiled_program_serves_masks_of_the_same_structure():
+    """A compiler's program (`inline_kernels`) takes the block counts as constants: it serves a mask of the same
+    block counts elsewhere, not a larger one (eager programs serve both: the next test)."""
     compiled, inputs, variants, step = recorded_unet()
     first, shifted, larger = (MaskPlan(m, POLICY) for m in (box(4, 4), box(4, 8), box(2, 2, 10, 10)))
-    program = variants.sparse_program(first)
-    assert program.fits(shifted) and variants.sparse_program(shifted) is program
-    assert not program.fits(larger) and variants.sparse_program(larger) is not program
+    program = bind(variants.sparse, first, inline_kernels=True)
+    assert program.fits(shifted) and not program.fits(larger)
     # the shared program computes the shifted mask's call exactly as a program bound for it
-    fresh = bind(variants.sparse, shifted)
+    fresh = bind(variants.sparse, shifted, inline_kernels=True)
     torch.testing.assert_close(program(inputs, step, shifted), fresh(inputs, step, shifted), rtol=0, atol=0)
 
 
@@ -170,17 +171,37 @@ def test_masks_of_about_the_same_size_share_a_program_through_repeated_blocks():
     assert [layout.num_blocks for layout in layouts[0]] == [layout.num_blocks for layout in layouts[1]]
     assert layouts[0][0].repeated == 7 and layouts[1][0].repeated == 0
     assert layouts[0][0].active_fraction == 49 / 256
-    program = variants.sparse_program(padded)
-    assert variants.sparse_program(other) is program
+    program = bind(variants.sparse, padded, inline_kernels=True)  # a compiler's: its block counts are constants
+    assert program.fits(other)
     # the repeated blocks change nothing: a call on new latents equals one bound for the exact block count
     exact = MaskPlan(box(4, 4, 5, 5), dataclasses.replace(policy, block_count_steps=0))
     assert not program.fits(exact) and exact.layout((16, 16)).num_blocks == 49
     new = dict(inputs, sample=inputs["sample"] + box(4, 4, 5, 5) * torch.randn(inputs["sample"].shape,
                                                                          generator=torch.Generator().manual_seed(1)))
     outputs = program(new, step, padded)
-    torch.testing.assert_close(outputs, bind(variants.sparse, exact)(new, step, exact))
+    torch.testing.assert_close(outputs, bind(variants.sparse, exact, inline_kernels=True)(new, step, exact))
     assert not torch.allclose(outputs[0], program(inputs, step, padded)[0])
     assert torch.equal(padded.recomputed_pixels(), exact.recomputed_pixels())
+
+
+@torch.no_grad()
+def test_an_eager_program_serves_masks_of_every_size_and_place():
+    """Block and window counts, whether windows cross the border and which library a GEMM takes are arguments of an
+    eager program: masks of other sizes, inside the map or on its border, reuse the first mask's program (no new
+    lowering on their first call), each call bit for bit what a compiler's program bound for that mask computes."""
+    _, inputs, variants, step = recorded_unet()
+    plans = [MaskPlan(mask, POLICY) for mask in (box(6, 6), box(2, 3, 9, 10), box(0, 0, 4, 12), box(12, 1, 1, 1))]
+    assert len({plan.layout((16, 16)).num_blocks for plan in plans}) == len(plans)
+    spec = ConvWindows((16, 16), (16, 16), (3, 3), (1, 1), (1, 1), (1, 1))
+    assert len({plan.gather_index(spec, False).all_inside for plan in plans}) == 2
+    program = variants.sparse_program(plans[0])
+    new = dict(inputs, sample=inputs["sample"] + torch.randn(inputs["sample"].shape,
+                                                             generator=torch.Generator().manual_seed(1)))
+    for plan in plans:
+        assert variants.sparse_program(plan) is program
+        compiled_form = bind(variants.sparse, plan, inline_kernels=True)
+        assert not compiled_form.fits(plans[0]) or plan is plans[0]
+        torch.testing.assert_close(program(new, step, plan), compiled_form(new, step, plan), rtol=0, atol=0)
 
 
 def test_a_program_keeps_no_plan_alive():
@@ -338,10 +359,11 @@ def test_programs_read_the_models_own_parameters_under_flat_names():
     assert parameters and all(id(v) in own for v in parameters)
 
 
-def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
-    """Which library multiplies im2col's rows (`CostConstants.gemm`) is decided at bind time: oneDNN's GEMMs are
-    oneDNN linear primitives in the program, BLAS's linear layers; both compute the same call, and a program bound
-    for one is not reused under the other."""
+def test_a_plans_gemm_library_is_a_compiled_programs_constant_and_an_eager_programs_argument(monkeypatch):
+    """Which library multiplies im2col's rows (`CostConstants.gemm`) is decided at bind time in a program for a
+    compiler: oneDNN's GEMMs are oneDNN linear primitives in it, BLAS's linear layers, and a program bound for one
+    is not reused under the other. An eager program takes the plan's library at each call: one program computes
+    both plans' calls, each bit for bit as the compiler's program bound for it."""
     monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", 1)  # the tiny U-Net's GEMMs are small
     _, inputs, variants, step = recorded_unet()
     mask = box(4, 6)
@@ -351,13 +373,40 @@ def test_a_plans_gemm_library_is_part_of_its_programs_structure(monkeypatch):
                         constants=dataclasses.replace(cost_model.DEFAULT, gemm=gemm))
 
     blas, onednn = plan("blas"), plan("onednn")
-    program, other = bind(variants.sparse, blas), bind(variants.sparse, onednn)
+    program, other = (bind(variants.sparse, p, inline_kernels=True) for p in (blas, onednn))
     assert not program.fits(onednn) and not other.fits(blas)
     linears = lambda p: sum(n.target is torch.nn.functional.linear or n.target is torch._C._nn.linear  # noqa: E731
                             for n in p.gm.graph.nodes)
     layers = sum(n.target is ir_ops.linear_by_library for n in variants.sparse.graph.nodes)
     assert layers > 0 and linears(other) == 0 and linears(program) >= layers  # every GEMM, linear layers too
-    torch.testing.assert_close(other(inputs, step, onednn), program(inputs, step, blas), rtol=1e-5, atol=1e-5)
+    want_blas, want_onednn = program(inputs, step, blas), other(inputs, step, onednn)
+    torch.testing.assert_close(want_onednn, want_blas, rtol=1e-5, atol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(want_onednn, want_blas))  # each library its own rounding
+    for p, want in ((blas, want_blas), (onednn, want_onednn)):
+        torch.testing.assert_close(bind(variants.sparse, p)(inputs, step, p), want, rtol=0, atol=0)
+
+
+def test_an_eager_program_takes_each_plans_gemm_library_at_its_call(monkeypatch):
+    """Masks whose gathered GEMMs fall on either side of oneDNN's threshold share an eager program, and each call
+    multiplies by its own plan's library: bit for bit a compiler's program bound for that plan."""
+    _, inputs, variants, step = recorded_unet()
+
+    def plan(mask, gemm: str = "onednn") -> MaskPlan:
+        return MaskPlan(mask, dataclasses.replace(POLICY, block_size=1),
+                        constants=dataclasses.replace(cost_model.DEFAULT, gemm=gemm))
+
+    small, large = plan(box(6, 6, 2, 2)), plan(box(2, 2, 10, 10))
+    key = next(k for k, _ in bind(variants.sparse, small, inline_kernels=True).structure
+               if k[0] == "gemm_library" and k[4] == (SIZE, SIZE))
+    rows = [k_rows * p.layout(key[4]).num_pixels * key[2] for p in (small, large) for k_rows in (key[1],)]
+    monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", (rows[0] + rows[1]) // 2)  # small: BLAS, large: oneDNN
+    assert [plan_fact(p, key) for p in (small, large)] == ["blas", "onednn"]
+    program = variants.sparse_program(small)
+    assert variants.sparse_program(large) is program
+    want = bind(variants.sparse, large, inline_kernels=True)(inputs, step, large)
+    in_blas = plan(box(2, 2, 10, 10), "blas")
+    assert not torch.equal(bind(variants.sparse, in_blas, inline_kernels=True)(inputs, step, in_blas)[0], want[0])
+    torch.testing.assert_close(program(inputs, step, large), want, rtol=0, atol=0)
 
 
 def test_a_gathered_linear_layer_takes_its_library_by_its_active_rows(monkeypatch):
@@ -376,7 +425,7 @@ def test_a_gathered_linear_layer_takes_its_library_by_its_active_rows(monkeypatc
 
     def library(min_macs: int) -> str:
         monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", min_macs)
-        program = bind(variants.sparse, plan)
+        program = bind(variants.sparse, plan, inline_kernels=True)  # (an eager program's is an argument)
         lowered = [n for n in program.gm.graph.nodes if n.meta.get(LOWERED_FROM) == node.name]
         onednn = any(n.target is torch.ops.fisedit.onednn_linear.default for n in lowered)
         return "onednn" if onednn else "blas"

@@ -42,6 +42,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "eager-gemm-library-fixed", "an eager program multiplies gathered rows by BLAS whatever library its plan names",
+        "fisedit_compiler/runtime/ops.py",
+        "    return b.call(reference.matmul_rows, rows, kernel, bias, gemm)",
+        "    return b.call(reference.matmul_rows, rows, kernel, bias, \"blas\")",
+        ("tests/test_programs.py::test_an_eager_program_takes_each_plans_gemm_library_at_its_call",),
+    ),
+    Mutation(
+        "eager-border-ignored", "an eager program never zeroes the windows' pixels outside the map",
+        "fisedit_compiler/kernels/reference.py",
+        "    return windows if inside is None else windows * inside.type_as(windows)",
+        "    return windows",
+        ("tests/test_programs.py::test_an_eager_program_serves_masks_of_every_size_and_place",),
+    ),
+    Mutation(
         "repeat-another-block", "the blocks that round a block count up repeat a neighbour instead of the last block",
         "fisedit_compiler/runtime/mask_plan.py",
         "blocks = torch.cat([blocks, blocks[-1:].expand(", "blocks = torch.cat([blocks, (blocks[-1:] + 1).expand(",

@@ -9,7 +9,7 @@ tensor of a given `SpatialLayout` (dense, gathered or windowed) to and from it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +134,12 @@ def gather_sources(
     if not index.all_inside:
         sources[:, count].zero_()
     return sources
+
+
+def zero_outside(windows: torch.Tensor, inside: torch.Tensor | None) -> torch.Tensor:
+    """`windows` with their pixels outside the map zeroed (`inside`: bool, broadcastable against them), or as they
+    are where `inside` is None (every window lies inside the map)."""
+    return windows if inside is None else windows * inside.type_as(windows)
 
 
 def source_count(index: GatherIndex, fresh_pixels: int) -> int:
@@ -269,15 +275,17 @@ def im2col_conv(
     stride: list[int],
     out_size: tuple[int, int],
     gemm: str = "blas",
+    matmul: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A padding-free, undilated convolution of (N, C, h, w) windows as one GEMM (by `gemm`, see `matmul_rows`):
     every output pixel's footprint (kh, kw, C) a row, times `kernel` (`flat_kernel`). The output is (N, out, oh, ow),
-    channels-last strided. (Sizes come from the arguments, so that it traces with FX proxies.)"""
+    channels-last strided. (Sizes come from the arguments, so that it traces with FX proxies; `matmul`, default
+    `matmul_rows`, multiplies: a tracer may give a function that records the product as one call.)"""
     kh, kw = kernel_size
     oh, ow = out_size
     rows = windows.permute(0, 2, 3, 1).unfold(1, kh, stride[0]).unfold(2, kw, stride[1])  # N, oh, ow, C, kh, kw
     flat = rows.permute(0, 1, 2, 4, 5, 3).reshape(-1, kh * kw * in_channels)
-    return matmul_rows(flat, kernel, bias, gemm).unflatten(0, (-1, oh, ow)).permute(0, 3, 1, 2)
+    return (matmul or matmul_rows)(flat, kernel, bias, gemm).unflatten(0, (-1, oh, ow)).permute(0, 3, 1, 2)
 
 
 def matmul_rows(rows: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, gemm: str = "blas"

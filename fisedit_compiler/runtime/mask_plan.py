@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Mapping
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,9 +146,10 @@ class MaskPlan:
             self._gather_indices[key] = self._build_gather_index(spec, key[1])
         return self._gather_indices[key]
 
-    def value(self, key: Hashable, make: Callable[[MaskPlan], torch.Tensor]) -> torch.Tensor:
-        """A tensor derived from this plan for the programs that run it (an index tensor, a conv kernel flattened
-        for pixel-wise blocks), made once: it lives as long as the plan (one edit)."""
+    def value(self, key: Hashable, make: Callable[[MaskPlan], Any]) -> Any:
+        """A value derived from this plan for the programs that run it (an index tensor, a conv kernel flattened
+        for pixel-wise blocks, a block count an eager program reads), made once: it lives as long as the plan (one
+        edit)."""
         if key not in self._values:
             self._values[key] = make(self)
         return self._values[key]

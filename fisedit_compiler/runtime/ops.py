@@ -15,6 +15,7 @@ parameters are the op's after `b`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -201,9 +202,14 @@ def lower_gather_windows_norm_silu(b, sources: list, refs: list[CacheRef | None]
 
 @register_lowering(ir_ops.zero_outside_image)
 def lower_zero_outside_image(b, windows, layout: SpatialLayout, spec: WindowSpec):
-    """Nothing where every window lies inside the map; else a product with the plan's inside mask."""
-    index = b.index(spec, False)
-    if index.all_inside:
+    """Nothing where every window lies inside the map; else a product with the plan's inside mask (in an eager
+    program, whose plans may differ in this, `kernels.reference.zero_outside` decides at each call)."""
+    if b.symbolic_counts:
+        inside = b.plan_value(("inside or none", spec, layout),
+                              lambda plan: None if plan.gather_index(spec, False).all_inside
+                              else _inside_mask(plan, spec, layout))
+        return b.call(reference.zero_outside, windows, inside)
+    if b.index(spec, False).all_inside:
         return windows
     inside = b.plan_value(("inside", spec, layout), lambda plan: _inside_mask(plan, spec, layout))
     return windows * inside.type_as(windows)
@@ -240,9 +246,11 @@ def lower_conv_windows(b, windows, weight, bias, stride: list[int], dilation: li
             kernel = reference.flat_kernel(weight)
         out = (block, block)
         dense_out = b.dense_value()
-        rows = dense_out.shape[0] * b.num_blocks(spec.output_res) * block * block  # one per output pixel
-        gemm = b.gemm_library(rows, out_channels * in_channels * kh * kw, dense_out.dtype)
-        return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out, gemm)
+        # one row per output pixel of the blocks
+        gemm = b.gemm_library(dense_out.shape[0], out_channels * in_channels * kh * kw, dense_out.dtype,
+                              spec.output_res)
+        return reference.im2col_conv(windows, kernel, bias, in_channels, (kh, kw), stride, out, gemm,
+                                     functools.partial(_matmul_rows, b))
     # Gathered windows come channels-last strided (pixels outer, channels inner): "nchw" copies them first
     if method == "nchw":
         windows = windows.contiguous()
@@ -256,10 +264,18 @@ def lower_linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
     out_features, in_features = b.dense_shape(1)
     dense_out = b.dense_value()
     rows = math.prod(dense_out.shape[:-1])
-    if layout is not None:
-        rows = rows // math.prod(layout.res) * b.num_blocks(layout.res) * b.block(layout.res) ** 2
-    gemm = b.gemm_library(rows, out_features * in_features, dense_out.dtype)
-    return reference.matmul_rows(x, weight, bias, gemm)
+    if layout is not None:  # rows per pixel of the plan's blocks
+        rows = rows // math.prod(layout.res)
+    gemm = b.gemm_library(rows, out_features * in_features, dense_out.dtype, None if layout is None else layout.res)
+    return _matmul_rows(b, x, weight, bias, gemm)
+
+
+def _matmul_rows(b, rows, kernel, bias, gemm):
+    """`kernels.reference.matmul_rows`, traced for a library known at bind time; in an eager program, whose plans
+    may take another library for their number of rows (`Binding.gemm_library`), one call deciding at each call."""
+    if isinstance(gemm, str):
+        return reference.matmul_rows(rows, kernel, bias, gemm)
+    return b.call(reference.matmul_rows, rows, kernel, bias, gemm)
 
 
 @register_lowering(ir_ops.group_norm_recorded_stats)

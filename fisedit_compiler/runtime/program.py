@@ -12,9 +12,12 @@ one for a call state, a mask plan and the flags of the call (record cross-attent
   reference.
 
 `Program.__call__` binds the slots from a step record and a plan, runs the graph and stores what it recorded.
-A program depends on its plan only through the plan's structure (block sizes and counts, which gathers are
-trivial), never on a plan object, so one program serves every mask whose plan has the same structure
-(`Program.fits`).
+A program depends on its plan only through the plan's structure (block sizes, which gathers are trivial or
+touch the border, which library a GEMM takes), never on a plan object, so one program serves every mask whose plan
+has the same structure (`Program.fits`). How many blocks and windows a resolution has is an argument of an eager
+program (a slot, read from the plan at each call), so that masks of other sizes reuse it instead of paying a
+lowering and code generation on their first call (150-250 ms on the shapes model's U-Net); a program for a compiler
+(`inline_kernels`) takes them as constants, which the compiler specialises on.
 """
 
 from __future__ import annotations
@@ -79,10 +82,10 @@ class BoundIndex:
     """A `GatherIndex` as a program sees it: its tensors as graph values, its structure as constants."""
 
     tensors: list  # proxies (or None) in `kernels.library.INDEX_FIELDS` order
-    windows: list[int]  # num_windows, height, width
-    all_inside: bool
+    windows: list  # num_windows (an int, or a graph value in an eager program), height, width
+    all_inside: Any  # a bool, or a graph value in an eager program
     identity: bool
-    empty: tuple[bool, ...]  # per field: None or no elements
+    empty: tuple[bool, ...] | None  # per field: None or no elements (a compiler's program; None in an eager one)
 
     def as_gather_index(self) -> GatherIndex:
         """A `GatherIndex` whose tensors are the program's values (for kernels written against one)."""
@@ -103,6 +106,9 @@ class Binding:
                  inline_kernels: bool = False, hold_layout: bool = False, constants: CostConstants | None = None):
         self.ir = ir
         self.inline_kernels = inline_kernels
+        # block and window counts, and whether a gather's windows all lie inside the map: graph values (slots) of
+        # an eager program, constants of a compiler's
+        self.symbolic_counts = not inline_kernels
         self.plan = plan
         self.record_attention_maps = record_attention_maps
         self.hold_layout = hold_layout  # layout features are the source run's (`ir.ops.layout_features`)
@@ -169,8 +175,17 @@ class Binding:
             self.structure[key] = plan_fact(self._need_plan(), key)
         return self.structure[key]
 
-    def num_blocks(self, res) -> int:
-        return self._fact(("num_blocks", tuple(res)))
+    def num_blocks(self, res):
+        """How many blocks the plan has at `res`: a constant, or a graph value (`symbolic_counts`)."""
+        return self._varying(("num_blocks", tuple(res)))
+
+    def _varying(self, key: tuple):
+        """`plan_fact(plan, key)` of a fact that differs between masks of one structure: a constant of a compiler's
+        program (part of its structure), a graph value of an eager one (`symbolic_counts`)."""
+        if self.symbolic_counts:
+            self._need_plan()
+            return self.plan_value(key, functools.partial(plan_fact, key=key))
+        return self._fact(key)
 
     def block(self, res) -> int:
         return self._fact(("block", tuple(res)))
@@ -178,20 +193,32 @@ class Binding:
     def conv_algorithm(self, channels: int, block: int, res) -> str:
         return self._fact(("conv_algorithm", channels, block, tuple(res)))
 
-    def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype) -> str:
+    def gemm_library(self, rows: int, kernel_elements: int, dtype: torch.dtype, res=None):
+        """The library of a GEMM of `rows` rows (per pixel of the plan's blocks at `res`, if given: a gathered
+        tensor's rows depend on the mask, and an eager program's library is then a graph value)."""
         if self.plan is None:  # a dense program (record, control): the constants of the device it computes on
+            if res is not None:
+                raise RuntimeError(f"{self.node.name} has gathered rows, and this program is bound without a plan")
             if self._device_constants is None:
                 self._device_constants = load_constants(self.dense_value().device)
             return self._device_constants.gemm_library(rows, kernel_elements, dtype)
-        return self._fact(("gemm_library", rows, kernel_elements, dtype))
+        key = ("gemm_library", rows, kernel_elements, dtype, None if res is None else tuple(res))
+        return self._fact(key) if res is None else self._varying(key)
 
     def index(self, spec: WindowSpec, from_gathered: bool) -> BoundIndex:
-        shape = self._fact(("index", spec, from_gathered))
+        height, width, identity, absent = self._fact(("index", spec, from_gathered))
+        # which index tensors have no elements: a compiler's program leaves out the work on them
+        empty = None if self.symbolic_counts else self._fact(("index_empty", spec, from_gathered))
         index = self.plan.gather_index(spec, from_gathered)
         tensors = [None if getattr(index, f) is None else
                    self.plan_value(("index", spec, from_gathered, f), _index_field(spec, from_gathered, f))
                    for f in INDEX_FIELDS]
-        return BoundIndex(tensors, *shape)
+        return BoundIndex(tensors, [self._varying(("num_windows", spec, from_gathered)), height, width],
+                          self._varying(("all_inside", spec, from_gathered)), identity, empty)
+
+    def call(self, function: Callable[..., Any], *args):
+        """A graph node calling `function` (not traced into: it runs at each call, on the call's values)."""
+        return self.tracer.create_proxy("call_function", function, args, {})
 
     # --- what lowerings produce -----------------------------------------------------------------------------
 
@@ -277,10 +304,15 @@ class Binding:
 
 
 def plan_fact(plan: MaskPlan, key: tuple) -> Any:
-    """What a program takes as a constant of its plan: ("num_blocks", res) and ("block", res) of a resolution's
-    layout, ("conv_algorithm", channels, block, res), how its cost constants say to convolve windows at res,
-    ("gemm_library", rows, kernel elements, dtype), which library multiplies im2col's rows, or ("index", spec,
-    from_gathered), a gather index's structure (`_index_structure`)."""
+    """What a program reads of its plan: ("num_blocks", res) and ("block", res) of a resolution's layout,
+    ("conv_algorithm", channels, block, res), how its cost constants say to convolve windows at res,
+    ("gemm_library", rows, kernel elements, dtype, res), which library multiplies `rows` rows (per pixel of the
+    blocks at `res` unless it is None), ("num_windows", spec, from_gathered), a gather's window count,
+    ("all_inside", spec, from_gathered), whether its windows all lie inside the map, ("index_empty", spec,
+    from_gathered), which of its tensors are absent or empty, or ("index", spec, from_gathered), the rest of a
+    gather index's structure (`_index_structure`). The counts and `all_inside` are constants of a compiler's program
+    and arguments of an eager one (`Binding.symbolic_counts`), which does not read "index_empty"; the rest are
+    constants."""
     if key[0] == "num_blocks":
         return plan.layout(key[1]).num_blocks
     if key[0] == "block":
@@ -288,16 +320,24 @@ def plan_fact(plan: MaskPlan, key: tuple) -> Any:
     if key[0] == "conv_algorithm":
         return plan.constants_at(key[3]).conv_algorithm(key[1], key[2])
     if key[0] == "gemm_library":
-        return plan.constants.gemm_library(*key[1:])
-    return _index_structure(plan.gather_index(key[1], key[2]))
+        rows, kernel_elements, dtype, res = key[1:]
+        rows = rows if res is None else rows * plan.layout(res).num_pixels
+        return plan.constants.gemm_library(rows, kernel_elements, dtype)
+    if key[0] == "num_windows":
+        return plan.gather_index(key[1], key[2]).windows.num_windows
+    index = plan.gather_index(key[1], key[2])
+    if key[0] == "all_inside":
+        return bool(index.all_inside)
+    if key[0] == "index_empty":
+        return tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS)
+    return _index_structure(index)
 
 
 def _index_structure(index: GatherIndex) -> tuple:
-    """What a program takes as constants of a gather index: window counts and sizes, whether all windows lie inside
-    the map, whether the gather is the identity, which index tensors are absent or empty."""
+    """What every program takes as constants of a gather index: its windows' size, whether the gather is the
+    identity, which index tensors are absent."""
     c = index.windows
-    return ([c.num_windows, c.height, c.width], bool(index.all_inside), bool(index.identity),
-            tuple(getattr(index, f) is None or getattr(index, f).numel() == 0 for f in INDEX_FIELDS))
+    return c.height, c.width, bool(index.identity), tuple(getattr(index, f) is None for f in INDEX_FIELDS)
 
 
 def _index_field(spec: WindowSpec, from_gathered: bool, field: str) -> Callable[[MaskPlan], torch.Tensor]:
