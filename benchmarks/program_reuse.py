@@ -13,6 +13,9 @@ the sparse programs bound (a new mask structure binds one: lowering and code gen
 call), the mean first and second call seconds, and the share of the gathered blocks that are repeats (computed
 for nothing: the price of sharing). Edits call a mask 14-16 times (a 20-step edit's sparse steps), so a first
 call's extra time is spread over them; a program is kept by the compiled model for later edits.
+
+Eager programs (the default) take block counts as arguments, so one serves every mask and N only adds repeated
+blocks; the setting is for `--backend inductor`, whose programs take the counts as constants.
 """
 
 from __future__ import annotations
