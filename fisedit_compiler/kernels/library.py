@@ -17,6 +17,7 @@ exactly the reference's, and every implementation returns the same strides.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ from torch.utils import flop_counter
 
 from ..ir import GatherIndex, SpatialLayout, WindowCoords
 from . import reference
+from .onednn import _onednn_linear
 from .registry import custom_op
 
 # --- packing the IR's constants into op arguments --------------------------------------------------------------
@@ -166,3 +168,29 @@ def _(query_shape, key_fresh_shape, value_fresh_shape, key_recorded_shape, value
       out_shape=None, **kwargs) -> int:
     """Every active query against every token: `FlopCounterMode` (and so `macs`) counts it as attention."""
     return flop_counter.sdpa_flop_count(query_shape, key_recorded_shape, value_recorded_shape)
+
+
+# --- GEMMs whose library is known at call time -------------------------------------------------------------------
+
+
+def _matmul_rows(rows: Tensor, kernel: Tensor, bias: Optional[Tensor], gemm: str) -> Tensor:
+    """`reference.matmul_rows` by the library `gemm` names, an argument: an eager program's GEMMs on gathered rows,
+    whose library depends on the mask's row count (`runtime.program.Binding.gemm_library`). oneDNN's primitive is
+    called as its registered operator's direct call, without the operator dispatch."""
+    if gemm == "onednn":
+        return _onednn_linear(rows, kernel, bias)
+    return reference.matmul_rows(rows, kernel, bias, gemm)
+
+
+matmul_rows = custom_op("matmul_rows", _matmul_rows)
+
+
+@matmul_rows.register_fake
+def _(rows, kernel, bias, gemm):
+    return rows.new_empty((*rows.shape[:-1], kernel.shape[0]))
+
+
+@flop_counter.register_flop_formula(torch.ops.fisedit.matmul_rows)
+def _(rows_shape, *args, out_shape=None, **kwargs) -> int:
+    """A matrix product, counted like the `F.linear` it is."""
+    return 2 * math.prod(rows_shape) * out_shape[-1]

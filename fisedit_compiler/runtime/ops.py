@@ -272,10 +272,10 @@ def lower_linear_by_library(b, x, weight, bias, layout: SpatialLayout | None):
 
 def _matmul_rows(b, rows, kernel, bias, gemm):
     """`kernels.reference.matmul_rows`, traced for a library known at bind time; in an eager program, whose plans
-    may take another library for their number of rows (`Binding.gemm_library`), one call deciding at each call."""
+    may take another library for their number of rows (`Binding.gemm_library`), one kernel deciding at each call."""
     if isinstance(gemm, str):
         return reference.matmul_rows(rows, kernel, bias, gemm)
-    return b.call(reference.matmul_rows, rows, kernel, bias, gemm)
+    return fisedit.matmul_rows.default(rows, kernel, bias, gemm)
 
 
 @register_lowering(ir_ops.group_norm_recorded_stats)
