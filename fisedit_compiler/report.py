@@ -79,13 +79,17 @@ def _row(name: str, stats: PhaseStats | None) -> dict:
             "gmacs_per_call": stats.macs / 1e9 / stats.unet_calls, "seconds_per_call": stats.seconds / stats.unet_calls}
 
 
-def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats], note: str | None) -> dict:
-    """Per-phase rows and the savings of each edit against the dense regeneration of its prompt."""
+def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats], note: str | None,
+           walls: list[tuple[float, float]] | None = None) -> dict:
+    """Per-phase rows and the savings of each edit against the dense regeneration of its prompt; `walls`: per edit,
+    the wall-clock seconds of the edit and of the regeneration, everything included (text encoding, mask detection,
+    mask plans, first calls, decoding): the time to the picture a user waits for."""
     rows = [_row("source (record)", source.stats.get("dense"))]
     if "inversion" in source.stats:  # a loaded picture: its DDIM inversion came first
         rows.insert(0, _row("source (inversion)", source.stats["inversion"]))
     summary = []
-    for n, (result, regeneration) in enumerate(zip(edits, dense), 1):
+    walls = walls or [(None, None)] * len(edits)
+    for n, (result, regeneration, (wall, wall_dense)) in enumerate(zip(edits, dense, walls), 1):
         phases = {name: result.stats.get(name) for name in ("dense", "sparse")}
         rows += [_row(f"edit {n}: {name}", stats) for name, stats in phases.items()]
         rows.append(_row(f"edit {n}: dense regeneration (for comparison)", regeneration))
@@ -102,6 +106,7 @@ def report(source: EditResult, edits: list[EditResult], dense: list[PhaseStats],
             if sparse and sparse.macs else None,
             "sparse_call_speedup": (regeneration.seconds / regeneration.unet_calls)
             / (sparse.seconds / sparse.unet_calls) if sparse and sparse.seconds else None,
+            "seconds_to_picture": wall, "regeneration_seconds_to_picture": wall_dense,
             "cache_bytes": result.stats["cache_bytes"],
             "decode": dataclasses.asdict(result.stats["decode"], dict_factory=_json_fields)
             if "decode" in result.stats else None,
@@ -121,6 +126,13 @@ def _decode_text(decode: dict | None) -> str:
         return f"; the image decoded dense ({decode['seconds']:.2f} s)"
     return (f"; the image decoded sparse, {100 * decode['recomputed']:.1f}% of its pixels recomputed "
             f"({decode['seconds']:.2f} s)")
+
+
+def _wall_text(edit: dict) -> str:
+    if edit.get("seconds_to_picture") is None:
+        return ""
+    return (f"; the edited picture came after {edit['seconds_to_picture']:.2f} s, the regeneration's after "
+            f"{edit['regeneration_seconds_to_picture']:.2f} s (everything included)")
 
 
 def _time_saved(fraction: float) -> str:
@@ -149,7 +161,7 @@ def format_report(data: dict) -> str:
             f"the recomputed region {100 * e['region_fraction']:.1f}%; "
             f"against a dense regeneration it saves {100 * e['macs_saved_vs_dense']:.1f}% of the U-Net MACs and "
             f"{_time_saved(e['seconds_saved_vs_dense'])}{per_call}; cache "
-            f"{e['cache_bytes'] / 2**20:.1f} MiB{_decode_text(e['decode'])}."
+            f"{e['cache_bytes'] / 2**20:.1f} MiB{_decode_text(e['decode'])}{_wall_text(e)}."
         )
     if data["note"]:
         lines += ["", data["note"]]
@@ -202,14 +214,31 @@ def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, 
             source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
             log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
     source.images[0].save(out / "source.png")
-    results, regenerations, current = [], [], source
+    results, regenerations, walls = _run_edits(session, source, edits, out, log)
+    if session_dir is not None:
+        session.save(session_dir)
+        log(f"saved the session to {session_dir} (continue it with --session {session_dir})")
+    data = report(source, results, regenerations, note, walls)
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=_jsonable))
+    text = format_report(data)
+    (out / "report.md").write_text(text + "\n")
+    return data
+
+
+def _run_edits(session: EditSession, source: EditResult, edits: list[ScriptedEdit], out: Path, log
+               ) -> tuple[list[EditResult], list[PhaseStats], list[tuple[float, float]]]:
+    """`run_session`'s edits, each followed by the dense regeneration of its prompt: the results, the
+    regenerations' stats, and per edit the wall-clock seconds of the edit and of its regeneration."""
+    results, regenerations, walls, current = [], [], [], source
     for n, edit in enumerate(edits, 1):
         start = time.perf_counter()
         mask = edit.mask(current.images[0]) if callable(edit.mask) else edit.mask
         picture = session.picture
         result = session.edit(edit.prompt, mask=mask, paste_back=edit.paste_back)
         seconds = time.perf_counter() - start
+        start = time.perf_counter()
         stats, dense_image = dense_regeneration(session, edit.prompt, session.inputs_for(picture, result.mask))
+        walls.append((seconds, time.perf_counter() - start))
         result.images[0].save(out / f"edited_{n}.png")
         mask_overlay(current.images[0], result.mask).save(out / f"mask_{n}.png")
         side_by_side(current.images[0], result.images[0], result.region, dense_image).save(out / f"edit_{n}.png")
@@ -218,14 +247,7 @@ def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, 
         how = "detected mask" if mask is None else "given mask"
         log(f"edit {n}: {edit.prompt!r}, {how} ({seconds:.1f}s)")
         current = result
-    if session_dir is not None:
-        session.save(session_dir)
-        log(f"saved the session to {session_dir} (continue it with --session {session_dir})")
-    data = report(source, results, regenerations, note)
-    (out / "report.json").write_text(json.dumps(data, indent=2, default=_jsonable))
-    text = format_report(data)
-    (out / "report.md").write_text(text + "\n")
-    return data
+    return results, regenerations, walls
 
 
 def _jsonable(value):

@@ -66,6 +66,9 @@ def test_the_default_demo_runs_on_the_embedded_shapes_model(tmp_path, capsys):
     # 30% of 6), then sparse
     assert phases["edit 3: dense"]["unet_calls"] == 2 and phases["edit 3: sparse"]["unet_calls"] == 4
     assert 0 < report["edits"][2]["mask_fraction"] < 1
+    # the time to each picture, everything included, beside the regeneration's: in the report and its text
+    assert all(e["seconds_to_picture"] > 0 and e["regeneration_seconds_to_picture"] > 0 for e in report["edits"])
+    assert (tmp_path / "report.md").read_text().count("the regeneration's after") == 3
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
