@@ -60,10 +60,10 @@ class SparsityConfig:
     block_count_steps: int = 0
     """0: every mask its own block counts. N: a resolution's count of active blocks is rounded up to one of N sizes
     per doubling (N = 8: 25 blocks -> 26, 285 -> 288), the added blocks repeating its last one, so that masks of
-    about the same size share their programs (bound once, and compiled once with `program_backend`), at the price
-    of up to 1/N more blocks computed. Off by default: with eager programs, masks of different objects rarely share
-    a program, and binding one (0.15-0.3 s on the shapes model) saves little over an edit's calls; continuous edits
-    of one object do share (`benchmarks/results/program-reuse.md`)."""
+    about the same size share a program compiled once with `program_backend` (a compiler's programs take block
+    counts as constants), at the price of up to 1/N more blocks computed. Off by default: eager programs take the
+    counts as arguments, so one already serves masks of every size and N only adds blocks
+    (`benchmarks/results/program-reuse.md`)."""
     attention: AttentionMode = "active_queries"
     """Self-attention at sparse resolutions. "active_queries": active tokens' queries against all keys and values
     (fresh for active tokens, recorded for the rest). "masked_only": active tokens attend to active tokens only (the

@@ -398,7 +398,7 @@ def test_an_eager_program_takes_each_plans_gemm_library_at_its_call(monkeypatch)
     small, large = plan(box(6, 6, 2, 2)), plan(box(2, 2, 10, 10))
     key = next(k for k, _ in bind(variants.sparse, small, inline_kernels=True).structure
                if k[0] == "gemm_library" and k[4] == (SIZE, SIZE))
-    rows = [k_rows * p.layout(key[4]).num_pixels * key[2] for p in (small, large) for k_rows in (key[1],)]
+    rows = [key[1] * p.layout(key[4]).num_pixels * key[2] for p in (small, large)]  # GEMM sizes (rows x kernel)
     monkeypatch.setattr(cost_model, "ONEDNN_MIN_MACS", (rows[0] + rows[1]) // 2)  # small: BLAS, large: oneDNN
     assert [plan_fact(p, key) for p in (small, large)] == ["blas", "onednn"]
     program = variants.sparse_program(small)

@@ -323,9 +323,9 @@ def plan_fact(plan: MaskPlan, key: tuple) -> Any:
         rows, kernel_elements, dtype, res = key[1:]
         rows = rows if res is None else rows * plan.layout(res).num_pixels
         return plan.constants.gemm_library(rows, kernel_elements, dtype)
-    if key[0] == "num_windows":
-        return plan.gather_index(key[1], key[2]).windows.num_windows
     index = plan.gather_index(key[1], key[2])
+    if key[0] == "num_windows":
+        return index.windows.num_windows
     if key[0] == "all_inside":
         return bool(index.all_inside)
     if key[0] == "index_empty":
