@@ -14,6 +14,7 @@ import torch.fx as fx
 from .adapters import ModelAdapter
 from .capture import capture
 from .dump import GraphDump
+from .ir import CONTROL_KINDS
 from .passes.insert_record_taps import cache_refs
 from .passes.manager import PassManager
 from .passes.pipelines import control_passes, record_passes, sparse_passes
@@ -47,7 +48,9 @@ def build_variants(adapter: ModelAdapter, inputs: dict[str, Any], policy: Policy
         reuse, logs["reuse"] = PassManager("reuse", sparse_passes(policy, reuse_call=True), observers)(
             copy_graph_module(captured))
         refs |= cache_refs(reuse)
-    refs = {ref for ref in refs if ref.kind != "reused"}  # handed from call to call, never recorded
+    # "reused": handed from call to call, never recorded; maps and layout features: recorded by the ops that
+    # compute them, in the calls that record maps
+    refs = {ref for ref in refs if ref.kind != "reused" and ref.kind not in CONTROL_KINDS}
     layout = adapter.layout_module
     record, logs["record"] = PassManager("record", record_passes(refs, layout), observers)(
         copy_graph_module(captured))

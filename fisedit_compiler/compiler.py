@@ -145,13 +145,15 @@ class CompiledUNet(nn.Module):
             yield self
 
     @contextlib.contextmanager
-    def sparse(self, mask: torch.Tensor, write_back: bool = False) -> Iterator[CompiledUNet]:
+    def sparse(self, mask: torch.Tensor, write_back: bool = False,
+               token_alignment: torch.Tensor | None = None) -> Iterator[CompiledUNet]:
         """Calls inside compute only the region of `mask` and take the rest from the recorded step.
 
         `mask`: bool (or 0/1) tensor at latent resolution, `(H, W)` for every batch item or `(B, 1, H, W)`.
         `write_back`: store the fresh active blocks into the cache, which then holds this run (continuous edits).
+        `token_alignment`: calls under cross-attention control (as `ControlMode`'s; the steps recorded with maps).
         """
-        with self.run(sparse_mode(self.cache, mask, write_back)):
+        with self.run(sparse_mode(self.cache, mask, write_back, token_alignment)):
             yield self
 
     def active_pixels(self) -> torch.Tensor:
@@ -184,11 +186,12 @@ class CompiledUNet(nn.Module):
         return self.adapter.wrap_output(output, return_dict)
 
 
-def sparse_mode(cache: RecordCache, mask: Any, write_back: bool = False) -> SparseMode:
+def sparse_mode(cache: RecordCache, mask: Any, write_back: bool = False,
+                token_alignment: torch.Tensor | None = None) -> SparseMode:
     """The mode of sparse calls over a user's `mask` replaying `cache`: the mask checked against the recorded run's
     latent size and batch (`inputs.as_mask`), once, here."""
     latent = require_recorded(cache)
-    return SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]), write_back)
+    return SparseMode(as_mask(mask, tuple(latent[-2:]), batch=latent[0]), write_back, token_alignment=token_alignment)
 
 
 def parameter_device(model: nn.Module) -> torch.device | None:

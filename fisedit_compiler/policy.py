@@ -134,6 +134,13 @@ class EditConfig:
     source run's (`passes/tap_layout_features.py`); they run dense under control, so a word swap's dense phase is
     the longer of this and `dense_steps` (its mask is still detected over `detect_from`..`detect_to`). 0: never.
     0.3 keeps the edited object in place better than 0.2 on the shapes model (benchmarks/results/edit-quality.md)."""
+    controlled_steps: float = 0.0
+    """The fraction of an edit's first steps whose cross-attention takes the source run's maps for the tokens both
+    prompts share (Prompt-to-Prompt's cross-attention replacement, its `cross_replace_steps`): the dense control
+    steps always, and the sparse steps after the switch that fall below it (`passes/control_cross_attention.py`).
+    A source run records the maps of this many steps (more memory). No refresh step (`refresh_every`) falls below
+    it. 0 (the control steps only): on the shapes model, sparse steps under control came no closer to a dense
+    Prompt-to-Prompt edit and kept fewer edits (docs/policy.md)."""
     inversion_skip: int = 1
     """`EditSession.load_image` calls the U-Net at every this-many-th DDIM inversion step and reuses its predicted
     noise in between (EEdit's inversion step skipping). 1: plain DDIM inversion."""
@@ -143,7 +150,8 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         fractions = {"dense_steps": self.dense_steps, "detect_from": self.detect_from, "detect_to": self.detect_to,
-                     "user_mask_dense_steps": self.user_mask_dense_steps, "hold_layout_steps": self.hold_layout_steps}
+                     "user_mask_dense_steps": self.user_mask_dense_steps, "hold_layout_steps": self.hold_layout_steps,
+                     "controlled_steps": self.controlled_steps}
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a fraction of the denoising steps, in [0, 1]; got {value}")
@@ -170,10 +178,15 @@ class EditConfig:
             return 0
         return min(num_steps, max(1, round(self.hold_layout_steps * num_steps)))
 
+    def controlled_schedule(self, num_steps: int) -> int:
+        """The first steps of an edit whose cross-attention is under control, dense or sparse (`controlled_steps`)."""
+        return min(num_steps, round(self.controlled_steps * num_steps))
+
     def maps_schedule(self, num_steps: int) -> int:
         """The first steps whose cross-attention maps and layout features a source run records: what any edit's
-        control steps read (a detected edit's dense steps, a word swap's held ones)."""
-        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps))
+        controlled steps read (a detected edit's dense steps, a word swap's held ones, `controlled_steps`)."""
+        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps),
+                   self.controlled_schedule(num_steps))
 
 
 @dataclasses.dataclass(frozen=True)

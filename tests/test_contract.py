@@ -9,7 +9,9 @@ import torch
 
 import fisedit_compiler as fisedit
 from conftest import close, ellipse_mask, tiny_unet, unet_inputs
+from fisedit_compiler.runtime.cache import RecordCache
 from fisedit_compiler.runtime.mask_plan import MaskPlan
+from fisedit_compiler.runtime.run import ControlMode
 from sparse_reference import active_region, block_size, reference_sparse_call
 
 SIZE = 32
@@ -231,3 +233,63 @@ def test_an_inpainting_unet_keeps_the_contract():
         active = compiled.active_pixels()
     assert torch.equal(output[..., ~active], recorded_output[..., ~active])
     assert close(output, reference_sparse_call(unet, inputs, new_inputs, mask, policy), rtol=1e-5)
+
+
+# --- sparse calls under cross-attention control (Prompt-to-Prompt's map replacement at the active pixels) ----------
+
+
+@functools.lru_cache(maxsize=None)
+def recorded_with_maps(arch: str, policy: fisedit.Policy):
+    """As `recorded`, the step recorded with its cross-attention maps (what controlled calls read)."""
+    unet = tiny_unet(arch)
+    compiled = fisedit.compile(unet, policy)
+    inputs = unet_inputs(unet, size=SIZE)
+    with torch.no_grad(), compiled.record(attention_maps=1):
+        output = compiled(**inputs).sample
+    return unet, compiled, inputs, output
+
+
+def alignment(inputs: dict, new_tokens: slice = slice(0, 0)) -> torch.Tensor:
+    """A (batch, tokens) token alignment: every token its own, but `new_tokens` new (-1)."""
+    batch, tokens = inputs["encoder_hidden_states"].shape[:2]
+    aligned = torch.arange(tokens).repeat(batch, 1)
+    aligned[:, new_tokens] = -1
+    return aligned
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", [4, 1])
+@pytest.mark.parametrize("mask_name", ["border", "blobs", "ellipse"])
+def test_a_controlled_sparse_call_on_the_recorded_input_returns_the_recorded_output(arch, mask_name, block):
+    """Each active pixel takes the source map's row of its own pixel: on the source's input, the map it would
+    compute. (A row of another pixel changes the output: the maps differ from pixel to pixel.)"""
+    _, compiled, inputs, record_output = recorded_with_maps(arch, fisedit.Policy(block_size=block))
+    with compiled.sparse(masks()[mask_name], token_alignment=alignment(inputs)):
+        output = compiled(**inputs).sample
+    assert close(output, record_output)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", [4, 1])
+def test_a_controlled_sparse_call_over_everything_equals_the_dense_control_call(arch, block):
+    """With fresh statistics, an all-true mask and new latents and text, a sparse call under control computes what
+    the dense control call computes: the source's maps for the aligned tokens, fresh ones for the new tokens."""
+    unet, compiled, _, _ = recorded_with_maps(arch, fisedit.Policy(block_size=block, norm_stats="fresh"))
+    new_inputs = unet_inputs(unet, size=SIZE, seed=1)
+    aligned = alignment(new_inputs, new_tokens=slice(2, 5))
+    with compiled.run(ControlMode(aligned, RecordCache())):
+        dense = compiled(**new_inputs).sample
+    with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool), token_alignment=aligned):
+        sparse = compiled(**new_inputs).sample
+    with compiled.sparse(torch.ones(SIZE, SIZE, dtype=torch.bool)):
+        uncontrolled = compiled(**new_inputs).sample
+    assert close(sparse, dense)
+    assert not close(uncontrolled, dense)  # (the control changes the call)
+
+
+@torch.no_grad()
+def test_a_controlled_sparse_call_without_recorded_maps_says_how_to_record_them():
+    _, compiled, inputs, _ = recorded("sd2")
+    with pytest.raises(RuntimeError, match=r"no recorded cross-attention maps.*record\(attention_maps=k\)"):
+        with compiled.sparse(masks()["blobs"], token_alignment=alignment(inputs)):
+            compiled(**inputs)

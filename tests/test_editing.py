@@ -220,6 +220,8 @@ def test_hold_layout_steps_is_a_fraction_of_the_steps_and_source_runs_record_the
     # more held steps than dense ones: the source run records maps and layout features for the held steps too
     assert fisedit.Policy(dense_steps=0.1, hold_layout_steps=0.2).maps_schedule(20) == 4
     assert fisedit.Policy(dense_steps=0.3, hold_layout_steps=0.1).maps_schedule(20) == 6
+    # and for the sparse steps under control
+    assert fisedit.Policy(controlled_steps=0.5).maps_schedule(20) == 10
     with pytest.raises(ValueError, match="fraction of the denoising steps"):
         fisedit.Policy(hold_layout_steps=-0.1)
 
@@ -758,3 +760,28 @@ def test_an_edit_that_is_not_kept_leaves_the_session_as_it_was():
     assert torch.equal(kept.latents, expected.latents) and kept.images == expected.images
     with pytest.raises(ValueError, match="cannot refresh"):
         session(refresh_every=2).edit("a red cabin", mask=first, keep=False)
+
+
+@torch.no_grad()
+def test_controlled_steps_keep_the_sparse_steps_under_control():
+    """With `Policy.controlled_steps` the source run records the maps of that many steps and an edit's sparse
+    steps below it take them at their active pixels: their U-Net outputs differ from an uncontrolled edit's from
+    the first sparse step on, while the latents outside the mask stay the source's. The edit keeps the source's
+    maps (its sparse steps record none), so the next edit runs under control over the same maps."""
+    mask = box_mask(slice(3, 7), slice(2, 9))
+    outputs = {}
+    for controlled in (0.0, 1.0):
+        s = session(controlled_steps=controlled)
+        source = s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        maps = [any(ref.kind == "attention_map" for ref in s.cache.step(key)) for key in s.cache.steps]
+        assert sum(maps) == s.policy.maps_schedule(STEPS) == (STEPS if controlled else 2)
+        with UNetOutputs(s.unet) as recorded:
+            edit = s.edit("a red cabin in the woods", mask=mask)
+        assert "dense" not in edit.stats and edit.stats["sparse"].unet_calls == STEPS  # sparse from the first step
+        assert torch.equal(edit.latents[..., ~mask], source.latents[..., ~mask])
+        outputs[controlled] = recorded.runs[0]
+        if controlled:
+            assert s._source.maps_prompt == "a cabin in the woods"
+            again = s.edit("a red cabin in the woods with a river")  # controlled over the first source's maps
+            assert again.mask is not None
+    assert not any(torch.equal(a, b) for a, b in zip(outputs[0.0], outputs[1.0]))

@@ -21,7 +21,7 @@ SIZE = 16
 
 
 class SmallNet(nn.Module):
-    """Every op family the sparse passes handle, at two sparse resolutions (16x16 and 8x8)."""
+    """Every op family the sparse passes handle, at two sparse resolutions (16x16 and 8x8), and a cross-attention."""
 
     def __init__(self):
         super().__init__()
@@ -32,12 +32,13 @@ class SmallNet(nn.Module):
         self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
         self.up = nn.Conv2d(8, 8, 3, padding=1)
         self.qkv = nn.Linear(8, 24)
+        self.text_kv = nn.Linear(6, 16)
         self.conv_out = nn.Conv2d(8, 4, 3, padding=1)
         with torch.no_grad():
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
-    def forward(self, sample, timestep, return_dict=True):
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=True):
         b, _, h, w = sample.shape
         x = F.silu(self.norm(self.conv_in(sample)))
         d = self.down(x)  # reads the gather, GroupNorm and SiLU of its windows: a fusable chain
@@ -48,12 +49,17 @@ class SmallNet(nn.Module):
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         attended = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None]).squeeze(1)
         x = x + attended.reshape(b, h, w, 8).permute(0, 3, 1, 2)
+        text_k, text_v = self.text_kv(encoder_hidden_states).chunk(2, dim=-1)  # cross-attention to the text
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, 8)
+        attended = F.scaled_dot_product_attention(tokens[:, None], text_k[:, None], text_v[:, None]).squeeze(1)
+        x = x + attended.reshape(b, h, w, 8).permute(0, 3, 1, 2)
         return (self.conv_out(x),)
 
 
 POLICY = fisedit.Policy(block_size=4)
 INPUTS = {"sample": torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1)),
-          "timestep": torch.tensor(7)}
+          "timestep": torch.tensor(7),
+          "encoder_hidden_states": torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(2))}
 
 
 def _snapshots(passes):
@@ -101,8 +107,8 @@ def test_the_small_module_compiles_to_an_exact_sparse_variant():
             recorded = compiled(**INPUTS)[0]
         x = INPUTS["sample"] * 1.5 if new else INPUTS["sample"]
         with compiled.sparse(mask):
-            out = compiled(x, INPUTS["timestep"])[0]
-        assert close(out, model(x, INPUTS["timestep"])[0] if new else recorded)
+            out = compiled(x, INPUTS["timestep"], INPUTS["encoder_hidden_states"])[0]
+        assert close(out, model(x, INPUTS["timestep"], INPUTS["encoder_hidden_states"])[0] if new else recorded)
 
 
 def test_every_op_family_has_a_layout_rule():

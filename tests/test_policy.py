@@ -25,7 +25,8 @@ from fisedit_compiler.policy import (
 OLD_FLAT_DEFAULTS = {
     "max_sparse_downscale": 8, "halo": 1, "halo_unit": "latent_pixels", "block_size": None, "block_count_steps": 0,
     "attention": "active_queries", "norm_stats": "recorded", "dense_steps": 0.2, "detect_from": 0.1, "detect_to": 0.2,
-    "mask_dilation": 1, "user_mask_dense_steps": 0.0, "hold_layout_steps": 0.3, "inversion_skip": 1,
+    "mask_dilation": 1, "user_mask_dense_steps": 0.0, "hold_layout_steps": 0.3, "controlled_steps": 0.0,
+    "inversion_skip": 1,
     "refresh_every": None, "deep_reuse_interval": 1, "deep_reuse_downscale": 2, "cache_dtype": None,
     "cache_dense_steps": True, "dump_dir": None, "dump_svg": True, "cache_budget": 0.5, "cache_dir": None,
     "program_backend": None, "retain_freed_memory": True,
@@ -104,6 +105,7 @@ def test_schedules():
     assert Policy().edit_schedule(50) == (10, 5, 10) == Policy().edit.edit_schedule(50)
     assert Policy().hold_layout_schedule(20) == 6 and Policy(hold_layout_steps=0).hold_layout_schedule(20) == 0
     assert Policy().maps_schedule(20) == 6 and Policy(hold_layout_steps=0).maps_schedule(20) == 4
+    assert Policy(controlled_steps=0.5).maps_schedule(20) == 10 and Policy(controlled_steps=1).maps_schedule(20) == 20
     assert Policy(user_mask_dense_steps=0.1).user_mask_schedule(50) == 5
     assert Policy(cache_dense_steps=False).user_mask_schedule(50) == 10  # at least the dense steps
     assert Policy(cache_dense_steps=False).recorded_activations_from(50) == 10

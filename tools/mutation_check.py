@@ -49,6 +49,20 @@ MUTATIONS = [
         ("tests/test_programs.py::test_an_eager_program_takes_each_plans_gemm_library_at_its_call",),
     ),
     Mutation(
+        "sparse-control-wrong-rows", "a controlled sparse call takes the source map's rows in reverse pixel order",
+        "fisedit_compiler/runtime/ops.py",
+        "b.source(ref).index_select(-2, positions)",
+        "b.source(ref).index_select(-2, positions.flip(0))",
+        ("tests/test_contract.py::test_a_controlled_sparse_call_on_the_recorded_input_returns_the_recorded_output",),
+    ),
+    Mutation(
+        "sparse-control-off", "sparse calls under control run the stock cross-attention",
+        "fisedit_compiler/runtime/ops.py",
+        "    positions = b.index(ActivePixels(layout.res), False).field(\"recorded_index\")\n    return _controlled",
+        "    return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)\n    return _controlled",
+        ("tests/test_contract.py::test_a_controlled_sparse_call_over_everything_equals_the_dense_control_call",),
+    ),
+    Mutation(
         "eager-border-ignored", "an eager program never zeroes the windows' pixels outside the map",
         "fisedit_compiler/kernels/reference.py",
         "    return windows if inside is None else windows * inside.type_as(windows)",

@@ -7,7 +7,8 @@ An edit of `steps` denoising steps runs in phases:
   word swap's control phase lasts at least those). Their records go to a pending cache.
 - at the end of step `dense_steps - 1` the mask is decided: a user's is known; otherwise it is detected from the
   latents' drift over steps `detect[0] .. detect[1]` (1-based). An empty mask ends the edit (nothing changes).
-- **sparse** (the remaining steps): only the mask's region is computed; the rest is the source's.
+- **sparse** (the remaining steps): only the mask's region is computed; the rest is the source's. Those below
+  `controlled` stay under the control (the source's maps at the region's pixels).
 - **refresh**: with `refresh_every` = r, every r-th step after the switch (none whose cross-attention maps a later
   edit reads: steps below `maps_steps`) runs dense instead and records, refreshing what sparse steps reuse.
 
@@ -35,6 +36,7 @@ class EditSchedule:
     maps_only: int  # the first steps a record keeps only the maps of (`Policy.cache_dense_steps=False`)
     hold_layout: int = 0  # the first control steps that take the source's layout features
     refresh_every: int | None = None
+    controlled: int = 0  # the first steps whose cross-attention is under control, dense or sparse
 
     @staticmethod
     def plan(policy: Policy, steps: int, user_mask: bool, swaps_words: bool) -> EditSchedule:
@@ -48,7 +50,7 @@ class EditSchedule:
             dense, detect = max(hold, dense), (t1, t2)
         maps_steps = policy.maps_schedule(steps)
         return EditSchedule(steps, dense, detect, maps_steps, policy.recorded_activations_from(steps), hold,
-                            policy.refresh_every)
+                            policy.refresh_every, policy.edit.controlled_schedule(steps))
 
     def decides_mask_after(self, step: int) -> bool:
         """Whether the mask is decided at the end of `step` (0-based): the last control step."""
@@ -63,6 +65,10 @@ class EditSchedule:
                 and (step - self.dense_steps + 1) % self.refresh_every == 0:
             return "refresh"
         return "sparse"
+
+    def controlled_sparse_steps(self) -> int:
+        """How many of the steps after the switch are under control (the first ones)."""
+        return max(0, self.controlled - self.dense_steps)
 
     def remaining_maps_steps(self) -> int:
         """Of the steps whose maps later edits read, how many run after the switch."""

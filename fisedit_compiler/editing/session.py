@@ -211,6 +211,7 @@ class _EditRun:
         self.mask, self.blend = mask, mask
         self.region: torch.Tensor | None = None
         self.sparse_mode: SparseMode | None = None
+        self.alignment: torch.Tensor | None = None  # of the edited prompt's tokens to the maps' (control)
         self.refresh_mode = RecordMode()  # one mode for every refresh step: the meter counts a mode's MACs once
         self.trajectory: list[torch.Tensor] = []
         self.phases: dict[str, PhaseStats] = {}
@@ -229,12 +230,12 @@ class _EditRun:
         self._meter = _Meter(session.unet, session.call_macs)
         try:
             with session._runs(None) as self._run:
+                self.alignment = session._alignment(self.source.maps_prompt, prompt)
                 if schedule.dense_steps == 0:  # sparse from the first step: the latents are the source's as they are
                     self._switch_to_sparse()
                     self._enter_phase(0)
                 else:
-                    alignment = session._alignment(self.source.maps_prompt, prompt)
-                    self._run.switch(ControlMode(alignment, pending, hold_layout=schedule.hold_layout))
+                    self._run.switch(ControlMode(self.alignment, pending, hold_layout=schedule.hold_layout))
                 images = session._call_pipeline(prompt, self.on_step_end, inputs=inputs, history=True,
                                                 keep=self.keep)
             if self.region is not None and self.keep:
@@ -284,7 +285,8 @@ class _EditRun:
         """Sparse calls over the mask; sets the region, the latent pixels they recompute: the mask dilated by the
         policy's halo and rounded up to the output layer's blocks."""
         run, schedule = self._run, self.schedule
-        run.switch(SparseMode(self.mask, write_back=self.keep))
+        run.switch(SparseMode(self.mask, write_back=self.keep, token_alignment=self.alignment,
+                              control_calls=schedule.controlled_sparse_steps()))
         self.region = run.plan.recomputed_pixels().cpu()
         if self.blend is None:
             self.blend = self.region

@@ -158,7 +158,7 @@ def reused(ref: CacheRef, layout: SpatialLayout):
     `layout`: the replaced node's."""
 
 
-# --- cross-attention maps (record and control variants) --------------------------------------------------------
+# --- cross-attention maps (record, control and sparse variants) ------------------------------------------------
 
 
 @ir_op
@@ -174,6 +174,14 @@ def controlled_cross_attention(query, key, value, ref: CacheRef, scale: float | 
     """Prompt-to-Prompt cross-attention control: for every token the edited prompt shares with the source prompt
     (the token alignment input: for each token the source token, or -1 for a new token) the source run's attention
     map column replaces the fresh one."""
+
+
+@ir_op
+def controlled_active_cross_attention(query, key, value, ref: CacheRef, layout: SpatialLayout,
+                                      scale: float | None = None):
+    """`controlled_cross_attention` of active queries (sparse calls under control): the source run's map rows of
+    the active pixels replace the fresh map's columns of shared tokens. `layout` is the queries' (B, heads, pixels,
+    head_dim) layout."""
 
 
 # --- layout features (record and control variants) ------------------------------------------------------------

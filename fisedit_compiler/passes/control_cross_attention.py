@@ -6,7 +6,15 @@
 
 Prompt-to-Prompt style control (paper §3.1): with the maps of the tokens that P and P' share fixed to the source
 run's, the latents of the first dense edit steps drift away from the source only where the text changed, which
-is what mask detection looks for. Which tokens are shared is a per-call input (`CallContext.token_alignment`).
+is what mask detection looks for. Which tokens are shared is a per-call input (the token alignment).
+
+In the sparse variant a cross-attention's queries are gathered (the active pixels of a mask); there
+
+    %o : controlled_active_cross_attention(%q, %k_text, %v_text, cache[o:attention_map], layout)
+
+takes the source map's rows of the active pixels, so that the sparse steps of an edit stay under the same control
+as a dense Prompt-to-Prompt edit (`Policy.controlled_steps`). Programs bound without control run the stock
+attention (`runtime.ops`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from collections.abc import Iterator
 
 import torch.fx as fx
 
-from ..ir import INPUT, LAYOUT, CacheRef, reads_input
+from ..ir import INPUT, LAYOUT, SPARSE, CacheRef, reads_input
 from ..ir import ops as ir_ops
 from . import ops
 
@@ -37,16 +45,24 @@ def cross_attention_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, tuple]]
         yield node, (*node.args[:3], extra.get("scale"))
 
 
-def rewrite_cross_attention(gm: fx.GraphModule, target) -> int:
-    """Replace every cross-attention with ``target(query, key, value, cache[node:attention_map], scale)``."""
+def rewrite_cross_attention(gm: fx.GraphModule, target, where=lambda node: True, with_layout: bool = False) -> int:
+    """Replace every cross-attention `where` holds with ``target(query, key, value, cache[node:attention_map],
+    scale)`` (``..., query layout, scale)`` `with_layout`)."""
     rewrites = 0
     for node, (query, key, value, scale) in cross_attention_nodes(gm):
+        if not where(node):
+            continue
+        layout = (query.meta.get(LAYOUT),) if with_layout else ()
         node.target = target
-        node.args = (query, key, value, CacheRef.of(node, "attention_map"), scale)
+        node.args = (query, key, value, CacheRef.of(node, "attention_map"), *layout, scale)
         node.kwargs = {}
         rewrites += 1
     return rewrites
 
 
 def control_cross_attention(gm: fx.GraphModule) -> int:
-    return rewrite_cross_attention(gm, ir_ops.controlled_cross_attention)
+    """Every cross-attention under control: dense ones by `controlled_cross_attention`, gathered ones (a sparse
+    variant's) by `controlled_active_cross_attention`."""
+    dense = rewrite_cross_attention(gm, ir_ops.controlled_cross_attention, lambda node: not node.meta.get(SPARSE))
+    return dense + rewrite_cross_attention(gm, ir_ops.controlled_active_cross_attention,
+                                           lambda node: bool(node.meta.get(SPARSE)), with_layout=True)

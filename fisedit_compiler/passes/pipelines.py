@@ -3,8 +3,9 @@
 Each variant of a captured graph is made by one pipeline, run by `PassManager` (`passes/manager.py`), which checks
 each pass's requirements (passes that must have run before it) and postcondition:
 
-- `sparse_passes`: the sparse variant, computing only a mask's active blocks and reading the rest from the record;
-  with temporal reuse also the reuse calls' variant;
+- `sparse_passes`: the sparse variant, computing only a mask's active blocks and reading the rest from the record
+  (its cross-attentions under control in the calls that ask for it); with temporal reuse also the reuse calls'
+  variant;
 - `record_passes`: the record variant, the captured graph saving what the sparse variant reads;
 - `control_passes`: the control variant, dense with Prompt-to-Prompt cross-attention control, recording like
   `record`.
@@ -79,6 +80,8 @@ def sparse_passes(policy: Policy, reuse_call: bool = False) -> list[FxPass]:
         # after sparse_conv: the window chains it builds need their operands repeated too
         FxPass("broadcast_over_blocks", broadcast_over_blocks, ("sparse_conv",), per_item_operands_repeated),
         FxPass("sparse_attention", sparse_attention, ("insert_region_boundaries",)),
+        # (programs bound for controlled calls take the source's maps; others run the stock attention)
+        FxPass("control_cross_attention", control_cross_attention, ("insert_region_boundaries",)),
         FxPass("select_linear_library", select_linear_library, ("insert_region_boundaries",), no_aten_linear),
         # after broadcast_over_blocks: it may have repeated the GroupNorm's operands
         FxPass("fuse_gather_norm_silu", fuse_gather_norm_silu, ("sparse_conv", "broadcast_over_blocks")),

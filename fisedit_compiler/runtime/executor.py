@@ -50,7 +50,7 @@ class Variants:
     passes: dict[str, list]
     reuse: fx.GraphModule | None = None  # the reuse calls' sparse variant (`Policy.deep_reuse_interval` > 1)
     programs: dict[tuple[str, bool, bool], Program] = dataclasses.field(default_factory=dict)
-    sparse_programs: dict[tuple[bool, bool], list[Program]] = dataclasses.field(default_factory=dict)
+    sparse_programs: dict[tuple[bool, bool, bool], list[Program]] = dataclasses.field(default_factory=dict)
     backend: str | None = None  # `Policy.program_backend`: the torch.compile backend programs run with
     constants: CostConstants | None = None  # what dense programs choose libraries with (None: the device's)
 
@@ -61,17 +61,19 @@ class Variants:
         if key not in self.programs:
             self.programs[key] = bind(getattr(self, variant), record_attention_maps=record_attention_maps,
                                       inline_kernels=self.backend is not None, hold_layout=hold_layout,
-                                      constants=self.constants)
+                                      constants=self.constants, control_maps=variant == "control")
         return self.programs[key]
 
-    def sparse_program(self, plan: MaskPlan, write_back: bool = False, reuse_call: bool = False) -> Program:
+    def sparse_program(self, plan: MaskPlan, write_back: bool = False, reuse_call: bool = False,
+                       control: bool = False) -> Program:
         """The sparse variant (the reuse calls' with `reuse_call`) bound for `plan`'s structure (a program bound for
-        another mask is reused when the structures agree)."""
-        kept = self.sparse_programs.setdefault((write_back, reuse_call), [])
+        another mask is reused when the structures agree), under cross-attention control or not."""
+        kept = self.sparse_programs.setdefault((write_back, reuse_call, control), [])
         program = next((p for p in kept if p.fits(plan)), None)
         if program is None:
             variant = self.reuse if reuse_call else self.sparse
-            program = bind(variant, plan, write_back=write_back, inline_kernels=self.backend is not None)
+            program = bind(variant, plan, write_back=write_back, inline_kernels=self.backend is not None,
+                           control_maps=control)
         else:
             kept.remove(program)
         kept.insert(0, program)
@@ -97,13 +99,18 @@ class Variants:
         return program(inputs, step, source=source, token_alignment=token_alignment, runner=self.runner(program))
 
     def run_sparse(self, inputs: dict[str, Any], step: StepRecord, plan: MaskPlan, write_back: bool = False,
-                   reused: dict[CacheRef, torch.Tensor] | None = None, reuse_call: bool = False) -> tuple:
+                   reused: dict[CacheRef, torch.Tensor] | None = None, reuse_call: bool = False,
+                   token_alignment: torch.Tensor | None = None) -> tuple:
         """A sparse call; with temporal reuse, `reused` holds the deep levels' outputs that a full call stores and
-        a reuse call (`reuse_call`) reads."""
-        program = self.sparse_program(plan, write_back, reuse_call)
+        a reuse call (`reuse_call`) reads. With `token_alignment` its cross-attentions are under control, taking
+        the step's recorded maps (the source run's) for the tokens it aligns."""
+        control = token_alignment is not None
+        program = self.sparse_program(plan, write_back, reuse_call, control)
+        source = step if control else None
         if reused is not None:
             step = _WithReused(step, reused)
-        return program(inputs, step, plan, runner=self.runner(program))
+        return program(inputs, step, plan, source=source, token_alignment=token_alignment,
+                       runner=self.runner(program))
 
 
 class _WithReused:
@@ -212,7 +219,7 @@ class Executor:
                 mode.token_alignment.to(sample.device), attention_maps=mode.attention_maps,
                 hold_layout=run.state.calls < mode.hold_layout)
         else:
-            output = self._sparse(run, mode, key, variants, inputs, shape, extent)
+            output = self._sparse(run, mode, key, variants, inputs, shape, extent, sample.device)
         run.state.calls += 1
         run.cache.step_done(key)
         return tuple(output)
@@ -227,7 +234,7 @@ class Executor:
         return output
 
     def _sparse(self, run: Run, mode: SparseMode, key: StepKey, variants: Variants, inputs: dict[str, Any],
-                shape: tuple[int, ...], extent: tuple[int, int]) -> tuple:
+                shape: tuple[int, ...], extent: tuple[int, int], device: torch.device) -> tuple:
         cache, state = run.cache, run.state
         if cache.latent_shape != shape:
             raise ValueError(
@@ -247,8 +254,10 @@ class Executor:
         reuse_call = run.next_call_reuses()
         if temporal and not reuse_call:
             state.reused = {}  # filled by this full call
+        control = run.next_call_controls()
         output = variants.run_sparse(inputs, step, state.plan, write_back=mode.write_back,
-                                     reused=state.reused if temporal else None, reuse_call=reuse_call)
+                                     reused=state.reused if temporal else None, reuse_call=reuse_call,
+                                     token_alignment=mode.token_alignment.to(device) if control else None)
         if mode.write_back:
             cache.mark_dirty(key)
         return output

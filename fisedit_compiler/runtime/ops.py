@@ -369,17 +369,39 @@ def lower_cross_attention_recording_map(b, query, key, value, ref: CacheRef, sca
 
 @register_lowering(ir_ops.controlled_cross_attention)
 def lower_controlled_cross_attention(b, query, key, value, ref: CacheRef, scale: float | None = None):
-    """softmax(QK^T)V written out, its map's columns gathered from the source map (a program input) by
-    the token alignment (an input); the result a program output in programs that record maps."""
-    probs = _attention_probs(b, query, key, scale)
-    batch, heads, pixels, _ = b.dense_shape(0)
-    tokens = b.dense_shape(1)[-2]
-    alignment = b.token_alignment()[:, None, None, :]  # (B, 1, 1, tokens)
-    aligned = b.source(ref).type_as(probs).gather(-1, alignment.clamp(min=0).expand(batch, heads, pixels, tokens))
-    probs = torch.where(alignment >= 0, aligned, probs)
+    """In programs bound with `control_maps`: softmax(QK^T)V written out, its map's columns gathered from the
+    source map (a program input) by the token alignment (an input); the result a program output in programs that
+    record maps. In others (a sparse variant's calls without control) ATen's scaled dot-product attention."""
+    if not b.control_maps:
+        return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)
+    probs = _controlled_probs(b, query, key, b.source(ref), scale)
     if b.record_attention_maps:
         b.write(ref, probs)
     return probs @ value
+
+
+@register_lowering(ir_ops.controlled_active_cross_attention)
+def lower_controlled_active_cross_attention(b, query, key, value, ref: CacheRef, layout: SpatialLayout | None,
+                                            scale: float | None = None):
+    """As `controlled_cross_attention`, the source map's rows taken at the plan's active pixels (the order the
+    queries were gathered in); without `control_maps` the stock attention of the gathered queries."""
+    if not b.control_maps:
+        return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)
+    if layout is None or layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2 or layout.joint:
+        raise NotImplementedError(
+            f"{b.node.name}: a gathered cross-attention whose queries are not (batch, heads, pixels, head_dim) "
+            f"(layout {layout}) cannot take the source's map rows: run its edits with Policy(controlled_steps=0)")
+    positions = b.index(ActivePixels(layout.res), False).field("recorded_index")
+    return _controlled_probs(b, query, key, b.source(ref).index_select(-2, positions), scale) @ value
+
+
+def _controlled_probs(b, query, key, source_map, scale: float | None):
+    """softmax(QK^T) with the columns of tokens the alignment maps to a source token taken from `source_map` (the
+    source run's maps at the queries' pixels)."""
+    probs = _attention_probs(b, query, key, scale)
+    alignment = b.token_alignment()[:, None, None, :]  # (B, 1, 1, tokens)
+    aligned = source_map.type_as(probs).gather(-1, alignment.clamp(min=0).expand_as(probs))
+    return torch.where(alignment >= 0, aligned, probs)
 
 
 # --- layout features (record and control variants) ------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Programs: a graph variant bound to one call state, as a self-contained graph.
 
 The passes build IR graphs (`ir.ops`: ops with static arguments that name what a call reads). `bind` lowers
-one for a call state, a mask plan and the flags of the call (record cross-attention maps, write back), into a
-`Program`:
+one for a call state, a mask plan and the flags of the call (record cross-attention maps, control, write back),
+into a `Program`:
 
 - its graph's inputs are the model's flattened inputs, then one placeholder per value the call reads (`Slot`s:
   a recorded tensor of the step, a source-run attention map, the token alignment, an index tensor of the plan);
@@ -99,11 +99,12 @@ class BoundIndex:
 
 class Binding:
     """The state of one lowering: the program graph being built, its slots and writes, and the call state the
-    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`, `hold_layout`). Lowerings see it as
-    their first argument; `node` is the IR node being lowered."""
+    lowerings may decide on (`plan`, `record_attention_maps`, `write_back`, `hold_layout`, `control_maps`).
+    Lowerings see it as their first argument; `node` is the IR node being lowered."""
 
     def __init__(self, ir: fx.GraphModule, plan: MaskPlan | None, record_attention_maps: bool, write_back: bool,
-                 inline_kernels: bool = False, hold_layout: bool = False, constants: CostConstants | None = None):
+                 inline_kernels: bool = False, hold_layout: bool = False, constants: CostConstants | None = None,
+                 control_maps: bool = False):
         self.ir = ir
         self.inline_kernels = inline_kernels
         # block and window counts, and whether a gather's windows all lie inside the map: graph values (slots) of
@@ -112,6 +113,7 @@ class Binding:
         self.plan = plan
         self.record_attention_maps = record_attention_maps
         self.hold_layout = hold_layout  # layout features are the source run's (`ir.ops.layout_features`)
+        self.control_maps = control_maps  # controlled cross-attentions take the source run's maps
         self.write_back = write_back
         self.graph = fx.Graph()
         self.tracer = fx.proxy.GraphAppendingTracer(self.graph)
@@ -475,13 +477,15 @@ def _slot_value(slot: Slot, step, plan, source, token_alignment) -> Any:
 
 def bind(ir: fx.GraphModule, plan: MaskPlan | None = None, record_attention_maps: bool = False,
          write_back: bool = False, inline_kernels: bool = False, hold_layout: bool = False,
-         constants: CostConstants | None = None) -> Program:
+         constants: CostConstants | None = None, control_maps: bool = False) -> Program:
     """Lower the IR graph `ir` for a call with this plan and these flags; see the module docstring. With
     `inline_kernels`, gathers are ATen selections (`kernels.reference.gather_pixels_by_selection`) and active-query
     attention the reference's ATen ops, which a compiler fuses with what surrounds them, instead of registered
     operators (the same values). `constants`: the cost constants a dense program (no plan) chooses libraries with
-    (default: the device's, loaded at first use)."""
-    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout, constants)
+    (default: the device's, loaded at first use). `control_maps`: its controlled cross-attentions (a control
+    variant's, or a sparse variant's) take the source run's maps for shared tokens; without it they run stock."""
+    binding = Binding(ir, plan, record_attention_maps, write_back, inline_kernels, hold_layout, constants,
+                      control_maps)
     root, graph, num_outputs = binding.lower()
     for node in graph.nodes:  # the functions behind the registered kernels (`Program.gm` has the operators)
         if node.op == "call_function" and node.target in DIRECT_CALLS:

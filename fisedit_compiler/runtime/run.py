@@ -52,11 +52,16 @@ class ControlMode:
 @dataclasses.dataclass(frozen=True, eq=False)
 class SparseMode:
     """Calls compute only the active blocks of `mask` (a bool map at latent resolution, `(H, W)` or
-    `(B, 1, H, W)`, already validated); with `write_back`, they store them into the cache."""
+    `(B, 1, H, W)`, already validated); with `write_back`, they store them into the cache. With a
+    `token_alignment` (as `ControlMode`'s) the first `control_calls` calls (None: every call) are under
+    cross-attention control: their cross-attentions take the recorded step's maps (the source run's, recorded with
+    `RecordMode.attention_maps`) at the active pixels for the tokens it aligns."""
 
     mask: torch.Tensor
     write_back: bool = False
     direction: Direction = "generation"  # of the recorded run the calls replay
+    token_alignment: torch.Tensor | None = None
+    control_calls: int | None = None
 
 
 Mode = RecordMode | ControlMode | SparseMode
@@ -70,7 +75,7 @@ def require_recorded(cache: RecordCache) -> tuple[int, ...]:
             "`with unet.record():` first"
         )
     return cache.latent_shape
-CallKind = Literal["eager", "record", "record_maps", "control", "sparse", "sparse_reuse"]
+CallKind = Literal["eager", "record", "record_maps", "control", "sparse", "sparse_control", "sparse_reuse"]
 
 
 @dataclasses.dataclass
@@ -169,4 +174,12 @@ class Run:
             return ("record_maps" if self.state.calls < mode.attention_maps else "record"), ""
         if isinstance(mode, ControlMode):
             return "control", ""
-        return ("sparse_reuse" if self.next_call_reuses() else "sparse"), self.state.mask_digest
+        if self.next_call_reuses():
+            return "sparse_reuse", self.state.mask_digest
+        return ("sparse_control" if self.next_call_controls() else "sparse"), self.state.mask_digest
+
+    def next_call_controls(self) -> bool:
+        """Whether the next call of a sparse mode is under cross-attention control (`SparseMode.control_calls`)."""
+        mode = self._mode
+        return isinstance(mode, SparseMode) and mode.token_alignment is not None \
+            and (mode.control_calls is None or self.state.calls < mode.control_calls)
