@@ -20,6 +20,7 @@ from .editing import GUIDANCE_SCALE
 from .editing.session import EditResult, EditSession, PhaseStats, _Meter
 from .editing.token_alignment import token_ids
 from .policy import Policy
+from .runtime.collector import freeze_long_lived_objects
 
 RANDOM_WEIGHTS_NOTE = (
     "This model has random weights (--random), so its pictures are noise and its detected masks do not follow the "
@@ -214,6 +215,10 @@ def run_session(pipe, prompt: str | None, edits: list[ScriptedEdit], out: Path, 
             source = session.generate(prompt, generator=torch.Generator().manual_seed(seed))
             log(f"source: {prompt!r} ({time.perf_counter() - start:.1f}s)")
     source.images[0].save(out / "source.png")
+    start = time.perf_counter()  # while the user looks at the source: what the first edit would otherwise wait for
+    session.prepare_edits()
+    freeze_long_lived_objects()  # the pipeline, its graph variants and programs, the record: no full collection
+    log(f"prepared the edits' programs ({time.perf_counter() - start:.1f}s)")
     results, regenerations, walls = _run_edits(session, source, edits, out, log)
     if session_dir is not None:
         session.save(session_dir)

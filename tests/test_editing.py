@@ -785,3 +785,29 @@ def test_controlled_steps_keep_the_sparse_steps_under_control():
             again = s.edit("a red cabin in the woods with a river")  # controlled over the first source's maps
             assert again.mask is not None
     assert not any(torch.equal(a, b) for a, b in zip(outputs[0.0], outputs[1.0]))
+
+
+@torch.no_grad()
+def test_prepared_edits_bind_no_program_and_change_nothing(monkeypatch):
+    """`prepare_edits` binds the control programs and the sparse programs of a centred disk's plan structure for
+    the U-Net and the decoder: an edit over a mask of that structure then binds none, and its result is the one
+    of a session that did not prepare, bit for bit."""
+    from fisedit_compiler.runtime import executor
+
+    yy, xx = torch.meshgrid((torch.arange(LATENT) + 0.5) / LATENT - 0.5, (torch.arange(LATENT) + 0.5) / LATENT - 0.5,
+                            indexing="ij")
+    disk = yy ** 2 + xx ** 2 <= 0.15 / torch.pi  # what prepare_edits prepares for
+    results, binds = [], []
+    for prepare in (False, True):
+        s = session()
+        s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
+        if prepare:
+            s.prepare_edits()
+        with monkeypatch.context() as patch:
+            original = executor.bind
+            patch.setattr(executor, "bind", lambda *args, **kw: binds.append(prepare) or original(*args, **kw))
+            results.append(s.edit("a red cabin in the woods", mask=disk))
+    assert binds.count(False) >= 2 and binds.count(True) == 0  # (unprepared: the U-Net's and the decoder's)
+    assert torch.equal(results[0].latents, results[1].latents) and results[0].images == results[1].images
+    with pytest.raises(RuntimeError, match="no image yet"):
+        session().prepare_edits()

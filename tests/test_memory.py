@@ -89,3 +89,24 @@ def test_a_cache_budget_counts_the_memory_the_process_kept_for_reuse():
         make_store(fisedit.Policy(cache_budget=0.5))
         print(kept - resident() > 2 ** 29)
     """) == "True"
+
+
+def test_freezing_long_lived_objects_leaves_them_out_of_collections():
+    """After `freeze_long_lived_objects` every object alive is in the permanent generation (a full collection no
+    longer scans it), and garbage made later is still collected."""
+    import gc
+
+    from fisedit_compiler.runtime.collector import freeze_long_lived_objects
+
+    class Cycle:
+        pass
+
+    try:
+        freeze_long_lived_objects()
+        assert gc.get_freeze_count() > 1000
+        cycle = Cycle()
+        cycle.me = cycle
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()  # (the rest of this test process collects as before)

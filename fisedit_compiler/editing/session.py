@@ -711,6 +711,20 @@ class EditSession:
             totals["decode"] = self.decoding.cache.nbytes
         return totals
 
+    def prepare_edits(self, fraction: float = 0.15) -> None:
+        """Bind now the programs an edit's first calls would bind (`Executor.prepare`): the U-Net's control
+        programs, and the sparse programs of the U-Net and the decoder for a centred disk covering `fraction` of
+        the latents (masks of the same plan structure run them; others bind their own). For an application to
+        call while nothing waits (the user looking at the source); an edit does the same when it is not done."""
+        if self._source is None:
+            raise RuntimeError("no image yet: call generate(prompt) or load_image(image, prompt) first")
+        h, w = self.cache.latent_shape[-2:]
+        yy, xx = torch.meshgrid((torch.arange(h) + 0.5) / h - 0.5, (torch.arange(w) + 0.5) / w - 0.5, indexing="ij")
+        disk = yy ** 2 + xx ** 2 <= fraction / torch.pi
+        self.unet.executor.prepare(disk)
+        if self.decoding is not None:
+            self.decoding.decoder.executor.prepare(disk, control=False)
+
     @property
     def current(self) -> EditResult:
         """The current image: the result of the last generation or edit."""

@@ -163,6 +163,19 @@ class Executor:
         mask = mask.to(device) if device is not None else mask
         return MaskPlan(mask, self.policy, self.constants(mask.device), self.channels, self.output_downscale, extent)
 
+    def prepare(self, mask: torch.Tensor | None = None, control: bool = True) -> None:
+        """Bind now, with their code generated, the programs that the first calls of an edit would bind: for every
+        input signature built so far the control programs (the layout held and not) with `control`, and with `mask`
+        the sparse programs of its plan's structure (writing back and not), which later masks of that structure run
+        (`Program.fits`). For time when nothing waits (the user looking at the source)."""
+        plan = None if mask is None else self.mask_plan(mask)
+        for variants in list(self._variants.values()):
+            programs = [variants.program("control", True, hold) for hold in (False, True)] if control else []
+            if plan is not None:
+                programs += [variants.sparse_program(plan, write_back) for write_back in (False, True)]
+            for program in programs:
+                variants.runner(program)  # (an eager program's code; a compiler's compiles at its first call)
+
     def variants(self, inputs: dict[str, Any], graph: Any = None, settings: Settings = Settings()) -> Variants:
         """The graph variants for these inputs (of `graph`) under the model's `settings` (which the graphs bake in),
         built on first use of their signature."""
