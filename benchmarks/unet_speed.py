@@ -367,6 +367,8 @@ CATEGORY = {
     "linear_by_library": "linear",
     "aten.scaled_dot_product_attention.default": "attention",
     "active_query_attention": "attention",
+    "controlled_cross_attention": "attention",  # (the stock attention in calls without control)
+    "controlled_active_cross_attention": "attention",
     "gather_windows": "gather/scatter",
     "gather_windows_norm_silu": "gather/scatter",  # a gather with GroupNorm's affine map and SiLU applied on the way
     "gather_active": "gather/scatter",

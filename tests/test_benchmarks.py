@@ -253,7 +253,7 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
     data = _run_benchmark("edit_quality", ["--per-type", "2", "--steps", "4", "--types", "colour",
                                            "--set", "mask_dilation=1",  # (the default: results named by it)
                                            "--out", str(tmp_path), "--pictures", str(tmp_path / "pictures")])
-    assert (tmp_path / "edit-quality_mask_dilation-1.md").is_file() and data["drawn"] == 2
+    assert (tmp_path / "edit-quality_colour_mask_dilation-1.md").is_file() and data["drawn"] == 2
     assert data["policy_overrides"] == {"mask_dilation": 1}
     assert data["skipped"] + len(data["cases"]) == 2 and data["cases"]  # seed 0: the first source shows its object
     deepcache = importlib.util.find_spec("DeepCache") is not None
@@ -263,6 +263,7 @@ def test_the_edit_quality_benchmark_judges_every_contender_on_the_embedded_model
         assert row["ours_detected"]["latents_outside_identical"] and row["ours_gt"]["latents_outside_identical"]
         assert row["ours_detected"]["mask_as_unaccelerated"]  # the same control steps detect the same mask
         assert row["ours_detected"]["psnr_vs_unaccelerated_in_region"] > 25  # (measured 29.4 dB)
+        assert row["ours_detected"]["psnr_vs_p2p_in_mask"] > 15 and row["ours_gt"]["psnr_vs_p2p_in_mask"] > 15
         assert 0 < row["ours_gt"]["macs"] < row["dense"]["macs"]  # (0: its calls ran another U-Net than its own)
         assert 0 < row["ours_gt"]["ssim_outside"] <= 1 and 0 < row["dense"]["ssim_outside"] <= 1
     assert data["summary"]["colour"]["cases"] == len(data["cases"])

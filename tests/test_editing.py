@@ -799,7 +799,9 @@ def test_prepared_edits_bind_no_program_and_change_nothing(monkeypatch):
     disk = yy ** 2 + xx ** 2 <= 0.15 / torch.pi  # what prepare_edits prepares for
     results, binds = [], []
     for prepare in (False, True):
-        s = session()
+        pipe = random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler="ddim")  # (its own programs)
+        pipe.unet = fisedit.compile(pipe.unet, fisedit.Policy(block_size=2))
+        s = fisedit.EditSession(pipe, num_inference_steps=STEPS)
         s.generate("a cabin in the woods", generator=torch.Generator().manual_seed(0))
         if prepare:
             s.prepare_edits()

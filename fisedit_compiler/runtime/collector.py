@@ -17,16 +17,17 @@ final collection sees everything, as native extensions expect).
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
-
-_unfreeze_at_exit = False
 
 
 def freeze_long_lived_objects() -> None:
     """Collect the garbage now, then take every object left out of later collections' scans (`gc.freeze`)."""
-    global _unfreeze_at_exit
     gc.collect()
     gc.freeze()
-    if not _unfreeze_at_exit:
-        atexit.register(gc.unfreeze)
-        _unfreeze_at_exit = True
+    _unfreeze_at_exit()
+
+
+@functools.cache
+def _unfreeze_at_exit() -> None:
+    atexit.register(gc.unfreeze)
