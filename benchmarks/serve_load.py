@@ -142,6 +142,7 @@ def serve(args) -> None:
     import uvicorn
 
     from fisedit_compiler.models import load_pipeline
+    from fisedit_compiler.runtime.collector import freeze_long_lived_objects
     from fisedit_compiler.serve.api import create_app
     from fisedit_compiler.service import ComputeThread, SessionService
     from fisedit_compiler.training.quality import SHAPES_MODEL
@@ -152,8 +153,10 @@ def serve(args) -> None:
     if args.serve == "fisedit":
         service = SessionService(pipe, Path(args.data) / "sessions", num_inference_steps=args.steps,
                                  max_live=args.max_live, compute=compute)
+        service.warm_up()  # as `fisedit serve` starts its replicas
     else:
         service = DenseService(pipe, args.steps, compute)
+        freeze_long_lived_objects()  # (as warm_up ends: the pipeline out of the collector's scans)
     uvicorn.run(create_app(service), host="127.0.0.1", port=args.port, log_level="warning")
 
 

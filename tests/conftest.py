@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 
 import pytest
@@ -25,6 +26,15 @@ def _reread_environment():
     they were before the test, and nothing the test set carries over to the next."""
     yield
     environment.reread()
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_garbage_collection():
+    """A test that warms a service or runs the demo freezes the objects then alive out of the garbage collector's
+    reach (`runtime.collector`), which only an application that owns its process should do: undone after it, so
+    that the test process goes on collecting everything."""
+    yield
+    gc.unfreeze()
 
 
 @functools.lru_cache(maxsize=None)

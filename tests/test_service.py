@@ -239,3 +239,32 @@ def test_a_service_with_a_compute_thread_computes_only_there(pipe, tmp_path, mon
         served.close()
         plain.close()
         compute.close()
+
+
+@torch.no_grad()
+def test_a_warm_service_binds_nothing_for_its_first_edit_and_keeps_no_session(tmp_path, monkeypatch):
+    """`warm_up` compiles the model and binds an edit's first programs with a throwaway session, then freezes
+    what the process holds (`runtime.collector`): a user's first edit over a mask of the prepared structure binds
+    no program, and nothing of the throwaway session is left."""
+    import gc
+
+    from fisedit_compiler.runtime import executor
+
+    service = SessionService(random_pipeline("sd2", latent_size=LATENT, seed=0), tmp_path / "sessions",
+                             fisedit.Policy(block_size=2), num_inference_steps=STEPS)
+    try:
+        service.warm_up(steps=STEPS)
+        assert service.sessions() == [] and list((tmp_path / "sessions").iterdir()) == []
+        assert gc.get_freeze_count() > 0
+        sid = service.create()
+        service.generate(sid, PROMPT, seed=0)
+        binds = []
+        original = executor.bind
+        monkeypatch.setattr(executor, "bind", lambda *args, **kw: binds.append(1) or original(*args, **kw))
+        yy, xx = torch.meshgrid((torch.arange(LATENT) + 0.5) / LATENT - 0.5,
+                                (torch.arange(LATENT) + 0.5) / LATENT - 0.5, indexing="ij")
+        service.edit(sid, "a red cabin in the woods", mask=yy ** 2 + xx ** 2 <= 0.15 / torch.pi)
+        assert binds == []
+    finally:
+        service.close()
+        gc.unfreeze()

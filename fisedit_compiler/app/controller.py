@@ -142,13 +142,9 @@ class EditApp:
         return sid, self._view(sid, summary="Opened the saved session: edit on.")
 
     def warm_up(self, prompt: str = "a picture", steps: int = 2) -> None:
-        """Capture and compile the model once (a throwaway session), so that a user's first picture takes the time
-        of a generation, and the dense regeneration estimated from it is not a compile's."""
-        sid = self.service.create()
-        try:
-            self.service.generate(sid, prompt, steps=steps)
-        finally:
-            self.service.delete(sid)
+        """Capture and compile the model once (`SessionService.warm_up`), so that a user's first picture takes the
+        time of a generation, and the dense regeneration estimated from it is not a compile's."""
+        self.service.warm_up(prompt, steps)
 
     @contextlib.contextmanager
     def reporting(self, report: Callable[[int, int], None]) -> Iterator[None]:

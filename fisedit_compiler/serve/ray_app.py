@@ -61,6 +61,7 @@ class EditEngine:
         compute = ComputeThread()  # the model loaded and run on one thread (`service.compute`)
         self.service = SessionService(compute.call(load), Path(data) / "sessions", num_inference_steps=steps,
                                       max_live=SESSIONS_PER_REPLICA, compute=compute)
+        self.service.warm_up()  # compiled, an edit's programs bound: a user's first requests wait for none of it
         self.service.start_idle_eviction(idle_seconds)  # an idle session is saved already: dropped from memory
 
     @serve.multiplexed(max_num_models_per_replica=SESSIONS_PER_REPLICA)

@@ -50,6 +50,7 @@ from ..editing import GUIDANCE_SCALE
 from ..editing.persistence import MANIFEST
 from ..editing.session import EditResult, EditSession
 from ..policy import Policy
+from ..runtime.collector import freeze_long_lived_objects
 from ..runtime.tiered_store import MemoryBudget, make_budget
 from .compute import ComputeThread
 
@@ -239,6 +240,21 @@ class SessionService:
             folder = self._folder(sid)
             self._close(sid)
             shutil.rmtree(folder)
+
+    @_computes
+    def warm_up(self, prompt: str = "a picture", steps: int = 2) -> None:
+        """Capture and compile the model with a throwaway session, bind the programs of an edit's first calls
+        (`EditSession.prepare_edits`), then keep the garbage collector off what the service holds for its life
+        (`runtime.collector`): a user's first picture takes the time of a generation, their first edit that of an
+        edit. For a server's start."""
+        sid = self.create()
+        try:
+            with self._request(sid, fresh=True, steps=steps) as session:
+                session.generate(prompt, generator=torch.Generator().manual_seed(0))
+                session.prepare_edits()
+        finally:
+            self.delete(sid)
+        freeze_long_lived_objects()
 
     @_computes
     def close(self) -> None:
