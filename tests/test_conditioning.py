@@ -50,6 +50,7 @@ def _scaled(inputs: dict, scale: float) -> dict:
     return {**inputs, "cross_attention_kwargs": {"scale": scale}}
 
 
+@pytest.mark.slow  # a LoRA U-Net compiled and recorded, its scale changed: fifteen seconds
 @torch.no_grad()
 def test_lora_layers_keep_the_contract_at_a_call_scale(lora_unet):
     """PEFT LoRA layers (linear and convolution) go through the same passes as the layers they wrap: with

@@ -65,6 +65,7 @@ def test_reuse_calls_take_the_deep_levels_of_the_last_full_call():
     assert close(calls[3], fresh_b[0])
 
 
+@pytest.mark.slow  # three sessions of a tiny pipeline: fifteen seconds
 @torch.no_grad()
 def test_an_edit_session_with_deep_reuse_keeps_the_source_outside_its_mask_for_fewer_macs():
     pipe = random_pipeline("sd2", latent_size=16, seed=0, scheduler="ddim")

@@ -711,6 +711,7 @@ def test_memory_breakdown_by_kind():
     assert len(per_step) == STEPS + 1 and all(v["attention_kv"] > 0 for k, v in per_step.items() if k != "total")
 
 
+@pytest.mark.slow  # two sessions, four edits: fifteen seconds
 @torch.no_grad()
 def test_a_cache_without_the_dense_steps_activations_edits_as_one_with_them():
     """`Policy(cache_dense_steps=False)`: the first `dense_steps` steps keep their cross-attention maps only (a

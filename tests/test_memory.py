@@ -40,6 +40,7 @@ def test_retained_memory_is_reused_without_the_system_handing_out_fresh_pages():
     assert retained < fresh / 10
 
 
+@pytest.mark.slow  # a process compiling and running two U-Nets: fifteen seconds
 def test_a_compiled_models_first_run_on_the_cpu_retains_freed_memory_unless_its_policy_says_not():
     """One process: a model compiled with retain_freed_memory=False runs without turning it on, then one compiled
     with True turns it on at its first run."""

@@ -57,6 +57,7 @@ def _spill_folders(parent) -> list:
     return sorted(p for p in parent.iterdir() if p.name.startswith(SPILL_PREFIX))
 
 
+@pytest.mark.slow  # sessions with and without a budget, their edits compared: twenty seconds
 @torch.no_grad()
 def test_a_session_keeps_all_it_records_within_one_budget_and_edits_as_one_in_memory(tmp_path, monkeypatch):
     """A budget of three steps for the cache, the edit runs' pending records (their dense steps, under control)
