@@ -232,7 +232,7 @@ MUTATIONS = [
     Mutation(
         "control-off", "cross-attention control keeps the fresh maps instead of injecting the source's",
         "fisedit_compiler/runtime/ops.py",
-        "    probs = torch.where(alignment >= 0, aligned, probs)\n", "",
+        "    return torch.where(alignment >= 0, aligned, probs)\n", "    return probs\n",
         ("tests/test_editing.py::test_control_injects_the_source_maps_of_shared_tokens",),
     ),
     Mutation(
@@ -405,8 +405,8 @@ MUTATIONS = [
     Mutation(
         "maps-for-dense-steps-only", "a source run records maps for the dense steps only, not a word swap's held ones",
         "fisedit_compiler/policy.py",
-        "        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps))",
-        "        return self.edit_schedule(num_steps)[0]",
+        "        return max(self.edit_schedule(num_steps)[0], self.hold_layout_schedule(num_steps),\n",
+        "        return max(self.edit_schedule(num_steps)[0],\n",
         ("tests/test_editing.py::test_a_word_swap_holds_the_layout_for_its_first_steps_and_an_insertion_does_not",),
     ),
 ]
