@@ -795,9 +795,9 @@ def test_prepared_edits_bind_no_program_and_change_nothing(monkeypatch):
     of a session that did not prepare, bit for bit."""
     from fisedit_compiler.runtime import executor
 
-    yy, xx = torch.meshgrid((torch.arange(LATENT) + 0.5) / LATENT - 0.5, (torch.arange(LATENT) + 0.5) / LATENT - 0.5,
-                            indexing="ij")
-    disk = yy ** 2 + xx ** 2 <= 0.15 / torch.pi  # what prepare_edits prepares for
+    from fisedit_compiler.editing.masks import centred_disk
+
+    disk = centred_disk((LATENT, LATENT), 0.15)  # what prepare_edits prepares for
     results, binds = [], []
     for prepare in (False, True):
         pipe = random_pipeline("sd2", latent_size=LATENT, seed=0, scheduler="ddim")  # (its own programs)

@@ -248,6 +248,7 @@ def test_a_warm_service_binds_nothing_for_its_first_edit_and_keeps_no_session(tm
     no program, and nothing of the throwaway session is left."""
     import gc
 
+    from fisedit_compiler.editing.masks import centred_disk
     from fisedit_compiler.runtime import executor
 
     service = SessionService(random_pipeline("sd2", latent_size=LATENT, seed=0), tmp_path / "sessions",
@@ -261,9 +262,7 @@ def test_a_warm_service_binds_nothing_for_its_first_edit_and_keeps_no_session(tm
         binds = []
         original = executor.bind
         monkeypatch.setattr(executor, "bind", lambda *args, **kw: binds.append(1) or original(*args, **kw))
-        yy, xx = torch.meshgrid((torch.arange(LATENT) + 0.5) / LATENT - 0.5,
-                                (torch.arange(LATENT) + 0.5) / LATENT - 0.5, indexing="ij")
-        service.edit(sid, "a red cabin in the woods", mask=yy ** 2 + xx ** 2 <= 0.15 / torch.pi)
+        service.edit(sid, "a red cabin in the woods", mask=centred_disk((LATENT, LATENT), 0.15))
         assert binds == []
     finally:
         service.close()

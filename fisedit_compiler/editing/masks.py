@@ -27,6 +27,14 @@ def ellipse_mask(size: int, fraction: float, center: tuple[float, float] = (0.45
     return mask
 
 
+def centred_disk(shape: tuple[int, int], fraction: float) -> torch.Tensor:
+    """An (H, W) bool disk centred on the map, round in the map's own proportions (an ellipse on a map that is not
+    square), covering about `fraction` of it."""
+    h, w = shape
+    yy, xx = torch.meshgrid((torch.arange(h) + 0.5) / h - 0.5, (torch.arange(w) + 0.5) / w - 0.5, indexing="ij")
+    return yy ** 2 + xx ** 2 <= fraction / torch.pi
+
+
 def coverage_mask(distance: torch.Tensor, fraction: float) -> torch.Tensor:
     """The pixels of the `round(fraction * N)` smallest `distance`s (at least one; ties included)."""
     k = max(1, round(fraction * distance.numel()))

@@ -52,6 +52,7 @@ from .inversion import (
     require_variance_preserving,
 )
 from .mask_detection import detect_mask, difference_map
+from .masks import centred_disk
 from .pipelines import (
     Interrupted,
     control_inputs,
@@ -718,9 +719,7 @@ class EditSession:
         call while nothing waits (the user looking at the source); an edit does the same when it is not done."""
         if self._source is None:
             raise RuntimeError("no image yet: call generate(prompt) or load_image(image, prompt) first")
-        h, w = self.cache.latent_shape[-2:]
-        yy, xx = torch.meshgrid((torch.arange(h) + 0.5) / h - 0.5, (torch.arange(w) + 0.5) / w - 0.5, indexing="ij")
-        disk = yy ** 2 + xx ** 2 <= fraction / torch.pi
+        disk = centred_disk(tuple(self.cache.latent_shape[-2:]), fraction)
         self.unet.executor.prepare(disk)
         if self.decoding is not None:
             self.decoding.decoder.executor.prepare(disk, control=False)

@@ -66,6 +66,11 @@ class SpatialLayout:
         return self.tokens != (0, 0)
 
     # (cached: kernels read them several times per call; a frozen dataclass's fields never change)
+    @property
+    def rows_of_pixels(self) -> bool:
+        """A token sequence of pixels alone at dim -2, as attention takes it: (B, heads, pixels, head_dim)."""
+        return self.kind == "seq" and self.dims[0] == len(self.shape) - 2 and not self.joint
+
     @functools.cached_property
     def rest_dims(self) -> tuple[int, ...]:
         """The dims that are neither batch nor pixels, in order."""

@@ -45,16 +45,17 @@ def cross_attention_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, tuple]]
         yield node, (*node.args[:3], extra.get("scale"))
 
 
-def rewrite_cross_attention(gm: fx.GraphModule, target, where=lambda node: True, with_layout: bool = False) -> int:
-    """Replace every cross-attention `where` holds with ``target(query, key, value, cache[node:attention_map],
-    scale)`` (``..., query layout, scale)`` `with_layout`)."""
+def rewrite_cross_attention(gm: fx.GraphModule, target, gathered_target=None) -> int:
+    """Replace every cross-attention with ``target(query, key, value, cache[node:attention_map], scale)``; with
+    `gathered_target`, those of gathered queries (a sparse variant's) with ``gathered_target(query, key, value,
+    cache[node:attention_map], query layout, scale)``."""
     rewrites = 0
     for node, (query, key, value, scale) in cross_attention_nodes(gm):
-        if not where(node):
-            continue
-        layout = (query.meta.get(LAYOUT),) if with_layout else ()
-        node.target = target
-        node.args = (query, key, value, CacheRef.of(node, "attention_map"), *layout, scale)
+        ref = CacheRef.of(node, "attention_map")
+        if gathered_target is not None and node.meta.get(SPARSE):
+            node.target, node.args = gathered_target, (query, key, value, ref, query.meta.get(LAYOUT), scale)
+        else:
+            node.target, node.args = target, (query, key, value, ref, scale)
         node.kwargs = {}
         rewrites += 1
     return rewrites
@@ -63,6 +64,4 @@ def rewrite_cross_attention(gm: fx.GraphModule, target, where=lambda node: True,
 def control_cross_attention(gm: fx.GraphModule) -> int:
     """Every cross-attention under control: dense ones by `controlled_cross_attention`, gathered ones (a sparse
     variant's) by `controlled_active_cross_attention`."""
-    dense = rewrite_cross_attention(gm, ir_ops.controlled_cross_attention, lambda node: not node.meta.get(SPARSE))
-    return dense + rewrite_cross_attention(gm, ir_ops.controlled_active_cross_attention,
-                                           lambda node: bool(node.meta.get(SPARSE)), with_layout=True)
+    return rewrite_cross_attention(gm, ir_ops.controlled_cross_attention, ir_ops.controlled_active_cross_attention)

@@ -41,7 +41,7 @@ def sparse_attention(gm: fx.GraphModule) -> int:
         if extra.get("attn_mask") is not None or extra.get("dropout_p", 0.0) or extra.get("is_causal", False):
             continue  # keep the general path: materialised K/V and the stock op
         layout = key.args[2]
-        if layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2 or layout.joint:
+        if not layout.rows_of_pixels:
             continue  # (a joint sequence's keys: its text tokens are no recorded tokens; the stock op takes them)
         node.target = ir_ops.active_query_attention
         key_ref, value_ref = (dataclasses.replace(s.args[1], kind="attention_kv") for s in (key, value))

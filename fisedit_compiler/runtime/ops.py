@@ -387,7 +387,7 @@ def lower_controlled_active_cross_attention(b, query, key, value, ref: CacheRef,
     queries were gathered in); without `control_maps` the stock attention of the gathered queries."""
     if not b.control_maps:
         return aten.scaled_dot_product_attention.default(query, key, value, scale=scale)
-    if layout is None or layout.kind != "seq" or layout.dims[0] != len(layout.shape) - 2 or layout.joint:
+    if layout is None or not layout.rows_of_pixels:
         raise NotImplementedError(
             f"{b.node.name}: a gathered cross-attention whose queries are not (batch, heads, pixels, head_dim) "
             f"(layout {layout}) cannot take the source's map rows: run its edits with Policy(controlled_steps=0)")
